@@ -1,0 +1,134 @@
+//! Per-request cache controls, read from request headers.
+//!
+//! This module owns the vocabulary a client uses to steer the cache for one request: the
+//! RFC 9111 request directives `no-store`, `no-cache`, `max-age=N` and `only-if-cached` in
+//! `Cache-Control`, plus `llm-dedup-ttl` and `llm-dedup-namespace`. It only parses; the engine
+//! decides what the controls mean for a request.
+
+use std::time::Duration;
+
+use http::HeaderMap;
+
+/// Header that sets the time to live, in seconds, of the answer this request stores.
+pub const TTL_HEADER: &str = "llm-dedup-ttl";
+/// Header that selects a separate key space.
+pub const NAMESPACE_HEADER: &str = "llm-dedup-namespace";
+
+/// Longest namespace accepted.
+const MAX_NAMESPACE_LEN: usize = 128;
+
+/// What a request asks of the cache.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CacheControls {
+    /// `no-store`: neither read nor write the cache.
+    pub no_store: bool,
+    /// `no-cache`: do not read the cache, but store the fresh answer.
+    pub no_cache: bool,
+    /// `only-if-cached`: answer from the cache or fail with `504`.
+    pub only_if_cached: bool,
+    /// `max-age=N`: only use entries younger than this.
+    pub max_age: Option<Duration>,
+    /// `llm-dedup-ttl`: how long the answer stored by this request lives.
+    pub ttl: Option<Duration>,
+    /// `llm-dedup-namespace`: a separate key space; empty when not given.
+    pub namespace: String,
+}
+
+impl CacheControls {
+    /// Reads the controls from request headers. Unknown `Cache-Control` directives are ignored,
+    /// as RFC 9111 asks; a malformed `llm-dedup-*` header is an error naming the header.
+    pub fn from_headers(headers: &HeaderMap) -> Result<CacheControls, String> {
+        let mut c = CacheControls::default();
+        for value in headers.get_all(http::header::CACHE_CONTROL) {
+            let Ok(value) = value.to_str() else {
+                return Err("Cache-Control header is not visible ASCII".into());
+            };
+            for directive in value.split(',') {
+                let directive = directive.trim();
+                let (name, arg) = match directive.split_once('=') {
+                    Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
+                    None => (directive, None),
+                };
+                match name.to_ascii_lowercase().as_str() {
+                    "no-store" => c.no_store = true,
+                    "no-cache" => c.no_cache = true,
+                    "only-if-cached" => c.only_if_cached = true,
+                    "max-age" => {
+                        let secs = arg.and_then(|a| a.parse::<u64>().ok()).ok_or_else(|| {
+                            format!("Cache-Control max-age must be whole seconds, got {directive:?}")
+                        })?;
+                        c.max_age = Some(Duration::from_secs(secs));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if let Some(ttl) = headers.get(TTL_HEADER) {
+            let secs = ttl
+                .to_str()
+                .ok()
+                .and_then(|t| t.trim().parse::<u64>().ok())
+                .filter(|s| *s > 0)
+                .ok_or_else(|| format!("{TTL_HEADER} must be a positive whole number of seconds"))?;
+            c.ttl = Some(Duration::from_secs(secs));
+        }
+        if let Some(ns) = headers.get(NAMESPACE_HEADER) {
+            let ns = ns
+                .to_str()
+                .ok()
+                .map(str::trim)
+                .filter(|n| {
+                    !n.is_empty()
+                        && n.len() <= MAX_NAMESPACE_LEN
+                        && n.bytes().all(|b| b.is_ascii_graphic())
+                })
+                .ok_or_else(|| {
+                    format!(
+                        "{NAMESPACE_HEADER} must be 1 to {MAX_NAMESPACE_LEN} visible ASCII characters"
+                    )
+                })?;
+            c.namespace = ns.to_owned();
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(pairs: &[(&'static str, &'static str)]) -> Result<CacheControls, String> {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, v.parse().expect("valid header value"));
+        }
+        CacheControls::from_headers(&h)
+    }
+
+    #[test]
+    fn reads_cache_control_directives() {
+        let c = parse(&[("cache-control", "No-Cache, max-age=30"), ("cache-control", "x-y=1")])
+            .expect("valid");
+        assert!(c.no_cache && !c.no_store && !c.only_if_cached);
+        assert_eq!(c.max_age, Some(Duration::from_secs(30)));
+        let c = parse(&[("cache-control", "no-store, only-if-cached")]).expect("valid");
+        assert!(c.no_store && c.only_if_cached);
+        assert_eq!(parse(&[]).expect("valid"), CacheControls::default());
+    }
+
+    #[test]
+    fn rejects_malformed_values_with_the_header_name() {
+        assert!(parse(&[("cache-control", "max-age=soon")]).is_err());
+        let e = parse(&[("llm-dedup-ttl", "-5")]).expect_err("negative ttl");
+        assert!(e.contains("llm-dedup-ttl"));
+        assert!(parse(&[("llm-dedup-ttl", "0")]).is_err());
+        assert!(parse(&[("llm-dedup-namespace", "two words")]).is_err());
+    }
+
+    #[test]
+    fn reads_ttl_and_namespace() {
+        let c = parse(&[("llm-dedup-ttl", "90"), ("llm-dedup-namespace", "team-a")]).expect("ok");
+        assert_eq!(c.ttl, Some(Duration::from_secs(90)));
+        assert_eq!(c.namespace, "team-a");
+    }
+}

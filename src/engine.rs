@@ -1,0 +1,700 @@
+//! The engine: one request's path from classification to answer.
+//!
+//! This module owns the request path of the design: classify, key, memory tier, disk tier,
+//! in-flight table, upstream, store. The proxy and library users both go through [`Dedup`];
+//! no caching decision is made anywhere else.
+//!
+//! # Architecture invariants kept here
+//!
+//! - A cache hit never waits on the network or the disk writer: a memory hit awaits nothing
+//!   but moka, and stores are only enqueued.
+//! - The upstream call of a flight runs in its own task: the request that started it can go
+//!   away without cancelling it.
+//! - Only complete 2xx answers are stored; every other answer is handed to the waiters of its
+//!   flight and forgotten.
+//! - No request header is ever stored or logged; credentials only enter the key through a
+//!   salted hash.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt, stream::BoxStream};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use serde_json::Value;
+use tokio_util::task::TaskTracker;
+
+use crate::controls::CacheControls;
+use crate::entry::{EntryMeta, StoredAnswer};
+use crate::error::{Error, ErrorKind};
+use crate::inflight::{InFlight, Role};
+use crate::key::{
+    BEHAVIOUR_HEADERS, CREDENTIAL_HEADERS, CacheKey, CanonicalBody, CredentialFingerprint,
+    KeyParts, KeyPolicy,
+};
+use crate::memory::MemoryTier;
+use crate::route::{self, BypassReason, Route};
+use crate::store::DiskStore;
+use crate::upstream::{self, Timeouts, Upstream};
+
+/// Response header naming how the answer was produced.
+pub const CACHE_HEADER: &str = "llm-dedup-cache";
+/// Response header carrying the cache key.
+pub const KEY_HEADER: &str = "llm-dedup-key";
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How an answer was produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CacheStatus {
+    /// Served from the cache; the upstream was not called.
+    Hit,
+    /// This request's upstream call produced the answer.
+    Miss,
+    /// An identical request in flight at the same moment produced the answer.
+    Coalesced,
+    /// The cache was not used (not cacheable, streamed, stateful, or `no-store`).
+    Bypass,
+}
+
+impl CacheStatus {
+    /// The value of the `llm-dedup-cache` header.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "hit",
+            CacheStatus::Miss => "miss",
+            CacheStatus::Coalesced => "coalesced",
+            CacheStatus::Bypass => "bypass",
+        }
+    }
+}
+
+/// The body of an [`Answer`].
+pub enum AnswerBody {
+    /// A complete body.
+    Full(Bytes),
+    /// A body passed through as it arrives from the upstream.
+    Stream(BoxStream<'static, Result<Bytes, Error>>),
+}
+
+impl std::fmt::Debug for AnswerBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AnswerBody::Full(b) => f.debug_tuple("Full").field(&b.len()).finish(),
+            AnswerBody::Stream(_) => f.write_str("Stream"),
+        }
+    }
+}
+
+/// An answer to one request. Its headers already carry `llm-dedup-cache`, `llm-dedup-key`
+/// (when the request had a key) and `age` (on hits).
+#[derive(Debug)]
+pub struct Answer {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// The response headers.
+    pub headers: HeaderMap,
+    /// The body.
+    pub body: AnswerBody,
+    /// How it was produced.
+    pub cache: CacheStatus,
+    /// The request's cache key, when it had one.
+    pub key: Option<CacheKey>,
+}
+
+impl Answer {
+    /// The complete body, reading a streamed one to its end.
+    pub async fn into_bytes(self) -> Result<Bytes, Error> {
+        match self.body {
+            AnswerBody::Full(b) => Ok(b),
+            AnswerBody::Stream(s) => {
+                let chunks: Vec<Bytes> = s.try_collect().await?;
+                Ok(chunks.concat().into())
+            }
+        }
+    }
+}
+
+/// Builds a [`Dedup`] engine.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct DedupBuilder {
+    upstream: String,
+    database: Option<PathBuf>,
+    memory_bytes: u64,
+    ttl: Duration,
+    max_body: usize,
+    shared_cache: bool,
+    key_policy: KeyPolicy,
+    timeouts: Timeouts,
+}
+
+impl Default for DedupBuilder {
+    fn default() -> Self {
+        DedupBuilder {
+            upstream: "https://api.openai.com".into(),
+            database: None,
+            memory_bytes: 256 * 1024 * 1024,
+            ttl: Duration::from_secs(30 * 24 * 3600),
+            max_body: 64 * 1024 * 1024,
+            shared_cache: false,
+            key_policy: KeyPolicy::default(),
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
+impl DedupBuilder {
+    /// The upstream base URL. By default, `https://api.openai.com`.
+    pub fn upstream(mut self, url: impl Into<String>) -> Self {
+        self.upstream = url.into();
+        self
+    }
+
+    /// Keep answers in the SQLite database at `path` as well as in memory. By default, there
+    /// is no database: answers live in memory only and are gone when the engine is.
+    pub fn database(mut self, path: impl Into<PathBuf>) -> Self {
+        self.database = Some(path.into());
+        self
+    }
+
+    /// Bound of the memory tier in bytes. By default, 256 MiB.
+    pub fn memory_bytes(mut self, bytes: u64) -> Self {
+        self.memory_bytes = bytes;
+        self
+    }
+
+    /// How long a stored answer is served, unless a request sets `llm-dedup-ttl`. By default,
+    /// 30 days.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// Largest request body accepted, in bytes. By default, 64 MiB.
+    pub fn max_body(mut self, bytes: usize) -> Self {
+        self.max_body = bytes;
+        self
+    }
+
+    /// Share one cache between all credentials. By default, this is disabled: each
+    /// credential (API key, organization, project) has its own entries.
+    pub fn shared_cache(mut self, shared: bool) -> Self {
+        self.shared_cache = shared;
+        self
+    }
+
+    /// Which request fields are left out of the key. By default, [`KeyPolicy::default`].
+    pub fn key_policy(mut self, policy: KeyPolicy) -> Self {
+        self.key_policy = policy;
+        self
+    }
+
+    /// Upstream connect and read timeouts. By default, [`Timeouts::default`].
+    pub fn timeouts(mut self, timeouts: Timeouts) -> Self {
+        self.timeouts = timeouts;
+        self
+    }
+
+    /// Opens the database (if any) and builds the engine.
+    pub fn build(self) -> Result<Dedup, Error> {
+        let upstream = Upstream::new(&self.upstream, self.timeouts)?;
+        let disk = self.database.as_deref().map(DiskStore::open).transpose()?;
+        let salt = match &disk {
+            Some(d) => *d.salt(),
+            // Without a database, entries die with the engine, and so may the salt.
+            None => rand::random(),
+        };
+        Ok(Dedup {
+            inner: Arc::new(Inner {
+                upstream,
+                memory: MemoryTier::new(self.memory_bytes),
+                disk,
+                flights: InFlight::default(),
+                salt,
+                shared_cache: self.shared_cache,
+                ttl: self.ttl,
+                max_body: self.max_body,
+                key_policy: self.key_policy,
+                tasks: TaskTracker::new(),
+            }),
+        })
+    }
+}
+
+/// The caching, coalescing engine. Cheap to clone; clones share everything.
+#[derive(Clone)]
+pub struct Dedup {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    upstream: Upstream,
+    memory: MemoryTier,
+    disk: Option<DiskStore>,
+    flights: InFlight<CacheKey, FlightOutcome>,
+    salt: [u8; 32],
+    shared_cache: bool,
+    ttl: Duration,
+    max_body: usize,
+    key_policy: KeyPolicy,
+    tasks: TaskTracker,
+}
+
+/// What a flight resolved to; every waiter gets a clone.
+#[derive(Clone)]
+enum FlightOutcome {
+    /// A 2xx answer, stored; `fresh_headers` are the upstream's own when it came from upstream.
+    Stored {
+        entry: Arc<StoredAnswer>,
+        fresh_headers: Option<Arc<HeaderMap>>,
+    },
+    /// A complete non-2xx answer, passed on and never stored.
+    Unstored(Arc<(StatusCode, HeaderMap, Bytes)>),
+    /// No answer at all.
+    Failed(Error),
+}
+
+/// A request ready to go upstream; cheap to clone.
+#[derive(Clone)]
+struct Outbound {
+    method: Method,
+    path_and_query: String,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Dedup {
+    /// A builder with every setting at its default.
+    pub fn builder() -> DedupBuilder {
+        DedupBuilder::default()
+    }
+
+    /// The upstream base URL (without any password).
+    pub fn upstream(&self) -> &str {
+        self.inner.upstream.base()
+    }
+
+    /// Answers one request: from the cache, from an identical request in flight, or from the
+    /// upstream. Requests that are not cacheable pass through, their bodies streamed both ways.
+    pub async fn send<B>(&self, request: Request<B>) -> Result<Answer, Error>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let (parts, body) = request.into_parts();
+        let controls = CacheControls::from_headers(&parts.headers)
+            .map_err(|m| Error::new(ErrorKind::InvalidRequest, m))?;
+        let route = Route::classify(&parts.method, parts.uri.path());
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| parts.uri.path().to_owned(), |pq| pq.as_str().to_owned());
+        let declared = parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > self.inner.max_body as u64) {
+            return Err(self.too_large());
+        }
+        let limited = Limited::new(body, self.inner.max_body);
+
+        let route = match (route, controls.no_store) {
+            (Some(route), false) => route,
+            (route, _) => {
+                let reason = if route.is_some() {
+                    BypassReason::NoStore
+                } else {
+                    BypassReason::NotCacheable
+                };
+                let stream = limited.into_data_stream();
+                let outbound = (parts.method, path_and_query, parts.headers);
+                return self
+                    .pass_through(outbound, reqwest::Body::wrap_stream(stream), reason)
+                    .await;
+            }
+        };
+
+        let body = limited.collect().await.map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                self.too_large()
+            } else {
+                Error::new(
+                    ErrorKind::InvalidRequest,
+                    format!("could not read the request body: {e}"),
+                )
+            }
+        })?;
+        let body = body.to_bytes();
+        let value: Value = serde_json::from_slice(&body).map_err(|e| {
+            Error::new(
+                ErrorKind::InvalidRequest,
+                format!("the request body is not valid JSON: {e}"),
+            )
+        })?;
+        if !value.is_object() {
+            return Err(Error::new(
+                ErrorKind::InvalidRequest,
+                "the request body must be a JSON object",
+            ));
+        }
+        let outbound = Outbound {
+            method: parts.method,
+            path_and_query,
+            headers: parts.headers,
+            body,
+        };
+        if let Some(reason) = route::bypass_reason(route, &value) {
+            let triple = (outbound.method, outbound.path_and_query, outbound.headers);
+            return self.pass_through(triple, outbound.body.into(), reason).await;
+        }
+        let meta = EntryMeta {
+            key: self.key(route, &outbound, &value, &controls.namespace),
+            namespace: controls.namespace.clone(),
+            route,
+            model: route::model_of(&outbound.path_and_query, &value),
+            ttl: controls.ttl.unwrap_or(self.inner.ttl),
+        };
+        self.cached_or_fetched(outbound, meta, &controls).await
+    }
+
+    /// The cache key of a request with this route, body and namespace.
+    fn key(&self, route: Route, out: &Outbound, body: &Value, namespace: &str) -> CacheKey {
+        let credential = if self.inner.shared_cache {
+            CredentialFingerprint::SHARED
+        } else {
+            CredentialFingerprint::new(
+                &self.inner.salt,
+                CREDENTIAL_HEADERS
+                    .iter()
+                    .flat_map(|name| header_values(&out.headers, name)),
+            )
+        };
+        let behaviour: Vec<(&str, &[u8])> = BEHAVIOUR_HEADERS
+            .iter()
+            .flat_map(|name| header_values(&out.headers, name))
+            .collect();
+        let canonical = CanonicalBody::new(route, body, &self.inner.key_policy);
+        KeyParts {
+            namespace,
+            upstream: self.inner.upstream.base(),
+            method: out.method.as_str(),
+            path_and_query: &out.path_and_query,
+            credential,
+            behaviour: &behaviour,
+            body: &canonical,
+        }
+        .key()
+    }
+
+    async fn cached_or_fetched(
+        &self,
+        out: Outbound,
+        meta: EntryMeta,
+        controls: &CacheControls,
+    ) -> Result<Answer, Error> {
+        let key = meta.key;
+        if !controls.no_cache {
+            if let Some(entry) = self.inner.lookup_memory(&key, controls.max_age).await {
+                return Ok(self.inner.hit(&entry));
+            }
+        }
+        if controls.only_if_cached {
+            if !controls.no_cache {
+                if let Some(entry) = self.inner.lookup_disk(&key, controls.max_age).await {
+                    return Ok(self.inner.hit(&entry));
+                }
+            }
+            return Err(Error::new(
+                ErrorKind::NotCached,
+                format!("no cached answer for key {key} (only-if-cached)"),
+            ));
+        }
+        if controls.no_cache {
+            // A refresh: its own upstream call, whose answer replaces the stored one.
+            return self.refresh(out, meta).await;
+        }
+        // A leader that vanished without an outcome frees the key; a new leader is elected.
+        for _ in 0..3 {
+            let (waiter, role) = match self.inner.flights.join(&key) {
+                Role::Leader(flight) => {
+                    let waiter = flight.waiter();
+                    let inner = self.inner.clone();
+                    let (out, meta, max_age) = (out.clone(), meta.clone(), controls.max_age);
+                    self.inner.tasks.spawn(async move {
+                        let outcome = inner.resolve(&out, &meta, max_age).await;
+                        flight.complete(outcome);
+                    });
+                    (waiter, CacheStatus::Miss)
+                }
+                Role::Follower(waiter) => (waiter, CacheStatus::Coalesced),
+            };
+            let Ok(outcome) = waiter.wait().await else {
+                continue;
+            };
+            if let FlightOutcome::Stored {
+                entry,
+                fresh_headers: None,
+            } = &outcome
+            {
+                // The flight found the answer in the cache; a follower with a stricter
+                // max-age than the leader's may need a fresher one.
+                if controls
+                    .max_age
+                    .is_some_and(|max| entry.age(SystemTime::now()) > max)
+                {
+                    return self.refresh(out, meta).await;
+                }
+            }
+            return self.inner.render(outcome, role);
+        }
+        Err(Error::new(
+            ErrorKind::Abandoned,
+            "the upstream call for this request was abandoned repeatedly",
+        ))
+    }
+
+    /// Fetches a fresh answer outside the in-flight table and stores it.
+    async fn refresh(&self, out: Outbound, meta: EntryMeta) -> Result<Answer, Error> {
+        let inner = self.inner.clone();
+        let task = self
+            .inner
+            .tasks
+            .spawn(async move { inner.fetch(&out, &meta).await });
+        let outcome = task.await.map_err(|e| {
+            Error::new(ErrorKind::Abandoned, format!("upstream call failed: {e}"))
+        })?;
+        self.inner.render(outcome, CacheStatus::Miss)
+    }
+
+    async fn pass_through(
+        &self,
+        (method, path_and_query, headers): (Method, String, HeaderMap),
+        body: reqwest::Body,
+        reason: BypassReason,
+    ) -> Result<Answer, Error> {
+        tracing::debug!(path = %path_and_query.split('?').next().unwrap_or(""), reason = reason.as_str(), "bypassing the cache");
+        let response = self
+            .inner
+            .upstream
+            .send(&method, &path_and_query, &headers, body)
+            .await?;
+        let status = response.status();
+        let mut headers = upstream::response_headers(response.headers());
+        set_header(&mut headers, CACHE_HEADER, CacheStatus::Bypass.as_str());
+        let upstream = self.inner.upstream.clone();
+        let body = response
+            .bytes_stream()
+            .map(move |chunk| chunk.map_err(|e| upstream.error(e)))
+            .boxed();
+        Ok(Answer {
+            status,
+            headers,
+            body: AnswerBody::Stream(body),
+            cache: CacheStatus::Bypass,
+            key: None,
+        })
+    }
+
+    fn too_large(&self) -> Error {
+        Error::new(
+            ErrorKind::BodyTooLarge,
+            format!(
+                "the request body is larger than the limit of {} bytes",
+                self.inner.max_body
+            ),
+        )
+    }
+
+    /// Waits for every upstream call in progress to finish and its answer to be stored, then
+    /// commits everything queued for the database and stops its writer. Requests sent after
+    /// `close` still work, but their answers are kept in memory only.
+    pub async fn close(&self) -> Result<(), Error> {
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+        if let Some(disk) = &self.inner.disk {
+            disk.close().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every answer stored so far is committed to the database.
+    pub async fn flush(&self) -> Result<(), Error> {
+        if let Some(disk) = &self.inner.disk {
+            disk.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Bytes and entries held by the memory tier (approximate).
+    pub fn memory_usage(&self) -> (u64, u64) {
+        (
+            self.inner.memory.weighted_bytes(),
+            self.inner.memory.entry_count(),
+        )
+    }
+}
+
+impl Inner {
+    async fn lookup_memory(
+        &self,
+        key: &CacheKey,
+        max_age: Option<Duration>,
+    ) -> Option<Arc<StoredAnswer>> {
+        let entry = self.memory.get(key).await?;
+        young_enough(&entry, max_age).then_some(entry)
+    }
+
+    async fn lookup_disk(
+        &self,
+        key: &CacheKey,
+        max_age: Option<Duration>,
+    ) -> Option<Arc<StoredAnswer>> {
+        let disk = self.disk.as_ref()?;
+        match disk.get(*key).await {
+            Ok(Some(entry)) => {
+                let entry = Arc::new(entry);
+                self.memory.insert(entry.clone()).await;
+                young_enough(&entry, max_age).then_some(entry)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(key = %key, error = %e, "reading the cache database failed; treating as a miss");
+                None
+            }
+        }
+    }
+
+    /// Resolves a flight: the cache again (closing the race with a flight that just ended),
+    /// then the upstream.
+    async fn resolve(
+        &self,
+        out: &Outbound,
+        meta: &EntryMeta,
+        max_age: Option<Duration>,
+    ) -> FlightOutcome {
+        let cached = match self.lookup_memory(&meta.key, max_age).await {
+            Some(entry) => Some(entry),
+            None => self.lookup_disk(&meta.key, max_age).await,
+        };
+        match cached {
+            Some(entry) => FlightOutcome::Stored {
+                entry,
+                fresh_headers: None,
+            },
+            None => self.fetch(out, meta).await,
+        }
+    }
+
+    /// Calls the upstream and stores a complete 2xx answer.
+    async fn fetch(&self, out: &Outbound, meta: &EntryMeta) -> FlightOutcome {
+        let sent = self
+            .upstream
+            .send(
+                &out.method,
+                &out.path_and_query,
+                &out.headers,
+                out.body.clone().into(),
+            )
+            .await;
+        let response = match sent {
+            Ok(r) => r,
+            Err(e) => return FlightOutcome::Failed(e),
+        };
+        let status = response.status();
+        let headers = upstream::response_headers(response.headers());
+        let body = match response.bytes().await {
+            Ok(b) => b,
+            Err(e) => return FlightOutcome::Failed(self.upstream.error(e)),
+        };
+        if !status.is_success() {
+            tracing::debug!(key = %meta.key, status = status.as_u16(), "upstream answer not stored");
+            return FlightOutcome::Unstored(Arc::new((status, headers, body)));
+        }
+        let entry = Arc::new(StoredAnswer::from_upstream(meta, status, &headers, body));
+        // Memory first: once the flight ends, later requests must find the answer here.
+        self.memory.insert(entry.clone()).await;
+        if let Some(disk) = &self.disk {
+            if let Err(e) = disk.put(entry.clone()) {
+                tracing::warn!(key = %meta.key, error = %e, "answer kept in memory only");
+            }
+        }
+        FlightOutcome::Stored {
+            entry,
+            fresh_headers: Some(Arc::new(headers)),
+        }
+    }
+
+    /// Answers from a stored entry, counting the hit.
+    fn hit(&self, entry: &StoredAnswer) -> Answer {
+        if let Some(disk) = &self.disk {
+            // Losing a hit count is harmless; the answer matters.
+            let _ = disk.record_hit(entry.key);
+        }
+        let mut headers = entry.header_map();
+        let age = entry.age(SystemTime::now()).as_secs();
+        set_header(&mut headers, "age", &age.to_string());
+        stored_answer(entry, headers, CacheStatus::Hit)
+    }
+
+    fn render(&self, outcome: FlightOutcome, role: CacheStatus) -> Result<Answer, Error> {
+        match outcome {
+            FlightOutcome::Stored {
+                entry,
+                fresh_headers: Some(headers),
+            } => Ok(stored_answer(&entry, (*headers).clone(), role)),
+            FlightOutcome::Stored {
+                entry,
+                fresh_headers: None,
+            } => Ok(self.hit(&entry)),
+            FlightOutcome::Unstored(answer) => {
+                let (status, headers, body) = answer.as_ref().clone();
+                let mut answer = Answer {
+                    status,
+                    headers,
+                    body: AnswerBody::Full(body),
+                    cache: role,
+                    key: None,
+                };
+                set_header(&mut answer.headers, CACHE_HEADER, role.as_str());
+                Ok(answer)
+            }
+            FlightOutcome::Failed(e) => Err(e),
+        }
+    }
+}
+
+fn stored_answer(entry: &StoredAnswer, mut headers: HeaderMap, cache: CacheStatus) -> Answer {
+    set_header(&mut headers, CACHE_HEADER, cache.as_str());
+    set_header(&mut headers, KEY_HEADER, &entry.key.to_hex());
+    Answer {
+        status: StatusCode::from_u16(entry.status).unwrap_or(StatusCode::OK),
+        headers,
+        body: AnswerBody::Full(entry.body.clone()),
+        cache,
+        key: Some(entry.key),
+    }
+}
+
+fn young_enough(entry: &StoredAnswer, max_age: Option<Duration>) -> bool {
+    max_age.is_none_or(|max| entry.age(SystemTime::now()) <= max)
+}
+
+fn header_values<'a>(
+    headers: &'a HeaderMap,
+    name: &'a str,
+) -> impl Iterator<Item = (&'a str, &'a [u8])> + 'a {
+    headers
+        .get_all(name)
+        .iter()
+        .map(move |v| (name, v.as_bytes()))
+}
+
+fn set_header(headers: &mut HeaderMap, name: &'static str, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        headers.insert(HeaderName::from_static(name), v);
+    }
+}

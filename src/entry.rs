@@ -1,0 +1,213 @@
+//! A stored answer: what both cache tiers hold and what a hit replays.
+//!
+//! This module owns the shape of an entry and the rules for what of an upstream answer is kept:
+//! the decoded body, the few response headers worth replaying, and the token usage (so the
+//! inspector can report what the cache saved). It never holds a request header, so no
+//! credential can reach an entry.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use serde_json::Value;
+
+use crate::key::CacheKey;
+use crate::route::Route;
+
+/// Response headers kept with an entry and replayed on a hit. Everything else (rate-limit
+/// headers, dates, cookies, lengths, encodings) describes the original exchange, not the answer.
+pub const REPLAYED_HEADERS: &[&str] = &[
+    "content-type",
+    "openai-model",
+    "openai-version",
+    "openai-processing-ms",
+    "x-request-id",
+    "request-id",
+];
+
+/// Token usage reported by the upstream in the answer's `usage`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Prompt (input) tokens.
+    pub prompt_tokens: Option<u64>,
+    /// Completion (output) tokens.
+    pub completion_tokens: Option<u64>,
+    /// Total tokens.
+    pub total_tokens: Option<u64>,
+}
+
+impl Usage {
+    /// Reads `usage` from an answer body in the OpenAI (`prompt_tokens`/`completion_tokens`),
+    /// Responses or Anthropic (`input_tokens`/`output_tokens`) shape.
+    pub fn from_body(body: &[u8]) -> Usage {
+        let Ok(Value::Object(root)) = serde_json::from_slice::<Value>(body) else {
+            return Usage::default();
+        };
+        let Some(usage) = root.get("usage") else {
+            return Usage::default();
+        };
+        let field = |names: &[&str]| names.iter().find_map(|n| usage.get(*n)?.as_u64());
+        let prompt = field(&["prompt_tokens", "input_tokens"]);
+        let completion = field(&["completion_tokens", "output_tokens"]);
+        let total = field(&["total_tokens"]).or(match (prompt, completion) {
+            (Some(p), Some(c)) => Some(p + c),
+            (Some(p), None) => Some(p),
+            _ => None,
+        });
+        Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: total,
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch, the unit of every timestamp in an entry.
+pub fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// What the request side knows about an entry before the answer arrives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryMeta {
+    /// The key the answer will be stored under.
+    pub key: CacheKey,
+    /// The request's namespace.
+    pub namespace: String,
+    /// The route.
+    pub route: Route,
+    /// The model named by the request, if any.
+    pub model: Option<String>,
+    /// How long the answer lives.
+    pub ttl: Duration,
+}
+
+/// A complete 2xx answer, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredAnswer {
+    /// The key it is stored under.
+    pub key: CacheKey,
+    /// The namespace of the request that stored it.
+    pub namespace: String,
+    /// The route it answers.
+    pub route: Route,
+    /// The model named by the request, if any.
+    pub model: Option<String>,
+    /// The HTTP status (always 2xx).
+    pub status: u16,
+    /// Replayed response headers (see [`REPLAYED_HEADERS`]).
+    pub headers: Vec<(String, String)>,
+    /// The decoded response body.
+    pub body: Bytes,
+    /// When it was stored, in Unix milliseconds.
+    pub created_at: i64,
+    /// When it stops being served, in Unix milliseconds.
+    pub expires_at: i64,
+    /// Token usage read from the body.
+    pub usage: Usage,
+}
+
+impl StoredAnswer {
+    /// Keeps the parts of an upstream answer worth replaying.
+    pub fn from_upstream(
+        meta: &EntryMeta,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> StoredAnswer {
+        let now = SystemTime::now();
+        let headers = REPLAYED_HEADERS
+            .iter()
+            .filter_map(|name| {
+                let v = headers.get(*name)?.to_str().ok()?;
+                Some(((*name).to_owned(), v.to_owned()))
+            })
+            .collect();
+        StoredAnswer {
+            key: meta.key,
+            namespace: meta.namespace.clone(),
+            route: meta.route,
+            model: meta.model.clone(),
+            status: status.as_u16(),
+            headers,
+            usage: Usage::from_body(&body),
+            body,
+            created_at: unix_ms(now),
+            expires_at: unix_ms(now + meta.ttl),
+        }
+    }
+
+    /// The size counted against memory and disk bounds: body, headers, and fixed overhead.
+    pub fn size(&self) -> u64 {
+        let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        (self.body.len() + headers + self.namespace.len() + 160) as u64
+    }
+
+    /// How long ago it was stored, as of `now`.
+    pub fn age(&self, now: SystemTime) -> Duration {
+        Duration::from_millis(u64::try_from(unix_ms(now) - self.created_at).unwrap_or(0))
+    }
+
+    /// Whether it may still be served at `now`.
+    pub fn is_fresh(&self, now: SystemTime) -> bool {
+        unix_ms(now) < self.expires_at
+    }
+
+    /// The replayed headers as a header map.
+    pub fn header_map(&self) -> HeaderMap {
+        let mut map = HeaderMap::with_capacity(self.headers.len());
+        for (k, v) in &self.headers {
+            if let (Ok(k), Ok(v)) = (HeaderName::try_from(k), HeaderValue::try_from(v)) {
+                map.append(k, v);
+            }
+        }
+        map
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_in_each_provider_shape() {
+        let openai = br#"{"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}"#;
+        assert_eq!(
+            Usage::from_body(openai),
+            Usage {
+                prompt_tokens: Some(3),
+                completion_tokens: Some(5),
+                total_tokens: Some(8)
+            }
+        );
+        let anthropic = br#"{"usage":{"input_tokens":10,"output_tokens":2}}"#;
+        assert_eq!(Usage::from_body(anthropic).total_tokens, Some(12));
+        let embeddings = br#"{"usage":{"prompt_tokens":4,"total_tokens":4}}"#;
+        assert_eq!(Usage::from_body(embeddings).completion_tokens, None);
+        assert_eq!(Usage::from_body(b"not json"), Usage::default());
+    }
+
+    #[test]
+    fn keeps_only_replayable_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        h.insert("x-ratelimit-remaining-requests", HeaderValue::from_static("5"));
+        h.insert("set-cookie", HeaderValue::from_static("a=b"));
+        let key = CacheKey::from_hex(&"ab".repeat(32)).expect("hex");
+        let meta = EntryMeta {
+            key,
+            namespace: String::new(),
+            route: Route::Embeddings,
+            model: None,
+            ttl: Duration::from_secs(60),
+        };
+        let e = StoredAnswer::from_upstream(&meta, StatusCode::OK, &h, Bytes::from_static(b"{}"));
+        assert_eq!(
+            e.headers,
+            vec![("content-type".to_owned(), "application/json".to_owned())]
+        );
+        assert!(e.is_fresh(SystemTime::now()));
+        assert!(!e.is_fresh(SystemTime::now() + Duration::from_secs(61)));
+    }
+}

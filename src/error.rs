@@ -1,0 +1,128 @@
+//! The library's error type: what went wrong, and whose fault it was.
+//!
+//! One opaque [`Error`] with an [`ErrorKind`] the caller can match on to decide what to do
+//! (fix the request, retry later, look at the cache). The proxy turns kinds into HTTP statuses
+//! in one place (`server.rs`); this module knows nothing of HTTP answers.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::sync::Arc;
+
+/// What kind of failure an [`Error`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The request is malformed (bad JSON, bad control header). The caller must fix it.
+    InvalidRequest,
+    /// The request body is larger than the configured limit.
+    BodyTooLarge,
+    /// `only-if-cached` was asked and the cache has no answer.
+    NotCached,
+    /// The upstream could not be reached or dropped the connection.
+    UpstreamUnreachable,
+    /// The upstream did not answer in time.
+    UpstreamTimeout,
+    /// The flight this request waited on ended without an outcome.
+    Abandoned,
+    /// The cache itself failed (database, configuration).
+    Cache,
+}
+
+/// Where a failure came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The request: retrying it unchanged will fail again.
+    Request,
+    /// The upstream provider or the network to it: retrying later may succeed.
+    Upstream,
+    /// llm-dedup's own cache or configuration.
+    Cache,
+}
+
+/// An error from the engine. Cheap to clone, so one failure can be handed to every request
+/// that waited on the same upstream call.
+#[derive(Clone)]
+pub struct Error {
+    kind: ErrorKind,
+    message: String,
+    source: Option<Arc<dyn StdError + Send + Sync>>,
+}
+
+impl Error {
+    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Error {
+        Error {
+            kind,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    pub(crate) fn with_source(
+        kind: ErrorKind,
+        message: impl Into<String>,
+        source: impl StdError + Send + Sync + 'static,
+    ) -> Error {
+        Error {
+            kind,
+            message: message.into(),
+            source: Some(Arc::new(source)),
+        }
+    }
+
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// Whose fault it is.
+    pub fn origin(&self) -> Origin {
+        match self.kind {
+            ErrorKind::InvalidRequest | ErrorKind::BodyTooLarge | ErrorKind::NotCached => {
+                Origin::Request
+            }
+            ErrorKind::UpstreamUnreachable | ErrorKind::UpstreamTimeout | ErrorKind::Abandoned => {
+                Origin::Upstream
+            }
+            ErrorKind::Cache => Origin::Cache,
+        }
+    }
+
+    /// Whether sending the same request again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        self.origin() == Origin::Upstream
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)?;
+        if let Some(source) = &self.source {
+            write!(f, ": {source}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Error")
+            .field("kind", &self.kind)
+            .field("message", &self.message)
+            .field("source", &self.source.as_ref().map(|s| s.to_string()))
+            .finish()
+    }
+}
+
+impl StdError for Error {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source
+            .as_deref()
+            .map(|s| s as &(dyn StdError + 'static))
+    }
+}
+
+impl From<crate::store::StoreError> for Error {
+    fn from(e: crate::store::StoreError) -> Error {
+        Error::with_source(ErrorKind::Cache, "cache database", e)
+    }
+}

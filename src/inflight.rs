@@ -1,0 +1,192 @@
+//! The in-flight table: identical requests in flight at the same moment share one outcome.
+//!
+//! This module owns the map from a cache key to the flight resolving it. It knows nothing of
+//! HTTP or of caching: a flight is resolved by whoever leads it, and every waiter gets a clone
+//! of the outcome. The map's lock is a plain mutex that is never held across an `.await`.
+//!
+//! # Concurrent calls on the same key
+//!
+//! - The first [`InFlight::join`] for a key returns [`Role::Leader`]; every later one, until the
+//!   flight ends, returns [`Role::Follower`].
+//! - The leader resolves the flight with [`Flight::complete`]. The outcome is published before
+//!   the flight leaves the table, so a caller that finds no flight can rely on the leader's
+//!   side effects (the engine stores the answer in memory before completing).
+//! - A waiter can stop waiting at any time (its client hung up); that cancels nothing.
+//! - A [`Flight`] dropped without completing (its task panicked or was aborted) leaves the table,
+//!   and its waiters get [`Abandoned`]: they may join again and one of them will lead.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::watch;
+
+/// The table of flights in progress, keyed by `K`, each resolving to a `T`.
+pub struct InFlight<K, T> {
+    flights: Arc<Mutex<HashMap<K, watch::Receiver<Option<T>>>>>,
+}
+
+impl<K, T> Clone for InFlight<K, T> {
+    fn clone(&self) -> Self {
+        InFlight {
+            flights: self.flights.clone(),
+        }
+    }
+}
+
+impl<K: Eq + Hash + Clone, T: Clone> Default for InFlight<K, T> {
+    fn default() -> Self {
+        InFlight {
+            flights: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+}
+
+/// What a caller of [`InFlight::join`] became.
+pub enum Role<K: Eq + Hash + Clone, T: Clone> {
+    /// No flight was in progress: this caller must resolve one.
+    Leader(Flight<K, T>),
+    /// A flight was in progress: wait for its outcome.
+    Follower(Waiter<T>),
+}
+
+/// A flight led by one caller; resolve it with [`Flight::complete`].
+pub struct Flight<K: Eq + Hash + Clone, T: Clone> {
+    key: K,
+    table: InFlight<K, T>,
+    outcome: watch::Sender<Option<T>>,
+}
+
+/// A handle to wait for a flight's outcome.
+pub struct Waiter<T> {
+    outcome: watch::Receiver<Option<T>>,
+}
+
+/// The flight ended without an outcome (its leader was dropped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the request this one was waiting on was abandoned")]
+pub struct Abandoned;
+
+impl<K: Eq + Hash + Clone, T: Clone> InFlight<K, T> {
+    /// Joins the flight for `key`, or starts one if none is in progress.
+    pub fn join(&self, key: &K) -> Role<K, T> {
+        let mut flights = self.lock();
+        if let Some(outcome) = flights.get(key) {
+            return Role::Follower(Waiter {
+                outcome: outcome.clone(),
+            });
+        }
+        let (tx, rx) = watch::channel(None);
+        flights.insert(key.clone(), rx);
+        Role::Leader(Flight {
+            key: key.clone(),
+            table: self.clone(),
+            outcome: tx,
+        })
+    }
+
+    /// Number of flights in progress.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no flight is in progress.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<K, watch::Receiver<Option<T>>>> {
+        // The map stays consistent even if a holder panicked: every critical section is a
+        // single insert, lookup or remove.
+        self.flights.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<K: Eq + Hash + Clone, T: Clone> Flight<K, T> {
+    /// A waiter for this flight's outcome (the leader waits like everyone else).
+    pub fn waiter(&self) -> Waiter<T> {
+        Waiter {
+            outcome: self.outcome.subscribe(),
+        }
+    }
+
+    /// Publishes the outcome to every waiter, then ends the flight.
+    pub fn complete(self, outcome: T) {
+        self.outcome.send_replace(Some(outcome));
+        // Drop removes the flight from the table.
+    }
+}
+
+impl<K: Eq + Hash + Clone, T: Clone> Drop for Flight<K, T> {
+    fn drop(&mut self) {
+        // The entry under our key is ours: `join` never replaces a flight in progress.
+        self.table.lock().remove(&self.key);
+    }
+}
+
+impl<T: Clone> Waiter<T> {
+    /// Waits for the outcome; [`Abandoned`] if the leader went away without one.
+    pub async fn wait(mut self) -> Result<T, Abandoned> {
+        let outcome = self
+            .outcome
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| Abandoned)?;
+        outcome.clone().ok_or(Abandoned)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_leader_many_followers_same_outcome() {
+        let table: InFlight<u32, String> = InFlight::default();
+        let Role::Leader(flight) = table.join(&1) else {
+            panic!("first caller leads");
+        };
+        let waiters: Vec<_> = (0..10)
+            .map(|_| match table.join(&1) {
+                Role::Follower(w) => w,
+                Role::Leader(_) => panic!("later callers follow"),
+            })
+            .collect();
+        assert!(matches!(table.join(&2), Role::Leader(_)), "other keys are independent");
+        let mine = flight.waiter();
+        flight.complete("answer".to_owned());
+        assert!(table.is_empty());
+        assert_eq!(mine.wait().await, Ok("answer".to_owned()));
+        for w in waiters {
+            assert_eq!(w.wait().await, Ok("answer".to_owned()));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dropped_leader_abandons_its_followers_and_frees_the_key() {
+        let table: InFlight<u32, u8> = InFlight::default();
+        let Role::Leader(flight) = table.join(&7) else {
+            panic!("first caller leads");
+        };
+        let Role::Follower(w) = table.join(&7) else {
+            panic!("second caller follows");
+        };
+        drop(flight);
+        assert_eq!(w.wait().await, Err(Abandoned));
+        assert!(matches!(table.join(&7), Role::Leader(_)));
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_gives_up_cancels_nothing() {
+        let table: InFlight<u32, u8> = InFlight::default();
+        let Role::Leader(flight) = table.join(&3) else {
+            panic!("first caller leads");
+        };
+        drop(flight.waiter());
+        let Role::Follower(w) = table.join(&3) else {
+            panic!("flight still in progress");
+        };
+        flight.complete(9);
+        assert_eq!(w.wait().await, Ok(9));
+    }
+}

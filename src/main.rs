@@ -1,0 +1,168 @@
+//! The `llm-dedup` command: parses arguments and calls the library. No caching logic lives here.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bytesize::ByteSize;
+use clap::{Parser, Subcommand};
+use llm_dedup::Dedup;
+use tracing_subscriber::EnvFilter;
+
+/// A caching, coalescing proxy for LLM APIs: repeats are answered from a local cache, identical
+/// requests in flight at the same moment share one upstream call.
+#[derive(Parser, Debug)]
+#[command(name = "llm-dedup", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the caching proxy. Point a client's base URL at it (e.g.
+    /// OPENAI_BASE_URL=http://127.0.0.1:8080/v1).
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "LLM_DEDUP_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+
+    /// Upstream base URL that requests are forwarded to.
+    #[arg(long, env = "LLM_DEDUP_UPSTREAM", default_value = "https://api.openai.com")]
+    upstream: String,
+
+    /// SQLite database file [default: llm-dedup/cache.sqlite3 in the platform's data
+    /// directory, e.g. ~/.local/share on Linux]
+    #[arg(long, env = "LLM_DEDUP_DB")]
+    db: Option<PathBuf>,
+
+    /// How long answers are served from the cache (e.g. 90s, 12h, 30d).
+    #[arg(long, env = "LLM_DEDUP_TTL", default_value = "30d", value_parser = parse_duration)]
+    ttl: Duration,
+
+    /// Bound of the in-memory tier (e.g. 256MiB, 2GiB).
+    #[arg(long, env = "LLM_DEDUP_MEMORY", default_value = "256MiB")]
+    memory: ByteSize,
+
+    /// Largest request body accepted; larger ones get 413.
+    #[arg(long, env = "LLM_DEDUP_MAX_BODY", default_value = "64MiB")]
+    max_body: ByteSize,
+
+    /// Share one cache between all API keys (by default each credential has its own entries).
+    #[arg(long, env = "LLM_DEDUP_SHARED_CACHE")]
+    shared_cache: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (try e.g. 90s, 12h, 30d)"))?;
+    if d.is_zero() {
+        return Err("must be longer than zero".into());
+    }
+    Ok(d)
+}
+
+fn default_db_path() -> Result<PathBuf> {
+    let dir = dirs::data_dir()
+        .context("no data directory on this platform; pass --db PATH")?
+        .join("llm-dedup");
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+    Ok(dir.join("cache.sqlite3"))
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let db = match args.db {
+        Some(path) => path,
+        None => default_db_path()?,
+    };
+    let max_body = usize::try_from(args.max_body.as_u64()).context("--max-body is too large")?;
+    let engine = Dedup::builder()
+        .upstream(&args.upstream)
+        .database(&db)
+        .memory_bytes(args.memory.as_u64())
+        .ttl(args.ttl)
+        .max_body(max_body)
+        .shared_cache(args.shared_cache)
+        .build()
+        .context("cannot start the cache")?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let local = listener.local_addr().context("listening socket")?;
+    tracing::info!(
+        listen = %local,
+        upstream = engine.upstream(),
+        db = %db.display(),
+        shared_cache = args.shared_cache,
+        "llm-dedup proxy ready"
+    );
+    llm_dedup::server::serve(listener, engine, shutdown_signal())
+        .await
+        .context("serving")?;
+    tracing::info!("stopped cleanly; every stored answer is on disk");
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutting down: draining requests and flushing the database");
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("llm_dedup=info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

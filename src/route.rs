@@ -1,0 +1,234 @@
+//! Which requests the cache may answer.
+//!
+//! This module owns the list of cacheable API routes and the rules that send a request on a
+//! cacheable route around the cache anyway (streams, stateful Responses requests). It is pure:
+//! it looks at a method, a path and a parsed body, and does no I/O.
+
+use http::Method;
+use serde_json::Value;
+
+/// An API route whose answers llm-dedup knows how to cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Route {
+    /// `POST /v1/chat/completions` (and Azure's deployment form).
+    ChatCompletions,
+    /// `POST /v1/completions` (legacy completions).
+    Completions,
+    /// `POST /v1/embeddings`.
+    Embeddings,
+    /// `POST /v1/responses` (the Responses API).
+    Responses,
+    /// `POST /v1/moderations`.
+    Moderations,
+    /// `POST /v1/messages` (Anthropic Messages).
+    AnthropicMessages,
+}
+
+impl Route {
+    /// Classifies a request by method and path; `None` means "pass through, never cache".
+    ///
+    /// Accepted path forms, for each route suffix (`/chat/completions`, `/completions`,
+    /// `/embeddings`, `/responses`, `/moderations`, `/messages`):
+    /// `/v1/<suffix>`, `/<suffix>` (a client whose base URL already ends in `/v1` talking to an
+    /// upstream configured with `/v1`), Azure's `/openai/deployments/<name>/<suffix>` and
+    /// `/openai/v1/<suffix>`.
+    pub fn classify(method: &Method, path: &str) -> Option<Route> {
+        if method != Method::POST {
+            return None;
+        }
+        let path = path.strip_suffix('/').unwrap_or(path);
+        let suffix = if let Some(rest) = path.strip_prefix("/openai/deployments/") {
+            // Skip the deployment name.
+            &rest[rest.find('/')?..]
+        } else if let Some(rest) = path.strip_prefix("/openai/v1") {
+            rest
+        } else if let Some(rest) = path.strip_prefix("/v1") {
+            rest
+        } else {
+            path
+        };
+        match suffix {
+            "/chat/completions" => Some(Route::ChatCompletions),
+            "/completions" => Some(Route::Completions),
+            "/embeddings" => Some(Route::Embeddings),
+            "/responses" => Some(Route::Responses),
+            "/moderations" => Some(Route::Moderations),
+            "/messages" => Some(Route::AnthropicMessages),
+            _ => None,
+        }
+    }
+
+    /// A short stable name, as stored in the database and shown by the inspector.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Route::ChatCompletions => "chat.completions",
+            Route::Completions => "completions",
+            Route::Embeddings => "embeddings",
+            Route::Responses => "responses",
+            Route::Moderations => "moderations",
+            Route::AnthropicMessages => "messages",
+        }
+    }
+
+    /// Parses a name produced by [`Route::as_str`].
+    pub fn from_name(name: &str) -> Option<Route> {
+        [
+            Route::ChatCompletions,
+            Route::Completions,
+            Route::Embeddings,
+            Route::Responses,
+            Route::Moderations,
+            Route::AnthropicMessages,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a request on a cacheable route goes around the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BypassReason {
+    /// The client asked for a streamed answer (`"stream": true`); streams pass through live.
+    Stream,
+    /// A Responses request that reads or writes server-side state (`background`,
+    /// `conversation`, `previous_response_id`, `store: true`).
+    Stateful,
+    /// The client sent `Cache-Control: no-store`.
+    NoStore,
+    /// The route is not one llm-dedup caches.
+    NotCacheable,
+}
+
+impl BypassReason {
+    /// A short name for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BypassReason::Stream => "stream",
+            BypassReason::Stateful => "stateful",
+            BypassReason::NoStore => "no-store",
+            BypassReason::NotCacheable => "not-cacheable",
+        }
+    }
+}
+
+/// Decides, from the parsed body, whether a request on `route` may use the cache.
+pub fn bypass_reason(route: Route, body: &Value) -> Option<BypassReason> {
+    let truthy = |field: &str| matches!(body.get(field), Some(Value::Bool(true)));
+    let present = |field: &str| !matches!(body.get(field), None | Some(Value::Null));
+    if truthy("stream") {
+        return Some(BypassReason::Stream);
+    }
+    if route == Route::Responses
+        && (truthy("background")
+            || truthy("store")
+            || present("conversation")
+            || present("previous_response_id"))
+    {
+        return Some(BypassReason::Stateful);
+    }
+    None
+}
+
+/// The model a request names: the body's `model`, else an Azure deployment name.
+pub fn model_of(path: &str, body: &Value) -> Option<String> {
+    if let Some(model) = body.get("model").and_then(Value::as_str) {
+        return Some(model.to_owned());
+    }
+    let rest = path.strip_prefix("/openai/deployments/")?;
+    let name = rest.split('/').next().filter(|n| !n.is_empty())?;
+    Some(name.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn classifies_openai_azure_and_anthropic_paths() {
+        let post = Method::POST;
+        assert_eq!(
+            Route::classify(&post, "/v1/chat/completions"),
+            Some(Route::ChatCompletions)
+        );
+        assert_eq!(
+            Route::classify(&post, "/chat/completions/"),
+            Some(Route::ChatCompletions)
+        );
+        assert_eq!(
+            Route::classify(&post, "/openai/deployments/gpt4o/embeddings"),
+            Some(Route::Embeddings)
+        );
+        assert_eq!(
+            Route::classify(&post, "/openai/v1/responses"),
+            Some(Route::Responses)
+        );
+        assert_eq!(
+            Route::classify(&post, "/v1/messages"),
+            Some(Route::AnthropicMessages)
+        );
+        assert_eq!(Route::classify(&post, "/v1/files"), None);
+        assert_eq!(Route::classify(&post, "/openai/deployments/x"), None);
+        assert_eq!(Route::classify(&Method::GET, "/v1/chat/completions"), None);
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for r in [
+            Route::ChatCompletions,
+            Route::Completions,
+            Route::Embeddings,
+            Route::Responses,
+            Route::Moderations,
+            Route::AnthropicMessages,
+        ] {
+            assert_eq!(Route::from_name(r.as_str()), Some(r));
+        }
+    }
+
+    #[test]
+    fn streams_and_stateful_responses_bypass() {
+        let chat = Route::ChatCompletions;
+        assert_eq!(
+            bypass_reason(chat, &json!({"stream": true})),
+            Some(BypassReason::Stream)
+        );
+        assert_eq!(bypass_reason(chat, &json!({"stream": false})), None);
+        // `store` on chat completions does not make a request stateful.
+        assert_eq!(bypass_reason(chat, &json!({"store": true})), None);
+        let resp = Route::Responses;
+        for body in [
+            json!({"store": true}),
+            json!({"background": true}),
+            json!({"conversation": "conv_1"}),
+            json!({"previous_response_id": "resp_1"}),
+        ] {
+            assert_eq!(bypass_reason(resp, &body), Some(BypassReason::Stateful));
+        }
+        assert_eq!(
+            bypass_reason(resp, &json!({"store": false, "previous_response_id": null})),
+            None
+        );
+    }
+
+    #[test]
+    fn model_from_body_or_azure_deployment() {
+        assert_eq!(
+            model_of("/v1/chat/completions", &json!({"model": "gpt-4o"})).as_deref(),
+            Some("gpt-4o")
+        );
+        assert_eq!(
+            model_of("/openai/deployments/prod-4o/chat/completions", &json!({})).as_deref(),
+            Some("prod-4o")
+        );
+        assert_eq!(model_of("/v1/embeddings", &json!({})), None);
+    }
+}

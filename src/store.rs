@@ -1,0 +1,519 @@
+//! The disk tier: stored answers in one SQLite file.
+//!
+//! This module owns the database: opening it (WAL mode, migrations from `migrations/` applied in
+//! order), the credential-fingerprint salt kept in it, reads, and the one writer thread that
+//! owns the write connection and commits in batches. It must never run SQLite on an async
+//! worker thread: reads go through `spawn_blocking`, writes through the writer's queue, so the
+//! request path only ever enqueues.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
+use rusqlite_migration::{M, MigrationDefinitionError, Migrations};
+use tokio::sync::oneshot;
+
+use crate::entry::{StoredAnswer, Usage, unix_ms};
+use crate::key::CacheKey;
+use crate::route::Route;
+
+/// The schema, one migration per file in `migrations/`, applied in order at open.
+fn migrations() -> Migrations<'static> {
+    Migrations::new(vec![M::up(include_str!("../migrations/0001_entries.sql"))])
+}
+
+/// Most operations committed in one transaction.
+const MAX_BATCH: usize = 1024;
+/// Read connections kept open between reads.
+const MAX_IDLE_READERS: usize = 4;
+/// How long a connection waits on a lock held by another process (the inspector, say).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the database could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The directory that should hold the database does not exist.
+    #[error("cannot open database {}: directory {} does not exist", path.display(), dir.display())]
+    MissingDirectory {
+        /// The database path.
+        path: PathBuf,
+        /// Its missing parent directory.
+        dir: PathBuf,
+    },
+    /// SQLite could not open or create the file.
+    #[error("cannot open database {}: {source}", path.display())]
+    Open {
+        /// The database path.
+        path: PathBuf,
+        /// What SQLite said.
+        source: rusqlite::Error,
+    },
+    /// The file exists but is not an SQLite database; it was left untouched.
+    #[error("{} is not an SQLite database (SQLite: {source}); it was left untouched", path.display())]
+    NotADatabase {
+        /// The database path.
+        path: PathBuf,
+        /// What SQLite said.
+        source: rusqlite::Error,
+    },
+    /// The database was written by a newer llm-dedup with a schema this build does not know.
+    #[error("{} was written by a newer llm-dedup (its schema is ahead of this build's); upgrade llm-dedup or use another --db", path.display())]
+    TooNew {
+        /// The database path.
+        path: PathBuf,
+    },
+    /// Applying the schema failed.
+    #[error("cannot prepare the schema of {}: {source}", path.display())]
+    Migrate {
+        /// The database path.
+        path: PathBuf,
+        /// What the migration said.
+        source: rusqlite_migration::Error,
+    },
+    /// A query failed.
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A stored row could not be read back.
+    #[error("entry {key} is damaged: {what}")]
+    Damaged {
+        /// The entry's key.
+        key: String,
+        /// What is wrong with it.
+        what: String,
+    },
+    /// The writer thread is gone (the store was closed).
+    #[error("the database writer has stopped")]
+    WriterStopped,
+    /// A blocking task could not run.
+    #[error("database task failed: {0}")]
+    Task(String),
+}
+
+enum WriteOp {
+    Put(Arc<StoredAnswer>),
+    Hit { key: CacheKey, at: i64 },
+    Flush(oneshot::Sender<()>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// The SQLite-backed tier. Cheap to clone; all clones share one writer.
+#[derive(Clone)]
+pub struct DiskStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    salt: [u8; 32],
+    writes: Sender<WriteOp>,
+    readers: Mutex<Vec<Connection>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl DiskStore {
+    /// Opens (creating if needed) the database at `path`, applies the schema and starts the
+    /// writer thread. A file that is not a database, or one from a newer schema, is an error and
+    /// is left untouched; so is a path whose directory does not exist.
+    pub fn open(path: &Path) -> Result<DiskStore, StoreError> {
+        let conn = open_for_writing(path)?;
+        let salt = load_or_create_salt(&conn)?;
+        // WAL lets readers (this process's pool, the inspector) run beside the writer.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.set_prepared_statement_cache_capacity(16);
+        let (writes, queue) = mpsc::channel();
+        let writer = std::thread::Builder::new()
+            .name("llm-dedup-writer".into())
+            .spawn(move || write_loop(conn, queue))
+            .map_err(|e| StoreError::Task(format!("cannot start the writer thread: {e}")))?;
+        Ok(DiskStore {
+            inner: Arc::new(Inner {
+                path: path.to_owned(),
+                salt,
+                writes,
+                readers: Mutex::new(Vec::new()),
+                writer: Mutex::new(Some(writer)),
+            }),
+        })
+    }
+
+    /// The database path.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// The random salt for credential fingerprints, created with the database.
+    pub fn salt(&self) -> &[u8; 32] {
+        &self.inner.salt
+    }
+
+    /// Reads the entry for `key` if it exists and has not expired. Runs off the async workers.
+    pub async fn get(&self, key: CacheKey) -> Result<Option<StoredAnswer>, StoreError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || inner.read(|conn| read_entry(conn, key)))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// Queues `entry` to be written; it is on disk after the next commit.
+    pub fn put(&self, entry: Arc<StoredAnswer>) -> Result<(), StoreError> {
+        self.send(WriteOp::Put(entry))
+    }
+
+    /// Queues a hit on `key` (hit count and last-hit time).
+    pub fn record_hit(&self, key: CacheKey) -> Result<(), StoreError> {
+        self.send(WriteOp::Hit {
+            key,
+            at: unix_ms(SystemTime::now()),
+        })
+    }
+
+    /// Waits until everything queued before this call is committed.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(WriteOp::Flush(tx))?;
+        rx.await.map_err(|_| StoreError::WriterStopped)
+    }
+
+    /// Commits everything queued, stops the writer and waits for it. Later writes fail with
+    /// [`StoreError::WriterStopped`]; reads keep working.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        // A writer already stopped has nothing left to commit.
+        if self.send(WriteOp::Shutdown(tx)).is_ok() {
+            rx.await.map_err(|_| StoreError::WriterStopped)?;
+        }
+        let handle = self.inner.writer.lock().ok().and_then(|mut w| w.take());
+        if let Some(handle) = handle {
+            tokio::task::spawn_blocking(move || handle.join())
+                .await
+                .map_err(|e| StoreError::Task(e.to_string()))?
+                .map_err(|_| StoreError::Task("the writer thread panicked".into()))?;
+        }
+        Ok(())
+    }
+
+    fn send(&self, op: WriteOp) -> Result<(), StoreError> {
+        self.inner
+            .writes
+            .send(op)
+            .map_err(|_| StoreError::WriterStopped)
+    }
+}
+
+impl Inner {
+    /// Runs `f` on a pooled read connection (opening one if none is idle).
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let idle = self.readers.lock().ok().and_then(|mut pool| pool.pop());
+        let conn = match idle {
+            Some(conn) => conn,
+            None => {
+                let conn = Connection::open_with_flags(
+                    &self.path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
+                conn.busy_timeout(BUSY_TIMEOUT)?;
+                conn
+            }
+        };
+        let result = f(&conn);
+        if let Ok(mut pool) = self.readers.lock() {
+            if pool.len() < MAX_IDLE_READERS {
+                pool.push(conn);
+            }
+        }
+        result
+    }
+}
+
+fn open_for_writing(path: &Path) -> Result<Connection, StoreError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            return Err(StoreError::MissingDirectory {
+                path: path.to_owned(),
+                dir: dir.to_owned(),
+            });
+        }
+    }
+    let open_err = |source| StoreError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    let mut conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(open_err)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+    // Read the header before anything writes, so a file that is not a database stays untouched.
+    if let Err(source) = conn.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(())) {
+        return Err(match source.sqlite_error_code() {
+            Some(ErrorCode::NotADatabase) => StoreError::NotADatabase {
+                path: path.to_owned(),
+                source,
+            },
+            _ => open_err(source),
+        });
+    }
+    migrations().to_latest(&mut conn).map_err(|source| match source {
+        rusqlite_migration::Error::MigrationDefinition(
+            MigrationDefinitionError::DatabaseTooFarAhead,
+        ) => StoreError::TooNew {
+            path: path.to_owned(),
+        },
+        source => StoreError::Migrate {
+            path: path.to_owned(),
+            source,
+        },
+    })?;
+    Ok(conn)
+}
+
+fn load_or_create_salt(conn: &Connection) -> Result<[u8; 32], StoreError> {
+    let fresh: [u8; 32] = rand::random();
+    conn.execute(
+        "INSERT OR IGNORE INTO meta (name, value) VALUES ('salt', ?1)",
+        params![&fresh[..]],
+    )?;
+    conn.execute(
+        "INSERT OR IGNORE INTO meta (name, value) VALUES ('created_at', ?1)",
+        params![unix_ms(SystemTime::now())],
+    )?;
+    let salt: Vec<u8> = conn.query_row("SELECT value FROM meta WHERE name = 'salt'", [], |r| {
+        r.get(0)
+    })?;
+    salt.try_into().map_err(|_| StoreError::Damaged {
+        key: "meta.salt".into(),
+        what: "salt is not 32 bytes".into(),
+    })
+}
+
+fn read_entry(conn: &Connection, key: CacheKey) -> Result<Option<StoredAnswer>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT namespace, route, model, status, headers, body, created_at, expires_at,
+                prompt_tokens, completion_tokens, total_tokens
+         FROM entries WHERE key = ?1 AND expires_at > ?2",
+    )?;
+    let row = stmt
+        .query_row(params![key.to_hex(), unix_ms(SystemTime::now())], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<String>>(2)?,
+                r.get::<_, u16>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, Vec<u8>>(5)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, i64>(7)?,
+                Usage {
+                    prompt_tokens: tokens_from_sql(r.get(8)?),
+                    completion_tokens: tokens_from_sql(r.get(9)?),
+                    total_tokens: tokens_from_sql(r.get(10)?),
+                },
+            ))
+        })
+        .optional()?;
+    let Some((namespace, route, model, status, headers, body, created_at, expires_at, usage)) = row
+    else {
+        return Ok(None);
+    };
+    let damaged = |what: String| StoreError::Damaged {
+        key: key.to_hex(),
+        what,
+    };
+    let route = Route::from_name(&route).ok_or_else(|| damaged(format!("unknown route {route:?}")))?;
+    let headers: Vec<(String, String)> =
+        serde_json::from_str(&headers).map_err(|e| damaged(format!("headers: {e}")))?;
+    Ok(Some(StoredAnswer {
+        key,
+        namespace,
+        route,
+        model,
+        status,
+        headers,
+        body: Bytes::from(body),
+        created_at,
+        expires_at,
+        usage,
+    }))
+}
+
+// SQLite integers are signed 64-bit; token counts never come near the limit.
+fn tokens_to_sql(n: Option<u64>) -> Option<i64> {
+    n.and_then(|n| i64::try_from(n).ok())
+}
+
+fn tokens_from_sql(n: Option<i64>) -> Option<u64> {
+    n.and_then(|n| u64::try_from(n).ok())
+}
+
+fn write_loop(mut conn: Connection, queue: Receiver<WriteOp>) {
+    // Ends when every sender is gone (the store was dropped) or on Shutdown.
+    while let Ok(first) = queue.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let mut acks = Vec::new();
+        let mut stop = false;
+        if let Err(e) = commit_batch(&mut conn, batch, &mut acks, &mut stop) {
+            tracing::error!(error = %e, "writing to the cache database failed; those entries stay in memory only");
+        }
+        for ack in acks {
+            let _ = ack.send(());
+        }
+        if stop {
+            break;
+        }
+    }
+}
+
+fn commit_batch(
+    conn: &mut Connection,
+    batch: Vec<WriteOp>,
+    acks: &mut Vec<oneshot::Sender<()>>,
+    stop: &mut bool,
+) -> Result<(), rusqlite::Error> {
+    let tx = conn.transaction()?;
+    {
+        let mut put = tx.prepare_cached(
+            "INSERT INTO entries (key, namespace, route, model, status, headers, body, created_at,
+                                  expires_at, prompt_tokens, completion_tokens, total_tokens, size)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+             ON CONFLICT (key) DO UPDATE SET
+                namespace = excluded.namespace, route = excluded.route, model = excluded.model,
+                status = excluded.status, headers = excluded.headers, body = excluded.body,
+                created_at = excluded.created_at, expires_at = excluded.expires_at,
+                prompt_tokens = excluded.prompt_tokens,
+                completion_tokens = excluded.completion_tokens,
+                total_tokens = excluded.total_tokens, size = excluded.size",
+        )?;
+        let mut hit = tx.prepare_cached(
+            "UPDATE entries SET hit_count = hit_count + 1, last_hit_at = ?2 WHERE key = ?1",
+        )?;
+        for op in batch {
+            match op {
+                WriteOp::Put(e) => {
+                    // Serializing a Vec of string pairs cannot fail.
+                    let headers = serde_json::to_string(&e.headers).unwrap_or_else(|_| "[]".into());
+                    put.execute(params![
+                        e.key.to_hex(),
+                        e.namespace,
+                        e.route.as_str(),
+                        e.model,
+                        e.status,
+                        headers,
+                        &e.body[..],
+                        e.created_at,
+                        e.expires_at,
+                        tokens_to_sql(e.usage.prompt_tokens),
+                        tokens_to_sql(e.usage.completion_tokens),
+                        tokens_to_sql(e.usage.total_tokens),
+                        i64::try_from(e.size()).unwrap_or(i64::MAX),
+                    ])?;
+                }
+                WriteOp::Hit { key, at } => {
+                    hit.execute(params![key.to_hex(), at])?;
+                }
+                WriteOp::Flush(ack) => acks.push(ack),
+                WriteOp::Shutdown(ack) => {
+                    acks.push(ack);
+                    *stop = true;
+                }
+            }
+        }
+    }
+    tx.commit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entry::EntryMeta;
+    use http::{HeaderMap, StatusCode};
+
+    fn entry(byte: u8, ttl: Duration) -> Arc<StoredAnswer> {
+        let meta = EntryMeta {
+            key: CacheKey::from_hex(&format!("{byte:02x}").repeat(32)).expect("hex"),
+            namespace: "ns".into(),
+            route: Route::ChatCompletions,
+            model: Some("gpt-4o-mini".into()),
+            ttl,
+        };
+        let mut h = HeaderMap::new();
+        h.insert("content-type", "application/json".parse().expect("value"));
+        Arc::new(StoredAnswer::from_upstream(
+            &meta,
+            StatusCode::OK,
+            &h,
+            Bytes::from_static(br#"{"id":"x","usage":{"prompt_tokens":1,"completion_tokens":2}}"#),
+        ))
+    }
+
+    #[tokio::test]
+    async fn entries_survive_close_and_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("cache.db");
+        let store = DiskStore::open(&path).expect("open");
+        let salt = *store.salt();
+        let e = entry(1, Duration::from_secs(60));
+        store.put(e.clone()).expect("queued");
+        store.record_hit(e.key).expect("queued");
+        store.close().await.expect("close");
+        assert!(store.put(e.clone()).is_err(), "writes after close fail");
+
+        let store = DiskStore::open(&path).expect("reopen");
+        assert_eq!(store.salt(), &salt, "the salt is kept with the database");
+        let back = store.get(e.key).await.expect("read").expect("present");
+        assert_eq!(&back, e.as_ref());
+        assert_eq!(back.usage.total_tokens, Some(3));
+    }
+
+    #[tokio::test]
+    async fn expired_entries_are_not_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = DiskStore::open(&dir.path().join("c.db")).expect("open");
+        let e = entry(2, Duration::ZERO);
+        store.put(e.clone()).expect("queued");
+        store.flush().await.expect("flush");
+        assert_eq!(store.get(e.key).await.expect("read"), None);
+    }
+
+    #[test]
+    fn refuses_a_file_that_is_not_a_database_and_leaves_it_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("notes.txt");
+        let text = b"these are my notes, not a database\n".repeat(100);
+        std::fs::write(&path, &text).expect("write");
+        let err = DiskStore::open(&path).err().expect("must fail");
+        assert!(matches!(err, StoreError::NotADatabase { .. }), "{err}");
+        assert_eq!(std::fs::read(&path).expect("read"), text);
+    }
+
+    #[test]
+    fn refuses_a_missing_directory_and_a_newer_schema() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = DiskStore::open(&dir.path().join("nope/c.db")).err().expect("must fail");
+        assert!(matches!(err, StoreError::MissingDirectory { .. }), "{err}");
+
+        let path = dir.path().join("future.db");
+        let conn = Connection::open(&path).expect("create");
+        conn.pragma_update(None, "user_version", 99).expect("set version");
+        drop(conn);
+        let err = DiskStore::open(&path).err().expect("must fail");
+        assert!(matches!(err, StoreError::TooNew { .. }), "{err}");
+    }
+}

@@ -1,0 +1,217 @@
+//! The upstream client: how a request that must reach the provider gets there.
+//!
+//! This module owns the pooled `reqwest` client, the join of the upstream base URL with a
+//! request path, and the header rules of a forwarding proxy (hop-by-hop headers never cross;
+//! credential headers go through as received and nowhere else). It never logs a header.
+
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName};
+use http::Method;
+
+use crate::error::{Error, ErrorKind};
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded in either direction.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+    "trailer",
+    "proxy-authenticate",
+    "proxy-authorization",
+];
+
+/// Timeouts of the upstream client.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Limit on establishing a connection (TCP and TLS).
+    pub connect: Duration,
+    /// Limit on silence while reading an answer; long generations keep sending, so this is a
+    /// bound on a stalled upstream, not on a slow answer.
+    pub read: Duration,
+}
+
+impl Default for Timeouts {
+    /// 10 s to connect, 10 min of silence while reading.
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(10),
+            read: Duration::from_secs(600),
+        }
+    }
+}
+
+/// A pooled HTTP client bound to one upstream base URL.
+#[derive(Clone)]
+pub struct Upstream {
+    client: reqwest::Client,
+    base: String,
+    display: String,
+}
+
+impl Upstream {
+    /// A client for `base` (an `http` or `https` URL, optionally with a path prefix).
+    pub fn new(base: &str, timeouts: Timeouts) -> Result<Upstream, Error> {
+        let url = reqwest::Url::parse(base).map_err(|e| {
+            Error::with_source(
+                ErrorKind::Cache,
+                format!("upstream {base:?} is not a URL"),
+                e,
+            )
+        })?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(Error::new(
+                ErrorKind::Cache,
+                format!("upstream {base:?} must be an http:// or https:// URL with a host"),
+            ));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(Error::new(
+                ErrorKind::Cache,
+                format!("upstream {base:?} must not have a query or fragment"),
+            ));
+        }
+        let mut shown = url.clone();
+        // Never show a password that an operator put in the URL.
+        let _ = shown.set_password(None);
+        let client = reqwest::Client::builder()
+            .connect_timeout(timeouts.connect)
+            .read_timeout(timeouts.read)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_nodelay(true)
+            // Follow no redirects: a proxy passes them on.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| Error::with_source(ErrorKind::Cache, "cannot build the HTTP client", e))?;
+        Ok(Upstream {
+            client,
+            base: url.as_str().trim_end_matches('/').to_owned(),
+            display: shown.as_str().trim_end_matches('/').to_owned(),
+        })
+    }
+
+    /// The base URL, without a trailing slash and without any password.
+    pub fn base(&self) -> &str {
+        &self.display
+    }
+
+    /// Sends a request and returns as soon as the answer's status and headers arrive.
+    pub async fn send(
+        &self,
+        method: &Method,
+        path_and_query: &str,
+        headers: &HeaderMap,
+        body: reqwest::Body,
+    ) -> Result<reqwest::Response, Error> {
+        let url = format!("{}{}", self.base, path_and_query);
+        self.client
+            .request(method.clone(), url)
+            .headers(request_headers(headers))
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    /// Classifies a transport error, naming the upstream but never a header.
+    pub fn error(&self, e: reqwest::Error) -> Error {
+        let kind = if e.is_timeout() {
+            ErrorKind::UpstreamTimeout
+        } else {
+            ErrorKind::UpstreamUnreachable
+        };
+        let what = if e.is_timeout() {
+            "did not answer in time"
+        } else if e.is_connect() {
+            "cannot be reached"
+        } else {
+            "failed"
+        };
+        // `without_url`: the URL may carry a password; the display form is named instead.
+        Error::with_source(kind, format!("upstream {} {what}", self.display), e.without_url())
+    }
+}
+
+/// Headers named by a `Connection` header, which are hop-by-hop for that message.
+fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+        .collect()
+}
+
+fn without(headers: &HeaderMap, also: &[&str]) -> HeaderMap {
+    let listed = connection_listed(headers);
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let n = name.as_str();
+        if HOP_BY_HOP.contains(&n) || also.contains(&n) || listed.contains(name) {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    out
+}
+
+/// The headers to send upstream: the client's, less hop-by-hop headers, `Host` and
+/// `Content-Length` (set for the new connection), `Accept-Encoding` (the client decodes
+/// compressed answers itself, and stored bodies are kept decoded) and llm-dedup's own controls.
+pub fn request_headers(headers: &HeaderMap) -> HeaderMap {
+    without(
+        headers,
+        &[
+            "host",
+            "content-length",
+            "accept-encoding",
+            crate::controls::TTL_HEADER,
+            crate::controls::NAMESPACE_HEADER,
+        ],
+    )
+}
+
+/// The headers to pass back to the client: the upstream's, less hop-by-hop headers and the
+/// framing headers of the upstream message (`Content-Length`, `Content-Encoding`).
+pub fn response_headers(headers: &HeaderMap) -> HeaderMap {
+    without(headers, &["content-length", "content-encoding"])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_listed_headers() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("authorization", "Bearer sk-test"),
+            ("connection", "keep-alive, x-secret-hop"),
+            ("x-secret-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("host", "127.0.0.1:8080"),
+            ("accept-encoding", "gzip"),
+            ("llm-dedup-ttl", "60"),
+            ("content-type", "application/json"),
+        ] {
+            h.append(k, v.parse().expect("value"));
+        }
+        let out = request_headers(&h);
+        let names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["authorization", "content-type"]);
+    }
+
+    #[test]
+    fn rejects_bad_upstreams_and_hides_passwords() {
+        assert!(Upstream::new("not a url", Timeouts::default()).is_err());
+        assert!(Upstream::new("ftp://example.com", Timeouts::default()).is_err());
+        assert!(Upstream::new("http://example.com/?a=b", Timeouts::default()).is_err());
+        let u = Upstream::new("https://user:pw@example.com/base/", Timeouts::default())
+            .expect("valid");
+        assert_eq!(u.base(), "https://user@example.com/base");
+    }
+}
