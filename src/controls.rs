@@ -55,7 +55,9 @@ impl CacheControls {
                     "only-if-cached" => c.only_if_cached = true,
                     "max-age" => {
                         let secs = arg.and_then(|a| a.parse::<u64>().ok()).ok_or_else(|| {
-                            format!("Cache-Control max-age must be whole seconds, got {directive:?}")
+                            format!(
+                                "Cache-Control max-age must be whole seconds, got {directive:?}"
+                            )
                         })?;
                         c.max_age = Some(Duration::from_secs(secs));
                     }
@@ -69,7 +71,9 @@ impl CacheControls {
                 .ok()
                 .and_then(|t| t.trim().parse::<u64>().ok())
                 .filter(|s| *s > 0)
-                .ok_or_else(|| format!("{TTL_HEADER} must be a positive whole number of seconds"))?;
+                .ok_or_else(|| {
+                    format!("{TTL_HEADER} must be a positive whole number of seconds")
+                })?;
             c.ttl = Some(Duration::from_secs(secs));
         }
         if let Some(ns) = headers.get(NAMESPACE_HEADER) {
@@ -107,8 +111,11 @@ mod tests {
 
     #[test]
     fn reads_cache_control_directives() {
-        let c = parse(&[("cache-control", "No-Cache, max-age=30"), ("cache-control", "x-y=1")])
-            .expect("valid");
+        let c = parse(&[
+            ("cache-control", "No-Cache, max-age=30"),
+            ("cache-control", "x-y=1"),
+        ])
+        .expect("valid");
         assert!(c.no_cache && !c.no_store && !c.only_if_cached);
         assert_eq!(c.max_age, Some(Duration::from_secs(30)));
         let c = parse(&[("cache-control", "no-store, only-if-cached")]).expect("valid");

@@ -349,7 +349,9 @@ impl Dedup {
         };
         if let Some(reason) = route::bypass_reason(route, &value) {
             let triple = (outbound.method, outbound.path_and_query, outbound.headers);
-            return self.pass_through(triple, outbound.body.into(), reason).await;
+            return self
+                .pass_through(triple, outbound.body.into(), reason)
+                .await;
         }
         let meta = EntryMeta {
             key: self.key(route, &outbound, &value, &controls.namespace),
@@ -464,9 +466,9 @@ impl Dedup {
             .inner
             .tasks
             .spawn(async move { inner.fetch(&out, &meta).await });
-        let outcome = task.await.map_err(|e| {
-            Error::new(ErrorKind::Abandoned, format!("upstream call failed: {e}"))
-        })?;
+        let outcome = task
+            .await
+            .map_err(|e| Error::new(ErrorKind::Abandoned, format!("upstream call failed: {e}")))?;
         self.inner.render(outcome, CacheStatus::Miss)
     }
 
@@ -562,7 +564,7 @@ impl Inner {
             }
             Ok(None) => None,
             Err(e) => {
-                tracing::warn!(key = %key, error = %e, "reading the cache database failed; treating as a miss");
+                tracing::warn!(key = %key, error = %crate::error::describe_chain(&e), "reading the cache database failed; treating as a miss");
                 None
             }
         }
@@ -619,7 +621,7 @@ impl Inner {
         self.memory.insert(entry.clone()).await;
         if let Some(disk) = &self.disk {
             if let Err(e) = disk.put(entry.clone()) {
-                tracing::warn!(key = %meta.key, error = %e, "answer kept in memory only");
+                tracing::warn!(key = %meta.key, error = %crate::error::describe_chain(&e), "answer kept in memory only");
             }
         }
         FlightOutcome::Stored {

@@ -192,7 +192,10 @@ mod tests {
     fn keeps_only_replayable_headers() {
         let mut h = HeaderMap::new();
         h.insert("content-type", HeaderValue::from_static("application/json"));
-        h.insert("x-ratelimit-remaining-requests", HeaderValue::from_static("5"));
+        h.insert(
+            "x-ratelimit-remaining-requests",
+            HeaderValue::from_static("5"),
+        );
         h.insert("set-cookie", HeaderValue::from_static("a=b"));
         let key = CacheKey::from_hex(&"ab".repeat(32)).expect("hex");
         let meta = EntryMeta {

@@ -95,11 +95,8 @@ impl Error {
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)?;
-        if let Some(source) = &self.source {
-            write!(f, ": {source}")?;
-        }
-        Ok(())
+        // The cause is reached through `source()`, not repeated here.
+        f.write_str(&self.message)
     }
 }
 
@@ -113,6 +110,31 @@ impl fmt::Debug for Error {
     }
 }
 
+impl Error {
+    /// This error and its causes, joined by `: `, each cause named once.
+    pub fn chain(&self) -> String {
+        describe_chain(self)
+    }
+}
+
+/// Joins an error and its causes with `: `, leaving out a cause that only repeats what is
+/// already said (many libraries repeat their cause in their own message, or the reverse).
+pub fn describe_chain(e: &(dyn StdError + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut last = out.clone();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !out.contains(&text) && !text.contains(&last) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        last = text;
+        next = cause.source();
+    }
+    out
+}
+
 impl StdError for Error {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
         self.source
@@ -123,6 +145,32 @@ impl StdError for Error {
 
 impl From<crate::store::StoreError> for Error {
     fn from(e: crate::store::StoreError) -> Error {
-        Error::with_source(ErrorKind::Cache, "cache database", e)
+        Error::with_source(ErrorKind::Cache, "cannot use the cache database", e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_chain_names_each_cause_once() {
+        let io = std::io::Error::other("connection refused");
+        let e = Error::with_source(
+            ErrorKind::UpstreamUnreachable,
+            "upstream x cannot be reached",
+            io,
+        );
+        assert_eq!(e.to_string(), "upstream x cannot be reached");
+        assert_eq!(
+            e.chain(),
+            "upstream x cannot be reached: connection refused"
+        );
+        let e = Error::with_source(
+            ErrorKind::Cache,
+            "disk: connection refused",
+            std::io::Error::other("connection refused"),
+        );
+        assert_eq!(e.chain(), "disk: connection refused");
     }
 }

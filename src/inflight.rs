@@ -152,7 +152,10 @@ mod tests {
                 Role::Leader(_) => panic!("later callers follow"),
             })
             .collect();
-        assert!(matches!(table.join(&2), Role::Leader(_)), "other keys are independent");
+        assert!(
+            matches!(table.join(&2), Role::Leader(_)),
+            "other keys are independent"
+        );
         let mine = flight.waiter();
         flight.complete("answer".to_owned());
         assert!(table.is_empty());

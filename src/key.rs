@@ -447,7 +447,10 @@ mod tests {
         let k = key_of(&json!({"model": "m"}));
         let hex = k.to_hex();
         assert_eq!(hex.len(), 64);
-        assert!(hex.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert!(
+            hex.chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        );
         assert_eq!(CacheKey::from_hex(&hex), Some(k));
         assert_eq!(CacheKey::from_hex("xyz"), None);
     }
@@ -516,20 +519,47 @@ mod tests {
             behaviour: &[],
             body: &body,
         };
-        let other_body =
-            CanonicalBody::new(Route::ChatCompletions, &json!({"model": "n"}), &KeyPolicy::default());
+        let other_body = CanonicalBody::new(
+            Route::ChatCompletions,
+            &json!({"model": "n"}),
+            &KeyPolicy::default(),
+        );
         let variants = [
-            KeyParts { namespace: "ns", ..base },
-            KeyParts { upstream: "https://example.com", ..base },
-            KeyParts { method: "PUT", ..base },
-            KeyParts { path_and_query: "/v1/chat/completions?api-version=2", ..base },
             KeyParts {
-                credential: CredentialFingerprint::new(&[1; 32], [("authorization", &b"Bearer b"[..])]),
+                namespace: "ns",
                 ..base
             },
-            KeyParts { credential: CredentialFingerprint::SHARED, ..base },
-            KeyParts { behaviour: &[("anthropic-version", b"2023-06-01")], ..base },
-            KeyParts { body: &other_body, ..base },
+            KeyParts {
+                upstream: "https://example.com",
+                ..base
+            },
+            KeyParts {
+                method: "PUT",
+                ..base
+            },
+            KeyParts {
+                path_and_query: "/v1/chat/completions?api-version=2",
+                ..base
+            },
+            KeyParts {
+                credential: CredentialFingerprint::new(
+                    &[1; 32],
+                    [("authorization", &b"Bearer b"[..])],
+                ),
+                ..base
+            },
+            KeyParts {
+                credential: CredentialFingerprint::SHARED,
+                ..base
+            },
+            KeyParts {
+                behaviour: &[("anthropic-version", b"2023-06-01")],
+                ..base
+            },
+            KeyParts {
+                body: &other_body,
+                ..base
+            },
         ];
         let k = base.key();
         for v in variants {
@@ -539,7 +569,10 @@ mod tests {
 
     #[test]
     fn fingerprint_depends_on_salt_and_ignores_other_headers() {
-        let h = [("authorization", &b"Bearer sk-1"[..]), ("user-agent", &b"x"[..])];
+        let h = [
+            ("authorization", &b"Bearer sk-1"[..]),
+            ("user-agent", &b"x"[..]),
+        ];
         let a = CredentialFingerprint::new(&[1; 32], h);
         let b = CredentialFingerprint::new(&[2; 32], h);
         assert_ne!(a, b);

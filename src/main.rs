@@ -1,5 +1,6 @@
 //! The `llm-dedup` command: parses arguments and calls the library. No caching logic lives here.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,7 +35,11 @@ struct ServeArgs {
     listen: SocketAddr,
 
     /// Upstream base URL that requests are forwarded to.
-    #[arg(long, env = "LLM_DEDUP_UPSTREAM", default_value = "https://api.openai.com")]
+    #[arg(
+        long,
+        env = "LLM_DEDUP_UPSTREAM",
+        default_value = "https://api.openai.com"
+    )]
     upstream: String,
 
     /// SQLite database file [default: llm-dedup/cache.sqlite3 in the platform's data
@@ -145,6 +150,7 @@ fn main() -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("llm_dedup=info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -161,7 +167,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!(
+                "error: {}",
+                llm_dedup::error::describe_chain(e.as_ref() as &(dyn std::error::Error + 'static))
+            );
             ExitCode::FAILURE
         }
     }

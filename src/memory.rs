@@ -119,7 +119,11 @@ mod tests {
             tier.insert(entry(i, 10_000, Duration::from_secs(60))).await;
         }
         tier.run_pending_tasks().await;
-        assert!(tier.weighted_bytes() <= 100_000, "{}", tier.weighted_bytes());
+        assert!(
+            tier.weighted_bytes() <= 100_000,
+            "{}",
+            tier.weighted_bytes()
+        );
         assert!(tier.entry_count() < 50);
     }
 

@@ -37,7 +37,9 @@ static NEXT_REQUEST: AtomicU64 = AtomicU64::new(1);
 impl MakeRequestId for Counter {
     fn make_request_id<B>(&mut self, _request: &http::Request<B>) -> Option<RequestId> {
         let n = NEXT_REQUEST.fetch_add(1, Ordering::Relaxed);
-        HeaderValue::from_str(&n.to_string()).ok().map(RequestId::new)
+        HeaderValue::from_str(&n.to_string())
+            .ok()
+            .map(RequestId::new)
     }
 }
 
@@ -124,11 +126,12 @@ pub fn error_response(e: &Error) -> Response {
         ),
     };
     if status.is_server_error() {
-        tracing::warn!(error = %e, status = status.as_u16(), "request failed");
+        tracing::warn!(error = %e.chain(), status = status.as_u16(), "request failed");
     } else {
-        tracing::debug!(error = %e, status = status.as_u16(), "request refused");
+        tracing::debug!(error = %e.chain(), status = status.as_u16(), "request refused");
     }
-    let body = json!({"error": {"message": e.to_string(), "type": kind, "param": null, "code": code}});
+    let body =
+        json!({"error": {"message": e.to_string(), "type": kind, "param": null, "code": code}});
     let mut response = (status, axum::Json(body)).into_response();
     response.headers_mut().insert(
         header::HeaderName::from_static("x-should-retry"),

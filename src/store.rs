@@ -46,7 +46,7 @@ pub enum StoreError {
         dir: PathBuf,
     },
     /// SQLite could not open or create the file.
-    #[error("cannot open database {}: {source}", path.display())]
+    #[error("cannot open database {}", path.display())]
     Open {
         /// The database path.
         path: PathBuf,
@@ -54,7 +54,7 @@ pub enum StoreError {
         source: rusqlite::Error,
     },
     /// The file exists but is not an SQLite database; it was left untouched.
-    #[error("{} is not an SQLite database (SQLite: {source}); it was left untouched", path.display())]
+    #[error("{} is not an SQLite database; it was left untouched", path.display())]
     NotADatabase {
         /// The database path.
         path: PathBuf,
@@ -68,7 +68,7 @@ pub enum StoreError {
         path: PathBuf,
     },
     /// Applying the schema failed.
-    #[error("cannot prepare the schema of {}: {source}", path.display())]
+    #[error("cannot prepare the schema of {}", path.display())]
     Migrate {
         /// The database path.
         path: PathBuf,
@@ -265,17 +265,19 @@ fn open_for_writing(path: &Path) -> Result<Connection, StoreError> {
             _ => open_err(source),
         });
     }
-    migrations().to_latest(&mut conn).map_err(|source| match source {
-        rusqlite_migration::Error::MigrationDefinition(
-            MigrationDefinitionError::DatabaseTooFarAhead,
-        ) => StoreError::TooNew {
-            path: path.to_owned(),
-        },
-        source => StoreError::Migrate {
-            path: path.to_owned(),
-            source,
-        },
-    })?;
+    migrations()
+        .to_latest(&mut conn)
+        .map_err(|source| match source {
+            rusqlite_migration::Error::MigrationDefinition(
+                MigrationDefinitionError::DatabaseTooFarAhead,
+            ) => StoreError::TooNew {
+                path: path.to_owned(),
+            },
+            source => StoreError::Migrate {
+                path: path.to_owned(),
+                source,
+            },
+        })?;
     Ok(conn)
 }
 
@@ -331,7 +333,8 @@ fn read_entry(conn: &Connection, key: CacheKey) -> Result<Option<StoredAnswer>, 
         key: key.to_hex(),
         what,
     };
-    let route = Route::from_name(&route).ok_or_else(|| damaged(format!("unknown route {route:?}")))?;
+    let route =
+        Route::from_name(&route).ok_or_else(|| damaged(format!("unknown route {route:?}")))?;
     let headers: Vec<(String, String)> =
         serde_json::from_str(&headers).map_err(|e| damaged(format!("headers: {e}")))?;
     Ok(Some(StoredAnswer {
@@ -506,12 +509,15 @@ mod tests {
     #[test]
     fn refuses_a_missing_directory_and_a_newer_schema() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let err = DiskStore::open(&dir.path().join("nope/c.db")).err().expect("must fail");
+        let err = DiskStore::open(&dir.path().join("nope/c.db"))
+            .err()
+            .expect("must fail");
         assert!(matches!(err, StoreError::MissingDirectory { .. }), "{err}");
 
         let path = dir.path().join("future.db");
         let conn = Connection::open(&path).expect("create");
-        conn.pragma_update(None, "user_version", 99).expect("set version");
+        conn.pragma_update(None, "user_version", 99)
+            .expect("set version");
         drop(conn);
         let err = DiskStore::open(&path).err().expect("must fail");
         assert!(matches!(err, StoreError::TooNew { .. }), "{err}");

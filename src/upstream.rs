@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
-use http::header::{self, HeaderMap, HeaderName};
 use http::Method;
+use http::header::{self, HeaderMap, HeaderName};
 
 use crate::error::{Error, ErrorKind};
 
@@ -48,8 +48,10 @@ impl Default for Timeouts {
 #[derive(Clone)]
 pub struct Upstream {
     client: reqwest::Client,
-    base: String,
-    display: String,
+    /// Where requests go (may hold a password).
+    request_base: String,
+    /// What logs, keys and errors name (never holds a password).
+    shown_base: String,
 }
 
 impl Upstream {
@@ -88,14 +90,14 @@ impl Upstream {
             .map_err(|e| Error::with_source(ErrorKind::Cache, "cannot build the HTTP client", e))?;
         Ok(Upstream {
             client,
-            base: url.as_str().trim_end_matches('/').to_owned(),
-            display: shown.as_str().trim_end_matches('/').to_owned(),
+            request_base: url.as_str().trim_end_matches('/').to_owned(),
+            shown_base: shown.as_str().trim_end_matches('/').to_owned(),
         })
     }
 
     /// The base URL, without a trailing slash and without any password.
     pub fn base(&self) -> &str {
-        &self.display
+        &self.shown_base
     }
 
     /// Sends a request and returns as soon as the answer's status and headers arrive.
@@ -106,7 +108,7 @@ impl Upstream {
         headers: &HeaderMap,
         body: reqwest::Body,
     ) -> Result<reqwest::Response, Error> {
-        let url = format!("{}{}", self.base, path_and_query);
+        let url = format!("{}{}", self.request_base, path_and_query);
         self.client
             .request(method.clone(), url)
             .headers(request_headers(headers))
@@ -131,7 +133,11 @@ impl Upstream {
             "failed"
         };
         // `without_url`: the URL may carry a password; the display form is named instead.
-        Error::with_source(kind, format!("upstream {} {what}", self.display), e.without_url())
+        Error::with_source(
+            kind,
+            format!("upstream {} {what}", self.shown_base),
+            e.without_url(),
+        )
     }
 }
 
@@ -210,8 +216,8 @@ mod tests {
         assert!(Upstream::new("not a url", Timeouts::default()).is_err());
         assert!(Upstream::new("ftp://example.com", Timeouts::default()).is_err());
         assert!(Upstream::new("http://example.com/?a=b", Timeouts::default()).is_err());
-        let u = Upstream::new("https://user:pw@example.com/base/", Timeouts::default())
-            .expect("valid");
+        let u =
+            Upstream::new("https://user:pw@example.com/base/", Timeouts::default()).expect("valid");
         assert_eq!(u.base(), "https://user@example.com/base");
     }
 }

@@ -1,0 +1,35 @@
+//! Shared by the benchmarks: an upstream that answers every request with the same bytes.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+
+use axum::Router;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::IntoResponse;
+
+/// A chat completion answer as OpenAI sends it (about 600 bytes).
+pub const ANSWER: &str = r#"{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"gpt-4o-mini-2024-07-18","choices":[{"index":0,"message":{"role":"assistant","content":"The capital of France is Paris. It has been the country's capital for most of its history and is its largest city.","refusal":null},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":14,"completion_tokens":25,"total_tokens":39,"prompt_tokens_details":{"cached_tokens":0},"completion_tokens_details":{"reasoning_tokens":0}},"system_fingerprint":"fp_bench"}"#;
+
+/// The request the benchmarks repeat.
+pub const REQUEST: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"What is the capital of France?"}],"temperature":0}"#;
+
+async fn fixed() -> impl IntoResponse {
+    ([(CONTENT_TYPE, "application/json")], ANSWER)
+}
+
+/// A server answering every request with [`ANSWER`]: the fake upstream, and the baseline the
+/// proxy's hit path is measured against.
+pub fn fixed_app() -> Router {
+    Router::new().fallback(fixed)
+}
+
+/// Serves `app` on a fresh port of 127.0.0.1 in the current runtime.
+pub async fn serve(app: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
+    addr
+}

@@ -1,0 +1,223 @@
+//! The `llm-dedup` binary as an operator runs it: start-up errors, and a clean stop by SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::{FakeUpstream, chat, client, post};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+fn llm_dedup() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_llm-dedup"));
+    // Start from a clean slate: no setting may leak in from the environment.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("LLM_DEDUP_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+/// Runs the binary to completion and returns (exit code, stderr).
+fn run(args: &[&str]) -> (i32, String) {
+    let out = llm_dedup().args(args).output().expect("binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn an_invalid_listen_address_is_refused_with_a_clear_message() {
+    let (code, err) = run(&["serve", "--listen", "not-an-address"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--listen"), "{err}");
+    assert!(err.contains("not-an-address"), "{err}");
+}
+
+#[test]
+fn invalid_sizes_and_durations_are_refused() {
+    let (code, err) = run(&["serve", "--ttl", "forever"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--ttl"), "{err}");
+    let (code, err) = run(&["serve", "--memory", "lots"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--memory"), "{err}");
+}
+
+#[test]
+fn a_database_in_a_missing_directory_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("no/such/dir/cache.db");
+    let (code, err) = run(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--db",
+        db.to_str().expect("utf8"),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("does not exist"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn a_file_that_is_not_a_database_is_refused_and_left_untouched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("important.txt");
+    let content = b"quarterly numbers, do not overwrite\n".repeat(200);
+    std::fs::write(&db, &content).expect("write");
+    let (code, err) = run(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--db",
+        db.to_str().expect("utf8"),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("not an SQLite database"), "{err}");
+    assert_eq!(std::fs::read(&db).expect("read"), content);
+    assert_eq!(
+        std::fs::read_dir(dir.path()).expect("dir").count(),
+        1,
+        "no -wal/-shm files"
+    );
+}
+
+#[test]
+fn help_documents_every_flag_with_its_default_and_variable() {
+    let out = llm_dedup()
+        .args(["serve", "--help"])
+        .output()
+        .expect("runs");
+    let help = String::from_utf8_lossy(&out.stdout);
+    for (flag, env, default) in [
+        ("--listen", "LLM_DEDUP_LISTEN", Some("127.0.0.1:8080")),
+        (
+            "--upstream",
+            "LLM_DEDUP_UPSTREAM",
+            Some("https://api.openai.com"),
+        ),
+        ("--db", "LLM_DEDUP_DB", None),
+        ("--ttl", "LLM_DEDUP_TTL", Some("30d")),
+        ("--memory", "LLM_DEDUP_MEMORY", Some("256MiB")),
+        ("--max-body", "LLM_DEDUP_MAX_BODY", Some("64MiB")),
+        ("--shared-cache", "LLM_DEDUP_SHARED_CACHE", None),
+    ] {
+        assert!(help.contains(flag), "{flag} missing from:\n{help}");
+        assert!(help.contains(env), "{env} missing from:\n{help}");
+        if let Some(d) = default {
+            assert!(help.contains(d), "default {d} missing from:\n{help}");
+        }
+    }
+}
+
+/// A proxy process with its stderr collected line by line.
+struct Running {
+    child: Child,
+    addr: String,
+    lines: mpsc::Receiver<String>,
+}
+
+fn start(db: &std::path::Path, upstream: &str) -> Running {
+    let mut child = llm_dedup()
+        .args(["serve", "--listen", "127.0.0.1:0", "--upstream", upstream])
+        .arg("--db")
+        .arg(db)
+        .env("RUST_LOG", "llm_dedup=debug,tower_http=debug")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let ready = lines
+        .recv_timeout(Duration::from_secs(30))
+        .expect("proxy starts");
+    let addr = ready
+        .split("listen=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {ready:?}"))
+        .to_owned();
+    Running { child, addr, lines }
+}
+
+impl Running {
+    /// Sends SIGTERM and returns (exit code, everything logged).
+    fn terminate(mut self) -> (i32, String) {
+        let pid = i32::try_from(self.child.id()).expect("pid");
+        kill(Pid::from_raw(pid), Signal::SIGTERM).expect("signal");
+        let status = self.child.wait().expect("wait");
+        let log: Vec<String> = self.lines.try_iter().collect();
+        (status.code().unwrap_or(-1), log.join("\n"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_right_after_an_answer_loses_nothing() {
+    let upstream = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("cache.sqlite3");
+    let c = client();
+    let secret = "sk-proj-NEVERLOGGED42";
+    let auth = format!("Bearer {secret}");
+
+    let proxy = start(&db, &upstream.url());
+    let url = format!("http://{}/v1/chat/completions", proxy.addr);
+    let mut keys = Vec::new();
+    for i in 0..20 {
+        let a = post(
+            &c,
+            &url,
+            chat(&format!("q{i}")),
+            &[("authorization", &auth)],
+        )
+        .await;
+        assert_eq!((a.status, a.cache.as_str()), (200, "miss"));
+        keys.push(a.key.expect("key"));
+    }
+    // Stop at once: the answers were received, the write-behind queue may not have committed.
+    let (code, log) = tokio::task::spawn_blocking(move || proxy.terminate())
+        .await
+        .expect("join");
+    assert_eq!(code, 0, "clean exit; log:\n{log}");
+    assert!(
+        !log.contains("NEVERLOGGED"),
+        "a credential reached the log:\n{log}"
+    );
+
+    // Every answer is on disk.
+    let conn = rusqlite::Connection::open(&db).expect("open");
+    for key in &keys {
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM entries WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
+            .expect("query");
+        assert_eq!(n, 1, "entry {key} lost");
+    }
+    drop(conn);
+
+    // And a new process answers them from the cache.
+    let proxy = start(&db, &upstream.url());
+    let url = format!("http://{}/v1/chat/completions", proxy.addr);
+    let again = post(&c, &url, chat("q19"), &[("authorization", &auth)]).await;
+    assert_eq!(again.cache, "hit");
+    assert_eq!(upstream.calls(), 20);
+    let (code, _) = tokio::task::spawn_blocking(move || proxy.terminate())
+        .await
+        .expect("join");
+    assert_eq!(code, 0);
+}

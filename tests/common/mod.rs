@@ -1,0 +1,352 @@
+//! Test support: a fake OpenAI upstream and a proxy started on a real port.
+//!
+//! The fake upstream is a small axum app on `127.0.0.1:0` that answers like the real API
+//! (JSON bodies with fresh ids, `x-request-id` and rate-limit headers, OpenAI error bodies,
+//! server-sent events ending in `data: [DONE]`) and counts the calls it receives.
+
+#![allow(dead_code, missing_docs)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use llm_dedup::{Dedup, DedupBuilder};
+use serde_json::{Value, json};
+use tokio::sync::{Notify, oneshot};
+use tokio::task::JoinHandle;
+
+#[derive(Default)]
+pub struct FakeState {
+    /// Calls received, all paths.
+    pub calls: AtomicUsize,
+    /// Delay before answering, in milliseconds.
+    pub delay_ms: AtomicU64,
+    /// When non-zero, answer every call with this status and an OpenAI error body.
+    pub fail_status: AtomicU16,
+    /// When set, answers wait for `release` after the first call arrives.
+    pub hold: std::sync::atomic::AtomicBool,
+    pub release: Notify,
+    /// Signalled on every call received.
+    pub arrived: Notify,
+    /// Headers of the last request received.
+    pub last_headers: Mutex<Option<HeaderMap>>,
+    /// Bodies received, in order.
+    pub bodies: Mutex<Vec<Bytes>>,
+}
+
+pub struct FakeUpstream {
+    pub addr: SocketAddr,
+    pub state: Arc<FakeState>,
+    _server: JoinHandle<()>,
+}
+
+impl FakeUpstream {
+    pub async fn start() -> FakeUpstream {
+        let state = Arc::new(FakeState::default());
+        let app = Router::new().fallback(answer).with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind fake upstream");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).await.expect("fake upstream");
+        });
+        FakeUpstream {
+            addr,
+            state,
+            _server: server,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn calls(&self) -> usize {
+        self.state.calls.load(Ordering::SeqCst)
+    }
+
+    /// Waits until at least `n` calls have arrived.
+    pub async fn wait_for_calls(&self, n: usize) {
+        loop {
+            let notified = self.state.arrived.notified();
+            if self.calls() >= n {
+                return;
+            }
+            tokio::time::timeout(Duration::from_secs(10), notified)
+                .await
+                .expect("upstream call did not arrive");
+        }
+    }
+}
+
+async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Response {
+    let n = state.calls.fetch_add(1, Ordering::SeqCst) + 1;
+    let (parts, body) = request.into_parts();
+    let body = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    *state.last_headers.lock().expect("lock") = Some(parts.headers.clone());
+    state.bodies.lock().expect("lock").push(body.clone());
+    state.arrived.notify_waiters();
+
+    let delay = state.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let streaming = request.get("stream") == Some(&Value::Bool(true));
+    if state.hold.load(Ordering::SeqCst) && !streaming {
+        state.release.notified().await;
+    }
+    let fail = state.fail_status.load(Ordering::SeqCst);
+    if fail != 0 {
+        let status = StatusCode::from_u16(fail).expect("status");
+        let (kind, message) = if status.is_server_error() {
+            (
+                "server_error",
+                "The server had an error while processing your request. Sorry about that!",
+            )
+        } else {
+            ("invalid_request_error", "Invalid request.")
+        };
+        return (
+            status,
+            [
+                ("content-type", "application/json"),
+                ("x-request-id", "req_err"),
+            ],
+            json!({"error": {"message": message, "type": kind, "param": null, "code": null}})
+                .to_string(),
+        )
+            .into_response();
+    }
+
+    let model = request
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("gpt-4o-mini")
+        .to_owned();
+    let path = parts.uri.path().to_owned();
+    if streaming {
+        return stream_chat(state, n, model);
+    }
+    let body = match path.as_str() {
+        "/v1/chat/completions" => json!({
+            "id": format!("chatcmpl-{n}"), "object": "chat.completion", "created": 1_700_000_000,
+            "model": model, "system_fingerprint": "fp_test",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("answer {n}")},
+                         "logprobs": null, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21}
+        }),
+        "/v1/completions" => json!({
+            "id": format!("cmpl-{n}"), "object": "text_completion", "model": model,
+            "choices": [{"index": 0, "text": format!("text {n}"), "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+        }),
+        "/v1/embeddings" => json!({
+            "object": "list", "model": model,
+            "data": [{"object": "embedding", "index": 0, "embedding": [0.1, -0.2, n as f64]}],
+            "usage": {"prompt_tokens": 5, "total_tokens": 5}
+        }),
+        "/v1/responses" => json!({
+            "id": format!("resp_{n}"), "object": "response", "status": "completed", "model": model,
+            "output": [{"type": "message", "role": "assistant",
+                        "content": [{"type": "output_text", "text": format!("resp {n}")}]}],
+            "usage": {"input_tokens": 8, "output_tokens": 2, "total_tokens": 10}
+        }),
+        "/v1/moderations" => json!({
+            "id": format!("modr-{n}"), "model": "omni-moderation-latest",
+            "results": [{"flagged": false, "categories": {}, "category_scores": {}}]
+        }),
+        "/v1/models" => {
+            json!({"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model"}],
+                               "call": n})
+        }
+        _ => json!({"path": path, "call": n, "received_bytes": body.len()}),
+    };
+    (
+        StatusCode::OK,
+        [
+            ("content-type", "application/json"),
+            ("x-request-id", &format!("req_{n}")),
+            ("openai-processing-ms", "42"),
+            ("x-ratelimit-limit-requests", "10000"),
+            ("x-ratelimit-remaining-requests", "9999"),
+            ("x-ratelimit-reset-requests", "6ms"),
+        ],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// A chat completion stream: the first chunk at once, the rest after `release` when `hold`
+/// is set (so a test can prove the first chunk arrived before the stream ended).
+fn stream_chat(state: Arc<FakeState>, n: usize, model: String) -> Response {
+    let chunk = |delta: Value, finish: Value| {
+        Bytes::from(format!(
+            "data: {}\n\n",
+            json!({"id": format!("chatcmpl-{n}"), "object": "chat.completion.chunk",
+                   "created": 1_700_000_000, "model": model,
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        ))
+    };
+    let first = chunk(json!({"role": "assistant", "content": "Hel"}), Value::Null);
+    let rest = vec![
+        chunk(json!({"content": "lo"}), Value::Null),
+        chunk(json!({}), json!("stop")),
+        Bytes::from_static(b"data: [DONE]\n\n"),
+    ];
+    let stream = async_stream(state, first, rest);
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/event-stream; charset=utf-8")
+        .header("x-request-id", format!("req_{n}"))
+        .body(Body::from_stream(stream))
+        .expect("response")
+}
+
+fn async_stream(
+    state: Arc<FakeState>,
+    first: Bytes,
+    rest: Vec<Bytes>,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(8);
+    tokio::spawn(async move {
+        let _ = tx.send(Ok(first)).await;
+        if state.hold.load(Ordering::SeqCst) {
+            state.release.notified().await;
+        }
+        for c in rest {
+            let _ = tx.send(Ok(c)).await;
+        }
+    });
+    futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
+}
+
+/// The proxy, serving on a real port until stopped.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub engine: Dedup,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl Proxy {
+    pub async fn start(builder: DedupBuilder) -> Proxy {
+        let engine = builder.build().expect("engine");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(llm_dedup::server::serve(
+            listener,
+            engine.clone(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Proxy {
+            addr,
+            engine,
+            stop: Some(stop),
+            server: Some(server),
+        }
+    }
+
+    /// A proxy in front of `upstream` with a database at `db`.
+    pub async fn with_db(upstream: &FakeUpstream, db: &Path) -> Proxy {
+        Proxy::start(Dedup::builder().upstream(upstream.url()).database(db)).await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Graceful stop: drains requests and flushes the database.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.expect("server task").expect("clean stop");
+        }
+    }
+}
+
+/// What a client sees of one answer.
+#[derive(Debug)]
+pub struct Seen {
+    pub status: u16,
+    pub cache: String,
+    pub key: Option<String>,
+    pub age: Option<u64>,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+    pub raw: Bytes,
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("client")
+}
+
+pub async fn post(
+    client: &reqwest::Client,
+    url: &str,
+    body: impl Into<reqwest::Body>,
+    headers: &[(&str, &str)],
+) -> Seen {
+    let mut req = client.post(url).header("content-type", "application/json");
+    if !headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+    {
+        req = req.header("authorization", "Bearer sk-test-key-1");
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    seen(req.body(body).send().await.expect("request sent")).await
+}
+
+pub async fn seen(resp: reqwest::Response) -> Seen {
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let cache = get("llm-dedup-cache").unwrap_or_default();
+    let key = get("llm-dedup-key");
+    let age = get("age").and_then(|a| a.parse().ok());
+    let raw = resp.bytes().await.expect("body");
+    let body = serde_json::from_slice(&raw).unwrap_or(Value::Null);
+    Seen {
+        status,
+        cache,
+        key,
+        age,
+        headers,
+        body,
+        raw,
+    }
+}
+
+pub fn chat(content: &str) -> String {
+    json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}]}).to_string()
+}
