@@ -20,7 +20,7 @@ use tower::ServiceBuilder;
 use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
-use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
 use crate::engine::{AnswerBody, Dedup};
 use crate::error::{Error, ErrorKind};
@@ -59,8 +59,11 @@ pub fn app(engine: Dedup) -> Router {
                         .unwrap_or("-");
                     tracing::debug_span!("request", id, method = %req.method(), path = req.uri().path())
                 })
+                // One line per request, written by `proxy` with the cache outcome in it.
                 .on_request(())
-                .on_response(DefaultOnResponse::new().level(tracing::Level::DEBUG)),
+                .on_response(())
+                .on_eos(())
+                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
         )
         .layer(PropagateRequestIdLayer::new(request_id));
     Router::new()
@@ -75,8 +78,16 @@ async fn health() -> impl IntoResponse {
 }
 
 async fn proxy(State(engine): State<Dedup>, request: Request) -> Response {
+    let started = std::time::Instant::now();
     match engine.send(request).await {
         Ok(answer) => {
+            tracing::debug!(
+                cache = answer.cache.as_str(),
+                status = answer.status.as_u16(),
+                key = answer.key.map(|k| k.to_hex()[..12].to_owned()),
+                ms = started.elapsed().as_millis() as u64,
+                "answered"
+            );
             let body = match answer.body {
                 AnswerBody::Full(bytes) => Body::from(bytes),
                 AnswerBody::Stream(stream) => Body::from_stream(stream),
