@@ -40,9 +40,9 @@ use crate::store::DiskStore;
 use crate::upstream::{self, Timeouts, Upstream};
 
 /// Response header naming how the answer was produced.
-pub const CACHE_HEADER: &str = "llm-dedup-cache";
+pub const CACHE_HEADER: HeaderName = HeaderName::from_static("llm-dedup-cache");
 /// Response header carrying the cache key.
-pub const KEY_HEADER: &str = "llm-dedup-key";
+pub const KEY_HEADER: HeaderName = HeaderName::from_static("llm-dedup-key");
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -219,6 +219,7 @@ impl DedupBuilder {
                 ttl: self.ttl,
                 max_body: self.max_body,
                 key_policy: self.key_policy,
+                known_keys: moka::sync::Cache::new(KNOWN_KEYS),
                 tasks: TaskTracker::new(),
             }),
         })
@@ -241,6 +242,10 @@ struct Inner {
     ttl: Duration,
     max_body: usize,
     key_policy: KeyPolicy,
+    /// Keys of requests seen before, by a digest of their exact bytes: a byte-identical repeat
+    /// (the common case: SDK retries, re-run jobs) skips JSON parsing and canonicalization.
+    /// A cache of a pure function, so it never needs invalidating.
+    known_keys: moka::sync::Cache<[u8; 32], Arc<KnownKey>>,
     tasks: TaskTracker,
 }
 
@@ -257,6 +262,15 @@ enum FlightOutcome {
     /// No answer at all.
     Failed(Error),
 }
+
+/// What the engine remembers about a cacheable request it has keyed before.
+struct KnownKey {
+    key: CacheKey,
+    model: Option<String>,
+}
+
+/// Most request digests remembered in [`Inner::known_keys`] (about 100 bytes each).
+const KNOWN_KEYS: u64 = 65_536;
 
 /// A request ready to go upstream; cheap to clone.
 #[derive(Clone)]
@@ -328,8 +342,26 @@ impl Dedup {
                 )
             }
         })?;
-        let body = body.to_bytes();
-        let value: Value = serde_json::from_slice(&body).map_err(|e| {
+        let outbound = Outbound {
+            method: parts.method,
+            path_and_query,
+            headers: parts.headers,
+            body: body.to_bytes(),
+        };
+        let exact = self.exact_digest(&outbound, &controls.namespace);
+        let ttl = controls.ttl.unwrap_or(self.inner.ttl);
+        if let Some(known) = self.inner.known_keys.get(&exact) {
+            // These exact bytes were parsed, found cacheable and keyed before.
+            let meta = EntryMeta {
+                key: known.key,
+                namespace: controls.namespace.clone(),
+                route,
+                model: known.model.clone(),
+                ttl,
+            };
+            return self.cached_or_fetched(outbound, meta, &controls).await;
+        }
+        let value: Value = serde_json::from_slice(&outbound.body).map_err(|e| {
             Error::new(
                 ErrorKind::InvalidRequest,
                 format!("the request body is not valid JSON: {e}"),
@@ -341,12 +373,6 @@ impl Dedup {
                 "the request body must be a JSON object",
             ));
         }
-        let outbound = Outbound {
-            method: parts.method,
-            path_and_query,
-            headers: parts.headers,
-            body,
-        };
         if let Some(reason) = route::bypass_reason(route, &value) {
             let triple = (outbound.method, outbound.path_and_query, outbound.headers);
             return self
@@ -358,28 +384,64 @@ impl Dedup {
             namespace: controls.namespace.clone(),
             route,
             model: route::model_of(&outbound.path_and_query, &value),
-            ttl: controls.ttl.unwrap_or(self.inner.ttl),
+            ttl,
         };
+        self.inner.known_keys.insert(
+            exact,
+            Arc::new(KnownKey {
+                key: meta.key,
+                model: meta.model.clone(),
+            }),
+        );
         self.cached_or_fetched(outbound, meta, &controls).await
+    }
+
+    /// A digest of everything that goes into a request's cache key, taken over the exact bytes
+    /// as received (headers in the order sent, body unparsed). Equal digests mean equal keys;
+    /// the converse does not hold, and need not: a digest miss takes the full path.
+    fn exact_digest(&self, out: &Outbound, namespace: &str) -> [u8; 32] {
+        let mut h = blake3::Hasher::new();
+        let mut part = |bytes: &[u8]| {
+            h.update(&(bytes.len() as u64).to_le_bytes());
+            h.update(bytes);
+        };
+        part(b"llm-dedup exact request");
+        part(namespace.as_bytes());
+        part(out.method.as_str().as_bytes());
+        part(out.path_and_query.as_bytes());
+        for (name, value) in &out.headers {
+            let name = name.as_str();
+            if CREDENTIAL_HEADERS.contains(&name) || BEHAVIOUR_HEADERS.contains(&name) {
+                part(name.as_bytes());
+                part(value.as_bytes());
+            }
+        }
+        part(&out.body);
+        *h.finalize().as_bytes()
     }
 
     /// The cache key of a request with this route, body and namespace.
     fn key(&self, route: Route, out: &Outbound, body: &Value, namespace: &str) -> CacheKey {
+        // One pass over the request's headers picks out both kinds that enter the key.
+        let mut credentials: Vec<(&str, &[u8])> = Vec::new();
+        let mut behaviour: Vec<(&str, &[u8])> = Vec::new();
+        for (name, value) in &out.headers {
+            let name = name.as_str();
+            if CREDENTIAL_HEADERS.contains(&name) {
+                credentials.push((name, value.as_bytes()));
+            } else if BEHAVIOUR_HEADERS.contains(&name) {
+                behaviour.push((name, value.as_bytes()));
+            }
+        }
+        // A stable order whatever order the client sent them in (values of one name keep theirs).
+        behaviour.sort_by_key(|(name, _)| *name);
         let credential = if self.inner.shared_cache {
             CredentialFingerprint::SHARED
         } else {
-            CredentialFingerprint::new(
-                &self.inner.salt,
-                CREDENTIAL_HEADERS
-                    .iter()
-                    .flat_map(|name| header_values(&out.headers, name)),
-            )
+            CredentialFingerprint::new(&self.inner.salt, credentials)
         };
-        let behaviour: Vec<(&str, &[u8])> = BEHAVIOUR_HEADERS
-            .iter()
-            .flat_map(|name| header_values(&out.headers, name))
-            .collect();
-        let canonical = CanonicalBody::new(route, body, &self.inner.key_policy);
+        let canonical =
+            CanonicalBody::with_capacity(route, body, &self.inner.key_policy, out.body.len());
         KeyParts {
             namespace,
             upstream: self.inner.upstream.base(),
@@ -486,7 +548,10 @@ impl Dedup {
             .await?;
         let status = response.status();
         let mut headers = upstream::response_headers(response.headers());
-        set_header(&mut headers, CACHE_HEADER, CacheStatus::Bypass.as_str());
+        headers.insert(
+            CACHE_HEADER,
+            HeaderValue::from_static(CacheStatus::Bypass.as_str()),
+        );
         let upstream = self.inner.upstream.clone();
         let body = response
             .bytes_stream()
@@ -633,12 +698,13 @@ impl Inner {
     /// Answers from a stored entry, counting the hit.
     fn hit(&self, entry: &StoredAnswer) -> Answer {
         if let Some(disk) = &self.disk {
-            // Losing a hit count is harmless; the answer matters.
-            let _ = disk.record_hit(entry.key);
+            disk.record_hit(entry.key);
         }
-        let mut headers = entry.header_map();
-        let age = entry.age(SystemTime::now()).as_secs();
-        set_header(&mut headers, "age", &age.to_string());
+        let mut headers = entry.headers.clone();
+        headers.insert(
+            http::header::AGE,
+            entry.age(SystemTime::now()).as_secs().into(),
+        );
         stored_answer(entry, headers, CacheStatus::Hit)
     }
 
@@ -661,7 +727,9 @@ impl Inner {
                     cache: role,
                     key: None,
                 };
-                set_header(&mut answer.headers, CACHE_HEADER, role.as_str());
+                answer
+                    .headers
+                    .insert(CACHE_HEADER, HeaderValue::from_static(role.as_str()));
                 Ok(answer)
             }
             FlightOutcome::Failed(e) => Err(e),
@@ -670,7 +738,7 @@ impl Inner {
 }
 
 fn stored_answer(entry: &StoredAnswer, mut headers: HeaderMap, cache: CacheStatus) -> Answer {
-    set_header(&mut headers, CACHE_HEADER, cache.as_str());
+    headers.insert(CACHE_HEADER, HeaderValue::from_static(cache.as_str()));
     set_header(&mut headers, KEY_HEADER, &entry.key.to_hex());
     Answer {
         status: StatusCode::from_u16(entry.status).unwrap_or(StatusCode::OK),
@@ -685,18 +753,8 @@ fn young_enough(entry: &StoredAnswer, max_age: Option<Duration>) -> bool {
     max_age.is_none_or(|max| entry.age(SystemTime::now()) <= max)
 }
 
-fn header_values<'a>(
-    headers: &'a HeaderMap,
-    name: &'a str,
-) -> impl Iterator<Item = (&'a str, &'a [u8])> + 'a {
-    headers
-        .get_all(name)
-        .iter()
-        .map(move |v| (name, v.as_bytes()))
-}
-
-fn set_header(headers: &mut HeaderMap, name: &'static str, value: &str) {
+fn set_header(headers: &mut HeaderMap, name: HeaderName, value: &str) {
     if let Ok(v) = HeaderValue::from_str(value) {
-        headers.insert(HeaderName::from_static(name), v);
+        headers.insert(name, v);
     }
 }

@@ -97,7 +97,7 @@ pub struct StoredAnswer {
     /// The HTTP status (always 2xx).
     pub status: u16,
     /// Replayed response headers (see [`REPLAYED_HEADERS`]).
-    pub headers: Vec<(String, String)>,
+    pub headers: HeaderMap,
     /// The decoded response body.
     pub body: Bytes,
     /// When it was stored, in Unix milliseconds.
@@ -117,20 +117,19 @@ impl StoredAnswer {
         body: Bytes,
     ) -> StoredAnswer {
         let now = SystemTime::now();
-        let headers = REPLAYED_HEADERS
-            .iter()
-            .filter_map(|name| {
-                let v = headers.get(*name)?.to_str().ok()?;
-                Some(((*name).to_owned(), v.to_owned()))
-            })
-            .collect();
+        let mut kept = HeaderMap::new();
+        for name in REPLAYED_HEADERS {
+            for value in headers.get_all(*name) {
+                kept.append(HeaderName::from_static(name), value.clone());
+            }
+        }
         StoredAnswer {
             key: meta.key,
             namespace: meta.namespace.clone(),
             route: meta.route,
             model: meta.model.clone(),
             status: status.as_u16(),
-            headers,
+            headers: kept,
             usage: Usage::from_body(&body),
             body,
             created_at: unix_ms(now),
@@ -140,7 +139,11 @@ impl StoredAnswer {
 
     /// The size counted against memory and disk bounds: body, headers, and fixed overhead.
     pub fn size(&self) -> u64 {
-        let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len())
+            .sum();
         (self.body.len() + headers + self.namespace.len() + 160) as u64
     }
 
@@ -154,10 +157,20 @@ impl StoredAnswer {
         unix_ms(now) < self.expires_at
     }
 
-    /// The replayed headers as a header map.
-    pub fn header_map(&self) -> HeaderMap {
-        let mut map = HeaderMap::with_capacity(self.headers.len());
-        for (k, v) in &self.headers {
+    /// The replayed headers as `(name, value)` text pairs, the form kept on disk. A value that
+    /// is not visible ASCII cannot be written that way and is left out.
+    pub fn header_pairs(&self) -> Vec<(&str, &str)> {
+        self.headers
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?)))
+            .collect()
+    }
+
+    /// Rebuilds replayed headers from their on-disk form; pairs that are not valid headers
+    /// are left out.
+    pub fn headers_from_pairs(pairs: &[(String, String)]) -> HeaderMap {
+        let mut map = HeaderMap::with_capacity(pairs.len());
+        for (k, v) in pairs {
             if let (Ok(k), Ok(v)) = (HeaderName::try_from(k), HeaderValue::try_from(v)) {
                 map.append(k, v);
             }
@@ -206,10 +219,12 @@ mod tests {
             ttl: Duration::from_secs(60),
         };
         let e = StoredAnswer::from_upstream(&meta, StatusCode::OK, &h, Bytes::from_static(b"{}"));
-        assert_eq!(
-            e.headers,
-            vec![("content-type".to_owned(), "application/json".to_owned())]
-        );
+        assert_eq!(e.header_pairs(), vec![("content-type", "application/json")]);
+        let back = StoredAnswer::headers_from_pairs(&[(
+            "content-type".to_owned(),
+            "application/json".to_owned(),
+        )]);
+        assert_eq!(back, e.headers);
         assert!(e.is_fresh(SystemTime::now()));
         assert!(!e.is_fresh(SystemTime::now() + Duration::from_secs(61)));
     }

@@ -152,7 +152,18 @@ pub struct CanonicalBody(Vec<u8>);
 impl CanonicalBody {
     /// Writes `body` in canonical form for `route` under `policy`.
     pub fn new(route: Route, body: &Value, policy: &KeyPolicy) -> CanonicalBody {
-        let mut out = Vec::with_capacity(256);
+        CanonicalBody::with_capacity(route, body, policy, 256)
+    }
+
+    /// As [`CanonicalBody::new`], reserving `capacity` bytes up front (the size of the request
+    /// body as sent is a good guess: the canonical form has no whitespace).
+    pub fn with_capacity(
+        route: Route,
+        body: &Value,
+        policy: &KeyPolicy,
+        capacity: usize,
+    ) -> CanonicalBody {
+        let mut out = Vec::with_capacity(capacity);
         match body {
             Value::Object(map) => write_fields(
                 &mut out,
@@ -335,12 +346,12 @@ impl CredentialFingerprint {
             .filter(|(name, _)| CREDENTIAL_HEADERS.contains(name))
             .collect();
         found.sort_unstable();
-        let mut hasher = blake3::Hasher::new_keyed(salt);
+        let mut preimage = Vec::with_capacity(128);
         for (name, value) in found {
-            put(&mut hasher, name.as_bytes());
-            put(&mut hasher, value);
+            put(&mut preimage, name.as_bytes());
+            put(&mut preimage, value);
         }
-        CredentialFingerprint(Some(*hasher.finalize().as_bytes()))
+        CredentialFingerprint(Some(*blake3::keyed_hash(salt, &preimage).as_bytes()))
     }
 }
 
@@ -366,30 +377,33 @@ pub struct KeyParts<'a> {
 impl KeyParts<'_> {
     /// Hashes the parts into a key.
     pub fn key(&self) -> CacheKey {
-        let mut hasher = blake3::Hasher::new();
-        put(&mut hasher, b"llm-dedup cache key");
-        put(&mut hasher, &KEY_VERSION.to_le_bytes());
-        put(&mut hasher, self.namespace.as_bytes());
-        put(&mut hasher, self.upstream.as_bytes());
-        put(&mut hasher, self.method.as_bytes());
-        put(&mut hasher, self.path_and_query.as_bytes());
+        // One buffer hashed once: blake3 pays a fixed cost per `update`, and the parts are small.
+        let mut preimage = Vec::with_capacity(self.body.as_bytes().len() + 256);
+        let p = &mut preimage;
+        put(p, b"llm-dedup cache key");
+        put(p, &KEY_VERSION.to_le_bytes());
+        put(p, self.namespace.as_bytes());
+        put(p, self.upstream.as_bytes());
+        put(p, self.method.as_bytes());
+        put(p, self.path_and_query.as_bytes());
         match &self.credential.0 {
-            Some(fp) => put(&mut hasher, fp),
-            None => put(&mut hasher, b""),
+            Some(fp) => put(p, fp),
+            None => put(p, b""),
         }
-        put(&mut hasher, &(self.behaviour.len() as u64).to_le_bytes());
+        put(p, &(self.behaviour.len() as u64).to_le_bytes());
         for (name, value) in self.behaviour {
-            put(&mut hasher, name.as_bytes());
-            put(&mut hasher, value);
+            put(p, name.as_bytes());
+            put(p, value);
         }
-        put(&mut hasher, self.body.as_bytes());
-        CacheKey(*hasher.finalize().as_bytes())
+        put(p, self.body.as_bytes());
+        CacheKey(*blake3::hash(&preimage).as_bytes())
     }
 }
 
-fn put(hasher: &mut blake3::Hasher, part: &[u8]) {
-    hasher.update(&(part.len() as u64).to_le_bytes());
-    hasher.update(part);
+/// Appends `part` to a hash preimage, prefixed with its length.
+fn put(preimage: &mut Vec<u8>, part: &[u8]) {
+    preimage.extend_from_slice(&(part.len() as u64).to_le_bytes());
+    preimage.extend_from_slice(part);
 }
 
 #[cfg(test)]

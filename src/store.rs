@@ -6,8 +6,9 @@
 //! worker thread: reads go through `spawn_blocking`, writes through the writer's queue, so the
 //! request path only ever enqueues.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
@@ -28,6 +29,8 @@ fn migrations() -> Migrations<'static> {
 
 /// Most operations committed in one transaction.
 const MAX_BATCH: usize = 1024;
+/// Longest a hit count waits in memory before it is committed.
+const HIT_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 /// Read connections kept open between reads.
 const MAX_IDLE_READERS: usize = 4;
 /// How long a connection waits on a lock held by another process (the inspector, say).
@@ -96,10 +99,20 @@ pub enum StoreError {
 
 enum WriteOp {
     Put(Arc<StoredAnswer>),
-    Hit { key: CacheKey, at: i64 },
     Flush(oneshot::Sender<()>),
     Shutdown(oneshot::Sender<()>),
 }
+
+/// Hits on one key not yet committed.
+#[derive(Clone, Copy)]
+struct HitTally {
+    count: i64,
+    last_at: i64,
+}
+
+/// Hits counted in memory and committed by the writer with its next batch (or within
+/// [`HIT_FLUSH_INTERVAL`]), so that a hit costs a map update, not a thread wake-up.
+type PendingHits = Arc<Mutex<HashMap<CacheKey, HitTally>>>;
 
 /// The SQLite-backed tier. Cheap to clone; all clones share one writer.
 #[derive(Clone)]
@@ -111,6 +124,7 @@ struct Inner {
     path: PathBuf,
     salt: [u8; 32],
     writes: Sender<WriteOp>,
+    hits: PendingHits,
     readers: Mutex<Vec<Connection>>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -127,15 +141,18 @@ impl DiskStore {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.set_prepared_statement_cache_capacity(16);
         let (writes, queue) = mpsc::channel();
+        let hits = PendingHits::default();
+        let pending = hits.clone();
         let writer = std::thread::Builder::new()
             .name("llm-dedup-writer".into())
-            .spawn(move || write_loop(conn, queue))
+            .spawn(move || write_loop(conn, queue, pending))
             .map_err(|e| StoreError::Task(format!("cannot start the writer thread: {e}")))?;
         Ok(DiskStore {
             inner: Arc::new(Inner {
                 path: path.to_owned(),
                 salt,
                 writes,
+                hits,
                 readers: Mutex::new(Vec::new()),
                 writer: Mutex::new(Some(writer)),
             }),
@@ -165,12 +182,16 @@ impl DiskStore {
         self.send(WriteOp::Put(entry))
     }
 
-    /// Queues a hit on `key` (hit count and last-hit time).
-    pub fn record_hit(&self, key: CacheKey) -> Result<(), StoreError> {
-        self.send(WriteOp::Hit {
-            key,
-            at: unix_ms(SystemTime::now()),
-        })
+    /// Counts a hit on `key` (hit count and last-hit time), committed within a second.
+    pub fn record_hit(&self, key: CacheKey) {
+        let at = unix_ms(SystemTime::now());
+        let mut hits = self.inner.hits.lock().unwrap_or_else(|e| e.into_inner());
+        let tally = hits.entry(key).or_insert(HitTally {
+            count: 0,
+            last_at: at,
+        });
+        tally.count += 1;
+        tally.last_at = tally.last_at.max(at);
     }
 
     /// Waits until everything queued before this call is committed.
@@ -335,8 +356,9 @@ fn read_entry(conn: &Connection, key: CacheKey) -> Result<Option<StoredAnswer>, 
     };
     let route =
         Route::from_name(&route).ok_or_else(|| damaged(format!("unknown route {route:?}")))?;
-    let headers: Vec<(String, String)> =
+    let pairs: Vec<(String, String)> =
         serde_json::from_str(&headers).map_err(|e| damaged(format!("headers: {e}")))?;
+    let headers = StoredAnswer::headers_from_pairs(&pairs);
     Ok(Some(StoredAnswer {
         key,
         namespace,
@@ -360,19 +382,37 @@ fn tokens_from_sql(n: Option<i64>) -> Option<u64> {
     n.and_then(|n| u64::try_from(n).ok())
 }
 
-fn write_loop(mut conn: Connection, queue: Receiver<WriteOp>) {
-    // Ends when every sender is gone (the store was dropped) or on Shutdown.
-    while let Ok(first) = queue.recv() {
-        let mut batch = vec![first];
+fn write_loop(mut conn: Connection, queue: Receiver<WriteOp>, hits: PendingHits) {
+    // Ends when every sender is gone (the store was dropped) or on Shutdown; either way, what
+    // was queued and counted before is committed first.
+    loop {
+        let mut batch = Vec::new();
+        match queue.recv_timeout(HIT_FLUSH_INTERVAL) {
+            Ok(op) => batch.push(op),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                let mut acks = Vec::new();
+                let mut stop = false;
+                let hits = std::mem::take(&mut *hits.lock().unwrap_or_else(|e| e.into_inner()));
+                if let Err(e) = commit_batch(&mut conn, Vec::new(), hits, &mut acks, &mut stop) {
+                    tracing::error!(error = %e, "writing hit counts failed");
+                }
+                break;
+            }
+        }
         while batch.len() < MAX_BATCH {
             match queue.try_recv() {
                 Ok(op) => batch.push(op),
                 Err(_) => break,
             }
         }
+        let hits = std::mem::take(&mut *hits.lock().unwrap_or_else(|e| e.into_inner()));
+        if batch.is_empty() && hits.is_empty() {
+            continue;
+        }
         let mut acks = Vec::new();
         let mut stop = false;
-        if let Err(e) = commit_batch(&mut conn, batch, &mut acks, &mut stop) {
+        if let Err(e) = commit_batch(&mut conn, batch, hits, &mut acks, &mut stop) {
             tracing::error!(error = %e, "writing to the cache database failed; those entries stay in memory only");
         }
         for ack in acks {
@@ -387,6 +427,7 @@ fn write_loop(mut conn: Connection, queue: Receiver<WriteOp>) {
 fn commit_batch(
     conn: &mut Connection,
     batch: Vec<WriteOp>,
+    hits: HashMap<CacheKey, HitTally>,
     acks: &mut Vec<oneshot::Sender<()>>,
     stop: &mut bool,
 ) -> Result<(), rusqlite::Error> {
@@ -405,13 +446,15 @@ fn commit_batch(
                 total_tokens = excluded.total_tokens, size = excluded.size",
         )?;
         let mut hit = tx.prepare_cached(
-            "UPDATE entries SET hit_count = hit_count + 1, last_hit_at = ?2 WHERE key = ?1",
+            "UPDATE entries SET hit_count = hit_count + ?2, last_hit_at = max(coalesce(last_hit_at, 0), ?3)
+             WHERE key = ?1",
         )?;
         for op in batch {
             match op {
                 WriteOp::Put(e) => {
-                    // Serializing a Vec of string pairs cannot fail.
-                    let headers = serde_json::to_string(&e.headers).unwrap_or_else(|_| "[]".into());
+                    // Serializing string pairs cannot fail.
+                    let headers =
+                        serde_json::to_string(&e.header_pairs()).unwrap_or_else(|_| "[]".into());
                     put.execute(params![
                         e.key.to_hex(),
                         e.namespace,
@@ -428,15 +471,16 @@ fn commit_batch(
                         i64::try_from(e.size()).unwrap_or(i64::MAX),
                     ])?;
                 }
-                WriteOp::Hit { key, at } => {
-                    hit.execute(params![key.to_hex(), at])?;
-                }
                 WriteOp::Flush(ack) => acks.push(ack),
                 WriteOp::Shutdown(ack) => {
                     acks.push(ack);
                     *stop = true;
                 }
             }
+        }
+        // After the puts, so a hit on an entry stored in the same batch finds its row.
+        for (key, tally) in hits {
+            hit.execute(params![key.to_hex(), tally.count, tally.last_at])?;
         }
     }
     tx.commit()
@@ -474,7 +518,8 @@ mod tests {
         let salt = *store.salt();
         let e = entry(1, Duration::from_secs(60));
         store.put(e.clone()).expect("queued");
-        store.record_hit(e.key).expect("queued");
+        store.record_hit(e.key);
+        store.record_hit(e.key);
         store.close().await.expect("close");
         assert!(store.put(e.clone()).is_err(), "writes after close fail");
 
@@ -483,6 +528,14 @@ mod tests {
         let back = store.get(e.key).await.expect("read").expect("present");
         assert_eq!(&back, e.as_ref());
         assert_eq!(back.usage.total_tokens, Some(3));
+        let conn = Connection::open(&path).expect("open");
+        let (hits, last): (i64, Option<i64>) = conn
+            .query_row("SELECT hit_count, last_hit_at FROM entries", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .expect("row");
+        assert_eq!(hits, 2, "every hit is counted");
+        assert!(last.is_some());
     }
 
     #[tokio::test]

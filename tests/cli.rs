@@ -128,7 +128,7 @@ fn start(db: &std::path::Path, upstream: &str) -> Running {
         .args(["serve", "--listen", "127.0.0.1:0", "--upstream", upstream])
         .arg("--db")
         .arg(db)
-        .env("RUST_LOG", "llm_dedup=debug,tower_http=debug")
+        .env("RUST_LOG", "llm_dedup=debug")
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");

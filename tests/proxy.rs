@@ -562,3 +562,33 @@ async fn the_health_endpoint_answers_without_the_upstream() {
     assert_eq!((r.status, &r.body["status"]), (200, &json!("ok")));
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn a_byte_identical_repeat_and_a_reformatted_one_get_the_same_key() {
+    // The first repeat takes the exact-bytes shortcut, the reformatted one the full parse;
+    // both must land on the one entry, and a changed body must not.
+    let upstream = FakeUpstream::start().await;
+    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let c = client();
+    let url = proxy.url("/v1/embeddings");
+    let body = r#"{"model":"e","input":"same"}"#;
+    let first = post(&c, &url, body, &[]).await;
+    let exact = post(&c, &url, body, &[]).await;
+    let spaced = post(&c, &url, r#"{ "input" : "same", "model" : "e" }"#, &[]).await;
+    assert_eq!(
+        (
+            first.cache.as_str(),
+            exact.cache.as_str(),
+            spaced.cache.as_str()
+        ),
+        ("miss", "hit", "hit")
+    );
+    assert_eq!(first.key, exact.key);
+    assert_eq!(first.key, spaced.key);
+    // Same bytes under another credential or namespace are other entries.
+    let other = post(&c, &url, body, &[("authorization", "Bearer sk-other")]).await;
+    let ns = post(&c, &url, body, &[("llm-dedup-namespace", "x")]).await;
+    assert_eq!((other.cache.as_str(), ns.cache.as_str()), ("miss", "miss"));
+    assert_eq!(upstream.calls(), 3);
+    proxy.stop().await;
+}

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 
 use axum::Router;
+use axum::body::Bytes;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
 
@@ -18,10 +19,21 @@ async fn fixed() -> impl IntoResponse {
     ([(CONTENT_TYPE, "application/json")], ANSWER)
 }
 
-/// A server answering every request with [`ANSWER`]: the fake upstream, and the baseline the
-/// proxy's hit path is measured against.
+async fn read_then_fixed(body: Bytes) -> impl IntoResponse {
+    std::hint::black_box(body);
+    ([(CONTENT_TYPE, "application/json")], ANSWER)
+}
+
+/// A server answering every request with [`ANSWER`] without reading the request body: the
+/// fake upstream, and the lower-bound baseline.
 pub fn fixed_app() -> Router {
     Router::new().fallback(fixed)
+}
+
+/// A server that reads the request body, then answers [`ANSWER`]: the least any server
+/// answering a POST does, and the baseline the proxy's hit path is held to.
+pub fn reading_app() -> Router {
+    Router::new().fallback(read_then_fixed)
 }
 
 /// Serves `app` on a fresh port of 127.0.0.1 in the current runtime.
