@@ -154,29 +154,21 @@ mod tests {
 
     #[test]
     fn classifies_openai_azure_and_anthropic_paths() {
-        let post = Method::POST;
-        assert_eq!(
-            Route::classify(&post, "/v1/chat/completions"),
-            Some(Route::ChatCompletions)
-        );
-        assert_eq!(
-            Route::classify(&post, "/chat/completions/"),
-            Some(Route::ChatCompletions)
-        );
-        assert_eq!(
-            Route::classify(&post, "/openai/deployments/gpt4o/embeddings"),
-            Some(Route::Embeddings)
-        );
-        assert_eq!(
-            Route::classify(&post, "/openai/v1/responses"),
-            Some(Route::Responses)
-        );
-        assert_eq!(
-            Route::classify(&post, "/v1/messages"),
-            Some(Route::AnthropicMessages)
-        );
-        assert_eq!(Route::classify(&post, "/v1/files"), None);
-        assert_eq!(Route::classify(&post, "/openai/deployments/x"), None);
+        let cases = [
+            ("/v1/chat/completions", Some(Route::ChatCompletions)),
+            ("/chat/completions/", Some(Route::ChatCompletions)),
+            (
+                "/openai/deployments/gpt4o/embeddings",
+                Some(Route::Embeddings),
+            ),
+            ("/openai/v1/responses", Some(Route::Responses)),
+            ("/v1/messages", Some(Route::AnthropicMessages)),
+            ("/v1/files", None),
+            ("/openai/deployments/x", None),
+        ];
+        for (path, want) in cases {
+            assert_eq!(Route::classify(&Method::POST, path), want, "{path}");
+        }
         assert_eq!(Route::classify(&Method::GET, "/v1/chat/completions"), None);
     }
 

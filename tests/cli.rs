@@ -31,6 +31,12 @@ fn run(args: &[&str]) -> (i32, String) {
     )
 }
 
+/// Starts `serve` on `db` with any free port; for start-up errors, which exit at once.
+fn serve_on(db: &std::path::Path) -> (i32, String) {
+    let db = db.to_str().expect("utf8 path");
+    run(&["serve", "--listen", "127.0.0.1:0", "--db", db])
+}
+
 #[test]
 fn an_invalid_listen_address_is_refused_with_a_clear_message() {
     let (code, err) = run(&["serve", "--listen", "not-an-address"]);
@@ -53,13 +59,7 @@ fn invalid_sizes_and_durations_are_refused() {
 fn a_database_in_a_missing_directory_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("no/such/dir/cache.db");
-    let (code, err) = run(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--db",
-        db.to_str().expect("utf8"),
-    ]);
+    let (code, err) = serve_on(&db);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("does not exist"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
@@ -71,13 +71,7 @@ fn a_file_that_is_not_a_database_is_refused_and_left_untouched() {
     let db = dir.path().join("important.txt");
     let content = b"quarterly numbers, do not overwrite\n".repeat(200);
     std::fs::write(&db, &content).expect("write");
-    let (code, err) = run(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--db",
-        db.to_str().expect("utf8"),
-    ]);
+    let (code, err) = serve_on(&db);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("not an SQLite database"), "{err}");
     assert_eq!(std::fs::read(&db).expect("read"), content);
