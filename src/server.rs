@@ -13,7 +13,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{any, get};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tracing::Instrument;
@@ -33,12 +33,21 @@ static NEXT_REQUEST: AtomicU64 = AtomicU64::new(1);
 pub fn app(engine: Dedup) -> Router {
     Router::new()
         .route("/_llm-dedup/health", get(health))
+        // The operator namespace is llm-dedup's own: nothing under it is ever forwarded.
+        .route("/_llm-dedup/{*rest}", any(unknown_operator_path))
         .fallback(proxy)
         .with_state(engine)
 }
 
 async fn health() -> impl IntoResponse {
     axum::Json(json!({"status": "ok"}))
+}
+
+async fn unknown_operator_path(uri: axum::http::Uri) -> Response {
+    let message = format!("no operator endpoint at {}", uri.path());
+    let body = json!({"error": {"message": message, "type": "invalid_request_error",
+                                "param": null, "code": "not_found"}});
+    (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
 }
 
 async fn proxy(State(engine): State<Dedup>, request: Request) -> Response {

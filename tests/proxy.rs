@@ -560,6 +560,20 @@ async fn the_health_endpoint_answers_without_the_upstream() {
     )
     .await;
     assert_eq!((r.status, &r.body["status"]), (200, &json!("ok")));
+    // Nothing under the operator prefix is forwarded upstream (which is down here: a
+    // forwarded request would answer 502).
+    let r = common::seen(
+        client()
+            .get(proxy.url("/_llm-dedup/nothing-here"))
+            .send()
+            .await
+            .expect("sent"),
+    )
+    .await;
+    assert_eq!(
+        (r.status, &r.body["error"]["code"]),
+        (404, &json!("not_found"))
+    );
     proxy.stop().await;
 }
 
