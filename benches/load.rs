@@ -4,8 +4,8 @@
 //! a POST does; the ratio the project is held to), and one that answers without reading it
 //! (a lower bound, reported for honesty).
 //!
-//! Both servers run in one single-threaded runtime, the load generator in another, so each
-//! side gets one core of a two-core machine and the two servers are measured alike. Rounds
+//! The servers share one multi-thread runtime (as `llm-dedup serve` runs), the load generator
+//! has a single-threaded one, and the servers are measured alike. Rounds
 //! alternate (baseline, proxy, baseline, proxy, ...) so that noise on a shared machine falls on
 //! both. Reports requests/s of each and the ratio proxy / baseline.
 //!
@@ -110,7 +110,8 @@ fn main() {
     let rounds = setting("LOAD_ROUNDS", 3);
     let dir = tempfile::tempdir().expect("tempdir");
 
-    let server_rt = tokio::runtime::Builder::new_current_thread()
+    // The servers run on tokio's default multi-thread runtime, as `llm-dedup serve` does.
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");

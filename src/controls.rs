@@ -7,12 +7,16 @@
 
 use std::time::Duration;
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 
 /// Header that sets the time to live, in seconds, of the answer this request stores.
 pub const TTL_HEADER: &str = "llm-dedup-ttl";
 /// Header that selects a separate key space.
 pub const NAMESPACE_HEADER: &str = "llm-dedup-namespace";
+
+// Looking a header up by a `HeaderName` skips parsing the name on every request.
+const TTL: HeaderName = HeaderName::from_static(TTL_HEADER);
+const NAMESPACE: HeaderName = HeaderName::from_static(NAMESPACE_HEADER);
 
 /// Longest namespace accepted.
 const MAX_NAMESPACE_LEN: usize = 128;
@@ -65,7 +69,7 @@ impl CacheControls {
                 }
             }
         }
-        if let Some(ttl) = headers.get(TTL_HEADER) {
+        if let Some(ttl) = headers.get(TTL) {
             let secs = ttl
                 .to_str()
                 .ok()
@@ -76,7 +80,7 @@ impl CacheControls {
                 })?;
             c.ttl = Some(Duration::from_secs(secs));
         }
-        if let Some(ns) = headers.get(NAMESPACE_HEADER) {
+        if let Some(ns) = headers.get(NAMESPACE) {
             let ns = ns
                 .to_str()
                 .ok()

@@ -326,9 +326,9 @@ impl Dedup {
                 };
                 let stream = limited.into_data_stream();
                 let outbound = (parts.method, path_and_query, parts.headers);
-                return self
-                    .pass_through(outbound, reqwest::Body::wrap_stream(stream), reason)
-                    .await;
+                let passed =
+                    self.pass_through(outbound, reqwest::Body::wrap_stream(stream), reason);
+                return Box::pin(passed).await;
             }
         };
 
@@ -375,9 +375,7 @@ impl Dedup {
         }
         if let Some(reason) = route::bypass_reason(route, &value) {
             let triple = (outbound.method, outbound.path_and_query, outbound.headers);
-            return self
-                .pass_through(triple, outbound.body.into(), reason)
-                .await;
+            return Box::pin(self.pass_through(triple, outbound.body.into(), reason)).await;
         }
         let meta = EntryMeta {
             key: self.key(route, &outbound, &value, &controls.namespace),
@@ -400,10 +398,11 @@ impl Dedup {
     /// as received (headers in the order sent, body unparsed). Equal digests mean equal keys;
     /// the converse does not hold, and need not: a digest miss takes the full path.
     fn exact_digest(&self, out: &Outbound, namespace: &str) -> [u8; 32] {
-        let mut h = blake3::Hasher::new();
+        // One buffer hashed once: blake3 pays a fixed cost per `update`.
+        let mut preimage = Vec::with_capacity(out.body.len() + 256);
         let mut part = |bytes: &[u8]| {
-            h.update(&(bytes.len() as u64).to_le_bytes());
-            h.update(bytes);
+            preimage.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+            preimage.extend_from_slice(bytes);
         };
         part(b"llm-dedup exact request");
         part(namespace.as_bytes());
@@ -417,7 +416,7 @@ impl Dedup {
             }
         }
         part(&out.body);
-        *h.finalize().as_bytes()
+        *blake3::hash(&preimage).as_bytes()
     }
 
     /// The cache key of a request with this route, body and namespace.
@@ -460,12 +459,24 @@ impl Dedup {
         meta: EntryMeta,
         controls: &CacheControls,
     ) -> Result<Answer, Error> {
-        let key = meta.key;
         if !controls.no_cache {
-            if let Some(entry) = self.inner.lookup_memory(&key, controls.max_age).await {
+            if let Some(entry) = self.inner.lookup_memory(&meta.key, controls.max_age).await {
                 return Ok(self.inner.hit(&entry));
             }
         }
+        // Everything past a memory hit is boxed, so the hit path's future stays small (its
+        // size is copied on every request).
+        Box::pin(self.beyond_memory(out, meta, controls)).await
+    }
+
+    /// The path of a request that memory could not answer: disk, flight, upstream.
+    async fn beyond_memory(
+        &self,
+        out: Outbound,
+        meta: EntryMeta,
+        controls: &CacheControls,
+    ) -> Result<Answer, Error> {
+        let key = meta.key;
         if controls.only_if_cached {
             if !controls.no_cache {
                 if let Some(entry) = self.inner.lookup_disk(&key, controls.max_age).await {
