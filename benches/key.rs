@@ -3,8 +3,8 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use llm_dedup::Route;
 use llm_dedup::key::{CanonicalBody, CredentialFingerprint, KeyParts, KeyPolicy};
-use llm_dedup::route::Route;
 use serde_json::{Value, json};
 
 /// A chat request of about `size` bytes: a system prompt, then user/assistant turns.

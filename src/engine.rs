@@ -292,6 +292,12 @@ impl Dedup {
         self.inner.upstream.base()
     }
 
+    /// The path and query of an absolute `url` relative to the upstream base URL, if `url`
+    /// lies under it; `None` for any other host or path.
+    pub fn relative_to_upstream(&self, url: &reqwest::Url) -> Option<String> {
+        self.inner.upstream.relative(url)
+    }
+
     /// Answers one request: from the cache, from an identical request in flight, or from the
     /// upstream. Requests that are not cacheable pass through, their bodies streamed both ways.
     pub async fn send<B>(&self, request: Request<B>) -> Result<Answer, Error>
@@ -605,6 +611,12 @@ impl Dedup {
             disk.flush().await?;
         }
         Ok(())
+    }
+
+    /// Number of distinct requests waiting on an upstream call right now (each may have
+    /// many waiters).
+    pub fn in_flight(&self) -> usize {
+        self.inner.flights.len()
     }
 
     /// Bytes and entries held by the memory tier (approximate).

@@ -91,6 +91,7 @@ impl<K: Eq + Hash + Clone, T: Clone> InFlight<K, T> {
     }
 
     /// Whether no flight is in progress.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -29,21 +29,58 @@
 //! # }
 //! ```
 //!
+//! # An existing `reqwest` client (feature `middleware`)
+//!
+//! [`middleware::DedupMiddleware`] plugs the engine into a `reqwest-middleware` chain: every
+//! request to the engine's upstream goes through the cache, everything else goes on down the
+//! chain.
+//!
+#![cfg_attr(
+    feature = "middleware",
+    doc = r##"```no_run
+# async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+let engine = llm_dedup::Dedup::builder().upstream("https://api.openai.com").build()?;
+let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+    .with(llm_dedup::middleware::DedupMiddleware::new(engine.clone()))
+    .build();
+let answer = client
+    .post("https://api.openai.com/v1/embeddings")
+    .bearer_auth("sk-...")
+    .body(r#"{"model": "text-embedding-3-small", "input": "hello"}"#)
+    .send()
+    .await?;
+assert!(answer.headers().contains_key("llm-dedup-cache"));
+# Ok(()) }
+```"##
+)]
+//!
+//! # Sharing and shutting down
+//!
+//! [`Dedup`] is cheap to clone; clones share the memory tier, the in-flight table and the
+//! database writer, so one engine serves every task of a program. Two engines never share
+//! anything: there is no global state. Dropping the last handle lets the writer commit what
+//! is queued in the background; [`Dedup::close`] waits for in-flight upstream calls and for
+//! that commit.
+//!
 //! See `ARCHITECTURE.md` for the map of the modules and the invariants they keep.
 
-pub mod controls;
-pub mod engine;
-pub mod entry;
+mod controls;
+mod engine;
+mod entry;
 pub mod error;
-pub mod inflight;
+mod inflight;
 pub mod key;
-pub mod memory;
-pub mod route;
+mod memory;
+#[cfg(feature = "middleware")]
+pub mod middleware;
+mod route;
 pub mod server;
-pub mod store;
-pub mod upstream;
+mod store;
+mod upstream;
 
-pub use engine::{Answer, AnswerBody, CacheStatus, Dedup, DedupBuilder};
+pub use controls::{NAMESPACE_HEADER, TTL_HEADER};
+pub use engine::{Answer, AnswerBody, CACHE_HEADER, CacheStatus, Dedup, DedupBuilder, KEY_HEADER};
 pub use error::{Error, ErrorKind, Origin};
 pub use key::{CacheKey, KEY_VERSION, KeyPolicy};
 pub use route::Route;
+pub use upstream::Timeouts;

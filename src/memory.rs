@@ -67,11 +67,6 @@ impl MemoryTier {
         self.cache.insert(entry.key, entry).await;
     }
 
-    /// Removes the entry for `key`, if any.
-    pub async fn remove(&self, key: &CacheKey) {
-        self.cache.invalidate(key).await;
-    }
-
     /// Bytes currently weighed (approximate until pending maintenance runs).
     pub fn weighted_bytes(&self) -> u64 {
         self.cache.weighted_size()
@@ -82,7 +77,8 @@ impl MemoryTier {
         self.cache.entry_count()
     }
 
-    /// Runs moka's pending maintenance (evictions); for tests and metrics.
+    /// Runs moka's pending maintenance (evictions) now.
+    #[cfg(test)]
     pub async fn run_pending_tasks(&self) {
         self.cache.run_pending_tasks().await;
     }

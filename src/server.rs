@@ -26,7 +26,7 @@ static NEXT_REQUEST: AtomicU64 = AtomicU64::new(1);
 
 /// The proxy's router: operator endpoints, and every other request to `engine`.
 ///
-/// Request ids and tracing are done in [`proxy`] rather than by tower-http's layers: on the
+/// Request ids and tracing are done in the proxy handler rather than by tower-http's layers: on the
 /// hit path those layers cost about a fifth of the throughput (measured with
 /// `cargo bench --bench load`), while a span created in the handler costs nothing when debug
 /// logging is off.

@@ -159,11 +159,6 @@ impl DiskStore {
         })
     }
 
-    /// The database path.
-    pub fn path(&self) -> &Path {
-        &self.inner.path
-    }
-
     /// The random salt for credential fingerprints, created with the database.
     pub fn salt(&self) -> &[u8; 32] {
         &self.inner.salt

@@ -48,6 +48,8 @@ impl Default for Timeouts {
 #[derive(Clone)]
 pub struct Upstream {
     client: reqwest::Client,
+    /// The base as a URL, to tell whether an absolute URL lies under it.
+    base_url: reqwest::Url,
     /// Where requests go (may hold a password).
     request_base: String,
     /// What logs, keys and errors name (never holds a password).
@@ -90,6 +92,7 @@ impl Upstream {
             .map_err(|e| Error::with_source(ErrorKind::Cache, "cannot build the HTTP client", e))?;
         Ok(Upstream {
             client,
+            base_url: url.clone(),
             request_base: url.as_str().trim_end_matches('/').to_owned(),
             shown_base: shown.as_str().trim_end_matches('/').to_owned(),
         })
@@ -98,6 +101,28 @@ impl Upstream {
     /// The base URL, without a trailing slash and without any password.
     pub fn base(&self) -> &str {
         &self.shown_base
+    }
+
+    /// The path and query of `url` relative to the base, if `url` lies under it (same scheme,
+    /// host and port, and a path that continues the base path).
+    pub fn relative(&self, url: &reqwest::Url) -> Option<String> {
+        let base = &self.base_url;
+        if url.scheme() != base.scheme()
+            || url.host_str() != base.host_str()
+            || url.port_or_known_default() != base.port_or_known_default()
+        {
+            return None;
+        }
+        let prefix = base.path().trim_end_matches('/');
+        let rest = url.path().strip_prefix(prefix)?;
+        if !(rest.is_empty() || rest.starts_with('/')) {
+            return None;
+        }
+        let rest = if rest.is_empty() { "/" } else { rest };
+        Some(match url.query() {
+            Some(q) => format!("{rest}?{q}"),
+            None => rest.to_owned(),
+        })
     }
 
     /// Sends a request and returns as soon as the answer's status and headers arrive.
@@ -209,6 +234,23 @@ mod tests {
         let out = request_headers(&h);
         let names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["authorization", "content-type"]);
+    }
+
+    #[test]
+    fn tells_which_urls_lie_under_the_base() {
+        let u = Upstream::new("https://api.example.com/openai", Timeouts::default()).expect("ok");
+        let rel = |s: &str| u.relative(&reqwest::Url::parse(s).expect("url"));
+        assert_eq!(
+            rel("https://api.example.com/openai/v1/embeddings?x=1").as_deref(),
+            Some("/v1/embeddings?x=1")
+        );
+        assert_eq!(
+            rel("https://api.example.com:443/openai").as_deref(),
+            Some("/")
+        );
+        assert_eq!(rel("https://api.example.com/openaiX/v1"), None);
+        assert_eq!(rel("http://api.example.com/openai/v1"), None);
+        assert_eq!(rel("https://other.example.com/openai/v1"), None);
     }
 
     #[test]

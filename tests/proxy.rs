@@ -455,7 +455,7 @@ async fn upstream_failures_are_clear_and_never_stored() {
     let upstream = FakeUpstream::start().await;
     upstream.state.delay_ms.store(2_000, Ordering::SeqCst);
     let proxy = Proxy::start(Dedup::builder().upstream(upstream.url()).timeouts(
-        llm_dedup::upstream::Timeouts {
+        llm_dedup::Timeouts {
             connect: Duration::from_secs(1),
             read: Duration::from_millis(200),
         },

@@ -1,0 +1,318 @@
+//! The engine as a library user drives it, against the fake OpenAI upstream.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{FakeUpstream, Proxy, chat, client, post};
+use http_body_util::Full;
+use llm_dedup::{AnswerBody, CacheStatus, Dedup, ErrorKind, Origin};
+
+fn request(path: &str, body: &str) -> http::Request<Full<Bytes>> {
+    http::Request::post(path)
+        .header("authorization", "Bearer sk-test-key-1")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
+        .expect("valid request")
+}
+
+#[tokio::test]
+async fn a_repeat_is_a_hit_with_the_same_body() {
+    let upstream = FakeUpstream::start().await;
+    let engine = Dedup::builder()
+        .upstream(upstream.url())
+        .build()
+        .expect("engine");
+    let first = engine
+        .send(request("/v1/chat/completions", &chat("lib")))
+        .await
+        .expect("answer");
+    assert_eq!(
+        (first.status.as_u16(), first.cache),
+        (200, CacheStatus::Miss)
+    );
+    let key = first.key.expect("a cacheable request has a key");
+    let first = first.into_bytes().await.expect("body");
+    let second = engine
+        .send(request("/v1/chat/completions", &chat("lib")))
+        .await
+        .expect("answer");
+    assert_eq!(second.cache, CacheStatus::Hit);
+    assert_eq!(second.key, Some(key));
+    assert!(matches!(second.body, AnswerBody::Full(_)));
+    assert_eq!(second.into_bytes().await.expect("body"), first);
+    assert_eq!(upstream.calls(), 1);
+}
+
+#[tokio::test]
+async fn concurrent_identical_calls_share_one_upstream_call() {
+    let upstream = FakeUpstream::start().await;
+    upstream.state.delay_ms.store(200, Ordering::SeqCst);
+    let engine = Dedup::builder()
+        .upstream(upstream.url())
+        .build()
+        .expect("engine");
+    let tasks: Vec<_> = (0..30)
+        .map(|_| {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let a = engine
+                    .send(request("/v1/embeddings", r#"{"model":"e","input":"x"}"#))
+                    .await
+                    .expect("answer");
+                (a.cache, a.into_bytes().await.expect("body"))
+            })
+        })
+        .collect();
+    let mut bodies = Vec::new();
+    let mut misses = 0;
+    for t in tasks {
+        let (cache, body) = t.await.expect("task");
+        misses += usize::from(cache == CacheStatus::Miss);
+        bodies.push(body);
+    }
+    assert_eq!(upstream.calls(), 1);
+    assert_eq!(misses, 1);
+    assert!(bodies.windows(2).all(|w| w[0] == w[1]));
+    assert_eq!(engine.in_flight(), 0);
+}
+
+#[tokio::test]
+async fn answers_persist_across_engines_on_one_database() {
+    let upstream = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("lib.sqlite3");
+    let build = || {
+        Dedup::builder()
+            .upstream(upstream.url())
+            .database(&db)
+            .build()
+            .expect("engine")
+    };
+    let engine = build();
+    let first = engine
+        .send(request("/v1/chat/completions", &chat("keep")))
+        .await
+        .expect("answer");
+    assert_eq!(first.cache, CacheStatus::Miss);
+    engine.close().await.expect("close");
+    drop(engine);
+
+    let engine = build();
+    let again = engine
+        .send(request("/v1/chat/completions", &chat("keep")))
+        .await
+        .expect("answer");
+    assert_eq!(again.cache, CacheStatus::Hit);
+    assert_eq!(upstream.calls(), 1);
+    engine.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn dropping_the_last_handle_still_commits_what_was_stored() {
+    let upstream = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("drop.sqlite3");
+    let engine = Dedup::builder()
+        .upstream(upstream.url())
+        .database(&db)
+        .build()
+        .expect("engine");
+    let key = engine
+        .send(request("/v1/chat/completions", &chat("dropped")))
+        .await
+        .expect("answer")
+        .key
+        .expect("key");
+    drop(engine);
+    // The writer commits in the background once the last handle is gone; `close` is the way
+    // to wait for it, so here the test polls for the row, within a bound.
+    let conn = rusqlite::Connection::open(&db).expect("open");
+    let mut found = false;
+    for _ in 0..100 {
+        let n: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM entries WHERE key = ?1",
+                [key.to_hex()],
+                |r| r.get(0),
+            )
+            .expect("query");
+        if n == 1 {
+            found = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(found, "the entry reached the database");
+}
+
+#[tokio::test]
+async fn two_engines_with_two_databases_do_not_interfere() {
+    let upstream = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = Dedup::builder()
+        .upstream(upstream.url())
+        .database(dir.path().join("a.db"))
+        .build()
+        .expect("engine a");
+    let b = Dedup::builder()
+        .upstream(upstream.url())
+        .database(dir.path().join("b.db"))
+        .build()
+        .expect("engine b");
+    async fn ask(e: &Dedup) -> CacheStatus {
+        let answer = e.send(request("/v1/chat/completions", &chat("twins")));
+        answer.await.expect("answer").cache
+    }
+    assert_eq!(ask(&a).await, CacheStatus::Miss);
+    assert_eq!(ask(&b).await, CacheStatus::Miss);
+    a.close().await.expect("close a");
+    // b keeps working, and its entry is its own.
+    assert_eq!(ask(&b).await, CacheStatus::Hit);
+    assert_eq!(upstream.calls(), 2);
+    b.close().await.expect("close b");
+}
+
+#[tokio::test]
+async fn the_proxy_and_the_library_compute_the_same_key() {
+    let upstream = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("shared.sqlite3");
+    let engine = Dedup::builder()
+        .upstream(upstream.url())
+        .database(&db)
+        .build()
+        .expect("engine");
+    let body = chat("one key");
+    let lib_key = engine
+        .send(request("/v1/chat/completions", &body))
+        .await
+        .expect("answer")
+        .key
+        .expect("key");
+    engine.close().await.expect("close");
+    drop(engine);
+
+    // The key is partitioned by a salt kept in the database: same database, same key.
+    let proxy = Proxy::with_db(&upstream, &db).await;
+    let seen = post(&client(), &proxy.url("/v1/chat/completions"), body, &[]).await;
+    assert_eq!(seen.key, Some(lib_key.to_hex()));
+    assert_eq!(seen.cache, "hit");
+    assert_eq!(upstream.calls(), 1);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn errors_say_whose_fault_they_are() {
+    let upstream = FakeUpstream::start().await;
+    let engine = Dedup::builder()
+        .upstream(upstream.url())
+        .build()
+        .expect("engine");
+    let e = engine
+        .send(request("/v1/chat/completions", "{not json"))
+        .await
+        .expect_err("bad JSON");
+    assert_eq!(
+        (e.kind(), e.origin()),
+        (ErrorKind::InvalidRequest, Origin::Request)
+    );
+    assert!(!e.is_retryable());
+
+    let dead = Dedup::builder()
+        .upstream("http://127.0.0.1:9")
+        .build()
+        .expect("engine");
+    let e = dead
+        .send(request("/v1/chat/completions", &chat("x")))
+        .await
+        .expect_err("nothing listens there");
+    assert_eq!(
+        (e.kind(), e.origin()),
+        (ErrorKind::UpstreamUnreachable, Origin::Upstream)
+    );
+    assert!(e.is_retryable());
+
+    let e = Dedup::builder()
+        .upstream("not a url")
+        .build()
+        .err()
+        .expect("bad upstream");
+    assert_eq!(e.origin(), Origin::Cache);
+}
+
+#[tokio::test]
+async fn streamed_answers_come_back_as_a_byte_stream() {
+    let upstream = FakeUpstream::start().await;
+    let engine = Dedup::builder()
+        .upstream(upstream.url())
+        .build()
+        .expect("engine");
+    let body = r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"s"}]}"#;
+    let answer = engine
+        .send(request("/v1/chat/completions", body))
+        .await
+        .expect("answer");
+    assert_eq!(answer.cache, CacheStatus::Bypass);
+    assert!(matches!(answer.body, AnswerBody::Stream(_)));
+    let text = answer.into_bytes().await.expect("stream");
+    assert!(text.ends_with(b"data: [DONE]\n\n"));
+}
+
+#[cfg(feature = "middleware")]
+mod middleware {
+    use super::*;
+    use llm_dedup::middleware::DedupMiddleware;
+    use reqwest_middleware::ClientBuilder;
+
+    #[tokio::test]
+    async fn a_reqwest_client_gains_the_cache_with_one_with() {
+        let upstream = FakeUpstream::start().await;
+        upstream.state.delay_ms.store(100, Ordering::SeqCst);
+        let engine = Dedup::builder()
+            .upstream(upstream.url())
+            .build()
+            .expect("engine");
+        let client = ClientBuilder::new(reqwest::Client::new())
+            .with(DedupMiddleware::new(engine.clone()))
+            .build();
+        let url = format!("{}/v1/embeddings", upstream.url());
+        let send = || {
+            client
+                .post(&url)
+                .bearer_auth("sk-mw")
+                .header("content-type", "application/json")
+                .body(r#"{"model":"e","input":"via middleware"}"#)
+                .send()
+        };
+        // Concurrent identical calls coalesce, a later one hits.
+        let (a, b) = tokio::join!(send(), send());
+        let (a, b) = (a.expect("a"), b.expect("b"));
+        let statuses = [&a, &b].map(|r| {
+            r.headers()["llm-dedup-cache"]
+                .to_str()
+                .expect("ascii")
+                .to_owned()
+        });
+        assert!(statuses.contains(&"miss".to_owned()), "{statuses:?}");
+        let a_body = a.bytes().await.expect("body");
+        assert_eq!(b.bytes().await.expect("body"), a_body);
+        let c = send().await.expect("c");
+        assert_eq!(c.headers()["llm-dedup-cache"], "hit");
+        assert_eq!(c.bytes().await.expect("body"), a_body);
+        assert_eq!(upstream.calls(), 1);
+
+        // Another host goes down the chain untouched.
+        let other = FakeUpstream::start().await;
+        let r = client
+            .post(format!("{}/v1/embeddings", other.url()))
+            .body(r#"{"model":"e","input":"elsewhere"}"#)
+            .send()
+            .await
+            .expect("passed on");
+        assert!(r.headers().get("llm-dedup-cache").is_none());
+        assert_eq!(other.calls(), 1);
+    }
+}
