@@ -27,7 +27,7 @@ use serde_json::Value;
 use tokio_util::task::TaskTracker;
 
 use crate::controls::CacheControls;
-use crate::entry::{EntryMeta, StoredAnswer};
+use crate::entry::{EntryMeta, StoredAnswer, Usage};
 use crate::error::{Error, ErrorKind};
 use crate::inflight::{InFlight, Role};
 use crate::key::{
@@ -35,8 +35,9 @@ use crate::key::{
     KeyParts, KeyPolicy,
 };
 use crate::memory::MemoryTier;
+use crate::metrics::{Levels, Metrics};
 use crate::route::{self, BypassReason, Route};
-use crate::store::DiskStore;
+use crate::store::{Counts, DiskStore};
 use crate::upstream::{self, Timeouts, Upstream};
 
 /// Response header naming how the answer was produced.
@@ -220,6 +221,7 @@ impl DedupBuilder {
                 max_body: self.max_body,
                 key_policy: self.key_policy,
                 known_keys: moka::sync::Cache::new(KNOWN_KEYS),
+                metrics: Metrics::new(),
                 tasks: TaskTracker::new(),
             }),
         })
@@ -242,6 +244,7 @@ struct Inner {
     ttl: Duration,
     max_body: usize,
     key_policy: KeyPolicy,
+    metrics: Metrics,
     /// Keys of requests seen before, by a digest of their exact bytes: a byte-identical repeat
     /// (the common case: SDK retries, re-run jobs) skips JSON parsing and canonicalization.
     /// A cache of a pure function, so it never needs invalidating.
@@ -332,8 +335,8 @@ impl Dedup {
                 };
                 let stream = limited.into_data_stream();
                 let outbound = (parts.method, path_and_query, parts.headers);
-                let passed =
-                    self.pass_through(outbound, reqwest::Body::wrap_stream(stream), reason);
+                let body = reqwest::Body::wrap_stream(stream);
+                let passed = self.pass_through(outbound, body, (route, None, reason));
                 return Box::pin(passed).await;
             }
         };
@@ -381,7 +384,8 @@ impl Dedup {
         }
         if let Some(reason) = route::bypass_reason(route, &value) {
             let triple = (outbound.method, outbound.path_and_query, outbound.headers);
-            return Box::pin(self.pass_through(triple, outbound.body.into(), reason)).await;
+            let why = (Some(route), route::model_of(&triple.1, &value), reason);
+            return Box::pin(self.pass_through(triple, outbound.body.into(), why)).await;
         }
         let meta = EntryMeta {
             key: self.key(route, &outbound, &value, &controls.namespace),
@@ -530,7 +534,7 @@ impl Dedup {
                     return self.refresh(out, meta).await;
                 }
             }
-            return self.inner.render(outcome, role);
+            return self.inner.render(outcome, role, &meta);
         }
         Err(Error::new(
             ErrorKind::Abandoned,
@@ -541,29 +545,39 @@ impl Dedup {
     /// Fetches a fresh answer outside the in-flight table and stores it.
     async fn refresh(&self, out: Outbound, meta: EntryMeta) -> Result<Answer, Error> {
         let inner = self.inner.clone();
+        let task_meta = meta.clone();
         let task = self
             .inner
             .tasks
-            .spawn(async move { inner.fetch(&out, &meta).await });
+            .spawn(async move { inner.fetch(&out, &task_meta).await });
         let outcome = task
             .await
             .map_err(|e| Error::new(ErrorKind::Abandoned, format!("upstream call failed: {e}")))?;
-        self.inner.render(outcome, CacheStatus::Miss)
+        self.inner.render(outcome, CacheStatus::Miss, &meta)
     }
 
     async fn pass_through(
         &self,
         (method, path_and_query, headers): (Method, String, HeaderMap),
         body: reqwest::Body,
-        reason: BypassReason,
+        (route, model, reason): (Option<Route>, Option<String>, BypassReason),
     ) -> Result<Answer, Error> {
         tracing::debug!(path = %path_and_query.split('?').next().unwrap_or(""), reason = reason.as_str(), "bypassing the cache");
-        let response = self
+        let sent = self
             .inner
             .upstream
             .send(&method, &path_and_query, &headers, body)
-            .await?;
+            .await;
+        self.inner
+            .upstream_called(route, sent.as_ref().ok().map(|r| r.status()));
+        let response = sent?;
         let status = response.status();
+        self.inner.record(
+            route,
+            model.as_deref(),
+            CacheStatus::Bypass,
+            Usage::default(),
+        );
         let mut headers = upstream::response_headers(response.headers());
         headers.insert(
             CACHE_HEADER,
@@ -611,6 +625,22 @@ impl Dedup {
             disk.flush().await?;
         }
         Ok(())
+    }
+
+    /// The engine's metrics in Prometheus text format.
+    pub fn metrics_text(&self) -> String {
+        let (memory_bytes, memory_entries) = self.memory_usage();
+        self.inner.metrics.render(Levels {
+            memory_bytes,
+            memory_entries,
+            write_queue: self.inner.disk.as_ref().map_or(0, DiskStore::queue_depth),
+            in_flight: self.in_flight(),
+        })
+    }
+
+    /// The database file, when the engine has one.
+    pub fn database(&self) -> Option<&std::path::Path> {
+        self.inner.disk.as_ref().map(DiskStore::path)
     }
 
     /// Number of distinct requests waiting on an upstream call right now (each may have
@@ -690,6 +720,7 @@ impl Inner {
                 out.body.clone().into(),
             )
             .await;
+        self.upstream_called(Some(meta.route), sent.as_ref().ok().map(|r| r.status()));
         let response = match sent {
             Ok(r) => r,
             Err(e) => return FlightOutcome::Failed(e),
@@ -718,11 +749,51 @@ impl Inner {
         }
     }
 
+    /// Counts one answered request, in the metrics and in the database's counters.
+    fn record(&self, route: Option<Route>, model: Option<&str>, cache: CacheStatus, saved: Usage) {
+        let route = route.map_or("other", Route::as_str);
+        self.metrics.outcome(route, cache, saved);
+        if let Some(disk) = &self.disk {
+            let one = |status: CacheStatus| i64::from(cache == status);
+            let tokens = |n: Option<u64>| n.and_then(|n| i64::try_from(n).ok()).unwrap_or(0);
+            let counts = Counts {
+                requests: 1,
+                hits: one(CacheStatus::Hit),
+                coalesced: one(CacheStatus::Coalesced),
+                misses: one(CacheStatus::Miss),
+                bypasses: one(CacheStatus::Bypass),
+                saved_prompt_tokens: tokens(saved.prompt_tokens),
+                saved_completion_tokens: tokens(saved.completion_tokens),
+                ..Counts::default()
+            };
+            disk.record_counts(route, model.unwrap_or(""), &counts);
+        }
+    }
+
+    /// Counts one upstream call and its status (`None`: no answer).
+    fn upstream_called(&self, route: Option<Route>, status: Option<StatusCode>) {
+        let route = route.map_or("other", Route::as_str);
+        self.metrics.upstream_call(route, status);
+        if let Some(disk) = &self.disk {
+            let counts = Counts {
+                upstream_calls: 1,
+                ..Counts::default()
+            };
+            disk.record_counts(route, "", &counts);
+        }
+    }
+
     /// Answers from a stored entry, counting the hit.
     fn hit(&self, entry: &StoredAnswer) -> Answer {
         if let Some(disk) = &self.disk {
             disk.record_hit(entry.key);
         }
+        self.record(
+            Some(entry.route),
+            entry.model.as_deref(),
+            CacheStatus::Hit,
+            entry.usage,
+        );
         let mut headers = entry.headers.clone();
         headers.insert(
             http::header::AGE,
@@ -731,17 +802,44 @@ impl Inner {
         stored_answer(entry, headers, CacheStatus::Hit)
     }
 
-    fn render(&self, outcome: FlightOutcome, role: CacheStatus) -> Result<Answer, Error> {
+    fn render(
+        &self,
+        outcome: FlightOutcome,
+        role: CacheStatus,
+        meta: &EntryMeta,
+    ) -> Result<Answer, Error> {
+        // A follower saved the provider the work its leader paid for.
+        let saved = |usage: Usage| {
+            if role == CacheStatus::Coalesced {
+                usage
+            } else {
+                Usage::default()
+            }
+        };
         match outcome {
             FlightOutcome::Stored {
                 entry,
                 fresh_headers: Some(headers),
-            } => Ok(stored_answer(&entry, (*headers).clone(), role)),
+            } => {
+                self.record(
+                    Some(meta.route),
+                    meta.model.as_deref(),
+                    role,
+                    saved(entry.usage),
+                );
+                Ok(stored_answer(&entry, (*headers).clone(), role))
+            }
             FlightOutcome::Stored {
                 entry,
                 fresh_headers: None,
             } => Ok(self.hit(&entry)),
             FlightOutcome::Unstored(answer) => {
+                self.record(
+                    Some(meta.route),
+                    meta.model.as_deref(),
+                    role,
+                    Usage::default(),
+                );
                 let (status, headers, body) = answer.as_ref().clone();
                 let mut answer = Answer {
                     status,

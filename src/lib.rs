@@ -71,6 +71,7 @@ pub mod error;
 mod inflight;
 pub mod key;
 mod memory;
+mod metrics;
 #[cfg(feature = "middleware")]
 pub mod middleware;
 mod route;

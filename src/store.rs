@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -24,7 +25,10 @@ use crate::route::Route;
 
 /// The schema, one migration per file in `migrations/`, applied in order at open.
 fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(include_str!("../migrations/0001_entries.sql"))])
+    Migrations::new(vec![
+        M::up(include_str!("../migrations/0001_entries.sql")),
+        M::up(include_str!("../migrations/0002_counters.sql")),
+    ])
 }
 
 /// Most operations committed in one transaction.
@@ -110,9 +114,57 @@ struct HitTally {
     last_at: i64,
 }
 
-/// Hits counted in memory and committed by the writer with its next batch (or within
-/// [`HIT_FLUSH_INTERVAL`]), so that a hit costs a map update, not a thread wake-up.
-type PendingHits = Arc<Mutex<HashMap<CacheKey, HitTally>>>;
+/// What requests did, per route and model: the `counters` table's columns.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Counts {
+    /// Requests answered.
+    pub requests: i64,
+    /// Answered from the cache.
+    pub hits: i64,
+    /// Answered by an identical request's upstream call.
+    pub coalesced: i64,
+    /// Answered by their own upstream call.
+    pub misses: i64,
+    /// Not cacheable (or `no-store`), passed through.
+    pub bypasses: i64,
+    /// Calls made to the upstream.
+    pub upstream_calls: i64,
+    /// Upstream `429` answers absorbed by retrying.
+    pub upstream_429s: i64,
+    /// Prompt tokens the provider did not have to process thanks to the cache.
+    pub saved_prompt_tokens: i64,
+    /// Completion tokens the provider did not have to generate thanks to the cache.
+    pub saved_completion_tokens: i64,
+}
+
+impl Counts {
+    /// Adds `other` into `self`.
+    pub fn add(&mut self, other: &Counts) {
+        self.requests += other.requests;
+        self.hits += other.hits;
+        self.coalesced += other.coalesced;
+        self.misses += other.misses;
+        self.bypasses += other.bypasses;
+        self.upstream_calls += other.upstream_calls;
+        self.upstream_429s += other.upstream_429s;
+        self.saved_prompt_tokens += other.saved_prompt_tokens;
+        self.saved_completion_tokens += other.saved_completion_tokens;
+    }
+}
+
+/// Hit counts and counters kept in memory and committed by the writer with its next batch (or
+/// within [`HIT_FLUSH_INTERVAL`]), so that counting costs a map update, not a thread wake-up.
+#[derive(Default)]
+struct Pending {
+    hits: HashMap<CacheKey, HitTally>,
+    counters: HashMap<(String, String), Counts>,
+}
+
+type SharedPending = Arc<Mutex<Pending>>;
+
+fn take(pending: &SharedPending) -> Pending {
+    std::mem::take(&mut *pending.lock().unwrap_or_else(|e| e.into_inner()))
+}
 
 /// The SQLite-backed tier. Cheap to clone; all clones share one writer.
 #[derive(Clone)]
@@ -124,7 +176,9 @@ struct Inner {
     path: PathBuf,
     salt: [u8; 32],
     writes: Sender<WriteOp>,
-    hits: PendingHits,
+    /// Operations sent to the writer and not yet committed (for the metrics).
+    queued: Arc<AtomicUsize>,
+    pending: SharedPending,
     readers: Mutex<Vec<Connection>>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -141,22 +195,35 @@ impl DiskStore {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.set_prepared_statement_cache_capacity(16);
         let (writes, queue) = mpsc::channel();
-        let hits = PendingHits::default();
-        let pending = hits.clone();
+        let pending = SharedPending::default();
+        let for_writer = pending.clone();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let drained = queued.clone();
         let writer = std::thread::Builder::new()
             .name("llm-dedup-writer".into())
-            .spawn(move || write_loop(conn, queue, pending))
+            .spawn(move || write_loop(conn, queue, for_writer, &drained))
             .map_err(|e| StoreError::Task(format!("cannot start the writer thread: {e}")))?;
         Ok(DiskStore {
             inner: Arc::new(Inner {
                 path: path.to_owned(),
                 salt,
                 writes,
-                hits,
+                queued,
+                pending,
                 readers: Mutex::new(Vec::new()),
                 writer: Mutex::new(Some(writer)),
             }),
         })
+    }
+
+    /// The database path.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Operations queued for the writer and not yet committed.
+    pub fn queue_depth(&self) -> usize {
+        self.inner.queued.load(Ordering::Relaxed)
     }
 
     /// The random salt for credential fingerprints, created with the database.
@@ -180,13 +247,29 @@ impl DiskStore {
     /// Counts a hit on `key` (hit count and last-hit time), committed within a second.
     pub fn record_hit(&self, key: CacheKey) {
         let at = unix_ms(SystemTime::now());
-        let mut hits = self.inner.hits.lock().unwrap_or_else(|e| e.into_inner());
-        let tally = hits.entry(key).or_insert(HitTally {
+        let mut pending = self.inner.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let tally = pending.hits.entry(key).or_insert(HitTally {
             count: 0,
             last_at: at,
         });
         tally.count += 1;
         tally.last_at = tally.last_at.max(at);
+    }
+
+    /// Adds `counts` to the counters of `route` and `model`, committed within a second.
+    pub fn record_counts(&self, route: &str, model: &str, counts: &Counts) {
+        let mut pending = self.inner.pending.lock().unwrap_or_else(|e| e.into_inner());
+        match pending
+            .counters
+            .get_mut(&(route.to_owned(), model.to_owned()))
+        {
+            Some(c) => c.add(counts),
+            None => {
+                pending
+                    .counters
+                    .insert((route.to_owned(), model.to_owned()), *counts);
+            }
+        }
     }
 
     /// Waits until everything queued before this call is committed.
@@ -215,10 +298,12 @@ impl DiskStore {
     }
 
     fn send(&self, op: WriteOp) -> Result<(), StoreError> {
-        self.inner
-            .writes
-            .send(op)
-            .map_err(|_| StoreError::WriterStopped)
+        // Counted before sending, so the writer's decrement can never run ahead of it.
+        self.inner.queued.fetch_add(1, Ordering::Relaxed);
+        self.inner.writes.send(op).map_err(|_| {
+            self.inner.queued.fetch_sub(1, Ordering::Relaxed);
+            StoreError::WriterStopped
+        })
     }
 }
 
@@ -377,7 +462,12 @@ fn tokens_from_sql(n: Option<i64>) -> Option<u64> {
     n.and_then(|n| u64::try_from(n).ok())
 }
 
-fn write_loop(mut conn: Connection, queue: Receiver<WriteOp>, hits: PendingHits) {
+fn write_loop(
+    mut conn: Connection,
+    queue: Receiver<WriteOp>,
+    pending: SharedPending,
+    queued: &AtomicUsize,
+) {
     // Ends when every sender is gone (the store was dropped) or on Shutdown; either way, what
     // was queued and counted before is committed first.
     loop {
@@ -388,8 +478,9 @@ fn write_loop(mut conn: Connection, queue: Receiver<WriteOp>, hits: PendingHits)
             Err(RecvTimeoutError::Disconnected) => {
                 let mut acks = Vec::new();
                 let mut stop = false;
-                let hits = std::mem::take(&mut *hits.lock().unwrap_or_else(|e| e.into_inner()));
-                if let Err(e) = commit_batch(&mut conn, Vec::new(), hits, &mut acks, &mut stop) {
+                if let Err(e) =
+                    commit_batch(&mut conn, Vec::new(), take(&pending), &mut acks, &mut stop)
+                {
                     tracing::error!(error = %e, "writing hit counts failed");
                 }
                 break;
@@ -401,15 +492,17 @@ fn write_loop(mut conn: Connection, queue: Receiver<WriteOp>, hits: PendingHits)
                 Err(_) => break,
             }
         }
-        let hits = std::mem::take(&mut *hits.lock().unwrap_or_else(|e| e.into_inner()));
-        if batch.is_empty() && hits.is_empty() {
+        let taken = batch.len();
+        let counted = take(&pending);
+        if batch.is_empty() && counted.hits.is_empty() && counted.counters.is_empty() {
             continue;
         }
         let mut acks = Vec::new();
         let mut stop = false;
-        if let Err(e) = commit_batch(&mut conn, batch, hits, &mut acks, &mut stop) {
+        if let Err(e) = commit_batch(&mut conn, batch, counted, &mut acks, &mut stop) {
             tracing::error!(error = %e, "writing to the cache database failed; those entries stay in memory only");
         }
+        queued.fetch_sub(taken, Ordering::Relaxed);
         for ack in acks {
             let _ = ack.send(());
         }
@@ -422,7 +515,7 @@ fn write_loop(mut conn: Connection, queue: Receiver<WriteOp>, hits: PendingHits)
 fn commit_batch(
     conn: &mut Connection,
     batch: Vec<WriteOp>,
-    hits: HashMap<CacheKey, HitTally>,
+    counted: Pending,
     acks: &mut Vec<oneshot::Sender<()>>,
     stop: &mut bool,
 ) -> Result<(), rusqlite::Error> {
@@ -474,8 +567,37 @@ fn commit_batch(
             }
         }
         // After the puts, so a hit on an entry stored in the same batch finds its row.
-        for (key, tally) in hits {
+        for (key, tally) in counted.hits {
             hit.execute(params![key.to_hex(), tally.count, tally.last_at])?;
+        }
+        let mut count = tx.prepare_cached(
+            "INSERT INTO counters (route, model, requests, hits, coalesced, misses, bypasses,
+                                   upstream_calls, upstream_429s, saved_prompt_tokens,
+                                   saved_completion_tokens)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+             ON CONFLICT (route, model) DO UPDATE SET
+                requests = requests + excluded.requests, hits = hits + excluded.hits,
+                coalesced = coalesced + excluded.coalesced, misses = misses + excluded.misses,
+                bypasses = bypasses + excluded.bypasses,
+                upstream_calls = upstream_calls + excluded.upstream_calls,
+                upstream_429s = upstream_429s + excluded.upstream_429s,
+                saved_prompt_tokens = saved_prompt_tokens + excluded.saved_prompt_tokens,
+                saved_completion_tokens = saved_completion_tokens + excluded.saved_completion_tokens",
+        )?;
+        for ((route, model), c) in counted.counters {
+            count.execute(params![
+                route,
+                model,
+                c.requests,
+                c.hits,
+                c.coalesced,
+                c.misses,
+                c.bypasses,
+                c.upstream_calls,
+                c.upstream_429s,
+                c.saved_prompt_tokens,
+                c.saved_completion_tokens
+            ])?;
         }
     }
     tx.commit()

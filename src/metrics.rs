@@ -1,0 +1,157 @@
+//! What the engine did, as Prometheus metrics.
+//!
+//! This module owns one engine's registry (no global state: two engines, two registries) and
+//! the names of its metrics. It is told about outcomes by the engine and renders the
+//! Prometheus text format on demand; it never blocks and never touches the disk.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::engine::CacheStatus;
+use crate::entry::Usage;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    route: &'static str,
+    cache: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    route: &'static str,
+    status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    kind: &'static str,
+}
+
+/// The engine's metrics.
+pub(crate) struct Metrics {
+    registry: Registry,
+    requests: Family<OutcomeLabels, Counter>,
+    upstream: Family<UpstreamLabels, Counter>,
+    tokens_saved: Family<TokenLabels, Counter>,
+    memory_bytes: Gauge,
+    memory_entries: Gauge,
+    write_queue: Gauge,
+    in_flight: Gauge,
+}
+
+/// Gauges read at scrape time.
+pub(crate) struct Levels {
+    pub memory_bytes: u64,
+    pub memory_entries: u64,
+    pub write_queue: usize,
+    pub in_flight: usize,
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("llm_dedup");
+        let requests = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests answered, by route and cache outcome (hit, miss, coalesced, bypass)",
+            requests.clone(),
+        );
+        let upstream = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "upstream_calls",
+            "Calls made to the upstream, by route and status class (2xx, 4xx, 5xx, error)",
+            upstream.clone(),
+        );
+        let tokens_saved = Family::<TokenLabels, Counter>::default();
+        registry.register(
+            "tokens_saved",
+            "Tokens the provider did not process thanks to the cache (prompt, completion)",
+            tokens_saved.clone(),
+        );
+        let memory_bytes = Gauge::default();
+        registry.register(
+            "memory_tier_bytes",
+            "Bytes held by the memory tier",
+            memory_bytes.clone(),
+        );
+        let memory_entries = Gauge::default();
+        registry.register(
+            "memory_tier_entries",
+            "Entries held by the memory tier",
+            memory_entries.clone(),
+        );
+        let write_queue = Gauge::default();
+        registry.register(
+            "write_queue_depth",
+            "Answers waiting to be written to the database",
+            write_queue.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "in_flight",
+            "Distinct requests waiting on an upstream call",
+            in_flight.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            upstream,
+            tokens_saved,
+            memory_bytes,
+            memory_entries,
+            write_queue,
+            in_flight,
+        }
+    }
+
+    /// Counts one answered request.
+    pub(crate) fn outcome(&self, route: &'static str, cache: CacheStatus, saved: Usage) {
+        self.requests
+            .get_or_create(&OutcomeLabels {
+                route,
+                cache: cache.as_str(),
+            })
+            .inc();
+        for (kind, n) in [
+            ("prompt", saved.prompt_tokens),
+            ("completion", saved.completion_tokens),
+        ] {
+            if let Some(n) = n.filter(|n| *n > 0) {
+                self.tokens_saved
+                    .get_or_create(&TokenLabels { kind })
+                    .inc_by(n);
+            }
+        }
+    }
+
+    /// Counts one upstream call and how it ended (`None`: no answer at all).
+    pub(crate) fn upstream_call(&self, route: &'static str, status: Option<http::StatusCode>) {
+        let status = match status.map(|s| s.as_u16()) {
+            Some(200..=299) => "2xx",
+            Some(300..=399) => "3xx",
+            Some(400..=499) => "4xx",
+            Some(_) => "5xx",
+            None => "error",
+        };
+        self.upstream
+            .get_or_create(&UpstreamLabels { route, status })
+            .inc();
+    }
+
+    /// The metrics in Prometheus text format, with gauges set to `levels`.
+    pub(crate) fn render(&self, levels: Levels) -> String {
+        let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.memory_bytes.set(clamp(levels.memory_bytes));
+        self.memory_entries.set(clamp(levels.memory_entries));
+        self.write_queue.set(clamp(levels.write_queue as u64));
+        self.in_flight.set(clamp(levels.in_flight as u64));
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
