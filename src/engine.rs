@@ -37,7 +37,7 @@ use crate::key::{
 use crate::memory::MemoryTier;
 use crate::metrics::{Levels, Metrics};
 use crate::route::{self, BypassReason, Route};
-use crate::store::{Counts, DiskStore};
+use crate::store::{Counts, DiskStore, StoreLimits};
 use crate::upstream::{self, Timeouts, Upstream};
 
 /// Response header naming how the answer was produced.
@@ -131,6 +131,7 @@ pub struct DedupBuilder {
     shared_cache: bool,
     key_policy: KeyPolicy,
     timeouts: Timeouts,
+    store_limits: StoreLimits,
 }
 
 impl Default for DedupBuilder {
@@ -144,6 +145,7 @@ impl Default for DedupBuilder {
             shared_cache: false,
             key_policy: KeyPolicy::default(),
             timeouts: Timeouts::default(),
+            store_limits: StoreLimits::default(),
         }
     }
 }
@@ -194,6 +196,20 @@ impl DedupBuilder {
         self
     }
 
+    /// Largest total size of answers kept in the database; past it, the least recently used
+    /// entries are removed at the next sweep. By default, there is no bound.
+    pub fn max_disk(mut self, bytes: Option<u64>) -> Self {
+        self.store_limits.max_disk = bytes;
+        self
+    }
+
+    /// How often expired entries are removed from the database and the size bound enforced.
+    /// By default, every 60 seconds.
+    pub fn sweep_interval(mut self, every: Duration) -> Self {
+        self.store_limits.sweep_interval = every;
+        self
+    }
+
     /// Upstream connect and read timeouts. By default, [`Timeouts::default`].
     pub fn timeouts(mut self, timeouts: Timeouts) -> Self {
         self.timeouts = timeouts;
@@ -203,16 +219,27 @@ impl DedupBuilder {
     /// Opens the database (if any) and builds the engine.
     pub fn build(self) -> Result<Dedup, Error> {
         let upstream = Upstream::new(&self.upstream, self.timeouts)?;
-        let disk = self.database.as_deref().map(DiskStore::open).transpose()?;
+        let disk = self
+            .database
+            .as_deref()
+            .map(|path| DiskStore::open(path, self.store_limits))
+            .transpose()?;
         let salt = match &disk {
             Some(d) => *d.salt(),
             // Without a database, entries die with the engine, and so may the salt.
             None => rand::random(),
         };
+        let memory = MemoryTier::new(self.memory_bytes);
+        if let Some(disk) = &disk {
+            // Another process purged entries: drop the memory tier so they stop being served
+            // (what is still on disk comes back on the next read).
+            let memory = memory.clone();
+            disk.on_external_purge(move || memory.clear());
+        }
         Ok(Dedup {
             inner: Arc::new(Inner {
                 upstream,
-                memory: MemoryTier::new(self.memory_bytes),
+                memory,
                 disk,
                 flights: InFlight::default(),
                 salt,
@@ -568,8 +595,8 @@ impl Dedup {
             .upstream
             .send(&method, &path_and_query, &headers, body)
             .await;
-        self.inner
-            .upstream_called(route, sent.as_ref().ok().map(|r| r.status()));
+        let status = sent.as_ref().ok().map(|r| r.status());
+        self.inner.upstream_called(route, model.as_deref(), status);
         let response = sent?;
         let status = response.status();
         self.inner.record(
@@ -627,8 +654,10 @@ impl Dedup {
         Ok(())
     }
 
-    /// The engine's metrics in Prometheus text format.
-    pub fn metrics_text(&self) -> String {
+    /// The engine's metrics in Prometheus text format. Settles the memory tier's pending
+    /// bookkeeping first, so its gauges are exact.
+    pub async fn metrics_text(&self) -> String {
+        self.inner.memory.run_pending_tasks().await;
         let (memory_bytes, memory_entries) = self.memory_usage();
         self.inner.metrics.render(Levels {
             memory_bytes,
@@ -720,7 +749,8 @@ impl Inner {
                 out.body.clone().into(),
             )
             .await;
-        self.upstream_called(Some(meta.route), sent.as_ref().ok().map(|r| r.status()));
+        let status = sent.as_ref().ok().map(|r| r.status());
+        self.upstream_called(Some(meta.route), meta.model.as_deref(), status);
         let response = match sent {
             Ok(r) => r,
             Err(e) => return FlightOutcome::Failed(e),
@@ -771,7 +801,12 @@ impl Inner {
     }
 
     /// Counts one upstream call and its status (`None`: no answer).
-    fn upstream_called(&self, route: Option<Route>, status: Option<StatusCode>) {
+    fn upstream_called(
+        &self,
+        route: Option<Route>,
+        model: Option<&str>,
+        status: Option<StatusCode>,
+    ) {
         let route = route.map_or("other", Route::as_str);
         self.metrics.upstream_call(route, status);
         if let Some(disk) = &self.disk {
@@ -779,7 +814,7 @@ impl Inner {
                 upstream_calls: 1,
                 ..Counts::default()
             };
-            disk.record_counts(route, "", &counts);
+            disk.record_counts(route, model.unwrap_or(""), &counts);
         }
     }
 

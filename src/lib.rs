@@ -69,6 +69,7 @@ mod engine;
 mod entry;
 pub mod error;
 mod inflight;
+pub mod inspect;
 pub mod key;
 mod memory;
 mod metrics;
@@ -84,4 +85,5 @@ pub use engine::{Answer, AnswerBody, CACHE_HEADER, CacheStatus, Dedup, DedupBuil
 pub use error::{Error, ErrorKind, Origin};
 pub use key::{CacheKey, KEY_VERSION, KeyPolicy};
 pub use route::Route;
+pub use store::Counts;
 pub use upstream::Timeouts;

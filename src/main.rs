@@ -10,6 +10,9 @@ use anyhow::{Context, Result};
 use bytesize::ByteSize;
 use clap::{Parser, Subcommand};
 use llm_dedup::Dedup;
+use llm_dedup::inspect::Inspector;
+
+mod report;
 use tracing_subscriber::EnvFilter;
 
 /// A caching, coalescing proxy for LLM APIs: repeats are answered from a local cache, identical
@@ -26,6 +29,145 @@ enum Command {
     /// Run the caching proxy. Point a client's base URL at it (e.g.
     /// OPENAI_BASE_URL=http://127.0.0.1:8080/v1).
     Serve(ServeArgs),
+    /// What the cache holds and what it saved since the database was created.
+    Stats(StatsArgs),
+    /// One line per stored answer.
+    List(ListArgs),
+    /// One stored answer with its metadata (KEY may be a unique prefix of at least 4 digits).
+    Show(ShowArgs),
+    /// Remove stored answers; prints what it removed.
+    Purge(PurgeArgs),
+    /// Write every stored answer as JSON Lines (to stdout, or --output).
+    Export(ExportArgs),
+    /// Add stored answers from an export (stdin, or --input); skips keys already present.
+    Import(ImportArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct DbArg {
+    /// SQLite database file [default: the same as `serve`]
+    #[arg(long, env = "LLM_DEDUP_DB")]
+    db: Option<PathBuf>,
+}
+
+impl DbArg {
+    fn path(&self) -> Result<PathBuf> {
+        match &self.db {
+            Some(p) => Ok(p.clone()),
+            None => default_db_path(),
+        }
+    }
+
+    fn open(&self) -> Result<Inspector> {
+        let path = self.path()?;
+        Inspector::open(&path).map_err(anyhow::Error::from)
+    }
+}
+
+#[derive(clap::Args, Debug)]
+struct StatsArgs {
+    #[command(flatten)]
+    db: DbArg,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default)]
+enum SortArg {
+    /// Most recently used first.
+    #[default]
+    Recent,
+    /// Most hits first.
+    Hits,
+    /// Largest first.
+    Size,
+}
+
+#[derive(clap::Args, Debug)]
+struct ListArgs {
+    #[command(flatten)]
+    db: DbArg,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Only answers for this model.
+    #[arg(long)]
+    model: Option<String>,
+    /// Only answers for this route (chat.completions, completions, embeddings, responses,
+    /// moderations, messages).
+    #[arg(long)]
+    route: Option<String>,
+    /// Only answers stored longer ago than this (e.g. 12h, 7d).
+    #[arg(long, value_parser = parse_duration)]
+    older_than: Option<Duration>,
+    /// At most this many lines.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Order of the lines.
+    #[arg(long, value_enum, default_value_t = SortArg::Recent)]
+    sort: SortArg,
+}
+
+#[derive(clap::Args, Debug)]
+struct ShowArgs {
+    #[command(flatten)]
+    db: DbArg,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    /// The key, or a unique prefix of it.
+    key: String,
+}
+
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("what").required(true).multiple(true)
+    .args(["all", "key", "older_than", "model", "expired"])))]
+struct PurgeArgs {
+    #[command(flatten)]
+    db: DbArg,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Remove every stored answer (asks first on a terminal, unless --yes).
+    #[arg(long)]
+    all: bool,
+    /// Remove the answer with this key (or unique prefix).
+    #[arg(long)]
+    key: Option<String>,
+    /// Remove answers stored longer ago than this (e.g. 30d).
+    #[arg(long, value_parser = parse_duration)]
+    older_than: Option<Duration>,
+    /// Remove answers for this model.
+    #[arg(long)]
+    model: Option<String>,
+    /// Remove answers past their TTL.
+    #[arg(long)]
+    expired: bool,
+    /// Do not ask for confirmation.
+    #[arg(long, short = 'y')]
+    yes: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct ExportArgs {
+    #[command(flatten)]
+    db: DbArg,
+    /// Write to this file instead of stdout.
+    #[arg(long, short = 'o')]
+    output: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+struct ImportArgs {
+    #[command(flatten)]
+    db: DbArg,
+    /// Read from this file instead of stdin.
+    #[arg(long, short = 'i')]
+    input: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -62,6 +204,11 @@ struct ServeArgs {
     /// Share one cache between all API keys (by default each credential has its own entries).
     #[arg(long, env = "LLM_DEDUP_SHARED_CACHE")]
     shared_cache: bool,
+
+    /// Keep stored answers under this total size (e.g. 10GiB), removing the least recently
+    /// used first [default: no bound]
+    #[arg(long, env = "LLM_DEDUP_MAX_DISK")]
+    max_disk: Option<ByteSize>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -94,6 +241,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .ttl(args.ttl)
         .max_body(max_body)
         .shared_cache(args.shared_cache)
+        .max_disk(args.max_disk.map(|b| b.as_u64()))
         .build()
         .context("cannot start the cache")?;
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -159,11 +307,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async {
-        match cli.command {
-            Command::Serve(args) => serve(args).await,
-        }
-    });
+    let result = match cli.command {
+        Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Stats(args) => report::stats(&args),
+        Command::List(args) => report::list(&args),
+        Command::Show(args) => report::show(&args),
+        Command::Purge(args) => report::purge(&args),
+        Command::Export(args) => report::export(&args),
+        Command::Import(args) => report::import(&args),
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -67,6 +67,11 @@ impl MemoryTier {
         self.cache.insert(entry.key, entry).await;
     }
 
+    /// Drops every entry.
+    pub fn clear(&self) {
+        self.cache.invalidate_all();
+    }
+
     /// Bytes currently weighed (approximate until pending maintenance runs).
     pub fn weighted_bytes(&self) -> u64 {
         self.cache.weighted_size()
@@ -77,8 +82,7 @@ impl MemoryTier {
         self.cache.entry_count()
     }
 
-    /// Runs moka's pending maintenance (evictions) now.
-    #[cfg(test)]
+    /// Runs moka's pending maintenance (evictions, counts) now.
     pub async fn run_pending_tasks(&self) {
         self.cache.run_pending_tasks().await;
     }

@@ -33,6 +33,8 @@ static NEXT_REQUEST: AtomicU64 = AtomicU64::new(1);
 pub fn app(engine: Dedup) -> Router {
     Router::new()
         .route("/_llm-dedup/health", get(health))
+        .route("/_llm-dedup/stats", get(stats))
+        .route("/_llm-dedup/metrics", get(metrics))
         // The operator namespace is llm-dedup's own: nothing under it is ever forwarded.
         .route("/_llm-dedup/{*rest}", any(unknown_operator_path))
         .fallback(proxy)
@@ -41,6 +43,43 @@ pub fn app(engine: Dedup) -> Router {
 
 async fn health() -> impl IntoResponse {
     axum::Json(json!({"status": "ok"}))
+}
+
+/// The same JSON as `llm-dedup stats --json`, counters committed first so they are current.
+async fn stats(State(engine): State<Dedup>) -> Response {
+    let Some(path) = engine.database().map(ToOwned::to_owned) else {
+        let e = Error::new(ErrorKind::Cache, "this proxy keeps no database");
+        return error_response(&e);
+    };
+    if let Err(e) = engine.flush().await {
+        return error_response(&e);
+    }
+    let read = tokio::task::spawn_blocking(move || crate::inspect::Inspector::open(&path)?.stats());
+    match read.await {
+        Ok(Ok(stats)) => axum::Json(stats).into_response(),
+        Ok(Err(e)) => error_response(&Error::with_source(
+            ErrorKind::Cache,
+            "cannot read the stats",
+            e,
+        )),
+        Err(e) => error_response(&Error::with_source(
+            ErrorKind::Cache,
+            "cannot read the stats",
+            e,
+        )),
+    }
+}
+
+/// Prometheus text format.
+async fn metrics(State(engine): State<Dedup>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        engine.metrics_text().await,
+    )
+        .into_response()
 }
 
 async fn unknown_operator_path(uri: axum::http::Uri) -> Response {

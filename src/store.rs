@@ -33,8 +33,33 @@ fn migrations() -> Migrations<'static> {
 
 /// Most operations committed in one transaction.
 const MAX_BATCH: usize = 1024;
-/// Longest a hit count waits in memory before it is committed.
+/// Longest a hit count waits in memory before it is committed; also how often the writer
+/// looks for a purge made by another process.
 const HIT_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// How often expired entries are removed and the size bound enforced, by default.
+pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// How the store keeps itself in bounds.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreLimits {
+    /// Largest total size of stored answers; least recently used entries go first.
+    pub max_disk: Option<u64>,
+    /// How often expired entries are removed and `max_disk` enforced.
+    pub sweep_interval: Duration,
+}
+
+impl Default for StoreLimits {
+    /// No size bound; a sweep every minute.
+    fn default() -> Self {
+        StoreLimits {
+            max_disk: None,
+            sweep_interval: DEFAULT_SWEEP_INTERVAL,
+        }
+    }
+}
+
+/// Called when another process (the inspector) purged entries.
+type PurgeListener = Arc<Mutex<Option<Box<dyn Fn() + Send>>>>;
 /// Read connections kept open between reads.
 const MAX_IDLE_READERS: usize = 4;
 /// How long a connection waits on a lock held by another process (the inspector, say).
@@ -179,6 +204,7 @@ struct Inner {
     /// Operations sent to the writer and not yet committed (for the metrics).
     queued: Arc<AtomicUsize>,
     pending: SharedPending,
+    on_purge: PurgeListener,
     readers: Mutex<Vec<Connection>>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -187,9 +213,17 @@ impl DiskStore {
     /// Opens (creating if needed) the database at `path`, applies the schema and starts the
     /// writer thread. A file that is not a database, or one from a newer schema, is an error and
     /// is left untouched; so is a path whose directory does not exist.
-    pub fn open(path: &Path) -> Result<DiskStore, StoreError> {
+    pub fn open(path: &Path, limits: StoreLimits) -> Result<DiskStore, StoreError> {
         let conn = open_for_writing(path)?;
         let salt = load_or_create_salt(&conn)?;
+        // Recorded so the inspector can show the bound the serving proxy keeps.
+        match limits.max_disk {
+            Some(max) => conn.execute(
+                "INSERT OR REPLACE INTO meta (name, value) VALUES ('max_disk', ?1)",
+                [i64::try_from(max).unwrap_or(i64::MAX)],
+            )?,
+            None => conn.execute("DELETE FROM meta WHERE name = 'max_disk'", [])?,
+        };
         // WAL lets readers (this process's pool, the inspector) run beside the writer.
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -199,9 +233,14 @@ impl DiskStore {
         let for_writer = pending.clone();
         let queued = Arc::new(AtomicUsize::new(0));
         let drained = queued.clone();
+        let on_purge = PurgeListener::default();
+        let listener = on_purge.clone();
         let writer = std::thread::Builder::new()
             .name("llm-dedup-writer".into())
-            .spawn(move || write_loop(conn, queue, for_writer, &drained))
+            .spawn(move || {
+                let upkeep = Upkeep::new(&conn, limits, listener);
+                write_loop(conn, queue, for_writer, &drained, upkeep)
+            })
             .map_err(|e| StoreError::Task(format!("cannot start the writer thread: {e}")))?;
         Ok(DiskStore {
             inner: Arc::new(Inner {
@@ -210,6 +249,7 @@ impl DiskStore {
                 writes,
                 queued,
                 pending,
+                on_purge,
                 readers: Mutex::new(Vec::new()),
                 writer: Mutex::new(Some(writer)),
             }),
@@ -254,6 +294,14 @@ impl DiskStore {
         });
         tally.count += 1;
         tally.last_at = tally.last_at.max(at);
+    }
+
+    /// Calls `listener` (on the writer thread) whenever another process purges entries from
+    /// the database, so that copies held elsewhere can be dropped.
+    pub fn on_external_purge(&self, listener: impl Fn() + Send + 'static) {
+        if let Ok(mut slot) = self.inner.on_purge.lock() {
+            *slot = Some(Box::new(listener));
+        }
     }
 
     /// Adds `counts` to the counters of `route` and `model`, committed within a second.
@@ -335,7 +383,8 @@ impl Inner {
     }
 }
 
-fn open_for_writing(path: &Path) -> Result<Connection, StoreError> {
+/// Opens (creating if needed) and migrates the database at `path` for writing.
+pub(crate) fn open_for_writing(path: &Path) -> Result<Connection, StoreError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.is_dir() {
             return Err(StoreError::MissingDirectory {
@@ -382,7 +431,8 @@ fn open_for_writing(path: &Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
-fn load_or_create_salt(conn: &Connection) -> Result<[u8; 32], StoreError> {
+/// The database's salt for credential fingerprints, created on first use.
+pub(crate) fn load_or_create_salt(conn: &Connection) -> Result<[u8; 32], StoreError> {
     let fresh: [u8; 32] = rand::random();
     conn.execute(
         "INSERT OR IGNORE INTO meta (name, value) VALUES ('salt', ?1)",
@@ -462,11 +512,130 @@ fn tokens_from_sql(n: Option<i64>) -> Option<u64> {
     n.and_then(|n| u64::try_from(n).ok())
 }
 
+/// Records that entries were purged, for serving processes to notice.
+pub(crate) fn bump_purge_generation(conn: &Connection) -> Result<(), rusqlite::Error> {
+    conn.execute(
+        "INSERT INTO meta (name, value) VALUES ('purge_generation', 1)
+         ON CONFLICT (name) DO UPDATE SET value = value + 1",
+        [],
+    )?;
+    Ok(())
+}
+
+fn purge_generation(conn: &Connection) -> Result<i64, rusqlite::Error> {
+    conn.query_row(
+        "SELECT value FROM meta WHERE name = 'purge_generation'",
+        [],
+        |r| r.get(0),
+    )
+    .optional()
+    .map(Option::unwrap_or_default)
+}
+
+/// The writer's periodic work besides committing: noticing purges, sweeping, bounding size.
+struct Upkeep {
+    limits: StoreLimits,
+    listener: PurgeListener,
+    generation: i64,
+    last_check: std::time::Instant,
+    last_sweep: std::time::Instant,
+}
+
+impl Upkeep {
+    fn new(conn: &Connection, limits: StoreLimits, listener: PurgeListener) -> Upkeep {
+        Upkeep {
+            limits,
+            listener,
+            generation: purge_generation(conn).unwrap_or_default(),
+            last_check: std::time::Instant::now(),
+            last_sweep: std::time::Instant::now(),
+        }
+    }
+
+    /// Runs what is due; cheap to call on every turn of the writer loop.
+    fn run(&mut self, conn: &mut Connection) {
+        if self.last_check.elapsed() < HIT_FLUSH_INTERVAL {
+            return;
+        }
+        self.last_check = std::time::Instant::now();
+        if let Ok(generation) = purge_generation(conn) {
+            if generation != self.generation {
+                self.generation = generation;
+                if let Ok(listener) = self.listener.lock() {
+                    if let Some(listener) = listener.as_ref() {
+                        listener();
+                    }
+                }
+            }
+        }
+        if self.last_sweep.elapsed() >= self.limits.sweep_interval {
+            self.last_sweep = std::time::Instant::now();
+            match sweep(conn, self.limits.max_disk) {
+                Ok((0, 0)) => {}
+                Ok((expired, for_size)) => {
+                    tracing::info!(expired, for_size, "removed entries from the cache database")
+                }
+                Err(e) => tracing::error!(error = %e, "sweeping the cache database failed"),
+            }
+        }
+    }
+}
+
+/// Removes expired entries, then least recently used ones until the stored answers fit in
+/// `max_disk`. Returns how many of each were removed.
+fn sweep(conn: &mut Connection, max_disk: Option<u64>) -> Result<(u64, u64), rusqlite::Error> {
+    let tx = conn.transaction()?;
+    let expired = tx.execute(
+        "DELETE FROM entries WHERE expires_at <= ?1",
+        [unix_ms(SystemTime::now())],
+    )? as u64;
+    let mut for_size = 0u64;
+    if let Some(max) = max_disk {
+        let total: i64 = tx.query_row("SELECT coalesce(sum(size), 0) FROM entries", [], |r| {
+            r.get(0)
+        })?;
+        let mut excess = total - i64::try_from(max).unwrap_or(i64::MAX);
+        if excess > 0 {
+            let victims = {
+                let mut stmt = tx.prepare(
+                    "SELECT key, size FROM entries ORDER BY coalesce(last_hit_at, created_at)",
+                )?;
+                let mut rows = stmt.query([])?;
+                let mut victims = Vec::new();
+                while excess > 0 {
+                    let Some(row) = rows.next()? else { break };
+                    victims.push(row.get::<_, String>(0)?);
+                    excess -= row.get::<_, i64>(1)?;
+                }
+                victims
+            };
+            let mut delete = tx.prepare("DELETE FROM entries WHERE key = ?1")?;
+            for key in &victims {
+                delete.execute([key])?;
+            }
+            for_size = victims.len() as u64;
+        }
+    }
+    let mut bump = tx.prepare(
+        "INSERT INTO meta (name, value) VALUES (?1, ?2)
+         ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+    )?;
+    for (name, n) in [("evicted_expired", expired), ("evicted_for_size", for_size)] {
+        if n > 0 {
+            bump.execute(params![name, i64::try_from(n).unwrap_or(i64::MAX)])?;
+        }
+    }
+    drop(bump);
+    tx.commit()?;
+    Ok((expired, for_size))
+}
+
 fn write_loop(
     mut conn: Connection,
     queue: Receiver<WriteOp>,
     pending: SharedPending,
     queued: &AtomicUsize,
+    mut upkeep: Upkeep,
 ) {
     // Ends when every sender is gone (the store was dropped) or on Shutdown; either way, what
     // was queued and counted before is committed first.
@@ -494,6 +663,7 @@ fn write_loop(
         }
         let taken = batch.len();
         let counted = take(&pending);
+        upkeep.run(&mut conn);
         if batch.is_empty() && counted.hits.is_empty() && counted.counters.is_empty() {
             continue;
         }
@@ -631,7 +801,7 @@ mod tests {
     async fn entries_survive_close_and_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("cache.db");
-        let store = DiskStore::open(&path).expect("open");
+        let store = DiskStore::open(&path, StoreLimits::default()).expect("open");
         let salt = *store.salt();
         let e = entry(1, Duration::from_secs(60));
         store.put(e.clone()).expect("queued");
@@ -640,7 +810,7 @@ mod tests {
         store.close().await.expect("close");
         assert!(store.put(e.clone()).is_err(), "writes after close fail");
 
-        let store = DiskStore::open(&path).expect("reopen");
+        let store = DiskStore::open(&path, StoreLimits::default()).expect("reopen");
         assert_eq!(store.salt(), &salt, "the salt is kept with the database");
         let back = store.get(e.key).await.expect("read").expect("present");
         assert_eq!(&back, e.as_ref());
@@ -658,7 +828,8 @@ mod tests {
     #[tokio::test]
     async fn expired_entries_are_not_read() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = DiskStore::open(&dir.path().join("c.db")).expect("open");
+        let store =
+            DiskStore::open(&dir.path().join("c.db"), StoreLimits::default()).expect("open");
         let e = entry(2, Duration::ZERO);
         store.put(e.clone()).expect("queued");
         store.flush().await.expect("flush");
@@ -671,7 +842,9 @@ mod tests {
         let path = dir.path().join("notes.txt");
         let text = b"these are my notes, not a database\n".repeat(100);
         std::fs::write(&path, &text).expect("write");
-        let err = DiskStore::open(&path).err().expect("must fail");
+        let err = DiskStore::open(&path, StoreLimits::default())
+            .err()
+            .expect("must fail");
         assert!(matches!(err, StoreError::NotADatabase { .. }), "{err}");
         assert_eq!(std::fs::read(&path).expect("read"), text);
     }
@@ -679,7 +852,7 @@ mod tests {
     #[test]
     fn refuses_a_missing_directory_and_a_newer_schema() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let err = DiskStore::open(&dir.path().join("nope/c.db"))
+        let err = DiskStore::open(&dir.path().join("nope/c.db"), StoreLimits::default())
             .err()
             .expect("must fail");
         assert!(matches!(err, StoreError::MissingDirectory { .. }), "{err}");
@@ -689,7 +862,9 @@ mod tests {
         conn.pragma_update(None, "user_version", 99)
             .expect("set version");
         drop(conn);
-        let err = DiskStore::open(&path).err().expect("must fail");
+        let err = DiskStore::open(&path, StoreLimits::default())
+            .err()
+            .expect("must fail");
         assert!(matches!(err, StoreError::TooNew { .. }), "{err}");
     }
 }

@@ -3,32 +3,18 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{FakeUpstream, chat, client, post};
+use common::{FakeUpstream, chat, client, llm_dedup, post};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-fn llm_dedup() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_llm-dedup"));
-    // Start from a clean slate: no setting may leak in from the environment.
-    for (k, _) in std::env::vars() {
-        if k.starts_with("LLM_DEDUP_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd
-}
-
 /// Runs the binary to completion and returns (exit code, stderr).
 fn run(args: &[&str]) -> (i32, String) {
-    let out = llm_dedup().args(args).output().expect("binary runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let (code, _, err) = common::run_cli(args);
+    (code, err)
 }
 
 /// Starts `serve` on `db` with any free port; for start-up errors, which exit at once.

@@ -350,3 +350,24 @@ pub async fn seen(resp: reqwest::Response) -> Seen {
 pub fn chat(content: &str) -> String {
     json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}]}).to_string()
 }
+
+/// The `llm-dedup` binary, with no `LLM_DEDUP_*` setting leaking in from the environment.
+pub fn llm_dedup() -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_llm-dedup"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("LLM_DEDUP_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+/// Runs the binary to completion: (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str]) -> (i32, String, String) {
+    let out = llm_dedup().args(args).output().expect("binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

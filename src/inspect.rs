@@ -1,0 +1,638 @@
+//! The inspector: what a cache file holds and what it saved, for operators.
+//!
+//! This module owns the queries behind `llm-dedup stats | list | show | purge | export |
+//! import` and the proxy's `/_llm-dedup/stats`. It works on the same SQLite file a proxy may be
+//! serving: reads run in WAL snapshots, writes (purge, import) are short transactions, and a
+//! purge bumps a generation number in `meta` that a serving proxy watches to drop its memory
+//! tier, so purged answers stop being served within a second. It formats nothing for humans;
+//! the command line does that.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use rusqlite::{Connection, OptionalExtension, ToSql, params_from_iter};
+use serde::{Deserialize, Serialize};
+
+use crate::entry::unix_ms;
+use crate::key::CacheKey;
+use crate::route::Route;
+use crate::store::{self, Counts, StoreError};
+
+/// Why an inspection failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InspectError {
+    /// There is no file at the path.
+    #[error("no cache database at {}", .0.display())]
+    Missing(PathBuf),
+    /// The file could not be used as a cache database.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A query failed.
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A key or key prefix is not hexadecimal.
+    #[error("{0:?} is not a cache key or key prefix (hex digits expected)")]
+    InvalidKey(String),
+    /// No entry has that key or prefix.
+    #[error("no entry with key {0}")]
+    UnknownKey(String),
+    /// More than one entry starts with that prefix.
+    #[error("key prefix {prefix} is ambiguous: it matches {}, ...", .matches.join(", "))]
+    AmbiguousKey {
+        /// The prefix given.
+        prefix: String,
+        /// The first keys it matches.
+        matches: Vec<String>,
+    },
+    /// A line of an import is not an exported entry.
+    #[error("line {line}: {message}")]
+    BadLine {
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// Reading or writing entries failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Counters for one model or route.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Group {
+    /// The model or route name (`""` for requests that named no model).
+    pub name: String,
+    /// What its requests did.
+    #[serde(flatten)]
+    pub counts: Counts,
+}
+
+/// What a cache file holds and what it saved, since the database was created.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Stats {
+    /// The database path.
+    pub database: String,
+    /// When the database was created (Unix ms).
+    pub created_at: Option<i64>,
+    /// Bytes the database takes on disk (file and write-ahead log).
+    pub file_bytes: u64,
+    /// Entries stored.
+    pub entries: u64,
+    /// Bytes of stored answers (bodies and headers).
+    pub entry_bytes: u64,
+    /// Entries past their TTL, not served, waiting for the sweep.
+    pub expired_entries: u64,
+    /// Oldest and newest entry (Unix ms).
+    pub oldest_entry_at: Option<i64>,
+    /// Newest entry (Unix ms).
+    pub newest_entry_at: Option<i64>,
+    /// The size bound set by the serving proxy (`--max-disk`), if any.
+    pub max_disk_bytes: Option<u64>,
+    /// Entries removed because they expired.
+    pub evicted_expired: u64,
+    /// Entries removed to stay under the size bound.
+    pub evicted_for_size: u64,
+    /// Totals over every route and model.
+    pub totals: Counts,
+    /// By model, most requests first.
+    pub by_model: Vec<Group>,
+    /// By route, most requests first.
+    pub by_route: Vec<Group>,
+}
+
+/// One entry, without its body.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EntrySummary {
+    /// The key (64 hex characters).
+    pub key: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// Its route.
+    pub route: String,
+    /// The model named by the request.
+    pub model: Option<String>,
+    /// Bytes counted against the size bound.
+    pub size: u64,
+    /// Times it was served.
+    pub hit_count: u64,
+    /// When it was stored (Unix ms).
+    pub created_at: i64,
+    /// When it stops being served (Unix ms).
+    pub expires_at: i64,
+    /// When it was last served (Unix ms).
+    pub last_hit_at: Option<i64>,
+}
+
+/// One entry in full: the form of `show --json` and of each line of `export`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExportedEntry {
+    /// Its summary.
+    #[serde(flatten)]
+    pub summary: EntrySummary,
+    /// The HTTP status.
+    pub status: u16,
+    /// Replayed response headers.
+    pub headers: Vec<(String, String)>,
+    /// The body, when it is UTF-8 text.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub body: Option<String>,
+    /// The body in hex, when it is not UTF-8.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub body_hex: Option<String>,
+    /// Prompt tokens of the answer.
+    pub prompt_tokens: Option<u64>,
+    /// Completion tokens of the answer.
+    pub completion_tokens: Option<u64>,
+    /// Total tokens of the answer.
+    pub total_tokens: Option<u64>,
+}
+
+/// The order of `list`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SortBy {
+    /// Most recently used first (the default).
+    #[default]
+    Recent,
+    /// Most hits first.
+    Hits,
+    /// Largest first.
+    Size,
+}
+
+/// Which entries `list` and `purge` select; every criterion given must hold.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    /// Only entries of this model.
+    pub model: Option<String>,
+    /// Only entries of this route.
+    pub route: Option<String>,
+    /// Only entries stored longer ago than this.
+    pub older_than: Option<Duration>,
+    /// Only the entry with this key or unique key prefix.
+    pub key: Option<String>,
+    /// Only entries past their TTL.
+    pub expired: bool,
+}
+
+/// What an import did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ImportReport {
+    /// Entries added.
+    pub imported: u64,
+    /// Entries skipped because their key was already present.
+    pub skipped: u64,
+    /// The export came from a database with another credential salt and this one already had
+    /// entries, so its salt was kept: imported entries stored per credential will not be found
+    /// (those stored with `--shared-cache` will).
+    pub salt_mismatch: bool,
+}
+
+/// The first line of an export: what it is, and the salt its keys were made with.
+#[derive(Debug, Serialize, Deserialize)]
+struct ExportHeader {
+    format: String,
+    version: u32,
+    salt: String,
+}
+
+const EXPORT_FORMAT: &str = "llm-dedup-export";
+
+/// An open cache database.
+pub struct Inspector {
+    conn: Connection,
+    path: PathBuf,
+}
+
+const SUMMARY_COLUMNS: &str =
+    "key, namespace, route, model, size, hit_count, created_at, expires_at, last_hit_at";
+
+fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<EntrySummary> {
+    Ok(EntrySummary {
+        key: r.get(0)?,
+        namespace: r.get(1)?,
+        route: r.get(2)?,
+        model: r.get(3)?,
+        size: r.get::<_, i64>(4)?.try_into().unwrap_or(0),
+        hit_count: r.get::<_, i64>(5)?.try_into().unwrap_or(0),
+        created_at: r.get(6)?,
+        expires_at: r.get(7)?,
+        last_hit_at: r.get(8)?,
+    })
+}
+
+impl Inspector {
+    /// Opens an existing cache database (never creates one). A file that is not a database,
+    /// or one written by a newer llm-dedup, is an error and is left untouched.
+    pub fn open(path: &Path) -> Result<Inspector, InspectError> {
+        if !path.is_file() {
+            return Err(InspectError::Missing(path.to_owned()));
+        }
+        Inspector::create_or_open(path)
+    }
+
+    /// Opens the cache database at `path`, creating it if there is none (for `import`).
+    pub fn create_or_open(path: &Path) -> Result<Inspector, InspectError> {
+        let conn = store::open_for_writing(path)?;
+        Ok(Inspector {
+            conn,
+            path: path.to_owned(),
+        })
+    }
+
+    /// Everything `stats` reports.
+    pub fn stats(&self) -> Result<Stats, InspectError> {
+        let now = unix_ms(SystemTime::now());
+        let c = &self.conn;
+        let (entries, entry_bytes, oldest, newest): (i64, i64, Option<i64>, Option<i64>) = c
+            .query_row(
+                "SELECT count(*), coalesce(sum(size), 0), min(created_at), max(created_at)
+                 FROM entries",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )?;
+        let expired: i64 = c.query_row(
+            "SELECT count(*) FROM entries WHERE expires_at <= ?1",
+            [now],
+            |r| r.get(0),
+        )?;
+        let meta_int = |name: &str| -> Result<Option<i64>, rusqlite::Error> {
+            c.query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()
+        };
+        let groups = |column: &str| -> Result<Vec<Group>, rusqlite::Error> {
+            let sql = format!(
+                "SELECT {column}, sum(requests), sum(hits), sum(coalesced), sum(misses),
+                        sum(bypasses), sum(upstream_calls), sum(upstream_429s),
+                        sum(saved_prompt_tokens), sum(saved_completion_tokens)
+                 FROM counters GROUP BY {column} ORDER BY sum(requests) DESC, {column}"
+            );
+            let mut stmt = c.prepare(&sql)?;
+            let rows = stmt.query_map([], |r| {
+                Ok(Group {
+                    name: r.get(0)?,
+                    counts: Counts {
+                        requests: r.get(1)?,
+                        hits: r.get(2)?,
+                        coalesced: r.get(3)?,
+                        misses: r.get(4)?,
+                        bypasses: r.get(5)?,
+                        upstream_calls: r.get(6)?,
+                        upstream_429s: r.get(7)?,
+                        saved_prompt_tokens: r.get(8)?,
+                        saved_completion_tokens: r.get(9)?,
+                    },
+                })
+            })?;
+            rows.collect()
+        };
+        let by_route = groups("route")?;
+        let by_model = groups("model")?;
+        let mut totals = Counts::default();
+        for g in &by_route {
+            totals.add(&g.counts);
+        }
+        let file_bytes = ["", "-wal"]
+            .iter()
+            .filter_map(|suffix| {
+                let mut p = self.path.clone().into_os_string();
+                p.push(suffix);
+                std::fs::metadata(p).ok().map(|m| m.len())
+            })
+            .sum();
+        let non_negative = |n: i64| u64::try_from(n).unwrap_or(0);
+        Ok(Stats {
+            database: self.path.display().to_string(),
+            created_at: meta_int("created_at")?,
+            file_bytes,
+            entries: non_negative(entries),
+            entry_bytes: non_negative(entry_bytes),
+            expired_entries: non_negative(expired),
+            oldest_entry_at: oldest,
+            newest_entry_at: newest,
+            max_disk_bytes: meta_int("max_disk")?.map(non_negative),
+            evicted_expired: meta_int("evicted_expired")?.map_or(0, non_negative),
+            evicted_for_size: meta_int("evicted_for_size")?.map_or(0, non_negative),
+            totals,
+            by_model,
+            by_route,
+        })
+    }
+
+    /// Entries matching `selection`, in `order`, at most `limit`.
+    pub fn list(
+        &self,
+        selection: &Selection,
+        order: SortBy,
+        limit: Option<usize>,
+    ) -> Result<Vec<EntrySummary>, InspectError> {
+        let (condition, args) = self.condition(selection)?;
+        let order = match order {
+            SortBy::Recent => "coalesce(last_hit_at, created_at) DESC",
+            SortBy::Hits => "hit_count DESC, coalesce(last_hit_at, created_at) DESC",
+            SortBy::Size => "size DESC",
+        };
+        let limit = limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
+        let sql = format!(
+            "SELECT {SUMMARY_COLUMNS} FROM entries WHERE {condition} ORDER BY {order} LIMIT {limit}"
+        );
+        let mut stmt = self.conn.prepare(&sql)?;
+        let rows = stmt.query_map(params_from_iter(args.iter()), summary)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The entry whose key is, or uniquely starts with, `prefix` (at least 4 hex digits).
+    pub fn show(&self, prefix: &str) -> Result<ExportedEntry, InspectError> {
+        let key = self.resolve(prefix)?;
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {SUMMARY_COLUMNS}, status, headers, body, prompt_tokens, completion_tokens,
+                    total_tokens
+             FROM entries WHERE key = ?1"
+        ))?;
+        stmt.query_row([&key], |r| {
+            let headers: String = r.get(10)?;
+            let body: Vec<u8> = r.get(11)?;
+            let tokens = |i: usize| -> rusqlite::Result<Option<u64>> {
+                Ok(r.get::<_, Option<i64>>(i)?
+                    .and_then(|n| u64::try_from(n).ok()))
+            };
+            let (body, body_hex) = match String::from_utf8(body) {
+                Ok(text) => (Some(text), None),
+                Err(e) => (None, Some(hex(e.as_bytes()))),
+            };
+            Ok(ExportedEntry {
+                summary: summary(r)?,
+                status: r.get(9)?,
+                headers: serde_json::from_str(&headers).unwrap_or_default(),
+                body,
+                body_hex,
+                prompt_tokens: tokens(12)?,
+                completion_tokens: tokens(13)?,
+                total_tokens: tokens(14)?,
+            })
+        })
+        .map_err(InspectError::from)
+    }
+
+    /// Removes the entries matching `selection` and returns them. An empty selection removes
+    /// every entry. A serving proxy stops answering them within a second.
+    pub fn purge(&mut self, selection: &Selection) -> Result<Vec<EntrySummary>, InspectError> {
+        let (condition, args) = self.condition(selection)?;
+        let tx = self.conn.transaction()?;
+        let removed = {
+            let mut stmt = tx.prepare(&format!(
+                "DELETE FROM entries WHERE {condition} RETURNING {SUMMARY_COLUMNS}"
+            ))?;
+            let rows = stmt.query_map(params_from_iter(args.iter()), summary)?;
+            rows.collect::<Result<Vec<_>, _>>()?
+        };
+        if !removed.is_empty() {
+            store::bump_purge_generation(&tx)?;
+        }
+        tx.commit()?;
+        Ok(removed)
+    }
+
+    /// Number of entries, for progress reports.
+    pub fn entry_count(&self) -> Result<u64, InspectError> {
+        let n: i64 = self
+            .conn
+            .query_row("SELECT count(*) FROM entries", [], |r| r.get(0))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// Writes every entry as one JSON line; calls `progress` after each. Returns the count.
+    pub fn export(
+        &self,
+        out: &mut dyn Write,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<u64, InspectError> {
+        let header = ExportHeader {
+            format: EXPORT_FORMAT.into(),
+            version: 1,
+            salt: hex(&store::load_or_create_salt(&self.conn)?),
+        };
+        serde_json::to_writer(&mut *out, &header).map_err(std::io::Error::from)?;
+        out.write_all(b"\n")?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT key FROM entries ORDER BY created_at")?;
+        let keys = stmt
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut n = 0;
+        for key in keys {
+            // An entry purged meanwhile is simply not exported.
+            let entry = match self.show(&key) {
+                Ok(e) => e,
+                Err(InspectError::Sqlite(rusqlite::Error::QueryReturnedNoRows)) => continue,
+                Err(e) => return Err(e),
+            };
+            serde_json::to_writer(&mut *out, &entry).map_err(std::io::Error::from)?;
+            out.write_all(b"\n")?;
+            n += 1;
+            progress(n);
+        }
+        out.flush()?;
+        Ok(n)
+    }
+
+    /// Adds the entries of an export, skipping keys already present; calls `progress` after
+    /// each line. A malformed line stops the import with its line number; entries imported
+    /// before it are kept.
+    pub fn import(
+        &mut self,
+        input: &mut dyn BufRead,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<ImportReport, InspectError> {
+        let mut report = ImportReport::default();
+        let was_empty = self.entry_count()? == 0;
+        let tx = self.conn.transaction()?;
+        let mut outcome = Ok(());
+        {
+            let mut insert = tx.prepare(
+                "INSERT OR IGNORE INTO entries (key, namespace, route, model, status, headers,
+                    body, created_at, expires_at, last_hit_at, hit_count, prompt_tokens,
+                    completion_tokens, total_tokens, size)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+            )?;
+            for (i, line) in input.lines().enumerate() {
+                let line = line?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let bad = |message: String| InspectError::BadLine {
+                    line: i + 1,
+                    message,
+                };
+                if i == 0 {
+                    if let Ok(header) = serde_json::from_str::<ExportHeader>(&line) {
+                        let salt = unhex(&header.salt).filter(|s| s.len() == 32);
+                        match salt {
+                            Some(salt) if header.format == EXPORT_FORMAT => {
+                                if was_empty {
+                                    tx.execute(
+                                        "INSERT OR REPLACE INTO meta (name, value) VALUES ('salt', ?1)",
+                                        [&salt],
+                                    )?;
+                                } else {
+                                    let ours = store::load_or_create_salt(&tx)?;
+                                    report.salt_mismatch = ours[..] != salt[..];
+                                }
+                                continue;
+                            }
+                            _ => {
+                                outcome = Err(bad("not an llm-dedup export header".into()));
+                                break;
+                            }
+                        }
+                    }
+                }
+                let entry = match parse_exported(&line) {
+                    Ok(e) => e,
+                    Err(message) => {
+                        outcome = Err(bad(message));
+                        break;
+                    }
+                };
+                let body = match (&entry.body, &entry.body_hex) {
+                    (Some(text), _) => text.clone().into_bytes(),
+                    (None, Some(h)) => match unhex(h) {
+                        Some(b) => b,
+                        None => {
+                            outcome = Err(bad("body_hex is not hex".into()));
+                            break;
+                        }
+                    },
+                    (None, None) => {
+                        outcome = Err(bad("no body".into()));
+                        break;
+                    }
+                };
+                let s = &entry.summary;
+                let headers = serde_json::to_string(&entry.headers).unwrap_or_else(|_| "[]".into());
+                let tokens = |n: Option<u64>| n.and_then(|n| i64::try_from(n).ok());
+                let args: [&dyn ToSql; 15] = [
+                    &s.key,
+                    &s.namespace,
+                    &s.route,
+                    &s.model,
+                    &entry.status,
+                    &headers,
+                    &body,
+                    &s.created_at,
+                    &s.expires_at,
+                    &s.last_hit_at,
+                    &i64::try_from(s.hit_count).unwrap_or(i64::MAX),
+                    &tokens(entry.prompt_tokens),
+                    &tokens(entry.completion_tokens),
+                    &tokens(entry.total_tokens),
+                    &i64::try_from(s.size).unwrap_or(i64::MAX),
+                ];
+                if insert.execute(&args[..])? == 1 {
+                    report.imported += 1;
+                } else {
+                    report.skipped += 1;
+                }
+                progress(report.imported + report.skipped);
+            }
+        }
+        tx.commit()?;
+        outcome.map(|()| report)
+    }
+
+    /// The full key for `prefix`.
+    fn resolve(&self, prefix: &str) -> Result<String, InspectError> {
+        let prefix = prefix.trim().to_ascii_lowercase();
+        if prefix.len() < 4 || prefix.len() > 64 || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(InspectError::InvalidKey(prefix));
+        }
+        let mut stmt = self.conn.prepare(
+            "SELECT key FROM entries WHERE key >= ?1 AND key < ?1 || 'g' ORDER BY key LIMIT 3",
+        )?;
+        let matches = stmt
+            .query_map([&prefix], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        match matches.len() {
+            0 => Err(InspectError::UnknownKey(prefix)),
+            1 => Ok(matches.into_iter().next().unwrap_or_default()),
+            _ => Err(InspectError::AmbiguousKey { prefix, matches }),
+        }
+    }
+
+    /// A SQL condition and its arguments for `selection`.
+    fn condition(
+        &self,
+        selection: &Selection,
+    ) -> Result<(String, Vec<Box<dyn ToSql>>), InspectError> {
+        let mut parts = vec!["1".to_owned()];
+        let mut args: Vec<Box<dyn ToSql>> = Vec::new();
+        let now = unix_ms(SystemTime::now());
+        if let Some(model) = &selection.model {
+            args.push(Box::new(model.clone()));
+            parts.push(format!("model = ?{}", args.len()));
+        }
+        if let Some(route) = &selection.route {
+            args.push(Box::new(route.clone()));
+            parts.push(format!("route = ?{}", args.len()));
+        }
+        if let Some(age) = selection.older_than {
+            let cutoff = now - i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+            args.push(Box::new(cutoff));
+            parts.push(format!("created_at < ?{}", args.len()));
+        }
+        if selection.expired {
+            args.push(Box::new(now));
+            parts.push(format!("expires_at <= ?{}", args.len()));
+        }
+        if let Some(key) = &selection.key {
+            args.push(Box::new(self.resolve(key)?));
+            parts.push(format!("key = ?{}", args.len()));
+        }
+        Ok((parts.join(" AND "), args))
+    }
+}
+
+fn parse_exported(line: &str) -> Result<ExportedEntry, String> {
+    let entry: ExportedEntry = serde_json::from_str(line).map_err(|e| e.to_string())?;
+    if CacheKey::from_hex(&entry.summary.key).is_none() || entry.summary.key.len() != 64 {
+        return Err(format!("{:?} is not a cache key", entry.summary.key));
+    }
+    if Route::from_name(&entry.summary.route).is_none() {
+        return Err(format!("unknown route {:?}", entry.summary.route));
+    }
+    if !(200..300).contains(&entry.status) {
+        return Err(format!("status {} is not a stored answer", entry.status));
+    }
+    Ok(entry)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trips() {
+        let bytes = [0u8, 1, 0xab, 0xff];
+        assert_eq!(unhex(&hex(&bytes)).as_deref(), Some(&bytes[..]));
+        assert_eq!(unhex("abc"), None);
+        assert_eq!(unhex("zz"), None);
+    }
+}

@@ -1,0 +1,434 @@
+//! The inspector subcommands and operator endpoints, on a database filled by a running proxy
+//! through HTTP, as an operator would use them.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{FakeUpstream, Proxy, chat, client, post, run_cli};
+use llm_dedup::Dedup;
+use serde_json::{Value, json};
+
+fn cli_json(args: &[&str]) -> Value {
+    let (code, out, err) = run_cli(args);
+    assert_eq!(code, 0, "{args:?} failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+}
+
+fn db_arg(db: &Path) -> &str {
+    db.to_str().expect("utf8 path")
+}
+
+/// A proxy on `db` that has answered: one chat request twice (miss, hit), one embedding
+/// (miss), one stream (bypass). Returns the proxy and the chat entry's key.
+async fn filled(upstream: &FakeUpstream, db: &Path) -> (Proxy, String) {
+    let proxy = Proxy::with_db(upstream, db).await;
+    let c = client();
+    let first = post(
+        &c,
+        &proxy.url("/v1/chat/completions"),
+        chat("inspect me"),
+        &[],
+    )
+    .await;
+    let again = post(
+        &c,
+        &proxy.url("/v1/chat/completions"),
+        chat("inspect me"),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (first.cache.as_str(), again.cache.as_str()),
+        ("miss", "hit")
+    );
+    let emb = json!({"model": "text-embedding-3-small", "input": "x"}).to_string();
+    post(&c, &proxy.url("/v1/embeddings"), emb, &[]).await;
+    let stream = json!({"model": "gpt-4o-mini", "stream": true,
+                        "messages": [{"role": "user", "content": "s"}]})
+    .to_string();
+    post(&c, &proxy.url("/v1/chat/completions"), stream, &[]).await;
+    proxy.engine.flush().await.expect("flush");
+    (proxy, first.key.expect("key"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stats_list_and_show_report_what_the_proxy_did() {
+    let upstream = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("c.db");
+    let (proxy, chat_key) = filled(&upstream, &db).await;
+    let db = db_arg(&db);
+
+    let stats = cli_json(&["stats", "--db", db, "--json"]);
+    assert_eq!(stats["entries"], 2);
+    let totals = &stats["totals"];
+    assert_eq!(
+        (
+            &totals["requests"],
+            &totals["hits"],
+            &totals["misses"],
+            &totals["bypasses"]
+        ),
+        (&json!(4), &json!(1), &json!(2), &json!(1))
+    );
+    assert_eq!(totals["upstream_calls"], 3);
+    // The hit saved the chat answer's usage (9 prompt, 12 completion in the fake upstream).
+    assert_eq!(
+        (
+            &totals["saved_prompt_tokens"],
+            &totals["saved_completion_tokens"]
+        ),
+        (&json!(9), &json!(12))
+    );
+    let chat_route = stats["by_route"]
+        .as_array()
+        .expect("routes")
+        .iter()
+        .find(|g| g["name"] == "chat.completions")
+        .expect("chat route");
+    assert_eq!(
+        (&chat_route["requests"], &chat_route["upstream_calls"]),
+        (&json!(3), &json!(2))
+    );
+    // The proxy's endpoint serves the same document.
+    let served: Value = serde_json::from_slice(
+        &client()
+            .get(proxy.url("/_llm-dedup/stats"))
+            .send()
+            .await
+            .expect("sent")
+            .bytes()
+            .await
+            .expect("body"),
+    )
+    .expect("json");
+    assert_eq!(served["totals"], stats["totals"]);
+
+    let listed = cli_json(&["list", "--db", db, "--json"]);
+    assert_eq!(listed.as_array().expect("array").len(), 2);
+    let chats = cli_json(&["list", "--db", db, "--json", "--route", "chat.completions"]);
+    assert_eq!(chats[0]["key"], chat_key.as_str());
+    assert_eq!(chats[0]["hit_count"], 1);
+    let by_model = cli_json(&[
+        "list",
+        "--db",
+        db,
+        "--json",
+        "--model",
+        "text-embedding-3-small",
+    ]);
+    assert_eq!(by_model[0]["route"], "embeddings");
+    let one = cli_json(&[
+        "list", "--db", db, "--json", "--sort", "size", "--limit", "1",
+    ]);
+    assert_eq!(one.as_array().expect("array").len(), 1);
+    let none = cli_json(&["list", "--db", db, "--json", "--older-than", "1h"]);
+    assert_eq!(none, json!([]));
+
+    let shown = cli_json(&["show", "--db", db, "--json", &chat_key[..10]]);
+    assert_eq!(shown["key"], chat_key.as_str());
+    let body: Value = serde_json::from_str(shown["body"].as_str().expect("text")).expect("json");
+    assert_eq!(body["id"], "chatcmpl-1");
+    // Human output names the parts an operator looks for.
+    let (code, text, _) = run_cli(&["show", "--db", db, &chat_key[..10]]);
+    assert_eq!(code, 0);
+    assert!(text.contains("chat.completions") && text.contains("\"id\": \"chatcmpl-1\""));
+    let (code, table, _) = run_cli(&["stats", "--db", db]);
+    assert_eq!(code, 0);
+    assert!(table.contains("By model") && table.contains("text-embedding-3-small"));
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn purge_while_the_proxy_serves_takes_effect() {
+    let upstream = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("c.db");
+    let (proxy, chat_key) = filled(&upstream, &db).await;
+    let dbs = db_arg(&db);
+
+    let removed = cli_json(&["purge", "--db", dbs, "--json", "--key", &chat_key[..8]]);
+    assert_eq!(removed[0]["key"], chat_key.as_str());
+    assert_eq!(
+        cli_json(&["list", "--db", dbs, "--json"])
+            .as_array()
+            .expect("a")
+            .len(),
+        1
+    );
+
+    // The serving proxy notices within a second or so and stops answering from memory.
+    let c = client();
+    let mut cache = String::new();
+    for _ in 0..40 {
+        cache = post(
+            &c,
+            &proxy.url("/v1/chat/completions"),
+            chat("inspect me"),
+            &[],
+        )
+        .await
+        .cache;
+        if cache == "miss" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(cache, "miss", "a purged answer kept being served");
+
+    let (code, out, _) = run_cli(&["purge", "--db", dbs, "--all", "--yes"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("removed 2 entries"), "{out}");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn export_then_import_into_an_empty_database_round_trips() {
+    let upstream = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = dir.path().join("source.db");
+    let (proxy, chat_key) = filled(&upstream, &source).await;
+    proxy.stop().await;
+    let export = dir.path().join("cache.jsonl");
+    let (code, _, err) = run_cli(&[
+        "export",
+        "--db",
+        db_arg(&source),
+        "--output",
+        db_arg(&export),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("exported 2 entries"), "{err}");
+
+    let target = dir.path().join("target.db");
+    let args = [
+        "import",
+        "--db",
+        db_arg(&target),
+        "--input",
+        db_arg(&export),
+        "--json",
+    ];
+    let report = cli_json(&args);
+    assert_eq!(
+        (&report["imported"], &report["skipped"]),
+        (&json!(2), &json!(0))
+    );
+    let again = cli_json(&args);
+    assert_eq!(
+        (&again["imported"], &again["skipped"]),
+        (&json!(0), &json!(2))
+    );
+    let listed = cli_json(&["list", "--db", db_arg(&source), "--json"]);
+    let keys: Vec<&str> = listed
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|e| e["key"].as_str().expect("key"))
+        .collect();
+    assert!(keys.contains(&chat_key.as_str()));
+    for key in keys {
+        let a = cli_json(&["show", "--db", db_arg(&source), "--json", key]);
+        let b = cli_json(&["show", "--db", db_arg(&target), "--json", key]);
+        assert_eq!(a, b, "entry {key} changed in the round trip");
+    }
+
+    // The salt moved with the entries: a proxy on the new database answers from it.
+    let proxy = Proxy::with_db(&upstream, &target).await;
+    let calls = upstream.calls();
+    let r = post(
+        &client(),
+        &proxy.url("/v1/chat/completions"),
+        chat("inspect me"),
+        &[],
+    )
+    .await;
+    assert_eq!((r.cache.as_str(), upstream.calls()), ("hit", calls));
+    proxy.stop().await;
+
+    // A malformed line stops the import with its number.
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"not\": \"an entry\"}\n").expect("write");
+    let (code, _, err) = run_cli(&["import", "--db", db_arg(&target), "--input", db_arg(&bad)]);
+    assert_ne!(code, 0);
+    assert!(err.contains("line 1"), "{err}");
+}
+
+#[test]
+fn bad_input_gets_a_clear_message_and_a_non_zero_exit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("missing.db");
+    let (code, _, err) = run_cli(&["stats", "--db", db_arg(&missing)]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no cache database at"), "{err}");
+    assert!(!missing.exists(), "stats must not create a database");
+
+    let text = dir.path().join("notes.txt");
+    std::fs::write(&text, "not a database, just notes\n".repeat(50)).expect("write");
+    let (code, _, err) = run_cli(&["list", "--db", db_arg(&text)]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not an SQLite database"), "{err}");
+
+    let future = dir.path().join("future.db");
+    let conn = rusqlite::Connection::open(&future).expect("create");
+    conn.pragma_update(None, "user_version", 99)
+        .expect("version");
+    drop(conn);
+    let (code, _, err) = run_cli(&["stats", "--db", db_arg(&future)]);
+    assert_ne!(code, 0);
+    assert!(err.contains("newer llm-dedup"), "{err}");
+
+    // A real, empty database for the key and duration errors.
+    let db = dir.path().join("c.db");
+    llm_dedup::inspect::Inspector::create_or_open(&db).expect("create");
+    let db = db_arg(&db);
+    for (args, words) in [
+        (vec!["show", "--db", db, "abcd"], "no entry with key abcd"),
+        (vec!["show", "--db", db, "xyz!"], "is not a cache key"),
+        (
+            vec!["purge", "--db", db, "--older-than", "soon"],
+            "--older-than",
+        ),
+        (vec!["purge", "--db", db], "required"),
+        (vec!["list", "--db", db, "--sort", "color"], "--sort"),
+    ] {
+        let (code, _, err) = run_cli(&args);
+        assert_ne!(code, 0, "{args:?}");
+        assert!(err.contains(words), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ambiguous_key_prefix_is_refused_with_its_matches() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("c.db");
+    let export = dir.path().join("in.jsonl");
+    let entry = |key: String| {
+        json!({"key": key, "namespace": "", "route": "embeddings", "model": "e", "size": 10,
+               "hit_count": 0, "created_at": 1, "expires_at": i64::MAX, "last_hit_at": null,
+               "status": 200, "headers": [], "body": "{}", "prompt_tokens": null,
+               "completion_tokens": null, "total_tokens": null})
+        .to_string()
+    };
+    let lines = [
+        entry(format!("abcd1{}", "0".repeat(59))),
+        entry(format!("abcd2{}", "0".repeat(59))),
+    ];
+    std::fs::write(&export, lines.join("\n")).expect("write");
+    cli_json(&[
+        "import",
+        "--db",
+        db_arg(&db),
+        "--input",
+        db_arg(&export),
+        "--json",
+    ]);
+    let (code, _, err) = run_cli(&["show", "--db", db_arg(&db), "abcd"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("ambiguous") && err.contains("abcd1"), "{err}");
+    let shown = cli_json(&["show", "--db", db_arg(&db), "--json", "abcd2"]);
+    assert_eq!(shown["route"], "embeddings");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_metrics_endpoint_serves_parseable_prometheus_text() {
+    let upstream = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (proxy, _) = filled(&upstream, &dir.path().join("c.db")).await;
+    let resp = client()
+        .get(proxy.url("/_llm-dedup/metrics"))
+        .send()
+        .await
+        .expect("sent");
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .expect("ascii")
+            .contains("openmetrics-text")
+    );
+    let text = resp.text().await.expect("text");
+    let mut samples = std::collections::HashMap::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (name, value) = line.rsplit_once(' ').expect("name and value");
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad sample {line:?}"));
+        samples.insert(name.to_owned(), value);
+    }
+    let get = |name: &str| {
+        samples
+            .get(name)
+            .copied()
+            .unwrap_or_else(|| panic!("{name} in\n{text}"))
+    };
+    assert_eq!(
+        get(r#"llm_dedup_requests_total{route="chat.completions",cache="hit"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(r#"llm_dedup_requests_total{route="chat.completions",cache="bypass"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(r#"llm_dedup_upstream_calls_total{route="embeddings",status="2xx"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(r#"llm_dedup_tokens_saved_total{kind="completion"}"#),
+        12.0
+    );
+    assert_eq!(get("llm_dedup_memory_tier_entries"), 2.0);
+    assert!(get("llm_dedup_memory_tier_bytes") > 0.0);
+    assert_eq!(get("llm_dedup_in_flight"), 0.0);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sweep_removes_expired_entries_and_keeps_the_size_bound() {
+    let upstream = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("c.db");
+    let proxy = Proxy::start(
+        Dedup::builder()
+            .upstream(upstream.url())
+            .database(&db)
+            .max_disk(Some(1_200))
+            .sweep_interval(Duration::from_millis(500)),
+    )
+    .await;
+    let c = client();
+    let url = proxy.url("/v1/chat/completions");
+    post(&c, &url, chat("short-lived"), &[("llm-dedup-ttl", "1")]).await;
+    for i in 0..4 {
+        post(&c, &url, chat(&format!("keeper {i}")), &[]).await;
+    }
+    // Entries are ~500 bytes: four keepers do not fit in 1,200; the oldest go first. The
+    // expiry and the sweep run on the wall clock, so only real time can pass them.
+    let mut stats = Value::Null;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stats = cli_json(&["stats", "--db", db_arg(&db), "--json"]);
+        if stats["evicted_expired"] == 1 && stats["evicted_for_size"].as_u64() >= Some(1) {
+            break;
+        }
+    }
+    assert_eq!(stats["evicted_expired"], 1, "{stats}");
+    assert!(
+        stats["entry_bytes"].as_u64().expect("bytes") <= 1_200,
+        "{stats}"
+    );
+    assert_eq!(stats["max_disk_bytes"], 1_200);
+    let kept = cli_json(&["list", "--db", db_arg(&db), "--json"]);
+    let newest = chat("keeper 3");
+    assert!(!kept.as_array().expect("array").is_empty());
+    // The most recently stored keeper survived.
+    let r = post(&c, &url, newest, &[("cache-control", "only-if-cached")]).await;
+    assert_eq!(r.cache, "hit");
+    proxy.stop().await;
+}
