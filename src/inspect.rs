@@ -441,7 +441,8 @@ impl Inspector {
     }
 
     /// Adds the entries of an export, skipping keys already present; calls `progress` after
-    /// each line. A malformed line stops the import with its line number; entries imported
+    /// each line. Commits every [`IMPORT_CHUNK`] entries, so a serving proxy is never blocked
+    /// for long. A malformed line stops the import with its line number; entries imported
     /// before it are kept.
     pub fn import(
         &mut self,
@@ -450,98 +451,29 @@ impl Inspector {
     ) -> Result<ImportReport, InspectError> {
         let mut report = ImportReport::default();
         let was_empty = self.entry_count()? == 0;
-        let tx = self.conn.transaction()?;
-        let mut outcome = Ok(());
-        {
-            let mut insert = tx.prepare(
-                "INSERT OR IGNORE INTO entries (key, namespace, route, model, status, headers,
-                    body, created_at, expires_at, last_hit_at, hit_count, prompt_tokens,
-                    completion_tokens, total_tokens, size)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
-            )?;
-            for (i, line) in input.lines().enumerate() {
-                let line = line?;
-                if line.trim().is_empty() {
-                    continue;
-                }
-                let bad = |message: String| InspectError::BadLine {
-                    line: i + 1,
-                    message,
+        let mut lines = input.lines().enumerate();
+        let mut finished = false;
+        while !finished {
+            let tx = self.conn.transaction()?;
+            let mut outcome = Ok(());
+            for _ in 0..IMPORT_CHUNK {
+                let Some((i, line)) = lines.next() else {
+                    finished = true;
+                    break;
                 };
-                if i == 0 {
-                    if let Ok(header) = serde_json::from_str::<ExportHeader>(&line) {
-                        let salt = unhex(&header.salt).filter(|s| s.len() == 32);
-                        match salt {
-                            Some(salt) if header.format == EXPORT_FORMAT => {
-                                if was_empty {
-                                    tx.execute(
-                                        "INSERT OR REPLACE INTO meta (name, value) VALUES ('salt', ?1)",
-                                        [&salt],
-                                    )?;
-                                } else {
-                                    let ours = store::load_or_create_salt(&tx)?;
-                                    report.salt_mismatch = ours[..] != salt[..];
-                                }
-                                continue;
-                            }
-                            _ => {
-                                outcome = Err(bad("not an llm-dedup export header".into()));
-                                break;
-                            }
-                        }
-                    }
-                }
-                let entry = match parse_exported(&line) {
-                    Ok(e) => e,
-                    Err(message) => {
-                        outcome = Err(bad(message));
-                        break;
-                    }
-                };
-                let body = match (&entry.body, &entry.body_hex) {
-                    (Some(text), _) => text.clone().into_bytes(),
-                    (None, Some(h)) => match unhex(h) {
-                        Some(b) => b,
-                        None => {
-                            outcome = Err(bad("body_hex is not hex".into()));
-                            break;
-                        }
-                    },
-                    (None, None) => {
-                        outcome = Err(bad("no body".into()));
-                        break;
-                    }
-                };
-                let s = &entry.summary;
-                let headers = serde_json::to_string(&entry.headers).unwrap_or_else(|_| "[]".into());
-                let tokens = |n: Option<u64>| n.and_then(|n| i64::try_from(n).ok());
-                let args: [&dyn ToSql; 15] = [
-                    &s.key,
-                    &s.namespace,
-                    &s.route,
-                    &s.model,
-                    &entry.status,
-                    &headers,
-                    &body,
-                    &s.created_at,
-                    &s.expires_at,
-                    &s.last_hit_at,
-                    &i64::try_from(s.hit_count).unwrap_or(i64::MAX),
-                    &tokens(entry.prompt_tokens),
-                    &tokens(entry.completion_tokens),
-                    &tokens(entry.total_tokens),
-                    &i64::try_from(s.size).unwrap_or(i64::MAX),
-                ];
-                if insert.execute(&args[..])? == 1 {
-                    report.imported += 1;
-                } else {
-                    report.skipped += 1;
+                outcome = line
+                    .map_err(InspectError::from)
+                    .and_then(|line| import_line(&tx, i + 1, &line, was_empty, &mut report));
+                if outcome.is_err() {
+                    finished = true;
+                    break;
                 }
                 progress(report.imported + report.skipped);
             }
+            tx.commit()?;
+            outcome?;
         }
-        tx.commit()?;
-        outcome.map(|()| report)
+        Ok(report)
     }
 
     /// The full key for `prefix`.
@@ -594,6 +526,84 @@ impl Inspector {
         }
         Ok((parts.join(" AND "), args))
     }
+}
+
+/// Entries an import commits at a time.
+pub const IMPORT_CHUNK: usize = 500;
+
+/// Imports one line of an export: the header (first line) or an entry.
+fn import_line(
+    tx: &rusqlite::Transaction<'_>,
+    number: usize,
+    line: &str,
+    was_empty: bool,
+    report: &mut ImportReport,
+) -> Result<(), InspectError> {
+    let bad = |message: String| InspectError::BadLine {
+        line: number,
+        message,
+    };
+    if line.trim().is_empty() {
+        return Ok(());
+    }
+    if number == 1 {
+        if let Ok(header) = serde_json::from_str::<ExportHeader>(line) {
+            let salt = unhex(&header.salt).filter(|s| s.len() == 32);
+            let Some(salt) = salt.filter(|_| header.format == EXPORT_FORMAT) else {
+                return Err(bad("not an llm-dedup export header".into()));
+            };
+            if was_empty {
+                // A new database adopts the salt its entries' keys were made with.
+                tx.execute(
+                    "INSERT OR REPLACE INTO meta (name, value) VALUES ('salt', ?1)",
+                    [&salt],
+                )?;
+            } else {
+                report.salt_mismatch = store::load_or_create_salt(tx)?[..] != salt[..];
+            }
+            return Ok(());
+        }
+    }
+    let entry = parse_exported(line).map_err(bad)?;
+    let body = match (&entry.body, &entry.body_hex) {
+        (Some(text), _) => text.clone().into_bytes(),
+        (None, Some(h)) => unhex(h).ok_or_else(|| bad("body_hex is not hex".into()))?,
+        (None, None) => return Err(bad("no body".into())),
+    };
+    let s = &entry.summary;
+    let headers = serde_json::to_string(&entry.headers).unwrap_or_else(|_| "[]".into());
+    let tokens = |n: Option<u64>| n.and_then(|n| i64::try_from(n).ok());
+    let args: [&dyn ToSql; 15] = [
+        &s.key,
+        &s.namespace,
+        &s.route,
+        &s.model,
+        &entry.status,
+        &headers,
+        &body,
+        &s.created_at,
+        &s.expires_at,
+        &s.last_hit_at,
+        &i64::try_from(s.hit_count).unwrap_or(i64::MAX),
+        &tokens(entry.prompt_tokens),
+        &tokens(entry.completion_tokens),
+        &tokens(entry.total_tokens),
+        &i64::try_from(s.size).unwrap_or(i64::MAX),
+    ];
+    let inserted = tx
+        .prepare_cached(
+            "INSERT OR IGNORE INTO entries (key, namespace, route, model, status, headers, body,
+                created_at, expires_at, last_hit_at, hit_count, prompt_tokens,
+                completion_tokens, total_tokens, size)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+        )?
+        .execute(&args[..])?;
+    if inserted == 1 {
+        report.imported += 1;
+    } else {
+        report.skipped += 1;
+    }
+    Ok(())
 }
 
 fn parse_exported(line: &str) -> Result<ExportedEntry, String> {

@@ -9,6 +9,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::engine::CacheStatus;
@@ -41,6 +42,11 @@ pub(crate) struct Metrics {
     memory_entries: Gauge,
     write_queue: Gauge,
     in_flight: Gauge,
+    // Registered so dashboards can be built on stable names; they stay at zero until the
+    // governor (pacing and retries under the provider's limits) exists.
+    _absorbed_429: Counter,
+    _retries: Counter,
+    _queue_wait: Histogram,
 }
 
 /// Gauges read at scrape time.
@@ -96,7 +102,28 @@ impl Metrics {
             "Distinct requests waiting on an upstream call",
             in_flight.clone(),
         );
+        let absorbed_429 = Counter::default();
+        registry.register(
+            "upstream_429_absorbed",
+            "Upstream 429 answers waited out and retried instead of passed on (governor)",
+            absorbed_429.clone(),
+        );
+        let retries = Counter::default();
+        registry.register(
+            "upstream_retries",
+            "Upstream calls retried (governor)",
+            retries.clone(),
+        );
+        let queue_wait = Histogram::new([0.001, 0.01, 0.1, 1.0, 10.0, 60.0]);
+        registry.register(
+            "queue_wait_seconds",
+            "Time requests waited for upstream budget (governor)",
+            queue_wait.clone(),
+        );
         Metrics {
+            _absorbed_429: absorbed_429,
+            _retries: retries,
+            _queue_wait: queue_wait,
             registry,
             requests,
             upstream,

@@ -432,3 +432,37 @@ async fn the_sweep_removes_expired_entries_and_keeps_the_size_bound() {
     assert_eq!(r.cache, "hit");
     proxy.stop().await;
 }
+
+#[test]
+fn a_large_import_commits_in_chunks_and_keeps_what_came_before_a_bad_line() {
+    use llm_dedup::inspect::{IMPORT_CHUNK, InspectError, Inspector};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let total = IMPORT_CHUNK * 2 + 100;
+    let bad_at = IMPORT_CHUNK + 50; // 1-based line number of the malformed line
+    let mut lines = Vec::new();
+    for i in 0..total {
+        if i + 1 == bad_at {
+            lines.push("{\"key\": \"truncated".to_owned());
+            continue;
+        }
+        lines.push(
+            json!({"key": format!("{i:064x}"), "namespace": "", "route": "embeddings",
+                   "model": "e", "size": 10, "hit_count": 0, "created_at": 1,
+                   "expires_at": i64::MAX, "last_hit_at": null, "status": 200, "headers": [],
+                   "body": "{}", "prompt_tokens": null, "completion_tokens": null,
+                   "total_tokens": null})
+            .to_string(),
+        );
+    }
+    let mut inspector = Inspector::create_or_open(&dir.path().join("c.db")).expect("open");
+    let mut seen = 0;
+    let err = inspector
+        .import(&mut lines.join("\n").as_bytes(), &mut |n| seen = n)
+        .expect_err("the malformed line stops the import");
+    assert!(
+        matches!(err, InspectError::BadLine { line, .. } if line == bad_at),
+        "{err}"
+    );
+    assert_eq!(inspector.entry_count().expect("count"), (bad_at - 1) as u64);
+    assert_eq!(seen, (bad_at - 1) as u64);
+}
