@@ -29,14 +29,16 @@ use tokio_util::task::TaskTracker;
 use crate::controls::CacheControls;
 use crate::entry::{EntryMeta, StoredAnswer, Usage};
 use crate::error::{Error, ErrorKind};
-use crate::inflight::{InFlight, Role};
+use crate::inflight::{Flight, InFlight, Role};
 use crate::key::{
     BEHAVIOUR_HEADERS, CREDENTIAL_HEADERS, CacheKey, CanonicalBody, CredentialFingerprint,
     KeyParts, KeyPolicy,
 };
+use crate::live::LiveStream;
 use crate::memory::MemoryTier;
 use crate::metrics::{Levels, Metrics};
 use crate::route::{self, BypassReason, Route};
+use crate::sse::{Completion, EventSplitter, Verdict};
 use crate::store::{Counts, DiskStore, StoreLimits};
 use crate::upstream::{self, Timeouts, Upstream};
 
@@ -128,6 +130,7 @@ pub struct DedupBuilder {
     memory_bytes: u64,
     ttl: Duration,
     max_body: usize,
+    max_stream_bytes: usize,
     shared_cache: bool,
     key_policy: KeyPolicy,
     timeouts: Timeouts,
@@ -142,6 +145,7 @@ impl Default for DedupBuilder {
             memory_bytes: 256 * 1024 * 1024,
             ttl: Duration::from_secs(30 * 24 * 3600),
             max_body: 64 * 1024 * 1024,
+            max_stream_bytes: 32 * 1024 * 1024,
             shared_cache: false,
             key_policy: KeyPolicy::default(),
             timeouts: Timeouts::default(),
@@ -180,6 +184,13 @@ impl DedupBuilder {
     /// Largest request body accepted, in bytes. By default, 64 MiB.
     pub fn max_body(mut self, bytes: usize) -> Self {
         self.max_body = bytes;
+        self
+    }
+
+    /// Largest streamed answer stored, in bytes; a longer stream is passed on live but not
+    /// stored. By default, 32 MiB.
+    pub fn max_stream_bytes(mut self, bytes: usize) -> Self {
+        self.max_stream_bytes = bytes;
         self
     }
 
@@ -246,6 +257,7 @@ impl DedupBuilder {
                 shared_cache: self.shared_cache,
                 ttl: self.ttl,
                 max_body: self.max_body,
+                max_stream_bytes: self.max_stream_bytes,
                 key_policy: self.key_policy,
                 known_keys: moka::sync::Cache::new(KNOWN_KEYS),
                 metrics: Metrics::new(),
@@ -270,6 +282,7 @@ struct Inner {
     shared_cache: bool,
     ttl: Duration,
     max_body: usize,
+    max_stream_bytes: usize,
     key_policy: KeyPolicy,
     metrics: Metrics,
     /// Keys of requests seen before, by a digest of their exact bytes: a byte-identical repeat
@@ -289,9 +302,13 @@ enum FlightOutcome {
     },
     /// A complete non-2xx answer, passed on and never stored.
     Unstored(Arc<(StatusCode, HeaderMap, Bytes)>),
+    /// A 2xx streamed answer, shared live while it arrives (stored once complete).
+    Live(Arc<LiveStream>),
     /// No answer at all.
     Failed(Error),
 }
+
+type LeadFlight = Flight<CacheKey, FlightOutcome>;
 
 /// What the engine remembers about a cacheable request it has keyed before.
 struct KnownKey {
@@ -537,7 +554,7 @@ impl Dedup {
                     let inner = self.inner.clone();
                     let (out, meta, max_age) = (out.clone(), meta.clone(), controls.max_age);
                     self.inner.tasks.spawn(async move {
-                        let outcome = inner.resolve(&out, &meta, max_age).await;
+                        let outcome = inner.resolve(&out, &meta, max_age, &flight).await;
                         flight.complete(outcome);
                     });
                     (waiter, CacheStatus::Miss)
@@ -571,15 +588,21 @@ impl Dedup {
 
     /// Fetches a fresh answer outside the in-flight table and stores it.
     async fn refresh(&self, out: Outbound, meta: EntryMeta) -> Result<Answer, Error> {
+        // A flight of its own, outside the shared table: nobody joins a refresh.
+        let flight = InFlight::detached(meta.key);
+        let waiter = flight.waiter();
         let inner = self.inner.clone();
         let task_meta = meta.clone();
-        let task = self
-            .inner
-            .tasks
-            .spawn(async move { inner.fetch(&out, &task_meta).await });
-        let outcome = task
-            .await
-            .map_err(|e| Error::new(ErrorKind::Abandoned, format!("upstream call failed: {e}")))?;
+        self.inner.tasks.spawn(async move {
+            let outcome = inner.fetch(&out, &task_meta, &flight).await;
+            flight.complete(outcome);
+        });
+        let outcome = waiter.wait().await.map_err(|_| {
+            Error::new(
+                ErrorKind::Abandoned,
+                "the upstream call for this refresh was abandoned",
+            )
+        })?;
         self.inner.render(outcome, CacheStatus::Miss, &meta)
     }
 
@@ -724,6 +747,7 @@ impl Inner {
         out: &Outbound,
         meta: &EntryMeta,
         max_age: Option<Duration>,
+        flight: &LeadFlight,
     ) -> FlightOutcome {
         let cached = match self.lookup_memory(&meta.key, max_age).await {
             Some(entry) => Some(entry),
@@ -734,12 +758,14 @@ impl Inner {
                 entry,
                 fresh_headers: None,
             },
-            None => self.fetch(out, meta).await,
+            None => self.fetch(out, meta, flight).await,
         }
     }
 
-    /// Calls the upstream and stores a complete 2xx answer.
-    async fn fetch(&self, out: &Outbound, meta: &EntryMeta) -> FlightOutcome {
+    /// Calls the upstream and stores a complete 2xx answer. A streamed answer is published
+    /// on `flight` as soon as it starts, and the flight stays open until it ends, so that
+    /// identical requests arriving meanwhile join it live.
+    async fn fetch(&self, out: &Outbound, meta: &EntryMeta, flight: &LeadFlight) -> FlightOutcome {
         let sent = self
             .upstream
             .send(
@@ -757,6 +783,12 @@ impl Inner {
         };
         let status = response.status();
         let headers = upstream::response_headers(response.headers());
+        if status.is_success() && is_event_stream(&headers) {
+            let live = LiveStream::new(status, headers);
+            flight.publish(FlightOutcome::Live(live.clone()));
+            self.pump(response, &live, meta).await;
+            return FlightOutcome::Live(live);
+        }
         let body = match response.bytes().await {
             Ok(b) => b,
             Err(e) => return FlightOutcome::Failed(self.upstream.error(e)),
@@ -777,6 +809,50 @@ impl Inner {
             entry,
             fresh_headers: Some(Arc::new(headers)),
         }
+    }
+
+    /// Receives a streamed answer into `live`, event by event, and stores it if it completed
+    /// without error and within the size limit. A cut or failed stream is passed on as it
+    /// came and never stored.
+    async fn pump(&self, response: reqwest::Response, live: &LiveStream, meta: &EntryMeta) {
+        let mut split = EventSplitter::default();
+        let mut completion = Completion::new(meta.route);
+        let mut size = 0usize;
+        let mut body = response.bytes_stream();
+        let result = loop {
+            match body.next().await {
+                Some(Ok(chunk)) => {
+                    for event in split.push(&chunk) {
+                        completion.observe(&event);
+                        size += event.len();
+                        live.push(event);
+                    }
+                }
+                Some(Err(e)) => break Err(self.upstream.error(e)),
+                None => break Ok(()),
+            }
+        };
+        if let Some(rest) = split.rest() {
+            size += rest.len();
+            live.push(rest);
+        }
+        let verdict = completion.verdict();
+        if result.is_ok() && verdict == Verdict::Complete && size <= self.max_stream_bytes {
+            let mut entry =
+                StoredAnswer::from_upstream(meta, live.status, &live.headers, live.body());
+            entry.usage = completion.usage();
+            let entry = Arc::new(entry);
+            // Before the stream is finished and the flight ends: later requests find it.
+            self.memory.insert(entry.clone()).await;
+            if let Some(disk) = &self.disk {
+                if let Err(e) = disk.put(entry) {
+                    tracing::warn!(key = %meta.key, error = %crate::error::describe_chain(&e), "answer kept in memory only");
+                }
+            }
+        } else {
+            tracing::debug!(key = %meta.key, ?verdict, size, cut = result.is_err(), "stream not stored");
+        }
+        live.finish(result);
     }
 
     /// Counts one answered request, in the metrics and in the database's counters.
@@ -888,9 +964,34 @@ impl Inner {
                     .insert(CACHE_HEADER, HeaderValue::from_static(role.as_str()));
                 Ok(answer)
             }
+            FlightOutcome::Live(live) => {
+                self.record(
+                    Some(meta.route),
+                    meta.model.as_deref(),
+                    role,
+                    Usage::default(),
+                );
+                let mut headers = live.headers.clone();
+                headers.insert(CACHE_HEADER, HeaderValue::from_static(role.as_str()));
+                set_header(&mut headers, KEY_HEADER, &meta.key.to_hex());
+                Ok(Answer {
+                    status: live.status,
+                    headers,
+                    body: AnswerBody::Stream(live.subscribe()),
+                    cache: role,
+                    key: Some(meta.key),
+                })
+            }
             FlightOutcome::Failed(e) => Err(e),
         }
     }
+}
+
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"))
 }
 
 fn stored_answer(entry: &StoredAnswer, mut headers: HeaderMap, cache: CacheStatus) -> Answer {

@@ -85,6 +85,18 @@ impl<K: Eq + Hash + Clone, T: Clone> InFlight<K, T> {
         })
     }
 
+    /// A flight that nobody can join (for a request that must make its own upstream call).
+    pub fn detached(key: K) -> Flight<K, T> {
+        let table = InFlight::default();
+        let (tx, rx) = watch::channel(None);
+        table.lock().insert(key.clone(), rx);
+        Flight {
+            key,
+            table,
+            outcome: tx,
+        }
+    }
+
     /// Number of flights in progress.
     pub fn len(&self) -> usize {
         self.lock().len()
@@ -109,6 +121,12 @@ impl<K: Eq + Hash + Clone, T: Clone> Flight<K, T> {
         Waiter {
             outcome: self.outcome.subscribe(),
         }
+    }
+
+    /// Publishes an outcome to every waiter (and to callers joining later) without ending the
+    /// flight: for an answer that is still arriving, such as a stream.
+    pub fn publish(&self, outcome: T) {
+        self.outcome.send_replace(Some(outcome));
     }
 
     /// Publishes the outcome to every waiter, then ends the flight.

@@ -71,12 +71,14 @@ pub mod error;
 mod inflight;
 pub mod inspect;
 pub mod key;
+mod live;
 mod memory;
 mod metrics;
 #[cfg(feature = "middleware")]
 pub mod middleware;
 mod route;
 pub mod server;
+mod sse;
 mod store;
 mod upstream;
 

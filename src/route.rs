@@ -96,8 +96,6 @@ impl std::fmt::Display for Route {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum BypassReason {
-    /// The client asked for a streamed answer (`"stream": true`); streams pass through live.
-    Stream,
     /// A Responses request that reads or writes server-side state (`background`,
     /// `conversation`, `previous_response_id`, `store: true`).
     Stateful,
@@ -111,7 +109,6 @@ impl BypassReason {
     /// A short name for logs.
     pub fn as_str(self) -> &'static str {
         match self {
-            BypassReason::Stream => "stream",
             BypassReason::Stateful => "stateful",
             BypassReason::NoStore => "no-store",
             BypassReason::NotCacheable => "not-cacheable",
@@ -119,13 +116,11 @@ impl BypassReason {
     }
 }
 
-/// Decides, from the parsed body, whether a request on `route` may use the cache.
+/// Decides, from the parsed body, whether a request on `route` may use the cache. Streamed
+/// requests may: they are cached as their events.
 pub fn bypass_reason(route: Route, body: &Value) -> Option<BypassReason> {
     let truthy = |field: &str| matches!(body.get(field), Some(Value::Bool(true)));
     let present = |field: &str| !matches!(body.get(field), None | Some(Value::Null));
-    if truthy("stream") {
-        return Some(BypassReason::Stream);
-    }
     if route == Route::Responses
         && (truthy("background")
             || truthy("store")
@@ -187,12 +182,9 @@ mod tests {
     }
 
     #[test]
-    fn streams_and_stateful_responses_bypass() {
+    fn stateful_responses_bypass_and_streams_do_not() {
         let chat = Route::ChatCompletions;
-        assert_eq!(
-            bypass_reason(chat, &json!({"stream": true})),
-            Some(BypassReason::Stream)
-        );
+        assert_eq!(bypass_reason(chat, &json!({"stream": true})), None);
         assert_eq!(bypass_reason(chat, &json!({"stream": false})), None);
         // `store` on chat completions does not make a request stateful.
         assert_eq!(bypass_reason(chat, &json!({"store": true})), None);

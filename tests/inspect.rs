@@ -21,7 +21,7 @@ fn db_arg(db: &Path) -> &str {
 }
 
 /// A proxy on `db` that has answered: one chat request twice (miss, hit), one embedding
-/// (miss), one stream (bypass). Returns the proxy and the chat entry's key.
+/// (miss), one stateful Responses request (bypass). Returns the proxy and the chat key.
 async fn filled(upstream: &FakeUpstream, db: &Path) -> (Proxy, String) {
     let proxy = Proxy::with_db(upstream, db).await;
     let c = client();
@@ -45,10 +45,10 @@ async fn filled(upstream: &FakeUpstream, db: &Path) -> (Proxy, String) {
     );
     let emb = json!({"model": "text-embedding-3-small", "input": "x"}).to_string();
     post(&c, &proxy.url("/v1/embeddings"), emb, &[]).await;
-    let stream = json!({"model": "gpt-4o-mini", "stream": true,
-                        "messages": [{"role": "user", "content": "s"}]})
-    .to_string();
-    post(&c, &proxy.url("/v1/chat/completions"), stream, &[]).await;
+    let stateful =
+        json!({"model": "gpt-4o-mini", "input": "s", "previous_response_id": "resp_0"}).to_string();
+    let r = post(&c, &proxy.url("/v1/responses"), stateful, &[]).await;
+    assert_eq!(r.cache, "bypass");
     proxy.engine.flush().await.expect("flush");
     (proxy, first.key.expect("key"))
 }
@@ -90,7 +90,7 @@ async fn stats_list_and_show_report_what_the_proxy_did() {
         .expect("chat route");
     assert_eq!(
         (&chat_route["requests"], &chat_route["upstream_calls"]),
-        (&json!(3), &json!(2))
+        (&json!(2), &json!(1))
     );
     // The proxy's endpoint serves the same document.
     let served: Value = serde_json::from_slice(
@@ -372,7 +372,7 @@ async fn the_metrics_endpoint_serves_parseable_prometheus_text() {
         1.0
     );
     assert_eq!(
-        get(r#"llm_dedup_requests_total{route="chat.completions",cache="bypass"}"#),
+        get(r#"llm_dedup_requests_total{route="responses",cache="bypass"}"#),
         1.0
     );
     assert_eq!(

@@ -255,10 +255,16 @@ async fn streamed_answers_come_back_as_a_byte_stream() {
         .send(request("/v1/chat/completions", body))
         .await
         .expect("answer");
-    assert_eq!(answer.cache, CacheStatus::Bypass);
+    assert_eq!(answer.cache, CacheStatus::Miss);
     assert!(matches!(answer.body, AnswerBody::Stream(_)));
     let text = answer.into_bytes().await.expect("stream");
     assert!(text.ends_with(b"data: [DONE]\n\n"));
+    let again = engine
+        .send(request("/v1/chat/completions", body))
+        .await
+        .expect("answer");
+    assert_eq!(again.cache, CacheStatus::Hit);
+    assert_eq!(again.into_bytes().await.expect("replay"), text);
 }
 
 #[cfg(feature = "middleware")]

@@ -269,7 +269,7 @@ async fn what_is_not_cacheable_passes_through_unstored() {
 }
 
 #[tokio::test]
-async fn streams_pass_through_chunk_by_chunk() {
+async fn a_streamed_miss_reaches_the_client_event_by_event() {
     let upstream = FakeUpstream::start().await;
     upstream.state.hold.store(true, Ordering::SeqCst);
     let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
@@ -283,7 +283,7 @@ async fn streams_pass_through_chunk_by_chunk() {
         .send()
         .await
         .expect("sent");
-    assert_eq!(resp.headers()["llm-dedup-cache"], "bypass");
+    assert_eq!(resp.headers()["llm-dedup-cache"], "miss");
     assert!(
         resp.headers()["content-type"]
             .to_str()

@@ -35,6 +35,11 @@ pub struct FakeState {
     pub release: Notify,
     /// Signalled on every call received.
     pub arrived: Notify,
+    /// How streams end: 0 normally, 1 cut after the first event (connection dropped),
+    /// 2 with an error event after the first one.
+    pub stream_mode: std::sync::atomic::AtomicU8,
+    /// Delay between stream events, in milliseconds.
+    pub chunk_delay_ms: AtomicU64,
     /// Headers of the last request received.
     pub last_headers: Mutex<Option<HeaderMap>>,
     /// Bodies received, in order.
@@ -136,7 +141,8 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
         .to_owned();
     let path = parts.uri.path().to_owned();
     if streaming {
-        return stream_chat(state, n, model);
+        let usage = request.pointer("/stream_options/include_usage") == Some(&Value::Bool(true));
+        return stream(state, n, &path, model, usage);
     }
     let body = match path.as_str() {
         "/v1/chat/completions" => json!({
@@ -187,50 +193,139 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
         .into_response()
 }
 
-/// A chat completion stream: the first chunk at once, the rest after `release` when `hold`
-/// is set (so a test can prove the first chunk arrived before the stream ended).
-fn stream_chat(state: Arc<FakeState>, n: usize, model: String) -> Response {
-    let chunk = |delta: Value, finish: Value| {
-        Bytes::from(format!(
-            "data: {}\n\n",
-            json!({"id": format!("chatcmpl-{n}"), "object": "chat.completion.chunk",
-                   "created": 1_700_000_000, "model": model,
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
-        ))
-    };
-    let first = chunk(json!({"role": "assistant", "content": "Hel"}), Value::Null);
-    let rest = vec![
-        chunk(json!({"content": "lo"}), Value::Null),
-        chunk(json!({}), json!("stop")),
-        Bytes::from_static(b"data: [DONE]\n\n"),
-    ];
-    let stream = async_stream(state, first, rest);
+/// The events of a streamed answer in the framing of `path`, as the real APIs send them.
+pub fn stream_events(n: usize, path: &str, model: &str, usage: bool) -> Vec<String> {
+    let named = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n");
+    match path {
+        "/v1/responses" => vec![
+            named(
+                "response.created",
+                json!({"type": "response.created", "sequence_number": 0,
+                "response": {"id": format!("resp_{n}"), "status": "in_progress", "error": null}}),
+            ),
+            named(
+                "response.output_text.delta",
+                json!({"type": "response.output_text.delta",
+                "sequence_number": 1, "delta": "Hel"}),
+            ),
+            // An event type this proxy does not know: kept and replayed as it came.
+            named(
+                "response.x_future_event",
+                json!({"type": "response.x_future_event",
+                "sequence_number": 2}),
+            ),
+            named(
+                "response.output_text.delta",
+                json!({"type": "response.output_text.delta",
+                "sequence_number": 3, "delta": "lo"}),
+            ),
+            named(
+                "response.completed",
+                json!({"type": "response.completed", "sequence_number": 4,
+                "response": {"id": format!("resp_{n}"), "status": "completed",
+                             "usage": {"input_tokens": 8, "output_tokens": 2, "total_tokens": 10}}}),
+            ),
+        ],
+        "/v1/messages" => vec![
+            named(
+                "message_start",
+                json!({"type": "message_start", "message": {"id": format!("msg_{n}"),
+                "model": model, "usage": {"input_tokens": 12, "output_tokens": 1}}}),
+            ),
+            named(
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 0,
+                "content_block": {"type": "text", "text": ""}}),
+            ),
+            named("ping", json!({"type": "ping"})),
+            named(
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": 0,
+                "delta": {"type": "text_delta", "text": "Hello"}}),
+            ),
+            named(
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": 0}),
+            ),
+            named(
+                "message_delta",
+                json!({"type": "message_delta",
+                "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 5}}),
+            ),
+            named("message_stop", json!({"type": "message_stop"})),
+        ],
+        _ => {
+            let chunk = |delta: Value, finish: Value| {
+                format!(
+                    "data: {}\n\n",
+                    json!({"id": format!("chatcmpl-{n}"),
+                    "object": "chat.completion.chunk", "created": 1_700_000_000, "model": model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+                )
+            };
+            let mut events = vec![
+                chunk(json!({"role": "assistant", "content": "Hel"}), Value::Null),
+                chunk(json!({"content": "lo"}), Value::Null),
+                chunk(json!({}), json!("stop")),
+            ];
+            if usage {
+                events.push(format!(
+                    "data: {}\n\n",
+                    json!({"id": format!("chatcmpl-{n}"),
+                    "object": "chat.completion.chunk", "model": model, "choices": [],
+                    "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}})
+                ));
+            }
+            events.push("data: [DONE]\n\n".to_owned());
+            events
+        }
+    }
+}
+
+/// A streamed answer: the first event at once; the rest after `release` when `hold` is set
+/// (so a test can prove the first event arrived before the stream ended), `chunk_delay_ms`
+/// apart; cut or broken by an error event as `stream_mode` says.
+fn stream(state: Arc<FakeState>, n: usize, path: &str, model: String, usage: bool) -> Response {
+    let events = stream_events(n, path, &model, usage);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    tokio::spawn(async move {
+        let mut events = events.into_iter();
+        if let Some(first) = events.next() {
+            let _ = tx.send(Ok(Bytes::from(first))).await;
+        }
+        if state.hold.load(Ordering::SeqCst) {
+            state.release.notified().await;
+        }
+        match state.stream_mode.load(Ordering::SeqCst) {
+            1 => {
+                let _ = tx
+                    .send(Err(std::io::Error::other("connection dropped")))
+                    .await;
+                return;
+            }
+            2 => {
+                let error = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n";
+                let _ = tx.send(Ok(Bytes::from_static(error.as_bytes()))).await;
+            }
+            _ => {}
+        }
+        for event in events {
+            let delay = state.chunk_delay_ms.load(Ordering::SeqCst);
+            if delay > 0 {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+            }
+            let _ = tx.send(Ok(Bytes::from(event))).await;
+        }
+    });
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
     Response::builder()
         .status(StatusCode::OK)
         .header("content-type", "text/event-stream; charset=utf-8")
         .header("x-request-id", format!("req_{n}"))
-        .body(Body::from_stream(stream))
+        .body(Body::from_stream(body))
         .expect("response")
-}
-
-fn async_stream(
-    state: Arc<FakeState>,
-    first: Bytes,
-    rest: Vec<Bytes>,
-) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(8);
-    tokio::spawn(async move {
-        let _ = tx.send(Ok(first)).await;
-        if state.hold.load(Ordering::SeqCst) {
-            state.release.notified().await;
-        }
-        for c in rest {
-            let _ = tx.send(Ok(c)).await;
-        }
-    });
-    futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    })
 }
 
 /// The proxy, serving on a real port until stopped.

@@ -1,0 +1,270 @@
+//! Server-sent events: splitting a byte stream into events, and telling when a stream is
+//! complete.
+//!
+//! This module owns the knowledge of the three stream framings llm-dedup caches (Chat
+//! Completions and legacy completions: `data:` lines ending in `data: [DONE]`; the Responses
+//! API: named events ending in `response.completed`; Anthropic Messages: `message_start` ...
+//! `message_stop`, with `ping`s). It is pure: bytes in, events and verdicts out. Events are
+//! kept byte for byte, unknown event types included, so a replay is the stream as it came.
+
+use bytes::{Bytes, BytesMut};
+use serde_json::Value;
+
+use crate::entry::Usage;
+use crate::route::Route;
+
+/// Splits a byte stream into complete events, each with its terminating blank line.
+#[derive(Debug, Default)]
+pub struct EventSplitter {
+    pending: BytesMut,
+}
+
+impl EventSplitter {
+    /// Adds bytes and returns the events they complete.
+    pub fn push(&mut self, bytes: &[u8]) -> Vec<Bytes> {
+        self.pending.extend_from_slice(bytes);
+        let mut events = Vec::new();
+        while let Some(end) = event_end(&self.pending) {
+            events.push(self.pending.split_to(end).freeze());
+        }
+        events
+    }
+
+    /// What is left after the last complete event (a stream cut mid-event).
+    pub fn rest(&mut self) -> Option<Bytes> {
+        (!self.pending.is_empty()).then(|| self.pending.split().freeze())
+    }
+}
+
+/// The length of the first complete event in `buf` (through its blank line), if any.
+fn event_end(buf: &[u8]) -> Option<usize> {
+    // A blank line is two line ends in a row; a line end is \n, \r\n or \r.
+    let mut i = 0;
+    let mut line_was_empty = true;
+    while i < buf.len() {
+        let len = match buf[i] {
+            b'\n' => 1,
+            b'\r' if buf.get(i + 1) == Some(&b'\n') => 2,
+            b'\r' if i + 1 == buf.len() => return None, // might be the start of \r\n
+            b'\r' => 1,
+            _ => {
+                line_was_empty = false;
+                i += 1;
+                continue;
+            }
+        };
+        i += len;
+        if line_was_empty {
+            return Some(i);
+        }
+        line_was_empty = true;
+    }
+    None
+}
+
+/// The `event:` name and joined `data:` of one event.
+fn fields(event: &[u8]) -> (Option<String>, String) {
+    let text = String::from_utf8_lossy(event);
+    let mut name = None;
+    let mut data = Vec::new();
+    for line in text.lines() {
+        if let Some(v) = line.strip_prefix("event:") {
+            name = Some(v.trim().to_owned());
+        } else if let Some(v) = line.strip_prefix("data:") {
+            data.push(v.strip_prefix(' ').unwrap_or(v));
+        }
+    }
+    (name, data.join("\n"))
+}
+
+/// How a stream ended, as far as its events tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// No end marker yet.
+    Open,
+    /// Ended with the protocol's success marker and no error event.
+    Complete,
+    /// Carried an error event, or ended with a failure marker.
+    Failed,
+}
+
+/// Follows a stream's events and tells whether it completed; collects its token usage.
+#[derive(Debug)]
+pub struct Completion {
+    route: Route,
+    verdict: Verdict,
+    usage: Usage,
+}
+
+impl Completion {
+    /// A tracker for a stream on `route`.
+    pub fn new(route: Route) -> Completion {
+        Completion {
+            route,
+            verdict: Verdict::Open,
+            usage: Usage::default(),
+        }
+    }
+
+    /// Looks at the next event.
+    pub fn observe(&mut self, event: &[u8]) {
+        if self.verdict == Verdict::Failed {
+            return;
+        }
+        let (name, data) = fields(event);
+        let json: Option<Value> = serde_json::from_str(&data).ok();
+        let has_error = json
+            .as_ref()
+            .and_then(|j| j.get("error"))
+            .is_some_and(|e| !e.is_null());
+        if name.as_deref() == Some("error") || has_error {
+            self.verdict = Verdict::Failed;
+            return;
+        }
+        match self.route {
+            Route::ChatCompletions | Route::Completions => {
+                if data.trim() == "[DONE]" {
+                    self.verdict = Verdict::Complete;
+                } else if let Some(usage) = json.as_ref().and_then(|j| j.get("usage")) {
+                    self.take_usage(usage);
+                }
+            }
+            Route::Responses => match name.as_deref().unwrap_or("") {
+                "response.completed" => {
+                    self.verdict = Verdict::Complete;
+                    if let Some(u) = json.as_ref().and_then(|j| j.pointer("/response/usage")) {
+                        self.take_usage(u);
+                    }
+                }
+                "response.failed" | "response.incomplete" => self.verdict = Verdict::Failed,
+                _ => {}
+            },
+            Route::AnthropicMessages => match name.as_deref().unwrap_or("") {
+                "message_stop" => self.verdict = Verdict::Complete,
+                "message_start" => {
+                    if let Some(u) = json.as_ref().and_then(|j| j.pointer("/message/usage")) {
+                        self.take_usage(u);
+                    }
+                }
+                "message_delta" => {
+                    if let Some(u) = json.as_ref().and_then(|j| j.get("usage")) {
+                        self.take_usage(u);
+                    }
+                }
+                _ => {}
+            },
+            // Embeddings and moderations do not stream; nothing marks an end.
+            Route::Embeddings | Route::Moderations => {}
+        }
+    }
+
+    fn take_usage(&mut self, usage: &Value) {
+        let field = |names: &[&str]| names.iter().find_map(|n| usage.get(*n)?.as_u64());
+        if let Some(p) = field(&["prompt_tokens", "input_tokens"]) {
+            self.usage.prompt_tokens = Some(p);
+        }
+        if let Some(c) = field(&["completion_tokens", "output_tokens"]) {
+            self.usage.completion_tokens = Some(c);
+        }
+        self.usage.total_tokens = field(&["total_tokens"]).or(
+            match (self.usage.prompt_tokens, self.usage.completion_tokens) {
+                (Some(p), Some(c)) => Some(p + c),
+                (p, c) => p.or(c),
+            },
+        );
+    }
+
+    /// The verdict so far.
+    pub fn verdict(&self) -> Verdict {
+        self.verdict
+    }
+
+    /// Token usage reported by the stream.
+    pub fn usage(&self) -> Usage {
+        self.usage
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(route: Route, text: &str) -> (Vec<Bytes>, Verdict, Usage) {
+        let mut split = EventSplitter::default();
+        let mut done = Completion::new(route);
+        let mut events = Vec::new();
+        // Feed in awkward pieces: events split across chunks must come out whole.
+        for piece in text.as_bytes().chunks(7) {
+            for e in split.push(piece) {
+                done.observe(&e);
+                events.push(e);
+            }
+        }
+        events.extend(split.rest());
+        (events, done.verdict(), done.usage())
+    }
+
+    #[test]
+    fn chat_streams_end_with_done_and_report_usage() {
+        let text = "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n\
+                    data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1,\"total_tokens\":4}}\n\n\
+                    data: [DONE]\n\n";
+        let (events, verdict, usage) = run(Route::ChatCompletions, text);
+        assert_eq!(events.len(), 3);
+        assert_eq!(events.concat(), text.as_bytes(), "byte for byte");
+        assert_eq!(verdict, Verdict::Complete);
+        assert_eq!(usage.total_tokens, Some(4));
+    }
+
+    #[test]
+    fn cut_and_errored_streams_are_not_complete() {
+        let cut = "data: {\"choices\":[]}\n\ndata: {\"choi";
+        let (events, verdict, _) = run(Route::ChatCompletions, cut);
+        assert_eq!(verdict, Verdict::Open);
+        assert_eq!(events.concat(), cut.as_bytes(), "the partial event is kept");
+        let errored = "data: {\"choices\":[]}\n\ndata: {\"error\":{\"message\":\"boom\"}}\n\ndata: [DONE]\n\n";
+        assert_eq!(run(Route::ChatCompletions, errored).1, Verdict::Failed);
+    }
+
+    #[test]
+    fn responses_streams_end_with_a_terminal_event() {
+        let ok = "event: response.created\ndata: {\"response\":{\"error\":null}}\n\n\
+                  event: response.output_text.delta\ndata: {\"delta\":\"Hi\"}\n\n\
+                  event: response.completed\ndata: {\"response\":{\"usage\":{\"input_tokens\":5,\"output_tokens\":2}}}\n\n";
+        let (_, verdict, usage) = run(Route::Responses, ok);
+        assert_eq!((verdict, usage.total_tokens), (Verdict::Complete, Some(7)));
+        let failed = "event: response.failed\ndata: {}\n\n";
+        assert_eq!(run(Route::Responses, failed).1, Verdict::Failed);
+    }
+
+    #[test]
+    fn anthropic_streams_end_with_message_stop_and_keep_pings() {
+        let text = "event: message_start\ndata: {\"message\":{\"usage\":{\"input_tokens\":10,\"output_tokens\":1}}}\n\n\
+                    event: ping\ndata: {\"type\":\"ping\"}\n\n\
+                    event: content_block_delta\ndata: {\"delta\":{\"text\":\"Hi\"}}\n\n\
+                    event: message_delta\ndata: {\"usage\":{\"output_tokens\":6}}\n\n\
+                    event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        let (events, verdict, usage) = run(Route::AnthropicMessages, text);
+        assert_eq!(events.len(), 5);
+        assert_eq!(verdict, Verdict::Complete);
+        assert_eq!(
+            (usage.prompt_tokens, usage.completion_tokens),
+            (Some(10), Some(6))
+        );
+        let err = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\"}}\n\n";
+        assert_eq!(run(Route::AnthropicMessages, err).1, Verdict::Failed);
+    }
+
+    #[test]
+    fn crlf_framing_is_split_too() {
+        let text = "data: a\r\n\r\ndata: b\r\n\r\n";
+        let (events, _, _) = run(Route::ChatCompletions, text);
+        assert_eq!(
+            events,
+            vec![
+                Bytes::from("data: a\r\n\r\n"),
+                Bytes::from("data: b\r\n\r\n")
+            ]
+        );
+    }
+}
