@@ -45,3 +45,51 @@ pub async fn serve(app: Router) -> SocketAddr {
     tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
     addr
 }
+
+/// A chat completion stream of `events` chunks, as the API frames it, ending in `[DONE]`.
+pub fn sse_text(events: usize) -> String {
+    let mut text = String::new();
+    for i in 0..events {
+        text.push_str(&format!(
+            "data: {{\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"gpt-4o-mini\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"token{i} \"}},\"finish_reason\":null}}]}}\n\n"
+        ));
+    }
+    text.push_str("data: [DONE]\n\n");
+    text
+}
+
+/// An upstream that streams `events` chunks, `gap` apart, after `first` of "thinking".
+pub fn streaming_app(
+    events: usize,
+    first: std::time::Duration,
+    gap: std::time::Duration,
+) -> Router {
+    let text = sse_text(events);
+    let chunks: Vec<String> = text.split_inclusive("\n\n").map(str::to_owned).collect();
+    Router::new().fallback(move || {
+        let chunks = chunks.clone();
+        async move {
+            let stream = futures_util::stream::unfold(
+                (chunks.into_iter(), true),
+                move |(mut it, start)| async move {
+                    tokio::time::sleep(if start { first } else { gap }).await;
+                    it.next().map(|c| (Ok::<_, std::io::Error>(c), (it, false)))
+                },
+            );
+            (
+                [(CONTENT_TYPE, "text/event-stream")],
+                axum::body::Body::from_stream(stream),
+            )
+        }
+    })
+}
+
+/// A server answering every request with the same stream bytes, from memory (a shared
+/// buffer, as the cache's own replay uses: no copy per request).
+pub fn fixed_stream_app(text: String) -> Router {
+    let text = Bytes::from(text);
+    Router::new().fallback(move || {
+        let text = text.clone();
+        async move { ([(CONTENT_TYPE, "text/event-stream")], text) }
+    })
+}
