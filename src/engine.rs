@@ -316,6 +316,9 @@ struct KnownKey {
     model: Option<String>,
 }
 
+/// Growth of a flight's stream buffer between two updates of its memory reservation.
+const RESERVE_STEP: usize = 64 * 1024;
+
 /// Most request digests remembered in [`Inner::known_keys`] (about 100 bytes each).
 const KNOWN_KEYS: u64 = 65_536;
 
@@ -818,6 +821,7 @@ impl Inner {
         let mut split = EventSplitter::default();
         let mut completion = Completion::new(meta.route);
         let mut size = 0usize;
+        let mut reserved = 0usize;
         let mut body = response.bytes_stream();
         let result = loop {
             match body.next().await {
@@ -826,6 +830,12 @@ impl Inner {
                         completion.observe(&event);
                         size += event.len();
                         live.push(event);
+                    }
+                    // What the flight buffers counts against the memory bound, refreshed
+                    // every RESERVE_STEP bytes (small streams never reserve).
+                    if size - reserved >= RESERVE_STEP {
+                        reserved = size;
+                        self.memory.reserve(meta.key, size as u64).await;
                     }
                 }
                 Some(Err(e)) => break Err(self.upstream.error(e)),
@@ -851,6 +861,9 @@ impl Inner {
             }
         } else {
             tracing::debug!(key = %meta.key, ?verdict, size, cut = result.is_err(), "stream not stored");
+            if reserved > 0 {
+                self.memory.release(&meta.key).await;
+            }
         }
         live.finish(result);
     }

@@ -205,6 +205,10 @@ struct ServeArgs {
     #[arg(long, env = "LLM_DEDUP_SHARED_CACHE")]
     shared_cache: bool,
 
+    /// Largest streamed answer stored; a longer stream is passed on live but not stored.
+    #[arg(long, env = "LLM_DEDUP_MAX_STREAM", default_value = "32MiB")]
+    max_stream: ByteSize,
+
     /// Keep stored answers under this total size (e.g. 10GiB), removing the least recently
     /// used first [default: no bound]
     #[arg(long, env = "LLM_DEDUP_MAX_DISK")]
@@ -234,12 +238,15 @@ async fn serve(args: ServeArgs) -> Result<()> {
         None => default_db_path()?,
     };
     let max_body = usize::try_from(args.max_body.as_u64()).context("--max-body is too large")?;
+    let max_stream =
+        usize::try_from(args.max_stream.as_u64()).context("--max-stream is too large")?;
     let engine = Dedup::builder()
         .upstream(&args.upstream)
         .database(&db)
         .memory_bytes(args.memory.as_u64())
         .ttl(args.ttl)
         .max_body(max_body)
+        .max_stream_bytes(max_stream)
         .shared_cache(args.shared_cache)
         .max_disk(args.max_disk.map(|b| b.as_u64()))
         .build()

@@ -3,39 +3,72 @@
 //! This module owns the moka cache in front of the disk. Each entry weighs its size in bytes
 //! and expires at its own TTL. A lookup here never awaits I/O; it must stay that way, since
 //! the hit path of the whole product runs through it.
+//!
+//! A stream being received can reserve room under its key ([`MemoryTier::reserve`]), so the
+//! bytes buffered by a flight count against the same bound as stored answers: moka evicts
+//! answers to make room. The stored answer replaces the reservation under the same key; a
+//! reservation is never returned by a lookup.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use moka::Expiry;
 use moka::future::Cache;
+use moka::ops::compute::Op;
 
 use crate::entry::{StoredAnswer, unix_ms};
 use crate::key::CacheKey;
 
+/// What the memory tier holds under a key.
+#[derive(Clone)]
+enum Slot {
+    /// A stored answer.
+    Answer(Arc<StoredAnswer>),
+    /// Room held by a stream in flight: this many bytes buffered so far.
+    Reserved(u64),
+}
+
+impl Slot {
+    fn weight(&self) -> u32 {
+        let bytes = match self {
+            Slot::Answer(a) => a.size(),
+            Slot::Reserved(bytes) => *bytes,
+        };
+        u32::try_from(bytes).unwrap_or(u32::MAX)
+    }
+}
+
 /// Recent answers, bounded in bytes, each expiring at its own TTL.
 #[derive(Clone)]
 pub struct MemoryTier {
-    cache: Cache<CacheKey, Arc<StoredAnswer>>,
+    cache: Cache<CacheKey, Slot>,
 }
+
+/// How long a reservation lives if its stream never ends (its task was lost).
+const RESERVATION_TTL: Duration = Duration::from_secs(3600);
 
 struct ExpireAtEntryTtl;
 
-impl Expiry<CacheKey, Arc<StoredAnswer>> for ExpireAtEntryTtl {
+impl Expiry<CacheKey, Slot> for ExpireAtEntryTtl {
     fn expire_after_create(
         &self,
         _key: &CacheKey,
-        value: &Arc<StoredAnswer>,
+        value: &Slot,
         _created_at: Instant,
     ) -> Option<Duration> {
-        let left = value.expires_at - unix_ms(SystemTime::now());
-        Some(Duration::from_millis(u64::try_from(left).unwrap_or(0)))
+        match value {
+            Slot::Answer(a) => {
+                let left = a.expires_at - unix_ms(SystemTime::now());
+                Some(Duration::from_millis(u64::try_from(left).unwrap_or(0)))
+            }
+            Slot::Reserved(_) => Some(RESERVATION_TTL),
+        }
     }
 
     fn expire_after_update(
         &self,
         key: &CacheKey,
-        value: &Arc<StoredAnswer>,
+        value: &Slot,
         updated_at: Instant,
         _duration_until_expiry: Option<Duration>,
     ) -> Option<Duration> {
@@ -48,7 +81,7 @@ impl MemoryTier {
     pub fn new(max_bytes: u64) -> MemoryTier {
         let cache = Cache::builder()
             .max_capacity(max_bytes)
-            .weigher(|_k, v: &Arc<StoredAnswer>| u32::try_from(v.size()).unwrap_or(u32::MAX))
+            .weigher(|_k, v: &Slot| v.weight())
             .expire_after(ExpireAtEntryTtl)
             .build();
         MemoryTier { cache }
@@ -56,7 +89,9 @@ impl MemoryTier {
 
     /// The entry for `key` if present and not expired.
     pub async fn get(&self, key: &CacheKey) -> Option<Arc<StoredAnswer>> {
-        let found = self.cache.get(key).await?;
+        let Slot::Answer(found) = self.cache.get(key).await? else {
+            return None;
+        };
         // moka's expiry runs on a monotonic clock; check the wall clock too, so an entry is
         // never served past the `expires_at` that the disk tier and the inspector show.
         found.is_fresh(SystemTime::now()).then_some(found)
@@ -64,7 +99,25 @@ impl MemoryTier {
 
     /// Inserts or replaces the entry for its key.
     pub async fn insert(&self, entry: Arc<StoredAnswer>) {
-        self.cache.insert(entry.key, entry).await;
+        self.cache.insert(entry.key, Slot::Answer(entry)).await;
+    }
+
+    /// Holds `bytes` of room under `key` for a stream being received.
+    pub async fn reserve(&self, key: CacheKey, bytes: u64) {
+        self.cache.insert(key, Slot::Reserved(bytes)).await;
+    }
+
+    /// Gives back the room reserved under `key`, unless an answer has replaced it.
+    pub async fn release(&self, key: &CacheKey) {
+        self.cache
+            .entry_by_ref(key)
+            .and_compute_with(|slot| async move {
+                match slot.map(|e| e.into_value()) {
+                    Some(Slot::Reserved(_)) => Op::Remove,
+                    _ => Op::Nop,
+                }
+            })
+            .await;
     }
 
     /// Drops every entry.
@@ -125,6 +178,33 @@ mod tests {
             tier.weighted_bytes()
         );
         assert!(tier.entry_count() < 50);
+    }
+
+    #[tokio::test]
+    async fn reservations_count_against_the_bound_and_are_never_served() {
+        let tier = MemoryTier::new(100_000);
+        for i in 0..5u8 {
+            tier.insert(entry(i, 10_000, Duration::from_secs(60))).await;
+        }
+        let streaming = entry(9, 10, Duration::from_secs(60)).key;
+        tier.reserve(streaming, 80_000).await;
+        tier.run_pending_tasks().await;
+        assert!(
+            tier.weighted_bytes() <= 100_000,
+            "{}",
+            tier.weighted_bytes()
+        );
+        assert!(tier.entry_count() < 6, "answers made room for the stream");
+        assert_eq!(tier.get(&streaming).await, None);
+        tier.release(&streaming).await;
+        tier.run_pending_tasks().await;
+        assert!(tier.weighted_bytes() < 80_000);
+        // An answer that replaced the reservation is not released.
+        let done = entry(9, 10, Duration::from_secs(60));
+        tier.reserve(done.key, 1_000).await;
+        tier.insert(done.clone()).await;
+        tier.release(&done.key).await;
+        assert_eq!(tier.get(&done.key).await, Some(done));
     }
 
     #[tokio::test]
