@@ -182,7 +182,8 @@ impl Counts {
 #[derive(Default)]
 struct Pending {
     hits: HashMap<CacheKey, HitTally>,
-    counters: HashMap<(String, String), Counts>,
+    /// By route, then model: looked up by `&str`, so counting allocates only the first time.
+    counters: HashMap<String, HashMap<String, Counts>>,
 }
 
 type SharedPending = Arc<Mutex<Pending>>;
@@ -307,15 +308,14 @@ impl DiskStore {
     /// Adds `counts` to the counters of `route` and `model`, committed within a second.
     pub fn record_counts(&self, route: &str, model: &str, counts: &Counts) {
         let mut pending = self.inner.pending.lock().unwrap_or_else(|e| e.into_inner());
-        match pending
-            .counters
-            .get_mut(&(route.to_owned(), model.to_owned()))
-        {
+        let by_model = match pending.counters.get_mut(route) {
+            Some(m) => m,
+            None => pending.counters.entry(route.to_owned()).or_default(),
+        };
+        match by_model.get_mut(model) {
             Some(c) => c.add(counts),
             None => {
-                pending
-                    .counters
-                    .insert((route.to_owned(), model.to_owned()), *counts);
+                by_model.insert(model.to_owned(), *counts);
             }
         }
     }
@@ -754,7 +754,10 @@ fn commit_batch(
                 saved_prompt_tokens = saved_prompt_tokens + excluded.saved_prompt_tokens,
                 saved_completion_tokens = saved_completion_tokens + excluded.saved_completion_tokens",
         )?;
-        for ((route, model), c) in counted.counters {
+        let rows = counted.counters.into_iter().flat_map(|(route, models)| {
+            models.into_iter().map(move |(m, c)| (route.clone(), m, c))
+        });
+        for (route, model, c) in rows {
             count.execute(params![
                 route,
                 model,
