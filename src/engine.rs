@@ -24,11 +24,13 @@ use futures_util::{StreamExt, TryStreamExt, stream::BoxStream};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use serde_json::Value;
+use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use crate::controls::CacheControls;
 use crate::entry::{EntryMeta, StoredAnswer, Usage};
 use crate::error::{Error, ErrorKind};
+use crate::governor::{self, Disposition, Governor, GovernorSettings};
 use crate::inflight::{Flight, InFlight, Role};
 use crate::key::{
     BEHAVIOUR_HEADERS, CREDENTIAL_HEADERS, CacheKey, CanonicalBody, CredentialFingerprint,
@@ -135,6 +137,7 @@ pub struct DedupBuilder {
     key_policy: KeyPolicy,
     timeouts: Timeouts,
     store_limits: StoreLimits,
+    governor: GovernorSettings,
 }
 
 impl Default for DedupBuilder {
@@ -150,6 +153,7 @@ impl Default for DedupBuilder {
             key_policy: KeyPolicy::default(),
             timeouts: Timeouts::default(),
             store_limits: StoreLimits::default(),
+            governor: GovernorSettings::default(),
         }
     }
 }
@@ -221,6 +225,13 @@ impl DedupBuilder {
         self
     }
 
+    /// Pacing under the provider's limits and retries of its refusals. By default,
+    /// [`GovernorSettings::default`]: budgets learned from the upstream's headers.
+    pub fn governor(mut self, settings: GovernorSettings) -> Self {
+        self.governor = settings;
+        self
+    }
+
     /// Upstream connect and read timeouts. By default, [`Timeouts::default`].
     pub fn timeouts(mut self, timeouts: Timeouts) -> Self {
         self.timeouts = timeouts;
@@ -261,6 +272,7 @@ impl DedupBuilder {
                 key_policy: self.key_policy,
                 known_keys: moka::sync::Cache::new(KNOWN_KEYS),
                 metrics: Metrics::new(),
+                governor: Governor::new(self.governor),
                 tasks: TaskTracker::new(),
             }),
         })
@@ -284,6 +296,7 @@ struct Inner {
     max_body: usize,
     max_stream_bytes: usize,
     key_policy: KeyPolicy,
+    governor: Governor,
     metrics: Metrics,
     /// Keys of requests seen before, by a digest of their exact bytes: a byte-identical repeat
     /// (the common case: SDK retries, re-run jobs) skips JSON parsing and canonicalization.
@@ -314,6 +327,7 @@ type LeadFlight = Flight<CacheKey, FlightOutcome>;
 struct KnownKey {
     key: CacheKey,
     model: Option<String>,
+    estimate: u32,
 }
 
 /// Growth of a flight's stream buffer between two updates of its memory reservation.
@@ -329,6 +343,23 @@ struct Outbound {
     path_and_query: String,
     headers: HeaderMap,
     body: Bytes,
+    /// The rate-limit budget it draws on: a salted hash of its credential headers.
+    partition: [u8; 32],
+    /// Tokens the provider will charge up front, roughly.
+    estimate: u32,
+}
+
+/// What came back from the upstream through the governor.
+enum Upstreamed {
+    /// A 2xx (or 3xx) answer, body not yet read (it may be a stream).
+    Success(reqwest::Response),
+    /// Any other answer, read whole; `final_reason` when waiting cannot fix it.
+    Refused {
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+        final_reason: Option<&'static str>,
+    },
 }
 
 impl Dedup {
@@ -381,7 +412,8 @@ impl Dedup {
                     BypassReason::NotCacheable
                 };
                 let stream = limited.into_data_stream();
-                let outbound = (parts.method, path_and_query, parts.headers);
+                let partition = self.partition(&parts.headers);
+                let outbound = (parts.method, path_and_query, parts.headers, partition);
                 let body = reqwest::Body::wrap_stream(stream);
                 let passed = self.pass_through(outbound, body, (route, None, reason));
                 return Box::pin(passed).await;
@@ -398,16 +430,20 @@ impl Dedup {
                 )
             }
         })?;
-        let outbound = Outbound {
+        let partition = self.partition(&parts.headers);
+        let mut outbound = Outbound {
             method: parts.method,
             path_and_query,
             headers: parts.headers,
             body: body.to_bytes(),
+            partition,
+            estimate: 0,
         };
         let exact = self.exact_digest(&outbound, &controls.namespace);
         let ttl = controls.ttl.unwrap_or(self.inner.ttl);
         if let Some(known) = self.inner.known_keys.get(&exact) {
             // These exact bytes were parsed, found cacheable and keyed before.
+            outbound.estimate = known.estimate;
             let meta = EntryMeta {
                 key: known.key,
                 namespace: controls.namespace.clone(),
@@ -429,8 +465,14 @@ impl Dedup {
                 "the request body must be a JSON object",
             ));
         }
+        outbound.estimate = governor::estimate_tokens(outbound.body.len(), &value);
         if let Some(reason) = route::bypass_reason(route, &value) {
-            let triple = (outbound.method, outbound.path_and_query, outbound.headers);
+            let triple = (
+                outbound.method,
+                outbound.path_and_query,
+                outbound.headers,
+                outbound.partition,
+            );
             let why = (Some(route), route::model_of(&triple.1, &value), reason);
             return Box::pin(self.pass_through(triple, outbound.body.into(), why)).await;
         }
@@ -446,6 +488,7 @@ impl Dedup {
             Arc::new(KnownKey {
                 key: meta.key,
                 model: meta.model.clone(),
+                estimate: outbound.estimate,
             }),
         );
         self.cached_or_fetched(outbound, meta, &controls).await
@@ -474,6 +517,17 @@ impl Dedup {
         }
         part(&out.body);
         *blake3::hash(&preimage).as_bytes()
+    }
+
+    /// The rate-limit budget a request draws on: its credential headers, salted and hashed
+    /// (providers count limits per key, organization and project, whether or not the cache is
+    /// shared).
+    fn partition(&self, headers: &HeaderMap) -> [u8; 32] {
+        let credentials = headers
+            .iter()
+            .filter(|(name, _)| CREDENTIAL_HEADERS.contains(&name.as_str()))
+            .map(|(name, value)| (name.as_str(), value.as_bytes()));
+        CredentialFingerprint::new(&self.inner.salt, credentials).bytes()
     }
 
     /// The cache key of a request with this route, body and namespace.
@@ -611,16 +665,28 @@ impl Dedup {
 
     async fn pass_through(
         &self,
-        (method, path_and_query, headers): (Method, String, HeaderMap),
+        (method, path_and_query, headers, partition): (Method, String, HeaderMap, [u8; 32]),
         body: reqwest::Body,
         (route, model, reason): (Option<Route>, Option<String>, BypassReason),
     ) -> Result<Answer, Error> {
         tracing::debug!(path = %path_and_query.split('?').next().unwrap_or(""), reason = reason.as_str(), "bypassing the cache");
-        let sent = self
-            .inner
+        // Paced like everything else, but sent once: its body may be a stream that cannot be
+        // sent again.
+        let inner = &self.inner;
+        let deadline = Instant::now() + inner.governor.settings().max_queue_wait;
+        let permit = inner
+            .governor
+            .acquire(&partition, 0, deadline)
+            .await
+            .map_err(Error::queue_full)?;
+        let sent = inner
             .upstream
             .send(&method, &path_and_query, &headers, body)
             .await;
+        if let Ok(response) = &sent {
+            inner.governor.observe(&partition, response.headers());
+        }
+        drop(permit);
         let status = sent.as_ref().ok().map(|r| r.status());
         self.inner.upstream_called(route, model.as_deref(), status);
         let response = sent?;
@@ -769,19 +835,24 @@ impl Inner {
     /// on `flight` as soon as it starts, and the flight stays open until it ends, so that
     /// identical requests arriving meanwhile join it live.
     async fn fetch(&self, out: &Outbound, meta: &EntryMeta, flight: &LeadFlight) -> FlightOutcome {
-        let sent = self
-            .upstream
-            .send(
-                &out.method,
-                &out.path_and_query,
-                &out.headers,
-                out.body.clone().into(),
-            )
-            .await;
-        let status = sent.as_ref().ok().map(|r| r.status());
-        self.upstream_called(Some(meta.route), meta.model.as_deref(), status);
-        let response = match sent {
-            Ok(r) => r,
+        let response = match self.send_governed(out, meta).await {
+            Ok(Upstreamed::Success(r)) => r,
+            Ok(Upstreamed::Refused {
+                status,
+                mut headers,
+                body,
+                final_reason,
+            }) => {
+                if final_reason.is_some() {
+                    // The official SDKs would retry some of these; waiting cannot help.
+                    headers.insert(
+                        http::header::HeaderName::from_static("x-should-retry"),
+                        HeaderValue::from_static("false"),
+                    );
+                }
+                tracing::debug!(key = %meta.key, status = status.as_u16(), "upstream answer not stored");
+                return FlightOutcome::Unstored(Arc::new((status, headers, body)));
+            }
             Err(e) => return FlightOutcome::Failed(e),
         };
         let status = response.status();
@@ -789,7 +860,7 @@ impl Inner {
         if status.is_success() && is_event_stream(&headers) {
             let live = LiveStream::new(status, headers);
             flight.publish(FlightOutcome::Live(live.clone()));
-            self.pump(response, &live, meta).await;
+            self.pump(response, &live, meta, out).await;
             return FlightOutcome::Live(live);
         }
         let body = match response.bytes().await {
@@ -797,10 +868,11 @@ impl Inner {
             Err(e) => return FlightOutcome::Failed(self.upstream.error(e)),
         };
         if !status.is_success() {
-            tracing::debug!(key = %meta.key, status = status.as_u16(), "upstream answer not stored");
             return FlightOutcome::Unstored(Arc::new((status, headers, body)));
         }
         let entry = Arc::new(StoredAnswer::from_upstream(meta, status, &headers, body));
+        self.governor
+            .settle(&out.partition, out.estimate, entry.usage.total_tokens);
         // Memory first: once the flight ends, later requests must find the answer here.
         self.memory.insert(entry.clone()).await;
         if let Some(disk) = &self.disk {
@@ -814,10 +886,113 @@ impl Inner {
         }
     }
 
+    /// Sends a request through the governor: waits in line for budget, learns the budget from
+    /// the answer, and waits out refusals worth waiting out (pausing the whole budget) until
+    /// the retry budget is spent; then the last answer is handed on as it came.
+    async fn send_governed(&self, out: &Outbound, meta: &EntryMeta) -> Result<Upstreamed, Error> {
+        let settings = *self.governor.settings();
+        let (route, model) = (Some(meta.route), meta.model.as_deref());
+        let mut waited = Duration::ZERO;
+        let mut attempt = 0u32;
+        loop {
+            let deadline = Instant::now() + settings.max_queue_wait;
+            let permit = self
+                .governor
+                .acquire(&out.partition, out.estimate, deadline)
+                .await
+                .map_err(Error::queue_full)?;
+            let sent = self
+                .upstream
+                .send(
+                    &out.method,
+                    &out.path_and_query,
+                    &out.headers,
+                    out.body.clone().into(),
+                )
+                .await;
+            if let Ok(response) = &sent {
+                self.governor.observe(&out.partition, response.headers());
+            }
+            // After observing: a probe holds the line until the budget is known.
+            drop(permit);
+            self.upstream_called(route, model, sent.as_ref().ok().map(|r| r.status()));
+            let (wait, last) = match sent {
+                Ok(response) => {
+                    let status = response.status();
+                    if status.is_success() || status.is_redirection() {
+                        return Ok(Upstreamed::Success(response));
+                    }
+                    let headers = upstream::response_headers(response.headers());
+                    let body = match response.bytes().await {
+                        Ok(b) => b,
+                        Err(e) => return Err(self.upstream.error(e)),
+                    };
+                    let disposition = governor::classify(status, &body);
+                    let final_reason = match disposition {
+                        Disposition::Final(why) => Some(why),
+                        _ => None,
+                    };
+                    let wait = governor::retry_after(&headers)
+                        .unwrap_or_else(|| governor::backoff(attempt));
+                    let last = Upstreamed::Refused {
+                        status,
+                        headers,
+                        body,
+                        final_reason,
+                    };
+                    if let Some(why) = final_reason {
+                        tracing::info!(
+                            status = status.as_u16(),
+                            why,
+                            "not retrying the upstream's refusal"
+                        );
+                        return Ok(last);
+                    }
+                    if disposition == Disposition::Deliver {
+                        return Ok(last);
+                    }
+                    (wait, Ok(last))
+                }
+                Err(e) => (governor::backoff(attempt), Err(e)),
+            };
+            if waited + wait > settings.retry_budget {
+                tracing::info!(waited = ?waited, "retry budget spent; passing the upstream's answer on");
+                return last;
+            }
+            let refused_429 = matches!(&last, Ok(Upstreamed::Refused { status, .. }) if *status == StatusCode::TOO_MANY_REQUESTS);
+            self.refusal_absorbed(route, model, refused_429);
+            self.governor.pause(&out.partition, wait);
+            waited += wait;
+            attempt += 1;
+        }
+    }
+
+    /// Counts a refusal that will be waited out and retried.
+    fn refusal_absorbed(&self, route: Option<Route>, model: Option<&str>, was_429: bool) {
+        self.metrics.retried(was_429);
+        if let Some(disk) = &self.disk {
+            let counts = Counts {
+                upstream_429s: i64::from(was_429),
+                ..Counts::default()
+            };
+            disk.record_counts(
+                route.map_or("other", Route::as_str),
+                model.unwrap_or(""),
+                &counts,
+            );
+        }
+    }
+
     /// Receives a streamed answer into `live`, event by event, and stores it if it completed
     /// without error and within the size limit. A cut or failed stream is passed on as it
     /// came and never stored.
-    async fn pump(&self, response: reqwest::Response, live: &LiveStream, meta: &EntryMeta) {
+    async fn pump(
+        &self,
+        response: reqwest::Response,
+        live: &LiveStream,
+        meta: &EntryMeta,
+        out: &Outbound,
+    ) {
         let mut split = EventSplitter::default();
         let mut completion = Completion::new(meta.route);
         let mut size = 0usize;
@@ -847,6 +1022,11 @@ impl Inner {
             live.push(rest);
         }
         let verdict = completion.verdict();
+        self.governor.settle(
+            &out.partition,
+            out.estimate,
+            completion.usage().total_tokens,
+        );
         if result.is_ok() && verdict == Verdict::Complete && size <= self.max_stream_bytes {
             let mut entry =
                 StoredAnswer::from_upstream(meta, live.status, &live.headers, live.body());

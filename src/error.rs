@@ -24,6 +24,8 @@ pub enum ErrorKind {
     UpstreamTimeout,
     /// The flight this request waited on ended without an outcome.
     Abandoned,
+    /// The request waited in the queue for the upstream's budget longer than allowed.
+    QueueFull,
     /// The cache itself failed (database, configuration).
     Cache,
 }
@@ -46,6 +48,7 @@ pub struct Error {
     kind: ErrorKind,
     message: String,
     source: Option<Arc<dyn StdError + Send + Sync>>,
+    retry_after: Option<std::time::Duration>,
 }
 
 impl Error {
@@ -54,7 +57,27 @@ impl Error {
             kind,
             message: message.into(),
             source: None,
+            retry_after: None,
         }
+    }
+
+    pub(crate) fn queue_full(full: crate::governor::QueueFull) -> Error {
+        let wait = full.retry_after.min(std::time::Duration::from_secs(60));
+        Error {
+            retry_after: Some(wait),
+            ..Error::new(
+                ErrorKind::QueueFull,
+                format!(
+                    "llm-dedup's queue for the upstream's rate limit is full; retry in {} s",
+                    wait.as_secs().max(1)
+                ),
+            )
+        }
+    }
+
+    /// How long to wait before sending the request again, when known.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        self.retry_after
     }
 
     pub(crate) fn with_source(
@@ -66,6 +89,7 @@ impl Error {
             kind,
             message: message.into(),
             source: Some(Arc::new(source)),
+            retry_after: None,
         }
     }
 
@@ -80,9 +104,10 @@ impl Error {
             ErrorKind::InvalidRequest | ErrorKind::BodyTooLarge | ErrorKind::NotCached => {
                 Origin::Request
             }
-            ErrorKind::UpstreamUnreachable | ErrorKind::UpstreamTimeout | ErrorKind::Abandoned => {
-                Origin::Upstream
-            }
+            ErrorKind::UpstreamUnreachable
+            | ErrorKind::UpstreamTimeout
+            | ErrorKind::Abandoned
+            | ErrorKind::QueueFull => Origin::Upstream,
             ErrorKind::Cache => Origin::Cache,
         }
     }

@@ -335,6 +335,11 @@ impl CredentialFingerprint {
     /// The fingerprint used with a shared cache: every caller gets the same one.
     pub const SHARED: CredentialFingerprint = CredentialFingerprint(None);
 
+    /// The fingerprint's bytes (all zero for [`CredentialFingerprint::SHARED`]).
+    pub fn bytes(&self) -> [u8; 32] {
+        self.0.unwrap_or([0; 32])
+    }
+
     /// Fingerprints the credential headers `(lowercase name, value)` under `salt`. Headers not
     /// in [`CREDENTIAL_HEADERS`] are ignored; the order of `headers` does not matter.
     pub fn new<'a, I>(salt: &[u8; 32], headers: I) -> CredentialFingerprint

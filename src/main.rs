@@ -209,6 +209,29 @@ struct ServeArgs {
     #[arg(long, env = "LLM_DEDUP_MAX_STREAM", default_value = "32MiB")]
     max_stream: ByteSize,
 
+    /// Requests per minute never to exceed upstream, per credential [default: learned from
+    /// the upstream's rate-limit headers]
+    #[arg(long, env = "LLM_DEDUP_RPM")]
+    rpm: Option<u32>,
+
+    /// Tokens per minute never to exceed upstream, per credential [default: learned from the
+    /// upstream's rate-limit headers]
+    #[arg(long, env = "LLM_DEDUP_TPM")]
+    tpm: Option<u32>,
+
+    /// Total time one request may spend waiting out upstream refusals (429, 5xx, ...) before
+    /// the last answer is passed on as it came.
+    #[arg(long, env = "LLM_DEDUP_RETRY_BUDGET", default_value = "60s", value_parser = parse_duration)]
+    retry_budget: Duration,
+
+    /// Longest a request waits in line for upstream budget before it is answered 429.
+    #[arg(long, env = "LLM_DEDUP_MAX_QUEUE_WAIT", default_value = "60s", value_parser = parse_duration)]
+    max_queue_wait: Duration,
+
+    /// Most upstream calls at the same time [default: no bound]
+    #[arg(long, env = "LLM_DEDUP_MAX_CONCURRENCY")]
+    max_concurrency: Option<usize>,
+
     /// Keep stored answers under this total size (e.g. 10GiB), removing the least recently
     /// used first [default: no bound]
     #[arg(long, env = "LLM_DEDUP_MAX_DISK")]
@@ -249,6 +272,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .max_stream_bytes(max_stream)
         .shared_cache(args.shared_cache)
         .max_disk(args.max_disk.map(|b| b.as_u64()))
+        .governor(llm_dedup::GovernorSettings {
+            rpm: args.rpm,
+            tpm: args.tpm,
+            retry_budget: args.retry_budget,
+            max_queue_wait: args.max_queue_wait,
+            max_concurrency: args.max_concurrency,
+        })
         .build()
         .context("cannot start the cache")?;
     let listener = tokio::net::TcpListener::bind(args.listen)

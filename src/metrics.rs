@@ -42,10 +42,9 @@ pub(crate) struct Metrics {
     memory_entries: Gauge,
     write_queue: Gauge,
     in_flight: Gauge,
-    // Registered so dashboards can be built on stable names; they stay at zero until the
-    // governor (pacing and retries under the provider's limits) exists.
-    _absorbed_429: Counter,
-    _retries: Counter,
+    absorbed_429: Counter,
+    retries: Counter,
+    // Registered under a stable name; not yet observed (the queue wait is not timed).
     _queue_wait: Histogram,
 }
 
@@ -121,8 +120,8 @@ impl Metrics {
             queue_wait.clone(),
         );
         Metrics {
-            _absorbed_429: absorbed_429,
-            _retries: retries,
+            absorbed_429,
+            retries,
             _queue_wait: queue_wait,
             registry,
             requests,
@@ -152,6 +151,14 @@ impl Metrics {
                     .get_or_create(&TokenLabels { kind })
                     .inc_by(n);
             }
+        }
+    }
+
+    /// Counts a refusal that will be waited out and retried.
+    pub(crate) fn retried(&self, was_429: bool) {
+        self.retries.inc();
+        if was_429 {
+            self.absorbed_429.inc();
         }
     }
 

@@ -148,6 +148,11 @@ pub fn error_response(e: &Error) -> Response {
             "upstream_error",
             "upstream_timeout",
         ),
+        ErrorKind::QueueFull => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_exceeded",
+            "queue_full",
+        ),
         ErrorKind::UpstreamUnreachable | ErrorKind::Abandoned => (
             StatusCode::BAD_GATEWAY,
             "upstream_error",
@@ -171,6 +176,13 @@ pub fn error_response(e: &Error) -> Response {
         header::HeaderName::from_static("x-should-retry"),
         HeaderValue::from_static(if e.is_retryable() { "true" } else { "false" }),
     );
+    if let Some(wait) = e.retry_after() {
+        // Whole seconds, at most 60: the official SDKs honour that exactly.
+        let secs = wait.as_secs_f64().ceil().clamp(1.0, 60.0) as u64;
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, secs.into());
+    }
     response
 }
 

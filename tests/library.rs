@@ -223,6 +223,10 @@ async fn errors_say_whose_fault_they_are() {
 
     let dead = Dedup::builder()
         .upstream("http://127.0.0.1:9")
+        .governor(llm_dedup::GovernorSettings {
+            retry_budget: Duration::ZERO,
+            ..llm_dedup::GovernorSettings::default()
+        })
         .build()
         .expect("engine");
     let e = dead

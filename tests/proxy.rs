@@ -437,14 +437,22 @@ async fn bad_input_gets_a_clear_error_and_loses_nothing() {
     proxy.stop().await;
 }
 
+/// Waiting out refusals for at most `ms` milliseconds, so failures surface quickly.
+fn short_retries(ms: u64) -> llm_dedup::GovernorSettings {
+    llm_dedup::GovernorSettings {
+        retry_budget: Duration::from_millis(ms),
+        ..llm_dedup::GovernorSettings::default()
+    }
+}
+
 #[tokio::test]
 async fn upstream_failures_are_clear_and_never_stored() {
     let c = client();
-    // Down: nothing listens there.
+    // Down: nothing listens there. Retried within the retry budget, then a clear 502.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let dead = format!("http://{}", closed.local_addr().expect("addr"));
     drop(closed);
-    let proxy = Proxy::start(Dedup::builder().upstream(dead)).await;
+    let proxy = Proxy::start(Dedup::builder().upstream(dead).governor(short_retries(300))).await;
     let r = post(&c, &proxy.url("/v1/chat/completions"), chat("x"), &[]).await;
     assert_eq!(r.status, 502);
     assert_eq!(r.body["error"]["code"], "upstream_unreachable");
@@ -454,30 +462,41 @@ async fn upstream_failures_are_clear_and_never_stored() {
     // Slow: past the read timeout.
     let upstream = FakeUpstream::start().await;
     upstream.state.delay_ms.store(2_000, Ordering::SeqCst);
-    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url()).timeouts(
-        llm_dedup::Timeouts {
-            connect: Duration::from_secs(1),
-            read: Duration::from_millis(200),
-        },
-    ))
+    let proxy = Proxy::start(
+        Dedup::builder()
+            .upstream(upstream.url())
+            .governor(short_retries(0))
+            .timeouts(llm_dedup::Timeouts {
+                connect: Duration::from_secs(1),
+                read: Duration::from_millis(200),
+            }),
+    )
     .await;
     let r = post(&c, &proxy.url("/v1/chat/completions"), chat("x"), &[]).await;
     assert_eq!(r.status, 504);
     assert_eq!(r.body["error"]["code"], "upstream_timeout");
     proxy.stop().await;
 
-    // Failing: the 500 reaches the client as the upstream sent it, and is not stored.
+    // Failing: the 500 is retried within the retry budget, then reaches the client as the
+    // upstream sent it, and is not stored.
     let upstream = FakeUpstream::start().await;
     upstream.state.fail_status.store(500, Ordering::SeqCst);
-    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let proxy = Proxy::start(
+        Dedup::builder()
+            .upstream(upstream.url())
+            .governor(short_retries(1_200)),
+    )
+    .await;
     let url = proxy.url("/v1/chat/completions");
     let r = post(&c, &url, chat("x"), &[]).await;
     assert_eq!(r.status, 500);
     assert_eq!(r.body["error"]["type"], "server_error");
+    let tried = upstream.calls();
+    assert!(tried >= 2, "a 500 is worth retrying ({tried} calls)");
     upstream.state.fail_status.store(0, Ordering::SeqCst);
     let r = post(&c, &url, chat("x"), &[]).await;
     assert_eq!((r.status, r.cache.as_str()), (200, "miss"));
-    assert_eq!(upstream.calls(), 2);
+    assert_eq!(upstream.calls(), tried + 1);
     proxy.stop().await;
 }
 

@@ -40,6 +40,17 @@ pub struct FakeState {
     pub stream_mode: std::sync::atomic::AtomicU8,
     /// Delay between stream events, in milliseconds.
     pub chunk_delay_ms: AtomicU64,
+    /// Requests per second allowed (0: no limit); past it, 429 with `retry-after-ms`.
+    pub limit_per_sec: std::sync::atomic::AtomicU32,
+    limiter: Mutex<Option<(f64, std::time::Instant)>>,
+    /// 429s answered.
+    pub refusals: AtomicUsize,
+    /// Answer every call 429 `insufficient_quota`.
+    pub quota_exhausted: std::sync::atomic::AtomicBool,
+    /// Refuse this many calls with 429 `rate_limit_exceeded`, asking to wait 300 ms as
+    /// `retry_style` says: 0 `retry-after-ms`, 1 `retry-after` seconds (1 s), 2 an HTTP date.
+    pub refuse_next: AtomicUsize,
+    pub retry_style: std::sync::atomic::AtomicU8,
     /// Headers of the last request received.
     pub last_headers: Mutex<Option<HeaderMap>>,
     /// Bodies received, in order.
@@ -105,6 +116,69 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
     let delay = state.delay_ms.load(Ordering::SeqCst);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    let mut rate_headers: Vec<(&'static str, String)> = vec![
+        ("x-ratelimit-limit-requests", "10000".into()),
+        ("x-ratelimit-remaining-requests", "9999".into()),
+        ("x-ratelimit-reset-requests", "6ms".into()),
+    ];
+    if state.quota_exhausted.load(Ordering::SeqCst) {
+        state.refusals.fetch_add(1, Ordering::SeqCst);
+        return refusal(
+            json!({"error": {"message": "You exceeded your current quota, please check your plan and billing details.",
+            "type": "insufficient_quota", "param": null, "code": "insufficient_quota"}}),
+            vec![],
+        );
+    }
+    if state
+        .refuse_next
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        state.refusals.fetch_add(1, Ordering::SeqCst);
+        let retry = match state.retry_style.load(Ordering::SeqCst) {
+            0 => ("retry-after-ms", "300".to_owned()),
+            1 => ("retry-after", "1".to_owned()),
+            _ => (
+                "retry-after",
+                httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(1)),
+            ),
+        };
+        return refusal(rate_limited(), vec![retry]);
+    }
+    let limit = state.limit_per_sec.load(Ordering::SeqCst);
+    if limit > 0 {
+        let limit = f64::from(limit);
+        let mut limiter = state.limiter.lock().expect("lock");
+        let now = std::time::Instant::now();
+        let (tokens, at) = limiter.unwrap_or((limit, now));
+        let tokens = (tokens + now.duration_since(at).as_secs_f64() * limit).min(limit);
+        let reset = |tokens: f64| format!("{}ms", (((limit - tokens) / limit) * 1000.0).ceil());
+        if tokens < 1.0 {
+            *limiter = Some((tokens, now));
+            drop(limiter);
+            state.refusals.fetch_add(1, Ordering::SeqCst);
+            let wait_ms = ((1.0 - tokens) / limit * 1000.0).ceil();
+            return refusal(
+                rate_limited(),
+                vec![
+                    ("retry-after-ms", format!("{wait_ms}")),
+                    ("x-ratelimit-limit-requests", format!("{limit}")),
+                    ("x-ratelimit-remaining-requests", "0".into()),
+                    ("x-ratelimit-reset-requests", reset(tokens)),
+                ],
+            );
+        }
+        let tokens = tokens - 1.0;
+        *limiter = Some((tokens, now));
+        rate_headers = vec![
+            ("x-ratelimit-limit-requests", format!("{limit}")),
+            (
+                "x-ratelimit-remaining-requests",
+                format!("{}", tokens.floor()),
+            ),
+            ("x-ratelimit-reset-requests", reset(tokens)),
+        ];
     }
     let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let streaming = request.get("stream") == Some(&Value::Bool(true));
@@ -178,19 +252,43 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
         }
         _ => json!({"path": path, "call": n, "received_bytes": body.len()}),
     };
-    (
+    let mut response = (
         StatusCode::OK,
         [
             ("content-type", "application/json"),
             ("x-request-id", &format!("req_{n}")),
             ("openai-processing-ms", "42"),
-            ("x-ratelimit-limit-requests", "10000"),
-            ("x-ratelimit-remaining-requests", "9999"),
-            ("x-ratelimit-reset-requests", "6ms"),
         ],
         body.to_string(),
     )
-        .into_response()
+        .into_response();
+    for (name, value) in rate_headers {
+        response
+            .headers_mut()
+            .insert(name, value.parse().expect("header value"));
+    }
+    response
+}
+
+fn rate_limited() -> Value {
+    json!({"error": {"message": "Rate limit reached for gpt-4o-mini in organization org-test on requests per min (RPM): Limit 600, Used 600, Requested 1. Please try again in 100ms.",
+        "type": "requests", "param": null, "code": "rate_limit_exceeded"}})
+}
+
+/// A 429 as OpenAI sends it, with `headers` added.
+fn refusal(body: Value, headers: Vec<(&'static str, String)>) -> Response {
+    let mut response = (
+        StatusCode::TOO_MANY_REQUESTS,
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+        .into_response();
+    for (name, value) in headers {
+        response
+            .headers_mut()
+            .insert(name, value.parse().expect("header value"));
+    }
+    response
 }
 
 /// The events of a streamed answer in the framing of `path`, as the real APIs send them.

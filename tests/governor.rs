@@ -1,0 +1,168 @@
+//! The governor against an upstream that enforces a rate limit with OpenAI's headers and
+//! error bodies: requests are paced, refusals waited out, quota errors passed on at once.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::{FakeUpstream, Proxy, chat, client, post};
+use llm_dedup::{Dedup, GovernorSettings};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_sixty_succeeds_with_few_upstream_refusals() {
+    let upstream = FakeUpstream::start().await;
+    upstream.state.limit_per_sec.store(10, Ordering::SeqCst);
+    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let c = client();
+    let url = proxy.url("/v1/chat/completions");
+    let tasks: Vec<_> = (0..60)
+        .map(|i| {
+            let (c, url) = (c.clone(), url.clone());
+            tokio::spawn(async move { post(&c, &url, chat(&format!("distinct {i}")), &[]).await })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        let r = t.await.expect("task");
+        assert_eq!(r.status, 200, "the client never sees a 429: {:?}", r.body);
+        ok += 1;
+    }
+    assert_eq!(ok, 60);
+    assert_eq!(
+        upstream.calls() - upstream.state.refusals.load(Ordering::SeqCst),
+        60
+    );
+    let refused = upstream.state.refusals.load(Ordering::SeqCst);
+    assert!(refused <= 5, "the governor provoked {refused} refusals");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn quota_errors_are_passed_on_at_once_and_never_retried() {
+    let upstream = FakeUpstream::start().await;
+    upstream.state.quota_exhausted.store(true, Ordering::SeqCst);
+    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let r = post(
+        &client(),
+        &proxy.url("/v1/chat/completions"),
+        chat("q"),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.body["error"]["code"], "insufficient_quota");
+    assert_eq!(r.headers["x-should-retry"], "false");
+    assert_eq!(upstream.calls(), 1, "exactly one upstream call");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn refusals_are_waited_out_whatever_form_retry_after_takes() {
+    for style in 0..3u8 {
+        let upstream = FakeUpstream::start().await;
+        upstream.state.retry_style.store(style, Ordering::SeqCst);
+        upstream.state.refuse_next.store(1, Ordering::SeqCst);
+        let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+        let r = post(
+            &client(),
+            &proxy.url("/v1/embeddings"),
+            json!({"model": "e", "input": "r"}).to_string(),
+            &[],
+        )
+        .await;
+        assert_eq!(r.status, 200, "style {style}: {:?}", r.body);
+        assert_eq!(upstream.calls(), 2, "style {style}: one refusal, one retry");
+        proxy.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn the_last_refusal_is_passed_on_when_the_retry_budget_is_spent() {
+    let upstream = FakeUpstream::start().await;
+    upstream.state.refuse_next.store(100, Ordering::SeqCst);
+    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url()).governor(
+        GovernorSettings {
+            retry_budget: Duration::from_millis(700),
+            ..GovernorSettings::default()
+        },
+    ))
+    .await;
+    let r = post(
+        &client(),
+        &proxy.url("/v1/chat/completions"),
+        chat("b"),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 429);
+    assert_eq!(
+        r.body["error"]["code"], "rate_limit_exceeded",
+        "as the upstream sent it"
+    );
+    // 300 ms per wait within a 700 ms budget: the first call and two retries.
+    assert_eq!(upstream.calls(), 3);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_429_with_a_retry_after_the_sdks_honour() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url()).governor(
+        GovernorSettings {
+            rpm: Some(1),
+            max_queue_wait: Duration::from_millis(200),
+            ..GovernorSettings::default()
+        },
+    ))
+    .await;
+    let c = client();
+    let url = proxy.url("/v1/chat/completions");
+    assert_eq!(post(&c, &url, chat("first"), &[]).await.status, 200);
+    let r = post(&c, &url, chat("second"), &[]).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.body["error"]["code"], "queue_full");
+    let retry: u64 = r.headers["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!((1..=60).contains(&retry), "{retry}");
+    assert_eq!(
+        upstream.calls(),
+        1,
+        "the queued request never reached the upstream"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn hits_never_wait_on_the_governor_even_while_it_is_paused() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let c = client();
+    let url = proxy.url("/v1/chat/completions");
+    assert_eq!(post(&c, &url, chat("cached"), &[]).await.cache, "miss");
+    // The next distinct request is refused and told to wait a second: the budget pauses.
+    upstream.state.retry_style.store(1, Ordering::SeqCst);
+    upstream.state.refuse_next.store(1, Ordering::SeqCst);
+    let paused = {
+        let (c, url) = (c.clone(), url.clone());
+        tokio::spawn(async move { post(&c, &url, chat("paused"), &[]).await })
+    };
+    upstream.wait_for_calls(2).await;
+    let started = std::time::Instant::now();
+    let hit = post(&c, &url, chat("cached"), &[]).await;
+    assert_eq!(hit.cache, "hit");
+    assert!(
+        !paused.is_finished(),
+        "the refused request is still waiting out its pause"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "the hit did not wait"
+    );
+    assert_eq!(paused.await.expect("task").status, 200);
+    proxy.stop().await;
+}
