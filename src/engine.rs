@@ -895,12 +895,14 @@ impl Inner {
         let mut waited = Duration::ZERO;
         let mut attempt = 0u32;
         loop {
-            let deadline = Instant::now() + settings.max_queue_wait;
+            let queued = Instant::now();
+            let deadline = queued + settings.max_queue_wait;
             let permit = self
                 .governor
                 .acquire(&out.partition, out.estimate, deadline)
                 .await
                 .map_err(Error::queue_full)?;
+            self.metrics.queue_wait(queued.elapsed());
             let sent = self
                 .upstream
                 .send(

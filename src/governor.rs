@@ -55,6 +55,12 @@ impl Default for GovernorSettings {
     }
 }
 
+/// Longest the head of the line sleeps before looking at its budget again.
+const RECHECK_EVERY: Duration = Duration::from_millis(100);
+
+/// The share of a learned refill rate used for pacing (operator-set rates are exact).
+const LEARNED_RATE_HEADROOM: f64 = 0.9;
+
 /// A refill-at-a-rate budget (requests or tokens).
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
@@ -93,12 +99,18 @@ impl Bucket {
     /// Takes what the upstream says is left and how long until it is full again.
     fn learn(&mut self, limit: f64, remaining: f64, reset: Option<Duration>, now: Instant) {
         self.capacity = limit.max(1.0);
-        // Never believe the header over our own lower estimate: requests sent after this
-        // answer was produced are already on their way.
-        self.available = self.available.min(remaining).min(self.capacity);
+        // Correct an over-estimate, but not by the header's rounding (it reports whole
+        // requests left; flooring our estimate on every answer would halve the pace). Never
+        // raise it: requests sent after this answer was produced are already on their way.
+        if remaining + 1.0 < self.available {
+            self.available = remaining;
+        }
+        self.available = self.available.min(self.capacity);
         if let Some(reset) = reset.filter(|r| !r.is_zero()) {
             let rate = (self.capacity - remaining).max(1.0) / reset.as_secs_f64();
-            self.per_second = rate.max(self.capacity / 3600.0);
+            // Headroom: a token freed at the instant the upstream frees it would arrive a
+            // hair early about half the time, so learned rates are paced at 90 %.
+            self.per_second = (rate * LEARNED_RATE_HEADROOM).max(self.capacity / 3600.0);
         } else if self.per_second <= 0.0 {
             self.per_second = self.capacity / 60.0;
         }
@@ -225,7 +237,9 @@ impl Governor {
             if now + wait > deadline {
                 return Err(full(now + wait));
             }
-            tokio::time::sleep(wait).await;
+            // In short slices: what other answers teach about the budget meanwhile (a pace
+            // learned, a pause) takes effect at once instead of after a stale wait.
+            tokio::time::sleep(wait.min(RECHECK_EVERY)).await;
         }
         // While nothing is known of the budget, one request at a time goes to learn it: the
         // others wait in line until its answer's headers are in, instead of all running into

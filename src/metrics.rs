@@ -44,8 +44,7 @@ pub(crate) struct Metrics {
     in_flight: Gauge,
     absorbed_429: Counter,
     retries: Counter,
-    // Registered under a stable name; not yet observed (the queue wait is not timed).
-    _queue_wait: Histogram,
+    queue_wait: Histogram,
 }
 
 /// Gauges read at scrape time.
@@ -122,7 +121,7 @@ impl Metrics {
         Metrics {
             absorbed_429,
             retries,
-            _queue_wait: queue_wait,
+            queue_wait,
             registry,
             requests,
             upstream,
@@ -152,6 +151,11 @@ impl Metrics {
                     .inc_by(n);
             }
         }
+    }
+
+    /// Records how long a request waited in line for upstream budget.
+    pub(crate) fn queue_wait(&self, waited: std::time::Duration) {
+        self.queue_wait.observe(waited.as_secs_f64());
     }
 
     /// Counts a refusal that will be waited out and retried.

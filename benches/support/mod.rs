@@ -93,3 +93,58 @@ pub fn fixed_stream_app(text: String) -> Router {
         async move { ([(CONTENT_TYPE, "text/event-stream")], text) }
     })
 }
+
+/// An upstream allowing `per_second` requests a second (a bucket of that size), answering
+/// 429 `rate_limit_exceeded` with `retry-after-ms` and `x-ratelimit-*` headers past it, as
+/// OpenAI does. Returns the app and its counters: (calls, refusals).
+pub fn limited_app(
+    per_second: f64,
+) -> (
+    Router,
+    std::sync::Arc<(
+        std::sync::atomic::AtomicUsize,
+        std::sync::atomic::AtomicUsize,
+    )>,
+) {
+    use std::sync::atomic::Ordering;
+    let counters = std::sync::Arc::new((
+        std::sync::atomic::AtomicUsize::new(0),
+        std::sync::atomic::AtomicUsize::new(0),
+    ));
+    let bucket = std::sync::Arc::new(std::sync::Mutex::new((
+        per_second,
+        std::time::Instant::now(),
+    )));
+    let seen = counters.clone();
+    let app = Router::new().fallback(move || {
+        let (seen, bucket) = (seen.clone(), bucket.clone());
+        async move {
+            seen.0.fetch_add(1, Ordering::SeqCst);
+            let mut b = bucket.lock().expect("lock");
+            let now = std::time::Instant::now();
+            let tokens = (b.0 + now.duration_since(b.1).as_secs_f64() * per_second).min(per_second);
+            // Time until the bucket is full again, after this request (as OpenAI reports it).
+            let after = if tokens >= 1.0 { tokens - 1.0 } else { tokens };
+            let reset = format!("{}ms", ((per_second - after.max(0.0)) / per_second * 1000.0).ceil());
+            let headers = |remaining: f64, reset: String| {
+                [
+                    ("x-ratelimit-limit-requests", format!("{per_second}")),
+                    ("x-ratelimit-remaining-requests", format!("{}", remaining.floor())),
+                    ("x-ratelimit-reset-requests", reset),
+                ]
+            };
+            if tokens < 1.0 {
+                *b = (tokens, now);
+                seen.1.fetch_add(1, Ordering::SeqCst);
+                let wait = format!("{}", ((1.0 - tokens) / per_second * 1000.0).ceil());
+                let body = r#"{"error":{"message":"Rate limit reached on requests per min (RPM).","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#;
+                let mut r = (axum::http::StatusCode::TOO_MANY_REQUESTS, headers(0.0, reset), body).into_response();
+                r.headers_mut().insert("retry-after-ms", wait.parse().expect("value"));
+                return r;
+            }
+            *b = (tokens - 1.0, now);
+            ([(CONTENT_TYPE.as_str(), "application/json".to_owned())], headers(tokens - 1.0, reset), ANSWER).into_response()
+        }
+    });
+    (app, counters)
+}

@@ -51,6 +51,9 @@ pub struct FakeState {
     /// `retry_style` says: 0 `retry-after-ms`, 1 `retry-after` seconds (1 s), 2 an HTTP date.
     pub refuse_next: AtomicUsize,
     pub retry_style: std::sync::atomic::AtomicU8,
+    /// Calls being answered right now, and the most at once.
+    pub in_progress: AtomicUsize,
+    pub peak_in_progress: AtomicUsize,
     /// Headers of the last request received.
     pub last_headers: Mutex<Option<HeaderMap>>,
     /// Bodies received, in order.
@@ -113,10 +116,13 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
     state.bodies.lock().expect("lock").push(body.clone());
     state.arrived.notify_waiters();
 
+    let now = state.in_progress.fetch_add(1, Ordering::SeqCst) + 1;
+    state.peak_in_progress.fetch_max(now, Ordering::SeqCst);
     let delay = state.delay_ms.load(Ordering::SeqCst);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
+    state.in_progress.fetch_sub(1, Ordering::SeqCst);
     let mut rate_headers: Vec<(&'static str, String)> = vec![
         ("x-ratelimit-limit-requests", "10000".into()),
         ("x-ratelimit-remaining-requests", "9999".into()),
