@@ -10,8 +10,6 @@ mod support;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use llm_dedup::Dedup;
-
 async fn burst(url: String) -> (usize, usize, f64) {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(100)
@@ -54,11 +52,7 @@ async fn main() {
         let (app, counters) = support::limited_app(10.0);
         let upstream = support::serve(app).await;
         let url = if through_proxy {
-            let engine = Dedup::builder()
-                .upstream(format!("http://{upstream}"))
-                .build()
-                .expect("engine");
-            let proxy = support::serve(llm_dedup::server::app(engine)).await;
+            let proxy = support::proxy_for(upstream).await;
             format!("http://{proxy}/v1/chat/completions")
         } else {
             format!("http://{upstream}/v1/chat/completions")

@@ -8,8 +8,6 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use llm_dedup::Dedup;
-
 const REQUEST: &str =
     r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"bench"}]}"#;
 
@@ -76,11 +74,7 @@ async fn main() {
         Duration::from_millis(10),
     ))
     .await;
-    let engine = Dedup::builder()
-        .upstream(format!("http://{upstream}"))
-        .build()
-        .expect("engine");
-    let proxy = support::serve(llm_dedup::server::app(engine)).await;
+    let proxy = support::proxy_for(upstream).await;
     let url = format!("http://{proxy}/v1/chat/completions");
     let tasks: Vec<_> = (0..100)
         .map(|_| {
@@ -118,11 +112,7 @@ async fn main() {
         Duration::ZERO,
     ))
     .await;
-    let engine = Dedup::builder()
-        .upstream(format!("http://{upstream}"))
-        .build()
-        .expect("engine");
-    let proxy = support::serve(llm_dedup::server::app(engine)).await;
+    let proxy = support::proxy_for(upstream).await;
     let baseline = support::serve(support::fixed_stream_app(support::sse_text(2_000))).await;
     let proxy_url = format!("http://{proxy}/v1/chat/completions");
     let baseline_url = format!("http://{baseline}/v1/chat/completions");

@@ -1115,24 +1115,20 @@ impl Inner {
         meta: &EntryMeta,
     ) -> Result<Answer, Error> {
         // A follower saved the provider the work its leader paid for.
-        let saved = |usage: Usage| {
-            if role == CacheStatus::Coalesced {
+        let record = |usage: Usage| {
+            let saved = if role == CacheStatus::Coalesced {
                 usage
             } else {
                 Usage::default()
-            }
+            };
+            self.record(Some(meta.route), meta.model.as_deref(), role, saved);
         };
         match outcome {
             FlightOutcome::Stored {
                 entry,
                 fresh_headers: Some(headers),
             } => {
-                self.record(
-                    Some(meta.route),
-                    meta.model.as_deref(),
-                    role,
-                    saved(entry.usage),
-                );
+                record(entry.usage);
                 Ok(stored_answer(&entry, (*headers).clone(), role))
             }
             FlightOutcome::Stored {
@@ -1140,12 +1136,7 @@ impl Inner {
                 fresh_headers: None,
             } => Ok(self.hit(&entry)),
             FlightOutcome::Unstored(answer) => {
-                self.record(
-                    Some(meta.route),
-                    meta.model.as_deref(),
-                    role,
-                    Usage::default(),
-                );
+                record(Usage::default());
                 let (status, headers, body) = answer.as_ref().clone();
                 let mut answer = Answer {
                     status,
@@ -1160,12 +1151,7 @@ impl Inner {
                 Ok(answer)
             }
             FlightOutcome::Live(live) => {
-                self.record(
-                    Some(meta.route),
-                    meta.model.as_deref(),
-                    role,
-                    Usage::default(),
-                );
+                record(Usage::default());
                 let mut headers = live.headers.clone();
                 headers.insert(CACHE_HEADER, HeaderValue::from_static(role.as_str()));
                 set_header(&mut headers, KEY_HEADER, &meta.key.to_hex());

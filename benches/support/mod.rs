@@ -36,6 +36,15 @@ pub fn reading_app() -> Router {
     Router::new().fallback(read_then_fixed)
 }
 
+/// Serves the llm-dedup proxy, on its defaults and no database, in front of `upstream`.
+pub async fn proxy_for(upstream: SocketAddr) -> SocketAddr {
+    let engine = llm_dedup::Dedup::builder()
+        .upstream(format!("http://{upstream}"))
+        .build()
+        .expect("engine");
+    serve(llm_dedup::server::app(engine)).await
+}
+
 /// Serves `app` on a fresh port of 127.0.0.1 in the current runtime.
 pub async fn serve(app: Router) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -258,17 +258,22 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
         }
         _ => json!({"path": path, "call": n, "received_bytes": body.len()}),
     };
+    rate_headers.extend([
+        ("x-request-id", format!("req_{n}")),
+        ("openai-processing-ms", "42".to_owned()),
+    ]);
+    json_answer(StatusCode::OK, &body, rate_headers)
+}
+
+/// A JSON answer with `headers` added.
+fn json_answer(status: StatusCode, body: &Value, headers: Vec<(&'static str, String)>) -> Response {
     let mut response = (
-        StatusCode::OK,
-        [
-            ("content-type", "application/json"),
-            ("x-request-id", &format!("req_{n}")),
-            ("openai-processing-ms", "42"),
-        ],
+        status,
+        [("content-type", "application/json")],
         body.to_string(),
     )
         .into_response();
-    for (name, value) in rate_headers {
+    for (name, value) in headers {
         response
             .headers_mut()
             .insert(name, value.parse().expect("header value"));
@@ -283,18 +288,7 @@ fn rate_limited() -> Value {
 
 /// A 429 as OpenAI sends it, with `headers` added.
 fn refusal(body: Value, headers: Vec<(&'static str, String)>) -> Response {
-    let mut response = (
-        StatusCode::TOO_MANY_REQUESTS,
-        [("content-type", "application/json")],
-        body.to_string(),
-    )
-        .into_response();
-    for (name, value) in headers {
-        response
-            .headers_mut()
-            .insert(name, value.parse().expect("header value"));
-    }
-    response
+    json_answer(StatusCode::TOO_MANY_REQUESTS, &body, headers)
 }
 
 /// The events of a streamed answer in the framing of `path`, as the real APIs send them.
