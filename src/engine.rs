@@ -532,23 +532,19 @@ impl Dedup {
 
     /// The cache key of a request with this route, body and namespace.
     fn key(&self, route: Route, out: &Outbound, body: &Value, namespace: &str) -> CacheKey {
-        // One pass over the request's headers picks out both kinds that enter the key.
-        let mut credentials: Vec<(&str, &[u8])> = Vec::new();
-        let mut behaviour: Vec<(&str, &[u8])> = Vec::new();
-        for (name, value) in &out.headers {
-            let name = name.as_str();
-            if CREDENTIAL_HEADERS.contains(&name) {
-                credentials.push((name, value.as_bytes()));
-            } else if BEHAVIOUR_HEADERS.contains(&name) {
-                behaviour.push((name, value.as_bytes()));
-            }
-        }
+        let mut behaviour: Vec<(&str, &[u8])> = out
+            .headers
+            .iter()
+            .filter(|(name, _)| BEHAVIOUR_HEADERS.contains(&name.as_str()))
+            .map(|(name, value)| (name.as_str(), value.as_bytes()))
+            .collect();
         // A stable order whatever order the client sent them in (values of one name keep theirs).
         behaviour.sort_by_key(|(name, _)| *name);
+        // The partition is the credential's salted fingerprint, computed once per request.
         let credential = if self.inner.shared_cache {
             CredentialFingerprint::SHARED
         } else {
-            CredentialFingerprint::new(&self.inner.salt, credentials)
+            CredentialFingerprint::from_bytes(out.partition)
         };
         let canonical =
             CanonicalBody::with_capacity(route, body, &self.inner.key_policy, out.body.len());

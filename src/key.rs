@@ -335,6 +335,11 @@ impl CredentialFingerprint {
     /// The fingerprint used with a shared cache: every caller gets the same one.
     pub const SHARED: CredentialFingerprint = CredentialFingerprint(None);
 
+    /// A fingerprint computed before, from its [`CredentialFingerprint::bytes`].
+    pub fn from_bytes(bytes: [u8; 32]) -> CredentialFingerprint {
+        CredentialFingerprint(Some(bytes))
+    }
+
     /// The fingerprint's bytes (all zero for [`CredentialFingerprint::SHARED`]).
     pub fn bytes(&self) -> [u8; 32] {
         self.0.unwrap_or([0; 32])
