@@ -279,15 +279,11 @@ impl Governor {
         }
         let now = Instant::now();
         // An operator's --rpm / --tpm is a ceiling the headers never raise.
-        if let (Some((limit, remaining, reset)), None) = (learned.requests, self.settings.rpm) {
-            s.requests
-                .get_or_insert(Bucket::per_minute(limit as u32, now))
-                .learn(limit, remaining, reset, now);
+        if self.settings.rpm.is_none() {
+            learn(&mut s.requests, learned.requests, now);
         }
-        if let (Some((limit, remaining, reset)), None) = (learned.tokens, self.settings.tpm) {
-            s.tokens
-                .get_or_insert(Bucket::per_minute(limit as u32, now))
-                .learn(limit, remaining, reset, now);
+        if self.settings.tpm.is_none() {
+            learn(&mut s.tokens, learned.tokens, now);
         }
     }
 
@@ -315,10 +311,11 @@ impl Governor {
 }
 
 /// What rate-limit headers say: (limit, remaining, time until full) for requests and tokens.
+/// Azure sends only what remains; the limit is then unknown (`None`).
 #[derive(Debug, Default, PartialEq)]
 struct RateHeaders {
-    requests: Option<(f64, f64, Option<Duration>)>,
-    tokens: Option<(f64, f64, Option<Duration>)>,
+    requests: Option<(Option<f64>, f64, Option<Duration>)>,
+    tokens: Option<(Option<f64>, f64, Option<Duration>)>,
 }
 
 impl RateHeaders {
@@ -329,12 +326,10 @@ impl RateHeaders {
     fn read(headers: &HeaderMap) -> RateHeaders {
         let text = |name: &str| headers.get(name)?.to_str().ok().map(str::trim);
         let number = |name: &str| text(name)?.parse::<f64>().ok();
-        let read = |kind: &str| -> Option<(f64, f64, Option<Duration>)> {
-            // OpenAI and Azure.
-            if let (Some(limit), Some(remaining)) = (
-                number(&format!("x-ratelimit-limit-{kind}")),
-                number(&format!("x-ratelimit-remaining-{kind}")),
-            ) {
+        let read = |kind: &str| -> Option<(Option<f64>, f64, Option<Duration>)> {
+            // OpenAI (limit, remaining, reset) and Azure (remaining only).
+            if let Some(remaining) = number(&format!("x-ratelimit-remaining-{kind}")) {
+                let limit = number(&format!("x-ratelimit-limit-{kind}"));
                 let reset = text(&format!("x-ratelimit-reset-{kind}")).and_then(go_duration);
                 return Some((limit, remaining, reset));
             }
@@ -344,12 +339,36 @@ impl RateHeaders {
             let reset = text(&format!("anthropic-ratelimit-{kind}-reset"))
                 .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
                 .and_then(|at| at.duration_since(SystemTime::now()).ok());
-            Some((limit, remaining, reset))
+            Some((Some(limit), remaining, reset))
         };
         RateHeaders {
             requests: read("requests"),
             tokens: read("tokens"),
         }
+    }
+}
+
+/// Updates (or starts) a budget from what one answer's headers say. Without a limit (Azure),
+/// a known budget keeps its size, and an unknown one starts with what remains, refilled at
+/// the per-minute pace.
+fn learn(
+    bucket: &mut Option<Bucket>,
+    said: Option<(Option<f64>, f64, Option<Duration>)>,
+    now: Instant,
+) {
+    let Some((limit, remaining, reset)) = said else {
+        return;
+    };
+    let limit = limit
+        .or(bucket.as_ref().map(|b| b.capacity))
+        .unwrap_or(remaining)
+        .max(remaining);
+    let fresh = bucket.is_none();
+    let b = bucket.get_or_insert(Bucket::per_minute(limit as u32, now));
+    b.learn(limit, remaining, reset, now);
+    if fresh {
+        // A budget first seen in an answer holds what that answer says remains.
+        b.available = remaining.min(b.capacity);
     }
 }
 
@@ -523,7 +542,7 @@ mod tests {
         ]));
         assert_eq!(
             openai.requests,
-            Some((60.0, 59.0, Some(Duration::from_secs(1))))
+            Some((Some(60.0), 59.0, Some(Duration::from_secs(1))))
         );
         assert_eq!(
             openai.tokens.map(|t| t.2),
@@ -536,7 +555,7 @@ mod tests {
             ("anthropic-ratelimit-requests-reset", &reset.to_string()),
         ]));
         let (limit, remaining, wait) = anthropic.requests.expect("requests");
-        assert_eq!((limit, remaining), (50.0, 49.0));
+        assert_eq!((limit, remaining), (Some(50.0), 49.0));
         assert!(wait.expect("reset") > Duration::from_secs(15));
         assert!(RateHeaders::read(&HeaderMap::new()).is_empty());
     }
@@ -625,6 +644,21 @@ mod tests {
             .err()
             .expect("queue full");
         assert!(full.retry_after > Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_azure_budget_with_nothing_left_waits() {
+        let governor = Governor::new(GovernorSettings::default());
+        let p = [4u8; 32];
+        let far = Instant::now() + Duration::from_secs(600);
+        governor.acquire(&p, 0, far).await.expect("the probe");
+        governor.observe(&p, &headers(&[("x-ratelimit-remaining-requests", "0")]));
+        let started = tokio::time::Instant::now();
+        governor.acquire(&p, 0, far).await.expect("after a refill");
+        assert!(
+            started.elapsed() > Duration::ZERO,
+            "nothing left: it waited"
+        );
     }
 
     #[tokio::test(start_paused = true)]
