@@ -140,13 +140,28 @@ struct Budget {
     state: Mutex<BudgetState>,
 }
 
+/// The head of the line, held by a probe: released when its answer is in, or by a timer.
+type ProbeHold = Arc<Mutex<Option<tokio::sync::OwnedMutexGuard<()>>>>;
+
 /// A request's place in the budget was granted. Dropping it (once the answer's headers are
 /// in and observed) frees its concurrency slot, and, while the budget was still unknown, the
 /// head of the line.
 pub(crate) struct Permit {
     _slot: Option<tokio::sync::OwnedSemaphorePermit>,
-    _probe: Option<tokio::sync::OwnedMutexGuard<()>>,
+    probe: Option<ProbeHold>,
 }
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(probe) = &self.probe {
+            probe.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }
+    }
+}
+
+/// Longest a probe holds the line: a slow answer (a long completion sends its headers only
+/// at the end) must not keep everyone else waiting for it.
+const PROBE_HOLD: Duration = Duration::from_secs(2);
 
 /// The queue wait passed before the budget allowed the request.
 #[derive(Debug, Clone, Copy)]
@@ -252,7 +267,24 @@ impl Governor {
             let s = budget.state.lock().unwrap_or_else(|e| e.into_inner());
             !s.probed && (s.requests.is_none() || s.tokens.is_none())
         };
-        let probe = probing.then_some(turn);
+        let probe = probing.then(|| {
+            let held: ProbeHold = Arc::new(Mutex::new(Some(turn)));
+            let (timer, budget) = (held.clone(), budget.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(PROBE_HOLD).await;
+                let still_held = timer.lock().unwrap_or_else(|e| e.into_inner()).take();
+                if still_held.is_some() {
+                    // No answer yet: stop probing one at a time; the first answer to come back
+                    // teaches the budget.
+                    budget
+                        .state
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .probed = true;
+                }
+            });
+            held
+        });
         let slot = match &self.slots {
             Some(slots) => {
                 match tokio::time::timeout_at(deadline, slots.clone().acquire_owned()).await {
@@ -262,10 +294,7 @@ impl Governor {
             }
             None => None,
         };
-        Ok(Permit {
-            _slot: slot,
-            _probe: probe,
-        })
+        Ok(Permit { _slot: slot, probe })
     }
 
     /// Learns the budget from an answer's rate-limit headers.
@@ -644,6 +673,26 @@ mod tests {
             .err()
             .expect("queue full");
         assert!(full.retry_after > Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_probe_holds_the_line_only_briefly() {
+        let governor = Governor::new(GovernorSettings::default());
+        let p = [5u8; 32];
+        let far = Instant::now() + Duration::from_secs(600);
+        let probe = governor.acquire(&p, 0, far).await.expect("the probe");
+        // Its answer has not come back: the next request waits, but not for long.
+        let started = tokio::time::Instant::now();
+        let next = governor
+            .acquire(&p, 0, far)
+            .await
+            .expect("released by the timer");
+        let waited = started.elapsed();
+        assert!(
+            waited >= PROBE_HOLD && waited < PROBE_HOLD + Duration::from_millis(50),
+            "{waited:?}"
+        );
+        drop((probe, next));
     }
 
     #[tokio::test(start_paused = true)]
