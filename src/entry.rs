@@ -40,25 +40,44 @@ impl Usage {
     /// Reads `usage` from an answer body in the OpenAI (`prompt_tokens`/`completion_tokens`),
     /// Responses or Anthropic (`input_tokens`/`output_tokens`) shape.
     pub fn from_body(body: &[u8]) -> Usage {
-        let Ok(Value::Object(root)) = serde_json::from_slice::<Value>(body) else {
-            return Usage::default();
-        };
-        let Some(usage) = root.get("usage") else {
-            return Usage::default();
-        };
-        let field = |names: &[&str]| names.iter().find_map(|n| usage.get(*n)?.as_u64());
-        let prompt = field(&["prompt_tokens", "input_tokens"]);
-        let completion = field(&["completion_tokens", "output_tokens"]);
-        let total = field(&["total_tokens"]).or(match (prompt, completion) {
-            (Some(p), Some(c)) => Some(p + c),
-            (Some(p), None) => Some(p),
-            _ => None,
-        });
-        Usage {
-            prompt_tokens: prompt,
-            completion_tokens: completion,
-            total_tokens: total,
+        match serde_json::from_slice::<Value>(body) {
+            Ok(Value::Object(root)) => root.get("usage").map_or_else(Usage::default, Usage::read),
+            _ => Usage::default(),
         }
+    }
+
+    /// Reads a `usage` object in any provider's shape: `prompt_tokens` / `completion_tokens`
+    /// (OpenAI) or `input_tokens` / `output_tokens` (Responses, Anthropic).
+    pub fn read(usage: &Value) -> Usage {
+        let field = |names: &[&str]| names.iter().find_map(|n| usage.get(*n)?.as_u64());
+        Usage {
+            prompt_tokens: field(&["prompt_tokens", "input_tokens"]),
+            completion_tokens: field(&["completion_tokens", "output_tokens"]),
+            total_tokens: field(&["total_tokens"]),
+        }
+        .with_total()
+    }
+
+    /// These counts updated by a later report (a stream reports usage in parts): what the
+    /// later one says wins, and the total is derived again unless it is reported.
+    pub fn updated_by(self, later: Usage) -> Usage {
+        Usage {
+            prompt_tokens: later.prompt_tokens.or(self.prompt_tokens),
+            completion_tokens: later.completion_tokens.or(self.completion_tokens),
+            total_tokens: later.total_tokens,
+        }
+        .with_total()
+    }
+
+    /// Derives a missing total from the parts that are known.
+    fn with_total(mut self) -> Usage {
+        if self.total_tokens.is_none() {
+            self.total_tokens = match (self.prompt_tokens, self.completion_tokens) {
+                (Some(p), Some(c)) => Some(p + c),
+                (p, c) => p.or(c),
+            };
+        }
+        self
     }
 }
 

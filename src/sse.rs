@@ -159,19 +159,7 @@ impl Completion {
     }
 
     fn take_usage(&mut self, usage: &Value) {
-        let field = |names: &[&str]| names.iter().find_map(|n| usage.get(*n)?.as_u64());
-        if let Some(p) = field(&["prompt_tokens", "input_tokens"]) {
-            self.usage.prompt_tokens = Some(p);
-        }
-        if let Some(c) = field(&["completion_tokens", "output_tokens"]) {
-            self.usage.completion_tokens = Some(c);
-        }
-        self.usage.total_tokens = field(&["total_tokens"]).or(
-            match (self.usage.prompt_tokens, self.usage.completion_tokens) {
-                (Some(p), Some(c)) => Some(p + c),
-                (p, c) => p.or(c),
-            },
-        );
+        self.usage = self.usage.updated_by(Usage::read(usage));
     }
 
     /// The verdict so far.
