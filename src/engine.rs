@@ -687,6 +687,13 @@ impl Dedup {
         self.inner.upstream_called(route, model.as_deref(), status);
         let response = sent?;
         let status = response.status();
+        if status.is_client_error() || status.is_server_error() {
+            tracing::info!(
+                route = route_name(route),
+                status = status.as_u16(),
+                "upstream refused the request; passed on (not cacheable, not retried)"
+            );
+        }
         self.inner.record(
             route,
             model.as_deref(),
@@ -940,9 +947,10 @@ impl Inner {
                     };
                     if let Some(why) = final_reason {
                         tracing::info!(
+                            route = route_name(route),
                             status = status.as_u16(),
                             why,
-                            "not retrying the upstream's refusal"
+                            "upstream refused the request; passed on, not retried"
                         );
                         return Ok(last);
                     }
@@ -953,11 +961,27 @@ impl Inner {
                 }
                 Err(e) => (governor::backoff(attempt), Err(e)),
             };
+            // One log line per refusal, saying what is done about it.
+            let status = match &last {
+                Ok(Upstreamed::Refused { status, .. }) => Some(status.as_u16()),
+                _ => None,
+            };
             if waited + wait > settings.retry_budget {
-                tracing::info!(waited = ?waited, "retry budget spent; passing the upstream's answer on");
+                tracing::info!(
+                    route = route_name(route),
+                    status,
+                    waited = ?waited,
+                    "upstream refused the request; retry budget spent, passed on"
+                );
                 return last;
             }
-            let refused_429 = matches!(&last, Ok(Upstreamed::Refused { status, .. }) if *status == StatusCode::TOO_MANY_REQUESTS);
+            tracing::info!(
+                route = route_name(route),
+                status,
+                wait = ?wait,
+                "upstream refused the request; pausing the budget and retrying"
+            );
+            let refused_429 = status == Some(429);
             self.refusal_absorbed(route, model, refused_429);
             self.governor.pause(&out.partition, wait);
             waited += wait;
@@ -968,16 +992,18 @@ impl Inner {
     /// Counts a refusal that will be waited out and retried.
     fn refusal_absorbed(&self, route: Option<Route>, model: Option<&str>, was_429: bool) {
         self.metrics.retried(was_429);
+        let counts = Counts {
+            upstream_429s: i64::from(was_429),
+            ..Counts::default()
+        };
+        self.persist_counts(route_name(route), model, &counts);
+    }
+
+    /// Adds `counts` to the database's counters for `route` and `model`, if there is a
+    /// database.
+    fn persist_counts(&self, route: &str, model: Option<&str>, counts: &Counts) {
         if let Some(disk) = &self.disk {
-            let counts = Counts {
-                upstream_429s: i64::from(was_429),
-                ..Counts::default()
-            };
-            disk.record_counts(
-                route.map_or("other", Route::as_str),
-                model.unwrap_or(""),
-                &counts,
-            );
+            disk.record_counts(route, model.unwrap_or(""), counts);
         }
     }
 
@@ -1048,23 +1074,21 @@ impl Inner {
 
     /// Counts one answered request, in the metrics and in the database's counters.
     fn record(&self, route: Option<Route>, model: Option<&str>, cache: CacheStatus, saved: Usage) {
-        let route = route.map_or("other", Route::as_str);
+        let route = route_name(route);
         self.metrics.outcome(route, cache, saved);
-        if let Some(disk) = &self.disk {
-            let one = |status: CacheStatus| i64::from(cache == status);
-            let tokens = |n: Option<u64>| n.and_then(|n| i64::try_from(n).ok()).unwrap_or(0);
-            let counts = Counts {
-                requests: 1,
-                hits: one(CacheStatus::Hit),
-                coalesced: one(CacheStatus::Coalesced),
-                misses: one(CacheStatus::Miss),
-                bypasses: one(CacheStatus::Bypass),
-                saved_prompt_tokens: tokens(saved.prompt_tokens),
-                saved_completion_tokens: tokens(saved.completion_tokens),
-                ..Counts::default()
-            };
-            disk.record_counts(route, model.unwrap_or(""), &counts);
-        }
+        let one = |status: CacheStatus| i64::from(cache == status);
+        let tokens = |n: Option<u64>| n.and_then(|n| i64::try_from(n).ok()).unwrap_or(0);
+        let counts = Counts {
+            requests: 1,
+            hits: one(CacheStatus::Hit),
+            coalesced: one(CacheStatus::Coalesced),
+            misses: one(CacheStatus::Miss),
+            bypasses: one(CacheStatus::Bypass),
+            saved_prompt_tokens: tokens(saved.prompt_tokens),
+            saved_completion_tokens: tokens(saved.completion_tokens),
+            ..Counts::default()
+        };
+        self.persist_counts(route, model, &counts);
     }
 
     /// Counts one upstream call and its status (`None`: no answer).
@@ -1074,15 +1098,13 @@ impl Inner {
         model: Option<&str>,
         status: Option<StatusCode>,
     ) {
-        let route = route.map_or("other", Route::as_str);
+        let route = route_name(route);
         self.metrics.upstream_call(route, status);
-        if let Some(disk) = &self.disk {
-            let counts = Counts {
-                upstream_calls: 1,
-                ..Counts::default()
-            };
-            disk.record_counts(route, model.unwrap_or(""), &counts);
-        }
+        let counts = Counts {
+            upstream_calls: 1,
+            ..Counts::default()
+        };
+        self.persist_counts(route, model, &counts);
     }
 
     /// Answers from a stored entry, counting the hit.
@@ -1162,6 +1184,11 @@ impl Inner {
             FlightOutcome::Failed(e) => Err(e),
         }
     }
+}
+
+/// The name counters and metrics use for a route; `other` for requests on no cacheable route.
+fn route_name(route: Option<Route>) -> &'static str {
+    route.map_or("other", Route::as_str)
 }
 
 fn is_event_stream(headers: &HeaderMap) -> bool {

@@ -201,3 +201,31 @@ async fn sigterm_right_after_an_answer_loses_nothing() {
         .expect("join");
     assert_eq!(code, 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_upstream_refusal_is_logged_once_with_what_was_done() {
+    let upstream = FakeUpstream::start().await;
+    upstream
+        .state
+        .quota_exhausted
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let proxy = start(&dir.path().join("c.db"), &upstream.url());
+    let url = format!("http://{}/v1/chat/completions", proxy.addr);
+    let r = post(&client(), &url, chat("refused"), &[]).await;
+    assert_eq!(r.status, 429);
+    let (code, log) = tokio::task::spawn_blocking(move || proxy.terminate())
+        .await
+        .expect("join");
+    assert_eq!(code, 0);
+    let refusals: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("upstream refused the request"))
+        .collect();
+    assert_eq!(refusals.len(), 1, "{log}");
+    assert!(
+        refusals[0].contains("INFO") && refusals[0].contains("status=429"),
+        "{log}"
+    );
+    assert!(refusals[0].contains("not retried"), "{log}");
+}
