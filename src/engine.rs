@@ -27,7 +27,10 @@ use serde_json::Value;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
+mod embed;
+
 use crate::controls::CacheControls;
+use crate::embeddings::{self, EmbedSettings};
 use crate::entry::{EntryMeta, StoredAnswer, Usage};
 use crate::error::{Error, ErrorKind};
 use crate::governor::{self, Disposition, Governor, GovernorSettings};
@@ -61,6 +64,8 @@ pub enum CacheStatus {
     Miss,
     /// An identical request in flight at the same moment produced the answer.
     Coalesced,
+    /// Embeddings only: some inputs were answered from the cache, the others by the upstream.
+    Partial,
     /// The cache was not used (not cacheable, streamed, stateful, or `no-store`).
     Bypass,
 }
@@ -72,6 +77,7 @@ impl CacheStatus {
             CacheStatus::Hit => "hit",
             CacheStatus::Miss => "miss",
             CacheStatus::Coalesced => "coalesced",
+            CacheStatus::Partial => "partial",
             CacheStatus::Bypass => "bypass",
         }
     }
@@ -138,6 +144,7 @@ pub struct DedupBuilder {
     timeouts: Timeouts,
     store_limits: StoreLimits,
     governor: GovernorSettings,
+    embeddings: EmbedSettings,
 }
 
 impl Default for DedupBuilder {
@@ -154,6 +161,7 @@ impl Default for DedupBuilder {
             timeouts: Timeouts::default(),
             store_limits: StoreLimits::default(),
             governor: GovernorSettings::default(),
+            embeddings: EmbedSettings::default(),
         }
     }
 }
@@ -232,6 +240,13 @@ impl DedupBuilder {
         self
     }
 
+    /// How embedding requests are merged into upstream calls. By default,
+    /// [`EmbedSettings::default`]: a 5 ms window, at most 2048 inputs and 300,000 tokens a call.
+    pub fn embeddings(mut self, settings: EmbedSettings) -> Self {
+        self.embeddings = settings;
+        self
+    }
+
     /// Upstream connect and read timeouts. By default, [`Timeouts::default`].
     pub fn timeouts(mut self, timeouts: Timeouts) -> Self {
         self.timeouts = timeouts;
@@ -273,6 +288,8 @@ impl DedupBuilder {
                 known_keys: moka::sync::Cache::new(KNOWN_KEYS),
                 metrics: Metrics::new(),
                 governor: Governor::new(self.governor),
+                inputs: InFlight::default(),
+                batcher: embed::Batcher::new(self.embeddings),
                 tasks: TaskTracker::new(),
             }),
         })
@@ -302,6 +319,10 @@ struct Inner {
     /// (the common case: SDK retries, re-run jobs) skips JSON parsing and canonicalization.
     /// A cache of a pure function, so it never needs invalidating.
     known_keys: moka::sync::Cache<[u8; 32], Arc<KnownKey>>,
+    /// Embedding inputs on their way upstream, each in some merged call.
+    inputs: InFlight<CacheKey, embed::InputOutcome>,
+    /// Embedding inputs waiting to be merged into an upstream call.
+    batcher: embed::Batcher,
     tasks: TaskTracker,
 }
 
@@ -476,8 +497,28 @@ impl Dedup {
             let why = (Some(route), route::model_of(&triple.1, &value), reason);
             return Box::pin(self.pass_through(triple, outbound.body.into(), why)).await;
         }
+        if route == Route::Embeddings {
+            // Cached and sent per input; a request whose `input` is not one the API accepts
+            // is cached whole below, and the provider says what is wrong with it.
+            if let Some((kind, inputs)) = embeddings::split(value.get("input")) {
+                let request = embed::Request {
+                    out: outbound,
+                    body: value,
+                    kind,
+                    inputs,
+                    ttl,
+                };
+                return Box::pin(self.embeddings(request, &controls)).await;
+            }
+        }
         let meta = EntryMeta {
-            key: self.key(route, &outbound, &value, &controls.namespace),
+            key: self.key(
+                route,
+                &outbound,
+                &value,
+                &controls.namespace,
+                outbound.body.len(),
+            ),
             namespace: controls.namespace.clone(),
             route,
             model: route::model_of(&outbound.path_and_query, &value),
@@ -530,8 +571,16 @@ impl Dedup {
         CredentialFingerprint::new(&self.inner.salt, credentials).bytes()
     }
 
-    /// The cache key of a request with this route, body and namespace.
-    fn key(&self, route: Route, out: &Outbound, body: &Value, namespace: &str) -> CacheKey {
+    /// The cache key of a request with this route, body and namespace; `size_hint` is about
+    /// the size of `body` as JSON.
+    fn key(
+        &self,
+        route: Route,
+        out: &Outbound,
+        body: &Value,
+        namespace: &str,
+        size_hint: usize,
+    ) -> CacheKey {
         let mut behaviour: Vec<(&str, &[u8])> = out
             .headers
             .iter()
@@ -547,7 +596,7 @@ impl Dedup {
             CredentialFingerprint::from_bytes(out.partition)
         };
         let canonical =
-            CanonicalBody::with_capacity(route, body, &self.inner.key_policy, out.body.len());
+            CanonicalBody::with_capacity(route, body, &self.inner.key_policy, size_hint);
         KeyParts {
             namespace,
             upstream: self.inner.upstream.base(),
@@ -792,22 +841,61 @@ impl Inner {
         young_enough(&entry, max_age).then_some(entry)
     }
 
+    /// The database's entry for `key`, if any (see [`Inner::lookup_disk_many`]).
     async fn lookup_disk(
         &self,
         key: &CacheKey,
         max_age: Option<Duration>,
     ) -> Option<Arc<StoredAnswer>> {
-        let disk = self.disk.as_ref()?;
-        match disk.get(*key).await {
-            Ok(Some(entry)) => {
-                let entry = Arc::new(entry);
-                self.memory.insert(entry.clone()).await;
-                young_enough(&entry, max_age).then_some(entry)
+        self.lookup_disk_many(vec![*key], max_age)
+            .await
+            .pop()
+            .flatten()
+    }
+
+    /// Stores an answer in memory, then queues it for the database. Call it before the flight
+    /// that fetched the answer ends: once it has, later requests must find the answer in memory.
+    async fn store(&self, entry: Arc<StoredAnswer>) {
+        self.memory.insert(entry.clone()).await;
+        if let Some(disk) = &self.disk {
+            let key = entry.key;
+            if let Err(e) = disk.put(entry) {
+                tracing::warn!(key = %key, error = %crate::error::describe_chain(&e), "answer kept in memory only");
             }
-            Ok(None) => None,
+        }
+    }
+
+    /// The database's entries for `keys`, read in one trip. Each entry found is also put in
+    /// memory; one older than `max_age` is not returned. A database that cannot be read is
+    /// logged and treated as holding nothing.
+    async fn lookup_disk_many(
+        &self,
+        keys: Vec<CacheKey>,
+        max_age: Option<Duration>,
+    ) -> Vec<Option<Arc<StoredAnswer>>> {
+        let count = keys.len();
+        let Some(disk) = &self.disk else {
+            return vec![None; count];
+        };
+        match disk.get_many(keys).await {
+            Ok(entries) => {
+                let mut found = Vec::with_capacity(count);
+                for entry in entries {
+                    let entry = match entry {
+                        Some(e) => Arc::new(e),
+                        None => {
+                            found.push(None);
+                            continue;
+                        }
+                    };
+                    self.memory.insert(entry.clone()).await;
+                    found.push(young_enough(&entry, max_age).then_some(entry));
+                }
+                found
+            }
             Err(e) => {
-                tracing::warn!(key = %key, error = %crate::error::describe_chain(&e), "reading the cache database failed; treating as a miss");
-                None
+                tracing::warn!(error = %crate::error::describe_chain(&e), "reading the cache database failed; treating as misses");
+                vec![None; count]
             }
         }
     }
@@ -876,13 +964,7 @@ impl Inner {
         let entry = Arc::new(StoredAnswer::from_upstream(meta, status, &headers, body));
         self.governor
             .settle(&out.partition, out.estimate, entry.usage.total_tokens);
-        // Memory first: once the flight ends, later requests must find the answer here.
-        self.memory.insert(entry.clone()).await;
-        if let Some(disk) = &self.disk {
-            if let Err(e) = disk.put(entry.clone()) {
-                tracing::warn!(key = %meta.key, error = %crate::error::describe_chain(&e), "answer kept in memory only");
-            }
-        }
+        self.store(entry.clone()).await;
         FlightOutcome::Stored {
             entry,
             fresh_headers: Some(Arc::new(headers)),
@@ -1055,14 +1137,8 @@ impl Inner {
             let mut entry =
                 StoredAnswer::from_upstream(meta, live.status, &live.headers, live.body());
             entry.usage = completion.usage();
-            let entry = Arc::new(entry);
             // Before the stream is finished and the flight ends: later requests find it.
-            self.memory.insert(entry.clone()).await;
-            if let Some(disk) = &self.disk {
-                if let Err(e) = disk.put(entry) {
-                    tracing::warn!(key = %meta.key, error = %crate::error::describe_chain(&e), "answer kept in memory only");
-                }
-            }
+            self.store(Arc::new(entry)).await;
         } else {
             tracing::debug!(key = %meta.key, ?verdict, size, cut = result.is_err(), "stream not stored");
             if reserved > 0 {
@@ -1076,19 +1152,7 @@ impl Inner {
     fn record(&self, route: Option<Route>, model: Option<&str>, cache: CacheStatus, saved: Usage) {
         let route = route_name(route);
         self.metrics.outcome(route, cache, saved);
-        let one = |status: CacheStatus| i64::from(cache == status);
-        let tokens = |n: Option<u64>| n.and_then(|n| i64::try_from(n).ok()).unwrap_or(0);
-        let counts = Counts {
-            requests: 1,
-            hits: one(CacheStatus::Hit),
-            coalesced: one(CacheStatus::Coalesced),
-            misses: one(CacheStatus::Miss),
-            bypasses: one(CacheStatus::Bypass),
-            saved_prompt_tokens: tokens(saved.prompt_tokens),
-            saved_completion_tokens: tokens(saved.completion_tokens),
-            ..Counts::default()
-        };
-        self.persist_counts(route, model, &counts);
+        self.persist_counts(route, model, &answered(cache, saved));
     }
 
     /// Counts one upstream call and its status (`None`: no answer).
@@ -1183,6 +1247,23 @@ impl Inner {
             }
             FlightOutcome::Failed(e) => Err(e),
         }
+    }
+}
+
+/// The counters of one answered request.
+fn answered(cache: CacheStatus, saved: Usage) -> Counts {
+    let one = |status: CacheStatus| i64::from(cache == status);
+    let tokens = |n: Option<u64>| n.and_then(|n| i64::try_from(n).ok()).unwrap_or(0);
+    Counts {
+        requests: 1,
+        hits: one(CacheStatus::Hit),
+        coalesced: one(CacheStatus::Coalesced),
+        partials: one(CacheStatus::Partial),
+        misses: one(CacheStatus::Miss),
+        bypasses: one(CacheStatus::Bypass),
+        saved_prompt_tokens: tokens(saved.prompt_tokens),
+        saved_completion_tokens: tokens(saved.completion_tokens),
+        ..Counts::default()
     }
 }
 

@@ -22,6 +22,8 @@ pub enum ErrorKind {
     UpstreamUnreachable,
     /// The upstream did not answer in time.
     UpstreamTimeout,
+    /// The upstream answered 2xx with a body that is not the answer its API describes.
+    UpstreamInvalid,
     /// The flight this request waited on ended without an outcome.
     Abandoned,
     /// The request waited in the queue for the upstream's budget longer than allowed.
@@ -106,6 +108,7 @@ impl Error {
             }
             ErrorKind::UpstreamUnreachable
             | ErrorKind::UpstreamTimeout
+            | ErrorKind::UpstreamInvalid
             | ErrorKind::Abandoned
             | ErrorKind::QueueFull => Origin::Upstream,
             ErrorKind::Cache => Origin::Cache,

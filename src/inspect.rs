@@ -267,7 +267,8 @@ impl Inspector {
             let sql = format!(
                 "SELECT {column}, sum(requests), sum(hits), sum(coalesced), sum(misses),
                         sum(bypasses), sum(upstream_calls), sum(upstream_429s),
-                        sum(saved_prompt_tokens), sum(saved_completion_tokens)
+                        sum(saved_prompt_tokens), sum(saved_completion_tokens), sum(partials),
+                        sum(inputs), sum(inputs_saved)
                  FROM counters GROUP BY {column} ORDER BY sum(requests) DESC, {column}"
             );
             let mut stmt = c.prepare(&sql)?;
@@ -284,6 +285,9 @@ impl Inspector {
                         upstream_429s: r.get(7)?,
                         saved_prompt_tokens: r.get(8)?,
                         saved_completion_tokens: r.get(9)?,
+                        partials: r.get(10)?,
+                        inputs: r.get(11)?,
+                        inputs_saved: r.get(12)?,
                     },
                 })
             })?;

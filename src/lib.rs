@@ -65,6 +65,7 @@ assert!(answer.headers().contains_key("llm-dedup-cache"));
 //! See `ARCHITECTURE.md` for the map of the modules and the invariants they keep.
 
 mod controls;
+pub mod embeddings;
 mod engine;
 mod entry;
 pub mod error;
@@ -84,6 +85,7 @@ mod store;
 mod upstream;
 
 pub use controls::{NAMESPACE_HEADER, TTL_HEADER};
+pub use embeddings::EmbedSettings;
 pub use engine::{Answer, AnswerBody, CACHE_HEADER, CacheStatus, Dedup, DedupBuilder, KEY_HEADER};
 pub use error::{Error, ErrorKind, Origin};
 pub use governor::GovernorSettings;

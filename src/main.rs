@@ -236,12 +236,40 @@ struct ServeArgs {
     /// used first [default: no bound]
     #[arg(long, env = "LLM_DEDUP_MAX_DISK")]
     max_disk: Option<ByteSize>,
+
+    /// How long an embedding input headed upstream waits for inputs of other requests (same
+    /// model, options and credential) to share its call, e.g. 5ms; 0 turns merging off.
+    #[arg(long, env = "LLM_DEDUP_EMBED_BATCH_WINDOW", default_value = "5ms", value_parser = parse_window)]
+    embed_batch_window: Duration,
+
+    /// Most embedding inputs in one upstream call.
+    #[arg(long, env = "LLM_DEDUP_EMBED_MAX_INPUTS", default_value_t = 2048,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    embed_max_inputs: u32,
+
+    /// Most tokens in one upstream embeddings call (a text counts its bytes, a safe upper
+    /// bound of its tokens).
+    #[arg(long, env = "LLM_DEDUP_EMBED_MAX_TOKENS", default_value_t = 300_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    embed_max_tokens: u64,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{e} (try e.g. 90s, 12h, 30d)"))?;
     if d.is_zero() {
         return Err("must be longer than zero".into());
+    }
+    Ok(d)
+}
+
+/// A merging window: zero (off) up to one second.
+fn parse_window(s: &str) -> Result<Duration, String> {
+    let d =
+        humantime::parse_duration(s).map_err(|e| format!("{e} (try e.g. 5ms, or 0 for off)"))?;
+    if d > Duration::from_secs(1) {
+        return Err(
+            "must be at most 1s: every embedding request sent upstream waits that long".into(),
+        );
     }
     Ok(d)
 }
@@ -278,6 +306,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
             retry_budget: args.retry_budget,
             max_queue_wait: args.max_queue_wait,
             max_concurrency: args.max_concurrency,
+        })
+        .embeddings(llm_dedup::EmbedSettings {
+            batch_window: args.embed_batch_window,
+            max_inputs: args.embed_max_inputs as usize,
+            max_tokens: args.embed_max_tokens,
         })
         .build()
         .context("cannot start the cache")?;

@@ -32,12 +32,18 @@ struct TokenLabels {
     kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InputLabels {
+    source: &'static str,
+}
+
 /// The engine's metrics.
 pub(crate) struct Metrics {
     registry: Registry,
     requests: Family<OutcomeLabels, Counter>,
     upstream: Family<UpstreamLabels, Counter>,
     tokens_saved: Family<TokenLabels, Counter>,
+    embedding_inputs: Family<InputLabels, Counter>,
     memory_bytes: Gauge,
     memory_entries: Gauge,
     write_queue: Gauge,
@@ -61,7 +67,7 @@ impl Metrics {
         let requests = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "requests",
-            "Requests answered, by route and cache outcome (hit, miss, coalesced, bypass)",
+            "Requests answered, by route and cache outcome (hit, miss, coalesced, partial, bypass)",
             requests.clone(),
         );
         let upstream = Family::<UpstreamLabels, Counter>::default();
@@ -112,6 +118,13 @@ impl Metrics {
             "Upstream calls retried (governor)",
             retries.clone(),
         );
+        let embedding_inputs = Family::<InputLabels, Counter>::default();
+        registry.register(
+            "embedding_inputs",
+            "Embedding inputs answered, by where their embedding came from (cache, coalesced: \
+             an identical input in flight or earlier in the request, upstream)",
+            embedding_inputs.clone(),
+        );
         let queue_wait = Histogram::new([0.001, 0.01, 0.1, 1.0, 10.0, 60.0]);
         registry.register(
             "queue_wait_seconds",
@@ -126,6 +139,7 @@ impl Metrics {
             requests,
             upstream,
             tokens_saved,
+            embedding_inputs,
             memory_bytes,
             memory_entries,
             write_queue,
@@ -148,6 +162,21 @@ impl Metrics {
             if let Some(n) = n.filter(|n| *n > 0) {
                 self.tokens_saved
                     .get_or_create(&TokenLabels { kind })
+                    .inc_by(n);
+            }
+        }
+    }
+
+    /// Counts the inputs of one embeddings request by where their embeddings came from.
+    pub(crate) fn embedding_inputs(&self, cached: u64, coalesced: u64, upstream: u64) {
+        for (source, n) in [
+            ("cache", cached),
+            ("coalesced", coalesced),
+            ("upstream", upstream),
+        ] {
+            if n > 0 {
+                self.embedding_inputs
+                    .get_or_create(&InputLabels { source })
                     .inc_by(n);
             }
         }

@@ -77,16 +77,18 @@ fn print_json(value: &impl serde::Serialize) -> Result<()> {
     Ok(())
 }
 
-const COUNT_HEADER: [&str; 9] = [
+const COUNT_HEADER: [&str; 11] = [
     "requests",
     "hits",
     "coalesced",
+    "partial",
     "misses",
     "bypasses",
     "upstream calls",
     "429s absorbed",
     "saved requests",
     "saved tokens (prompt / completion)",
+    "embedding inputs saved",
 ];
 
 fn count_cells(c: &Counts) -> Vec<String> {
@@ -95,12 +97,23 @@ fn count_cells(c: &Counts) -> Vec<String> {
         c.requests.to_string(),
         format!("{} ({})", c.hits, percent(c.hits, c.requests)),
         format!("{} ({})", c.coalesced, percent(c.coalesced, c.requests)),
+        c.partials.to_string(),
         c.misses.to_string(),
         c.bypasses.to_string(),
         c.upstream_calls.to_string(),
         c.upstream_429s.to_string(),
         format!("{saved} ({})", percent(saved, c.requests)),
         format!("{} / {}", c.saved_prompt_tokens, c.saved_completion_tokens),
+        if c.inputs == 0 {
+            "-".to_owned()
+        } else {
+            format!(
+                "{} of {} ({})",
+                c.inputs_saved,
+                c.inputs,
+                percent(c.inputs_saved, c.inputs)
+            )
+        },
     ]
 }
 

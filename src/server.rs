@@ -158,6 +158,11 @@ pub fn error_response(e: &Error) -> Response {
             "upstream_error",
             "upstream_unreachable",
         ),
+        ErrorKind::UpstreamInvalid => (
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            "upstream_invalid_answer",
+        ),
         _ => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "server_error",

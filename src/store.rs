@@ -28,6 +28,7 @@ fn migrations() -> Migrations<'static> {
     Migrations::new(vec![
         M::up(include_str!("../migrations/0001_entries.sql")),
         M::up(include_str!("../migrations/0002_counters.sql")),
+        M::up(include_str!("../migrations/0003_embedding_inputs.sql")),
     ])
 }
 
@@ -150,6 +151,8 @@ pub struct Counts {
     pub coalesced: i64,
     /// Answered by their own upstream call.
     pub misses: i64,
+    /// Embedding requests answered partly from the cache.
+    pub partials: i64,
     /// Not cacheable (or `no-store`), passed through.
     pub bypasses: i64,
     /// Calls made to the upstream.
@@ -160,6 +163,11 @@ pub struct Counts {
     pub saved_prompt_tokens: i64,
     /// Completion tokens the provider did not have to generate thanks to the cache.
     pub saved_completion_tokens: i64,
+    /// Embedding inputs received.
+    pub inputs: i64,
+    /// Embedding inputs that did not go upstream: cached, shared with an identical input in
+    /// flight, or repeated within their request.
+    pub inputs_saved: i64,
 }
 
 impl Counts {
@@ -169,11 +177,14 @@ impl Counts {
         self.hits += other.hits;
         self.coalesced += other.coalesced;
         self.misses += other.misses;
+        self.partials += other.partials;
         self.bypasses += other.bypasses;
         self.upstream_calls += other.upstream_calls;
         self.upstream_429s += other.upstream_429s;
         self.saved_prompt_tokens += other.saved_prompt_tokens;
         self.saved_completion_tokens += other.saved_completion_tokens;
+        self.inputs += other.inputs;
+        self.inputs_saved += other.inputs_saved;
     }
 }
 
@@ -272,12 +283,18 @@ impl DiskStore {
         &self.inner.salt
     }
 
-    /// Reads the entry for `key` if it exists and has not expired. Runs off the async workers.
-    pub async fn get(&self, key: CacheKey) -> Result<Option<StoredAnswer>, StoreError> {
+    /// Reads the entries for `keys` (each `None` if missing or expired), in one trip off the
+    /// async workers.
+    pub async fn get_many(
+        &self,
+        keys: Vec<CacheKey>,
+    ) -> Result<Vec<Option<StoredAnswer>>, StoreError> {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || inner.read(|conn| read_entry(conn, key)))
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))?
+        tokio::task::spawn_blocking(move || {
+            inner.read(|conn| keys.iter().map(|key| read_entry(conn, *key)).collect())
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
     /// Queues `entry` to be written; it is on disk after the next commit.
@@ -743,8 +760,8 @@ fn commit_batch(
         let mut count = tx.prepare_cached(
             "INSERT INTO counters (route, model, requests, hits, coalesced, misses, bypasses,
                                    upstream_calls, upstream_429s, saved_prompt_tokens,
-                                   saved_completion_tokens)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                                   saved_completion_tokens, partials, inputs, inputs_saved)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
              ON CONFLICT (route, model) DO UPDATE SET
                 requests = requests + excluded.requests, hits = hits + excluded.hits,
                 coalesced = coalesced + excluded.coalesced, misses = misses + excluded.misses,
@@ -752,7 +769,9 @@ fn commit_batch(
                 upstream_calls = upstream_calls + excluded.upstream_calls,
                 upstream_429s = upstream_429s + excluded.upstream_429s,
                 saved_prompt_tokens = saved_prompt_tokens + excluded.saved_prompt_tokens,
-                saved_completion_tokens = saved_completion_tokens + excluded.saved_completion_tokens",
+                saved_completion_tokens = saved_completion_tokens + excluded.saved_completion_tokens,
+                partials = partials + excluded.partials, inputs = inputs + excluded.inputs,
+                inputs_saved = inputs_saved + excluded.inputs_saved",
         )?;
         let rows = counted.counters.into_iter().flat_map(|(route, models)| {
             models.into_iter().map(move |(m, c)| (route.clone(), m, c))
@@ -769,7 +788,10 @@ fn commit_batch(
                 c.upstream_calls,
                 c.upstream_429s,
                 c.saved_prompt_tokens,
-                c.saved_completion_tokens
+                c.saved_completion_tokens,
+                c.partials,
+                c.inputs,
+                c.inputs_saved
             ])?;
         }
     }
@@ -781,6 +803,11 @@ mod tests {
     use super::*;
     use crate::entry::EntryMeta;
     use http::{HeaderMap, StatusCode};
+
+    async fn get(store: &DiskStore, key: CacheKey) -> Option<StoredAnswer> {
+        let mut found = store.get_many(vec![key]).await.expect("read");
+        found.pop().flatten()
+    }
 
     fn entry(byte: u8, ttl: Duration) -> Arc<StoredAnswer> {
         let meta = EntryMeta {
@@ -815,7 +842,7 @@ mod tests {
 
         let store = DiskStore::open(&path, StoreLimits::default()).expect("reopen");
         assert_eq!(store.salt(), &salt, "the salt is kept with the database");
-        let back = store.get(e.key).await.expect("read").expect("present");
+        let back = get(&store, e.key).await.expect("present");
         assert_eq!(&back, e.as_ref());
         assert_eq!(back.usage.total_tokens, Some(3));
         let conn = Connection::open(&path).expect("open");
@@ -836,7 +863,7 @@ mod tests {
         let e = entry(2, Duration::ZERO);
         store.put(e.clone()).expect("queued");
         store.flush().await.expect("flush");
-        assert_eq!(store.get(e.key).await.expect("read"), None);
+        assert_eq!(get(&store, e.key).await, None);
     }
 
     #[test]

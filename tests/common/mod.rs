@@ -58,6 +58,8 @@ pub struct FakeState {
     pub last_headers: Mutex<Option<HeaderMap>>,
     /// Bodies received, in order.
     pub bodies: Mutex<Vec<Bytes>>,
+    /// Embedding inputs received, over all calls.
+    pub embed_inputs: AtomicUsize,
 }
 
 pub struct FakeUpstream {
@@ -237,11 +239,9 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
             "choices": [{"index": 0, "text": format!("text {n}"), "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
         }),
-        "/v1/embeddings" => json!({
-            "object": "list", "model": model,
-            "data": [{"object": "embedding", "index": 0, "embedding": [0.1, -0.2, n as f64]}],
-            "usage": {"prompt_tokens": 5, "total_tokens": 5}
-        }),
+        p if p.ends_with("/embeddings") => {
+            return embeddings(&state, &request, &model, rate_headers);
+        }
         "/v1/responses" => json!({
             "id": format!("resp_{n}"), "object": "response", "status": "completed", "model": model,
             "output": [{"type": "message", "role": "assistant",
@@ -263,6 +263,153 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
         ("openai-processing-ms", "42".to_owned()),
     ]);
     json_answer(StatusCode::OK, &body, rate_headers)
+}
+
+/// Most inputs and tokens the fake accepts in one embeddings request, as OpenAI does.
+pub const EMBED_MAX_INPUTS: usize = 2048;
+pub const EMBED_MAX_TOKENS: usize = 300_000;
+
+/// The fake's token count of an input: one per word of a text, one per id of a token array.
+pub fn fake_tokens(input: &Value) -> usize {
+    match input {
+        Value::String(s) => s.split_whitespace().count().max(1),
+        Value::Array(a) => a.len(),
+        _ => 1,
+    }
+}
+
+/// The embedding the fake gives an input, as the JSON text it sends: three numbers derived
+/// from the input, spelled with trailing zeros (a re-serialized value would lose them), or
+/// their little-endian `f32` bytes in base64.
+pub fn fake_embedding(input: &Value, base64: bool) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in input.to_string().bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+    }
+    let values: Vec<f32> = (0..3)
+        .map(|i| ((h >> (i * 16)) & 0xffff) as f32 / 65536.0 - 0.5)
+        .collect();
+    if base64 {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        format!("\"{}\"", base64_encode(&bytes))
+    } else {
+        let spelled: Vec<String> = values.iter().map(|v| format!("{v:.10}")).collect();
+        format!("[{}]", spelled.join(", "))
+    }
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// An OpenAI-style `400`/`404` error answer.
+fn invalid(status: StatusCode, message: &str, code: Value) -> Response {
+    json_answer(
+        status,
+        &json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": code}}),
+        vec![("x-request-id", "req_invalid".to_owned())],
+    )
+}
+
+/// Answers an embeddings request as OpenAI does: one embedding per input at its `index`,
+/// `usage` summing the inputs' tokens, and its errors for inputs it does not accept.
+fn embeddings(
+    state: &FakeState,
+    request: &Value,
+    model: &str,
+    mut headers: Vec<(&'static str, String)>,
+) -> Response {
+    if model == "missing-model" {
+        return invalid(
+            StatusCode::NOT_FOUND,
+            "The model `missing-model` does not exist or you do not have access to it.",
+            json!("model_not_found"),
+        );
+    }
+    let input = request.get("input").cloned().unwrap_or(Value::Null);
+    let inputs: Vec<Value> = match &input {
+        Value::String(s) if !s.is_empty() => vec![input.clone()],
+        Value::Array(a) if !a.is_empty() && a.iter().all(Value::is_u64) => vec![input.clone()],
+        Value::Array(a)
+            if !a.is_empty()
+                && (a.iter().all(|v| v.as_str().is_some_and(|s| !s.is_empty()))
+                    || a.iter().all(|v| {
+                        v.as_array()
+                            .is_some_and(|t| !t.is_empty() && t.iter().all(Value::is_u64))
+                    })) =>
+        {
+            a.clone()
+        }
+        _ => {
+            return invalid(
+                StatusCode::BAD_REQUEST,
+                "'$.input' is invalid. Please check the API reference: https://platform.openai.com/docs/api-reference.",
+                Value::Null,
+            );
+        }
+    };
+    if inputs.len() > EMBED_MAX_INPUTS {
+        return invalid(
+            StatusCode::BAD_REQUEST,
+            &format!("'$.input' is invalid: at most {EMBED_MAX_INPUTS} inputs"),
+            Value::Null,
+        );
+    }
+    let tokens: usize = inputs.iter().map(fake_tokens).sum();
+    if tokens > EMBED_MAX_TOKENS {
+        return invalid(
+            StatusCode::BAD_REQUEST,
+            &format!("Requested {tokens} tokens, max {EMBED_MAX_TOKENS} tokens per request"),
+            json!("max_tokens_per_request"),
+        );
+    }
+    state.embed_inputs.fetch_add(inputs.len(), Ordering::SeqCst);
+    let base64 = request.get("encoding_format") == Some(&json!("base64"));
+    let data: Vec<String> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, input)| {
+            format!(
+                r#"{{"object": "embedding", "index": {i}, "embedding": {}}}"#,
+                fake_embedding(input, base64)
+            )
+        })
+        .collect();
+    let body = format!(
+        r#"{{"object": "list", "data": [{}], "model": {}, "usage": {{"prompt_tokens": {tokens}, "total_tokens": {tokens}}}}}"#,
+        data.join(", "),
+        Value::from(model)
+    );
+    let n = state.calls.load(Ordering::SeqCst);
+    headers.extend([
+        ("x-request-id", format!("req_{n}")),
+        ("openai-processing-ms", "42".to_owned()),
+        ("content-type", "application/json".to_owned()),
+    ]);
+    let mut response = (StatusCode::OK, body).into_response();
+    for (name, value) in headers {
+        response
+            .headers_mut()
+            .insert(name, value.parse().expect("header value"));
+    }
+    response
 }
 
 /// A JSON answer with `headers` added.

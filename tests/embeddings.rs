@@ -1,0 +1,502 @@
+//! Embeddings through the proxy: one cache entry per input, and small requests merged into
+//! shared upstream calls, against a fake upstream that answers like OpenAI.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::{FakeUpstream, Proxy, Seen, client, fake_embedding, post};
+use llm_dedup::{Dedup, EmbedSettings};
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+
+const MODEL: &str = "text-embedding-3-small";
+
+async fn embed(c: &reqwest::Client, proxy: &Proxy, body: Value) -> Seen {
+    post(c, &proxy.url("/v1/embeddings"), body.to_string(), &[]).await
+}
+
+/// The embeddings of an answer, in `data` order, as the exact JSON text received.
+fn embeddings_text(seen: &Seen) -> Vec<String> {
+    #[derive(serde::Deserialize)]
+    struct List<'a> {
+        #[serde(borrow)]
+        data: Vec<Item<'a>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Item<'a> {
+        #[serde(borrow)]
+        embedding: &'a RawValue,
+    }
+    let list: List<'_> = serde_json::from_slice(&seen.raw).expect("an embeddings list");
+    list.data
+        .iter()
+        .map(|i| i.embedding.get().to_owned())
+        .collect()
+}
+
+/// What the answer should hold for `inputs`: each one's embedding as the provider spells it.
+fn expected(inputs: &[Value], base64: bool) -> Vec<String> {
+    inputs.iter().map(|i| fake_embedding(i, base64)).collect()
+}
+
+/// The `input` lists the upstream received, one per embeddings call.
+fn sent(upstream: &FakeUpstream) -> Vec<Vec<Value>> {
+    let bodies = upstream.state.bodies.lock().expect("lock");
+    bodies
+        .iter()
+        .filter_map(|b| serde_json::from_slice::<Value>(b).ok())
+        .map(|b| match &b["input"] {
+            Value::Array(items) if items.iter().all(|i| !i.is_u64()) => items.clone(),
+            other => vec![other.clone()],
+        })
+        .collect()
+}
+
+fn texts(words: &[&str]) -> Vec<Value> {
+    words.iter().map(|w| Value::from(*w)).collect()
+}
+
+#[tokio::test]
+async fn only_inputs_not_cached_go_upstream_and_answers_keep_order_and_values() {
+    let upstream = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let proxy = Proxy::with_db(&upstream, &dir.path().join("c.db")).await;
+    let c = client();
+
+    let first = texts(&["alpha beta", "gamma"]);
+    let a = embed(&c, &proxy, json!({"model": MODEL, "input": first})).await;
+    assert_eq!((a.status, a.cache.as_str()), (200, "miss"));
+    assert_eq!(embeddings_text(&a), expected(&first, false));
+
+    let second = texts(&["delta", "alpha beta", "epsilon zeta eta", "gamma"]);
+    let b = embed(&c, &proxy, json!({"model": MODEL, "input": second})).await;
+    assert_eq!((b.status, b.cache.as_str()), (200, "partial"));
+    assert_eq!(
+        sent(&upstream),
+        vec![first.clone(), texts(&["delta", "epsilon zeta eta"])],
+        "only the inputs not cached were sent"
+    );
+    assert_eq!(
+        embeddings_text(&b),
+        expected(&second, false),
+        "byte for byte"
+    );
+    for (i, item) in b.body["data"].as_array().expect("data").iter().enumerate() {
+        assert_eq!(item["index"], i);
+        assert_eq!(item["object"], "embedding");
+    }
+    assert_eq!(b.body["object"], "list");
+    assert_eq!(b.body["model"], MODEL);
+    // Every input counted as the provider charges it: 1 + 2 + 3 + 1 words.
+    assert_eq!(
+        b.body["usage"],
+        json!({"prompt_tokens": 7, "total_tokens": 7})
+    );
+
+    let again = embed(&c, &proxy, json!({"model": MODEL, "input": second})).await;
+    assert_eq!(again.cache, "hit");
+    assert_eq!(again.raw, b.raw, "a full hit is the same answer");
+    assert_eq!(again.age, Some(0));
+    assert_eq!(upstream.calls(), 2);
+
+    // A single string is the same entry as that string in a list.
+    let single = embed(&c, &proxy, json!({"model": MODEL, "input": "gamma"})).await;
+    assert_eq!(single.cache, "hit");
+    assert_eq!(
+        embeddings_text(&single),
+        expected(&texts(&["gamma"]), false)
+    );
+    assert_eq!(single.body["usage"]["prompt_tokens"], 1);
+    assert!(single.key.is_some(), "one input, one entry: its key");
+    assert_eq!(upstream.calls(), 2);
+
+    // The inspector counts inputs and what was saved: 2 + 4 + 4 + 1 inputs, 2 + 4 + 1 saved.
+    proxy.engine.flush().await.expect("flush");
+    let stats = common::seen(
+        c.get(proxy.url("/_llm-dedup/stats"))
+            .send()
+            .await
+            .expect("stats"),
+    )
+    .await
+    .body;
+    let totals = &stats["totals"];
+    assert_eq!(totals["inputs"], 11, "{stats}");
+    assert_eq!(totals["inputs_saved"], 7, "{stats}");
+    assert_eq!(totals["partials"], 1);
+    assert_eq!(totals["hits"], 2);
+    assert_eq!(totals["misses"], 1);
+    assert_eq!(stats["entries"], 4, "one entry per distinct input");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn base64_and_float_answers_are_replayed_exactly_and_kept_apart() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let c = client();
+    let inputs = texts(&["one", "two"]);
+    for base64 in [true, false] {
+        let mut body = json!({"model": MODEL, "input": inputs});
+        if base64 {
+            body["encoding_format"] = json!("base64");
+        }
+        let miss = embed(&c, &proxy, body.clone()).await;
+        assert_eq!(miss.cache, "miss", "base64: {base64}; a format of its own");
+        let hit = embed(&c, &proxy, body).await;
+        assert_eq!(hit.cache, "hit");
+        assert_eq!(embeddings_text(&hit), expected(&inputs, base64));
+        assert_eq!(hit.raw, miss.raw);
+    }
+    assert_eq!(upstream.calls(), 2);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn token_array_inputs_are_cached_one_by_one() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let c = client();
+    let one = embed(&c, &proxy, json!({"model": MODEL, "input": [1234, 5678]})).await;
+    assert_eq!((one.status, one.cache.as_str()), (200, "miss"));
+    assert_eq!(
+        embeddings_text(&one),
+        expected(&[json!([1234, 5678])], false)
+    );
+    assert_eq!(one.body["usage"]["prompt_tokens"], 2);
+
+    let many = json!([[1234, 5678], [9, 10, 11]]);
+    let seen = embed(&c, &proxy, json!({"model": MODEL, "input": many})).await;
+    assert_eq!(seen.cache, "partial");
+    assert_eq!(
+        embeddings_text(&seen),
+        expected(&[json!([1234, 5678]), json!([9, 10, 11])], false)
+    );
+    assert_eq!(seen.body["usage"]["prompt_tokens"], 5);
+    assert_eq!(
+        sent(&upstream).last(),
+        Some(&vec![json!([9, 10, 11])]),
+        "sent as a list of one token array"
+    );
+    assert_eq!(upstream.calls(), 2);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn repeated_inputs_in_a_request_are_sent_once() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let c = client();
+    let inputs = texts(&["same words", "other", "same words", "same words"]);
+    let seen = embed(&c, &proxy, json!({"model": MODEL, "input": inputs})).await;
+    assert_eq!((seen.status, seen.cache.as_str()), (200, "miss"));
+    assert_eq!(sent(&upstream), vec![texts(&["same words", "other"])]);
+    assert_eq!(embeddings_text(&seen), expected(&inputs, false));
+    assert_eq!(seen.body["data"][3]["index"], 3);
+    assert_eq!(
+        seen.body["usage"]["prompt_tokens"], 7,
+        "each position counts"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn two_hundred_concurrent_single_input_requests_share_a_few_calls() {
+    let upstream = FakeUpstream::start().await;
+    upstream.state.delay_ms.store(20, Ordering::SeqCst);
+    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let c = client();
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let c = c.clone();
+            let url = proxy.url("/v1/embeddings");
+            // Ten callers ask for the same sentence as another one.
+            let sentence = format!("sentence number {}", i % 190);
+            tokio::spawn(async move {
+                let body = json!({"model": MODEL, "input": sentence});
+                (sentence, post(&c, &url, body.to_string(), &[]).await)
+            })
+        })
+        .collect();
+    for task in tasks {
+        let (sentence, seen) = task.await.expect("task");
+        assert_eq!(seen.status, 200);
+        assert_eq!(embeddings_text(&seen), expected(&[json!(sentence)], false));
+        assert_eq!(seen.body["data"][0]["index"], 0);
+        assert_eq!(seen.body["usage"]["prompt_tokens"], 3);
+    }
+    let calls = upstream.calls();
+    assert!(calls <= 20, "{calls} upstream calls for 200 requests");
+    assert_eq!(
+        upstream.state.embed_inputs.load(Ordering::SeqCst),
+        190,
+        "each distinct sentence sent once"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn with_merging_off_each_request_makes_its_own_call() {
+    let upstream = FakeUpstream::start().await;
+    upstream.state.delay_ms.store(50, Ordering::SeqCst);
+    let settings = EmbedSettings {
+        batch_window: Duration::ZERO,
+        ..EmbedSettings::default()
+    };
+    let proxy = Proxy::start(
+        Dedup::builder()
+            .upstream(upstream.url())
+            .embeddings(settings),
+    )
+    .await;
+    let c = client();
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let c = c.clone();
+            let url = proxy.url("/v1/embeddings");
+            tokio::spawn(async move {
+                let body = json!({"model": MODEL, "input": [format!("s{i}"), "shared"]});
+                post(&c, &url, body.to_string(), &[]).await
+            })
+        })
+        .collect();
+    for task in tasks {
+        let seen = task.await.expect("task");
+        assert_eq!(seen.status, 200);
+        assert_eq!(
+            embeddings_text(&seen)[1],
+            fake_embedding(&json!("shared"), false)
+        );
+    }
+    assert_eq!(upstream.calls(), 20);
+    assert_eq!(
+        upstream.state.embed_inputs.load(Ordering::SeqCst),
+        21,
+        "the shared input still goes upstream once"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn an_error_on_a_merged_call_reaches_exactly_its_callers_and_nothing_is_stored() {
+    let upstream = FakeUpstream::start().await;
+    upstream.state.delay_ms.store(20, Ordering::SeqCst);
+    let window = EmbedSettings {
+        batch_window: Duration::from_millis(200),
+        ..EmbedSettings::default()
+    };
+    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url()).embeddings(window)).await;
+    let c = client();
+    let cached = embed(&c, &proxy, json!({"model": MODEL, "input": "cached"})).await;
+    assert_eq!(cached.cache, "miss");
+
+    // Six callers of an unknown model share one call, which fails 404; six of a good model
+    // share another, which succeeds; one caller's only input is cached.
+    let mut tasks = Vec::new();
+    for i in 0..13 {
+        let c = c.clone();
+        let url = proxy.url("/v1/embeddings");
+        let body = match i {
+            0..6 => json!({"model": "missing-model", "input": format!("m{i}")}),
+            6..12 => json!({"model": MODEL, "input": [format!("g{i}"), "cached"]}),
+            _ => json!({"model": MODEL, "input": "cached"}),
+        };
+        tasks.push(tokio::spawn(async move {
+            (i, post(&c, &url, body.to_string(), &[]).await)
+        }));
+    }
+    for task in tasks {
+        let (i, seen) = task.await.expect("task");
+        match i {
+            0..6 => {
+                assert_eq!(seen.status, 404, "caller {i}");
+                assert_eq!(seen.body["error"]["code"], "model_not_found");
+                assert_eq!(
+                    seen.headers["x-request-id"], "req_invalid",
+                    "as the provider sent it"
+                );
+                assert_eq!(seen.headers["x-should-retry"], "false");
+            }
+            6..12 => {
+                assert_eq!((seen.status, seen.cache.as_str()), (200, "partial"));
+                assert_eq!(
+                    embeddings_text(&seen)[0],
+                    fake_embedding(&json!(format!("g{i}")), false)
+                );
+            }
+            _ => assert_eq!((seen.status, seen.cache.as_str()), (200, "hit")),
+        }
+    }
+    assert_eq!(
+        upstream.calls(),
+        3,
+        "one call for each model, after the first"
+    );
+
+    // The provider's quota is gone: a 429 that waiting cannot fix is passed on at once, to
+    // every caller of the call, and a caller whose inputs are cached does not notice.
+    upstream.state.quota_exhausted.store(true, Ordering::SeqCst);
+    let tasks: Vec<_> = ["q1", "q2", "cached"]
+        .into_iter()
+        .map(|input| {
+            let c = c.clone();
+            let url = proxy.url("/v1/embeddings");
+            tokio::spawn(async move {
+                let body = json!({"model": MODEL, "input": input});
+                (input, post(&c, &url, body.to_string(), &[]).await)
+            })
+        })
+        .collect();
+    for task in tasks {
+        let (input, seen) = task.await.expect("task");
+        if input == "cached" {
+            assert_eq!((seen.status, seen.cache.as_str()), (200, "hit"));
+        } else {
+            assert_eq!(seen.status, 429, "{input}");
+            assert_eq!(seen.body["error"]["code"], "insufficient_quota");
+            assert_eq!(seen.headers["x-should-retry"], "false");
+        }
+    }
+    upstream
+        .state
+        .quota_exhausted
+        .store(false, Ordering::SeqCst);
+    let calls = upstream.calls();
+    let retry = embed(&c, &proxy, json!({"model": MODEL, "input": ["q1", "q2"]})).await;
+    assert_eq!(
+        (retry.status, retry.cache.as_str()),
+        (200, "miss"),
+        "nothing was stored"
+    );
+    assert_eq!(upstream.calls(), calls + 1);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn calls_respect_the_providers_limits_per_request() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let c = client();
+    // More inputs than one call may carry: split into calls of at most 2048, answered in order.
+    let inputs: Vec<Value> = (0..5000).map(|i| json!(format!("chunk {i}"))).collect();
+    let seen = embed(&c, &proxy, json!({"model": MODEL, "input": inputs})).await;
+    assert_eq!(seen.status, 200, "{}", seen.body);
+    assert_eq!(embeddings_text(&seen), expected(&inputs, false));
+    let calls = sent(&upstream);
+    assert_eq!(calls.len(), 3);
+    assert!(calls.iter().all(|c| c.len() <= common::EMBED_MAX_INPUTS));
+    assert_eq!(seen.body["usage"]["prompt_tokens"], 10_000);
+
+    // A token bound: inputs of 30 bytes, at most 100 tokens a call, so 3 inputs a call.
+    let upstream = FakeUpstream::start().await;
+    let settings = EmbedSettings {
+        max_tokens: 100,
+        ..EmbedSettings::default()
+    };
+    let proxy = Proxy::start(
+        Dedup::builder()
+            .upstream(upstream.url())
+            .embeddings(settings),
+    )
+    .await;
+    let inputs: Vec<Value> = (0..10).map(|i| json!(format!("{i:030}"))).collect();
+    let seen = embed(&c, &proxy, json!({"model": MODEL, "input": inputs})).await;
+    assert_eq!(embeddings_text(&seen), expected(&inputs, false));
+    let sizes: Vec<usize> = sent(&upstream).iter().map(Vec::len).collect();
+    assert_eq!(sizes, [3, 3, 3, 1]);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn controls_apply_to_every_input() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let c = client();
+    let url = proxy.url("/v1/embeddings");
+    embed(&c, &proxy, json!({"model": MODEL, "input": ["a", "b"]})).await;
+    let body = json!({"model": MODEL, "input": ["a", "b", "c"]}).to_string();
+
+    let only = post(
+        &c,
+        &url,
+        body.clone(),
+        &[("cache-control", "only-if-cached")],
+    )
+    .await;
+    assert_eq!(only.status, 504);
+    assert!(
+        only.body["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("1 of the 3")
+    );
+    let cached = json!({"model": MODEL, "input": ["b", "a"]}).to_string();
+    let only = post(&c, &url, cached, &[("cache-control", "only-if-cached")]).await;
+    assert_eq!((only.status, only.cache.as_str()), (200, "hit"));
+    assert_eq!(upstream.calls(), 1);
+
+    let fresh = post(&c, &url, body.clone(), &[("cache-control", "no-cache")]).await;
+    assert_eq!((fresh.status, fresh.cache.as_str()), (200, "miss"));
+    assert_eq!(
+        sent(&upstream)[1],
+        texts(&["a", "b", "c"]),
+        "no-cache reads nothing"
+    );
+
+    let other = post(&c, &url, body, &[("llm-dedup-namespace", "elsewhere")]).await;
+    assert_eq!(other.cache, "miss", "a namespace is a key space of its own");
+    assert_eq!(upstream.calls(), 3);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn azure_deployments_and_inputs_the_api_rejects() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let c = client();
+    let url = proxy.url("/openai/deployments/emb/embeddings?api-version=2024-02-01");
+    let azure = [("api-key", "azure-key")];
+    let first = post(&c, &url, json!({"input": ["x", "y"]}).to_string(), &azure).await;
+    assert_eq!((first.status, first.cache.as_str()), (200, "miss"));
+    let second = post(&c, &url, json!({"input": ["y", "z"]}).to_string(), &azure).await;
+    assert_eq!((second.status, second.cache.as_str()), (200, "partial"));
+    assert_eq!(
+        embeddings_text(&second),
+        expected(&texts(&["y", "z"]), false)
+    );
+
+    // An input the API does not accept is sent as it came, and the provider's error comes back.
+    for bad in [json!(""), json!([]), json!(["ok", ""]), json!(["a", [1]])] {
+        let seen = embed(&c, &proxy, json!({"model": MODEL, "input": bad})).await;
+        assert_eq!(seen.status, 400, "{bad}");
+        assert!(
+            seen.body["error"]["message"]
+                .as_str()
+                .expect("message")
+                .contains("'$.input' is invalid")
+        );
+    }
+    assert_eq!(upstream.calls(), 6);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn inputs_stored_on_disk_are_found_after_a_restart() {
+    let upstream = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("c.db");
+    let proxy = Proxy::with_db(&upstream, &db).await;
+    let c = client();
+    let inputs: Vec<Value> = (0..50).map(|i| json!(format!("doc {i}"))).collect();
+    embed(&c, &proxy, json!({"model": MODEL, "input": inputs})).await;
+    proxy.stop().await;
+
+    let proxy = Proxy::with_db(&upstream, &db).await;
+    let seen = embed(&c, &proxy, json!({"model": MODEL, "input": inputs})).await;
+    assert_eq!(seen.cache, "hit");
+    assert_eq!(embeddings_text(&seen), expected(&inputs, false));
+    assert_eq!(upstream.calls(), 1);
+    proxy.stop().await;
+}
