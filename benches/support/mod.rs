@@ -157,3 +157,55 @@ pub fn limited_app(
     });
     (app, counters)
 }
+
+/// What an embeddings upstream received: calls and inputs.
+#[derive(Default)]
+pub struct EmbedCounters {
+    pub calls: std::sync::atomic::AtomicUsize,
+    pub inputs: std::sync::atomic::AtomicUsize,
+}
+
+/// An embeddings upstream that takes `latency` to answer a call, as OpenAI does for small
+/// batches, with one base64 embedding of 1536 dimensions (8 KiB, what the official SDKs ask
+/// for) per input.
+pub fn embeddings_app(latency: std::time::Duration) -> (Router, std::sync::Arc<EmbedCounters>) {
+    use std::sync::atomic::Ordering;
+    let counters = std::sync::Arc::new(EmbedCounters::default());
+    let seen = counters.clone();
+    // 1536 little-endian f32s in base64.
+    let vector = format!("\"{}\"", "A".repeat(1536 * 4 / 3 * 4));
+    let app = Router::new().fallback(move |body: Bytes| {
+        let (seen, vector) = (seen.clone(), vector.clone());
+        async move {
+            let Ok(request) = serde_json::from_slice::<serde_json::Value>(&body) else {
+                // Not an embeddings request (a connection warm-up): not counted.
+                return ([(CONTENT_TYPE, "application/json")], "{}").into_response();
+            };
+            let n = match &request["input"] {
+                serde_json::Value::Array(items) => items.len(),
+                _ => 1,
+            };
+            seen.calls.fetch_add(1, Ordering::SeqCst);
+            seen.inputs.fetch_add(n, Ordering::SeqCst);
+            tokio::time::sleep(latency).await;
+            let data: Vec<String> = (0..n)
+                .map(|i| format!(r#"{{"object":"embedding","index":{i},"embedding":{vector}}}"#))
+                .collect();
+            let body = format!(
+                r#"{{"object":"list","data":[{}],"model":"text-embedding-3-small","usage":{{"prompt_tokens":{},"total_tokens":{}}}}}"#,
+                data.join(","),
+                n * 8,
+                n * 8
+            );
+            // Generous limits, as an account with headroom sees them.
+            let headers = [
+                (CONTENT_TYPE.as_str(), "application/json"),
+                ("x-ratelimit-limit-requests", "10000"),
+                ("x-ratelimit-remaining-requests", "9999"),
+                ("x-ratelimit-reset-requests", "6ms"),
+            ];
+            (headers, body).into_response()
+        }
+    });
+    (app, counters)
+}

@@ -74,6 +74,9 @@ struct Item {
     key: CacheKey,
     input: Value,
     ttl: Duration,
+    /// Whether an answer stored meanwhile may serve it: not for a refresh (`no-cache`), and
+    /// only one young enough for its request's `max-age`.
+    reuse: Option<Option<Duration>>,
     flight: InputFlight,
 }
 
@@ -279,14 +282,9 @@ impl Dedup {
                 }
                 Role::Leader(flight) => flight,
             };
-            if !controls.no_cache {
-                // An identical input's call may have been stored since the lookup.
-                if let Some(entry) = inner.lookup_memory(key, controls.max_age).await {
-                    flight.complete(InputOutcome::Embedded(entry.clone()));
-                    sources.push(Source::Cache(entry));
-                    continue;
-                }
-            }
+            // From here on the flight is owned by the call it joins, never by this request:
+            // nothing awaits until every input is queued, so a client that hangs up cannot
+            // abandon inputs other requests wait on.
             sources.push(Source::Flight {
                 waiter: flight.waiter(),
                 led: true,
@@ -295,6 +293,7 @@ impl Dedup {
                 key: *key,
                 input: std::mem::take(input),
                 ttl,
+                reuse: (!controls.no_cache).then_some(controls.max_age),
                 flight,
             });
         }
@@ -400,9 +399,24 @@ impl Inner {
 
     /// Sends one merged call and completes the flight of each of its inputs.
     async fn send_call(&self, open: OpenCall) {
-        let OpenCall {
-            call, mut items, ..
-        } = open;
+        let OpenCall { call, items, .. } = open;
+        // An identical input's call may have stored its answer since this one's request
+        // looked: those are answered now and not sent.
+        let mut unanswered = Vec::with_capacity(items.len());
+        for item in items {
+            let stored = match item.reuse {
+                Some(max_age) => self.lookup_memory(&item.key, max_age).await,
+                None => None,
+            };
+            match stored {
+                Some(entry) => item.flight.complete(InputOutcome::Embedded(entry)),
+                None => unanswered.push(item),
+            }
+        }
+        let mut items = unanswered;
+        if items.is_empty() {
+            return;
+        }
         let weights: Vec<u64> = items
             .iter()
             .map(|item| embeddings::token_estimate(&item.input))
@@ -636,6 +650,7 @@ mod tests {
             key,
             input,
             ttl: Duration::from_secs(60),
+            reuse: Some(None),
             flight,
         }
     }

@@ -1,0 +1,173 @@
+//! Embeddings scenarios, against an upstream that takes 100 ms a call:
+//!
+//! 1. 200 clients each embed one sentence at the same moment: upstream calls and client
+//!    latency (p50, max) with merging on (5 ms window), off, and straight to the upstream.
+//! 2. A corpus of 10,000 chunks is indexed, then 10 % of the chunks change and it is indexed
+//!    again: inputs sent upstream by each pass, in requests of 100 chunks, 4 at a time.
+//!
+//! `cargo bench --bench embed`
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use llm_dedup::{Dedup, EmbedSettings};
+
+const LATENCY: Duration = Duration::from_millis(100);
+
+async fn proxy(upstream: SocketAddr, window: Duration, db: Option<&std::path::Path>) -> SocketAddr {
+    let mut builder = Dedup::builder()
+        .upstream(format!("http://{upstream}"))
+        .embeddings(EmbedSettings {
+            batch_window: window,
+            ..EmbedSettings::default()
+        });
+    if let Some(db) = db {
+        builder = builder.database(db);
+    }
+    support::serve(llm_dedup::server::app(builder.build().expect("engine"))).await
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()
+        .expect("client")
+}
+
+async fn embed(client: &reqwest::Client, url: &str, input: serde_json::Value) -> Duration {
+    let body = serde_json::json!({"model": "text-embedding-3-small", "input": input});
+    let started = Instant::now();
+    let response = client
+        .post(url)
+        .header("authorization", "Bearer sk-bench")
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), 200);
+    response.bytes().await.expect("body");
+    started.elapsed()
+}
+
+/// 200 concurrent single-sentence requests; returns (p50, max) latency.
+async fn concurrent_singles(url: &str) -> (Duration, Duration) {
+    let client = client();
+    // Connections opened beforehand, as a running application's pool would have them.
+    let warm: Vec<_> = (0..200)
+        .map(|_| {
+            let (client, url) = (client.clone(), url.to_owned());
+            tokio::spawn(async move { client.get(url).send().await.map(|r| r.status()) })
+        })
+        .collect();
+    for w in warm {
+        let _ = w.await;
+    }
+    // One request first, so that the rate-limit budget is known (until then, the governor
+    // sends one request to learn it and holds the others back).
+    embed(&client, url, "warm-up".into()).await;
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let (client, url) = (client.clone(), url.to_owned());
+            tokio::spawn(async move {
+                let sentence = format!("The quick brown fox number {i} jumps over the lazy dog.");
+                embed(&client, &url, sentence.into()).await
+            })
+        })
+        .collect();
+    let mut latencies = Vec::with_capacity(200);
+    for t in tasks {
+        latencies.push(t.await.expect("task"));
+    }
+    latencies.sort();
+    (
+        latencies[latencies.len() / 2],
+        latencies[latencies.len() - 1],
+    )
+}
+
+/// Indexes `chunks` in requests of 100, 4 at a time; returns the wall time.
+async fn index(url: &str, chunks: &[String]) -> Duration {
+    let client = client();
+    let started = Instant::now();
+    let batches: Vec<Vec<String>> = chunks.chunks(100).map(<[String]>::to_vec).collect();
+    for wave in batches.chunks(4) {
+        let tasks: Vec<_> = wave
+            .iter()
+            .map(|batch| {
+                let (client, url, batch) = (client.clone(), url.to_owned(), batch.clone());
+                tokio::spawn(async move { embed(&client, &url, batch.into()).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("task");
+        }
+    }
+    started.elapsed()
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+#[tokio::main]
+async fn main() {
+    println!("200 concurrent single-sentence requests, upstream latency {LATENCY:?}:");
+    for (label, window) in [
+        ("straight to the upstream", None),
+        ("llm-dedup, merging off", Some(Duration::ZERO)),
+        ("llm-dedup, 5 ms window", Some(Duration::from_millis(5))),
+    ] {
+        let (app, counters) = support::embeddings_app(LATENCY);
+        let upstream = support::serve(app).await;
+        let addr = match window {
+            Some(window) => proxy(upstream, window, None).await,
+            None => upstream,
+        };
+        let (p50, max) = concurrent_singles(&format!("http://{addr}/v1/embeddings")).await;
+        // Less the warm-up request.
+        let calls = counters.calls.load(Ordering::SeqCst) - 1;
+        let inputs = counters.inputs.load(Ordering::SeqCst) - 1;
+        println!(
+            "  {label:<26} {calls:>3} embedding calls ({inputs} inputs), latency p50 {:.1} ms, max {:.1} ms",
+            ms(p50),
+            ms(max)
+        );
+    }
+
+    println!("re-index of 10,000 chunks, 10 % changed (requests of 100 chunks, 4 at a time):");
+    let (app, counters) = support::embeddings_app(LATENCY);
+    let upstream = support::serve(app).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let addr = proxy(
+        upstream,
+        Duration::from_millis(5),
+        Some(&dir.path().join("c.db")),
+    )
+    .await;
+    let url = format!("http://{addr}/v1/embeddings");
+    let mut chunks: Vec<String> = (0..10_000)
+        .map(|i| format!("Chunk {i} of the handbook: some paragraph of text worth retrieving."))
+        .collect();
+    for pass in ["first index", "re-index"] {
+        let (calls, inputs) = (
+            counters.calls.load(Ordering::SeqCst),
+            counters.inputs.load(Ordering::SeqCst),
+        );
+        let took = index(&url, &chunks).await;
+        println!(
+            "  {pass:<12} {:>5} inputs sent upstream in {:>3} calls, {:.2} s",
+            counters.inputs.load(Ordering::SeqCst) - inputs,
+            counters.calls.load(Ordering::SeqCst) - calls,
+            took.as_secs_f64()
+        );
+        for (i, chunk) in chunks.iter_mut().enumerate() {
+            if i % 10 == 3 {
+                chunk.push_str(" (edited)");
+            }
+        }
+    }
+}
