@@ -349,6 +349,8 @@ struct KnownKey {
     key: CacheKey,
     model: Option<String>,
     estimate: u32,
+    /// The credential partition (the digest covers the credential headers).
+    partition: [u8; 32],
 }
 
 /// Growth of a flight's stream buffer between two updates of its memory reservation.
@@ -451,13 +453,12 @@ impl Dedup {
                 )
             }
         })?;
-        let partition = self.partition(&parts.headers);
         let mut outbound = Outbound {
             method: parts.method,
             path_and_query,
             headers: parts.headers,
             body: body.to_bytes(),
-            partition,
+            partition: [0; 32],
             estimate: 0,
         };
         let exact = self.exact_digest(&outbound, &controls.namespace);
@@ -465,15 +466,19 @@ impl Dedup {
         if let Some(known) = self.inner.known_keys.get(&exact) {
             // These exact bytes were parsed, found cacheable and keyed before.
             outbound.estimate = known.estimate;
-            let meta = EntryMeta {
+            outbound.partition = known.partition;
+            let meta = || EntryMeta {
                 key: known.key,
                 namespace: controls.namespace.clone(),
                 route,
                 model: known.model.clone(),
                 ttl,
             };
-            return self.cached_or_fetched(outbound, meta, &controls).await;
+            return self
+                .cached_or_fetched(outbound, known.key, meta, &controls)
+                .await;
         }
+        outbound.partition = self.partition(&outbound.headers);
         let value: Value = serde_json::from_slice(&outbound.body).map_err(|e| {
             Error::new(
                 ErrorKind::InvalidRequest,
@@ -530,9 +535,12 @@ impl Dedup {
                 key: meta.key,
                 model: meta.model.clone(),
                 estimate: outbound.estimate,
+                partition: outbound.partition,
             }),
         );
-        self.cached_or_fetched(outbound, meta, &controls).await
+        let key = meta.key;
+        self.cached_or_fetched(outbound, key, || meta, &controls)
+            .await
     }
 
     /// A digest of everything that goes into a request's cache key, taken over the exact bytes
@@ -609,20 +617,23 @@ impl Dedup {
         .key()
     }
 
+    /// Answers a cacheable request with key `key` from memory, or else through
+    /// [`Dedup::beyond_memory`]; `meta` is only built (allocating) when memory has no answer.
     async fn cached_or_fetched(
         &self,
         out: Outbound,
-        meta: EntryMeta,
+        key: CacheKey,
+        meta: impl FnOnce() -> EntryMeta,
         controls: &CacheControls,
     ) -> Result<Answer, Error> {
         if !controls.no_cache {
-            if let Some(entry) = self.inner.lookup_memory(&meta.key, controls.max_age).await {
+            if let Some(entry) = self.inner.lookup_memory(&key, controls.max_age).await {
                 return Ok(self.inner.hit(&entry));
             }
         }
         // Everything past a memory hit is boxed, so the hit path's future stays small (its
         // size is copied on every request).
-        Box::pin(self.beyond_memory(out, meta, controls)).await
+        Box::pin(self.beyond_memory(out, meta(), controls)).await
     }
 
     /// The path of a request that memory could not answer: disk, flight, upstream.
@@ -1150,9 +1161,8 @@ impl Inner {
 
     /// Counts one answered request, in the metrics and in the database's counters.
     fn record(&self, route: Option<Route>, model: Option<&str>, cache: CacheStatus, saved: Usage) {
-        let route = route_name(route);
         self.metrics.outcome(route, cache, saved);
-        self.persist_counts(route, model, &answered(cache, saved));
+        self.persist_counts(route_name(route), model, &answered(cache, saved));
     }
 
     /// Counts one upstream call and its status (`None`: no answer).
@@ -1173,15 +1183,13 @@ impl Inner {
 
     /// Answers from a stored entry, counting the hit.
     fn hit(&self, entry: &StoredAnswer) -> Answer {
+        let route = Some(entry.route);
+        self.metrics.outcome(route, CacheStatus::Hit, entry.usage);
         if let Some(disk) = &self.disk {
-            disk.record_hit(entry.key);
+            let counts = answered(CacheStatus::Hit, entry.usage);
+            let model = entry.model.as_deref().unwrap_or("");
+            disk.record_hit(entry.key, route_name(route), model, &counts);
         }
-        self.record(
-            Some(entry.route),
-            entry.model.as_deref(),
-            CacheStatus::Hit,
-            entry.usage,
-        );
         let mut headers = entry.headers.clone();
         headers.insert(
             http::header::AGE,
@@ -1281,7 +1289,7 @@ fn is_event_stream(headers: &HeaderMap) -> bool {
 
 fn stored_answer(entry: &StoredAnswer, mut headers: HeaderMap, cache: CacheStatus) -> Answer {
     headers.insert(CACHE_HEADER, HeaderValue::from_static(cache.as_str()));
-    set_header(&mut headers, KEY_HEADER, &entry.key.to_hex());
+    set_header(&mut headers, KEY_HEADER, &key_hex(&entry.key));
     Answer {
         status: StatusCode::from_u16(entry.status).unwrap_or(StatusCode::OK),
         headers,
@@ -1289,6 +1297,11 @@ fn stored_answer(entry: &StoredAnswer, mut headers: HeaderMap, cache: CacheStatu
         cache,
         key: Some(entry.key),
     }
+}
+
+/// A key in hex, without allocating.
+fn key_hex(key: &CacheKey) -> impl std::ops::Deref<Target = str> {
+    blake3::Hash::from_bytes(*key.as_bytes()).to_hex()
 }
 
 fn young_enough(entry: &StoredAnswer, max_age: Option<Duration>) -> bool {

@@ -12,8 +12,16 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use std::sync::OnceLock;
+
 use crate::engine::CacheStatus;
 use crate::entry::Usage;
+use crate::route::Route;
+
+/// Routes, plus requests on none (`other`).
+const ROUTE_SLOTS: usize = 7;
+/// Cache outcomes.
+const OUTCOME_SLOTS: usize = 5;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
@@ -41,8 +49,12 @@ struct InputLabels {
 pub(crate) struct Metrics {
     registry: Registry,
     requests: Family<OutcomeLabels, Counter>,
+    /// The counters of `requests`, by route and outcome, each looked up in the family once:
+    /// counting a request is then one atomic add, not a locked map lookup.
+    outcome_counters: [[OnceLock<Counter>; OUTCOME_SLOTS]; ROUTE_SLOTS],
+    saved_prompt: Counter,
+    saved_completion: Counter,
     upstream: Family<UpstreamLabels, Counter>,
-    tokens_saved: Family<TokenLabels, Counter>,
     embedding_inputs: Family<InputLabels, Counter>,
     memory_bytes: Gauge,
     memory_entries: Gauge,
@@ -131,14 +143,22 @@ impl Metrics {
             "Time requests waited for upstream budget (governor)",
             queue_wait.clone(),
         );
+        let saved_prompt = tokens_saved
+            .get_or_create(&TokenLabels { kind: "prompt" })
+            .clone();
+        let saved_completion = tokens_saved
+            .get_or_create(&TokenLabels { kind: "completion" })
+            .clone();
         Metrics {
+            outcome_counters: Default::default(),
+            saved_prompt,
+            saved_completion,
             absorbed_429,
             retries,
             queue_wait,
             registry,
             requests,
             upstream,
-            tokens_saved,
             embedding_inputs,
             memory_bytes,
             memory_entries,
@@ -148,21 +168,28 @@ impl Metrics {
     }
 
     /// Counts one answered request.
-    pub(crate) fn outcome(&self, route: &'static str, cache: CacheStatus, saved: Usage) {
-        self.requests
-            .get_or_create(&OutcomeLabels {
-                route,
-                cache: cache.as_str(),
-            })
-            .inc();
-        for (kind, n) in [
-            ("prompt", saved.prompt_tokens),
-            ("completion", saved.completion_tokens),
+    pub(crate) fn outcome(&self, route: Option<Route>, cache: CacheStatus, saved: Usage) {
+        let labels = || OutcomeLabels {
+            route: route.map_or("other", Route::as_str),
+            cache: cache.as_str(),
+        };
+        let slot = route.map_or(0, |r| r as usize + 1);
+        match self
+            .outcome_counters
+            .get(slot)
+            .and_then(|row| row.get(cache as usize))
+        {
+            Some(counter) => counter
+                .get_or_init(|| self.requests.get_or_create(&labels()).clone())
+                .inc(),
+            None => self.requests.get_or_create(&labels()).inc(),
+        };
+        for (counter, n) in [
+            (&self.saved_prompt, saved.prompt_tokens),
+            (&self.saved_completion, saved.completion_tokens),
         ] {
             if let Some(n) = n.filter(|n| *n > 0) {
-                self.tokens_saved
-                    .get_or_create(&TokenLabels { kind })
-                    .inc_by(n);
+                counter.inc_by(n);
             }
         }
     }

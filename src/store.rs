@@ -197,6 +197,21 @@ struct Pending {
     counters: HashMap<String, HashMap<String, Counts>>,
 }
 
+impl Pending {
+    fn count(&mut self, route: &str, model: &str, counts: &Counts) {
+        let by_model = match self.counters.get_mut(route) {
+            Some(m) => m,
+            None => self.counters.entry(route.to_owned()).or_default(),
+        };
+        match by_model.get_mut(model) {
+            Some(c) => c.add(counts),
+            None => {
+                by_model.insert(model.to_owned(), *counts);
+            }
+        }
+    }
+}
+
 type SharedPending = Arc<Mutex<Pending>>;
 
 fn take(pending: &SharedPending) -> Pending {
@@ -302,8 +317,9 @@ impl DiskStore {
         self.send(WriteOp::Put(entry))
     }
 
-    /// Counts a hit on `key` (hit count and last-hit time), committed within a second.
-    pub fn record_hit(&self, key: CacheKey) {
+    /// Counts a hit on `key` (hit count and last-hit time) and adds `counts` to the counters
+    /// of `route` and `model` (one lock for both), committed within a second.
+    pub fn record_hit(&self, key: CacheKey, route: &str, model: &str, counts: &Counts) {
         let at = unix_ms(SystemTime::now());
         let mut pending = self.inner.pending.lock().unwrap_or_else(|e| e.into_inner());
         let tally = pending.hits.entry(key).or_insert(HitTally {
@@ -312,6 +328,7 @@ impl DiskStore {
         });
         tally.count += 1;
         tally.last_at = tally.last_at.max(at);
+        pending.count(route, model, counts);
     }
 
     /// Calls `listener` (on the writer thread) whenever another process purges entries from
@@ -325,16 +342,7 @@ impl DiskStore {
     /// Adds `counts` to the counters of `route` and `model`, committed within a second.
     pub fn record_counts(&self, route: &str, model: &str, counts: &Counts) {
         let mut pending = self.inner.pending.lock().unwrap_or_else(|e| e.into_inner());
-        let by_model = match pending.counters.get_mut(route) {
-            Some(m) => m,
-            None => pending.counters.entry(route.to_owned()).or_default(),
-        };
-        match by_model.get_mut(model) {
-            Some(c) => c.add(counts),
-            None => {
-                by_model.insert(model.to_owned(), *counts);
-            }
-        }
+        pending.count(route, model, counts);
     }
 
     /// Waits until everything queued before this call is committed.
@@ -835,8 +843,8 @@ mod tests {
         let salt = *store.salt();
         let e = entry(1, Duration::from_secs(60));
         store.put(e.clone()).expect("queued");
-        store.record_hit(e.key);
-        store.record_hit(e.key);
+        store.record_hit(e.key, "embeddings", "", &Counts::default());
+        store.record_hit(e.key, "embeddings", "", &Counts::default());
         store.close().await.expect("close");
         assert!(store.put(e.clone()).is_err(), "writes after close fail");
 
