@@ -478,6 +478,20 @@ impl Dedup {
                 .cached_or_fetched(outbound, known.key, meta, &controls)
                 .await;
         }
+        // A request seen for the first time takes the long path, boxed: the future of a
+        // repeat stays small (it is moved on every request).
+        Box::pin(self.first_seen(outbound, route, &controls, exact)).await
+    }
+
+    /// The path of a cacheable request whose exact bytes are new: parse, classify, key.
+    async fn first_seen(
+        &self,
+        mut outbound: Outbound,
+        route: Route,
+        controls: &CacheControls,
+        exact: [u8; 32],
+    ) -> Result<Answer, Error> {
+        let ttl = controls.ttl.unwrap_or(self.inner.ttl);
         outbound.partition = self.partition(&outbound.headers);
         let value: Value = serde_json::from_slice(&outbound.body).map_err(|e| {
             Error::new(
@@ -513,7 +527,7 @@ impl Dedup {
                     inputs,
                     ttl,
                 };
-                return Box::pin(self.embeddings(request, &controls)).await;
+                return Box::pin(self.embeddings(request, controls)).await;
             }
         }
         let meta = EntryMeta {
@@ -539,7 +553,7 @@ impl Dedup {
             }),
         );
         let key = meta.key;
-        self.cached_or_fetched(outbound, key, || meta, &controls)
+        self.cached_or_fetched(outbound, key, || meta, controls)
             .await
     }
 
