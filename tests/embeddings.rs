@@ -500,3 +500,69 @@ async fn inputs_stored_on_disk_are_found_after_a_restart() {
     assert_eq!(upstream.calls(), 1);
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn a_broken_answer_is_a_502_and_nothing_of_it_is_stored() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let c = client();
+    upstream.state.embed_drop_last.store(true, Ordering::SeqCst);
+    let body = json!({"model": MODEL, "input": ["p", "q"]});
+    let broken = embed(&c, &proxy, body.clone()).await;
+    assert_eq!(broken.status, 502);
+    assert_eq!(broken.body["error"]["code"], "upstream_invalid_answer");
+    assert!(
+        broken.body["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("1 embeddings for 2 inputs")
+    );
+    upstream
+        .state
+        .embed_drop_last
+        .store(false, Ordering::SeqCst);
+    let fixed = embed(&c, &proxy, body).await;
+    assert_eq!((fixed.status, fixed.cache.as_str()), (200, "miss"));
+    assert_eq!(
+        embeddings_text(&fixed),
+        expected(&texts(&["p", "q"]), false)
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_caller_that_hangs_up_cancels_nothing_others_wait_on() {
+    let upstream = FakeUpstream::start().await;
+    upstream.state.delay_ms.store(400, Ordering::SeqCst);
+    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(100))
+        .build()
+        .expect("client");
+    let url = proxy.url("/v1/embeddings");
+    let body = json!({"model": MODEL, "input": ["shared", "mine"]}).to_string();
+    let gone = tokio::spawn(async move {
+        let request = impatient.post(url).bearer_auth("sk-test-key-1");
+        request.body(body).send().await
+    });
+    upstream.wait_for_calls(1).await;
+    // Joins the input in flight; its first caller hangs up meanwhile.
+    let c = client();
+    let other = embed(&c, &proxy, json!({"model": MODEL, "input": "shared"})).await;
+    assert!(
+        gone.await.expect("task").is_err(),
+        "the first caller timed out"
+    );
+    assert_eq!((other.status, other.cache.as_str()), (200, "coalesced"));
+    assert_eq!(
+        embeddings_text(&other),
+        expected(&texts(&["shared"]), false)
+    );
+    let later = embed(&c, &proxy, json!({"model": MODEL, "input": "mine"})).await;
+    assert_eq!(
+        later.cache, "hit",
+        "the call finished and stored both inputs"
+    );
+    assert_eq!(upstream.calls(), 1);
+    proxy.stop().await;
+}

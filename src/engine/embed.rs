@@ -509,15 +509,16 @@ impl Inner {
                 ),
             ))
         })?;
-        let total = list.prompt_tokens.unwrap_or_else(|| weights.iter().sum());
-        self.governor
-            .settle(&out.partition, out.estimate, Some(total));
+        // What the provider charged, shared among the inputs; an answer without `usage`
+        // (some compatible servers send none) counts nothing rather than a guess.
+        let total = list.prompt_tokens;
+        self.governor.settle(&out.partition, out.estimate, total);
         let model = list
             .model
             .as_deref()
             .or(call.model.as_deref())
             .unwrap_or_default();
-        let tokens = embeddings::apportion(total, weights);
+        let tokens = embeddings::apportion(total.unwrap_or(0), weights);
         let mut entries = Vec::with_capacity(items.len());
         for ((item, embedding), tokens) in items.iter().zip(&list.embeddings).zip(tokens) {
             let meta = EntryMeta {

@@ -60,6 +60,8 @@ pub struct FakeState {
     pub bodies: Mutex<Vec<Bytes>>,
     /// Embedding inputs received, over all calls.
     pub embed_inputs: AtomicUsize,
+    /// Answer embeddings requests with one embedding too few (a broken upstream).
+    pub embed_drop_last: std::sync::atomic::AtomicBool,
 }
 
 pub struct FakeUpstream {
@@ -382,7 +384,12 @@ fn embeddings(
     }
     state.embed_inputs.fetch_add(inputs.len(), Ordering::SeqCst);
     let base64 = request.get("encoding_format") == Some(&json!("base64"));
-    let data: Vec<String> = inputs
+    let answered = if state.embed_drop_last.load(Ordering::SeqCst) {
+        inputs.len() - 1
+    } else {
+        inputs.len()
+    };
+    let data: Vec<String> = inputs[..answered]
         .iter()
         .enumerate()
         .map(|(i, input)| {
