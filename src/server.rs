@@ -1,7 +1,7 @@
 //! The proxy: llm-dedup over HTTP, for clients in any language.
 //!
 //! This module owns the axum application: routing (operator endpoints under `/_llm-dedup/`,
-//! everything else to the engine), the tower layers for request ids and tracing, the one place
+//! everything else to the engine), the per-request span and log line, the one place
 //! where an engine error becomes an HTTP status with an OpenAI-style JSON body, and graceful
 //! shutdown. It holds no caching logic: every decision is the engine's.
 
