@@ -212,38 +212,13 @@ impl Dedup {
         set_input(&mut template, None);
         let group_key = self.key(Route::Embeddings, &out, &template, namespace, 256);
 
-        // Each distinct input once, keyed as a request for it alone; `slots` maps every
-        // position of the request to its distinct input.
-        let mut distinct: Vec<(CacheKey, Value)> = Vec::new();
-        let mut seen: HashMap<CacheKey, usize> = HashMap::new();
-        let mut slots = Vec::with_capacity(inputs.len());
-        for input in inputs {
-            let size = usize::try_from(embeddings::token_bound(&input)).unwrap_or(0) + 256;
-            set_input(&mut template, Some(input));
-            let key = self.key(Route::Embeddings, &out, &template, namespace, size);
-            let input = set_input(&mut template, None).unwrap_or_default();
-            let next = distinct.len();
-            let d = *seen.entry(key).or_insert(next);
-            if d == next {
-                distinct.push((key, input));
-            }
-            slots.push(d);
-        }
-
-        let mut found: Vec<Option<Arc<StoredAnswer>>> = vec![None; distinct.len()];
-        if !controls.no_cache {
-            for (slot, (key, _)) in found.iter_mut().zip(&distinct) {
-                *slot = inner.lookup_memory(key, controls.max_age).await;
-            }
-            let missing: Vec<usize> = (0..found.len()).filter(|d| found[*d].is_none()).collect();
-            if !missing.is_empty() {
-                let keys = missing.iter().map(|d| distinct[*d].0).collect();
-                let read = inner.lookup_disk_many(keys, controls.max_age).await;
-                for (d, entry) in missing.into_iter().zip(read) {
-                    found[d] = entry;
-                }
-            }
-        }
+        let (mut distinct, slots) = self.distinct_inputs(&out, &mut template, namespace, inputs);
+        let found = if controls.no_cache {
+            vec![None; distinct.len()]
+        } else {
+            let keys = distinct.iter().map(|(key, _)| *key);
+            inner.lookup_many(keys, controls.max_age).await
+        };
         if let ([Some(entry)], [_]) = (found.as_slice(), slots.as_slice()) {
             // One input, cached: its entry is the whole answer.
             inner.metrics.embedding_inputs(1, 0, 0);
@@ -366,6 +341,36 @@ impl Dedup {
     }
 }
 
+impl Dedup {
+    /// Each distinct input of a request once, with the key a request for it alone would have
+    /// (`template` is the request without `input`), and for every position of the request the
+    /// index of its distinct input.
+    fn distinct_inputs(
+        &self,
+        out: &Outbound,
+        template: &mut Value,
+        namespace: &str,
+        inputs: Vec<Value>,
+    ) -> (Vec<(CacheKey, Value)>, Vec<usize>) {
+        let mut distinct: Vec<(CacheKey, Value)> = Vec::new();
+        let mut seen: HashMap<CacheKey, usize> = HashMap::new();
+        let mut slots = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            let size = usize::try_from(embeddings::token_bound(&input)).unwrap_or(0) + 256;
+            set_input(template, Some(input));
+            let key = self.key(Route::Embeddings, out, template, namespace, size);
+            let input = set_input(template, None).unwrap_or_default();
+            let next = distinct.len();
+            let d = *seen.entry(key).or_insert(next);
+            if d == next {
+                distinct.push((key, input));
+            }
+            slots.push(d);
+        }
+        (distinct, slots)
+    }
+}
+
 /// Where an input's embedding came from, as far as one request is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Via {
@@ -377,6 +382,31 @@ enum Via {
 }
 
 impl Inner {
+    /// The cached entries for `keys`: memory first, then one database read for the rest.
+    async fn lookup_many(
+        &self,
+        keys: impl Iterator<Item = CacheKey>,
+        max_age: Option<Duration>,
+    ) -> Vec<Option<Arc<StoredAnswer>>> {
+        let mut found = Vec::new();
+        let mut missing = Vec::new();
+        for key in keys {
+            let entry = self.lookup_memory(&key, max_age).await;
+            if entry.is_none() {
+                missing.push((found.len(), key));
+            }
+            found.push(entry);
+        }
+        if !missing.is_empty() {
+            let keys = missing.iter().map(|(_, key)| *key).collect();
+            let read = self.lookup_disk_many(keys, max_age).await;
+            for ((at, _), entry) in missing.into_iter().zip(read) {
+                found[at] = entry;
+            }
+        }
+        found
+    }
+
     /// Adds inputs to their group's open call; sends the calls that are ready and arranges
     /// for new ones to go when their window ends.
     fn enqueue(self: &Arc<Self>, group: Group, call: &Arc<Call>, items: Vec<Item>) {
