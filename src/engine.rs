@@ -376,12 +376,12 @@ struct Outbound {
 enum Upstreamed {
     /// A 2xx (or 3xx) answer, body not yet read (it may be a stream).
     Success(reqwest::Response),
-    /// Any other answer, read whole; `final_reason` when waiting cannot fix it.
+    /// Any other answer, read whole. When waiting cannot fix it, its headers carry
+    /// `x-should-retry: false`: the official SDKs would retry some of these.
     Refused {
         status: StatusCode,
         headers: HeaderMap,
         body: Bytes,
-        final_reason: Option<&'static str>,
     },
 }
 
@@ -955,17 +955,9 @@ impl Inner {
             Ok(Upstreamed::Success(r)) => r,
             Ok(Upstreamed::Refused {
                 status,
-                mut headers,
+                headers,
                 body,
-                final_reason,
             }) => {
-                if final_reason.is_some() {
-                    // The official SDKs would retry some of these; waiting cannot help.
-                    headers.insert(
-                        http::header::HeaderName::from_static("x-should-retry"),
-                        HeaderValue::from_static("false"),
-                    );
-                }
                 tracing::debug!(key = %meta.key, status = status.as_u16(), "upstream answer not stored");
                 return FlightOutcome::Unstored(Arc::new((status, headers, body)));
             }
@@ -1034,33 +1026,36 @@ impl Inner {
                     if status.is_success() || status.is_redirection() {
                         return Ok(Upstreamed::Success(response));
                     }
-                    let headers = upstream::response_headers(response.headers());
+                    let mut headers = upstream::response_headers(response.headers());
                     let body = match response.bytes().await {
                         Ok(b) => b,
                         Err(e) => return Err(self.upstream.error(e)),
                     };
                     let disposition = governor::classify(status, &body);
-                    let final_reason = match disposition {
-                        Disposition::Final(why) => Some(why),
-                        _ => None,
-                    };
                     let wait = governor::retry_after(&headers)
                         .unwrap_or_else(|| governor::backoff(attempt));
-                    let last = Upstreamed::Refused {
-                        status,
-                        headers,
-                        body,
-                        final_reason,
-                    };
-                    if let Some(why) = final_reason {
+                    if let Disposition::Final(why) = disposition {
                         tracing::info!(
                             route = route_name(route),
                             status = status.as_u16(),
                             why,
                             "upstream refused the request; passed on, not retried"
                         );
-                        return Ok(last);
+                        headers.insert(
+                            HeaderName::from_static("x-should-retry"),
+                            HeaderValue::from_static("false"),
+                        );
+                        return Ok(Upstreamed::Refused {
+                            status,
+                            headers,
+                            body,
+                        });
                     }
+                    let last = Upstreamed::Refused {
+                        status,
+                        headers,
+                        body,
+                    };
                     if disposition == Disposition::Deliver {
                         return Ok(last);
                     }

@@ -17,6 +17,38 @@ async fn embed(c: &reqwest::Client, proxy: &Proxy, body: Value) -> Seen {
     post(c, &proxy.url("/v1/embeddings"), body.to_string(), &[]).await
 }
 
+/// A proxy in front of `upstream`, merging embeddings as `settings` say.
+async fn proxy_with(upstream: &FakeUpstream, settings: EmbedSettings) -> Proxy {
+    Proxy::start(
+        Dedup::builder()
+            .upstream(upstream.url())
+            .embeddings(settings),
+    )
+    .await
+}
+
+/// Embedding inputs the upstream has received, over all calls.
+fn inputs_received(upstream: &FakeUpstream) -> usize {
+    upstream.state.embed_inputs.load(Ordering::SeqCst)
+}
+
+/// Sends every body at the same moment; the answers, in the same order.
+async fn concurrently(proxy: &Proxy, bodies: Vec<Value>) -> Vec<Seen> {
+    let c = client();
+    let tasks: Vec<_> = bodies
+        .into_iter()
+        .map(|body| {
+            let (c, url) = (c.clone(), proxy.url("/v1/embeddings"));
+            tokio::spawn(async move { post(&c, &url, body.to_string(), &[]).await })
+        })
+        .collect();
+    let mut answers = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        answers.push(task.await.expect("task"));
+    }
+    answers
+}
+
 /// The embeddings of an answer, in `data` order, as the exact JSON text received.
 fn embeddings_text(seen: &Seen) -> Vec<String> {
     #[derive(serde::Deserialize)]
@@ -207,21 +239,15 @@ async fn two_hundred_concurrent_single_input_requests_share_a_few_calls() {
     let upstream = FakeUpstream::start().await;
     upstream.state.delay_ms.store(20, Ordering::SeqCst);
     let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
-    let c = client();
-    let tasks: Vec<_> = (0..200)
-        .map(|i| {
-            let c = c.clone();
-            let url = proxy.url("/v1/embeddings");
-            // Ten callers ask for the same sentence as another one.
-            let sentence = format!("sentence number {}", i % 190);
-            tokio::spawn(async move {
-                let body = json!({"model": MODEL, "input": sentence});
-                (sentence, post(&c, &url, body.to_string(), &[]).await)
-            })
-        })
+    // Ten callers ask for the same sentence as another one.
+    let sentences: Vec<String> = (0..200)
+        .map(|i| format!("sentence number {}", i % 190))
         .collect();
-    for task in tasks {
-        let (sentence, seen) = task.await.expect("task");
+    let bodies = sentences
+        .iter()
+        .map(|s| json!({"model": MODEL, "input": s}))
+        .collect();
+    for (sentence, seen) in sentences.iter().zip(concurrently(&proxy, bodies).await) {
         assert_eq!(seen.status, 200);
         assert_eq!(embeddings_text(&seen), expected(&[json!(sentence)], false));
         assert_eq!(seen.body["data"][0]["index"], 0);
@@ -230,7 +256,7 @@ async fn two_hundred_concurrent_single_input_requests_share_a_few_calls() {
     let calls = upstream.calls();
     assert!(calls <= 20, "{calls} upstream calls for 200 requests");
     assert_eq!(
-        upstream.state.embed_inputs.load(Ordering::SeqCst),
+        inputs_received(&upstream),
         190,
         "each distinct sentence sent once"
     );
@@ -245,25 +271,11 @@ async fn with_merging_off_each_request_makes_its_own_call() {
         batch_window: Duration::ZERO,
         ..EmbedSettings::default()
     };
-    let proxy = Proxy::start(
-        Dedup::builder()
-            .upstream(upstream.url())
-            .embeddings(settings),
-    )
-    .await;
-    let c = client();
-    let tasks: Vec<_> = (0..20)
-        .map(|i| {
-            let c = c.clone();
-            let url = proxy.url("/v1/embeddings");
-            tokio::spawn(async move {
-                let body = json!({"model": MODEL, "input": [format!("s{i}"), "shared"]});
-                post(&c, &url, body.to_string(), &[]).await
-            })
-        })
+    let proxy = proxy_with(&upstream, settings).await;
+    let bodies = (0..20)
+        .map(|i| json!({"model": MODEL, "input": [format!("s{i}"), "shared"]}))
         .collect();
-    for task in tasks {
-        let seen = task.await.expect("task");
+    for seen in concurrently(&proxy, bodies).await {
         assert_eq!(seen.status, 200);
         assert_eq!(
             embeddings_text(&seen)[1],
@@ -272,7 +284,7 @@ async fn with_merging_off_each_request_makes_its_own_call() {
     }
     assert_eq!(upstream.calls(), 20);
     assert_eq!(
-        upstream.state.embed_inputs.load(Ordering::SeqCst),
+        inputs_received(&upstream),
         21,
         "the shared input still goes upstream once"
     );
@@ -287,28 +299,21 @@ async fn an_error_on_a_merged_call_reaches_exactly_its_callers_and_nothing_is_st
         batch_window: Duration::from_millis(200),
         ..EmbedSettings::default()
     };
-    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url()).embeddings(window)).await;
+    let proxy = proxy_with(&upstream, window).await;
     let c = client();
     let cached = embed(&c, &proxy, json!({"model": MODEL, "input": "cached"})).await;
     assert_eq!(cached.cache, "miss");
 
     // Six callers of an unknown model share one call, which fails 404; six of a good model
     // share another, which succeeds; one caller's only input is cached.
-    let mut tasks = Vec::new();
-    for i in 0..13 {
-        let c = c.clone();
-        let url = proxy.url("/v1/embeddings");
-        let body = match i {
+    let bodies = (0..13)
+        .map(|i| match i {
             0..6 => json!({"model": "missing-model", "input": format!("m{i}")}),
             6..12 => json!({"model": MODEL, "input": [format!("g{i}"), "cached"]}),
             _ => json!({"model": MODEL, "input": "cached"}),
-        };
-        tasks.push(tokio::spawn(async move {
-            (i, post(&c, &url, body.to_string(), &[]).await)
-        }));
-    }
-    for task in tasks {
-        let (i, seen) = task.await.expect("task");
+        })
+        .collect();
+    for (i, seen) in concurrently(&proxy, bodies).await.into_iter().enumerate() {
         match i {
             0..6 => {
                 assert_eq!(seen.status, 404, "caller {i}");
@@ -338,20 +343,13 @@ async fn an_error_on_a_merged_call_reaches_exactly_its_callers_and_nothing_is_st
     // The provider's quota is gone: a 429 that waiting cannot fix is passed on at once, to
     // every caller of the call, and a caller whose inputs are cached does not notice.
     upstream.state.quota_exhausted.store(true, Ordering::SeqCst);
-    let tasks: Vec<_> = ["q1", "q2", "cached"]
-        .into_iter()
-        .map(|input| {
-            let c = c.clone();
-            let url = proxy.url("/v1/embeddings");
-            tokio::spawn(async move {
-                let body = json!({"model": MODEL, "input": input});
-                (input, post(&c, &url, body.to_string(), &[]).await)
-            })
-        })
+    let inputs = ["q1", "q2", "cached"];
+    let bodies = inputs
+        .iter()
+        .map(|input| json!({"model": MODEL, "input": input}))
         .collect();
-    for task in tasks {
-        let (input, seen) = task.await.expect("task");
-        if input == "cached" {
+    for (input, seen) in inputs.iter().zip(concurrently(&proxy, bodies).await) {
+        if *input == "cached" {
             assert_eq!((seen.status, seen.cache.as_str()), (200, "hit"));
         } else {
             assert_eq!(seen.status, 429, "{input}");
@@ -395,12 +393,7 @@ async fn calls_respect_the_providers_limits_per_request() {
         max_tokens: 100,
         ..EmbedSettings::default()
     };
-    let proxy = Proxy::start(
-        Dedup::builder()
-            .upstream(upstream.url())
-            .embeddings(settings),
-    )
-    .await;
+    let proxy = proxy_with(&upstream, settings).await;
     let inputs: Vec<Value> = (0..10).map(|i| json!(format!("{i:030}"))).collect();
     let seen = embed(&c, &proxy, json!({"model": MODEL, "input": inputs})).await;
     assert_eq!(embeddings_text(&seen), expected(&inputs, false));

@@ -507,16 +507,9 @@ impl Inner {
             Ok(Upstreamed::Success(response)) => response,
             Ok(Upstreamed::Refused {
                 status,
-                mut headers,
+                headers,
                 body,
-                final_reason,
             }) => {
-                if final_reason.is_some() {
-                    headers.insert(
-                        HeaderName::from_static("x-should-retry"),
-                        HeaderValue::from_static("false"),
-                    );
-                }
                 return Err(refused(status, headers, body));
             }
             Err(e) => return Err(InputOutcome::Failed(e)),
