@@ -326,3 +326,38 @@ mod middleware {
         assert_eq!(other.calls(), 1);
     }
 }
+
+#[tokio::test]
+async fn embeddings_are_cached_per_input_through_the_library_too() {
+    let upstream = FakeUpstream::start().await;
+    let engine = Dedup::builder()
+        .upstream(upstream.url())
+        .build()
+        .expect("engine");
+    let embed = |inputs: &[&str]| {
+        let body = serde_json::json!({"model": "text-embedding-3-small", "input": inputs});
+        engine.send(request("/v1/embeddings", &body.to_string()))
+    };
+    let first = embed(&["one", "two"]).await.expect("answer");
+    assert_eq!(first.cache, CacheStatus::Miss);
+    assert!(
+        first.key.is_none(),
+        "two inputs, two entries: no single key"
+    );
+    let partial = embed(&["two", "three"]).await.expect("answer");
+    assert_eq!(
+        (partial.status.as_u16(), partial.cache),
+        (200, CacheStatus::Partial)
+    );
+    assert_eq!(partial.headers["llm-dedup-cache"], "partial");
+    let body: serde_json::Value =
+        serde_json::from_slice(&partial.into_bytes().await.expect("body")).expect("JSON");
+    assert_eq!(body["data"].as_array().map(Vec::len), Some(2));
+    assert_eq!(body["data"][1]["index"], 1);
+    let one = embed(&["three"]).await.expect("answer");
+    assert_eq!(one.cache, CacheStatus::Hit);
+    assert!(one.key.is_some(), "one input, one entry");
+    assert_eq!(upstream.calls(), 2);
+    assert_eq!(upstream.state.embed_inputs.load(Ordering::SeqCst), 3);
+    engine.close().await.expect("close");
+}
