@@ -4,6 +4,8 @@
 //! the names of its metrics. It is told about outcomes by the engine and renders the
 //! Prometheus text format on demand; it never blocks and never touches the disk.
 
+use std::sync::OnceLock;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -11,8 +13,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-
-use std::sync::OnceLock;
 
 use crate::engine::CacheStatus;
 use crate::entry::Usage;
