@@ -19,7 +19,8 @@
 //! or not, so a client's accounting does not change when the cache answers: a cached input
 //! counts the tokens recorded when it was embedded; an input embedded in a merged call counts
 //! its share of that call's `prompt_tokens`, split in proportion to the inputs' sizes (exact
-//! for token arrays and single inputs, which is what the provider reports per input). What the
+//! for token arrays and single inputs, which is what the provider reports per input). An
+//! upstream that reports no `usage` gets its inputs counted as zero, never guessed. What the
 //! cache saved is reported by `llm-dedup stats`, not hidden in `usage`.
 
 use std::time::Duration;
