@@ -222,7 +222,7 @@ impl Dedup {
         if let ([Some(entry)], [_]) = (found.as_slice(), slots.as_slice()) {
             // One input, cached: its entry is the whole answer.
             inner.metrics.embedding_inputs(1, 0, 0);
-            inner.count_inputs(model.as_deref(), 1, 1);
+            inner.count_inputs(model.as_deref(), 1, 1, Counts::default());
             return Ok(inner.hit(entry));
         }
         let uncached = found.iter().filter(|f| f.is_none()).count();
@@ -615,9 +615,11 @@ impl Inner {
             completion_tokens: None,
             total_tokens: Some(saved_tokens),
         };
-        self.record(Some(Route::Embeddings), model, cache, saved);
+        // Metrics and counters, the request's and its inputs' in one update of the tally.
+        self.metrics.outcome(Some(Route::Embeddings), cache, saved);
         self.metrics.embedding_inputs(cached, shared, sent);
-        self.count_inputs(model, positions, positions - sent);
+        let request = answered(cache, saved);
+        self.count_inputs(model, positions, positions - sent, request);
 
         let mut headers = HeaderMap::new();
         headers.insert(
@@ -649,13 +651,14 @@ impl Inner {
         })
     }
 
-    /// Counts the inputs of one embeddings request in the database's counters.
-    fn count_inputs(&self, model: Option<&str>, inputs: u64, saved: u64) {
+    /// Adds the inputs of one embeddings request to `counts` and adds those to the database's
+    /// counters.
+    fn count_inputs(&self, model: Option<&str>, inputs: u64, saved: u64, counts: Counts) {
         let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         let counts = Counts {
             inputs: n(inputs),
             inputs_saved: n(saved),
-            ..Counts::default()
+            ..counts
         };
         self.persist_counts(Route::Embeddings.as_str(), model, &counts);
     }
