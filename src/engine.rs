@@ -462,6 +462,13 @@ impl Dedup {
             estimate: 0,
         };
         let exact = self.exact_digest(&outbound, &controls.namespace);
+        if !controls.no_cache {
+            // This thread answered these exact bytes from memory before: no lookup needed.
+            let recalled = self.inner.memory.recall(&exact, SystemTime::now());
+            if let Some(entry) = recalled.filter(|e| young_enough(e, controls.max_age)) {
+                return Ok(self.inner.hit(&entry));
+            }
+        }
         let ttl = controls.ttl.unwrap_or(self.inner.ttl);
         if let Some(known) = self.inner.known_keys.get(&exact) {
             // These exact bytes were parsed, found cacheable and keyed before.
@@ -475,7 +482,7 @@ impl Dedup {
                 ttl,
             };
             return self
-                .cached_or_fetched(outbound, known.key, meta, &controls)
+                .cached_or_fetched(outbound, (&exact, known.key), meta, &controls)
                 .await;
         }
         // A request seen for the first time takes the long path, boxed: the future of a
@@ -553,7 +560,7 @@ impl Dedup {
             }),
         );
         let key = meta.key;
-        self.cached_or_fetched(outbound, key, || meta, controls)
+        self.cached_or_fetched(outbound, (&exact, key), || meta, controls)
             .await
     }
 
@@ -631,17 +638,19 @@ impl Dedup {
         .key()
     }
 
-    /// Answers a cacheable request with key `key` from memory, or else through
+    /// Answers a cacheable request, with exact digest `exact` and key `key`, from memory
+    /// (leaving a shortcut for its next repeat on this thread), or else through
     /// [`Dedup::beyond_memory`]; `meta` is only built (allocating) when memory has no answer.
     async fn cached_or_fetched(
         &self,
         out: Outbound,
-        key: CacheKey,
+        (exact, key): (&[u8; 32], CacheKey),
         meta: impl FnOnce() -> EntryMeta,
         controls: &CacheControls,
     ) -> Result<Answer, Error> {
         if !controls.no_cache {
-            if let Some(entry) = self.inner.lookup_memory(&key, controls.max_age).await {
+            let found = self.inner.memory.get_via(exact, &key).await;
+            if let Some(entry) = found.filter(|e| young_enough(e, controls.max_age)) {
                 return Ok(self.inner.hit(&entry));
             }
         }

@@ -46,6 +46,42 @@ async fn a_repeat_is_a_hit_with_the_same_body() {
     assert_eq!(upstream.calls(), 1);
 }
 
+/// A repeat answered again and again from memory still sees a refresh at once.
+#[tokio::test]
+async fn a_refresh_replaces_what_repeats_get_next() {
+    let upstream = FakeUpstream::start().await;
+    let engine = Dedup::builder()
+        .upstream(upstream.url())
+        .build()
+        .expect("engine");
+    let ask = |cache_control: Option<&'static str>| {
+        let mut r = request("/v1/chat/completions", &chat("refresh me"));
+        if let Some(value) = cache_control {
+            r.headers_mut()
+                .insert("cache-control", value.parse().expect("value"));
+        }
+        let engine = engine.clone();
+        async move {
+            let a = engine.send(r).await.expect("answer");
+            let cache = a.cache;
+            let body: serde_json::Value =
+                serde_json::from_slice(&a.into_bytes().await.expect("body")).expect("json");
+            (cache, body["id"].as_str().expect("id").to_owned())
+        }
+    };
+    let (_, first) = ask(None).await;
+    for _ in 0..40 {
+        assert_eq!(ask(None).await, (CacheStatus::Hit, first.clone()));
+    }
+    let (cache, fresh) = ask(Some("no-cache")).await;
+    assert_eq!(cache, CacheStatus::Miss);
+    assert_ne!(fresh, first);
+    for _ in 0..40 {
+        assert_eq!(ask(None).await, (CacheStatus::Hit, fresh.clone()));
+    }
+    assert_eq!(upstream.calls(), 2);
+}
+
 #[tokio::test]
 async fn concurrent_identical_calls_share_one_upstream_call() {
     let upstream = FakeUpstream::start().await;
