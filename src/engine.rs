@@ -40,7 +40,7 @@ use crate::key::{
     KeyParts, KeyPolicy,
 };
 use crate::live::LiveStream;
-use crate::memory::MemoryTier;
+use crate::memory::{ExactRequest, MemoryTier};
 use crate::metrics::{Levels, Metrics};
 use crate::route::{self, BypassReason, Route};
 use crate::sse::{Completion, EventSplitter, Verdict};
@@ -461,7 +461,7 @@ impl Dedup {
             partition: [0; 32],
             estimate: 0,
         };
-        let exact = self.exact_digest(&outbound, &controls.namespace);
+        let exact = ExactRequest::new(self.exact_bytes(&outbound, &controls.namespace));
         if !controls.no_cache {
             // This thread answered these exact bytes from memory before: no lookup needed.
             let recalled = self.inner.memory.recall(&exact, SystemTime::now());
@@ -470,7 +470,7 @@ impl Dedup {
             }
         }
         let ttl = controls.ttl.unwrap_or(self.inner.ttl);
-        if let Some(known) = self.inner.known_keys.get(&exact) {
+        if let Some(known) = self.inner.known_keys.get(exact.digest()) {
             // These exact bytes were parsed, found cacheable and keyed before.
             outbound.estimate = known.estimate;
             outbound.partition = known.partition;
@@ -487,7 +487,7 @@ impl Dedup {
         }
         // A request seen for the first time takes the long path, boxed: the future of a
         // repeat stays small (it is moved on every request).
-        Box::pin(self.first_seen(outbound, route, &controls, exact)).await
+        Box::pin(self.first_seen(outbound, route, &controls, &exact)).await
     }
 
     /// The path of a cacheable request whose exact bytes are new: parse, classify, key.
@@ -496,7 +496,7 @@ impl Dedup {
         mut outbound: Outbound,
         route: Route,
         controls: &CacheControls,
-        exact: [u8; 32],
+        exact: &ExactRequest,
     ) -> Result<Answer, Error> {
         let ttl = controls.ttl.unwrap_or(self.inner.ttl);
         outbound.partition = self.partition(&outbound.headers);
@@ -551,7 +551,7 @@ impl Dedup {
             ttl,
         };
         self.inner.known_keys.insert(
-            exact,
+            *exact.digest(),
             Arc::new(KnownKey {
                 key: meta.key,
                 model: meta.model.clone(),
@@ -560,15 +560,14 @@ impl Dedup {
             }),
         );
         let key = meta.key;
-        self.cached_or_fetched(outbound, (&exact, key), || meta, controls)
+        self.cached_or_fetched(outbound, (exact, key), || meta, controls)
             .await
     }
 
-    /// A digest of everything that goes into a request's cache key, taken over the exact bytes
-    /// as received (headers in the order sent, body unparsed). Equal digests mean equal keys;
-    /// the converse does not hold, and need not: a digest miss takes the full path.
-    fn exact_digest(&self, out: &Outbound, namespace: &str) -> [u8; 32] {
-        // One buffer hashed once: blake3 pays a fixed cost per `update`.
+    /// Everything that goes into a request's cache key, as received (headers in the order
+    /// sent, body unparsed), each part prefixed by its length. Equal bytes mean equal keys;
+    /// the converse does not hold, and need not: a request not recognised takes the full path.
+    fn exact_bytes(&self, out: &Outbound, namespace: &str) -> Vec<u8> {
         let mut preimage = Vec::with_capacity(out.body.len() + 256);
         let mut part = |bytes: &[u8]| {
             preimage.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
@@ -586,7 +585,7 @@ impl Dedup {
             }
         }
         part(&out.body);
-        *blake3::hash(&preimage).as_bytes()
+        preimage
     }
 
     /// The rate-limit budget a request draws on: its credential headers, salted and hashed
@@ -644,7 +643,7 @@ impl Dedup {
     async fn cached_or_fetched(
         &self,
         out: Outbound,
-        (exact, key): (&[u8; 32], CacheKey),
+        (exact, key): (&ExactRequest, CacheKey),
         meta: impl FnOnce() -> EntryMeta,
         controls: &CacheControls,
     ) -> Result<Answer, Error> {

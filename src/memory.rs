@@ -10,17 +10,21 @@
 //! reservation is never returned by a lookup.
 //!
 //! A repeat need not search moka at all: [`MemoryTier::get_via`] leaves a shortcut on the
-//! calling thread from the request's exact digest to the answer it found, and
-//! [`MemoryTier::recall`] follows it. A shortcut holds a weak reference and the tier's
+//! calling thread from the request's exact bytes ([`ExactRequest`]) to the answer it found,
+//! and [`MemoryTier::recall`] follows it. A shortcut holds a weak reference and the tier's
 //! generation when it was taken; replacing or removing an answer, or clearing the tier, moves
 //! the generation on and voids every shortcut. One use in [`REPORT_EVERY`], and any use more
 //! than a second after the last report, goes through moka instead, so that its eviction
 //! policy still sees which answers are in use. (Measured with `cargo bench --bench load`: the
 //! two moka lookups of a repeat cost about a tenth of the proxy's hit-path throughput.)
+//! A shortcut matches a request byte for byte, or for requests over [`COMPARED_BYTES`] by
+//! blake3 digest, so a hash collision can cost a shortcut its slot but never serve the wrong
+//! answer; comparing is cheaper than hashing with blake3, which the hit path then skips.
 
 use std::cell::RefCell;
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, LazyLock, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use moka::Expiry;
@@ -64,19 +68,75 @@ pub struct MemoryTier {
 /// Gives each tier its own id.
 static NEXT_TIER: AtomicU64 = AtomicU64::new(1);
 
-/// How many shortcuts a thread keeps: a table indexed by digest, a newer shortcut displacing
-/// an older one in its slot.
+/// How many shortcuts a thread keeps: a table indexed by a hash of the request, a newer
+/// shortcut displacing an older one in its slot.
 const SHORTCUTS: usize = 256;
+
+/// Requests up to this size are kept and compared whole by their shortcuts; larger ones by
+/// digest. A thread's shortcuts hold at most `SHORTCUTS` times this (1 MiB).
+pub const COMPARED_BYTES: usize = 4096;
 
 /// One use of a shortcut in this many goes through moka, and so does any use more than
 /// [`REPORT_AFTER_MS`] after the last one that did.
-pub const REPORT_EVERY: u32 = 16;
+pub const REPORT_EVERY: u32 = 64;
 const REPORT_AFTER_MS: i64 = 1_000;
 
-/// A thread's way from a request's exact digest to the answer a lookup found for it.
+/// Picks a request's slot. Random per process, so nobody can aim requests at one slot.
+static SLOT_HASHER: LazyLock<foldhash::fast::RandomState> = LazyLock::new(Default::default);
+
+/// A request as received, in the form shortcuts and memos recognise it by: everything that
+/// goes into its cache key, unparsed (see `Dedup::exact_bytes`). Equal exact requests have
+/// equal keys; the converse need not hold.
+pub struct ExactRequest {
+    bytes: Vec<u8>,
+    slot_hash: u64,
+    digest: OnceLock<[u8; 32]>,
+}
+
+impl ExactRequest {
+    pub fn new(bytes: Vec<u8>) -> ExactRequest {
+        ExactRequest {
+            slot_hash: SLOT_HASHER.hash_one(&bytes[..]),
+            bytes,
+            digest: OnceLock::new(),
+        }
+    }
+
+    /// Its blake3 digest, computed on first use.
+    pub fn digest(&self) -> &[u8; 32] {
+        self.digest
+            .get_or_init(|| *blake3::hash(&self.bytes).as_bytes())
+    }
+
+    fn identity(&self) -> Identity {
+        if self.bytes.len() <= COMPARED_BYTES {
+            Identity::Bytes(self.bytes.as_slice().into())
+        } else {
+            Identity::Digest(*self.digest())
+        }
+    }
+
+    fn is(&self, identity: &Identity) -> bool {
+        match identity {
+            Identity::Bytes(bytes) => **bytes == *self.bytes,
+            Identity::Digest(digest) => {
+                self.bytes.len() > COMPARED_BYTES && digest == self.digest()
+            }
+        }
+    }
+}
+
+/// What a shortcut recognises its request by.
+enum Identity {
+    Bytes(Box<[u8]>),
+    Digest([u8; 32]),
+}
+
+/// A thread's way from a request's exact bytes to the answer a lookup found for it.
 struct Shortcut {
     tier: u64,
-    digest: [u8; 32],
+    slot_hash: u64,
+    request: Identity,
     /// Weak: a shortcut never keeps an evicted answer in memory.
     entry: Weak<StoredAnswer>,
     generation: u64,
@@ -90,9 +150,8 @@ thread_local! {
     static SHORTCUT_TABLE: RefCell<Vec<Option<Shortcut>>> = const { RefCell::new(Vec::new()) };
 }
 
-fn slot_of(digest: &[u8; 32]) -> usize {
-    // The digest is a blake3 hash: any of its bytes is as good an index as any other.
-    usize::from(digest[0]) % SHORTCUTS
+fn slot_of(request: &ExactRequest) -> usize {
+    (request.slot_hash % SHORTCUTS as u64) as usize
 }
 
 /// How long a reservation lives if its stream never ends (its task was lost).
@@ -163,15 +222,20 @@ impl MemoryTier {
         found.is_fresh(SystemTime::now()).then_some(found)
     }
 
-    /// Like [`MemoryTier::get`], and leaves a shortcut on this thread from `digest`, the exact
-    /// digest of the request keyed `key`, to the answer found.
-    pub async fn get_via(&self, digest: &[u8; 32], key: &CacheKey) -> Option<Arc<StoredAnswer>> {
+    /// Like [`MemoryTier::get`], and leaves a shortcut on this thread from `request`, keyed
+    /// `key`, to the answer found.
+    pub async fn get_via(
+        &self,
+        request: &ExactRequest,
+        key: &CacheKey,
+    ) -> Option<Arc<StoredAnswer>> {
         // Read before the lookup: a replacement racing with it voids the shortcut.
         let generation = self.generation.load(Ordering::SeqCst);
         let found = self.get(key).await?;
         let shortcut = Shortcut {
             tier: self.id,
-            digest: *digest,
+            slot_hash: request.slot_hash,
+            request: request.identity(),
             entry: Arc::downgrade(&found),
             generation,
             uses: 0,
@@ -181,20 +245,21 @@ impl MemoryTier {
             if table.is_empty() {
                 table.resize_with(SHORTCUTS, || None);
             }
-            table[slot_of(digest)] = Some(shortcut);
+            table[slot_of(request)] = Some(shortcut);
         });
         Some(found)
     }
 
-    /// The answer this thread's shortcut from `digest` leads to, if the shortcut is still
+    /// The answer this thread's shortcut from `request` leads to, if the shortcut is still
     /// good and the answer fresh at `now`. `None` sends the caller through moka.
-    pub fn recall(&self, digest: &[u8; 32], now: SystemTime) -> Option<Arc<StoredAnswer>> {
+    pub fn recall(&self, request: &ExactRequest, now: SystemTime) -> Option<Arc<StoredAnswer>> {
         let now_ms = unix_ms(now);
         SHORTCUT_TABLE.with_borrow_mut(|table| {
-            let cut = table.get_mut(slot_of(digest))?.as_mut()?;
+            let cut = table.get_mut(slot_of(request))?.as_mut()?;
             if cut.tier != self.id
-                || cut.digest != *digest
+                || cut.slot_hash != request.slot_hash
                 || cut.generation != self.generation.load(Ordering::SeqCst)
+                || !request.is(&cut.request)
             {
                 return None;
             }
@@ -319,8 +384,8 @@ mod tests {
         assert_eq!(tier.get(&done.key).await, Some(done));
     }
 
-    fn digest(byte: u8) -> [u8; 32] {
-        [byte; 32]
+    fn request(byte: u8) -> ExactRequest {
+        ExactRequest::new(vec![byte; 100])
     }
 
     #[tokio::test]
@@ -329,19 +394,19 @@ mod tests {
         let e = entry(1, 10, Duration::from_secs(60));
         tier.insert(e.clone()).await;
         let now = SystemTime::now();
-        assert_eq!(tier.recall(&digest(1), now), None, "no shortcut yet");
-        assert_eq!(tier.get_via(&digest(1), &e.key).await, Some(e.clone()));
-        assert_eq!(tier.recall(&digest(1), now), Some(e.clone()));
-        assert_eq!(tier.recall(&digest(2), now), None, "another digest");
+        assert_eq!(tier.recall(&request(1), now), None, "no shortcut yet");
+        assert_eq!(tier.get_via(&request(1), &e.key).await, Some(e.clone()));
+        assert_eq!(tier.recall(&request(1), now), Some(e.clone()));
+        assert_eq!(tier.recall(&request(2), now), None, "another digest");
 
         let newer = entry(1, 20, Duration::from_secs(60));
         tier.insert(newer.clone()).await;
-        assert_eq!(tier.recall(&digest(1), now), None, "replaced");
-        assert_eq!(tier.get_via(&digest(1), &e.key).await, Some(newer.clone()));
-        assert_eq!(tier.recall(&digest(1), now), Some(newer));
+        assert_eq!(tier.recall(&request(1), now), None, "replaced");
+        assert_eq!(tier.get_via(&request(1), &e.key).await, Some(newer.clone()));
+        assert_eq!(tier.recall(&request(1), now), Some(newer));
 
         tier.clear();
-        assert_eq!(tier.recall(&digest(1), now), None, "cleared");
+        assert_eq!(tier.recall(&request(1), now), None, "cleared");
     }
 
     #[tokio::test]
@@ -349,17 +414,33 @@ mod tests {
         let tier = MemoryTier::new(100_000);
         let e = entry(1, 10, Duration::from_secs(60));
         tier.insert(e.clone()).await;
-        tier.get_via(&digest(1), &e.key).await.expect("found");
+        tier.get_via(&request(1), &e.key).await.expect("found");
         let later = SystemTime::now() + Duration::from_secs(61);
-        assert_eq!(tier.recall(&digest(1), later), None, "expired");
+        assert_eq!(tier.recall(&request(1), later), None, "expired");
 
         let other = MemoryTier::new(1 << 20);
-        assert_eq!(other.recall(&digest(1), SystemTime::now()), None);
+        assert_eq!(other.recall(&request(1), SystemTime::now()), None);
 
         // A shortcut holds no reference that would keep an evicted answer in memory.
         let held = Arc::strong_count(&e);
-        drop(tier.get_via(&digest(1), &e.key).await);
+        drop(tier.get_via(&request(1), &e.key).await);
         assert_eq!(Arc::strong_count(&e), held);
+    }
+
+    #[tokio::test]
+    async fn a_large_request_is_recognised_by_digest() {
+        let tier = MemoryTier::new(1 << 20);
+        let e = entry(1, 10, Duration::from_secs(60));
+        tier.insert(e.clone()).await;
+        let large = |last: u8| {
+            let mut bytes = vec![7; COMPARED_BYTES * 2];
+            bytes.push(last);
+            ExactRequest::new(bytes)
+        };
+        tier.get_via(&large(1), &e.key).await.expect("found");
+        let now = SystemTime::now();
+        assert_eq!(tier.recall(&large(1), now), Some(e));
+        assert_eq!(tier.recall(&large(2), now), None);
     }
 
     #[tokio::test]
@@ -367,17 +448,17 @@ mod tests {
         let tier = MemoryTier::new(1 << 20);
         let e = entry(1, 10, Duration::from_secs(60));
         tier.insert(e.clone()).await;
-        tier.get_via(&digest(1), &e.key).await.expect("found");
+        tier.get_via(&request(1), &e.key).await.expect("found");
         let now = SystemTime::now();
         let served = (0..REPORT_EVERY * 2)
-            .filter(|_| tier.recall(&digest(1), now).is_some())
+            .filter(|_| tier.recall(&request(1), now).is_some())
             .count();
         // After the first report, the shortcut is not renewed until a lookup renews it.
         assert_eq!(served, REPORT_EVERY as usize - 1);
-        tier.get_via(&digest(1), &e.key).await.expect("found");
-        assert!(tier.recall(&digest(1), now).is_some());
+        tier.get_via(&request(1), &e.key).await.expect("found");
+        assert!(tier.recall(&request(1), now).is_some());
         let a_second_later = now + Duration::from_millis(1_500);
-        assert_eq!(tier.recall(&digest(1), a_second_later), None);
+        assert_eq!(tier.recall(&request(1), a_second_later), None);
     }
 
     #[tokio::test]

@@ -6,7 +6,6 @@
 //! worker thread: reads go through `spawn_blocking`, writes through the writer's queue, so the
 //! request path only ever enqueues.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -192,9 +191,10 @@ impl Counts {
 /// within [`HIT_FLUSH_INTERVAL`]), so that counting costs a map update, not a thread wake-up.
 #[derive(Default)]
 struct Pending {
-    hits: HashMap<CacheKey, HitTally>,
+    /// By key. foldhash rather than SipHash: every hit does these lookups under one lock.
+    hits: foldhash::HashMap<CacheKey, HitTally>,
     /// By route, then model: looked up by `&str`, so counting allocates only the first time.
-    counters: HashMap<String, HashMap<String, Counts>>,
+    counters: foldhash::HashMap<String, foldhash::HashMap<String, Counts>>,
 }
 
 impl Pending {
