@@ -14,9 +14,10 @@ pub const TTL_HEADER: &str = "llm-dedup-ttl";
 /// Header that selects a separate key space.
 pub const NAMESPACE_HEADER: &str = "llm-dedup-namespace";
 
-// Looking a header up by a `HeaderName` skips parsing the name on every request.
-const TTL: HeaderName = HeaderName::from_static(TTL_HEADER);
-const NAMESPACE: HeaderName = HeaderName::from_static(NAMESPACE_HEADER);
+// Looking a header up by a `HeaderName` skips parsing the name on every request; a `static`
+// (not a `const`) is not built and dropped on every use.
+static TTL: HeaderName = HeaderName::from_static(TTL_HEADER);
+static NAMESPACE: HeaderName = HeaderName::from_static(NAMESPACE_HEADER);
 
 /// Longest namespace accepted.
 const MAX_NAMESPACE_LEN: usize = 128;
@@ -69,7 +70,7 @@ impl CacheControls {
                 }
             }
         }
-        if let Some(ttl) = headers.get(TTL) {
+        if let Some(ttl) = headers.get(&TTL) {
             let secs = ttl
                 .to_str()
                 .ok()
@@ -80,7 +81,7 @@ impl CacheControls {
                 })?;
             c.ttl = Some(Duration::from_secs(secs));
         }
-        if let Some(ns) = headers.get(NAMESPACE) {
+        if let Some(ns) = headers.get(&NAMESPACE) {
             let ns = ns
                 .to_str()
                 .ok()

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use serde_json::Value;
 
+use crate::engine::{CACHE_HEADER, KEY_HEADER};
 use crate::key::CacheKey;
 use crate::route::Route;
 
@@ -117,6 +118,9 @@ pub struct StoredAnswer {
     pub status: u16,
     /// Replayed response headers (see [`REPLAYED_HEADERS`]).
     pub headers: HeaderMap,
+    /// The headers of a hit on it, made once from `headers` and `key` by [`hit_headers`]
+    /// (a hit only sets `age`); never stored.
+    pub hit_headers: HeaderMap,
     /// The decoded response body.
     pub body: Bytes,
     /// When it was stored, in Unix milliseconds.
@@ -125,6 +129,20 @@ pub struct StoredAnswer {
     pub expires_at: i64,
     /// Token usage read from the body.
     pub usage: Usage,
+}
+
+/// The headers of a hit on the answer stored under `key` with replayed `headers`: those, the
+/// cache status and the key, and `age` to be set by the hit. Made once per answer, so a hit
+/// costs one clone (with no room to grow) and one header update.
+pub fn hit_headers(key: &CacheKey, headers: &HeaderMap) -> HeaderMap {
+    let mut all = HeaderMap::with_capacity(headers.len() + 3);
+    all.extend(headers.iter().map(|(k, v)| (k.clone(), v.clone())));
+    all.insert(CACHE_HEADER, HeaderValue::from_static("hit"));
+    if let Ok(hex) = HeaderValue::from_str(&key.to_hex()) {
+        all.insert(KEY_HEADER, hex);
+    }
+    all.insert(http::header::AGE, HeaderValue::from_static("0"));
+    all
 }
 
 impl StoredAnswer {
@@ -148,6 +166,7 @@ impl StoredAnswer {
             route: meta.route,
             model: meta.model.clone(),
             status: status.as_u16(),
+            hit_headers: hit_headers(&meta.key, &kept),
             headers: kept,
             usage: Usage::from_body(&body),
             body,

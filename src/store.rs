@@ -317,10 +317,17 @@ impl DiskStore {
         self.send(WriteOp::Put(entry))
     }
 
-    /// Counts a hit on `key` (hit count and last-hit time) and adds `counts` to the counters
-    /// of `route` and `model` (one lock for both), committed within a second.
-    pub fn record_hit(&self, key: CacheKey, route: &str, model: &str, counts: &Counts) {
-        let at = unix_ms(SystemTime::now());
+    /// Counts a hit on `key` at `now` (hit count and last-hit time) and adds `counts` to the
+    /// counters of `route` and `model` (one lock for both), committed within a second.
+    pub fn record_hit(
+        &self,
+        key: CacheKey,
+        route: &str,
+        model: &str,
+        counts: &Counts,
+        now: SystemTime,
+    ) {
+        let at = unix_ms(now);
         let mut pending = self.inner.pending.lock().unwrap_or_else(|e| e.into_inner());
         let tally = pending.hits.entry(key).or_insert(HitTally {
             count: 0,
@@ -520,6 +527,7 @@ fn read_entry(conn: &Connection, key: CacheKey) -> Result<Option<StoredAnswer>, 
         route,
         model,
         status,
+        hit_headers: crate::entry::hit_headers(&key, &headers),
         headers,
         body: Bytes::from(body),
         created_at,
@@ -843,8 +851,20 @@ mod tests {
         let salt = *store.salt();
         let e = entry(1, Duration::from_secs(60));
         store.put(e.clone()).expect("queued");
-        store.record_hit(e.key, "embeddings", "", &Counts::default());
-        store.record_hit(e.key, "embeddings", "", &Counts::default());
+        store.record_hit(
+            e.key,
+            "embeddings",
+            "",
+            &Counts::default(),
+            SystemTime::now(),
+        );
+        store.record_hit(
+            e.key,
+            "embeddings",
+            "",
+            &Counts::default(),
+            SystemTime::now(),
+        );
         store.close().await.expect("close");
         assert!(store.put(e.clone()).is_err(), "writes after close fail");
 

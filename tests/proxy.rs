@@ -437,6 +437,32 @@ async fn bad_input_gets_a_clear_error_and_loses_nothing() {
     proxy.stop().await;
 }
 
+/// A body that arrives in pieces (chunked, with pauses) is the same request as one sent whole.
+#[tokio::test]
+async fn a_body_sent_in_pieces_is_the_same_request() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let c = client();
+    let url = proxy.url("/v1/chat/completions");
+    let body = chat("in pieces").into_bytes();
+    let pieces: Vec<Vec<u8>> = body
+        .chunks(body.len() / 3 + 1)
+        .map(<[u8]>::to_vec)
+        .collect();
+    assert_eq!(pieces.len(), 3);
+    let slowly = futures_util::stream::unfold(pieces.into_iter(), |mut rest| async move {
+        let piece = rest.next()?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        Some((Ok::<_, std::io::Error>(piece), rest))
+    });
+    let first = post(&c, &url, reqwest::Body::wrap_stream(slowly), &[]).await;
+    assert_eq!((first.status, first.cache.as_str()), (200, "miss"));
+    let whole = post(&c, &url, body, &[]).await;
+    assert_eq!((whole.cache.as_str(), whole.raw), ("hit", first.raw));
+    assert_eq!(upstream.calls(), 1);
+    proxy.stop().await;
+}
+
 /// Waiting out refusals for at most `ms` milliseconds, so failures surface quickly.
 fn short_retries(ms: u64) -> llm_dedup::GovernorSettings {
     llm_dedup::GovernorSettings {
