@@ -198,6 +198,15 @@ struct Pending {
 }
 
 impl Pending {
+    fn hit(&mut self, key: CacheKey, at: i64) {
+        let tally = self.hits.entry(key).or_insert(HitTally {
+            count: 0,
+            last_at: at,
+        });
+        tally.count += 1;
+        tally.last_at = tally.last_at.max(at);
+    }
+
     fn count(&mut self, route: &str, model: &str, counts: &Counts) {
         let by_model = match self.counters.get_mut(route) {
             Some(m) => m,
@@ -210,12 +219,67 @@ impl Pending {
             }
         }
     }
+
+    /// Adds what `other` counted into `self`.
+    fn absorb(&mut self, other: Pending) {
+        for (key, theirs) in other.hits {
+            let ours = self.hits.entry(key).or_insert(HitTally {
+                count: 0,
+                last_at: theirs.last_at,
+            });
+            ours.count += theirs.count;
+            ours.last_at = ours.last_at.max(theirs.last_at);
+        }
+        for (route, models) in other.counters {
+            for (model, counts) in models {
+                self.count(&route, &model, &counts);
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.hits.is_empty() && self.counters.is_empty()
+    }
 }
 
-type SharedPending = Arc<Mutex<Pending>>;
+/// [`Pending`] in shards: each thread counts into the shard it was given on first use, so
+/// hits on many worker threads neither queue on one lock nor pass its cache lines around.
+#[derive(Clone)]
+struct SharedPending {
+    shards: Arc<[Mutex<Pending>]>,
+}
 
-fn take(pending: &SharedPending) -> Pending {
-    std::mem::take(&mut *pending.lock().unwrap_or_else(|e| e.into_inner()))
+/// Shards per store; threads beyond this many share them.
+const PENDING_SHARDS: usize = 16;
+
+static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static SHARD: usize = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % PENDING_SHARDS;
+}
+
+impl SharedPending {
+    fn new() -> SharedPending {
+        SharedPending {
+            shards: (0..PENDING_SHARDS).map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    /// Runs `f` on this thread's shard.
+    fn with<R>(&self, f: impl FnOnce(&mut Pending) -> R) -> R {
+        let shard = &self.shards[SHARD.with(|s| *s)];
+        f(&mut shard.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Everything counted so far, leaving every shard empty.
+    fn take(&self) -> Pending {
+        let mut all = Pending::default();
+        for shard in self.shards.iter() {
+            let taken = std::mem::take(&mut *shard.lock().unwrap_or_else(|e| e.into_inner()));
+            all.absorb(taken);
+        }
+        all
+    }
 }
 
 /// The SQLite-backed tier. Cheap to clone; all clones share one writer.
@@ -256,7 +320,7 @@ impl DiskStore {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.set_prepared_statement_cache_capacity(16);
         let (writes, queue) = mpsc::channel();
-        let pending = SharedPending::default();
+        let pending = SharedPending::new();
         let for_writer = pending.clone();
         let queued = Arc::new(AtomicUsize::new(0));
         let drained = queued.clone();
@@ -327,15 +391,10 @@ impl DiskStore {
         counts: &Counts,
         now: SystemTime,
     ) {
-        let at = unix_ms(now);
-        let mut pending = self.inner.pending.lock().unwrap_or_else(|e| e.into_inner());
-        let tally = pending.hits.entry(key).or_insert(HitTally {
-            count: 0,
-            last_at: at,
+        self.inner.pending.with(|pending| {
+            pending.hit(key, unix_ms(now));
+            pending.count(route, model, counts);
         });
-        tally.count += 1;
-        tally.last_at = tally.last_at.max(at);
-        pending.count(route, model, counts);
     }
 
     /// Calls `listener` (on the writer thread) whenever another process purges entries from
@@ -348,8 +407,9 @@ impl DiskStore {
 
     /// Adds `counts` to the counters of `route` and `model`, committed within a second.
     pub fn record_counts(&self, route: &str, model: &str, counts: &Counts) {
-        let mut pending = self.inner.pending.lock().unwrap_or_else(|e| e.into_inner());
-        pending.count(route, model, counts);
+        self.inner
+            .pending
+            .with(|pending| pending.count(route, model, counts));
     }
 
     /// Waits until everything queued before this call is committed.
@@ -681,7 +741,7 @@ fn write_loop(
                 let mut acks = Vec::new();
                 let mut stop = false;
                 if let Err(e) =
-                    commit_batch(&mut conn, Vec::new(), take(&pending), &mut acks, &mut stop)
+                    commit_batch(&mut conn, Vec::new(), pending.take(), &mut acks, &mut stop)
                 {
                     tracing::error!(error = %e, "writing hit counts failed");
                 }
@@ -695,9 +755,9 @@ fn write_loop(
             }
         }
         let taken = batch.len();
-        let counted = take(&pending);
+        let counted = pending.take();
         upkeep.run(&mut conn);
-        if batch.is_empty() && counted.hits.is_empty() && counted.counters.is_empty() {
+        if batch.is_empty() && counted.is_empty() {
             continue;
         }
         let mut acks = Vec::new();
@@ -819,6 +879,40 @@ mod tests {
     use super::*;
     use crate::entry::EntryMeta;
     use http::{HeaderMap, StatusCode};
+
+    #[test]
+    fn counts_from_many_threads_are_all_taken() {
+        let pending = SharedPending::new();
+        let key = CacheKey::from_hex(&"ab".repeat(32)).expect("hex");
+        let one = Counts {
+            requests: 1,
+            hits: 1,
+            ..Counts::default()
+        };
+        std::thread::scope(|scope| {
+            for t in 0..PENDING_SHARDS as i64 + 3 {
+                let pending = &pending;
+                scope.spawn(move || {
+                    for _ in 0..100 {
+                        pending.with(|p| {
+                            p.hit(key, 1_000 + t);
+                            p.count("chat.completions", "m", &one);
+                        });
+                    }
+                });
+            }
+        });
+        let threads = PENDING_SHARDS as i64 + 3;
+        let taken = pending.take();
+        assert_eq!(taken.hits[&key].count, 100 * threads);
+        assert_eq!(taken.hits[&key].last_at, 1_000 + threads - 1);
+        let counted = taken.counters["chat.completions"]["m"];
+        assert_eq!(
+            (counted.requests, counted.hits),
+            (100 * threads, 100 * threads)
+        );
+        assert!(pending.take().is_empty(), "taking empties every shard");
+    }
 
     async fn get(store: &DiskStore, key: CacheKey) -> Option<StoredAnswer> {
         let mut found = store.get_many(vec![key]).await.expect("read");
