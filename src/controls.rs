@@ -14,8 +14,8 @@ pub const TTL_HEADER: &str = "llm-dedup-ttl";
 /// Header that selects a separate key space.
 pub const NAMESPACE_HEADER: &str = "llm-dedup-namespace";
 
-// Looking a header up by a `HeaderName` skips parsing the name on every request; a `static`
-// (not a `const`) is not built and dropped on every use.
+// Comparing with a `HeaderName` skips parsing the name on every request; a `static` (not a
+// `const`) is not built and dropped on every use.
 static TTL: HeaderName = HeaderName::from_static(TTL_HEADER);
 static NAMESPACE: HeaderName = HeaderName::from_static(NAMESPACE_HEADER);
 
@@ -44,7 +44,21 @@ impl CacheControls {
     /// as RFC 9111 asks; a malformed `llm-dedup-*` header is an error naming the header.
     pub fn from_headers(headers: &HeaderMap) -> Result<CacheControls, String> {
         let mut c = CacheControls::default();
-        for value in headers.get_all(http::header::CACHE_CONTROL) {
+        // One pass over the headers, the first of each llm-dedup header counting: cheaper on
+        // every request than three hashed lookups for headers that are seldom there.
+        let (mut ttl, mut namespace) = (None, None);
+        for (name, value) in headers {
+            if *name == TTL {
+                ttl = ttl.or(Some(value));
+                continue;
+            }
+            if *name == NAMESPACE {
+                namespace = namespace.or(Some(value));
+                continue;
+            }
+            if *name != http::header::CACHE_CONTROL {
+                continue;
+            }
             let Ok(value) = value.to_str() else {
                 return Err("Cache-Control header is not visible ASCII".into());
             };
@@ -70,7 +84,7 @@ impl CacheControls {
                 }
             }
         }
-        if let Some(ttl) = headers.get(&TTL) {
+        if let Some(ttl) = ttl {
             let secs = ttl
                 .to_str()
                 .ok()
@@ -81,7 +95,7 @@ impl CacheControls {
                 })?;
             c.ttl = Some(Duration::from_secs(secs));
         }
-        if let Some(ns) = headers.get(&NAMESPACE) {
+        if let Some(ns) = namespace {
             let ns = ns
                 .to_str()
                 .ok()
@@ -123,6 +137,16 @@ mod tests {
         .expect("valid");
         assert!(c.no_cache && !c.no_store && !c.only_if_cached);
         assert_eq!(c.max_age, Some(Duration::from_secs(30)));
+        // Every Cache-Control header counts, wherever it is among the others.
+        let c = parse(&[
+            ("cache-control", "no-cache"),
+            ("authorization", "Bearer sk-x"),
+            ("llm-dedup-ttl", "60"),
+            ("cache-control", "only-if-cached"),
+        ])
+        .expect("valid");
+        assert!(c.no_cache && c.only_if_cached);
+        assert_eq!(c.ttl, Some(Duration::from_secs(60)));
         let c = parse(&[("cache-control", "no-store, only-if-cached")]).expect("valid");
         assert!(c.no_store && c.only_if_cached);
         assert_eq!(parse(&[]).expect("valid"), CacheControls::default());
