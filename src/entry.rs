@@ -185,6 +185,17 @@ impl StoredAnswer {
         (self.body.len() + headers + self.namespace.len() + 160) as u64
     }
 
+    /// The size counted against the memory bound: [`StoredAnswer::size`] plus the headers
+    /// made for hits, which only the memory tier holds.
+    pub fn memory_size(&self) -> u64 {
+        let hit_headers: usize = self
+            .hit_headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len())
+            .sum();
+        self.size() + hit_headers as u64
+    }
+
     /// How long ago it was stored, as of `now`.
     pub fn age(&self, now: SystemTime) -> Duration {
         Duration::from_millis(u64::try_from(unix_ms(now) - self.created_at).unwrap_or(0))
@@ -265,5 +276,24 @@ mod tests {
         assert_eq!(back, e.headers);
         assert!(e.is_fresh(SystemTime::now()));
         assert!(!e.is_fresh(SystemTime::now() + Duration::from_secs(61)));
+
+        // A hit's headers: the replayed ones, the cache status, the key, and room for `age`.
+        let hit: Vec<(&str, &str)> = e
+            .hit_headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.to_str().expect("ascii")))
+            .collect();
+        let hex = key.to_hex();
+        assert_eq!(
+            hit,
+            vec![
+                ("content-type", "application/json"),
+                ("llm-dedup-cache", "hit"),
+                ("llm-dedup-key", hex.as_str()),
+                ("age", "0"),
+            ]
+        );
+        // Only memory holds them, and its bound counts them.
+        assert!(e.memory_size() >= e.size() + 64 + 15);
     }
 }

@@ -47,7 +47,7 @@ enum Slot {
 impl Slot {
     fn weight(&self) -> u32 {
         let bytes = match self {
-            Slot::Answer(a) => a.size(),
+            Slot::Answer(a) => a.memory_size(),
             Slot::Reserved(bytes) => *bytes,
         };
         u32::try_from(bytes).unwrap_or(u32::MAX)
@@ -187,7 +187,7 @@ impl Expiry<CacheKey, Slot> for ExpireAtEntryTtl {
 }
 
 impl MemoryTier {
-    /// A tier holding at most `max_bytes` of answers (as weighed by [`StoredAnswer::size`]).
+    /// A tier holding at most `max_bytes` of answers (as weighed by [`StoredAnswer::memory_size`]).
     pub fn new(max_bytes: u64) -> MemoryTier {
         let generation = Arc::new(AtomicU64::new(0));
         let moved_on = generation.clone();
