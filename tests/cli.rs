@@ -177,6 +177,9 @@ async fn sigterm_right_after_an_answer_loses_nothing() {
         !log.contains("NEVERLOGGED"),
         "a credential reached the log:\n{log}"
     );
+    // Debug logging was on, so each answer was logged (without its credential).
+    let answered = log.lines().filter(|l| l.contains("answered")).count();
+    assert_eq!(answered, 20, "{log}");
 
     // Every answer is on disk.
     let conn = rusqlite::Connection::open(&db).expect("open");
