@@ -668,7 +668,7 @@ impl Dedup {
         .key()
     }
 
-    /// Answers a cacheable request, with exact digest `exact` and key `key`, from memory
+    /// Answers a cacheable request, received as `exact` and keyed `key`, from memory
     /// (leaving a shortcut for its next repeat on this thread), or else through
     /// [`Dedup::beyond_memory`]; `meta` is only built (allocating) when memory has no answer.
     async fn cached_or_fetched(
@@ -1241,13 +1241,7 @@ impl Inner {
         }
         let mut headers = entry.hit_headers.clone();
         headers.insert(http::header::AGE, entry.age(now).as_secs().into());
-        Answer {
-            status: StatusCode::from_u16(entry.status).unwrap_or(StatusCode::OK),
-            headers,
-            body: AnswerBody::Full(entry.body.clone()),
-            cache: CacheStatus::Hit,
-            key: Some(entry.key),
-        }
+        answer_with(entry, headers, CacheStatus::Hit)
     }
 
     fn render(
@@ -1339,9 +1333,15 @@ fn is_event_stream(headers: &HeaderMap) -> bool {
         .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"))
 }
 
+/// An answer from `entry` with `headers` and the llm-dedup headers for `cache`.
 fn stored_answer(entry: &StoredAnswer, mut headers: HeaderMap, cache: CacheStatus) -> Answer {
     headers.insert(CACHE_HEADER, HeaderValue::from_static(cache.as_str()));
     set_header(&mut headers, KEY_HEADER, &key_hex(&entry.key));
+    answer_with(entry, headers, cache)
+}
+
+/// An answer from `entry` with `headers` as they are.
+fn answer_with(entry: &StoredAnswer, headers: HeaderMap, cache: CacheStatus) -> Answer {
     Answer {
         status: StatusCode::from_u16(entry.status).unwrap_or(StatusCode::OK),
         headers,

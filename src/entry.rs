@@ -145,6 +145,14 @@ pub fn hit_headers(key: &CacheKey, headers: &HeaderMap) -> HeaderMap {
     all
 }
 
+/// The bytes of `headers`' names and values.
+fn header_bytes(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum()
+}
+
 impl StoredAnswer {
     /// Keeps the parts of an upstream answer worth replaying.
     pub fn from_upstream(
@@ -177,23 +185,13 @@ impl StoredAnswer {
 
     /// The size counted against memory and disk bounds: body, headers, and fixed overhead.
     pub fn size(&self) -> u64 {
-        let headers: usize = self
-            .headers
-            .iter()
-            .map(|(k, v)| k.as_str().len() + v.len())
-            .sum();
-        (self.body.len() + headers + self.namespace.len() + 160) as u64
+        (self.body.len() + header_bytes(&self.headers) + self.namespace.len() + 160) as u64
     }
 
     /// The size counted against the memory bound: [`StoredAnswer::size`] plus the headers
     /// made for hits, which only the memory tier holds.
     pub fn memory_size(&self) -> u64 {
-        let hit_headers: usize = self
-            .hit_headers
-            .iter()
-            .map(|(k, v)| k.as_str().len() + v.len())
-            .sum();
-        self.size() + hit_headers as u64
+        self.size() + header_bytes(&self.hit_headers) as u64
     }
 
     /// How long ago it was stored, as of `now`.

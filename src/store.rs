@@ -191,7 +191,7 @@ impl Counts {
 /// within [`HIT_FLUSH_INTERVAL`]), so that counting costs a map update, not a thread wake-up.
 #[derive(Default)]
 struct Pending {
-    /// By key. foldhash rather than SipHash: every hit does these lookups under one lock.
+    /// By key. foldhash rather than SipHash: every hit does these lookups.
     hits: foldhash::HashMap<CacheKey, HitTally>,
     /// By route, then model: looked up by `&str`, so counting allocates only the first time.
     counters: foldhash::HashMap<String, foldhash::HashMap<String, Counts>>,
@@ -945,20 +945,10 @@ mod tests {
         let salt = *store.salt();
         let e = entry(1, Duration::from_secs(60));
         store.put(e.clone()).expect("queued");
-        store.record_hit(
-            e.key,
-            "embeddings",
-            "",
-            &Counts::default(),
-            SystemTime::now(),
-        );
-        store.record_hit(
-            e.key,
-            "embeddings",
-            "",
-            &Counts::default(),
-            SystemTime::now(),
-        );
+        for _ in 0..2 {
+            let now = SystemTime::now();
+            store.record_hit(e.key, "embeddings", "", &Counts::default(), now);
+        }
         store.close().await.expect("close");
         assert!(store.put(e.clone()).is_err(), "writes after close fail");
 
