@@ -241,7 +241,9 @@ impl MemoryTier {
             uses: 0,
             reported_at: unix_ms(SystemTime::now()),
         };
-        SHORTCUT_TABLE.with_borrow_mut(|table| {
+        // A thread being torn down has no table: it just leaves no shortcut.
+        let _ = SHORTCUT_TABLE.try_with(|table| {
+            let mut table = table.borrow_mut();
             if table.is_empty() {
                 table.resize_with(SHORTCUTS, || None);
             }
@@ -254,7 +256,8 @@ impl MemoryTier {
     /// good and the answer fresh at `now`. `None` sends the caller through moka.
     pub fn recall(&self, request: &ExactRequest, now: SystemTime) -> Option<Arc<StoredAnswer>> {
         let now_ms = unix_ms(now);
-        SHORTCUT_TABLE.with_borrow_mut(|table| {
+        let found = SHORTCUT_TABLE.try_with(|table| {
+            let mut table = table.borrow_mut();
             let cut = table.get_mut(slot_of(request))?.as_mut()?;
             if cut.tier != self.id
                 || cut.slot_hash != request.slot_hash
@@ -269,7 +272,8 @@ impl MemoryTier {
             }
             let entry = cut.entry.upgrade()?;
             (now_ms < entry.expires_at).then_some(entry)
-        })
+        });
+        found.ok().flatten()
     }
 
     /// Inserts or replaces the entry for its key.

@@ -267,7 +267,8 @@ impl SharedPending {
 
     /// Runs `f` on this thread's shard.
     fn with<R>(&self, f: impl FnOnce(&mut Pending) -> R) -> R {
-        let shard = &self.shards[SHARD.with(|s| *s)];
+        // A thread being torn down counts into the first shard.
+        let shard = &self.shards[SHARD.try_with(|s| *s).unwrap_or(0)];
         f(&mut shard.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
