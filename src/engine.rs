@@ -470,9 +470,9 @@ impl Dedup {
                 model: known.model.clone(),
                 ttl,
             };
-            return self
-                .cached_or_fetched(outbound, (&exact, known.key), meta, &controls)
-                .await;
+            // Boxed, like every path past the shortcut: the future of a repeat stays small.
+            let known = self.cached_or_fetched(outbound, (&exact, known.key), meta, &controls);
+            return Box::pin(known).await;
         }
         // A request seen for the first time takes the long path, boxed: the future of a
         // repeat stays small (it is moved on every request).
