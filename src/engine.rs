@@ -1336,7 +1336,10 @@ fn is_event_stream(headers: &HeaderMap) -> bool {
 /// An answer from `entry` with `headers` and the llm-dedup headers for `cache`.
 fn stored_answer(entry: &StoredAnswer, mut headers: HeaderMap, cache: CacheStatus) -> Answer {
     headers.insert(CACHE_HEADER, HeaderValue::from_static(cache.as_str()));
-    set_header(&mut headers, KEY_HEADER, &key_hex(&entry.key));
+    // The key's header value was made once, with the entry's hit headers.
+    if let Some(key) = entry.hit_headers.get(KEY_HEADER) {
+        headers.insert(KEY_HEADER, key.clone());
+    }
     answer_with(entry, headers, cache)
 }
 
@@ -1349,11 +1352,6 @@ fn answer_with(entry: &StoredAnswer, headers: HeaderMap, cache: CacheStatus) -> 
         cache,
         key: Some(entry.key),
     }
-}
-
-/// A key in hex, without allocating.
-fn key_hex(key: &CacheKey) -> impl std::ops::Deref<Target = str> {
-    blake3::Hash::from_bytes(*key.as_bytes()).to_hex()
 }
 
 fn young_enough(entry: &StoredAnswer, max_age: Option<Duration>) -> bool {
