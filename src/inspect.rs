@@ -241,10 +241,13 @@ impl Inspector {
         })
     }
 
-    /// Everything `stats` reports.
+    /// Everything `stats` reports, read as one snapshot: a serving process that sweeps or
+    /// commits meanwhile cannot make the counts disagree with each other.
     pub fn stats(&self) -> Result<Stats, InspectError> {
         let now = unix_ms(SystemTime::now());
-        let c = &self.conn;
+        // A read-only transaction; dropping it at the end releases the snapshot.
+        let snapshot = self.conn.unchecked_transaction()?;
+        let c: &Connection = &snapshot;
         let (entries, entry_bytes, oldest, newest): (i64, i64, Option<i64>, Option<i64>) = c
             .query_row(
                 "SELECT count(*), coalesce(sum(size), 0), min(created_at), max(created_at)
@@ -641,6 +644,7 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rusqlite::params;
 
     #[test]
     fn hex_round_trips() {
@@ -648,5 +652,55 @@ mod tests {
         assert_eq!(unhex(&hex(&bytes)).as_deref(), Some(&bytes[..]));
         assert_eq!(unhex("abc"), None);
         assert_eq!(unhex("zz"), None);
+    }
+
+    /// Another process (here a thread with its own connection) removes entries and counts
+    /// them, one transaction each, while `stats` runs: every report must add up.
+    #[test]
+    fn stats_is_one_snapshot_while_another_connection_sweeps() {
+        const ENTRIES: i64 = 400;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.db");
+        let inspector = Inspector::create_or_open(&path).expect("opened");
+        let mut writer = store::open_for_writing(&path).expect("second connection");
+        for i in 0..ENTRIES {
+            writer
+                .execute(
+                    "INSERT INTO entries (key, namespace, route, status, headers, body,
+                                          created_at, expires_at, size)
+                     VALUES (?1, '', 'chat.completions', 200, '[]', x'7b7d', 0, ?2, 2)",
+                    params![format!("{i:064x}"), i64::MAX],
+                )
+                .expect("inserted");
+        }
+        let sweeper = std::thread::spawn(move || {
+            for i in 0..ENTRIES {
+                let tx = writer.transaction().expect("begun");
+                tx.execute("DELETE FROM entries WHERE key = ?1", [format!("{i:064x}")])
+                    .expect("deleted");
+                tx.execute(
+                    "INSERT INTO meta (name, value) VALUES ('evicted_for_size', 1)
+                     ON CONFLICT (name) DO UPDATE SET value = value + 1",
+                    [],
+                )
+                .expect("counted");
+                tx.commit().expect("committed");
+            }
+        });
+        while !sweeper.is_finished() {
+            let stats = inspector.stats().expect("stats");
+            assert_eq!(
+                stats.entries + stats.evicted_for_size,
+                ENTRIES as u64,
+                "{} entries and {} evicted",
+                stats.entries,
+                stats.evicted_for_size
+            );
+        }
+        sweeper.join().expect("sweeper");
+        assert_eq!(
+            inspector.stats().expect("stats").evicted_for_size,
+            ENTRIES as u64
+        );
     }
 }
