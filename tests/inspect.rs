@@ -404,10 +404,12 @@ async fn the_sweep_removes_expired_entries_and_keeps_the_size_bound() {
     .await;
     let c = client();
     let url = proxy.url("/v1/chat/completions");
-    post(&c, &url, chat("short-lived"), &[("llm-dedup-ttl", "1")]).await;
     for i in 0..4 {
         post(&c, &url, chat(&format!("keeper {i}")), &[]).await;
     }
+    // Stored last, so that the size bound never picks it: whether a sweep runs before or after
+    // it expires, it can only go as expired.
+    post(&c, &url, chat("short-lived"), &[("llm-dedup-ttl", "1")]).await;
     // Entries are ~500 bytes: four keepers do not fit in 1,200; the oldest go first. The
     // expiry and the sweep run on the wall clock, so only real time can pass them.
     let mut stats = Value::Null;
