@@ -1240,7 +1240,10 @@ impl Inner {
             disk.record_hit(entry.key, route_name(route), model, &counts, now);
         }
         let mut headers = entry.hit_headers.clone();
-        headers.insert(http::header::AGE, entry.age(now).as_secs().into());
+        // In place: `insert` would first make room for one more header, and a clone has none.
+        if let Some(age) = headers.get_mut(http::header::AGE) {
+            *age = entry.age(now).as_secs().into();
+        }
         answer_with(entry, headers, CacheStatus::Hit)
     }
 

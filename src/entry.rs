@@ -133,7 +133,7 @@ pub struct StoredAnswer {
 
 /// The headers of a hit on the answer stored under `key` with replayed `headers`: those, the
 /// cache status and the key, and `age` to be set by the hit. Made once per answer, so a hit
-/// costs one clone (with no room to grow) and one header update.
+/// costs one clone and one value replaced in place (a clone has no room for another header).
 pub fn hit_headers(key: &CacheKey, headers: &HeaderMap) -> HeaderMap {
     let mut all = HeaderMap::with_capacity(headers.len() + 3);
     all.extend(headers.iter().map(|(k, v)| (k.clone(), v.clone())));

@@ -346,6 +346,12 @@ async fn cache_control_directives_steer_reads_and_writes() {
     let r = post(&c, &url, chat("cc"), &[("cache-control", "max-age=3600")]).await;
     assert_eq!(r.cache, "hit");
     tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = post(&c, &url, chat("cc"), &[]).await;
+    assert_eq!(r.cache, "hit");
+    assert!(
+        r.age >= Some(1),
+        "age counts the seconds since it was stored: {r:?}"
+    );
     let r = post(&c, &url, chat("cc"), &[("cache-control", "max-age=0")]).await;
     assert_eq!(r.cache, "miss");
     let calls = upstream.calls();
