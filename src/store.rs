@@ -132,11 +132,15 @@ enum WriteOp {
     Shutdown(oneshot::Sender<()>),
 }
 
-/// Hits on one key not yet committed.
-#[derive(Clone, Copy)]
+/// Hits on one key not yet committed, and what they add to the counters of its route and
+/// model: those are added up per key on each hit and per route and model only when taken,
+/// so that a hit does one map update, not three.
 struct HitTally {
     count: i64,
     last_at: i64,
+    route: &'static str,
+    model: Box<str>,
+    counts: Counts,
 }
 
 /// What requests did, per route and model: the `counters` table's columns.
@@ -198,13 +202,19 @@ struct Pending {
 }
 
 impl Pending {
-    fn hit(&mut self, key: CacheKey, at: i64) {
-        let tally = self.hits.entry(key).or_insert(HitTally {
+    /// Counts a hit on `key` at `at` that adds `counts` to the counters of `route` and `model`
+    /// (always the same for one key).
+    fn hit(&mut self, key: CacheKey, at: i64, route: &'static str, model: &str, counts: &Counts) {
+        let tally = self.hits.entry(key).or_insert_with(|| HitTally {
             count: 0,
             last_at: at,
+            route,
+            model: model.into(),
+            counts: Counts::default(),
         });
         tally.count += 1;
         tally.last_at = tally.last_at.max(at);
+        tally.counts.add(counts);
     }
 
     fn count(&mut self, route: &str, model: &str, counts: &Counts) {
@@ -223,12 +233,17 @@ impl Pending {
     /// Adds what `other` counted into `self`.
     fn absorb(&mut self, other: Pending) {
         for (key, theirs) in other.hits {
-            let ours = self.hits.entry(key).or_insert(HitTally {
-                count: 0,
-                last_at: theirs.last_at,
-            });
-            ours.count += theirs.count;
-            ours.last_at = ours.last_at.max(theirs.last_at);
+            match self.hits.entry(key) {
+                std::collections::hash_map::Entry::Occupied(mut ours) => {
+                    let ours = ours.get_mut();
+                    ours.count += theirs.count;
+                    ours.last_at = ours.last_at.max(theirs.last_at);
+                    ours.counts.add(&theirs.counts);
+                }
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(theirs);
+                }
+            }
         }
         for (route, models) in other.counters {
             for (model, counts) in models {
@@ -272,13 +287,18 @@ impl SharedPending {
         f(&mut shard.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Everything counted so far, leaving every shard empty.
+    /// Everything counted so far, leaving every shard empty; the counters include the hits'.
     fn take(&self) -> Pending {
         let mut all = Pending::default();
         for shard in self.shards.iter() {
             let taken = std::mem::take(&mut *shard.lock().unwrap_or_else(|e| e.into_inner()));
             all.absorb(taken);
         }
+        let hits = std::mem::take(&mut all.hits);
+        for tally in hits.values() {
+            all.count(tally.route, &tally.model, &tally.counts);
+        }
+        all.hits = hits;
         all
     }
 }
@@ -383,19 +403,18 @@ impl DiskStore {
     }
 
     /// Counts a hit on `key` at `now` (hit count and last-hit time) and adds `counts` to the
-    /// counters of `route` and `model` (one lock for both), committed within a second.
+    /// counters of `route` and `model` (one lock, one map update), committed within a second.
     pub fn record_hit(
         &self,
         key: CacheKey,
-        route: &str,
+        route: &'static str,
         model: &str,
         counts: &Counts,
         now: SystemTime,
     ) {
-        self.inner.pending.with(|pending| {
-            pending.hit(key, unix_ms(now));
-            pending.count(route, model, counts);
-        });
+        self.inner
+            .pending
+            .with(|pending| pending.hit(key, unix_ms(now), route, model, counts));
     }
 
     /// Calls `listener` (on the writer thread) whenever another process purges entries from
@@ -885,9 +904,15 @@ mod tests {
     fn counts_from_many_threads_are_all_taken() {
         let pending = SharedPending::new();
         let key = CacheKey::from_hex(&"ab".repeat(32)).expect("hex");
-        let one = Counts {
+        let hit = Counts {
             requests: 1,
             hits: 1,
+            saved_completion_tokens: 7,
+            ..Counts::default()
+        };
+        let miss = Counts {
+            requests: 1,
+            misses: 1,
             ..Counts::default()
         };
         std::thread::scope(|scope| {
@@ -896,8 +921,8 @@ mod tests {
                 scope.spawn(move || {
                     for _ in 0..100 {
                         pending.with(|p| {
-                            p.hit(key, 1_000 + t);
-                            p.count("chat.completions", "m", &one);
+                            p.hit(key, 1_000 + t, "chat.completions", "m", &hit);
+                            p.count("chat.completions", "m", &miss);
                         });
                     }
                 });
@@ -907,11 +932,13 @@ mod tests {
         let taken = pending.take();
         assert_eq!(taken.hits[&key].count, 100 * threads);
         assert_eq!(taken.hits[&key].last_at, 1_000 + threads - 1);
+        // The hits' counts join the other counts of their route and model.
         let counted = taken.counters["chat.completions"]["m"];
         assert_eq!(
-            (counted.requests, counted.hits),
-            (100 * threads, 100 * threads)
+            (counted.requests, counted.hits, counted.misses),
+            (200 * threads, 100 * threads, 100 * threads)
         );
+        assert_eq!(counted.saved_completion_tokens, 700 * threads);
         assert!(pending.take().is_empty(), "taking empties every shard");
     }
 
