@@ -14,10 +14,9 @@ use llm_dedup::inspect::{EntrySummary, Group, Selection, SortBy};
 
 use crate::{ExportArgs, ImportArgs, ListArgs, PurgeArgs, ShowArgs, SortArg, StatsArgs};
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+/// The time a Unix-ms timestamp from the database stands for.
+fn at(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
 }
 
 /// A duration in its two largest units: `45s`, `12m 5s`, `3h 5m`, `4d 2h`.
@@ -34,14 +33,14 @@ fn short(d: Duration) -> String {
 
 /// How long ago a Unix-ms time was.
 fn ago(ms: i64) -> String {
-    let d = Duration::from_millis(u64::try_from(now_ms() - ms).unwrap_or(0));
+    let d = SystemTime::now().duration_since(at(ms)).unwrap_or_default();
     format!("{} ago", short(d))
 }
 
 /// How long until a Unix-ms time, or `expired`.
 fn until(ms: i64) -> String {
-    match u64::try_from(ms - now_ms()) {
-        Ok(left) if left > 0 => format!("in {}", short(Duration::from_millis(left))),
+    match at(ms).duration_since(SystemTime::now()) {
+        Ok(left) if !left.is_zero() => format!("in {}", short(left)),
         _ => "expired".into(),
     }
 }
