@@ -175,7 +175,9 @@ pub fn error_response(e: &Error) -> Response {
             "internal_error",
         ),
     };
-    if status.is_server_error() {
+    // A miss under `only-if-cached` is a 504 by the standard, but the answer the client asked
+    // for, not a failure.
+    if status.is_server_error() && e.kind() != ErrorKind::NotCached {
         tracing::warn!(error = %e.chain(), status = status.as_u16(), "request failed");
     } else {
         tracing::debug!(error = %e.chain(), status = status.as_u16(), "request refused");

@@ -232,3 +232,27 @@ async fn each_upstream_refusal_is_logged_once_with_what_was_done() {
     );
     assert!(refusals[0].contains("not retried"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_miss_under_only_if_cached_is_not_logged_as_a_failure() {
+    let upstream = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let proxy = start(&dir.path().join("c.db"), &upstream.url());
+    let url = format!("http://{}/v1/chat/completions", proxy.addr);
+    let headers = [("cache-control", "only-if-cached")];
+    let r = post(&client(), &url, chat("never stored"), &headers).await;
+    assert_eq!(r.status, 504);
+    assert_eq!(r.body["error"]["code"], "not_cached");
+    let (code, log) = tokio::task::spawn_blocking(move || proxy.terminate())
+        .await
+        .expect("join");
+    assert_eq!(code, 0);
+    // The client asked for exactly this answer: a debug line, not a warning.
+    assert!(!log.contains("WARN"), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("DEBUG") && l.contains("request refused") && l.contains("504")),
+        "{log}"
+    );
+    assert_eq!(upstream.calls(), 0);
+}
