@@ -6,7 +6,7 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{FakeUpstream, Proxy, Seen, client, fake_embedding, post};
+use common::{EMBED_MAX_INPUT_TOKENS, FakeUpstream, Proxy, Seen, client, fake_embedding, post};
 use llm_dedup::{Dedup, EmbedSettings};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
@@ -557,5 +557,63 @@ async fn a_caller_that_hangs_up_cancels_nothing_others_wait_on() {
         "the call finished and stored both inputs"
     );
     assert_eq!(upstream.calls(), 1);
+    proxy.stop().await;
+}
+
+/// Merging must not change a request's verdict: an input the provider refuses fails the
+/// request it came from, not the others that happened to share its call.
+#[tokio::test]
+async fn an_input_the_provider_refuses_fails_only_its_own_request() {
+    let upstream = FakeUpstream::start().await;
+    let window = EmbedSettings {
+        batch_window: Duration::from_millis(200),
+        ..EmbedSettings::default()
+    };
+    let proxy = proxy_with(&upstream, window).await;
+    let too_long = "word ".repeat(EMBED_MAX_INPUT_TOKENS + 1);
+    let bodies = vec![
+        json!({"model": MODEL, "input": ["alpha one", "alpha two"]}),
+        json!({"model": MODEL, "input": ["beta", too_long]}),
+        json!({"model": MODEL, "input": "gamma"}),
+    ];
+    let seen = concurrently(&proxy, bodies).await;
+    let (alpha, beta, gamma) = (&seen[0], &seen[1], &seen[2]);
+    assert_eq!((alpha.status, alpha.cache.as_str()), (200, "miss"));
+    assert_eq!(
+        embeddings_text(alpha),
+        [
+            fake_embedding(&json!("alpha one"), false),
+            fake_embedding(&json!("alpha two"), false)
+        ]
+    );
+    assert_eq!(beta.status, 400);
+    assert_eq!(beta.body["error"]["type"], "invalid_request_error");
+    assert!(
+        beta.body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("maximum context length")),
+        "the provider's own message: {}",
+        beta.body
+    );
+    assert_eq!((gamma.status, gamma.cache.as_str()), (200, "miss"));
+    assert_eq!(
+        embeddings_text(gamma),
+        [fake_embedding(&json!("gamma"), false)]
+    );
+    // The merged call, then each request's inputs on their own.
+    assert_eq!(upstream.calls(), 4);
+
+    // What succeeded was stored; the refused request's inputs were not.
+    let c = client();
+    let again = embed(
+        &c,
+        &proxy,
+        json!({"model": MODEL, "input": ["alpha one", "alpha two"]}),
+    )
+    .await;
+    assert_eq!(again.cache, "hit");
+    let again = embed(&c, &proxy, json!({"model": MODEL, "input": "beta"})).await;
+    assert_eq!(again.cache, "miss");
+    assert_eq!(upstream.calls(), 5);
     proxy.stop().await;
 }

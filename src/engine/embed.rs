@@ -73,6 +73,8 @@ struct Call {
 struct Item {
     key: CacheKey,
     input: Value,
+    /// The request that added it, told apart from the others in its call.
+    origin: u64,
     ttl: Duration,
     /// Whether an answer stored meanwhile may serve it: not for a refresh (`no-cache`), and
     /// only one young enough for its request's `max-age`.
@@ -97,6 +99,7 @@ type Group = (CacheKey, [u8; 32], InputKind);
 pub(super) struct Batcher {
     settings: EmbedSettings,
     open: Mutex<HashMap<Group, OpenCall>>,
+    /// Numbers calls and the requests whose inputs go in them.
     ids: AtomicU64,
 }
 
@@ -112,9 +115,13 @@ impl Batcher {
         }
     }
 
+    fn next_id(&self) -> u64 {
+        self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+
     fn open_call(&self, call: &Arc<Call>) -> OpenCall {
         OpenCall {
-            id: self.ids.fetch_add(1, Ordering::Relaxed),
+            id: self.next_id(),
             call: call.clone(),
             items: Vec::new(),
             tokens: 0,
@@ -182,6 +189,20 @@ impl OpenCall {
     }
 }
 
+/// `items` in groups by the request they came from, in the order of their first items.
+fn by_origin(items: Vec<Item>) -> Vec<Vec<Item>> {
+    let mut parts: Vec<Vec<Item>> = Vec::new();
+    let mut index: HashMap<u64, usize> = HashMap::new();
+    for item in items {
+        let at = *index.entry(item.origin).or_insert(parts.len());
+        match parts.get_mut(at) {
+            Some(part) => part.push(item),
+            None => parts.push(vec![item]),
+        }
+    }
+    parts
+}
+
 /// Sets (or, with `None`, removes) the `input` of a request body; returns the previous one.
 fn set_input(body: &mut Value, input: Option<Value>) -> Option<Value> {
     let fields = body.as_object_mut()?;
@@ -239,6 +260,7 @@ impl Dedup {
         // The rest: join an identical input on its way upstream, or add it to a call.
         let mut sources = Vec::with_capacity(distinct.len());
         let mut mine = Vec::new();
+        let origin = inner.batcher.next_id();
         for ((key, input), entry) in distinct.iter_mut().zip(found) {
             if let Some(entry) = entry {
                 sources.push(Source::Cache(entry));
@@ -267,6 +289,7 @@ impl Dedup {
             mine.push(Item {
                 key: *key,
                 input: std::mem::take(input),
+                origin,
                 ttl,
                 reuse: (!controls.no_cache).then_some(controls.max_age),
                 flight,
@@ -430,8 +453,24 @@ impl Inner {
     /// Sends one merged call and completes the flight of each of its inputs.
     async fn send_call(&self, open: OpenCall) {
         let OpenCall { call, items, .. } = open;
-        // An identical input's call may have stored its answer since this one's request
-        // looked: those are answered now and not sent.
+        let items = self.answer_stored(items).await;
+        if let Some(items) = self.send_items(&call, items, true).await {
+            // The provider refused an input of one of the merged requests, and so the call:
+            // each request's inputs go again on their own, so that only its own request gets
+            // the refusal, as if nothing had been merged.
+            let parts = by_origin(items);
+            join_all(
+                parts
+                    .into_iter()
+                    .map(|part| self.send_items(&call, part, false)),
+            )
+            .await;
+        }
+    }
+
+    /// Completes the items whose answer an identical input's call has stored since their
+    /// request looked; returns the others.
+    async fn answer_stored(&self, items: Vec<Item>) -> Vec<Item> {
         let mut unanswered = Vec::with_capacity(items.len());
         for item in items {
             let stored = match item.reuse {
@@ -443,9 +482,20 @@ impl Inner {
                 None => unanswered.push(item),
             }
         }
-        let mut items = unanswered;
+        unanswered
+    }
+
+    /// Sends `items` in one call and completes their flights, except when `may_split` and the
+    /// provider refused the call for an input (400) with inputs of several requests in it:
+    /// then it completes none and gives the items back.
+    async fn send_items(
+        &self,
+        call: &Call,
+        mut items: Vec<Item>,
+        may_split: bool,
+    ) -> Option<Vec<Item>> {
         if items.is_empty() {
-            return;
+            return None;
         }
         let weights: Vec<u64> = items
             .iter()
@@ -461,7 +511,7 @@ impl Inner {
                 for item in items {
                     item.flight.complete(InputOutcome::Failed(e.clone()));
                 }
-                return;
+                return None;
             }
         };
         let out = Outbound {
@@ -469,11 +519,23 @@ impl Inner {
             estimate: u32::try_from(weights.iter().sum::<u64>()).unwrap_or(u32::MAX),
             ..call.out.clone()
         };
-        match self.fetch_call(&out, &call, &items, &weights).await {
+        match self.fetch_call(&out, call, &items, &weights).await {
             Ok(entries) => {
                 for (item, entry) in items.into_iter().zip(entries) {
                     item.flight.complete(InputOutcome::Embedded(entry));
                 }
+            }
+            Err(InputOutcome::Refused(answer))
+                if may_split
+                    && answer.0 == StatusCode::BAD_REQUEST
+                    && items.iter().any(|i| i.origin != items[0].origin) =>
+            {
+                if let Some(Value::Array(inputs)) = fields.remove("input") {
+                    for (item, input) in items.iter_mut().zip(inputs) {
+                        item.input = input;
+                    }
+                }
+                return Some(items);
             }
             Err(failure) => {
                 for item in items {
@@ -481,6 +543,7 @@ impl Inner {
                 }
             }
         }
+        None
     }
 
     /// Sends a merged call through the governor and stores each input's embedding.
@@ -676,6 +739,7 @@ mod tests {
         Item {
             key,
             input,
+            origin: u64::from(n % 3),
             ttl: Duration::from_secs(60),
             reuse: Some(None),
             flight,
@@ -759,5 +823,17 @@ mod tests {
         );
         assert!(opened.is_empty());
         assert!(batcher.open.lock().expect("lock").is_empty());
+    }
+
+    #[test]
+    fn a_split_call_keeps_each_requests_inputs_together_and_in_order() {
+        let table = InFlight::default();
+        // Origins 0, 1, 2, 0, 1, 2, 0 (the helper's `n % 3`).
+        let items = (0..7).map(|n| item(&table, n, Value::from(n))).collect();
+        let parts: Vec<Vec<u64>> = by_origin(items)
+            .iter()
+            .map(|part| part.iter().filter_map(|i| i.input.as_u64()).collect())
+            .collect();
+        assert_eq!(parts, [vec![0, 3, 6], vec![1, 4], vec![2, 5]]);
     }
 }

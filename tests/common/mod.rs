@@ -270,6 +270,8 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
 /// Most inputs and tokens the fake accepts in one embeddings request, as OpenAI does.
 pub const EMBED_MAX_INPUTS: usize = 2048;
 pub const EMBED_MAX_TOKENS: usize = 300_000;
+/// The most tokens one input may have (text-embedding-3-*).
+pub const EMBED_MAX_INPUT_TOKENS: usize = 8192;
 
 /// The fake's token count of an input: one per word of a text, one per id of a token array.
 pub fn fake_tokens(input: &Value) -> usize {
@@ -371,6 +373,22 @@ fn embeddings(
         return invalid(
             StatusCode::BAD_REQUEST,
             &format!("'$.input' is invalid: at most {EMBED_MAX_INPUTS} inputs"),
+            Value::Null,
+        );
+    }
+    if let Some(long) = inputs
+        .iter()
+        .map(fake_tokens)
+        .find(|n| *n > EMBED_MAX_INPUT_TOKENS)
+    {
+        // One input over the model's context fails the whole call, whatever the others are.
+        return invalid(
+            StatusCode::BAD_REQUEST,
+            &format!(
+                "This model's maximum context length is {EMBED_MAX_INPUT_TOKENS} tokens, however \
+                 you requested {long} tokens ({long} in your prompt; 0 for the completion). \
+                 Please reduce your prompt; or completion length."
+            ),
             Value::Null,
         );
     }
