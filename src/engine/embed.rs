@@ -459,6 +459,11 @@ impl Inner {
             // each request's inputs go again on their own, so that only its own request gets
             // the refusal, as if nothing had been merged.
             let parts = by_origin(items);
+            tracing::info!(
+                requests = parts.len(),
+                "a merged embeddings call was refused for an input; \
+                 sending each request's inputs on their own"
+            );
             join_all(
                 parts
                     .into_iter()
