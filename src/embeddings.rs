@@ -38,9 +38,9 @@ pub const MAX_TOKENS: u64 = 300_000;
 /// How concurrent embedding requests are merged into upstream calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EmbedSettings {
-    /// How long the first input headed upstream waits for others (same model, options and
-    /// credential) to share its call. Zero turns merging off: each request's missing inputs
-    /// then go upstream in calls of their own.
+    /// How long the first input headed upstream waits for others (same model, options,
+    /// `user` and credential) to share its call. Zero turns merging off: each request's
+    /// missing inputs then go upstream in calls of their own.
     pub batch_window: Duration,
     /// Most inputs in one upstream call.
     pub max_inputs: usize,

@@ -238,7 +238,7 @@ struct ServeArgs {
     max_disk: Option<ByteSize>,
 
     /// How long an embedding input headed upstream waits for inputs of other requests (same
-    /// model, options and credential) to share its call, e.g. 5ms; 0 turns merging off.
+    /// model, options, user and credential) to share its call, e.g. 5ms; 0 turns merging off.
     #[arg(long, env = "LLM_DEDUP_EMBED_BATCH_WINDOW", default_value = "5ms", value_parser = parse_window)]
     embed_batch_window: Duration,
 

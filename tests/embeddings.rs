@@ -617,3 +617,34 @@ async fn an_input_the_provider_refuses_fails_only_its_own_request() {
     assert_eq!(upstream.calls(), 5);
     proxy.stop().await;
 }
+
+/// A call carries one `user`, which the provider's abuse monitoring reads: requests of
+/// different end users never share a call, though they share the cache.
+#[tokio::test]
+async fn requests_of_different_end_users_are_not_merged() {
+    let upstream = FakeUpstream::start().await;
+    let window = EmbedSettings {
+        batch_window: Duration::from_millis(200),
+        ..EmbedSettings::default()
+    };
+    let proxy = proxy_with(&upstream, window).await;
+    let body = |input: &str, user: &str| json!({"model": MODEL, "input": input, "user": user});
+    let bodies = vec![
+        body("one", "alice"),
+        body("two", "alice"),
+        body("three", "bob"),
+    ];
+    for seen in concurrently(&proxy, bodies).await {
+        assert_eq!((seen.status, seen.cache.as_str()), (200, "miss"));
+    }
+    assert_eq!(
+        upstream.calls(),
+        2,
+        "alice's two inputs in one call, bob's in another"
+    );
+
+    let hit = embed(&client(), &proxy, body("three", "carol")).await;
+    assert_eq!(hit.cache, "hit", "the user does not change an embedding");
+    assert_eq!(upstream.calls(), 2);
+    proxy.stop().await;
+}

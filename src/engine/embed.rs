@@ -92,8 +92,19 @@ struct OpenCall {
 }
 
 /// Inputs that may share a call: same request apart from `input` (the key of the request
-/// without it), same credential, same kind of input.
-type Group = (CacheKey, [u8; 32], InputKind);
+/// without it), same end user, same credential, same kind of input.
+type Group = (CacheKey, [u8; 32], [u8; 32], InputKind);
+
+/// Who a request says its end user is (`user`): the key leaves it out, since it never changes
+/// an embedding, but a call carries one, and the provider's abuse monitoring reads it. So
+/// only requests of one end user share a call.
+fn end_user(template: &Value) -> [u8; 32] {
+    let user = template
+        .get("user")
+        .map(Value::to_string)
+        .unwrap_or_default();
+    *blake3::hash(user.as_bytes()).as_bytes()
+}
 
 /// The open calls, one per group at most.
 pub(super) struct Batcher {
@@ -297,6 +308,7 @@ impl Dedup {
         }
         let partition = out.partition;
         if !mine.is_empty() {
+            let user = end_user(&template);
             let fields = match template {
                 Value::Object(fields) => fields,
                 _ => Map::new(),
@@ -311,7 +323,7 @@ impl Dedup {
                 namespace: namespace.to_owned(),
                 model: model.clone(),
             });
-            inner.enqueue((group_key, partition, kind), &call, mine);
+            inner.enqueue((group_key, user, partition, kind), &call, mine);
         }
 
         let resolved = join_all(sources.into_iter().map(|source| async move {
@@ -770,6 +782,7 @@ mod tests {
     fn group() -> Group {
         (
             CacheKey::from_hex(&"00".repeat(32)).expect("hex"),
+            [0; 32],
             [0; 32],
             InputKind::Text,
         )
