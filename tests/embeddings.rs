@@ -27,6 +27,16 @@ async fn proxy_with(upstream: &FakeUpstream, settings: EmbedSettings) -> Proxy {
     .await
 }
 
+/// A proxy whose calls wait 200 ms for other requests' inputs: long enough for requests
+/// sent at once to share calls.
+async fn merging_proxy(upstream: &FakeUpstream) -> Proxy {
+    let window = EmbedSettings {
+        batch_window: Duration::from_millis(200),
+        ..EmbedSettings::default()
+    };
+    proxy_with(upstream, window).await
+}
+
 /// Embedding inputs the upstream has received, over all calls.
 fn inputs_received(upstream: &FakeUpstream) -> usize {
     upstream.state.embed_inputs.load(Ordering::SeqCst)
@@ -295,11 +305,7 @@ async fn with_merging_off_each_request_makes_its_own_call() {
 async fn an_error_on_a_merged_call_reaches_exactly_its_callers_and_nothing_is_stored() {
     let upstream = FakeUpstream::start().await;
     upstream.state.delay_ms.store(20, Ordering::SeqCst);
-    let window = EmbedSettings {
-        batch_window: Duration::from_millis(200),
-        ..EmbedSettings::default()
-    };
-    let proxy = proxy_with(&upstream, window).await;
+    let proxy = merging_proxy(&upstream).await;
     let c = client();
     let cached = embed(&c, &proxy, json!({"model": MODEL, "input": "cached"})).await;
     assert_eq!(cached.cache, "miss");
@@ -565,11 +571,7 @@ async fn a_caller_that_hangs_up_cancels_nothing_others_wait_on() {
 #[tokio::test]
 async fn an_input_the_provider_refuses_fails_only_its_own_request() {
     let upstream = FakeUpstream::start().await;
-    let window = EmbedSettings {
-        batch_window: Duration::from_millis(200),
-        ..EmbedSettings::default()
-    };
-    let proxy = proxy_with(&upstream, window).await;
+    let proxy = merging_proxy(&upstream).await;
     let too_long = "word ".repeat(EMBED_MAX_INPUT_TOKENS + 1);
     let bodies = vec![
         json!({"model": MODEL, "input": ["alpha one", "alpha two"]}),
@@ -623,11 +625,7 @@ async fn an_input_the_provider_refuses_fails_only_its_own_request() {
 #[tokio::test]
 async fn requests_of_different_end_users_are_not_merged() {
     let upstream = FakeUpstream::start().await;
-    let window = EmbedSettings {
-        batch_window: Duration::from_millis(200),
-        ..EmbedSettings::default()
-    };
-    let proxy = proxy_with(&upstream, window).await;
+    let proxy = merging_proxy(&upstream).await;
     let body = |input: &str, user: &str| json!({"model": MODEL, "input": input, "user": user});
     let bodies = vec![
         body("one", "alice"),
