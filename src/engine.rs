@@ -453,9 +453,10 @@ impl Dedup {
         let exact = ExactRequest::new(self.exact_bytes(&outbound, &controls.namespace));
         if !controls.no_cache {
             // This thread answered these exact bytes from memory before: no lookup needed.
-            let recalled = self.inner.memory.recall(&exact, SystemTime::now());
+            let now = SystemTime::now();
+            let recalled = self.inner.memory.recall(&exact, now);
             if let Some(entry) = recalled.filter(|e| young_enough(e, controls.max_age)) {
-                return Ok(self.inner.hit(&entry));
+                return Ok(self.inner.hit(&entry, now));
             }
         }
         let ttl = controls.ttl.unwrap_or(self.inner.ttl);
@@ -681,7 +682,7 @@ impl Dedup {
         if !controls.no_cache {
             let found = self.inner.memory.get_via(exact, &key).await;
             if let Some(entry) = found.filter(|e| young_enough(e, controls.max_age)) {
-                return Ok(self.inner.hit(&entry));
+                return Ok(self.inner.hit(&entry, SystemTime::now()));
             }
         }
         // Everything past a memory hit is boxed, so the hit path's future stays small (its
@@ -700,7 +701,7 @@ impl Dedup {
         if controls.only_if_cached {
             if !controls.no_cache {
                 if let Some(entry) = self.inner.lookup_disk(&key, controls.max_age).await {
-                    return Ok(self.inner.hit(&entry));
+                    return Ok(self.inner.hit(&entry, SystemTime::now()));
                 }
             }
             return Err(Error::new(
@@ -1229,9 +1230,8 @@ impl Inner {
         self.persist_counts(route, model, &counts);
     }
 
-    /// Answers from a stored entry, counting the hit.
-    fn hit(&self, entry: &StoredAnswer) -> Answer {
-        let now = SystemTime::now();
+    /// Answers from a stored entry at `now`, counting the hit.
+    fn hit(&self, entry: &StoredAnswer, now: SystemTime) -> Answer {
         let route = Some(entry.route);
         self.metrics.outcome(route, CacheStatus::Hit, entry.usage);
         if let Some(disk) = &self.disk {
@@ -1273,7 +1273,7 @@ impl Inner {
             FlightOutcome::Stored {
                 entry,
                 fresh_headers: None,
-            } => Ok(self.hit(&entry)),
+            } => Ok(self.hit(&entry, SystemTime::now())),
             FlightOutcome::Unstored(answer) => {
                 record(Usage::default());
                 let (status, headers, body) = answer.as_ref().clone();

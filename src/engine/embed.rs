@@ -255,7 +255,7 @@ impl Dedup {
             // One input, cached: its entry is the whole answer.
             inner.metrics.embedding_inputs(1, 0, 0);
             inner.count_inputs(model.as_deref(), 1, 1, Counts::default());
-            return Ok(inner.hit(entry));
+            return Ok(inner.hit(entry, SystemTime::now()));
         }
         let uncached = found.iter().filter(|f| f.is_none()).count();
         if controls.only_if_cached && uncached > 0 {
