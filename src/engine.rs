@@ -1339,11 +1339,15 @@ fn is_event_stream(headers: &HeaderMap) -> bool {
 /// An answer from `entry` with `headers` and the llm-dedup headers for `cache`.
 fn stored_answer(entry: &StoredAnswer, mut headers: HeaderMap, cache: CacheStatus) -> Answer {
     headers.insert(CACHE_HEADER, HeaderValue::from_static(cache.as_str()));
-    // The key's header value was made once, with the entry's hit headers.
+    set_key_header(&mut headers, entry);
+    answer_with(entry, headers, cache)
+}
+
+/// Sets `llm-dedup-key` to `entry`'s key, from the value made once with its hit headers.
+fn set_key_header(headers: &mut HeaderMap, entry: &StoredAnswer) {
     if let Some(key) = entry.hit_headers.get(KEY_HEADER) {
         headers.insert(KEY_HEADER, key.clone());
     }
-    answer_with(entry, headers, cache)
 }
 
 /// An answer from `entry` with `headers` as they are.

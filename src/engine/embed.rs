@@ -708,12 +708,12 @@ impl Inner {
         );
         headers.insert(CACHE_HEADER, HeaderValue::from_static(cache.as_str()));
         let key = match entries {
-            [(_, only)] => Some(only.key),
+            [(_, only)] => {
+                set_key_header(&mut headers, only);
+                Some(only.key)
+            }
             _ => None,
         };
-        if let Some(key) = key {
-            set_header(&mut headers, KEY_HEADER, &key.to_hex());
-        }
         if cache == CacheStatus::Hit {
             let now = SystemTime::now();
             let oldest = entries.iter().map(|(_, e)| e.age(now)).max();
