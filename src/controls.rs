@@ -9,10 +9,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderName};
 
-/// Header that sets the time to live, in seconds, of the answer this request stores.
-pub const TTL_HEADER: &str = "llm-dedup-ttl";
-/// Header that selects a separate key space.
-pub const NAMESPACE_HEADER: &str = "llm-dedup-namespace";
+use crate::headers::{NAMESPACE_HEADER, TTL_HEADER};
 
 // Comparing with a `HeaderName` skips parsing the name on every request; a `static` (not a
 // `const`) is not built and dropped on every use.

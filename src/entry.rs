@@ -9,78 +9,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
-use serde_json::Value;
 
-use crate::engine::{CACHE_HEADER, KEY_HEADER};
+use crate::answer::CacheStatus;
+use crate::headers::{CACHE_HEADER, KEY_HEADER, REPLAYED_HEADERS};
 use crate::key::CacheKey;
 use crate::route::Route;
-
-/// Response headers kept with an entry and replayed on a hit. Everything else (rate-limit
-/// headers, dates, cookies, lengths, encodings) describes the original exchange, not the answer.
-pub const REPLAYED_HEADERS: &[&str] = &[
-    "content-type",
-    "openai-model",
-    "openai-version",
-    "openai-processing-ms",
-    "x-request-id",
-    "request-id",
-];
-
-/// Token usage reported by the upstream in the answer's `usage`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    /// Prompt (input) tokens.
-    pub prompt_tokens: Option<u64>,
-    /// Completion (output) tokens.
-    pub completion_tokens: Option<u64>,
-    /// Total tokens.
-    pub total_tokens: Option<u64>,
-}
-
-impl Usage {
-    /// Reads `usage` from an answer body in the OpenAI (`prompt_tokens`/`completion_tokens`),
-    /// Responses or Anthropic (`input_tokens`/`output_tokens`) shape.
-    pub fn from_body(body: &[u8]) -> Usage {
-        match serde_json::from_slice::<Value>(body) {
-            Ok(Value::Object(root)) => root.get("usage").map_or_else(Usage::default, Usage::read),
-            _ => Usage::default(),
-        }
-    }
-
-    /// Reads a `usage` object in any provider's shape: `prompt_tokens` / `completion_tokens`
-    /// (OpenAI) or `input_tokens` / `output_tokens` (Responses, Anthropic).
-    pub fn read(usage: &Value) -> Usage {
-        let field = |names: &[&str]| names.iter().find_map(|n| usage.get(*n)?.as_u64());
-        Usage {
-            prompt_tokens: field(&["prompt_tokens", "input_tokens"]),
-            completion_tokens: field(&["completion_tokens", "output_tokens"]),
-            total_tokens: field(&["total_tokens"]),
-        }
-        .with_total()
-    }
-
-    /// These counts updated by a later report (a stream reports usage in parts): what the
-    /// later one says wins, and the total is derived again unless it is reported.
-    pub fn updated_by(self, later: Usage) -> Usage {
-        Usage {
-            prompt_tokens: later.prompt_tokens.or(self.prompt_tokens),
-            completion_tokens: later.completion_tokens.or(self.completion_tokens),
-            total_tokens: later.total_tokens,
-        }
-        .with_total()
-    }
-
-    /// Derives a missing total from the parts that are known.
-    fn with_total(mut self) -> Usage {
-        if self.total_tokens.is_none() {
-            self.total_tokens = match (self.prompt_tokens, self.completion_tokens) {
-                (Some(p), Some(c)) => Some(p + c),
-                (p, c) => p.or(c),
-            };
-        }
-        self
-    }
-}
+use crate::usage::Usage;
 
 /// Milliseconds since the Unix epoch, the unit of every timestamp in an entry.
 pub fn unix_ms(t: SystemTime) -> i64 {
@@ -137,7 +71,7 @@ pub struct StoredAnswer {
 pub fn hit_headers(key: &CacheKey, headers: &HeaderMap) -> HeaderMap {
     let mut all = HeaderMap::with_capacity(headers.len() + 3);
     all.extend(headers.iter().map(|(k, v)| (k.clone(), v.clone())));
-    all.insert(CACHE_HEADER, HeaderValue::from_static("hit"));
+    all.insert(CACHE_HEADER, CacheStatus::Hit.header_value());
     if let Ok(hex) = HeaderValue::from_str(&key.to_hex()) {
         all.insert(KEY_HEADER, hex);
     }
@@ -229,24 +163,6 @@ impl StoredAnswer {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn usage_in_each_provider_shape() {
-        let openai = br#"{"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}"#;
-        assert_eq!(
-            Usage::from_body(openai),
-            Usage {
-                prompt_tokens: Some(3),
-                completion_tokens: Some(5),
-                total_tokens: Some(8)
-            }
-        );
-        let anthropic = br#"{"usage":{"input_tokens":10,"output_tokens":2}}"#;
-        assert_eq!(Usage::from_body(anthropic).total_tokens, Some(12));
-        let embeddings = br#"{"usage":{"prompt_tokens":4,"total_tokens":4}}"#;
-        assert_eq!(Usage::from_body(embeddings).completion_tokens, None);
-        assert_eq!(Usage::from_body(b"not json"), Usage::default());
-    }
 
     #[test]
     fn keeps_only_replayable_headers() {

@@ -63,18 +63,10 @@ impl Error {
         }
     }
 
-    pub(crate) fn queue_full(full: crate::governor::QueueFull) -> Error {
-        let wait = full.retry_after.min(std::time::Duration::from_secs(60));
-        Error {
-            retry_after: Some(wait),
-            ..Error::new(
-                ErrorKind::QueueFull,
-                format!(
-                    "llm-dedup's queue for the upstream's rate limit is full; retry in {} s",
-                    wait.as_secs().max(1)
-                ),
-            )
-        }
+    /// The same error, telling the caller to come back after `wait`.
+    pub(crate) fn with_retry_after(mut self, wait: std::time::Duration) -> Error {
+        self.retry_after = Some(wait);
+        self
     }
 
     /// How long to wait before sending the request again, when known.
@@ -168,12 +160,6 @@ impl StdError for Error {
         self.source
             .as_deref()
             .map(|s| s as &(dyn StdError + 'static))
-    }
-}
-
-impl From<crate::store::StoreError> for Error {
-    fn from(e: crate::store::StoreError) -> Error {
-        Error::with_source(ErrorKind::Cache, "cannot use the cache database", e)
     }
 }
 

@@ -52,17 +52,7 @@ use crate::route::Route;
 /// then simply stop matching, which is the safe failure.
 pub const KEY_VERSION: u32 = 1;
 
-/// Request headers whose values change the answer, so they are part of the key.
-pub const BEHAVIOUR_HEADERS: &[&str] = &["anthropic-version", "anthropic-beta", "openai-beta"];
-
-/// Request headers that identify the caller; they partition the cache (hashed, never stored).
-pub const CREDENTIAL_HEADERS: &[&str] = &[
-    "authorization",
-    "x-api-key",
-    "api-key",
-    "openai-organization",
-    "openai-project",
-];
+pub use crate::headers::{BEHAVIOUR_HEADERS, CREDENTIAL_HEADERS};
 
 /// Top-level request fields dropped from every cacheable route by default.
 pub const DEFAULT_IGNORED_FIELDS: &[&str] = &[
@@ -326,28 +316,17 @@ fn write_number(out: &mut Vec<u8>, n: &Number) {
     }
 }
 
-/// The credential partition of a request: a keyed hash of its credential headers, or nothing
-/// when the cache is shared.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub struct CredentialFingerprint(Option<[u8; 32]>);
+/// The credential partition of a request: a keyed blake3 hash of its credential headers under
+/// the database's salt. Rate budgets are kept per partition, and so is the cache unless it is
+/// shared. It cannot be turned back into the credential, nor tested against a guessed one
+/// without the salt.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Partition([u8; 32]);
 
-impl CredentialFingerprint {
-    /// The fingerprint used with a shared cache: every caller gets the same one.
-    pub const SHARED: CredentialFingerprint = CredentialFingerprint(None);
-
-    /// A fingerprint computed before, from its [`CredentialFingerprint::bytes`].
-    pub fn from_bytes(bytes: [u8; 32]) -> CredentialFingerprint {
-        CredentialFingerprint(Some(bytes))
-    }
-
-    /// The fingerprint's bytes (all zero for [`CredentialFingerprint::SHARED`]).
-    pub fn bytes(&self) -> [u8; 32] {
-        self.0.unwrap_or([0; 32])
-    }
-
-    /// Fingerprints the credential headers `(lowercase name, value)` under `salt`. Headers not
-    /// in [`CREDENTIAL_HEADERS`] are ignored; the order of `headers` does not matter.
-    pub fn new<'a, I>(salt: &[u8; 32], headers: I) -> CredentialFingerprint
+impl Partition {
+    /// The partition of the credential headers `(lowercase name, value)` under `salt`. Headers
+    /// not in [`CREDENTIAL_HEADERS`] are ignored; the order of `headers` does not matter.
+    pub fn new<'a, I>(salt: &[u8; 32], headers: I) -> Partition
     where
         I: IntoIterator<Item = (&'a str, &'a [u8])>,
     {
@@ -361,7 +340,49 @@ impl CredentialFingerprint {
             put(&mut preimage, name.as_bytes());
             put(&mut preimage, value);
         }
-        CredentialFingerprint(Some(*blake3::keyed_hash(salt, &preimage).as_bytes()))
+        Partition(*blake3::keyed_hash(salt, &preimage).as_bytes())
+    }
+
+    /// A partition from its raw bytes (as [`Partition::as_bytes`] gave them).
+    pub fn from_bytes(bytes: [u8; 32]) -> Partition {
+        Partition(bytes)
+    }
+
+    /// The raw bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Partition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // A prefix is enough to tell partitions apart in a log or a test failure.
+        let hex = blake3::Hash::from_bytes(self.0).to_hex();
+        write!(f, "Partition({}…)", &hex[..12])
+    }
+}
+
+/// What the key says about who asked: the credential partition, or nothing when the cache is
+/// shared.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct CredentialFingerprint(Option<Partition>);
+
+impl CredentialFingerprint {
+    /// The fingerprint used with a shared cache: every caller gets the same one.
+    pub const SHARED: CredentialFingerprint = CredentialFingerprint(None);
+
+    /// The fingerprint of a partition.
+    pub fn of(partition: Partition) -> CredentialFingerprint {
+        CredentialFingerprint(Some(partition))
+    }
+
+    /// Fingerprints the credential headers `(lowercase name, value)` under `salt` (see
+    /// [`Partition::new`]).
+    pub fn new<'a, I>(salt: &[u8; 32], headers: I) -> CredentialFingerprint
+    where
+        I: IntoIterator<Item = (&'a str, &'a [u8])>,
+    {
+        CredentialFingerprint::of(Partition::new(salt, headers))
     }
 }
 
@@ -397,7 +418,7 @@ impl KeyParts<'_> {
         put(p, self.method.as_bytes());
         put(p, self.path_and_query.as_bytes());
         match &self.credential.0 {
-            Some(fp) => put(p, fp),
+            Some(partition) => put(p, partition.as_bytes()),
             None => put(p, b""),
         }
         put(p, &(self.behaviour.len() as u64).to_le_bytes());

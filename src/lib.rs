@@ -65,32 +65,76 @@ assert!(answer.headers().contains_key("llm-dedup-cache"));
 //!
 //! See `ARCHITECTURE.md` for the map of the modules and the invariants they keep.
 
+// Leaves: they import nothing of the crate but each other (see ARCHITECTURE.md).
+mod answer;
+mod counts;
+pub mod error;
+pub mod headers;
+mod inflight;
+pub mod key;
+mod route;
+mod sse;
+mod usage;
+
+// The engine and what it is made of.
 mod controls;
 pub mod embeddings;
 mod engine;
 mod entry;
-pub mod error;
 mod governor;
-mod inflight;
-pub mod inspect;
-pub mod key;
 mod live;
 mod memory;
 mod metrics;
-#[cfg(feature = "middleware")]
-pub mod middleware;
-mod route;
-pub mod server;
-mod sse;
 mod store;
 mod upstream;
 
-pub use controls::{NAMESPACE_HEADER, TTL_HEADER};
+// The faces: the proxy, the inspector's queries, the reqwest middleware.
+pub mod inspect;
+#[cfg(feature = "middleware")]
+pub mod middleware;
+pub mod server;
+
+pub use answer::{Answer, AnswerBody, CacheStatus, Refusal};
+pub use counts::Counts;
 pub use embeddings::EmbedSettings;
-pub use engine::{Answer, AnswerBody, CACHE_HEADER, CacheStatus, Dedup, DedupBuilder, KEY_HEADER};
+pub use engine::{Dedup, DedupBuilder};
 pub use error::{Error, ErrorKind, Origin};
 pub use governor::GovernorSettings;
-pub use key::{CacheKey, KEY_VERSION, KeyPolicy};
+pub use headers::{CACHE_HEADER, KEY_HEADER, NAMESPACE_HEADER, TTL_HEADER};
+pub use key::{CacheKey, KEY_VERSION, KeyPolicy, Partition};
 pub use route::Route;
-pub use store::Counts;
 pub use upstream::Timeouts;
+pub use usage::Usage;
+
+#[cfg(test)]
+mod architecture {
+    /// The leaf modules and their sources. ARCHITECTURE.md's invariant: a leaf imports nothing
+    /// of the crate but other leaves, so the modules everything uses never reach up.
+    const LEAVES: &[(&str, &str)] = &[
+        ("answer", include_str!("answer.rs")),
+        ("counts", include_str!("counts.rs")),
+        ("error", include_str!("error.rs")),
+        ("headers", include_str!("headers.rs")),
+        ("inflight", include_str!("inflight.rs")),
+        ("key", include_str!("key.rs")),
+        ("route", include_str!("route.rs")),
+        ("sse", include_str!("sse.rs")),
+        ("usage", include_str!("usage.rs")),
+    ];
+
+    #[test]
+    fn leaves_import_nothing_but_leaves() {
+        for (leaf, source) in LEAVES {
+            for (at, _) in source.match_indices("crate::") {
+                let module = source[at + "crate::".len()..]
+                    .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .next()
+                    .unwrap_or_default();
+                assert!(
+                    LEAVES.iter().any(|(name, _)| *name == module),
+                    "the leaf `{leaf}` reaches up to `crate::{module}`"
+                );
+            }
+        }
+    }
+}

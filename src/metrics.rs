@@ -14,9 +14,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::engine::CacheStatus;
-use crate::entry::Usage;
+use crate::answer::CacheStatus;
 use crate::route::Route;
+use crate::usage::Usage;
 
 /// Routes, plus requests on none (`other`).
 const ROUTE_SLOTS: usize = 7;

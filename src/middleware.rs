@@ -39,7 +39,8 @@ use http::Extensions;
 use http_body_util::Full;
 use reqwest_middleware::{Middleware, Next, Result};
 
-use crate::engine::{AnswerBody, Dedup};
+use crate::answer::AnswerBody;
+use crate::engine::Dedup;
 
 /// Sends requests for the engine's upstream through the engine (cache, coalescing); passes
 /// everything else on.

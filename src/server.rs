@@ -18,7 +18,8 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
-use crate::engine::{AnswerBody, Dedup};
+use crate::answer::AnswerBody;
+use crate::engine::Dedup;
 use crate::error::{Error, ErrorKind};
 
 /// Numbers requests in the order they arrive, for the log.

@@ -10,8 +10,8 @@
 use bytes::{Bytes, BytesMut};
 use serde_json::Value;
 
-use crate::entry::Usage;
 use crate::route::Route;
+use crate::usage::Usage;
 
 /// Splits a byte stream into complete events, each with its terminating blank line.
 #[derive(Debug, Default)]

@@ -10,19 +10,7 @@ use http::Method;
 use http::header::{self, HeaderMap, HeaderName};
 
 use crate::error::{Error, ErrorKind};
-
-/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded in either direction.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "transfer-encoding",
-    "upgrade",
-    "trailer",
-    "proxy-authenticate",
-    "proxy-authorization",
-];
+use crate::headers::{HOP_BY_HOP, NAMESPACE_HEADER, TTL_HEADER};
 
 /// Timeouts of the upstream client.
 #[derive(Debug, Clone, Copy)]
@@ -200,8 +188,8 @@ pub fn request_headers(headers: &HeaderMap) -> HeaderMap {
             "host",
             "content-length",
             "accept-encoding",
-            crate::controls::TTL_HEADER,
-            crate::controls::NAMESPACE_HEADER,
+            TTL_HEADER,
+            NAMESPACE_HEADER,
         ],
     )
 }

@@ -7,17 +7,20 @@
 //! tier, so purged answers stop being served within a second. It formats nothing for humans;
 //! the command line does that.
 
-use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use rusqlite::{Connection, OptionalExtension, ToSql, params_from_iter};
 use serde::{Deserialize, Serialize};
 
+use crate::counts::{COUNTERS, Counts};
 use crate::entry::unix_ms;
-use crate::key::CacheKey;
-use crate::route::Route;
-use crate::store::{self, Counts, StoreError};
+use crate::store::{self, StoreError};
+
+mod transfer;
+
+use transfer::hex;
+pub use transfer::{IMPORT_CHUNK, ImportReport};
 
 /// Why an inspection failed.
 #[derive(Debug, thiserror::Error)]
@@ -176,29 +179,6 @@ pub struct Selection {
     pub expired: bool,
 }
 
-/// What an import did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct ImportReport {
-    /// Entries added.
-    pub imported: u64,
-    /// Entries skipped because their key was already present.
-    pub skipped: u64,
-    /// The export came from a database with another credential salt and this one already had
-    /// entries, so its salt was kept: imported entries stored per credential will not be found
-    /// (those stored with `--shared-cache` will).
-    pub salt_mismatch: bool,
-}
-
-/// The first line of an export: what it is, and the salt its keys were made with.
-#[derive(Debug, Serialize, Deserialize)]
-struct ExportHeader {
-    format: String,
-    version: u32,
-    salt: String,
-}
-
-const EXPORT_FORMAT: &str = "llm-dedup-export";
-
 /// An open cache database.
 pub struct Inspector {
     conn: Connection,
@@ -266,32 +246,25 @@ impl Inspector {
             })
             .optional()
         };
+        let sums: Vec<String> = Counts::COLUMNS
+            .iter()
+            .map(|c| format!("sum({c})"))
+            .collect();
+        let sums = sums.join(", ");
         let groups = |column: &str| -> Result<Vec<Group>, rusqlite::Error> {
             let sql = format!(
-                "SELECT {column}, sum(requests), sum(hits), sum(coalesced), sum(misses),
-                        sum(bypasses), sum(upstream_calls), sum(upstream_429s),
-                        sum(saved_prompt_tokens), sum(saved_completion_tokens), sum(partials),
-                        sum(inputs), sum(inputs_saved)
-                 FROM counters GROUP BY {column} ORDER BY sum(requests) DESC, {column}"
+                "SELECT {column}, {sums} FROM counters
+                 GROUP BY {column} ORDER BY sum(requests) DESC, {column}"
             );
             let mut stmt = c.prepare(&sql)?;
             let rows = stmt.query_map([], |r| {
+                let mut values = [0i64; COUNTERS];
+                for (i, v) in values.iter_mut().enumerate() {
+                    *v = r.get(i + 1)?;
+                }
                 Ok(Group {
                     name: r.get(0)?,
-                    counts: Counts {
-                        requests: r.get(1)?,
-                        hits: r.get(2)?,
-                        coalesced: r.get(3)?,
-                        misses: r.get(4)?,
-                        bypasses: r.get(5)?,
-                        upstream_calls: r.get(6)?,
-                        upstream_429s: r.get(7)?,
-                        saved_prompt_tokens: r.get(8)?,
-                        saved_completion_tokens: r.get(9)?,
-                        partials: r.get(10)?,
-                        inputs: r.get(11)?,
-                        inputs_saved: r.get(12)?,
-                    },
+                    counts: Counts::from_values(values),
                 })
             })?;
             rows.collect()
@@ -411,78 +384,6 @@ impl Inspector {
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
-    /// Writes every entry as one JSON line; calls `progress` after each. Returns the count.
-    pub fn export(
-        &self,
-        out: &mut dyn Write,
-        progress: &mut dyn FnMut(u64),
-    ) -> Result<u64, InspectError> {
-        let header = ExportHeader {
-            format: EXPORT_FORMAT.into(),
-            version: 1,
-            salt: hex(&store::load_or_create_salt(&self.conn)?),
-        };
-        serde_json::to_writer(&mut *out, &header).map_err(std::io::Error::from)?;
-        out.write_all(b"\n")?;
-        let mut stmt = self
-            .conn
-            .prepare("SELECT key FROM entries ORDER BY created_at")?;
-        let keys = stmt
-            .query_map([], |r| r.get::<_, String>(0))?
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut n = 0;
-        for key in keys {
-            // An entry purged meanwhile is simply not exported.
-            let entry = match self.show(&key) {
-                Ok(e) => e,
-                Err(InspectError::Sqlite(rusqlite::Error::QueryReturnedNoRows)) => continue,
-                Err(e) => return Err(e),
-            };
-            serde_json::to_writer(&mut *out, &entry).map_err(std::io::Error::from)?;
-            out.write_all(b"\n")?;
-            n += 1;
-            progress(n);
-        }
-        out.flush()?;
-        Ok(n)
-    }
-
-    /// Adds the entries of an export, skipping keys already present; calls `progress` after
-    /// each line. Commits every [`IMPORT_CHUNK`] entries, so a serving proxy is never blocked
-    /// for long. A malformed line stops the import with its line number; entries imported
-    /// before it are kept.
-    pub fn import(
-        &mut self,
-        input: &mut dyn BufRead,
-        progress: &mut dyn FnMut(u64),
-    ) -> Result<ImportReport, InspectError> {
-        let mut report = ImportReport::default();
-        let was_empty = self.entry_count()? == 0;
-        let mut lines = input.lines().enumerate();
-        let mut finished = false;
-        while !finished {
-            let tx = self.conn.transaction()?;
-            let mut outcome = Ok(());
-            for _ in 0..IMPORT_CHUNK {
-                let Some((i, line)) = lines.next() else {
-                    finished = true;
-                    break;
-                };
-                outcome = line
-                    .map_err(InspectError::from)
-                    .and_then(|line| import_line(&tx, i + 1, &line, was_empty, &mut report));
-                if outcome.is_err() {
-                    finished = true;
-                    break;
-                }
-                progress(report.imported + report.skipped);
-            }
-            tx.commit()?;
-            outcome?;
-        }
-        Ok(report)
-    }
-
     /// The full key for `prefix`.
     fn resolve(&self, prefix: &str) -> Result<String, InspectError> {
         let prefix = prefix.trim().to_ascii_lowercase();
@@ -535,124 +436,10 @@ impl Inspector {
     }
 }
 
-/// Entries an import commits at a time.
-pub const IMPORT_CHUNK: usize = 500;
-
-/// Imports one line of an export: the header (first line) or an entry.
-fn import_line(
-    tx: &rusqlite::Transaction<'_>,
-    number: usize,
-    line: &str,
-    was_empty: bool,
-    report: &mut ImportReport,
-) -> Result<(), InspectError> {
-    let bad = |message: String| InspectError::BadLine {
-        line: number,
-        message,
-    };
-    if line.trim().is_empty() {
-        return Ok(());
-    }
-    if number == 1 {
-        if let Ok(header) = serde_json::from_str::<ExportHeader>(line) {
-            let salt = unhex(&header.salt).filter(|s| s.len() == 32);
-            let Some(salt) = salt.filter(|_| header.format == EXPORT_FORMAT) else {
-                return Err(bad("not an llm-dedup export header".into()));
-            };
-            if was_empty {
-                // A new database adopts the salt its entries' keys were made with.
-                tx.execute(
-                    "INSERT OR REPLACE INTO meta (name, value) VALUES ('salt', ?1)",
-                    [&salt],
-                )?;
-            } else {
-                report.salt_mismatch = store::load_or_create_salt(tx)?[..] != salt[..];
-            }
-            return Ok(());
-        }
-    }
-    let entry = parse_exported(line).map_err(bad)?;
-    let body = match (&entry.body, &entry.body_hex) {
-        (Some(text), _) => text.clone().into_bytes(),
-        (None, Some(h)) => unhex(h).ok_or_else(|| bad("body_hex is not hex".into()))?,
-        (None, None) => return Err(bad("no body".into())),
-    };
-    let s = &entry.summary;
-    let headers = serde_json::to_string(&entry.headers).unwrap_or_else(|_| "[]".into());
-    let tokens = |n: Option<u64>| n.and_then(|n| i64::try_from(n).ok());
-    let args: [&dyn ToSql; 15] = [
-        &s.key,
-        &s.namespace,
-        &s.route,
-        &s.model,
-        &entry.status,
-        &headers,
-        &body,
-        &s.created_at,
-        &s.expires_at,
-        &s.last_hit_at,
-        &i64::try_from(s.hit_count).unwrap_or(i64::MAX),
-        &tokens(entry.prompt_tokens),
-        &tokens(entry.completion_tokens),
-        &tokens(entry.total_tokens),
-        &i64::try_from(s.size).unwrap_or(i64::MAX),
-    ];
-    let inserted = tx
-        .prepare_cached(
-            "INSERT OR IGNORE INTO entries (key, namespace, route, model, status, headers, body,
-                created_at, expires_at, last_hit_at, hit_count, prompt_tokens,
-                completion_tokens, total_tokens, size)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
-        )?
-        .execute(&args[..])?;
-    if inserted == 1 {
-        report.imported += 1;
-    } else {
-        report.skipped += 1;
-    }
-    Ok(())
-}
-
-fn parse_exported(line: &str) -> Result<ExportedEntry, String> {
-    let entry: ExportedEntry = serde_json::from_str(line).map_err(|e| e.to_string())?;
-    if CacheKey::from_hex(&entry.summary.key).is_none() || entry.summary.key.len() != 64 {
-        return Err(format!("{:?} is not a cache key", entry.summary.key));
-    }
-    if Route::from_name(&entry.summary.route).is_none() {
-        return Err(format!("unknown route {:?}", entry.summary.route));
-    }
-    if !(200..300).contains(&entry.status) {
-        return Err(format!("status {} is not a stored answer", entry.status));
-    }
-    Ok(entry)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use rusqlite::params;
-
-    #[test]
-    fn hex_round_trips() {
-        let bytes = [0u8, 1, 0xab, 0xff];
-        assert_eq!(unhex(&hex(&bytes)).as_deref(), Some(&bytes[..]));
-        assert_eq!(unhex("abc"), None);
-        assert_eq!(unhex("zz"), None);
-    }
 
     /// Another process (here a thread with its own connection) removes entries and counts
     /// them, one transaction each, while `stats` runs: every report must add up.

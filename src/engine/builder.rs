@@ -1,0 +1,185 @@
+//! Building an engine: every setting with its default, and what `build` opens.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::task::TaskTracker;
+
+use super::{Dedup, Engine, KnownKeys, embed};
+use crate::embeddings::EmbedSettings;
+use crate::error::Error;
+use crate::governor::{Governor, GovernorSettings};
+use crate::inflight::InFlight;
+use crate::key::KeyPolicy;
+use crate::memory::MemoryTier;
+use crate::metrics::Metrics;
+use crate::store::{DiskStore, StoreLimits};
+use crate::upstream::{Timeouts, Upstream};
+
+/// Builds a [`Dedup`] engine.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct DedupBuilder {
+    upstream: String,
+    database: Option<PathBuf>,
+    memory_bytes: u64,
+    ttl: Duration,
+    max_body: usize,
+    max_stream_bytes: usize,
+    shared_cache: bool,
+    key_policy: KeyPolicy,
+    timeouts: Timeouts,
+    store_limits: StoreLimits,
+    governor: GovernorSettings,
+    embeddings: EmbedSettings,
+}
+
+impl Default for DedupBuilder {
+    fn default() -> Self {
+        DedupBuilder {
+            upstream: "https://api.openai.com".into(),
+            database: None,
+            memory_bytes: 256 * 1024 * 1024,
+            ttl: Duration::from_secs(30 * 24 * 3600),
+            max_body: 64 * 1024 * 1024,
+            max_stream_bytes: 32 * 1024 * 1024,
+            shared_cache: false,
+            key_policy: KeyPolicy::default(),
+            timeouts: Timeouts::default(),
+            store_limits: StoreLimits::default(),
+            governor: GovernorSettings::default(),
+            embeddings: EmbedSettings::default(),
+        }
+    }
+}
+
+impl DedupBuilder {
+    /// The upstream base URL. By default, `https://api.openai.com`.
+    pub fn upstream(mut self, url: impl Into<String>) -> Self {
+        self.upstream = url.into();
+        self
+    }
+
+    /// Keep answers in the SQLite database at `path` as well as in memory. By default, there
+    /// is no database: answers live in memory only and are gone when the engine is.
+    pub fn database(mut self, path: impl Into<PathBuf>) -> Self {
+        self.database = Some(path.into());
+        self
+    }
+
+    /// Bound of the memory tier in bytes. By default, 256 MiB.
+    pub fn memory_bytes(mut self, bytes: u64) -> Self {
+        self.memory_bytes = bytes;
+        self
+    }
+
+    /// How long a stored answer is served, unless a request sets `llm-dedup-ttl`. By default,
+    /// 30 days.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// Largest request body accepted, in bytes. By default, 64 MiB.
+    pub fn max_body(mut self, bytes: usize) -> Self {
+        self.max_body = bytes;
+        self
+    }
+
+    /// Largest streamed answer stored, in bytes; a longer stream is passed on live but not
+    /// stored. By default, 32 MiB.
+    pub fn max_stream_bytes(mut self, bytes: usize) -> Self {
+        self.max_stream_bytes = bytes;
+        self
+    }
+
+    /// Share one cache between all credentials. By default, this is disabled: each
+    /// credential (API key, organization, project) has its own entries.
+    pub fn shared_cache(mut self, shared: bool) -> Self {
+        self.shared_cache = shared;
+        self
+    }
+
+    /// Which request fields are left out of the key. By default, [`KeyPolicy::default`].
+    pub fn key_policy(mut self, policy: KeyPolicy) -> Self {
+        self.key_policy = policy;
+        self
+    }
+
+    /// Largest total size of answers kept in the database; past it, the least recently used
+    /// entries are removed at the next sweep. By default, there is no bound.
+    pub fn max_disk(mut self, bytes: Option<u64>) -> Self {
+        self.store_limits.max_disk = bytes;
+        self
+    }
+
+    /// How often expired entries are removed from the database and the size bound enforced.
+    /// By default, every 60 seconds.
+    pub fn sweep_interval(mut self, every: Duration) -> Self {
+        self.store_limits.sweep_interval = every;
+        self
+    }
+
+    /// Pacing under the provider's limits and retries of its refusals. By default,
+    /// [`GovernorSettings::default`]: budgets learned from the upstream's headers.
+    pub fn governor(mut self, settings: GovernorSettings) -> Self {
+        self.governor = settings;
+        self
+    }
+
+    /// How embedding requests are merged into upstream calls. By default,
+    /// [`EmbedSettings::default`]: a 5 ms window, at most 2048 inputs and 300,000 tokens a call.
+    pub fn embeddings(mut self, settings: EmbedSettings) -> Self {
+        self.embeddings = settings;
+        self
+    }
+
+    /// Upstream connect and read timeouts. By default, [`Timeouts::default`].
+    pub fn timeouts(mut self, timeouts: Timeouts) -> Self {
+        self.timeouts = timeouts;
+        self
+    }
+
+    /// Opens the database (if any) and builds the engine.
+    pub fn build(self) -> Result<Dedup, Error> {
+        let upstream = Upstream::new(&self.upstream, self.timeouts)?;
+        let disk = self
+            .database
+            .as_deref()
+            .map(|path| DiskStore::open(path, self.store_limits))
+            .transpose()?;
+        let salt = match &disk {
+            Some(d) => *d.salt(),
+            // Without a database, entries die with the engine, and so may the salt.
+            None => rand::random(),
+        };
+        let memory = MemoryTier::new(self.memory_bytes);
+        if let Some(disk) = &disk {
+            // Another process purged entries: drop the memory tier so they stop being served
+            // (what is still on disk comes back on the next read).
+            let memory = memory.clone();
+            disk.on_external_purge(move || memory.clear());
+        }
+        Ok(Dedup {
+            engine: Arc::new(Engine {
+                upstream,
+                memory,
+                disk,
+                flights: InFlight::default(),
+                salt,
+                shared_cache: self.shared_cache,
+                ttl: self.ttl,
+                max_body: self.max_body,
+                max_stream_bytes: self.max_stream_bytes,
+                key_policy: self.key_policy,
+                known_keys: KnownKeys::new(),
+                metrics: Metrics::new(),
+                governor: Governor::new(self.governor),
+                inputs: InFlight::default(),
+                batcher: embed::Batcher::new(self.embeddings),
+                tasks: TaskTracker::new(),
+            }),
+        })
+    }
+}

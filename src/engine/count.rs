@@ -1,0 +1,86 @@
+//! Counting: what each request and each upstream call adds to the metrics and to the
+//! database's counters. Counting never slows a request: metrics are atomic adds, counters are
+//! tallied in memory and committed with the writer's next batch.
+
+use http::StatusCode;
+
+use super::Engine;
+use crate::answer::CacheStatus;
+use crate::counts::Counts;
+use crate::route::Route;
+use crate::usage::Usage;
+
+impl Engine {
+    /// Counts one answered request, in the metrics and in the database's counters.
+    pub(super) fn record(
+        &self,
+        route: Option<Route>,
+        model: Option<&str>,
+        cache: CacheStatus,
+        saved: Usage,
+    ) {
+        self.metrics.outcome(route, cache, saved);
+        self.persist_counts(route_name(route), model, &answered(cache, saved));
+    }
+
+    /// Counts one upstream call and its status (`None`: no answer).
+    pub(super) fn upstream_called(
+        &self,
+        route: Option<Route>,
+        model: Option<&str>,
+        status: Option<StatusCode>,
+    ) {
+        let route = route_name(route);
+        self.metrics.upstream_call(route, status);
+        let counts = Counts {
+            upstream_calls: 1,
+            ..Counts::default()
+        };
+        self.persist_counts(route, model, &counts);
+    }
+
+    /// Counts a refusal that will be waited out and retried.
+    pub(super) fn refusal_absorbed(
+        &self,
+        route: Option<Route>,
+        model: Option<&str>,
+        was_429: bool,
+    ) {
+        self.metrics.retried(was_429);
+        let counts = Counts {
+            upstream_429s: i64::from(was_429),
+            ..Counts::default()
+        };
+        self.persist_counts(route_name(route), model, &counts);
+    }
+
+    /// Adds `counts` to the database's counters for `route` and `model`, if there is a
+    /// database.
+    pub(super) fn persist_counts(&self, route: &str, model: Option<&str>, counts: &Counts) {
+        if let Some(disk) = &self.disk {
+            disk.record_counts(route, model.unwrap_or(""), counts);
+        }
+    }
+}
+
+/// The counters of one answered request.
+pub(super) fn answered(cache: CacheStatus, saved: Usage) -> Counts {
+    let one = |status: CacheStatus| i64::from(cache == status);
+    let tokens = |n: Option<u64>| n.and_then(|n| i64::try_from(n).ok()).unwrap_or(0);
+    Counts {
+        requests: 1,
+        hits: one(CacheStatus::Hit),
+        coalesced: one(CacheStatus::Coalesced),
+        partials: one(CacheStatus::Partial),
+        misses: one(CacheStatus::Miss),
+        bypasses: one(CacheStatus::Bypass),
+        saved_prompt_tokens: tokens(saved.prompt_tokens),
+        saved_completion_tokens: tokens(saved.completion_tokens),
+        ..Counts::default()
+    }
+}
+
+/// The name counters and metrics use for a route; `other` for requests on no cacheable route.
+pub(super) fn route_name(route: Option<Route>) -> &'static str {
+    route.map_or("other", Route::as_str)
+}

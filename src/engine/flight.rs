@@ -1,0 +1,195 @@
+//! Phase 4, flight: a request that memory could not answer joins an identical request in
+//! flight, or leads a flight whose task looks at the disk and then calls the upstream.
+//!
+//! The leader's work runs in a task of its own (tracked for `close`), so the request that
+//! started it can hang up without cancelling what others wait on; every request, the
+//! leader's included, only waits on the flight's outcome.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::HeaderMap;
+
+use super::Engine;
+use super::classify::Outbound;
+use super::govern::Upstreamed;
+use super::lookup::young_enough;
+use crate::answer::{Answer, CacheStatus, Refusal};
+use crate::controls::CacheControls;
+use crate::entry::{EntryMeta, StoredAnswer};
+use crate::error::{Error, ErrorKind};
+use crate::inflight::{Flight, InFlight, Role};
+use crate::key::CacheKey;
+use crate::live::LiveStream;
+use crate::upstream;
+
+/// What a flight resolved to; every waiter gets a clone.
+#[derive(Clone)]
+pub(super) enum FlightOutcome {
+    /// A 2xx answer, stored; `fresh_headers` are the upstream's own when it came from upstream.
+    Stored {
+        entry: Arc<StoredAnswer>,
+        fresh_headers: Option<Arc<HeaderMap>>,
+    },
+    /// A complete non-2xx answer, passed on and never stored.
+    Refused(Arc<Refusal>),
+    /// A 2xx streamed answer, shared live while it arrives (stored once complete).
+    Live(Arc<LiveStream>),
+    /// No answer at all.
+    Failed(Error),
+}
+
+/// The leader's side of a flight.
+pub(super) type LeadFlight = Flight<CacheKey, FlightOutcome>;
+
+impl Engine {
+    /// The path of a request that memory could not answer: disk, flight, upstream.
+    pub(super) async fn beyond_memory(
+        self: &Arc<Self>,
+        out: Outbound,
+        meta: EntryMeta,
+        controls: &CacheControls,
+    ) -> Result<Answer, Error> {
+        let key = meta.key;
+        if controls.only_if_cached {
+            if !controls.no_cache {
+                if let Some(entry) = self.lookup_disk(&key, controls.max_age).await {
+                    return Ok(self.hit(&entry, SystemTime::now()));
+                }
+            }
+            return Err(Error::new(
+                ErrorKind::NotCached,
+                format!("no cached answer for key {key} (only-if-cached)"),
+            ));
+        }
+        if controls.no_cache {
+            // A refresh: its own upstream call, whose answer replaces the stored one.
+            return self.refresh(out, meta).await;
+        }
+        // A leader that vanished without an outcome frees the key; a new leader is elected.
+        for _ in 0..3 {
+            let (waiter, role) = match self.flights.join(&key) {
+                Role::Leader(flight) => {
+                    let waiter = flight.waiter();
+                    let engine = self.clone();
+                    let (out, meta, max_age) = (out.clone(), meta.clone(), controls.max_age);
+                    self.tasks.spawn(async move {
+                        let outcome = engine.resolve(&out, &meta, max_age, &flight).await;
+                        flight.complete(outcome);
+                    });
+                    (waiter, CacheStatus::Miss)
+                }
+                Role::Follower(waiter) => (waiter, CacheStatus::Coalesced),
+            };
+            let Ok(outcome) = waiter.wait().await else {
+                continue;
+            };
+            if let FlightOutcome::Stored {
+                entry,
+                fresh_headers: None,
+            } = &outcome
+            {
+                // The flight found the answer in the cache; a follower with a stricter
+                // max-age than the leader's may need a fresher one.
+                if !young_enough(entry, controls.max_age) {
+                    return self.refresh(out, meta).await;
+                }
+            }
+            return self.render(outcome, role, &meta);
+        }
+        Err(Error::new(
+            ErrorKind::Abandoned,
+            "the upstream call for this request was abandoned repeatedly",
+        ))
+    }
+
+    /// Fetches a fresh answer outside the in-flight table and stores it.
+    async fn refresh(self: &Arc<Self>, out: Outbound, meta: EntryMeta) -> Result<Answer, Error> {
+        // A flight of its own, outside the shared table: nobody joins a refresh.
+        let flight = InFlight::detached(meta.key);
+        let waiter = flight.waiter();
+        let engine = self.clone();
+        let task_meta = meta.clone();
+        self.tasks.spawn(async move {
+            let outcome = engine.fetch(&out, &task_meta, &flight).await;
+            flight.complete(outcome);
+        });
+        let outcome = waiter.wait().await.map_err(|_| {
+            Error::new(
+                ErrorKind::Abandoned,
+                "the upstream call for this refresh was abandoned",
+            )
+        })?;
+        self.render(outcome, CacheStatus::Miss, &meta)
+    }
+
+    /// Resolves a flight: the cache again (closing the race with a flight that just ended),
+    /// then the upstream.
+    async fn resolve(
+        &self,
+        out: &Outbound,
+        meta: &EntryMeta,
+        max_age: Option<Duration>,
+        flight: &LeadFlight,
+    ) -> FlightOutcome {
+        let cached = match self.lookup_memory(&meta.key, max_age).await {
+            Some(entry) => Some(entry),
+            None => self.lookup_disk(&meta.key, max_age).await,
+        };
+        match cached {
+            Some(entry) => FlightOutcome::Stored {
+                entry,
+                fresh_headers: None,
+            },
+            None => self.fetch(out, meta, flight).await,
+        }
+    }
+
+    /// Calls the upstream and stores a complete 2xx answer. A streamed answer is published
+    /// on `flight` as soon as it starts, and the flight stays open until it ends, so that
+    /// identical requests arriving meanwhile join it live.
+    async fn fetch(&self, out: &Outbound, meta: &EntryMeta, flight: &LeadFlight) -> FlightOutcome {
+        let response = match self.send_governed(out, meta).await {
+            Ok(Upstreamed::Success(r)) => r,
+            Ok(Upstreamed::Refused(refusal)) => {
+                tracing::debug!(key = %meta.key, status = refusal.status.as_u16(), "upstream answer not stored");
+                return FlightOutcome::Refused(Arc::new(refusal));
+            }
+            Err(e) => return FlightOutcome::Failed(e),
+        };
+        let status = response.status();
+        let headers = upstream::response_headers(response.headers());
+        if status.is_success() && is_event_stream(&headers) {
+            let live = LiveStream::new(status, headers);
+            flight.publish(FlightOutcome::Live(live.clone()));
+            self.pump(response, &live, meta, out).await;
+            return FlightOutcome::Live(live);
+        }
+        let body = match response.bytes().await {
+            Ok(b) => b,
+            Err(e) => return FlightOutcome::Failed(self.upstream.error(e)),
+        };
+        if !status.is_success() {
+            return FlightOutcome::Refused(Arc::new(Refusal {
+                status,
+                headers,
+                body,
+            }));
+        }
+        let entry = Arc::new(StoredAnswer::from_upstream(meta, status, &headers, body));
+        self.governor
+            .settle(&out.partition, out.estimate, entry.usage.total_tokens);
+        self.store(entry.clone()).await;
+        FlightOutcome::Stored {
+            entry,
+            fresh_headers: Some(Arc::new(headers)),
+        }
+    }
+}
+
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"))
+}

@@ -1,0 +1,153 @@
+//! Phase 5, govern: the leader's upstream call, through the governor. It waits in line for
+//! budget, teaches the governor what the answer's headers say, and waits out the refusals
+//! worth waiting out, pausing the whole budget, until the retry budget is spent.
+
+use std::time::Duration;
+
+use http::HeaderValue;
+use tokio::time::Instant;
+
+use super::Engine;
+use super::classify::Outbound;
+use super::count::route_name;
+use crate::answer::Refusal;
+use crate::entry::EntryMeta;
+use crate::error::Error;
+use crate::governor::{self, Disposition};
+use crate::headers::SHOULD_RETRY;
+use crate::upstream;
+
+/// What came back from the upstream through the governor.
+pub(super) enum Upstreamed {
+    /// A 2xx (or 3xx) answer, body not yet read (it may be a stream).
+    Success(reqwest::Response),
+    /// Any other answer, read whole. When waiting cannot fix it, its headers carry
+    /// `x-should-retry: false`: the official SDKs would retry some of these.
+    Refused(Refusal),
+}
+
+/// Why one attempt did not end the call: the refusal to wait out, or no answer at all.
+enum Failed {
+    Refused(Refusal),
+    Unreachable(Error),
+}
+
+impl Engine {
+    /// Sends a request through the governor: waits in line for budget, learns the budget from
+    /// the answer, and waits out refusals worth waiting out (pausing the whole budget) until
+    /// the retry budget is spent; then the last answer is handed on as it came.
+    pub(super) async fn send_governed(
+        &self,
+        out: &Outbound,
+        meta: &EntryMeta,
+    ) -> Result<Upstreamed, Error> {
+        let settings = *self.governor.settings();
+        let (route, model) = (Some(meta.route), meta.model.as_deref());
+        let mut waited = Duration::ZERO;
+        let mut attempt = 0u32;
+        loop {
+            let (wait, last) = match self.attempt(out, meta).await? {
+                Attempt::Done(upstreamed) => return Ok(upstreamed),
+                Attempt::Failed(Failed::Refused(refusal)) => {
+                    let wait = governor::retry_after(&refusal.headers)
+                        .unwrap_or_else(|| governor::backoff(attempt));
+                    (wait, Failed::Refused(refusal))
+                }
+                Attempt::Failed(unreachable) => (governor::backoff(attempt), unreachable),
+            };
+            // One log line per refusal, saying what is done about it.
+            let status = match &last {
+                Failed::Refused(refusal) => Some(refusal.status.as_u16()),
+                Failed::Unreachable(_) => None,
+            };
+            if waited + wait > settings.retry_budget {
+                tracing::info!(
+                    route = route_name(route),
+                    status,
+                    waited = ?waited,
+                    "upstream refused the request; retry budget spent, passed on"
+                );
+                return match last {
+                    Failed::Refused(refusal) => Ok(Upstreamed::Refused(refusal)),
+                    Failed::Unreachable(e) => Err(e),
+                };
+            }
+            tracing::info!(
+                route = route_name(route),
+                status,
+                wait = ?wait,
+                "upstream refused the request; pausing the budget and retrying"
+            );
+            self.refusal_absorbed(route, model, status == Some(429));
+            self.governor.pause(&out.partition, wait);
+            waited += wait;
+            attempt += 1;
+        }
+    }
+
+    /// One call: waits in line for budget, sends, and tells what came back.
+    async fn attempt(&self, out: &Outbound, meta: &EntryMeta) -> Result<Attempt, Error> {
+        let (route, model) = (Some(meta.route), meta.model.as_deref());
+        let queued = Instant::now();
+        let deadline = queued + self.governor.settings().max_queue_wait;
+        let permit = self
+            .governor
+            .acquire(&out.partition, out.estimate, deadline)
+            .await?;
+        self.metrics.queue_wait(queued.elapsed());
+        let sent = self
+            .upstream
+            .send(
+                &out.method,
+                &out.path_and_query,
+                &out.headers,
+                out.body.clone().into(),
+            )
+            .await;
+        if let Ok(response) = &sent {
+            self.governor.observe(&out.partition, response.headers());
+        }
+        // After observing: a probe holds the line until the budget is known.
+        drop(permit);
+        self.upstream_called(route, model, sent.as_ref().ok().map(|r| r.status()));
+        let response = match sent {
+            Ok(response) => response,
+            Err(e) => return Ok(Attempt::Failed(Failed::Unreachable(e))),
+        };
+        let status = response.status();
+        if status.is_success() || status.is_redirection() {
+            return Ok(Attempt::Done(Upstreamed::Success(response)));
+        }
+        let headers = upstream::response_headers(response.headers());
+        let body = response.bytes().await.map_err(|e| self.upstream.error(e))?;
+        let mut refusal = Refusal {
+            status,
+            headers,
+            body,
+        };
+        Ok(match governor::classify(status, &refusal.body) {
+            Disposition::Final(why) => {
+                tracing::info!(
+                    route = route_name(route),
+                    status = status.as_u16(),
+                    why,
+                    "upstream refused the request; passed on, not retried"
+                );
+                refusal
+                    .headers
+                    .insert(SHOULD_RETRY, HeaderValue::from_static("false"));
+                Attempt::Done(Upstreamed::Refused(refusal))
+            }
+            Disposition::Deliver => Attempt::Done(Upstreamed::Refused(refusal)),
+            Disposition::Retry => Attempt::Failed(Failed::Refused(refusal)),
+        })
+    }
+}
+
+/// How one call ended.
+enum Attempt {
+    /// With an answer to hand on.
+    Done(Upstreamed),
+    /// With a refusal worth waiting out, or no answer.
+    Failed(Failed),
+}

@@ -1,0 +1,159 @@
+//! Phase 2, keying: the name of a request's stored answer, and the partition whose budget it
+//! draws on.
+//!
+//! The engine remembers the key of each exact request it has parsed ([`KnownKeys`]): a
+//! byte-identical repeat, the common case (SDK retries, re-run jobs), skips JSON parsing and
+//! canonicalization. That memo caches a pure function, so it never needs invalidating: a
+//! request it does not recognise just takes the full path.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderMap;
+use serde_json::Value;
+
+use super::Engine;
+use super::classify::Outbound;
+use crate::controls::CacheControls;
+use crate::entry::EntryMeta;
+use crate::governor;
+use crate::headers::{BEHAVIOUR_HEADERS, CREDENTIAL_HEADERS};
+use crate::key::{CacheKey, CanonicalBody, CredentialFingerprint, KeyParts, Partition};
+use crate::memory::ExactRequest;
+use crate::route::{self, Route};
+
+/// What the engine knows about a cacheable request once it is keyed.
+pub(super) struct Keyed {
+    pub key: CacheKey,
+    /// The model the request names.
+    pub model: Option<String>,
+    /// Tokens the provider will charge up front, roughly.
+    pub estimate: u32,
+    /// The credential partition (the exact bytes cover the credential headers).
+    pub partition: Partition,
+}
+
+impl Keyed {
+    /// What will be stored with the answer to this request on `route`.
+    pub(super) fn meta(&self, route: Route, controls: &CacheControls, ttl: Duration) -> EntryMeta {
+        EntryMeta {
+            key: self.key,
+            namespace: controls.namespace.clone(),
+            route,
+            model: self.model.clone(),
+            ttl: controls.ttl.unwrap_or(ttl),
+        }
+    }
+}
+
+/// Most exact requests remembered (about 100 bytes each).
+const KNOWN_KEYS: u64 = 65_536;
+
+/// The keys of requests seen before, by a digest of their exact bytes.
+pub(super) struct KnownKeys(moka::sync::Cache<[u8; 32], Arc<Keyed>>);
+
+impl KnownKeys {
+    pub(super) fn new() -> KnownKeys {
+        KnownKeys(moka::sync::Cache::new(KNOWN_KEYS))
+    }
+
+    /// What was remembered of `exact`, if it was keyed before.
+    pub(super) fn get(&self, exact: &ExactRequest) -> Option<Arc<Keyed>> {
+        self.0.get(exact.digest())
+    }
+
+    fn remember(&self, exact: &ExactRequest, keyed: Arc<Keyed>) {
+        self.0.insert(*exact.digest(), keyed);
+    }
+}
+
+impl Engine {
+    /// Everything that goes into a request's cache key, as received (headers in the order
+    /// sent, body unparsed), each part prefixed by its length. Equal bytes mean equal keys;
+    /// the converse does not hold, and need not: a request not recognised takes the full path.
+    pub(super) fn exact_request(&self, out: &Outbound, namespace: &str) -> ExactRequest {
+        let mut preimage = Vec::with_capacity(out.body.len() + 256);
+        let mut part = |bytes: &[u8]| {
+            preimage.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+            preimage.extend_from_slice(bytes);
+        };
+        part(b"llm-dedup exact request");
+        part(namespace.as_bytes());
+        part(out.method.as_str().as_bytes());
+        part(out.path_and_query.as_bytes());
+        for (name, value) in &out.headers {
+            let name = name.as_str();
+            if CREDENTIAL_HEADERS.contains(&name) || BEHAVIOUR_HEADERS.contains(&name) {
+                part(name.as_bytes());
+                part(value.as_bytes());
+            }
+        }
+        part(&out.body);
+        ExactRequest::new(preimage)
+    }
+
+    /// The rate-limit budget a request draws on: its credential headers, salted and hashed
+    /// (providers count limits per key, organization and project, whether or not the cache is
+    /// shared).
+    pub(super) fn partition(&self, headers: &HeaderMap) -> Partition {
+        let credentials = headers
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_bytes()));
+        Partition::new(&self.salt, credentials)
+    }
+
+    /// Keys a request whose parsed `body` is new, and remembers the key for its exact bytes.
+    pub(super) fn remember_key(
+        &self,
+        route: Route,
+        out: &Outbound,
+        body: &Value,
+        namespace: &str,
+        exact: &ExactRequest,
+    ) -> Arc<Keyed> {
+        let keyed = Arc::new(Keyed {
+            key: self.key(route, out, body, namespace, out.body.len()),
+            model: route::model_of(&out.path_and_query, body),
+            estimate: governor::estimate_tokens(out.body.len(), body),
+            partition: out.partition,
+        });
+        self.known_keys.remember(exact, keyed.clone());
+        keyed
+    }
+
+    /// The cache key of a request with this route, body and namespace; `size_hint` is about
+    /// the size of `body` as JSON. `out.partition` must be known.
+    pub(super) fn key(
+        &self,
+        route: Route,
+        out: &Outbound,
+        body: &Value,
+        namespace: &str,
+        size_hint: usize,
+    ) -> CacheKey {
+        let mut behaviour: Vec<(&str, &[u8])> = out
+            .headers
+            .iter()
+            .filter(|(name, _)| BEHAVIOUR_HEADERS.contains(&name.as_str()))
+            .map(|(name, value)| (name.as_str(), value.as_bytes()))
+            .collect();
+        // A stable order whatever order the client sent them in (values of one name keep theirs).
+        behaviour.sort_by_key(|(name, _)| *name);
+        let credential = if self.shared_cache {
+            CredentialFingerprint::SHARED
+        } else {
+            CredentialFingerprint::of(out.partition)
+        };
+        let canonical = CanonicalBody::with_capacity(route, body, &self.key_policy, size_hint);
+        KeyParts {
+            namespace,
+            upstream: self.upstream.base(),
+            method: out.method.as_str(),
+            path_and_query: &out.path_and_query,
+            credential,
+            behaviour: &behaviour,
+            body: &canonical,
+        }
+        .key()
+    }
+}

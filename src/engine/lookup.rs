@@ -1,0 +1,139 @@
+//! Phase 3, lookup: the memory tier (or this thread's shortcut into it), then the disk tier;
+//! and the store on the way back, memory at once and disk through the writer's queue.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use super::Engine;
+use crate::answer::Answer;
+use crate::controls::CacheControls;
+use crate::entry::StoredAnswer;
+use crate::key::CacheKey;
+use crate::memory::ExactRequest;
+
+/// Whether `entry` is young enough for a request's `max-age`.
+pub(super) fn young_enough(entry: &StoredAnswer, max_age: Option<Duration>) -> bool {
+    max_age.is_none_or(|max| entry.age(SystemTime::now()) <= max)
+}
+
+impl Engine {
+    /// A hit through this thread's shortcut for `exact`, if it has one and the request may
+    /// read the cache: no key computed, no lookup.
+    pub(super) fn recall(&self, exact: &ExactRequest, controls: &CacheControls) -> Option<Answer> {
+        if controls.no_cache {
+            return None;
+        }
+        let now = SystemTime::now();
+        let entry = self.memory.recall(exact, now)?;
+        young_enough(&entry, controls.max_age).then(|| self.hit(&entry, now))
+    }
+
+    /// A hit from the memory tier, leaving a shortcut for the next repeat of `exact` on this
+    /// thread.
+    pub(super) async fn memory_hit(
+        &self,
+        exact: &ExactRequest,
+        key: &CacheKey,
+        controls: &CacheControls,
+    ) -> Option<Answer> {
+        if controls.no_cache {
+            return None;
+        }
+        let entry = self.memory.get_via(exact, key).await?;
+        young_enough(&entry, controls.max_age).then(|| self.hit(&entry, SystemTime::now()))
+    }
+
+    /// The memory tier's entry for `key`, if young enough for `max_age`.
+    pub(super) async fn lookup_memory(
+        &self,
+        key: &CacheKey,
+        max_age: Option<Duration>,
+    ) -> Option<Arc<StoredAnswer>> {
+        let entry = self.memory.get(key).await?;
+        young_enough(&entry, max_age).then_some(entry)
+    }
+
+    /// The database's entry for `key`, if any (see [`Engine::lookup_disk_many`]).
+    pub(super) async fn lookup_disk(
+        &self,
+        key: &CacheKey,
+        max_age: Option<Duration>,
+    ) -> Option<Arc<StoredAnswer>> {
+        self.lookup_disk_many(vec![*key], max_age)
+            .await
+            .pop()
+            .flatten()
+    }
+
+    /// The cached entries for `keys`: memory first, then one database read for the rest.
+    pub(super) async fn lookup_many(
+        &self,
+        keys: impl Iterator<Item = CacheKey>,
+        max_age: Option<Duration>,
+    ) -> Vec<Option<Arc<StoredAnswer>>> {
+        let mut found = Vec::new();
+        let mut missing = Vec::new();
+        for key in keys {
+            let entry = self.lookup_memory(&key, max_age).await;
+            if entry.is_none() {
+                missing.push((found.len(), key));
+            }
+            found.push(entry);
+        }
+        if !missing.is_empty() {
+            let keys = missing.iter().map(|(_, key)| *key).collect();
+            let read = self.lookup_disk_many(keys, max_age).await;
+            for ((at, _), entry) in missing.into_iter().zip(read) {
+                found[at] = entry;
+            }
+        }
+        found
+    }
+
+    /// The database's entries for `keys`, read in one trip. Each entry found is also put in
+    /// memory; one older than `max_age` is not returned. A database that cannot be read is
+    /// logged and treated as holding nothing.
+    pub(super) async fn lookup_disk_many(
+        &self,
+        keys: Vec<CacheKey>,
+        max_age: Option<Duration>,
+    ) -> Vec<Option<Arc<StoredAnswer>>> {
+        let count = keys.len();
+        let Some(disk) = &self.disk else {
+            return vec![None; count];
+        };
+        match disk.get_many(keys).await {
+            Ok(entries) => {
+                let mut found = Vec::with_capacity(count);
+                for entry in entries {
+                    let entry = match entry {
+                        Some(e) => Arc::new(e),
+                        None => {
+                            found.push(None);
+                            continue;
+                        }
+                    };
+                    self.memory.insert(entry.clone()).await;
+                    found.push(young_enough(&entry, max_age).then_some(entry));
+                }
+                found
+            }
+            Err(e) => {
+                tracing::warn!(error = %crate::error::describe_chain(&e), "reading the cache database failed; treating as misses");
+                vec![None; count]
+            }
+        }
+    }
+
+    /// Stores an answer in memory, then queues it for the database. Call it before the flight
+    /// that fetched the answer ends: once it has, later requests must find the answer in memory.
+    pub(super) async fn store(&self, entry: Arc<StoredAnswer>) {
+        self.memory.insert(entry.clone()).await;
+        if let Some(disk) = &self.disk {
+            let key = entry.key;
+            if let Err(e) = disk.put(entry) {
+                tracing::warn!(key = %key, error = %crate::error::describe_chain(&e), "answer kept in memory only");
+            }
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! The engine: one request's path from classification to answer.
+//!
+//! This module owns the request path of the design; the proxy and library users both go
+//! through [`Dedup`], and no caching decision is made anywhere else. [`Engine::send`] reads top
+//! down, one phase a file:
+//!
+//! 1. `classify`: the route, the request's cache controls, its body; stateful requests and
+//!    requests on no cacheable route are passed through (`bypass`).
+//! 2. `keying`: the key of the request, remembered per exact request so a byte-identical
+//!    repeat skips parsing; the credential partition.
+//! 3. `lookup`: memory (or this thread's shortcut to it), then disk; `store` on the way back.
+//! 4. `flight`: join an identical request in flight, or lead one whose task resolves it.
+//! 5. `govern`: the leader's upstream call, paced and retried under the provider's budget.
+//! 6. `stream`: a streamed answer received event by event and shared live.
+//! 7. `render` and `count`: the answer each waiter gets, and what it adds to the counters.
+//!
+//! Embeddings take their own path after classification (`embed`): per input, with inputs of
+//! concurrent requests merged into shared upstream calls.
+//!
+//! Every method of the request path is on [`Engine`], next to the others of its phase; a
+//! [`Dedup`] is a handle on one `Engine`.
+//!
+//! # Architecture invariants kept here
+//!
+//! - A cache hit never waits on the network or the disk writer: a memory hit awaits nothing
+//!   but moka, and stores are only enqueued.
+//! - The upstream call of a flight runs in its own task: the request that started it can go
+//!   away without cancelling it.
+//! - Only complete 2xx answers are stored; every other answer is handed to the waiters of its
+//!   flight and forgotten.
+//! - No request header is ever stored or logged; credentials only enter the key through a
+//!   salted hash.
+
+mod builder;
+mod bypass;
+mod classify;
+mod count;
+mod embed;
+mod flight;
+mod govern;
+mod keying;
+mod lookup;
+mod render;
+mod stream;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::Request;
+use tokio_util::task::TaskTracker;
+
+pub use builder::DedupBuilder;
+
+use crate::answer::Answer;
+use crate::error::Error;
+use crate::governor::Governor;
+use crate::inflight::InFlight;
+use crate::key::{CacheKey, KeyPolicy};
+use crate::memory::MemoryTier;
+use crate::metrics::{Levels, Metrics};
+use crate::store::DiskStore;
+use crate::upstream::Upstream;
+
+use crate::controls::CacheControls;
+use crate::memory::ExactRequest;
+use crate::route::Route;
+use classify::{Bypassed, Class, Outbound, Parsed};
+use flight::FlightOutcome;
+use keying::KnownKeys;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The caching, coalescing engine. Cheap to clone; clones share everything.
+///
+/// # Sharing
+///
+/// Clones share the memory tier, the in-flight table, the governor and the database writer,
+/// so one engine serves every task of a program. Two engines never share anything.
+#[derive(Clone)]
+pub struct Dedup {
+    engine: Arc<Engine>,
+}
+
+/// What every request of one engine shares.
+struct Engine {
+    upstream: Upstream,
+    memory: MemoryTier,
+    disk: Option<DiskStore>,
+    flights: InFlight<CacheKey, FlightOutcome>,
+    /// The salt of credential partitions (the database's, or random without one).
+    salt: [u8; 32],
+    shared_cache: bool,
+    ttl: std::time::Duration,
+    max_body: usize,
+    max_stream_bytes: usize,
+    key_policy: KeyPolicy,
+    governor: Governor,
+    metrics: Metrics,
+    /// Keys of requests seen before, by their exact bytes.
+    known_keys: KnownKeys,
+    /// Embedding inputs on their way upstream, each in some merged call.
+    inputs: InFlight<CacheKey, embed::InputOutcome>,
+    /// Embedding inputs waiting to be merged into an upstream call.
+    batcher: embed::Batcher,
+    /// Every task that calls the upstream, so `close` can wait for them.
+    tasks: TaskTracker,
+}
+
+impl Dedup {
+    /// A builder with every setting at its default.
+    pub fn builder() -> DedupBuilder {
+        DedupBuilder::default()
+    }
+
+    /// The upstream base URL (without any password).
+    pub fn upstream(&self) -> &str {
+        self.engine.upstream.base()
+    }
+
+    /// The path and query of an absolute `url` relative to the upstream base URL, if `url`
+    /// lies under it; `None` for any other host or path.
+    pub fn relative_to_upstream(&self, url: &reqwest::Url) -> Option<String> {
+        self.engine.upstream.relative(url)
+    }
+
+    /// Answers one request: from the cache, from an identical request in flight, or from the
+    /// upstream. Requests that are not cacheable pass through, their bodies streamed both ways.
+    pub async fn send<B>(&self, request: Request<B>) -> Result<Answer, Error>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        self.engine.send(request).await
+    }
+
+    /// Waits for every upstream call in progress to finish and its answer to be stored, then
+    /// commits everything queued for the database and stops its writer. Requests sent after
+    /// `close` still work, but their answers are kept in memory only.
+    pub async fn close(&self) -> Result<(), Error> {
+        self.engine.tasks.close();
+        self.engine.tasks.wait().await;
+        if let Some(disk) = &self.engine.disk {
+            disk.close().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every answer stored so far is committed to the database.
+    pub async fn flush(&self) -> Result<(), Error> {
+        if let Some(disk) = &self.engine.disk {
+            disk.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// The engine's metrics in Prometheus text format. Settles the memory tier's pending
+    /// bookkeeping first, so its gauges are exact.
+    pub async fn metrics_text(&self) -> String {
+        let engine = &self.engine;
+        engine.memory.run_pending_tasks().await;
+        let (memory_bytes, memory_entries) = self.memory_usage();
+        engine.metrics.render(Levels {
+            memory_bytes,
+            memory_entries,
+            write_queue: engine.disk.as_ref().map_or(0, DiskStore::queue_depth),
+            in_flight: self.in_flight(),
+        })
+    }
+
+    /// The database file, when the engine has one.
+    pub fn database(&self) -> Option<&std::path::Path> {
+        self.engine.disk.as_ref().map(DiskStore::path)
+    }
+
+    /// Number of distinct requests waiting on an upstream call right now (each may have
+    /// many waiters).
+    pub fn in_flight(&self) -> usize {
+        self.engine.flights.len()
+    }
+
+    /// Bytes and entries held by the memory tier (approximate).
+    pub fn memory_usage(&self) -> (u64, u64) {
+        (
+            self.engine.memory.weighted_bytes(),
+            self.engine.memory.entry_count(),
+        )
+    }
+}
+
+impl Engine {
+    /// The request path. Only a repeat this thread answered from memory before is answered
+    /// without boxing: every other path is boxed, so the future of the common case stays
+    /// small (it is moved on every request).
+    async fn send<B>(self: &Arc<Self>, request: Request<B>) -> Result<Answer, Error>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let (head, body) = request.into_parts();
+        // 1. Classify: may the cache answer this request at all?
+        let (route, controls) = match self.classify(&head)? {
+            Class::Cacheable(route, controls) => (route, controls),
+            Class::Bypass(reason) => {
+                let bypassed = self.bypassed(head, body, reason);
+                return Box::pin(self.pass_through(bypassed)).await;
+            }
+        };
+        let body = self.read_body(body).await?;
+        let out = Outbound::new(head, body);
+        let exact = self.exact_request(&out, &controls.namespace);
+        // 2. A repeat this thread answered from memory before: no key, no lookup.
+        if let Some(hit) = self.recall(&exact, &controls) {
+            return Ok(hit);
+        }
+        // 3. Everything else: key, memory, disk, flight, upstream.
+        Box::pin(self.answer_keyed(out, route, controls, exact)).await
+    }
+
+    /// The path of a cacheable request past this thread's shortcuts.
+    async fn answer_keyed(
+        self: &Arc<Self>,
+        mut out: Outbound,
+        route: Route,
+        controls: CacheControls,
+        exact: ExactRequest,
+    ) -> Result<Answer, Error> {
+        // 3. Key: remembered for these exact bytes, or parsed and canonicalized.
+        let keyed = match self.known_keys.get(&exact) {
+            Some(keyed) => keyed,
+            None => {
+                out.partition = self.partition(&out.headers);
+                match self.parse(route, &out)? {
+                    Parsed::Plain(body) => {
+                        self.remember_key(route, &out, &body, &controls.namespace, &exact)
+                    }
+                    Parsed::Bypass { reason, model } => {
+                        let bypassed = Bypassed {
+                            method: out.method,
+                            path_and_query: out.path_and_query,
+                            headers: out.headers,
+                            body: out.body.into(),
+                            partition: out.partition,
+                            route: Some(route),
+                            model,
+                            reason,
+                        };
+                        return Box::pin(self.pass_through(bypassed)).await;
+                    }
+                    Parsed::Embeddings { body, kind, inputs } => {
+                        let ttl = controls.ttl.unwrap_or(self.ttl);
+                        let request = embed::Request {
+                            out,
+                            body,
+                            kind,
+                            inputs,
+                            ttl,
+                        };
+                        return Box::pin(self.embeddings(request, &controls)).await;
+                    }
+                }
+            }
+        };
+        out.partition = keyed.partition;
+        out.estimate = keyed.estimate;
+        // 4. Memory.
+        if let Some(hit) = self.memory_hit(&exact, &keyed.key, &controls).await {
+            return Ok(hit);
+        }
+        // 5. Disk, then an identical request in flight, then the upstream.
+        let meta = keyed.meta(route, &controls, self.ttl);
+        Box::pin(self.beyond_memory(out, meta, &controls)).await
+    }
+}

@@ -1,0 +1,115 @@
+//! Phase 7, render: the answer each request gets, from a stored entry (a hit) or from the
+//! outcome of the flight it waited on, marked with how it was produced.
+
+use std::time::SystemTime;
+
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+use super::Engine;
+use super::count::{answered, route_name};
+use super::flight::FlightOutcome;
+use crate::answer::{Answer, AnswerBody, CacheStatus};
+use crate::entry::{EntryMeta, StoredAnswer};
+use crate::error::Error;
+use crate::headers::{CACHE_HEADER, KEY_HEADER};
+use crate::usage::Usage;
+
+impl Engine {
+    /// Answers from a stored entry at `now`, counting the hit.
+    pub(super) fn hit(&self, entry: &StoredAnswer, now: SystemTime) -> Answer {
+        let route = Some(entry.route);
+        self.metrics.outcome(route, CacheStatus::Hit, entry.usage);
+        if let Some(disk) = &self.disk {
+            let counts = answered(CacheStatus::Hit, entry.usage);
+            let model = entry.model.as_deref().unwrap_or("");
+            disk.record_hit(entry.key, route_name(route), model, &counts, now);
+        }
+        let mut headers = entry.hit_headers.clone();
+        // In place: `insert` would first make room for one more header, and a clone has none.
+        if let Some(age) = headers.get_mut(http::header::AGE) {
+            *age = entry.age(now).as_secs().into();
+        }
+        answer_with(entry, headers, CacheStatus::Hit)
+    }
+
+    /// The answer a waiter of a flight gets from its outcome, as its `role` (the leader's
+    /// `Miss`, a follower's `Coalesced`), counted.
+    pub(super) fn render(
+        &self,
+        outcome: FlightOutcome,
+        role: CacheStatus,
+        meta: &EntryMeta,
+    ) -> Result<Answer, Error> {
+        // A follower saved the provider the work its leader paid for.
+        let record = |usage: Usage| {
+            let saved = if role == CacheStatus::Coalesced {
+                usage
+            } else {
+                Usage::default()
+            };
+            self.record(Some(meta.route), meta.model.as_deref(), role, saved);
+        };
+        match outcome {
+            FlightOutcome::Stored {
+                entry,
+                fresh_headers: Some(headers),
+            } => {
+                record(entry.usage);
+                Ok(stored_answer(&entry, (*headers).clone(), role))
+            }
+            FlightOutcome::Stored {
+                entry,
+                fresh_headers: None,
+            } => Ok(self.hit(&entry, SystemTime::now())),
+            FlightOutcome::Refused(refusal) => {
+                record(Usage::default());
+                Ok(refusal.answer(role))
+            }
+            FlightOutcome::Live(live) => {
+                record(Usage::default());
+                let mut headers = live.headers.clone();
+                headers.insert(CACHE_HEADER, role.header_value());
+                set_header(&mut headers, KEY_HEADER, &meta.key.to_hex());
+                Ok(Answer {
+                    status: live.status,
+                    headers,
+                    body: AnswerBody::Stream(live.subscribe()),
+                    cache: role,
+                    key: Some(meta.key),
+                })
+            }
+            FlightOutcome::Failed(e) => Err(e),
+        }
+    }
+}
+
+/// An answer from `entry` with `headers` and the llm-dedup headers for `cache`.
+fn stored_answer(entry: &StoredAnswer, mut headers: HeaderMap, cache: CacheStatus) -> Answer {
+    headers.insert(CACHE_HEADER, cache.header_value());
+    set_key_header(&mut headers, entry);
+    answer_with(entry, headers, cache)
+}
+
+/// Sets `llm-dedup-key` to `entry`'s key, from the value made once with its hit headers.
+pub(super) fn set_key_header(headers: &mut HeaderMap, entry: &StoredAnswer) {
+    if let Some(key) = entry.hit_headers.get(KEY_HEADER) {
+        headers.insert(KEY_HEADER, key.clone());
+    }
+}
+
+/// An answer from `entry` with `headers` as they are.
+fn answer_with(entry: &StoredAnswer, headers: HeaderMap, cache: CacheStatus) -> Answer {
+    Answer {
+        status: StatusCode::from_u16(entry.status).unwrap_or(StatusCode::OK),
+        headers,
+        body: AnswerBody::Full(entry.body.clone()),
+        cache,
+        key: Some(entry.key),
+    }
+}
+
+fn set_header(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        headers.insert(name, v);
+    }
+}

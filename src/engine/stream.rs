@@ -1,0 +1,76 @@
+//! Phase 6, stream: a streamed answer received from the upstream event by event, shared live
+//! with every waiter of its flight, and stored once it completed.
+
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+
+use super::Engine;
+use super::classify::Outbound;
+use crate::entry::{EntryMeta, StoredAnswer};
+use crate::live::LiveStream;
+use crate::sse::{Completion, EventSplitter, Verdict};
+
+/// Growth of a flight's stream buffer between two updates of its memory reservation.
+const RESERVE_STEP: usize = 64 * 1024;
+
+impl Engine {
+    /// Receives a streamed answer into `live`, event by event, and stores it if it completed
+    /// without error and within the size limit. A cut or failed stream is passed on as it
+    /// came and never stored.
+    pub(super) async fn pump(
+        &self,
+        response: reqwest::Response,
+        live: &LiveStream,
+        meta: &EntryMeta,
+        out: &Outbound,
+    ) {
+        let mut split = EventSplitter::default();
+        let mut completion = Completion::new(meta.route);
+        let mut size = 0usize;
+        let mut reserved = 0usize;
+        let mut body = response.bytes_stream();
+        let result = loop {
+            match body.next().await {
+                Some(Ok(chunk)) => {
+                    for event in split.push(&chunk) {
+                        completion.observe(&event);
+                        size += event.len();
+                        live.push(event);
+                    }
+                    // What the flight buffers counts against the memory bound, refreshed
+                    // every RESERVE_STEP bytes (small streams never reserve).
+                    if size - reserved >= RESERVE_STEP {
+                        reserved = size;
+                        self.memory.reserve(meta.key, size as u64).await;
+                    }
+                }
+                Some(Err(e)) => break Err(self.upstream.error(e)),
+                None => break Ok(()),
+            }
+        };
+        if let Some(rest) = split.rest() {
+            size += rest.len();
+            live.push(rest);
+        }
+        let verdict = completion.verdict();
+        self.governor.settle(
+            &out.partition,
+            out.estimate,
+            completion.usage().total_tokens,
+        );
+        if result.is_ok() && verdict == Verdict::Complete && size <= self.max_stream_bytes {
+            let mut entry =
+                StoredAnswer::from_upstream(meta, live.status, &live.headers, live.body());
+            entry.usage = completion.usage();
+            // Before the stream is finished and the flight ends: later requests find it.
+            self.store(Arc::new(entry)).await;
+        } else {
+            tracing::debug!(key = %meta.key, ?verdict, size, cut = result.is_err(), "stream not stored");
+            if reserved > 0 {
+                self.memory.release(&meta.key).await;
+            }
+        }
+        live.finish(result);
+    }
+}

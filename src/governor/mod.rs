@@ -1,0 +1,403 @@
+//! The governor: what must reach the upstream is paced under its budget, and refusals are
+//! waited out instead of passed on.
+//!
+//! This module owns the budgets (one per credential partition): requests and tokens per
+//! window, learned from the upstream's rate-limit headers (OpenAI and Azure `x-ratelimit-*`
+//! with Go-style reset durations, Anthropic `anthropic-ratelimit-*` with RFC 3339 resets) or
+//! set by the operator (`--rpm`, `--tpm`); the pause after a refusal; the fair queue in front
+//! of each budget; and the rules for what is worth retrying. It never sees a cache hit: the
+//! engine calls it only on the way to the upstream.
+//!
+//! # Waiting in line
+//!
+//! Requests for one budget take turns in arrival order (a fair queue): the one at the head
+//! waits until the budget allows it or its queue deadline passes, while the others wait
+//! behind it. A refusal pauses the whole budget, not just the request that got it, so the
+//! others do not run into the same wall.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+// tokio's clock, so that tests can pause and advance it.
+use tokio::time::Instant;
+
+use http::HeaderMap;
+
+use crate::error::{Error, ErrorKind};
+use crate::key::Partition;
+
+mod bucket;
+mod signals;
+
+use bucket::{Bucket, learn};
+use signals::RateLimits;
+pub(crate) use signals::{Disposition, backoff, classify, estimate_tokens, retry_after};
+
+/// The operator's settings for the governor.
+#[derive(Debug, Clone, Copy)]
+pub struct GovernorSettings {
+    /// Requests per minute never to exceed; learned from the upstream when `None`.
+    pub rpm: Option<u32>,
+    /// Tokens per minute never to exceed; learned from the upstream when `None`.
+    pub tpm: Option<u32>,
+    /// Total time one request may spend waiting out refusals before the upstream's last
+    /// answer is handed to the client as it came.
+    pub retry_budget: Duration,
+    /// Longest a request waits in the queue for budget before it is answered `429`.
+    pub max_queue_wait: Duration,
+    /// Most upstream calls at the same time (`None`: no bound).
+    pub max_concurrency: Option<usize>,
+}
+
+impl Default for GovernorSettings {
+    /// Budgets learned from the upstream, 60 s of retry budget, 60 s of queue wait, no
+    /// concurrency bound.
+    fn default() -> Self {
+        GovernorSettings {
+            rpm: None,
+            tpm: None,
+            retry_budget: Duration::from_secs(60),
+            max_queue_wait: Duration::from_secs(60),
+            max_concurrency: None,
+        }
+    }
+}
+
+/// Longest the head of the line sleeps before looking at its budget again.
+const RECHECK_EVERY: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Default)]
+struct BudgetState {
+    requests: Option<Bucket>,
+    tokens: Option<Bucket>,
+    paused_until: Option<Instant>,
+    /// An answer has come back (with or without rate-limit headers) since the budget was
+    /// created: there is no more reason to probe one request at a time.
+    probed: bool,
+}
+
+/// One credential partition's budget.
+#[derive(Debug, Default)]
+struct Budget {
+    /// The queue: whoever holds it is at the head of the line.
+    turn: Arc<tokio::sync::Mutex<()>>,
+    state: Mutex<BudgetState>,
+}
+
+/// The head of the line, held by a probe: released when its answer is in, or by a timer.
+type ProbeHold = Arc<Mutex<Option<tokio::sync::OwnedMutexGuard<()>>>>;
+
+/// A request's place in the budget was granted. Dropping it (once the answer's headers are
+/// in and observed) frees its concurrency slot, and, while the budget was still unknown, the
+/// head of the line.
+pub(crate) struct Permit {
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    probe: Option<ProbeHold>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(probe) = &self.probe {
+            probe.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }
+    }
+}
+
+/// Longest a probe holds the line: a slow answer (a long completion sends its headers only
+/// at the end) must not keep everyone else waiting for it.
+const PROBE_HOLD: Duration = Duration::from_secs(2);
+
+/// The queue wait passed before the budget allowed the request.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QueueFull {
+    /// When the budget is expected to allow it.
+    pub retry_after: Duration,
+}
+
+impl From<QueueFull> for Error {
+    fn from(full: QueueFull) -> Error {
+        // The official SDKs honour a `retry-after` of up to 60 s exactly.
+        let wait = full.retry_after.min(Duration::from_secs(60));
+        Error::new(
+            ErrorKind::QueueFull,
+            format!(
+                "llm-dedup's queue for the upstream's rate limit is full; retry in {} s",
+                wait.as_secs().max(1)
+            ),
+        )
+        .with_retry_after(wait)
+    }
+}
+
+/// Budgets per credential partition.
+pub(crate) struct Governor {
+    settings: GovernorSettings,
+    budgets: Mutex<HashMap<Partition, Arc<Budget>>>,
+    slots: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+impl Governor {
+    pub(crate) fn new(settings: GovernorSettings) -> Governor {
+        Governor {
+            settings,
+            budgets: Mutex::new(HashMap::new()),
+            slots: settings
+                .max_concurrency
+                .map(|n| Arc::new(tokio::sync::Semaphore::new(n.max(1)))),
+        }
+    }
+
+    pub(crate) fn settings(&self) -> &GovernorSettings {
+        &self.settings
+    }
+
+    fn budget(&self, partition: &Partition) -> Arc<Budget> {
+        let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        budgets
+            .entry(*partition)
+            .or_insert_with(|| {
+                let now = Instant::now();
+                let budget = Budget::default();
+                if let Ok(mut s) = budget.state.lock() {
+                    s.requests = self.settings.rpm.map(|r| Bucket::per_minute(r, now));
+                    s.tokens = self.settings.tpm.map(|t| Bucket::per_minute(t, now));
+                }
+                Arc::new(budget)
+            })
+            .clone()
+    }
+
+    /// Waits in line until the budget of `partition` allows a request estimated at `tokens`,
+    /// or fails once `deadline` would be passed.
+    pub(crate) async fn acquire(
+        &self,
+        partition: &Partition,
+        tokens: u32,
+        deadline: Instant,
+    ) -> Result<Permit, QueueFull> {
+        let budget = self.budget(partition);
+        let full = |at: Instant| QueueFull {
+            retry_after: at.saturating_duration_since(Instant::now()),
+        };
+        let Ok(turn) = tokio::time::timeout_at(deadline, budget.turn.clone().lock_owned()).await
+        else {
+            return Err(full(deadline + Duration::from_secs(1)));
+        };
+        loop {
+            let now = Instant::now();
+            let wait = {
+                let mut s = budget.state.lock().unwrap_or_else(|e| e.into_inner());
+                let paused = s
+                    .paused_until
+                    .map_or(Duration::ZERO, |p| p.saturating_duration_since(now));
+                let mut wait = paused;
+                if let Some(r) = s.requests.as_mut() {
+                    r.refill(now);
+                    wait = wait.max(r.wait_for(1.0));
+                }
+                if let Some(t) = s.tokens.as_mut() {
+                    t.refill(now);
+                    wait = wait.max(t.wait_for(f64::from(tokens)));
+                }
+                if wait.is_zero() {
+                    if let Some(r) = s.requests.as_mut() {
+                        r.available -= 1.0;
+                    }
+                    if let Some(t) = s.tokens.as_mut() {
+                        t.available -= f64::from(tokens);
+                    }
+                }
+                wait
+            };
+            if wait.is_zero() {
+                break;
+            }
+            if now + wait > deadline {
+                return Err(full(now + wait));
+            }
+            // In short slices: what other answers teach about the budget meanwhile (a pace
+            // learned, a pause) takes effect at once instead of after a stale wait.
+            tokio::time::sleep(wait.min(RECHECK_EVERY)).await;
+        }
+        // While nothing is known of the budget, one request at a time goes to learn it: the
+        // others wait in line until its answer's headers are in, instead of all running into
+        // a limit nobody knows yet.
+        let probing = {
+            let s = budget.state.lock().unwrap_or_else(|e| e.into_inner());
+            !s.probed && (s.requests.is_none() || s.tokens.is_none())
+        };
+        let probe = probing.then(|| {
+            let held: ProbeHold = Arc::new(Mutex::new(Some(turn)));
+            let (timer, budget) = (held.clone(), budget.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(PROBE_HOLD).await;
+                let still_held = timer.lock().unwrap_or_else(|e| e.into_inner()).take();
+                if still_held.is_some() {
+                    // No answer yet: stop probing one at a time; the first answer to come back
+                    // teaches the budget.
+                    budget
+                        .state
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .probed = true;
+                }
+            });
+            held
+        });
+        let slot = match &self.slots {
+            Some(slots) => {
+                match tokio::time::timeout_at(deadline, slots.clone().acquire_owned()).await {
+                    Ok(Ok(permit)) => Some(permit),
+                    _ => return Err(full(deadline + Duration::from_secs(1))),
+                }
+            }
+            None => None,
+        };
+        Ok(Permit { _slot: slot, probe })
+    }
+
+    /// Learns the budget from an answer's rate-limit headers.
+    pub(crate) fn observe(&self, partition: &Partition, headers: &HeaderMap) {
+        let learned = RateLimits::read(headers);
+        let budget = self.budget(partition);
+        let mut s = budget.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.probed = true;
+        if learned.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        // An operator's --rpm / --tpm is a ceiling the headers never raise.
+        if self.settings.rpm.is_none() {
+            learn(&mut s.requests, learned.requests, now);
+        }
+        if self.settings.tpm.is_none() {
+            learn(&mut s.tokens, learned.tokens, now);
+        }
+    }
+
+    /// Pauses the whole budget of `partition` for `wait` (after a refusal).
+    pub(crate) fn pause(&self, partition: &Partition, wait: Duration) {
+        let budget = self.budget(partition);
+        let mut s = budget.state.lock().unwrap_or_else(|e| e.into_inner());
+        let until = Instant::now() + wait;
+        s.paused_until = Some(s.paused_until.map_or(until, |p| p.max(until)));
+        // The refusal says the budget is spent, whatever was believed.
+        if let Some(r) = s.requests.as_mut() {
+            r.available = r.available.min(0.0);
+        }
+    }
+
+    /// Corrects the token budget once the real usage is known.
+    pub(crate) fn settle(&self, partition: &Partition, estimated: u32, actual: Option<u64>) {
+        let Some(actual) = actual else { return };
+        let budget = self.budget(partition);
+        let mut s = budget.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = s.tokens.as_mut() {
+            t.available = (t.available + f64::from(estimated) - actual as f64).min(t.capacity);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().expect("value"));
+        }
+        h
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_configured_budget_never_sends_more_than_it_allows_in_a_minute() {
+        let governor = Arc::new(Governor::new(GovernorSettings {
+            rpm: Some(600),
+            ..GovernorSettings::default()
+        }));
+        let p = Partition::from_bytes([1u8; 32]);
+        let far = Instant::now() + Duration::from_secs(600);
+        let started = tokio::time::Instant::now();
+        let mut sent = 0;
+        while started.elapsed() < Duration::from_secs(60) {
+            governor
+                .acquire(&p, 0, far)
+                .await
+                .expect("waits, never fails");
+            if started.elapsed() < Duration::from_secs(60) {
+                sent += 1;
+            }
+        }
+        assert!(
+            (590..=600).contains(&sent),
+            "{sent} requests in the first minute"
+        );
+        // A queue deadline that cannot be met is refused, with a time to come back.
+        let soon = Instant::now() + Duration::from_millis(10);
+        let full = governor
+            .acquire(&p, 0, soon)
+            .await
+            .err()
+            .expect("queue full");
+        assert!(full.retry_after > Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_probe_holds_the_line_only_briefly() {
+        let governor = Governor::new(GovernorSettings::default());
+        let p = Partition::from_bytes([5u8; 32]);
+        let far = Instant::now() + Duration::from_secs(600);
+        let probe = governor.acquire(&p, 0, far).await.expect("the probe");
+        // Its answer has not come back: the next request waits, but not for long.
+        let started = tokio::time::Instant::now();
+        let next = governor
+            .acquire(&p, 0, far)
+            .await
+            .expect("released by the timer");
+        let waited = started.elapsed();
+        assert!(
+            waited >= PROBE_HOLD && waited < PROBE_HOLD + Duration::from_millis(50),
+            "{waited:?}"
+        );
+        drop((probe, next));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_azure_budget_with_nothing_left_waits() {
+        let governor = Governor::new(GovernorSettings::default());
+        let p = Partition::from_bytes([4u8; 32]);
+        let far = Instant::now() + Duration::from_secs(600);
+        governor.acquire(&p, 0, far).await.expect("the probe");
+        governor.observe(&p, &headers(&[("x-ratelimit-remaining-requests", "0")]));
+        let started = tokio::time::Instant::now();
+        governor.acquire(&p, 0, far).await.expect("after a refill");
+        assert!(
+            started.elapsed() > Duration::ZERO,
+            "nothing left: it waited"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_pauses_the_whole_budget() {
+        let governor = Governor::new(GovernorSettings::default());
+        let p = Partition::from_bytes([2u8; 32]);
+        let far = Instant::now() + Duration::from_secs(600);
+        governor
+            .acquire(&p, 0, far)
+            .await
+            .expect("unknown budgets do not wait");
+        governor.pause(&p, Duration::from_secs(5));
+        let started = tokio::time::Instant::now();
+        governor.acquire(&p, 0, far).await.expect("after the pause");
+        assert!(started.elapsed() >= Duration::from_secs(5));
+        // Another partition is not paused.
+        let started = tokio::time::Instant::now();
+        governor
+            .acquire(&Partition::from_bytes([3u8; 32]), 0, far)
+            .await
+            .expect("other credential");
+        assert!(started.elapsed() < Duration::from_millis(1));
+    }
+}

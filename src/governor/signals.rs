@@ -1,0 +1,316 @@
+//! What the upstream's answers say, read without trusting them: rate-limit headers, the waits
+//! a refusal asks for, and which refusals are worth waiting out. Pure: headers and bodies in,
+//! numbers and verdicts out.
+
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, StatusCode};
+use serde_json::Value;
+
+use crate::headers::{self, RETRY_AFTER_MS, RateLimitNames};
+
+/// What one answer's rate-limit headers say about one budget.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct BudgetReport {
+    /// The size of the budget; Azure sends only what remains, so it may be unknown.
+    pub limit: Option<f64>,
+    /// What is left of it.
+    pub remaining: f64,
+    /// How long until it is full again.
+    pub reset: Option<Duration>,
+}
+
+/// What one answer's rate-limit headers say, for requests and for tokens.
+#[derive(Debug, Default, PartialEq)]
+pub(super) struct RateLimits {
+    pub requests: Option<BudgetReport>,
+    pub tokens: Option<BudgetReport>,
+}
+
+impl RateLimits {
+    pub(super) fn is_empty(&self) -> bool {
+        self.requests.is_none() && self.tokens.is_none()
+    }
+
+    /// Reads OpenAI's and Azure's `x-ratelimit-*` or Anthropic's `anthropic-ratelimit-*`.
+    pub(super) fn read(headers: &HeaderMap) -> RateLimits {
+        let text = |name: &str| headers.get(name)?.to_str().ok().map(str::trim);
+        let number = |name: &str| text(name)?.parse::<f64>().ok();
+        let read = |openai: RateLimitNames, anthropic: RateLimitNames| {
+            // OpenAI (limit, remaining, reset) and Azure (remaining only).
+            if let Some(remaining) = number(openai.remaining) {
+                let limit = number(openai.limit);
+                let reset = text(openai.reset).and_then(go_duration);
+                return Some(BudgetReport {
+                    limit,
+                    remaining,
+                    reset,
+                });
+            }
+            let limit = number(anthropic.limit)?;
+            let remaining = number(anthropic.remaining)?;
+            let reset = text(anthropic.reset)
+                .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
+                .and_then(|at| at.duration_since(SystemTime::now()).ok());
+            Some(BudgetReport {
+                limit: Some(limit),
+                remaining,
+                reset,
+            })
+        };
+        RateLimits {
+            requests: read(headers::OPENAI_REQUESTS, headers::ANTHROPIC_REQUESTS),
+            tokens: read(headers::OPENAI_TOKENS, headers::ANTHROPIC_TOKENS),
+        }
+    }
+}
+
+/// Parses a Go duration as OpenAI writes resets: `20ms`, `1s`, `6m0s`, `1h2m3.5s`.
+pub(crate) fn go_duration(text: &str) -> Option<Duration> {
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    let mut total = 0.0f64;
+    while !rest.is_empty() {
+        let split = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .filter(|i| *i > 0)?;
+        let (number, tail) = rest.split_at(split);
+        let number: f64 = number.parse().ok()?;
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_len);
+        let seconds = match unit {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 0.001,
+            "us" | "µs" => 0.000_001,
+            "ns" => 0.000_000_001,
+            _ => return None,
+        };
+        total += number * seconds;
+        rest = tail;
+    }
+    Some(Duration::from_secs_f64(total))
+}
+
+/// The wait an answer asks for: `retry-after-ms`, else `retry-after` in seconds or as an HTTP
+/// date.
+pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let text = |name: &str| headers.get(name)?.to_str().ok().map(str::trim);
+    if let Some(ms) = text(RETRY_AFTER_MS).and_then(|t| t.parse::<f64>().ok()) {
+        return (ms >= 0.0).then(|| Duration::from_secs_f64(ms / 1000.0));
+    }
+    let value = text(http::header::RETRY_AFTER.as_str())?;
+    if let Ok(secs) = value.parse::<f64>() {
+        return (secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// What to do with an upstream answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Disposition {
+    /// Hand it to the client.
+    Deliver,
+    /// Transient: wait and try again.
+    Retry,
+    /// Waiting cannot fix it: hand it on at once, telling SDKs not to retry. The reason is
+    /// for the log.
+    Final(&'static str),
+}
+
+/// Classifies an answer by status and body, per the providers' documented error shapes.
+pub(crate) fn classify(status: StatusCode, body: &[u8]) -> Disposition {
+    match status.as_u16() {
+        200..=399 => Disposition::Deliver,
+        429 => {
+            let error: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+            let field = |name: &str| {
+                error
+                    .pointer(&format!("/error/{name}"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_owned()
+            };
+            let (code, kind, message) = (field("code"), field("type"), field("message"));
+            if code == "insufficient_quota" || kind == "insufficient_quota" {
+                Disposition::Final("quota exhausted (billing); waiting does not help")
+            } else if message.to_ascii_lowercase().contains("request too large") {
+                Disposition::Final("request too large for the rate limit; it can never pass")
+            } else {
+                Disposition::Retry
+            }
+        }
+        408 | 500..=599 => Disposition::Retry,
+        400 => Disposition::Final("bad request"),
+        401 => Disposition::Final("invalid credentials"),
+        403 => Disposition::Final("forbidden"),
+        404 => Disposition::Final("not found"),
+        _ => Disposition::Final("client error"),
+    }
+}
+
+/// Exponential backoff with jitter for the `attempt`-th retry (from 0): 0.5 s doubling to
+/// 8 s, less up to a quarter, like the official SDKs.
+pub(crate) fn backoff(attempt: u32) -> Duration {
+    let base = (0.5 * 2f64.powi(attempt.min(16) as i32)).min(8.0);
+    let jitter = 1.0 - rand::random::<f64>() * 0.25;
+    Duration::from_secs_f64(base * jitter)
+}
+
+/// A rough token count for a request, as providers charge it up front: the prompt (about four
+/// bytes a token) plus the completion allowance.
+pub(crate) fn estimate_tokens(body_len: usize, request: &Value) -> u32 {
+    let allowance = ["max_tokens", "max_completion_tokens", "max_output_tokens"]
+        .iter()
+        .find_map(|f| request.get(*f)?.as_u64())
+        .unwrap_or(0);
+    u32::try_from(body_len as u64 / 4 + allowance).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().expect("value"));
+        }
+        h
+    }
+
+    #[test]
+    fn go_durations_as_openai_writes_them() {
+        assert_eq!(go_duration("20ms"), Some(Duration::from_millis(20)));
+        assert_eq!(go_duration("1s"), Some(Duration::from_secs(1)));
+        assert_eq!(go_duration("6m0s"), Some(Duration::from_secs(360)));
+        assert_eq!(
+            go_duration("1h2m3.5s"),
+            Some(Duration::from_millis(3_723_500))
+        );
+        assert_eq!(go_duration(""), None);
+        assert_eq!(go_duration("5 minutes"), None);
+        assert_eq!(go_duration("s"), None);
+    }
+
+    #[test]
+    fn retry_after_in_ms_seconds_and_http_date() {
+        assert_eq!(
+            retry_after(&headers(&[("retry-after-ms", "250")])),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(
+            retry_after(&headers(&[("retry-after", "3")])),
+            Some(Duration::from_secs(3))
+        );
+        let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(30));
+        let wait = retry_after(&headers(&[("retry-after", &later)])).expect("date");
+        assert!(
+            wait > Duration::from_secs(25) && wait <= Duration::from_secs(30),
+            "{wait:?}"
+        );
+        assert_eq!(retry_after(&headers(&[("retry-after", "soon")])), None);
+        assert_eq!(retry_after(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn rate_headers_of_openai_and_anthropic() {
+        let openai = RateLimits::read(&headers(&[
+            ("x-ratelimit-limit-requests", "60"),
+            ("x-ratelimit-remaining-requests", "59"),
+            ("x-ratelimit-reset-requests", "1s"),
+            ("x-ratelimit-limit-tokens", "150000"),
+            ("x-ratelimit-remaining-tokens", "149984"),
+            ("x-ratelimit-reset-tokens", "6m0s"),
+        ]));
+        assert_eq!(
+            openai.requests,
+            Some(BudgetReport {
+                limit: Some(60.0),
+                remaining: 59.0,
+                reset: Some(Duration::from_secs(1))
+            })
+        );
+        assert_eq!(
+            openai.tokens.map(|t| t.reset),
+            Some(Some(Duration::from_secs(360)))
+        );
+        let reset = humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(20));
+        let anthropic = RateLimits::read(&headers(&[
+            ("anthropic-ratelimit-requests-limit", "50"),
+            ("anthropic-ratelimit-requests-remaining", "49"),
+            ("anthropic-ratelimit-requests-reset", &reset.to_string()),
+        ]));
+        let BudgetReport {
+            limit,
+            remaining,
+            reset: wait,
+        } = anthropic.requests.expect("requests");
+        assert_eq!((limit, remaining), (Some(50.0), 49.0));
+        assert!(wait.expect("reset") > Duration::from_secs(15));
+        assert!(RateLimits::read(&HeaderMap::new()).is_empty());
+    }
+
+    #[test]
+    fn what_is_worth_retrying() {
+        let body = |v: Value| v.to_string().into_bytes();
+        let s = |n| StatusCode::from_u16(n).expect("status");
+        let rate = body(
+            json!({"error": {"message": "Rate limit reached for gpt-4o-mini on requests per min (RPM): Limit 3, Used 3, Requested 1. Please try again in 20s.", "type": "requests", "code": "rate_limit_exceeded"}}),
+        );
+        assert_eq!(classify(s(429), &rate), Disposition::Retry);
+        let quota = body(
+            json!({"error": {"message": "You exceeded your current quota", "type": "insufficient_quota", "code": "insufficient_quota"}}),
+        );
+        assert!(matches!(classify(s(429), &quota), Disposition::Final(_)));
+        let large = body(
+            json!({"error": {"message": "Request too large for gpt-4o on tokens per min (TPM): Limit 30000, Requested 50000. The input or output tokens must be reduced", "code": "rate_limit_exceeded"}}),
+        );
+        assert!(matches!(classify(s(429), &large), Disposition::Final(_)));
+        let azure =
+            body(json!({"error": {"code": "429", "message": "Please retry after 33 seconds."}}));
+        assert_eq!(classify(s(429), &azure), Disposition::Retry);
+        for retry in [408, 500, 502, 503, 529] {
+            assert_eq!(classify(s(retry), b"{}"), Disposition::Retry, "{retry}");
+        }
+        for fin in [400, 401, 403, 404] {
+            assert!(
+                matches!(classify(s(fin), b"{}"), Disposition::Final(_)),
+                "{fin}"
+            );
+        }
+        assert_eq!(classify(s(200), b"{}"), Disposition::Deliver);
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for attempt in 0..10 {
+            let b = backoff(attempt);
+            let base = (0.5 * 2f64.powi(attempt as i32)).min(8.0);
+            assert!(
+                b.as_secs_f64() <= base && b.as_secs_f64() >= base * 0.75,
+                "{attempt}: {b:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn token_estimate_is_prompt_plus_allowance() {
+        assert_eq!(estimate_tokens(400, &json!({"max_tokens": 50})), 150);
+        assert_eq!(
+            estimate_tokens(400, &json!({"max_completion_tokens": 10})),
+            110
+        );
+        assert_eq!(estimate_tokens(40, &json!({})), 10);
+    }
+}

@@ -1,0 +1,95 @@
+//! Every HTTP header name llm-dedup reads or writes, in one place.
+//!
+//! This module owns the names and the lists of names that decide what crosses the proxy
+//! (hop-by-hop headers), what enters the key (behaviour headers), what partitions the cache
+//! (credential headers) and what a stored answer replays. It is a leaf: it imports nothing of
+//! the crate, and holds names only, never a rule about what to do with them.
+
+use http::HeaderName;
+
+/// Response header naming how the answer was produced (`hit`, `miss`, `coalesced`, ...).
+pub const CACHE_HEADER: HeaderName = HeaderName::from_static("llm-dedup-cache");
+/// Response header carrying the cache key.
+pub const KEY_HEADER: HeaderName = HeaderName::from_static("llm-dedup-key");
+/// Request header that sets the time to live, in seconds, of the answer this request stores.
+pub const TTL_HEADER: &str = "llm-dedup-ttl";
+/// Request header that selects a separate key space.
+pub const NAMESPACE_HEADER: &str = "llm-dedup-namespace";
+
+/// Tells the official SDKs whether to retry an answer (`true` / `false`).
+pub const SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
+/// A wait in milliseconds, sent by OpenAI and Azure on 429s (`retry-after` is `http::header`'s).
+pub const RETRY_AFTER_MS: &str = "retry-after-ms";
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded in either direction. Every header
+/// named by `Connection` is hop-by-hop for its message too.
+pub const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+    "trailer",
+    "proxy-authenticate",
+    "proxy-authorization",
+];
+
+/// Request headers whose values change the answer, so they are part of the key.
+pub const BEHAVIOUR_HEADERS: &[&str] = &["anthropic-version", "anthropic-beta", "openai-beta"];
+
+/// Request headers that identify the caller; they partition the cache (hashed, never stored).
+pub const CREDENTIAL_HEADERS: &[&str] = &[
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "openai-organization",
+    "openai-project",
+];
+
+/// Response headers kept with an entry and replayed on a hit. Everything else (rate-limit
+/// headers, dates, cookies, lengths, encodings) describes the original exchange, not the answer.
+pub const REPLAYED_HEADERS: &[&str] = &[
+    "content-type",
+    "openai-model",
+    "openai-version",
+    "openai-processing-ms",
+    "x-request-id",
+    "request-id",
+];
+
+/// The names of one provider's rate-limit headers for one kind of budget (requests or tokens).
+#[derive(Debug, Clone, Copy)]
+pub struct RateLimitNames {
+    /// The size of the budget (absent on Azure).
+    pub limit: &'static str,
+    /// What is left of it.
+    pub remaining: &'static str,
+    /// When it is full again: a Go duration (OpenAI, Azure) or an RFC 3339 time (Anthropic).
+    pub reset: &'static str,
+}
+
+/// OpenAI's and Azure's request budget.
+pub const OPENAI_REQUESTS: RateLimitNames = RateLimitNames {
+    limit: "x-ratelimit-limit-requests",
+    remaining: "x-ratelimit-remaining-requests",
+    reset: "x-ratelimit-reset-requests",
+};
+/// OpenAI's and Azure's token budget.
+pub const OPENAI_TOKENS: RateLimitNames = RateLimitNames {
+    limit: "x-ratelimit-limit-tokens",
+    remaining: "x-ratelimit-remaining-tokens",
+    reset: "x-ratelimit-reset-tokens",
+};
+/// Anthropic's request budget.
+pub const ANTHROPIC_REQUESTS: RateLimitNames = RateLimitNames {
+    limit: "anthropic-ratelimit-requests-limit",
+    remaining: "anthropic-ratelimit-requests-remaining",
+    reset: "anthropic-ratelimit-requests-reset",
+};
+/// Anthropic's token budget.
+pub const ANTHROPIC_TOKENS: RateLimitNames = RateLimitNames {
+    limit: "anthropic-ratelimit-tokens-limit",
+    remaining: "anthropic-ratelimit-tokens-remaining",
+    reset: "anthropic-ratelimit-tokens-reset",
+};

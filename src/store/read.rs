@@ -1,0 +1,120 @@
+//! Reading stored answers: a small pool of read-only connections, used only from blocking
+//! threads (`spawn_blocking`), never from an async worker.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+
+use super::{BUSY_TIMEOUT, StoreError};
+use crate::entry::{StoredAnswer, hit_headers, unix_ms};
+use crate::key::CacheKey;
+use crate::route::Route;
+use crate::usage::Usage;
+
+/// Read connections kept open between reads.
+const MAX_IDLE_READERS: usize = 4;
+
+/// Read-only connections to one database file, opened on demand and kept when idle.
+pub(super) struct ReaderPool {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl ReaderPool {
+    pub(super) fn new(path: PathBuf) -> ReaderPool {
+        ReaderPool {
+            path,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Runs `f` on a pooled read connection (opening one if none is idle). Blocking.
+    pub(super) fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let idle = self.idle.lock().ok().and_then(|mut pool| pool.pop());
+        let conn = match idle {
+            Some(conn) => conn,
+            None => {
+                let conn = Connection::open_with_flags(
+                    &self.path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
+                conn.busy_timeout(BUSY_TIMEOUT)?;
+                conn
+            }
+        };
+        let result = f(&conn);
+        if let Ok(mut pool) = self.idle.lock() {
+            if pool.len() < MAX_IDLE_READERS {
+                pool.push(conn);
+            }
+        }
+        result
+    }
+}
+
+/// The entry stored under `key`, unless it is missing or expired.
+pub(super) fn read_entry(
+    conn: &Connection,
+    key: CacheKey,
+) -> Result<Option<StoredAnswer>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT namespace, route, model, status, headers, body, created_at, expires_at,
+                prompt_tokens, completion_tokens, total_tokens
+         FROM entries WHERE key = ?1 AND expires_at > ?2",
+    )?;
+    let row = stmt
+        .query_row(params![key.to_hex(), unix_ms(SystemTime::now())], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<String>>(2)?,
+                r.get::<_, u16>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, Vec<u8>>(5)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, i64>(7)?,
+                Usage {
+                    prompt_tokens: tokens_from_sql(r.get(8)?),
+                    completion_tokens: tokens_from_sql(r.get(9)?),
+                    total_tokens: tokens_from_sql(r.get(10)?),
+                },
+            ))
+        })
+        .optional()?;
+    let Some((namespace, route, model, status, headers, body, created_at, expires_at, usage)) = row
+    else {
+        return Ok(None);
+    };
+    let damaged = |what: String| StoreError::Damaged {
+        key: key.to_hex(),
+        what,
+    };
+    let route =
+        Route::from_name(&route).ok_or_else(|| damaged(format!("unknown route {route:?}")))?;
+    let pairs: Vec<(String, String)> =
+        serde_json::from_str(&headers).map_err(|e| damaged(format!("headers: {e}")))?;
+    let headers = StoredAnswer::headers_from_pairs(&pairs);
+    Ok(Some(StoredAnswer {
+        key,
+        namespace,
+        route,
+        model,
+        status,
+        hit_headers: hit_headers(&key, &headers),
+        headers,
+        body: Bytes::from(body),
+        created_at,
+        expires_at,
+        usage,
+    }))
+}
+
+fn tokens_from_sql(n: Option<i64>) -> Option<u64> {
+    n.and_then(|n| u64::try_from(n).ok())
+}

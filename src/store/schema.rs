@@ -1,0 +1,112 @@
+//! The database file itself: opening it for writing with its schema, the credential salt, and
+//! the purge generation that tells a serving process another one removed entries.
+//!
+//! Migrations live in `migrations/`, one file per version, applied in order at open. A file
+//! that is not a database, or one from a newer schema, is refused and left untouched.
+
+use std::path::Path;
+use std::time::SystemTime;
+
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
+use rusqlite_migration::{M, MigrationDefinitionError, Migrations};
+
+use super::{BUSY_TIMEOUT, StoreError};
+use crate::entry::unix_ms;
+
+/// The schema, one migration per file in `migrations/`, applied in order at open.
+fn migrations() -> Migrations<'static> {
+    Migrations::new(vec![
+        M::up(include_str!("../../migrations/0001_entries.sql")),
+        M::up(include_str!("../../migrations/0002_counters.sql")),
+        M::up(include_str!("../../migrations/0003_embedding_inputs.sql")),
+    ])
+}
+
+/// Opens (creating if needed) and migrates the database at `path` for writing.
+pub(crate) fn open_for_writing(path: &Path) -> Result<Connection, StoreError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            return Err(StoreError::MissingDirectory {
+                path: path.to_owned(),
+                dir: dir.to_owned(),
+            });
+        }
+    }
+    let open_err = |source| StoreError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    let mut conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(open_err)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+    // Read the header before anything writes, so a file that is not a database stays untouched.
+    if let Err(source) = conn.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(())) {
+        return Err(match source.sqlite_error_code() {
+            Some(ErrorCode::NotADatabase) => StoreError::NotADatabase {
+                path: path.to_owned(),
+                source,
+            },
+            _ => open_err(source),
+        });
+    }
+    migrations()
+        .to_latest(&mut conn)
+        .map_err(|source| match source {
+            rusqlite_migration::Error::MigrationDefinition(
+                MigrationDefinitionError::DatabaseTooFarAhead,
+            ) => StoreError::TooNew {
+                path: path.to_owned(),
+            },
+            source => StoreError::Migrate {
+                path: path.to_owned(),
+                source,
+            },
+        })?;
+    Ok(conn)
+}
+
+/// The database's salt for credential fingerprints, created on first use.
+pub(crate) fn load_or_create_salt(conn: &Connection) -> Result<[u8; 32], StoreError> {
+    let fresh: [u8; 32] = rand::random();
+    conn.execute(
+        "INSERT OR IGNORE INTO meta (name, value) VALUES ('salt', ?1)",
+        params![&fresh[..]],
+    )?;
+    conn.execute(
+        "INSERT OR IGNORE INTO meta (name, value) VALUES ('created_at', ?1)",
+        params![unix_ms(SystemTime::now())],
+    )?;
+    let salt: Vec<u8> = conn.query_row("SELECT value FROM meta WHERE name = 'salt'", [], |r| {
+        r.get(0)
+    })?;
+    salt.try_into().map_err(|_| StoreError::Damaged {
+        key: "meta.salt".into(),
+        what: "salt is not 32 bytes".into(),
+    })
+}
+
+/// Records that entries were purged, for serving processes to notice.
+pub(crate) fn bump_purge_generation(conn: &Connection) -> Result<(), rusqlite::Error> {
+    conn.execute(
+        "INSERT INTO meta (name, value) VALUES ('purge_generation', 1)
+         ON CONFLICT (name) DO UPDATE SET value = value + 1",
+        [],
+    )?;
+    Ok(())
+}
+
+/// How many purges other processes have recorded.
+pub(super) fn purge_generation(conn: &Connection) -> Result<i64, rusqlite::Error> {
+    conn.query_row(
+        "SELECT value FROM meta WHERE name = 'purge_generation'",
+        [],
+        |r| r.get(0),
+    )
+    .optional()
+    .map(Option::unwrap_or_default)
+}

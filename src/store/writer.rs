@@ -1,0 +1,190 @@
+//! The writer thread: the one owner of the write connection. It takes queued operations in
+//! batches, commits each batch with the counts tallied meanwhile in one transaction, and runs
+//! the store's upkeep between batches.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+
+use rusqlite::{Connection, params, params_from_iter};
+use tokio::sync::oneshot;
+
+use super::HIT_FLUSH_INTERVAL;
+use super::tally::{Pending, SharedPending};
+use super::upkeep::Upkeep;
+use crate::counts::Counts;
+use crate::entry::StoredAnswer;
+
+/// Most operations committed in one transaction.
+const MAX_BATCH: usize = 1024;
+
+/// What the writer is asked to do.
+pub(super) enum WriteOp {
+    Put(Arc<StoredAnswer>),
+    /// Answer once everything queued before is committed.
+    Flush(oneshot::Sender<()>),
+    /// Commit everything queued before, answer, and stop.
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// What became of one batch.
+#[derive(Default)]
+struct Committed {
+    /// Why nothing of it was committed, if it failed.
+    failure: Option<rusqlite::Error>,
+    /// Flushes and shutdowns to answer now that the batch is done with.
+    acks: Vec<oneshot::Sender<()>>,
+    /// A shutdown was among them.
+    stop: bool,
+}
+
+/// Runs until every sender is gone (the store was dropped) or a shutdown; either way, what was
+/// queued and counted before is committed first.
+pub(super) fn write_loop(
+    mut conn: Connection,
+    queue: Receiver<WriteOp>,
+    pending: SharedPending,
+    queued: &AtomicUsize,
+    mut upkeep: Upkeep,
+) {
+    loop {
+        let mut batch = Vec::new();
+        match queue.recv_timeout(HIT_FLUSH_INTERVAL) {
+            Ok(op) => batch.push(op),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                let last = commit_batch(&mut conn, Vec::new(), pending.take());
+                if let Some(e) = last.failure {
+                    tracing::error!(error = %e, "writing hit counts failed");
+                }
+                break;
+            }
+        }
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let taken = batch.len();
+        let counted = pending.take();
+        upkeep.run(&mut conn);
+        if batch.is_empty() && counted.is_empty() {
+            continue;
+        }
+        let committed = commit_batch(&mut conn, batch, counted);
+        if let Some(e) = &committed.failure {
+            tracing::error!(error = %e, "writing to the cache database failed; those entries stay in memory only");
+        }
+        queued.fetch_sub(taken, Ordering::Relaxed);
+        for ack in committed.acks {
+            let _ = ack.send(());
+        }
+        if committed.stop {
+            break;
+        }
+    }
+}
+
+/// Commits `batch` and `counted` in one transaction. Whether or not that succeeds, the
+/// flushes and shutdown in `batch` are returned, so that nobody waits forever on a failed
+/// commit.
+fn commit_batch(conn: &mut Connection, batch: Vec<WriteOp>, counted: Pending) -> Committed {
+    let mut committed = Committed::default();
+    let mut puts = Vec::with_capacity(batch.len());
+    for op in batch {
+        match op {
+            WriteOp::Put(entry) => puts.push(entry),
+            WriteOp::Flush(ack) => committed.acks.push(ack),
+            WriteOp::Shutdown(ack) => {
+                committed.acks.push(ack);
+                committed.stop = true;
+            }
+        }
+    }
+    committed.failure = write_all(conn, &puts, counted).err();
+    committed
+}
+
+fn write_all(
+    conn: &mut Connection,
+    puts: &[Arc<StoredAnswer>],
+    counted: Pending,
+) -> Result<(), rusqlite::Error> {
+    let tx = conn.transaction()?;
+    {
+        let mut put = tx.prepare_cached(
+            "INSERT INTO entries (key, namespace, route, model, status, headers, body, created_at,
+                                  expires_at, prompt_tokens, completion_tokens, total_tokens, size)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+             ON CONFLICT (key) DO UPDATE SET
+                namespace = excluded.namespace, route = excluded.route, model = excluded.model,
+                status = excluded.status, headers = excluded.headers, body = excluded.body,
+                created_at = excluded.created_at, expires_at = excluded.expires_at,
+                prompt_tokens = excluded.prompt_tokens,
+                completion_tokens = excluded.completion_tokens,
+                total_tokens = excluded.total_tokens, size = excluded.size",
+        )?;
+        for e in puts {
+            // Serializing string pairs cannot fail.
+            let headers = serde_json::to_string(&e.header_pairs()).unwrap_or_else(|_| "[]".into());
+            put.execute(params![
+                e.key.to_hex(),
+                e.namespace,
+                e.route.as_str(),
+                e.model,
+                e.status,
+                headers,
+                &e.body[..],
+                e.created_at,
+                e.expires_at,
+                tokens_to_sql(e.usage.prompt_tokens),
+                tokens_to_sql(e.usage.completion_tokens),
+                tokens_to_sql(e.usage.total_tokens),
+                i64::try_from(e.size()).unwrap_or(i64::MAX),
+            ])?;
+        }
+        // After the puts, so a hit on an entry stored in the same batch finds its row.
+        let mut hit = tx.prepare_cached(
+            "UPDATE entries SET hit_count = hit_count + ?2, last_hit_at = max(coalesce(last_hit_at, 0), ?3)
+             WHERE key = ?1",
+        )?;
+        for (key, tally) in counted.hits {
+            hit.execute(params![key.to_hex(), tally.count, tally.last_at])?;
+        }
+        let mut count = tx.prepare_cached(&add_counts_sql())?;
+        for (route, models) in counted.counters {
+            for (model, counts) in models {
+                let values = counts.values();
+                let args = [&route as &dyn rusqlite::ToSql, &model]
+                    .into_iter()
+                    .chain(values.iter().map(|v| v as &dyn rusqlite::ToSql));
+                count.execute(params_from_iter(args))?;
+            }
+        }
+    }
+    tx.commit()
+}
+
+/// `INSERT ... ON CONFLICT DO UPDATE` that adds one row of [`Counts`] to the counters of a
+/// route and model, with the route, the model and the counts' values as parameters.
+fn add_counts_sql() -> String {
+    let columns = Counts::COLUMNS;
+    let placeholders: Vec<String> = (3..3 + columns.len()).map(|i| format!("?{i}")).collect();
+    let updates: Vec<String> = columns
+        .iter()
+        .map(|c| format!("{c} = {c} + excluded.{c}"))
+        .collect();
+    format!(
+        "INSERT INTO counters (route, model, {}) VALUES (?1, ?2, {})
+         ON CONFLICT (route, model) DO UPDATE SET {}",
+        columns.join(", "),
+        placeholders.join(", "),
+        updates.join(", ")
+    )
+}
+
+// SQLite integers are signed 64-bit; token counts never come near the limit.
+fn tokens_to_sql(n: Option<u64>) -> Option<i64> {
+    n.and_then(|n| i64::try_from(n).ok())
+}
