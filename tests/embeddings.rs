@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::{EMBED_MAX_INPUT_TOKENS, FakeUpstream, Proxy, Seen, client, fake_embedding, post};
-use llm_dedup::{Dedup, EmbedSettings};
+use llm_dedup::EmbedSettings;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
@@ -19,12 +19,7 @@ async fn embed(c: &reqwest::Client, proxy: &Proxy, body: Value) -> Seen {
 
 /// A proxy in front of `upstream`, merging embeddings as `settings` say.
 async fn proxy_with(upstream: &FakeUpstream, settings: EmbedSettings) -> Proxy {
-    Proxy::start(
-        Dedup::builder()
-            .upstream(upstream.url())
-            .embeddings(settings),
-    )
-    .await
+    Proxy::start(upstream.engine().embeddings(settings)).await
 }
 
 /// A proxy whose calls wait 200 ms for other requests' inputs: long enough for requests
@@ -177,7 +172,7 @@ async fn only_inputs_not_cached_go_upstream_and_answers_keep_order_and_values() 
 #[tokio::test]
 async fn base64_and_float_answers_are_replayed_exactly_and_kept_apart() {
     let upstream = FakeUpstream::start().await;
-    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let proxy = Proxy::over(&upstream).await;
     let c = client();
     let inputs = texts(&["one", "two"]);
     for base64 in [true, false] {
@@ -199,7 +194,7 @@ async fn base64_and_float_answers_are_replayed_exactly_and_kept_apart() {
 #[tokio::test]
 async fn token_array_inputs_are_cached_one_by_one() {
     let upstream = FakeUpstream::start().await;
-    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let proxy = Proxy::over(&upstream).await;
     let c = client();
     let one = embed(&c, &proxy, json!({"model": MODEL, "input": [1234, 5678]})).await;
     assert_eq!((one.status, one.cache.as_str()), (200, "miss"));
@@ -229,7 +224,7 @@ async fn token_array_inputs_are_cached_one_by_one() {
 #[tokio::test]
 async fn repeated_inputs_in_a_request_are_sent_once() {
     let upstream = FakeUpstream::start().await;
-    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let proxy = Proxy::over(&upstream).await;
     let c = client();
     let inputs = texts(&["same words", "other", "same words", "same words"]);
     let seen = embed(&c, &proxy, json!({"model": MODEL, "input": inputs})).await;
@@ -248,7 +243,7 @@ async fn repeated_inputs_in_a_request_are_sent_once() {
 async fn two_hundred_concurrent_single_input_requests_share_a_few_calls() {
     let upstream = FakeUpstream::start().await;
     upstream.state.delay_ms.store(20, Ordering::SeqCst);
-    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let proxy = Proxy::over(&upstream).await;
     // Ten callers ask for the same sentence as another one.
     let sentences: Vec<String> = (0..200)
         .map(|i| format!("sentence number {}", i % 190))
@@ -381,7 +376,7 @@ async fn an_error_on_a_merged_call_reaches_exactly_its_callers_and_nothing_is_st
 #[tokio::test]
 async fn calls_respect_the_providers_limits_per_request() {
     let upstream = FakeUpstream::start().await;
-    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let proxy = Proxy::over(&upstream).await;
     let c = client();
     // More inputs than one call may carry: split into calls of at most 2048, answered in order.
     let inputs: Vec<Value> = (0..5000).map(|i| json!(format!("chunk {i}"))).collect();
@@ -411,7 +406,7 @@ async fn calls_respect_the_providers_limits_per_request() {
 #[tokio::test]
 async fn controls_apply_to_every_input() {
     let upstream = FakeUpstream::start().await;
-    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let proxy = Proxy::over(&upstream).await;
     let c = client();
     let url = proxy.url("/v1/embeddings");
     embed(&c, &proxy, json!({"model": MODEL, "input": ["a", "b"]})).await;
@@ -453,7 +448,7 @@ async fn controls_apply_to_every_input() {
 #[tokio::test]
 async fn azure_deployments_and_inputs_the_api_rejects() {
     let upstream = FakeUpstream::start().await;
-    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let proxy = Proxy::over(&upstream).await;
     let c = client();
     let url = proxy.url("/openai/deployments/emb/embeddings?api-version=2024-02-01");
     let azure = [("api-key", "azure-key")];
@@ -503,7 +498,7 @@ async fn inputs_stored_on_disk_are_found_after_a_restart() {
 #[tokio::test]
 async fn a_broken_answer_is_a_502_and_nothing_of_it_is_stored() {
     let upstream = FakeUpstream::start().await;
-    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let proxy = Proxy::over(&upstream).await;
     let c = client();
     upstream.state.embed_drop_last.store(true, Ordering::SeqCst);
     let body = json!({"model": MODEL, "input": ["p", "q"]});
@@ -533,7 +528,7 @@ async fn a_broken_answer_is_a_502_and_nothing_of_it_is_stored() {
 async fn a_caller_that_hangs_up_cancels_nothing_others_wait_on() {
     let upstream = FakeUpstream::start().await;
     upstream.state.delay_ms.store(400, Ordering::SeqCst);
-    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let proxy = Proxy::over(&upstream).await;
     let impatient = reqwest::Client::builder()
         .timeout(Duration::from_millis(100))
         .build()

@@ -6,15 +6,15 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{FakeUpstream, Proxy, chat, client, post};
-use llm_dedup::{Dedup, GovernorSettings};
+use common::{FakeUpstream, Proxy, RetryStyle, chat, client, post};
+use llm_dedup::GovernorSettings;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_sixty_succeeds_with_few_upstream_refusals() {
     let upstream = FakeUpstream::start().await;
     upstream.state.limit_per_sec.store(10, Ordering::SeqCst);
-    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let proxy = Proxy::over(&upstream).await;
     let c = client();
     let url = proxy.url("/v1/chat/completions");
     let tasks: Vec<_> = (0..60)
@@ -43,7 +43,7 @@ async fn a_burst_of_sixty_succeeds_with_few_upstream_refusals() {
 async fn quota_errors_are_passed_on_at_once_and_never_retried() {
     let upstream = FakeUpstream::start().await;
     upstream.state.quota_exhausted.store(true, Ordering::SeqCst);
-    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let proxy = Proxy::over(&upstream).await;
     let r = post(
         &client(),
         &proxy.url("/v1/chat/completions"),
@@ -60,11 +60,15 @@ async fn quota_errors_are_passed_on_at_once_and_never_retried() {
 
 #[tokio::test]
 async fn refusals_are_waited_out_whatever_form_retry_after_takes() {
-    for style in 0..3u8 {
+    for style in [
+        RetryStyle::Millis,
+        RetryStyle::Seconds,
+        RetryStyle::HttpDate,
+    ] {
         let upstream = FakeUpstream::start().await;
-        upstream.state.retry_style.store(style, Ordering::SeqCst);
+        upstream.state.set_retry_style(style);
         upstream.state.refuse_next.store(1, Ordering::SeqCst);
-        let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+        let proxy = Proxy::over(&upstream).await;
         let r = post(
             &client(),
             &proxy.url("/v1/embeddings"),
@@ -72,8 +76,8 @@ async fn refusals_are_waited_out_whatever_form_retry_after_takes() {
             &[],
         )
         .await;
-        assert_eq!(r.status, 200, "style {style}: {:?}", r.body);
-        assert_eq!(upstream.calls(), 2, "style {style}: one refusal, one retry");
+        assert_eq!(r.status, 200, "{style:?}: {:?}", r.body);
+        assert_eq!(upstream.calls(), 2, "{style:?}: one refusal, one retry");
         proxy.stop().await;
     }
 }
@@ -82,12 +86,10 @@ async fn refusals_are_waited_out_whatever_form_retry_after_takes() {
 async fn the_last_refusal_is_passed_on_when_the_retry_budget_is_spent() {
     let upstream = FakeUpstream::start().await;
     upstream.state.refuse_next.store(100, Ordering::SeqCst);
-    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url()).governor(
-        GovernorSettings {
-            retry_budget: Duration::from_millis(700),
-            ..GovernorSettings::default()
-        },
-    ))
+    let proxy = Proxy::start(upstream.engine().governor(GovernorSettings {
+        retry_budget: Duration::from_millis(700),
+        ..GovernorSettings::default()
+    }))
     .await;
     let r = post(
         &client(),
@@ -109,13 +111,11 @@ async fn the_last_refusal_is_passed_on_when_the_retry_budget_is_spent() {
 #[tokio::test]
 async fn a_full_queue_answers_429_with_a_retry_after_the_sdks_honour() {
     let upstream = FakeUpstream::start().await;
-    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url()).governor(
-        GovernorSettings {
-            rpm: Some(1),
-            max_queue_wait: Duration::from_millis(200),
-            ..GovernorSettings::default()
-        },
-    ))
+    let proxy = Proxy::start(upstream.engine().governor(GovernorSettings {
+        rpm: Some(1),
+        max_queue_wait: Duration::from_millis(200),
+        ..GovernorSettings::default()
+    }))
     .await;
     let c = client();
     let url = proxy.url("/v1/chat/completions");
@@ -140,12 +140,12 @@ async fn a_full_queue_answers_429_with_a_retry_after_the_sdks_honour() {
 #[tokio::test]
 async fn hits_never_wait_on_the_governor_even_while_it_is_paused() {
     let upstream = FakeUpstream::start().await;
-    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let proxy = Proxy::over(&upstream).await;
     let c = client();
     let url = proxy.url("/v1/chat/completions");
     assert_eq!(post(&c, &url, chat("cached"), &[]).await.cache, "miss");
     // The next distinct request is refused and told to wait a second: the budget pauses.
-    upstream.state.retry_style.store(1, Ordering::SeqCst);
+    upstream.state.set_retry_style(RetryStyle::Seconds);
     upstream.state.refuse_next.store(1, Ordering::SeqCst);
     let paused = {
         let (c, url) = (c.clone(), url.clone());
@@ -171,12 +171,10 @@ async fn hits_never_wait_on_the_governor_even_while_it_is_paused() {
 async fn max_concurrency_caps_simultaneous_upstream_calls() {
     let upstream = FakeUpstream::start().await;
     upstream.state.delay_ms.store(150, Ordering::SeqCst);
-    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url()).governor(
-        GovernorSettings {
-            max_concurrency: Some(2),
-            ..GovernorSettings::default()
-        },
-    ))
+    let proxy = Proxy::start(upstream.engine().governor(GovernorSettings {
+        max_concurrency: Some(2),
+        ..GovernorSettings::default()
+    }))
     .await;
     let c = client();
     let url = proxy.url("/v1/chat/completions");

@@ -7,7 +7,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{FakeUpstream, Proxy, chat, client, post, run_cli};
-use llm_dedup::Dedup;
 use serde_json::{Value, json};
 
 fn cli_json(args: &[&str]) -> Value {
@@ -395,8 +394,8 @@ async fn the_sweep_removes_expired_entries_and_keeps_the_size_bound() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("c.db");
     let proxy = Proxy::start(
-        Dedup::builder()
-            .upstream(upstream.url())
+        upstream
+            .engine()
             .database(&db)
             .max_disk(Some(1_200))
             .sweep_interval(Duration::from_millis(500)),

@@ -21,10 +21,7 @@ fn request(path: &str, body: &str) -> http::Request<Full<Bytes>> {
 #[tokio::test]
 async fn a_repeat_is_a_hit_with_the_same_body() {
     let upstream = FakeUpstream::start().await;
-    let engine = Dedup::builder()
-        .upstream(upstream.url())
-        .build()
-        .expect("engine");
+    let engine = upstream.engine().build().expect("engine");
     let first = engine
         .send(request("/v1/chat/completions", &chat("lib")))
         .await
@@ -50,10 +47,7 @@ async fn a_repeat_is_a_hit_with_the_same_body() {
 #[tokio::test]
 async fn a_refresh_replaces_what_repeats_get_next() {
     let upstream = FakeUpstream::start().await;
-    let engine = Dedup::builder()
-        .upstream(upstream.url())
-        .build()
-        .expect("engine");
+    let engine = upstream.engine().build().expect("engine");
     let ask = |cache_control: Option<&'static str>| {
         let mut r = request("/v1/chat/completions", &chat("refresh me"));
         if let Some(value) = cache_control {
@@ -86,10 +80,7 @@ async fn a_refresh_replaces_what_repeats_get_next() {
 async fn concurrent_identical_calls_share_one_upstream_call() {
     let upstream = FakeUpstream::start().await;
     upstream.state.delay_ms.store(200, Ordering::SeqCst);
-    let engine = Dedup::builder()
-        .upstream(upstream.url())
-        .build()
-        .expect("engine");
+    let engine = upstream.engine().build().expect("engine");
     let tasks: Vec<_> = (0..30)
         .map(|_| {
             let engine = engine.clone();
@@ -120,13 +111,7 @@ async fn answers_persist_across_engines_on_one_database() {
     let upstream = FakeUpstream::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("lib.sqlite3");
-    let build = || {
-        Dedup::builder()
-            .upstream(upstream.url())
-            .database(&db)
-            .build()
-            .expect("engine")
-    };
+    let build = || upstream.engine().database(&db).build().expect("engine");
     let engine = build();
     let first = engine
         .send(request("/v1/chat/completions", &chat("keep")))
@@ -151,11 +136,7 @@ async fn dropping_the_last_handle_still_commits_what_was_stored() {
     let upstream = FakeUpstream::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("drop.sqlite3");
-    let engine = Dedup::builder()
-        .upstream(upstream.url())
-        .database(&db)
-        .build()
-        .expect("engine");
+    let engine = upstream.engine().database(&db).build().expect("engine");
     let key = engine
         .send(request("/v1/chat/completions", &chat("dropped")))
         .await
@@ -188,13 +169,13 @@ async fn dropping_the_last_handle_still_commits_what_was_stored() {
 async fn two_engines_with_two_databases_do_not_interfere() {
     let upstream = FakeUpstream::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let a = Dedup::builder()
-        .upstream(upstream.url())
+    let a = upstream
+        .engine()
         .database(dir.path().join("a.db"))
         .build()
         .expect("engine a");
-    let b = Dedup::builder()
-        .upstream(upstream.url())
+    let b = upstream
+        .engine()
         .database(dir.path().join("b.db"))
         .build()
         .expect("engine b");
@@ -216,11 +197,7 @@ async fn the_proxy_and_the_library_compute_the_same_key() {
     let upstream = FakeUpstream::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("shared.sqlite3");
-    let engine = Dedup::builder()
-        .upstream(upstream.url())
-        .database(&db)
-        .build()
-        .expect("engine");
+    let engine = upstream.engine().database(&db).build().expect("engine");
     let body = chat("one key");
     let lib_key = engine
         .send(request("/v1/chat/completions", &body))
@@ -243,10 +220,7 @@ async fn the_proxy_and_the_library_compute_the_same_key() {
 #[tokio::test]
 async fn errors_say_whose_fault_they_are() {
     let upstream = FakeUpstream::start().await;
-    let engine = Dedup::builder()
-        .upstream(upstream.url())
-        .build()
-        .expect("engine");
+    let engine = upstream.engine().build().expect("engine");
     let e = engine
         .send(request("/v1/chat/completions", "{not json"))
         .await
@@ -286,10 +260,7 @@ async fn errors_say_whose_fault_they_are() {
 #[tokio::test]
 async fn streamed_answers_come_back_as_a_byte_stream() {
     let upstream = FakeUpstream::start().await;
-    let engine = Dedup::builder()
-        .upstream(upstream.url())
-        .build()
-        .expect("engine");
+    let engine = upstream.engine().build().expect("engine");
     let body = r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"s"}]}"#;
     let answer = engine
         .send(request("/v1/chat/completions", body))
@@ -317,10 +288,7 @@ mod middleware {
     async fn a_reqwest_client_gains_the_cache_with_one_with() {
         let upstream = FakeUpstream::start().await;
         upstream.state.delay_ms.store(100, Ordering::SeqCst);
-        let engine = Dedup::builder()
-            .upstream(upstream.url())
-            .build()
-            .expect("engine");
+        let engine = upstream.engine().build().expect("engine");
         let client = ClientBuilder::new(reqwest::Client::new())
             .with(DedupMiddleware::new(engine.clone()))
             .build();
@@ -366,10 +334,7 @@ mod middleware {
 #[tokio::test]
 async fn embeddings_are_cached_per_input_through_the_library_too() {
     let upstream = FakeUpstream::start().await;
-    let engine = Dedup::builder()
-        .upstream(upstream.url())
-        .build()
-        .expect("engine");
+    let engine = upstream.engine().build().expect("engine");
     let embed = |inputs: &[&str]| {
         let body = serde_json::json!({"model": "text-embedding-3-small", "input": inputs});
         engine.send(request("/v1/embeddings", &body.to_string()))

@@ -56,7 +56,7 @@ async fn a_repeat_is_answered_from_the_cache_on_every_cacheable_route() {
 async fn fifty_identical_concurrent_requests_make_one_upstream_call() {
     let upstream = FakeUpstream::start().await;
     upstream.state.delay_ms.store(300, Ordering::SeqCst);
-    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let proxy = Proxy::over(&upstream).await;
     let c = client();
     let url = proxy.url("/v1/chat/completions");
     let tasks: Vec<_> = (0..50)
@@ -114,7 +114,7 @@ async fn entries_survive_a_restart_on_the_same_database() {
 #[tokio::test]
 async fn equivalent_requests_share_an_entry_and_different_ones_never_do() {
     let upstream = FakeUpstream::start().await;
-    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let proxy = Proxy::over(&upstream).await;
     let c = client();
     let url = proxy.url("/v1/chat/completions");
     let base =
@@ -158,7 +158,7 @@ async fn api_keys_partition_the_cache_unless_it_is_shared() {
     let alice = [("authorization", "Bearer sk-alice-secret")];
     let bob = [("authorization", "Bearer sk-bob-secret")];
 
-    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let proxy = Proxy::over(&upstream).await;
     let url = proxy.url("/v1/chat/completions");
     let a = post(&c, &url, chat("q"), &alice).await;
     let b = post(&c, &url, chat("q"), &bob).await;
@@ -175,7 +175,7 @@ async fn api_keys_partition_the_cache_unless_it_is_shared() {
     );
     proxy.stop().await;
 
-    let shared = Proxy::start(Dedup::builder().upstream(upstream.url()).shared_cache(true)).await;
+    let shared = Proxy::start(upstream.engine().shared_cache(true)).await;
     let url = shared.url("/v1/chat/completions");
     assert_eq!(post(&c, &url, chat("q2"), &alice).await.cache, "miss");
     assert_eq!(post(&c, &url, chat("q2"), &bob).await.cache, "hit");
@@ -218,7 +218,7 @@ async fn no_credential_reaches_the_database() {
 #[tokio::test]
 async fn what_is_not_cacheable_passes_through_unstored() {
     let upstream = FakeUpstream::start().await;
-    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let proxy = Proxy::over(&upstream).await;
     let c = client();
 
     // GET and other paths.
@@ -272,7 +272,7 @@ async fn what_is_not_cacheable_passes_through_unstored() {
 async fn a_streamed_miss_reaches_the_client_event_by_event() {
     let upstream = FakeUpstream::start().await;
     upstream.state.hold.store(true, Ordering::SeqCst);
-    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let proxy = Proxy::over(&upstream).await;
     let body = json!({"model": "gpt-4o-mini", "stream": true,
                       "messages": [{"role": "user", "content": "hi"}]})
     .to_string();
@@ -311,7 +311,7 @@ async fn a_streamed_miss_reaches_the_client_event_by_event() {
 #[tokio::test]
 async fn cache_control_directives_steer_reads_and_writes() {
     let upstream = FakeUpstream::start().await;
-    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let proxy = Proxy::over(&upstream).await;
     let c = client();
     let url = proxy.url("/v1/chat/completions");
 
@@ -387,8 +387,8 @@ async fn bad_input_gets_a_clear_error_and_loses_nothing() {
     let upstream = FakeUpstream::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let proxy = Proxy::start(
-        Dedup::builder()
-            .upstream(upstream.url())
+        upstream
+            .engine()
             .database(dir.path().join("c.db"))
             .max_body(64 * 1024),
     )
@@ -447,7 +447,7 @@ async fn bad_input_gets_a_clear_error_and_loses_nothing() {
 #[tokio::test]
 async fn a_body_sent_in_pieces_is_the_same_request() {
     let upstream = FakeUpstream::start().await;
-    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let proxy = Proxy::over(&upstream).await;
     let c = client();
     let url = proxy.url("/v1/chat/completions");
     let body = chat("in pieces").into_bytes();
@@ -494,15 +494,12 @@ async fn upstream_failures_are_clear_and_never_stored() {
     // Slow: past the read timeout.
     let upstream = FakeUpstream::start().await;
     upstream.state.delay_ms.store(2_000, Ordering::SeqCst);
-    let proxy = Proxy::start(
-        Dedup::builder()
-            .upstream(upstream.url())
-            .governor(short_retries(0))
-            .timeouts(llm_dedup::Timeouts {
-                connect: Duration::from_secs(1),
-                read: Duration::from_millis(200),
-            }),
-    )
+    let proxy = Proxy::start(upstream.engine().governor(short_retries(0)).timeouts(
+        llm_dedup::Timeouts {
+            connect: Duration::from_secs(1),
+            read: Duration::from_millis(200),
+        },
+    ))
     .await;
     let r = post(&c, &proxy.url("/v1/chat/completions"), chat("x"), &[]).await;
     assert_eq!(r.status, 504);
@@ -513,12 +510,7 @@ async fn upstream_failures_are_clear_and_never_stored() {
     // upstream sent it, and is not stored.
     let upstream = FakeUpstream::start().await;
     upstream.state.fail_status.store(500, Ordering::SeqCst);
-    let proxy = Proxy::start(
-        Dedup::builder()
-            .upstream(upstream.url())
-            .governor(short_retries(1_200)),
-    )
-    .await;
+    let proxy = Proxy::start(upstream.engine().governor(short_retries(1_200))).await;
     let url = proxy.url("/v1/chat/completions");
     let r = post(&c, &url, chat("x"), &[]).await;
     assert_eq!(r.status, 500);
@@ -536,7 +528,7 @@ async fn upstream_failures_are_clear_and_never_stored() {
 async fn a_leader_that_hangs_up_does_not_fail_its_followers() {
     let upstream = FakeUpstream::start().await;
     upstream.state.hold.store(true, Ordering::SeqCst);
-    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let proxy = Proxy::over(&upstream).await;
     let c = client();
     let url = proxy.url("/v1/chat/completions");
 
@@ -566,7 +558,7 @@ async fn a_leader_that_hangs_up_does_not_fail_its_followers() {
 #[tokio::test]
 async fn hop_by_hop_headers_do_not_reach_the_upstream() {
     let upstream = FakeUpstream::start().await;
-    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let proxy = Proxy::over(&upstream).await;
     let c = client();
     post(
         &c,
@@ -597,43 +589,11 @@ async fn hop_by_hop_headers_do_not_reach_the_upstream() {
 }
 
 #[tokio::test]
-async fn the_health_endpoint_answers_without_the_upstream() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let dead = format!("http://{}", closed.local_addr().expect("addr"));
-    drop(closed);
-    let proxy = Proxy::start(Dedup::builder().upstream(dead)).await;
-    let r = common::seen(
-        client()
-            .get(proxy.url("/_llm-dedup/health"))
-            .send()
-            .await
-            .expect("sent"),
-    )
-    .await;
-    assert_eq!((r.status, &r.body["status"]), (200, &json!("ok")));
-    // Nothing under the operator prefix is forwarded upstream (which is down here: a
-    // forwarded request would answer 502).
-    let r = common::seen(
-        client()
-            .get(proxy.url("/_llm-dedup/nothing-here"))
-            .send()
-            .await
-            .expect("sent"),
-    )
-    .await;
-    assert_eq!(
-        (r.status, &r.body["error"]["code"]),
-        (404, &json!("not_found"))
-    );
-    proxy.stop().await;
-}
-
-#[tokio::test]
 async fn a_byte_identical_repeat_and_a_reformatted_one_get_the_same_key() {
     // The first repeat takes the exact-bytes shortcut, the reformatted one the full parse;
     // both must land on the one entry, and a changed body must not.
     let upstream = FakeUpstream::start().await;
-    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let proxy = Proxy::over(&upstream).await;
     let c = client();
     let url = proxy.url("/v1/embeddings");
     let body = r#"{"model":"e","input":"same"}"#;

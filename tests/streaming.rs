@@ -7,8 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{FakeUpstream, Proxy, client, stream_events};
-use llm_dedup::Dedup;
+use common::{FakeUpstream, Proxy, StreamEnd, client, stream_events};
 use serde_json::{Value, json};
 
 /// A streamed request body for `path`, in that API's shape.
@@ -50,7 +49,7 @@ async fn read_all(c: &reqwest::Client, url: &str, body: String) -> (String, Stri
 async fn each_framing_is_replayed_byte_for_byte() {
     let upstream = FakeUpstream::start().await;
     upstream.state.chunk_delay_ms.store(5, Ordering::SeqCst);
-    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let proxy = Proxy::over(&upstream).await;
     let c = client();
     for (i, path) in ["/v1/chat/completions", "/v1/responses", "/v1/messages"]
         .into_iter()
@@ -103,7 +102,7 @@ async fn each_framing_is_replayed_byte_for_byte() {
 async fn ten_identical_streams_share_one_upstream_call_live() {
     let upstream = FakeUpstream::start().await;
     upstream.state.hold.store(true, Ordering::SeqCst);
-    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let proxy = Proxy::over(&upstream).await;
     let c = client();
     let url = proxy.url("/v1/chat/completions");
 
@@ -164,7 +163,7 @@ async fn ten_identical_streams_share_one_upstream_call_live() {
 async fn a_leader_hanging_up_mid_stream_cuts_nothing_for_its_followers() {
     let upstream = FakeUpstream::start().await;
     upstream.state.hold.store(true, Ordering::SeqCst);
-    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let proxy = Proxy::over(&upstream).await;
     let c = client();
     let url = proxy.url("/v1/messages");
     let mut leader = send(&c, &url, streamed("/v1/messages", "hang up"))
@@ -201,8 +200,8 @@ async fn a_leader_hanging_up_mid_stream_cuts_nothing_for_its_followers() {
 #[tokio::test]
 async fn a_cut_stream_is_passed_on_as_it_came_and_never_stored() {
     let upstream = FakeUpstream::start().await;
-    upstream.state.stream_mode.store(1, Ordering::SeqCst);
-    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    upstream.state.set_stream_end(StreamEnd::Cut);
+    let proxy = Proxy::over(&upstream).await;
     let c = client();
     let url = proxy.url("/v1/chat/completions");
     let resp = send(&c, &url, streamed("/v1/chat/completions", "cut"))
@@ -215,7 +214,7 @@ async fn a_cut_stream_is_passed_on_as_it_came_and_never_stored() {
         resp.bytes().await.is_err(),
         "a cut stream must not look complete"
     );
-    upstream.state.stream_mode.store(0, Ordering::SeqCst);
+    upstream.state.set_stream_end(StreamEnd::Complete);
     let (cache, _, body) = read_all(&c, &url, streamed("/v1/chat/completions", "cut")).await;
     assert_eq!(cache, "miss", "nothing was stored");
     assert!(body.ends_with(b"data: [DONE]\n\n"));
@@ -226,8 +225,8 @@ async fn a_cut_stream_is_passed_on_as_it_came_and_never_stored() {
 #[tokio::test]
 async fn a_stream_with_an_error_event_is_never_stored() {
     let upstream = FakeUpstream::start().await;
-    upstream.state.stream_mode.store(2, Ordering::SeqCst);
-    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    upstream.state.set_stream_end(StreamEnd::ErrorEvent);
+    let proxy = Proxy::over(&upstream).await;
     let c = client();
     let url = proxy.url("/v1/responses");
     let (cache, _, body) = read_all(&c, &url, streamed("/v1/responses", "err")).await;
@@ -245,12 +244,7 @@ async fn a_stream_with_an_error_event_is_never_stored() {
 #[tokio::test]
 async fn cache_controls_and_limits_apply_to_streams() {
     let upstream = FakeUpstream::start().await;
-    let proxy = Proxy::start(
-        Dedup::builder()
-            .upstream(upstream.url())
-            .max_stream_bytes(200),
-    )
-    .await;
+    let proxy = Proxy::start(upstream.engine().max_stream_bytes(200)).await;
     let c = client();
     let url = proxy.url("/v1/chat/completions");
     let body = || streamed("/v1/chat/completions", "controls");
@@ -263,7 +257,7 @@ async fn cache_controls_and_limits_apply_to_streams() {
     assert_eq!(cache, "miss", "too large to store");
     proxy.stop().await;
 
-    let proxy = Proxy::start(Dedup::builder().upstream(upstream.url())).await;
+    let proxy = Proxy::over(&upstream).await;
     let url = proxy.url("/v1/chat/completions");
     let r = send(&c, &url, body())
         .header("cache-control", "no-store")

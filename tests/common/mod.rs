@@ -35,9 +35,8 @@ pub struct FakeState {
     pub release: Notify,
     /// Signalled on every call received.
     pub arrived: Notify,
-    /// How streams end: 0 normally, 1 cut after the first event (connection dropped),
-    /// 2 with an error event after the first one.
-    pub stream_mode: std::sync::atomic::AtomicU8,
+    /// How streams end.
+    stream_end: Mutex<StreamEnd>,
     /// Delay between stream events, in milliseconds.
     pub chunk_delay_ms: AtomicU64,
     /// Requests per second allowed (0: no limit); past it, 429 with `retry-after-ms`.
@@ -47,10 +46,10 @@ pub struct FakeState {
     pub refusals: AtomicUsize,
     /// Answer every call 429 `insufficient_quota`.
     pub quota_exhausted: std::sync::atomic::AtomicBool,
-    /// Refuse this many calls with 429 `rate_limit_exceeded`, asking to wait 300 ms as
-    /// `retry_style` says: 0 `retry-after-ms`, 1 `retry-after` seconds (1 s), 2 an HTTP date.
+    /// Refuse this many calls with 429 `rate_limit_exceeded`, asking to wait as
+    /// `retry_style` says.
     pub refuse_next: AtomicUsize,
-    pub retry_style: std::sync::atomic::AtomicU8,
+    retry_style: Mutex<RetryStyle>,
     /// Calls being answered right now, and the most at once.
     pub in_progress: AtomicUsize,
     pub peak_in_progress: AtomicUsize,
@@ -62,6 +61,40 @@ pub struct FakeState {
     pub embed_inputs: AtomicUsize,
     /// Answer embeddings requests with one embedding too few (a broken upstream).
     pub embed_drop_last: std::sync::atomic::AtomicBool,
+}
+
+/// How the fake ends its streams.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// With the framing's end marker.
+    #[default]
+    Complete,
+    /// Cut after the first event: the connection drops.
+    Cut,
+    /// An error event after the first event.
+    ErrorEvent,
+}
+
+/// How the fake asks a refused client to wait.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RetryStyle {
+    /// `retry-after-ms: 300`.
+    #[default]
+    Millis,
+    /// `retry-after: 1` (seconds).
+    Seconds,
+    /// `retry-after` as an HTTP date one second away.
+    HttpDate,
+}
+
+impl FakeState {
+    pub fn set_stream_end(&self, end: StreamEnd) {
+        *self.stream_end.lock().expect("lock") = end;
+    }
+
+    pub fn set_retry_style(&self, style: RetryStyle) {
+        *self.retry_style.lock().expect("lock") = style;
+    }
 }
 
 pub struct FakeUpstream {
@@ -90,6 +123,11 @@ impl FakeUpstream {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// An engine in front of this upstream, every other setting at its default.
+    pub fn engine(&self) -> DedupBuilder {
+        Dedup::builder().upstream(self.url())
     }
 
     pub fn calls(&self) -> usize {
@@ -146,10 +184,11 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
         .is_ok()
     {
         state.refusals.fetch_add(1, Ordering::SeqCst);
-        let retry = match state.retry_style.load(Ordering::SeqCst) {
-            0 => ("retry-after-ms", "300".to_owned()),
-            1 => ("retry-after", "1".to_owned()),
-            _ => (
+        let style = *state.retry_style.lock().expect("lock");
+        let retry = match style {
+            RetryStyle::Millis => ("retry-after-ms", "300".to_owned()),
+            RetryStyle::Seconds => ("retry-after", "1".to_owned()),
+            RetryStyle::HttpDate => (
                 "retry-after",
                 httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(1)),
             ),
@@ -566,18 +605,19 @@ fn stream(state: Arc<FakeState>, n: usize, path: &str, model: String, usage: boo
         if state.hold.load(Ordering::SeqCst) {
             state.release.notified().await;
         }
-        match state.stream_mode.load(Ordering::SeqCst) {
-            1 => {
+        let end = *state.stream_end.lock().expect("lock");
+        match end {
+            StreamEnd::Cut => {
                 let _ = tx
                     .send(Err(std::io::Error::other("connection dropped")))
                     .await;
                 return;
             }
-            2 => {
+            StreamEnd::ErrorEvent => {
                 let error = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n";
                 let _ = tx.send(Ok(Bytes::from_static(error.as_bytes()))).await;
             }
-            _ => {}
+            StreamEnd::Complete => {}
         }
         for event in events {
             let delay = state.chunk_delay_ms.load(Ordering::SeqCst);
@@ -629,9 +669,14 @@ impl Proxy {
         }
     }
 
+    /// A proxy in front of `upstream`, every setting at its default (no database).
+    pub async fn over(upstream: &FakeUpstream) -> Proxy {
+        Proxy::start(upstream.engine()).await
+    }
+
     /// A proxy in front of `upstream` with a database at `db`.
     pub async fn with_db(upstream: &FakeUpstream, db: &Path) -> Proxy {
-        Proxy::start(Dedup::builder().upstream(upstream.url()).database(db)).await
+        Proxy::start(upstream.engine().database(db)).await
     }
 
     pub fn url(&self, path: &str) -> String {
