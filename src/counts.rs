@@ -1,121 +1,79 @@
 //! What requests did, per route and model: the counters the database keeps and `stats` shows.
 //!
-//! This module owns the list of counters. Every other place that needs it (the SQL that adds
-//! a batch of counts, the inspector's sums) goes through [`Counts::COLUMNS`] and
-//! [`Counts::values`], so the list is spelled out once. It is a leaf: it imports nothing of
-//! the crate.
+//! This module owns the list of counters, spelled out once (in `counters!` below). Every
+//! other place that needs it (the SQL that adds a batch of counts, the inspector's sums) goes
+//! through [`Counts::COLUMNS`] and [`Counts::values`]. It is a leaf: it imports nothing of the
+//! crate.
 
 use serde::{Deserialize, Serialize};
 
-/// What requests did, per route and model: the `counters` table's columns.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Counts {
+/// Defines [`Counts`] from one list of its counters: the struct, [`Counts::COLUMNS`],
+/// [`Counts::values`], [`Counts::from_values`] and [`Counts::add`] all come from it, so no
+/// other place spells the list out.
+macro_rules! counters {
+    ($($(#[doc = $doc:literal])* $field:ident,)*) => {
+        /// What requests did, per route and model: the `counters` table's columns.
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+        pub struct Counts {
+            $($(#[doc = $doc])* pub $field: i64,)*
+        }
+
+        impl Counts {
+            /// The `counters` table's column of each counter, in the order of
+            /// [`Counts::values`].
+            pub const COLUMNS: [&'static str; COUNTERS] = [$(stringify!($field)),*];
+
+            /// The counters, in the order of [`Counts::COLUMNS`].
+            pub fn values(&self) -> [i64; COUNTERS] {
+                [$(self.$field),*]
+            }
+
+            /// The counts whose [`Counts::values`] are `v`.
+            pub fn from_values(v: [i64; COUNTERS]) -> Counts {
+                let [$($field),*] = v;
+                Counts { $($field),* }
+            }
+
+            /// Adds `other` into `self`, field by field: this runs on every hit. Token counts
+            /// are capped where they are read ([`crate::usage::Usage`]), so no realistic sum
+            /// comes near `i64::MAX`; one that did would wrap, never panic.
+            pub fn add(&mut self, other: &Counts) {
+                $(self.$field = self.$field.wrapping_add(other.$field);)*
+            }
+        }
+    };
+}
+
+counters! {
     /// Requests answered.
-    pub requests: i64,
+    requests,
     /// Answered from the cache.
-    pub hits: i64,
+    hits,
     /// Answered by an identical request's upstream call.
-    pub coalesced: i64,
+    coalesced,
     /// Answered by their own upstream call.
-    pub misses: i64,
+    misses,
     /// Embedding requests answered partly from the cache.
-    pub partials: i64,
+    partials,
     /// Not cacheable (or `no-store`), passed through.
-    pub bypasses: i64,
+    bypasses,
     /// Calls made to the upstream.
-    pub upstream_calls: i64,
+    upstream_calls,
     /// Upstream `429` answers absorbed by retrying.
-    pub upstream_429s: i64,
+    upstream_429s,
     /// Prompt tokens the provider did not have to process thanks to the cache.
-    pub saved_prompt_tokens: i64,
+    saved_prompt_tokens,
     /// Completion tokens the provider did not have to generate thanks to the cache.
-    pub saved_completion_tokens: i64,
+    saved_completion_tokens,
     /// Embedding inputs received.
-    pub inputs: i64,
+    inputs,
     /// Embedding inputs that did not go upstream: cached, shared with an identical input in
     /// flight, or repeated within their request.
-    pub inputs_saved: i64,
+    inputs_saved,
 }
 
 /// How many counters there are.
 pub const COUNTERS: usize = 12;
-
-impl Counts {
-    /// The `counters` table's column of each counter, in the order of [`Counts::values`].
-    pub const COLUMNS: [&'static str; COUNTERS] = [
-        "requests",
-        "hits",
-        "coalesced",
-        "misses",
-        "partials",
-        "bypasses",
-        "upstream_calls",
-        "upstream_429s",
-        "saved_prompt_tokens",
-        "saved_completion_tokens",
-        "inputs",
-        "inputs_saved",
-    ];
-
-    /// The counters, in the order of [`Counts::COLUMNS`].
-    pub fn values(&self) -> [i64; COUNTERS] {
-        [
-            self.requests,
-            self.hits,
-            self.coalesced,
-            self.misses,
-            self.partials,
-            self.bypasses,
-            self.upstream_calls,
-            self.upstream_429s,
-            self.saved_prompt_tokens,
-            self.saved_completion_tokens,
-            self.inputs,
-            self.inputs_saved,
-        ]
-    }
-
-    /// The counts whose [`Counts::values`] are `v`.
-    pub fn from_values(v: [i64; COUNTERS]) -> Counts {
-        let [
-            requests,
-            hits,
-            coalesced,
-            misses,
-            partials,
-            bypasses,
-            upstream_calls,
-            upstream_429s,
-            saved_prompt_tokens,
-            saved_completion_tokens,
-            inputs,
-            inputs_saved,
-        ] = v;
-        Counts {
-            requests,
-            hits,
-            coalesced,
-            misses,
-            partials,
-            bypasses,
-            upstream_calls,
-            upstream_429s,
-            saved_prompt_tokens,
-            saved_completion_tokens,
-            inputs,
-            inputs_saved,
-        }
-    }
-
-    /// Adds `other` into `self` (saturating: a counter never wraps).
-    pub fn add(&mut self, other: &Counts) {
-        let mut sum = self.values();
-        for (ours, theirs) in sum.iter_mut().zip(other.values()) {
-            *ours = ours.saturating_add(theirs);
-        }
-        *self = Counts::from_values(sum);
-    }
-}
 
 #[cfg(test)]
 mod tests {

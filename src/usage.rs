@@ -6,6 +6,10 @@
 
 use serde_json::Value;
 
+/// The most tokens one answer is taken to report in one count (2^32, far beyond any model's
+/// context).
+pub const MAX_TOKENS: u64 = 1 << 32;
+
 /// Token usage reported by the upstream in the answer's `usage`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -33,9 +37,16 @@ impl Usage {
     }
 
     /// Reads a `usage` object in any provider's shape: `prompt_tokens` / `completion_tokens`
-    /// (OpenAI) or `input_tokens` / `output_tokens` (Responses, Anthropic).
+    /// (OpenAI) or `input_tokens` / `output_tokens` (Responses, Anthropic). A count above
+    /// [`MAX_TOKENS`] is read as that: no answer is that long, and sums of counts stay far
+    /// from overflowing.
     pub fn read(usage: &Value) -> Usage {
-        let field = |names: &[&str]| names.iter().find_map(|n| usage.get(*n)?.as_u64());
+        let field = |names: &[&str]| {
+            names
+                .iter()
+                .find_map(|n| usage.get(*n)?.as_u64())
+                .map(|n| n.min(MAX_TOKENS))
+        };
         Usage {
             prompt_tokens: field(&["prompt_tokens", "input_tokens"]),
             completion_tokens: field(&["completion_tokens", "output_tokens"]),
@@ -87,5 +98,14 @@ mod tests {
         let embeddings = br#"{"usage":{"prompt_tokens":4,"total_tokens":4}}"#;
         assert_eq!(Usage::from_body(embeddings).completion_tokens, None);
         assert_eq!(Usage::from_body(b"not json"), Usage::default());
+        // A hostile count is capped, so adding it up cannot overflow.
+        let huge = format!(
+            r#"{{"usage":{{"prompt_tokens":{},"completion_tokens":{}}}}}"#,
+            u64::MAX,
+            u64::MAX
+        );
+        let usage = Usage::from_body(huge.as_bytes());
+        assert_eq!(usage.prompt_tokens, Some(MAX_TOKENS));
+        assert_eq!(usage.total_tokens, Some(2 * MAX_TOKENS));
     }
 }

@@ -50,6 +50,7 @@ pub(super) struct Outbound {
 
 impl Outbound {
     /// A request with its whole body, not keyed yet.
+    #[inline]
     pub(super) fn new(head: Parts, body: Bytes) -> Outbound {
         Outbound {
             path_and_query: path_and_query(&head),
@@ -62,6 +63,7 @@ impl Outbound {
     }
 }
 
+#[inline]
 fn path_and_query(head: &Parts) -> String {
     head.uri
         .path_and_query()
@@ -101,6 +103,7 @@ pub(super) enum Parsed {
 
 impl Engine {
     /// Reads the route and the controls of a request from its head.
+    #[inline]
     pub(super) fn classify(&self, head: &Parts) -> Result<Class, Error> {
         let controls = CacheControls::from_headers(&head.headers)
             .map_err(|m| Error::new(ErrorKind::InvalidRequest, m))?;

@@ -71,6 +71,7 @@ impl Engine {
     /// Everything that goes into a request's cache key, as received (headers in the order
     /// sent, body unparsed), each part prefixed by its length. Equal bytes mean equal keys;
     /// the converse does not hold, and need not: a request not recognised takes the full path.
+    #[inline]
     pub(super) fn exact_request(&self, out: &Outbound, namespace: &str) -> ExactRequest {
         let mut preimage = Vec::with_capacity(out.body.len() + 256);
         let mut part = |bytes: &[u8]| {

@@ -1,7 +1,7 @@
 //! The engine: one request's path from classification to answer.
 //!
 //! This module owns the request path of the design; the proxy and library users both go
-//! through [`Dedup`], and no caching decision is made anywhere else. [`Engine::send`] reads top
+//! through [`Dedup`], and no caching decision is made anywhere else. [`Dedup::send`] reads top
 //! down, one phase a file:
 //!
 //! 1. `classify`: the route, the request's cache controls, its body; stateful requests and
@@ -17,8 +17,8 @@
 //! Embeddings take their own path after classification (`embed`): per input, with inputs of
 //! concurrent requests merged into shared upstream calls.
 //!
-//! Every method of the request path is on [`Engine`], next to the others of its phase; a
-//! [`Dedup`] is a handle on one `Engine`.
+//! Every method of the request path is on `Engine`, next to the others of its phase; a
+//! [`Dedup`] is a handle on one `Engine`, and `Dedup::send` only strings the phases together.
 //!
 //! # Architecture invariants kept here
 //!
@@ -44,6 +44,7 @@ mod render;
 mod stream;
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::Request;
@@ -125,12 +126,35 @@ impl Dedup {
 
     /// Answers one request: from the cache, from an identical request in flight, or from the
     /// upstream. Requests that are not cacheable pass through, their bodies streamed both ways.
+    ///
+    /// This is the request path, top down. Only a repeat this thread answered from memory
+    /// before is answered without boxing: every other path is boxed, so the future of the
+    /// common case stays small (it is moved on every request).
     pub async fn send<B>(&self, request: Request<B>) -> Result<Answer, Error>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        self.engine.send(request).await
+        let engine = &self.engine;
+        let (head, body) = request.into_parts();
+        // 1. Classify: may the cache answer this request at all?
+        let (route, controls) = match engine.classify(&head)? {
+            Class::Cacheable(route, controls) => (route, controls),
+            Class::Bypass(reason) => {
+                let bypassed = engine.bypassed(head, body, reason);
+                return Box::pin(engine.pass_through(bypassed)).await;
+            }
+        };
+        let body = engine.read_body(body).await?;
+        let out = Outbound::new(head, body);
+        let exact = engine.exact_request(&out, &controls.namespace);
+        // 2. A repeat this thread answered from memory before: no key, no lookup.
+        let now = SystemTime::now();
+        if let Some(entry) = engine.recall(&exact, &controls, now) {
+            return Ok(engine.hit(&entry, now));
+        }
+        // 3. Everything else: key, memory, disk, flight, upstream.
+        Box::pin(engine.answer_keyed(out, route, controls, exact)).await
     }
 
     /// Waits for every upstream call in progress to finish and its answer to be stored, then
@@ -188,34 +212,6 @@ impl Dedup {
 }
 
 impl Engine {
-    /// The request path. Only a repeat this thread answered from memory before is answered
-    /// without boxing: every other path is boxed, so the future of the common case stays
-    /// small (it is moved on every request).
-    async fn send<B>(self: &Arc<Self>, request: Request<B>) -> Result<Answer, Error>
-    where
-        B: http_body::Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<BoxError>,
-    {
-        let (head, body) = request.into_parts();
-        // 1. Classify: may the cache answer this request at all?
-        let (route, controls) = match self.classify(&head)? {
-            Class::Cacheable(route, controls) => (route, controls),
-            Class::Bypass(reason) => {
-                let bypassed = self.bypassed(head, body, reason);
-                return Box::pin(self.pass_through(bypassed)).await;
-            }
-        };
-        let body = self.read_body(body).await?;
-        let out = Outbound::new(head, body);
-        let exact = self.exact_request(&out, &controls.namespace);
-        // 2. A repeat this thread answered from memory before: no key, no lookup.
-        if let Some(hit) = self.recall(&exact, &controls) {
-            return Ok(hit);
-        }
-        // 3. Everything else: key, memory, disk, flight, upstream.
-        Box::pin(self.answer_keyed(out, route, controls, exact)).await
-    }
-
     /// The path of a cacheable request past this thread's shortcuts.
     async fn answer_keyed(
         self: &Arc<Self>,
