@@ -19,6 +19,22 @@ static NAMESPACE: HeaderName = HeaderName::from_static(NAMESPACE_HEADER);
 /// Longest namespace accepted.
 const MAX_NAMESPACE_LEN: usize = 128;
 
+/// Longest time to live a request may ask for: ten years. Past that, an expiry time stops
+/// meaning anything (and far enough past it, no clock can hold it).
+pub const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Largest `max-age` taken as given: RFC 9111 §1.2.2 reads any larger delta-seconds, however
+/// many digits it has, as 2^31.
+const MAX_AGE_CAP: u64 = 1 << 31;
+
+/// Reads delta-seconds (RFC 9111 §1.2.2: one or more digits, nothing else), saturating.
+fn delta_seconds(text: &str) -> Option<u64> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(text.parse::<u64>().unwrap_or(u64::MAX))
+}
+
 /// What a request asks of the cache.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CacheControls {
@@ -70,12 +86,12 @@ impl CacheControls {
                     "no-cache" => c.no_cache = true,
                     "only-if-cached" => c.only_if_cached = true,
                     "max-age" => {
-                        let secs = arg.and_then(|a| a.parse::<u64>().ok()).ok_or_else(|| {
+                        let secs = arg.and_then(delta_seconds).ok_or_else(|| {
                             format!(
                                 "Cache-Control max-age must be whole seconds, got {directive:?}"
                             )
                         })?;
-                        c.max_age = Some(Duration::from_secs(secs));
+                        c.max_age = Some(Duration::from_secs(secs.min(MAX_AGE_CAP)));
                     }
                     _ => {}
                 }
@@ -85,10 +101,13 @@ impl CacheControls {
             let secs = ttl
                 .to_str()
                 .ok()
-                .and_then(|t| t.trim().parse::<u64>().ok())
-                .filter(|s| *s > 0)
+                .and_then(|t| delta_seconds(t.trim()))
+                .filter(|s| (1..=MAX_TTL.as_secs()).contains(s))
                 .ok_or_else(|| {
-                    format!("{TTL_HEADER} must be a positive whole number of seconds")
+                    format!(
+                        "{TTL_HEADER} must be a whole number of seconds from 1 to {} (ten years)",
+                        MAX_TTL.as_secs()
+                    )
                 })?;
             c.ttl = Some(Duration::from_secs(secs));
         }
@@ -156,6 +175,21 @@ mod tests {
         assert!(e.contains("llm-dedup-ttl"));
         assert!(parse(&[("llm-dedup-ttl", "0")]).is_err());
         assert!(parse(&[("llm-dedup-namespace", "two words")]).is_err());
+        assert!(parse(&[("cache-control", "max-age=+5")]).is_err());
+        assert!(parse(&[("cache-control", "max-age=")]).is_err());
+        for huge in ["18446744073709551615", "18446744073709551616", "315360001"] {
+            let e = parse(&[("llm-dedup-ttl", huge)]).expect_err("past ten years");
+            assert!(e.contains("llm-dedup-ttl"), "{e}");
+        }
+        assert_eq!(
+            parse(&[("llm-dedup-ttl", "315360000")])
+                .expect("ten years")
+                .ttl,
+            Some(MAX_TTL)
+        );
+        // A max-age of any size is read, as at most 2^31 seconds.
+        let c = parse(&[("cache-control", "max-age=99999999999999999999999")]).expect("valid");
+        assert_eq!(c.max_age, Some(Duration::from_secs(1 << 31)));
     }
 
     #[test]

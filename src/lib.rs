@@ -74,6 +74,7 @@ mod inflight;
 pub mod key;
 mod route;
 mod sse;
+mod throttle;
 mod usage;
 
 // The engine and what it is made of.
@@ -119,6 +120,7 @@ mod architecture {
         ("key", include_str!("key.rs")),
         ("route", include_str!("route.rs")),
         ("sse", include_str!("sse.rs")),
+        ("throttle", include_str!("throttle.rs")),
         ("usage", include_str!("usage.rs")),
     ];
 

@@ -132,14 +132,24 @@ pub fn bypass_reason(route: Route, body: &Value) -> Option<BypassReason> {
     None
 }
 
-/// The model a request names: the body's `model`, else an Azure deployment name.
+/// Longest model name kept: one that is longer (a client can send anything) is cut to this
+/// many characters wherever it is counted, stored or shown.
+pub const MAX_MODEL_CHARS: usize = 128;
+
+/// The model a request names: the body's `model`, else an Azure deployment name; at most
+/// [`MAX_MODEL_CHARS`] characters of it.
 pub fn model_of(path: &str, body: &Value) -> Option<String> {
-    if let Some(model) = body.get("model").and_then(Value::as_str) {
-        return Some(model.to_owned());
-    }
-    let rest = path.strip_prefix("/openai/deployments/")?;
-    let name = rest.split('/').next().filter(|n| !n.is_empty())?;
-    Some(name.to_owned())
+    let named = match body.get("model").and_then(Value::as_str) {
+        Some(model) => model,
+        None => {
+            let rest = path.strip_prefix("/openai/deployments/")?;
+            rest.split('/').next().filter(|n| !n.is_empty())?
+        }
+    };
+    Some(match named.char_indices().nth(MAX_MODEL_CHARS) {
+        Some((cut, _)) => named[..cut].to_owned(),
+        None => named.to_owned(),
+    })
 }
 
 #[cfg(test)]
@@ -214,5 +224,8 @@ mod tests {
             Some("prod-4o")
         );
         assert_eq!(model_of("/v1/embeddings", &json!({})), None);
+        let long = "é".repeat(500);
+        let kept = model_of("/v1/embeddings", &json!({"model": long})).expect("named");
+        assert_eq!(kept.chars().count(), MAX_MODEL_CHARS);
     }
 }

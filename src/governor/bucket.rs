@@ -47,7 +47,9 @@ impl Bucket {
         if missing <= 0.0 || self.per_second <= 0.0 {
             return Duration::ZERO;
         }
-        Duration::from_secs_f64(missing / self.per_second)
+        // Finite and positive, as every number a bucket learns is; a wait too long to hold is
+        // read as an hour, and the queue deadline decides.
+        Duration::try_from_secs_f64(missing / self.per_second).unwrap_or(Duration::from_secs(3600))
     }
 
     /// Takes what the upstream says is left and how long until it is full again.

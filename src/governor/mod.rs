@@ -32,7 +32,9 @@ mod signals;
 
 use bucket::{Bucket, learn};
 use signals::RateLimits;
-pub(crate) use signals::{Disposition, backoff, classify, estimate_tokens, retry_after};
+pub(crate) use signals::{
+    Disposition, MAX_SERVER_WAIT, backoff, classify, estimate_tokens, retry_after,
+};
 
 /// The operator's settings for the governor.
 #[derive(Debug, Clone, Copy)]
@@ -72,6 +74,8 @@ struct BudgetState {
     requests: Option<Bucket>,
     tokens: Option<Bucket>,
     paused_until: Option<Instant>,
+    /// When a request last asked for this budget or taught it something.
+    last_used: Option<Instant>,
     /// An answer has come back (with or without rate-limit headers) since the budget was
     /// created: there is no more reason to probe one request at a time.
     probed: bool,
@@ -130,18 +134,71 @@ impl From<QueueFull> for Error {
     }
 }
 
+/// Longest a retry budget or a queue wait may be set to: a day. Longer settings are read as
+/// this, so that no deadline computed from them can overflow a clock.
+pub const MAX_SETTING_WAIT: Duration = Duration::from_secs(24 * 3600);
+
+/// A budget nobody used for this long has refilled whatever it learned (budgets are per
+/// minute): it is dropped, and learned again if its credential comes back.
+const IDLE_BUDGET: Duration = Duration::from_secs(60);
+
+/// How often the budgets are looked over for idle ones.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// Most budgets kept. Past this, idle budgets go at once, however recently they were used
+/// (each costs about 300 bytes; random credentials must not grow the table without end).
+const MAX_BUDGETS: usize = 10_000;
+
 /// Budgets per credential partition.
+///
+/// # Memory
+///
+/// One budget per credential partition seen, dropped once idle for [`IDLE_BUDGET`]; never more
+/// than [`MAX_BUDGETS`] idle ones. Budgets in use (a request waiting or sending) are kept.
 pub(crate) struct Governor {
     settings: GovernorSettings,
-    budgets: Mutex<HashMap<Partition, Arc<Budget>>>,
+    budgets: Mutex<Budgets>,
     slots: Option<Arc<tokio::sync::Semaphore>>,
 }
 
+/// The budgets and when they were last looked over.
+#[derive(Default)]
+struct Budgets {
+    by_partition: HashMap<Partition, Arc<Budget>>,
+    swept_at: Option<Instant>,
+}
+
+impl Budgets {
+    /// Drops idle budgets: those nobody holds and nobody used for [`IDLE_BUDGET`], or, while
+    /// there are too many, any nobody holds and no pause is running on.
+    fn sweep(&mut self, now: Instant) {
+        let crowded = self.by_partition.len() >= MAX_BUDGETS;
+        self.by_partition.retain(|_, budget| {
+            if Arc::strong_count(budget) > 1 {
+                return true;
+            }
+            let s = budget.state.lock().unwrap_or_else(|e| e.into_inner());
+            let paused = s.paused_until.is_some_and(|p| p > now);
+            let recent = s
+                .last_used
+                .is_some_and(|at| now.saturating_duration_since(at) < IDLE_BUDGET);
+            paused || (recent && !crowded)
+        });
+        self.swept_at = Some(now);
+    }
+}
+
 impl Governor {
+    /// A governor with `settings`; waits longer than [`MAX_SETTING_WAIT`] are read as that.
     pub(crate) fn new(settings: GovernorSettings) -> Governor {
+        let settings = GovernorSettings {
+            retry_budget: settings.retry_budget.min(MAX_SETTING_WAIT),
+            max_queue_wait: settings.max_queue_wait.min(MAX_SETTING_WAIT),
+            ..settings
+        };
         Governor {
             settings,
-            budgets: Mutex::new(HashMap::new()),
+            budgets: Mutex::new(Budgets::default()),
             slots: settings
                 .max_concurrency
                 .map(|n| Arc::new(tokio::sync::Semaphore::new(n.max(1)))),
@@ -152,12 +209,20 @@ impl Governor {
         &self.settings
     }
 
+    /// The budget of `partition`, made if it has none; idle budgets are dropped on the way.
     fn budget(&self, partition: &Partition) -> Arc<Budget> {
+        let now = Instant::now();
         let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
-        budgets
+        let due = budgets
+            .swept_at
+            .is_none_or(|at| now.saturating_duration_since(at) >= SWEEP_EVERY);
+        if due || budgets.by_partition.len() >= MAX_BUDGETS {
+            budgets.sweep(now);
+        }
+        let budget = budgets
+            .by_partition
             .entry(*partition)
             .or_insert_with(|| {
-                let now = Instant::now();
                 let budget = Budget::default();
                 if let Ok(mut s) = budget.state.lock() {
                     s.requests = self.settings.rpm.map(|r| Bucket::per_minute(r, now));
@@ -165,7 +230,21 @@ impl Governor {
                 }
                 Arc::new(budget)
             })
-            .clone()
+            .clone();
+        drop(budgets);
+        budget
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last_used = Some(now);
+        budget
+    }
+
+    /// How many budgets are kept right now.
+    #[cfg(test)]
+    fn budget_count(&self) -> usize {
+        let budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        budgets.by_partition.len()
     }
 
     /// Waits in line until the budget of `partition` allows a request estimated at `tokens`,
@@ -177,12 +256,14 @@ impl Governor {
         deadline: Instant,
     ) -> Result<Permit, QueueFull> {
         let budget = self.budget(partition);
-        let full = |at: Instant| QueueFull {
-            retry_after: at.saturating_duration_since(Instant::now()),
+        // Come back a second after the deadline this request could not meet.
+        let full = || QueueFull {
+            retry_after: deadline.saturating_duration_since(Instant::now())
+                + Duration::from_secs(1),
         };
         let Ok(turn) = tokio::time::timeout_at(deadline, budget.turn.clone().lock_owned()).await
         else {
-            return Err(full(deadline + Duration::from_secs(1)));
+            return Err(full());
         };
         loop {
             let now = Instant::now();
@@ -213,8 +294,8 @@ impl Governor {
             if wait.is_zero() {
                 break;
             }
-            if now + wait > deadline {
-                return Err(full(now + wait));
+            if now.checked_add(wait).is_none_or(|at| at > deadline) {
+                return Err(QueueFull { retry_after: wait });
             }
             // In short slices: what other answers teach about the budget meanwhile (a pace
             // learned, a pause) takes effect at once instead of after a stale wait.
@@ -229,11 +310,12 @@ impl Governor {
         };
         let probe = probing.then(|| {
             let held: ProbeHold = Arc::new(Mutex::new(Some(turn)));
-            let (timer, budget) = (held.clone(), budget.clone());
+            // Weak: a timer does not keep a budget from being dropped once idle.
+            let (timer, budget) = (held.clone(), Arc::downgrade(&budget));
             tokio::spawn(async move {
                 tokio::time::sleep(PROBE_HOLD).await;
                 let still_held = timer.lock().unwrap_or_else(|e| e.into_inner()).take();
-                if still_held.is_some() {
+                if let (Some(_), Some(budget)) = (still_held, budget.upgrade()) {
                     // No answer yet: stop probing one at a time; the first answer to come back
                     // teaches the budget.
                     budget
@@ -249,7 +331,7 @@ impl Governor {
             Some(slots) => {
                 match tokio::time::timeout_at(deadline, slots.clone().acquire_owned()).await {
                     Ok(Ok(permit)) => Some(permit),
-                    _ => return Err(full(deadline + Duration::from_secs(1))),
+                    _ => return Err(full()),
                 }
             }
             None => None,
@@ -276,11 +358,13 @@ impl Governor {
         }
     }
 
-    /// Pauses the whole budget of `partition` for `wait` (after a refusal).
+    /// Pauses the whole budget of `partition` for `wait` (after a refusal), at most
+    /// [`MAX_SERVER_WAIT`].
     pub(crate) fn pause(&self, partition: &Partition, wait: Duration) {
         let budget = self.budget(partition);
         let mut s = budget.state.lock().unwrap_or_else(|e| e.into_inner());
-        let until = Instant::now() + wait;
+        let now = Instant::now();
+        let until = now.checked_add(wait.min(MAX_SERVER_WAIT)).unwrap_or(now);
         s.paused_until = Some(s.paused_until.map_or(until, |p| p.max(until)));
         // The refusal says the budget is spent, whatever was believed.
         if let Some(r) = s.requests.as_mut() {
@@ -399,5 +483,61 @@ mod tests {
             .await
             .expect("other credential");
         assert!(started.elapsed() < Duration::from_millis(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_budgets_are_dropped_and_their_number_is_bounded() {
+        let governor = Governor::new(GovernorSettings::default());
+        let far = Instant::now() + Duration::from_secs(600);
+        let partition = |i: u32| {
+            let mut bytes = [0u8; 32];
+            bytes[..4].copy_from_slice(&i.to_le_bytes());
+            Partition::from_bytes(bytes)
+        };
+        // One request each from a flood of credentials (random API keys).
+        for i in 0..(MAX_BUDGETS as u32 + 500) {
+            let permit = governor.acquire(&partition(i), 0, far).await.expect("ok");
+            governor.observe(&partition(i), &HeaderMap::new());
+            drop(permit);
+        }
+        assert!(
+            governor.budget_count() <= MAX_BUDGETS,
+            "{}",
+            governor.budget_count()
+        );
+        // Once their window has passed, idle budgets go.
+        tokio::time::advance(IDLE_BUDGET + SWEEP_EVERY).await;
+        governor
+            .acquire(&partition(0), 0, Instant::now() + Duration::from_secs(600))
+            .await
+            .expect("ok");
+        assert_eq!(governor.budget_count(), 1);
+        // A paused budget is kept even when idle: its pause still holds for the next request.
+        governor.pause(&partition(7), Duration::from_secs(600));
+        tokio::time::advance(IDLE_BUDGET + SWEEP_EVERY).await;
+        governor
+            .acquire(&partition(0), 0, Instant::now() + Duration::from_secs(600))
+            .await
+            .expect("ok");
+        assert_eq!(governor.budget_count(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn absurd_settings_and_waits_never_overflow_a_clock() {
+        let governor = Governor::new(GovernorSettings {
+            retry_budget: Duration::MAX,
+            max_queue_wait: Duration::MAX,
+            ..GovernorSettings::default()
+        });
+        assert_eq!(governor.settings().max_queue_wait, MAX_SETTING_WAIT);
+        let p = Partition::from_bytes([9u8; 32]);
+        governor.pause(&p, Duration::MAX);
+        let soon = Instant::now() + Duration::from_millis(10);
+        let full = governor
+            .acquire(&p, u32::MAX, soon)
+            .await
+            .err()
+            .expect("paused");
+        assert!(full.retry_after <= MAX_SERVER_WAIT + Duration::from_secs(1));
     }
 }

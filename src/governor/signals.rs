@@ -8,6 +8,7 @@ use http::{HeaderMap, StatusCode};
 use serde_json::Value;
 
 use crate::headers::{self, RETRY_AFTER_MS, RateLimitNames};
+use crate::throttle::LogGate;
 
 /// What one answer's rate-limit headers say about one budget.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -27,35 +28,79 @@ pub(super) struct RateLimits {
     pub tokens: Option<BudgetReport>,
 }
 
+/// The longest a budget is believed to take to fill up again. Providers' budgets are per
+/// minute; a reset announced further away is read as this, so that one absurd header cannot
+/// slow a budget to a crawl for longer.
+pub(super) const MAX_RESET: Duration = Duration::from_secs(60);
+
+/// The longest wait a refusal is believed to ask for. Anything longer is read as this, which
+/// is longer than a retry budget is sensibly set: such a refusal is passed on, not waited out.
+pub(crate) const MAX_SERVER_WAIT: Duration = Duration::from_secs(3600);
+
+/// The largest budget size or count believed (no provider counts beyond this).
+const MAX_COUNT: f64 = 1e12;
+
+/// Logs about an upstream's absurd header values, at most once a minute.
+static ABSURD: LogGate = LogGate::per_minute();
+
+/// Says, at most once a minute, that a header value was out of range and what was made of it.
+fn absurd(header: &str, value: &str, taken_as: &str) {
+    if let Some(held) = ABSURD.open() {
+        tracing::warn!(
+            header,
+            value = value.get(..64).unwrap_or(value),
+            taken_as,
+            similar_since = held,
+            "the upstream sent a header value out of range"
+        );
+    }
+}
+
 impl RateLimits {
     pub(super) fn is_empty(&self) -> bool {
         self.requests.is_none() && self.tokens.is_none()
     }
 
     /// Reads OpenAI's and Azure's `x-ratelimit-*` or Anthropic's `anthropic-ratelimit-*`.
+    /// Counts that are not finite non-negative numbers are ignored; resets are capped at
+    /// [`MAX_RESET`].
     pub(super) fn read(headers: &HeaderMap) -> RateLimits {
         let text = |name: &str| headers.get(name)?.to_str().ok().map(str::trim);
-        let number = |name: &str| text(name)?.parse::<f64>().ok();
+        let number = |name: &str| {
+            let value = text(name)?;
+            let n = value.parse::<f64>().ok()?;
+            if n.is_finite() && (0.0..=MAX_COUNT).contains(&n) {
+                Some(n)
+            } else {
+                absurd(name, value, "absent");
+                None
+            }
+        };
+        let reset = |name: &str, wait: Option<Duration>| {
+            let wait = wait?;
+            if wait > MAX_RESET {
+                absurd(name, text(name).unwrap_or_default(), "60s");
+            }
+            Some(wait.min(MAX_RESET))
+        };
         let read = |openai: RateLimitNames, anthropic: RateLimitNames| {
             // OpenAI (limit, remaining, reset) and Azure (remaining only).
             if let Some(remaining) = number(openai.remaining) {
-                let limit = number(openai.limit);
-                let reset = text(openai.reset).and_then(go_duration);
                 return Some(BudgetReport {
-                    limit,
+                    limit: number(openai.limit),
                     remaining,
-                    reset,
+                    reset: reset(openai.reset, text(openai.reset).and_then(go_duration)),
                 });
             }
             let limit = number(anthropic.limit)?;
             let remaining = number(anthropic.remaining)?;
-            let reset = text(anthropic.reset)
+            let until = text(anthropic.reset)
                 .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
                 .and_then(|at| at.duration_since(SystemTime::now()).ok());
             Some(BudgetReport {
                 limit: Some(limit),
                 remaining,
-                reset,
+                reset: reset(anthropic.reset, until),
             })
         };
         RateLimits {
@@ -63,6 +108,15 @@ impl RateLimits {
             tokens: read(headers::OPENAI_TOKENS, headers::ANTHROPIC_TOKENS),
         }
     }
+}
+
+/// A number of seconds as a duration: `None` for what is not a number or is negative, the
+/// longest duration for one too large to hold (the caller caps it).
+fn seconds(secs: f64) -> Option<Duration> {
+    if secs.is_nan() || secs < 0.0 {
+        return None;
+    }
+    Some(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX))
 }
 
 /// Parses a Go duration as OpenAI writes resets: `20ms`, `1s`, `6m0s`, `1h2m3.5s`.
@@ -82,7 +136,7 @@ pub(crate) fn go_duration(text: &str) -> Option<Duration> {
             .find(|c: char| c.is_ascii_digit() || c == '.')
             .unwrap_or(tail.len());
         let (unit, tail) = tail.split_at(unit_len);
-        let seconds = match unit {
+        let unit_seconds = match unit {
             "h" => 3600.0,
             "m" => 60.0,
             "s" => 1.0,
@@ -91,28 +145,35 @@ pub(crate) fn go_duration(text: &str) -> Option<Duration> {
             "ns" => 0.000_000_001,
             _ => return None,
         };
-        total += number * seconds;
+        total += number * unit_seconds;
         rest = tail;
     }
-    Some(Duration::from_secs_f64(total))
+    seconds(total)
 }
 
 /// The wait an answer asks for: `retry-after-ms`, else `retry-after` in seconds or as an HTTP
-/// date.
+/// date; at most [`MAX_SERVER_WAIT`].
 pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let text = |name: &str| headers.get(name)?.to_str().ok().map(str::trim);
+    let capped = |name: &str, wait: Duration| {
+        if wait > MAX_SERVER_WAIT {
+            absurd(name, text(name).unwrap_or_default(), "1h");
+        }
+        wait.min(MAX_SERVER_WAIT)
+    };
     if let Some(ms) = text(RETRY_AFTER_MS).and_then(|t| t.parse::<f64>().ok()) {
-        return (ms >= 0.0).then(|| Duration::from_secs_f64(ms / 1000.0));
+        return seconds(ms / 1000.0).map(|wait| capped(RETRY_AFTER_MS, wait));
     }
-    let value = text(http::header::RETRY_AFTER.as_str())?;
+    let name = http::header::RETRY_AFTER.as_str();
+    let value = text(name)?;
     if let Ok(secs) = value.parse::<f64>() {
-        return (secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+        return seconds(secs).map(|wait| capped(name, wait));
     }
     let at = httpdate::parse_http_date(value).ok()?;
-    Some(
-        at.duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
+    let wait = at
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    Some(capped(name, wait))
 }
 
 /// What to do with an upstream answer.
@@ -173,7 +234,7 @@ pub(crate) fn estimate_tokens(body_len: usize, request: &Value) -> u32 {
         .iter()
         .find_map(|f| request.get(*f)?.as_u64())
         .unwrap_or(0);
-    u32::try_from(body_len as u64 / 4 + allowance).unwrap_or(u32::MAX)
+    u32::try_from((body_len as u64 / 4).saturating_add(allowance)).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]
@@ -220,6 +281,21 @@ mod tests {
             "{wait:?}"
         );
         assert_eq!(retry_after(&headers(&[("retry-after", "soon")])), None);
+        // Waits no clock can hold are read as the longest believed; nonsense as none.
+        for (name, value) in [
+            ("retry-after", "inf"),
+            ("retry-after-ms", "1e20"),
+            ("retry-after", "1e400"),
+            ("retry-after", "Fri, 01 Jan 9999 00:00:00 GMT"),
+        ] {
+            assert_eq!(
+                retry_after(&headers(&[(name, value)])),
+                Some(MAX_SERVER_WAIT),
+                "{value}"
+            );
+        }
+        assert_eq!(retry_after(&headers(&[("retry-after", "NaN")])), None);
+        assert_eq!(retry_after(&headers(&[("retry-after-ms", "-1")])), None);
         assert_eq!(retry_after(&HeaderMap::new()), None);
     }
 
@@ -241,10 +317,8 @@ mod tests {
                 reset: Some(Duration::from_secs(1))
             })
         );
-        assert_eq!(
-            openai.tokens.map(|t| t.reset),
-            Some(Some(Duration::from_secs(360)))
-        );
+        // Budgets are per minute: a reset further away is read as a minute.
+        assert_eq!(openai.tokens.map(|t| t.reset), Some(Some(MAX_RESET)));
         let reset = humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(20));
         let anthropic = RateLimits::read(&headers(&[
             ("anthropic-ratelimit-requests-limit", "50"),
@@ -259,6 +333,19 @@ mod tests {
         assert_eq!((limit, remaining), (Some(50.0), 49.0));
         assert!(wait.expect("reset") > Duration::from_secs(15));
         assert!(RateLimits::read(&HeaderMap::new()).is_empty());
+        // Numbers that are not counts are not believed.
+        let absurd = RateLimits::read(&headers(&[
+            ("x-ratelimit-limit-requests", "NaN"),
+            ("x-ratelimit-remaining-requests", "inf"),
+            ("x-ratelimit-limit-tokens", "1e300"),
+            ("x-ratelimit-remaining-tokens", "-5"),
+        ]));
+        assert!(absurd.is_empty(), "{absurd:?}");
+        let far = RateLimits::read(&headers(&[
+            ("x-ratelimit-remaining-requests", "3"),
+            ("x-ratelimit-reset-requests", "99999999999999999999h"),
+        ]));
+        assert_eq!(far.requests.and_then(|r| r.reset), Some(MAX_RESET));
     }
 
     #[test]

@@ -22,6 +22,12 @@ pub(super) struct HitTally {
     counts: Counts,
 }
 
+/// Most distinct models counted per route; the rest are counted under [`OTHER_MODELS`].
+pub(crate) const MAX_MODELS_PER_ROUTE: usize = 256;
+
+/// The model name the counters of every model past [`MAX_MODELS_PER_ROUTE`] go to.
+pub(crate) const OTHER_MODELS: &str = "(other)";
+
 /// Counts not yet committed.
 #[derive(Default)]
 pub(super) struct Pending {
@@ -54,14 +60,22 @@ impl Pending {
         tally.counts.add(counts);
     }
 
-    /// Adds `counts` to the counters of `route` and `model`.
+    /// Adds `counts` to the counters of `route` and `model` (of [`OTHER_MODELS`] once the
+    /// route has [`MAX_MODELS_PER_ROUTE`] others).
     pub fn count(&mut self, route: &str, model: &str, counts: &Counts) {
         let by_model = match self.counters.get_mut(route) {
             Some(m) => m,
             None => self.counters.entry(route.to_owned()).or_default(),
         };
+        let full = by_model.len() >= MAX_MODELS_PER_ROUTE;
         match by_model.get_mut(model) {
             Some(c) => c.add(counts),
+            None if full => {
+                by_model
+                    .entry(OTHER_MODELS.to_owned())
+                    .or_default()
+                    .add(counts);
+            }
             None => {
                 by_model.insert(model.to_owned(), *counts);
             }

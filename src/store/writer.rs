@@ -10,7 +10,7 @@ use rusqlite::{Connection, params, params_from_iter};
 use tokio::sync::oneshot;
 
 use super::HIT_FLUSH_INTERVAL;
-use super::tally::{Pending, SharedPending};
+use super::tally::{MAX_MODELS_PER_ROUTE, OTHER_MODELS, Pending, SharedPending};
 use super::upkeep::Upkeep;
 use crate::counts::Counts;
 use crate::entry::StoredAnswer;
@@ -155,6 +155,7 @@ fn write_all(
         let mut count = tx.prepare_cached(&add_counts_sql())?;
         for (route, models) in counted.counters {
             for (model, counts) in models {
+                let model = counter_model(&tx, &route, &model)?;
                 let values = counts.values();
                 let args = [&route as &dyn rusqlite::ToSql, &model]
                     .into_iter()
@@ -164,6 +165,26 @@ fn write_all(
         }
     }
     tx.commit()
+}
+
+/// The model name `model`'s counters of `route` go to in the database: its own, unless the
+/// route already has [`MAX_MODELS_PER_ROUTE`] other models counted; then [`OTHER_MODELS`].
+fn counter_model<'a>(
+    tx: &rusqlite::Transaction<'_>,
+    route: &str,
+    model: &'a str,
+) -> Result<&'a str, rusqlite::Error> {
+    let known: bool = tx
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM counters WHERE route = ?1 AND model = ?2)")?
+        .query_row(params![route, model], |r| r.get(0))?;
+    if known || model == OTHER_MODELS {
+        return Ok(model);
+    }
+    let others: i64 = tx
+        .prepare_cached("SELECT count(*) FROM counters WHERE route = ?1 AND model != ?2")?
+        .query_row(params![route, OTHER_MODELS], |r| r.get(0))?;
+    let full = usize::try_from(others).unwrap_or(usize::MAX) >= MAX_MODELS_PER_ROUTE;
+    Ok(if full { OTHER_MODELS } else { model })
 }
 
 /// `INSERT ... ON CONFLICT DO UPDATE` that adds one row of [`Counts`] to the counters of a

@@ -55,12 +55,21 @@ pub struct FakeState {
     pub peak_in_progress: AtomicUsize,
     /// Headers of the last request received.
     pub last_headers: Mutex<Option<HeaderMap>>,
-    /// Bodies received, in order.
+    /// Bodies received, in order (unless `forget_bodies`).
     pub bodies: Mutex<Vec<Bytes>>,
+    /// Keep no bodies (for tests that measure memory).
+    pub forget_bodies: std::sync::atomic::AtomicBool,
     /// Embedding inputs received, over all calls.
     pub embed_inputs: AtomicUsize,
     /// Answer embeddings requests with one embedding too few (a broken upstream).
     pub embed_drop_last: std::sync::atomic::AtomicBool,
+    /// Refuse this many calls with a 429 whose every wait is absurd (`retry-after: inf`,
+    /// `retry-after-ms: 1e20`, a reset centuries away, `NaN` counts): a broken or hostile
+    /// compatible upstream.
+    pub absurd_refusals: AtomicUsize,
+    /// Streamed answers carry this many extra content events of `big_event_bytes` each.
+    pub extra_events: AtomicUsize,
+    pub big_event_bytes: AtomicUsize,
 }
 
 /// How the fake ends its streams.
@@ -155,7 +164,9 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
         .await
         .unwrap_or_default();
     *state.last_headers.lock().expect("lock") = Some(parts.headers.clone());
-    state.bodies.lock().expect("lock").push(body.clone());
+    if !state.forget_bodies.load(Ordering::SeqCst) {
+        state.bodies.lock().expect("lock").push(body.clone());
+    }
     state.arrived.notify_waiters();
 
     let now = state.in_progress.fetch_add(1, Ordering::SeqCst) + 1;
@@ -170,6 +181,26 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
         ("x-ratelimit-remaining-requests", "9999".into()),
         ("x-ratelimit-reset-requests", "6ms".into()),
     ];
+    if state
+        .absurd_refusals
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        state.refusals.fetch_add(1, Ordering::SeqCst);
+        return refusal(
+            rate_limited(),
+            vec![
+                ("retry-after", "inf".into()),
+                ("retry-after-ms", "1e20".into()),
+                ("x-ratelimit-limit-requests", "600".into()),
+                ("x-ratelimit-remaining-requests", "0".into()),
+                ("x-ratelimit-reset-requests", "99999999999999h".into()),
+                ("x-ratelimit-limit-tokens", "NaN".into()),
+                ("x-ratelimit-remaining-tokens", "NaN".into()),
+                ("x-ratelimit-reset-tokens", "1e400s".into()),
+            ],
+        );
+    }
     if state.quota_exhausted.load(Ordering::SeqCst) {
         state.refusals.fetch_add(1, Ordering::SeqCst);
         return refusal(
@@ -265,7 +296,20 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
     let path = parts.uri.path().to_owned();
     if streaming {
         let usage = request.pointer("/stream_options/include_usage") == Some(&Value::Bool(true));
-        return stream(state, n, &path, model, usage);
+        let mut events = stream_events(n, &path, &model, usage);
+        let extra = state.extra_events.load(Ordering::SeqCst);
+        if extra > 0 && path == "/v1/chat/completions" {
+            let size = state.big_event_bytes.load(Ordering::SeqCst).max(1);
+            let filler: String = "x".repeat(size);
+            let big = format!(
+                "data: {}\n\n",
+                json!({"id": format!("chatcmpl-{n}"), "object": "chat.completion.chunk",
+                       "choices": [{"index": 0, "delta": {"content": filler}, "finish_reason": null}]})
+            );
+            let at = events.len() - 2;
+            events.splice(at..at, std::iter::repeat_n(big, extra));
+        }
+        return stream(state, n, events);
     }
     let body = match path.as_str() {
         "/v1/chat/completions" => json!({
@@ -594,8 +638,7 @@ pub fn stream_events(n: usize, path: &str, model: &str, usage: bool) -> Vec<Stri
 /// A streamed answer: the first event at once; the rest after `release` when `hold` is set
 /// (so a test can prove the first event arrived before the stream ended), `chunk_delay_ms`
 /// apart; cut or broken by an error event as `stream_mode` says.
-fn stream(state: Arc<FakeState>, n: usize, path: &str, model: String, usage: bool) -> Response {
-    let events = stream_events(n, path, &model, usage);
+fn stream(state: Arc<FakeState>, n: usize, events: Vec<String>) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     tokio::spawn(async move {
         let mut events = events.into_iter();

@@ -1,0 +1,119 @@
+//! What a hostile client or a broken upstream can send, and what the proxy must do with it:
+//! answer clearly, keep serving, and let nothing grow without a bound. Each test here was
+//! written against a finding reproduced on the code before it was fixed.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::{FakeUpstream, Proxy, chat, client, post};
+use serde_json::json;
+
+/// A stream request body.
+fn streamed(content: &str) -> String {
+    json!({"model": "gpt-4o-mini", "stream": true,
+           "messages": [{"role": "user", "content": content}]})
+    .to_string()
+}
+
+#[tokio::test]
+async fn a_ttl_beyond_any_clock_is_refused_before_the_upstream_is_called() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = Proxy::over(&upstream).await;
+    let c = client();
+    let url = proxy.url("/v1/chat/completions");
+    for body in [chat("forever"), streamed("forever")] {
+        for ttl in [
+            "18446744073709551615",
+            "99999999999999999999999",
+            "315360001",
+        ] {
+            let r = post(&c, &url, body.clone(), &[("llm-dedup-ttl", ttl)]).await;
+            assert_eq!(r.status, 400, "{ttl}: {:?}", r.body);
+            let message = r.body["error"]["message"].as_str().expect("message");
+            assert!(message.contains("llm-dedup-ttl"), "{message}");
+        }
+    }
+    assert_eq!(upstream.calls(), 0, "nothing reached the upstream");
+    // The largest TTL accepted (ten years) stores and serves.
+    let ten_years = [("llm-dedup-ttl", "315360000")];
+    assert_eq!(post(&c, &url, chat("long"), &ten_years).await.cache, "miss");
+    assert_eq!(post(&c, &url, chat("long"), &ten_years).await.cache, "hit");
+    // A max-age beyond what a number holds means "any age" (RFC 9111 says read it as 2^31).
+    let any_age = [("cache-control", "max-age=99999999999999999999999")];
+    assert_eq!(post(&c, &url, chat("long"), &any_age).await.cache, "hit");
+    assert_eq!(upstream.calls(), 1);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn an_upstream_asking_for_absurd_waits_neither_crashes_nor_poisons_the_budget() {
+    let upstream = FakeUpstream::start().await;
+    upstream.state.absurd_refusals.store(1, Ordering::SeqCst);
+    let proxy = Proxy::over(&upstream).await;
+    let c = client();
+    let url = proxy.url("/v1/chat/completions");
+    // A wait longer than the retry budget is not waited out: the refusal is passed on.
+    let refused = post(&c, &url, chat("first"), &[]).await;
+    assert_eq!(refused.status, 429, "{:?}", refused.body);
+    assert_eq!(upstream.calls(), 1, "not retried");
+    // The same credential's next requests go through at the pace the headers allow (600 a
+    // minute, none left: one every ~0.1 s), not after centuries, and not refused.
+    let started = Instant::now();
+    for i in 0..3 {
+        let r = post(&c, &url, chat(&format!("next {i}")), &[]).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(upstream.calls(), 4);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn model_names_cannot_grow_the_counters_without_bound() {
+    let upstream = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("c.db");
+    let proxy = Proxy::with_db(&upstream, &db).await;
+    let c = client();
+    let url = proxy.url("/v1/chat/completions");
+    let long = "m".repeat(10_000);
+    for i in 0..400 {
+        let model = if i == 0 {
+            long.clone()
+        } else {
+            format!("model-{i}")
+        };
+        let body = json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+        assert_eq!(post(&c, &url, body.to_string(), &[]).await.status, 200);
+    }
+    proxy.stop().await;
+    let conn = rusqlite::Connection::open(&db).expect("open");
+    let (rows, longest, requests): (i64, i64, i64) = conn
+        .query_row(
+            "SELECT count(*), max(length(model)), sum(requests) FROM counters
+             WHERE route = 'chat.completions'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .expect("counters");
+    assert!(rows <= 257, "{rows} counter rows for one route");
+    assert!(
+        longest <= 128,
+        "a model name of {longest} characters was kept"
+    );
+    assert_eq!(requests, 400, "every request is still counted");
+    let other: i64 = conn
+        .query_row(
+            "SELECT requests FROM counters WHERE route = 'chat.completions' AND model = '(other)'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("the rest are counted as (other)");
+    assert_eq!(other, 400 - 256);
+}
