@@ -1,6 +1,7 @@
 //! The inspector subcommands' output: tables, sizes and durations for people, JSON for
 //! scripts. Every query is the library's (`llm_dedup::inspect`); this module only renders.
 
+use std::borrow::Cow;
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, IsTerminal, Write};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -43,6 +44,34 @@ fn until(ms: i64) -> String {
         Ok(left) if !left.is_zero() => format!("in {}", short(left)),
         _ => "expired".into(),
     }
+}
+
+/// A stored string as it may reach an operator's terminal: every control character escaped
+/// (`\u{1b}`), so that a client-chosen model name or body cannot move the cursor, retitle the
+/// window or clear the screen.
+fn shown(text: &str) -> Cow<'_, str> {
+    shown_keeping(text, &[])
+}
+
+/// [`shown`] for text of several lines: line ends and tabs are kept.
+fn shown_lines(text: &str) -> Cow<'_, str> {
+    shown_keeping(text, &['\n', '\t'])
+}
+
+fn shown_keeping<'a>(text: &'a str, kept: &[char]) -> Cow<'a, str> {
+    let escaped = |c: char| c.is_control() && !kept.contains(&c);
+    if !text.chars().any(escaped) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if escaped(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
 }
 
 fn size(bytes: u64) -> String {
@@ -122,7 +151,7 @@ fn groups_table(title: &str, groups: &[Group]) -> Table {
     let mut t = table(&header);
     for g in groups {
         let name = if g.name.is_empty() { "(none)" } else { &g.name };
-        let mut row = vec![name.to_owned()];
+        let mut row = vec![shown(name).into_owned()];
         row.extend(count_cells(&g.counts));
         t.add_row(row);
     }
@@ -135,7 +164,7 @@ pub(crate) fn stats(args: &StatsArgs) -> Result<()> {
     if args.json {
         return print_json(&s);
     }
-    let mut t = table(&["database", &s.database]);
+    let mut t = table(&["database", &shown(&s.database)]);
     let when = |ms: Option<i64>| ms.map_or_else(|| "-".into(), ago);
     t.add_row(vec!["created".into(), when(s.created_at)]);
     t.add_row(vec![
@@ -182,9 +211,11 @@ fn entries_table(entries: &[EntrySummary]) -> Table {
     let mut t = table(&["key", "route", "model", "size", "hits", "age", "expires"]);
     for e in entries {
         t.add_row(vec![
-            e.key.get(..12).unwrap_or(&e.key).to_owned(),
-            e.route.clone(),
-            e.model.clone().unwrap_or_else(|| "-".into()),
+            shown(e.key.get(..12).unwrap_or(&e.key)).into_owned(),
+            shown(&e.route).into_owned(),
+            e.model
+                .as_deref()
+                .map_or_else(|| "-".into(), |m| shown(m).into_owned()),
             size(e.size),
             e.hit_count.to_string(),
             ago(e.created_at).trim_end_matches(" ago").to_owned(),
@@ -222,11 +253,11 @@ pub(crate) fn show(args: &ShowArgs) -> Result<()> {
         return print_json(&e);
     }
     let s = &e.summary;
-    println!("key        {}", s.key);
-    println!("route      {}", s.route);
-    println!("model      {}", s.model.as_deref().unwrap_or("-"));
+    println!("key        {}", shown(&s.key));
+    println!("route      {}", shown(&s.route));
+    println!("model      {}", shown(s.model.as_deref().unwrap_or("-")));
     if !s.namespace.is_empty() {
-        println!("namespace  {}", s.namespace);
+        println!("namespace  {}", shown(&s.namespace));
     }
     println!("status     {}", e.status);
     println!("stored     {}", ago(s.created_at));
@@ -246,14 +277,14 @@ pub(crate) fn show(args: &ShowArgs) -> Result<()> {
         n(e.completion_tokens)
     );
     for (k, v) in &e.headers {
-        println!("header     {k}: {v}");
+        println!("header     {}: {}", shown(k), shown(v));
     }
     println!();
     match (&e.body, &e.body_hex) {
         (Some(text), _) => match serde_json::from_str::<serde_json::Value>(text) {
-            Ok(json) => println!("{}", serde_json::to_string_pretty(&json)?),
-            // A stream's events, or any text: shown as stored.
-            Err(_) => println!("{text}"),
+            Ok(json) => println!("{}", shown_lines(&serde_json::to_string_pretty(&json)?)),
+            // A stream's events, or any text: shown as stored, control characters escaped.
+            Err(_) => println!("{}", shown_lines(text)),
         },
         (None, Some(hex)) => println!("(binary body, {} bytes, hex)\n{hex}", hex.len() / 2),
         (None, None) => println!("(empty body)"),
@@ -340,8 +371,8 @@ pub(crate) fn import(args: &ImportArgs) -> Result<()> {
         return print_json(&report);
     }
     println!(
-        "imported {} entries, skipped {} already present",
-        report.imported, report.skipped
+        "imported {} entries, skipped {} already present, {} rejected (out of range)",
+        report.imported, report.skipped, report.rejected
     );
     if report.salt_mismatch {
         eprintln!(

@@ -306,11 +306,10 @@ async fn an_ambiguous_key_prefix_is_refused_with_its_matches() {
     let db = dir.path().join("c.db");
     let export = dir.path().join("in.jsonl");
     let entry = |key: String| {
-        json!({"key": key, "namespace": "", "route": "embeddings", "model": "e", "size": 10,
-               "hit_count": 0, "created_at": 1, "expires_at": i64::MAX, "last_hit_at": null,
-               "status": 200, "headers": [], "body": "{}", "prompt_tokens": null,
-               "completion_tokens": null, "total_tokens": null})
-        .to_string()
+        export_line(&key, |e| {
+            e["route"] = json!("embeddings");
+            e["model"] = json!("e");
+        })
     };
     let lines = [
         entry(format!("abcd1{}", "0".repeat(59))),
@@ -446,14 +445,9 @@ fn a_large_import_commits_in_chunks_and_keeps_what_came_before_a_bad_line() {
             lines.push("{\"key\": \"truncated".to_owned());
             continue;
         }
-        lines.push(
-            json!({"key": format!("{i:064x}"), "namespace": "", "route": "embeddings",
-                   "model": "e", "size": 10, "hit_count": 0, "created_at": 1,
-                   "expires_at": i64::MAX, "last_hit_at": null, "status": 200, "headers": [],
-                   "body": "{}", "prompt_tokens": null, "completion_tokens": null,
-                   "total_tokens": null})
-            .to_string(),
-        );
+        lines.push(export_line(&format!("{i:064x}"), |e| {
+            e["route"] = json!("embeddings");
+        }));
     }
     let mut inspector = Inspector::create_or_open(&dir.path().join("c.db")).expect("open");
     let mut seen = 0;
@@ -466,4 +460,130 @@ fn a_large_import_commits_in_chunks_and_keeps_what_came_before_a_bad_line() {
     );
     assert_eq!(inspector.entry_count().expect("count"), (bad_at - 1) as u64);
     assert_eq!(seen, (bad_at - 1) as u64);
+}
+
+/// An export line for an entry with `key`, as `export` writes it, with `change` applied.
+fn export_line(key: &str, change: impl FnOnce(&mut Value)) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    let mut entry = json!({
+        "key": key, "namespace": "", "route": "chat.completions", "model": "gpt-4o-mini",
+        "size": 300, "hit_count": 0, "created_at": now - 1_000, "expires_at": now + 3_600_000,
+        "last_hit_at": null, "status": 200,
+        "headers": [["content-type", "application/json"]],
+        "body": "{\"id\":\"chatcmpl-1\",\"choices\":[]}",
+        "prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3
+    });
+    change(&mut entry);
+    entry.to_string()
+}
+
+#[test]
+fn an_import_keeps_only_what_a_stored_answer_may_hold() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("c.db");
+    let far = 4_102_444_800_000i64; // 2100-01-01
+    let lines = [
+        // Headers a hit must never replay are dropped; the answer itself is kept.
+        export_line(&"a1".repeat(32), |e| {
+            e["headers"] = json!([
+                ["content-type", "application/json"],
+                ["set-cookie", "session=theirs"],
+                ["x-ratelimit-remaining-requests", "7"]
+            ]);
+        }),
+        // Stored in the future: max-age could never reject it. Skipped.
+        export_line(&"b2".repeat(32), |e| e["created_at"] = json!(far)),
+        // Expired before it was stored. Skipped.
+        export_line(&"c3".repeat(32), |e| {
+            e["expires_at"] = e["created_at"].as_i64().map(|c| c - 1).into();
+        }),
+        // Times no clock can hold. Skipped.
+        export_line(&"d4".repeat(32), |e| e["created_at"] = json!(i64::MIN)),
+        export_line(&"e5".repeat(32), |e| e["expires_at"] = json!(i64::MAX)),
+        // A fine entry after the skipped ones is imported.
+        export_line(&"f6".repeat(32), |_| {}),
+    ];
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, lines.join("\n")).expect("write");
+    let args = [
+        "import",
+        "--db",
+        db_arg(&db),
+        "--input",
+        db_arg(&input),
+        "--json",
+    ];
+    let report = cli_json(&args);
+    assert_eq!(
+        (&report["imported"], &report["rejected"]),
+        (&json!(2), &json!(4)),
+        "{report}"
+    );
+    let shown = cli_json(&["show", "--db", db_arg(&db), "--json", &"a1".repeat(32)]);
+    assert_eq!(
+        shown["headers"],
+        json!([["content-type", "application/json"]])
+    );
+    for skipped in ["b2", "c3", "d4", "e5"] {
+        let (code, _, err) = run_cli(&["show", "--db", db_arg(&db), &skipped.repeat(32)]);
+        assert_ne!(code, 0, "{skipped} was imported");
+        assert!(err.contains("no entry"), "{err}");
+    }
+    // The human report says what was left out.
+    let (code, out, _) = run_cli(&["import", "--db", db_arg(&db), "--input", db_arg(&input)]);
+    assert_eq!(code, 0);
+    assert!(out.contains("4 rejected"), "{out}");
+}
+
+#[test]
+fn human_output_never_hands_the_terminal_an_escape_sequence() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("c.db");
+    let hostile = "gpt\u{1b}]0;pwned\u{7}\u{1b}[2J\u{9b}31m";
+    let key = "ab".repeat(32);
+    let line = export_line(&key, |e| {
+        e["model"] = json!(hostile);
+        e["body"] = json!(format!(
+            "data: {{\"x\":\"\u{1b}[31mred\"}}\n\ndata: [DONE]\n\n"
+        ));
+    });
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, line).expect("write");
+    cli_json(&[
+        "import",
+        "--db",
+        db_arg(&db),
+        "--input",
+        db_arg(&input),
+        "--json",
+    ]);
+    // No request can set such a namespace, nor can an import; a database edited by hand can.
+    let conn = rusqlite::Connection::open(&db).expect("open");
+    conn.execute("UPDATE entries SET namespace = ?1", ["ns\u{1b}[1m"])
+        .expect("namespace");
+    conn.execute(
+        "INSERT INTO counters (route, model, requests) VALUES ('chat.completions', ?1, 1)",
+        [hostile],
+    )
+    .expect("counted");
+    drop(conn);
+    for args in [
+        vec!["stats", "--db", db_arg(&db)],
+        vec!["list", "--db", db_arg(&db)],
+        vec!["show", "--db", db_arg(&db), &key],
+    ] {
+        let (code, out, err) = run_cli(&args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        assert!(
+            !out.chars().any(|c| c.is_control() && c != '\n'),
+            "{args:?} printed a control character: {out:?}"
+        );
+        assert!(
+            out.contains(r"gpt\u{1b}") || args[0] == "show" && out.contains("red"),
+            "{out}"
+        );
+    }
 }

@@ -9,10 +9,16 @@ use std::io::{BufRead, Write};
 use rusqlite::ToSql;
 use serde::{Deserialize, Serialize};
 
+use std::time::SystemTime;
+
 use super::{ExportedEntry, InspectError, Inspector};
+use crate::controls::MAX_TTL;
+use crate::entry::unix_ms;
+use crate::headers::REPLAYED_HEADERS;
 use crate::key::CacheKey;
-use crate::route::Route;
+use crate::route::{MAX_MODEL_CHARS, Route};
 use crate::store;
+use crate::usage::MAX_TOKENS;
 
 /// What an import did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -21,6 +27,10 @@ pub struct ImportReport {
     pub imported: u64,
     /// Entries skipped because their key was already present.
     pub skipped: u64,
+    /// Entries left out because a value in them is out of range: stored in the future,
+    /// expiring before they were stored or already expired, times no clock holds, a
+    /// namespace no request could have.
+    pub rejected: u64,
     /// The export came from a database with another credential salt and this one already had
     /// entries, so its salt was kept: imported entries stored per credential will not be found
     /// (those stored with `--shared-cache` will).
@@ -102,7 +112,7 @@ impl Inspector {
                     finished = true;
                     break;
                 }
-                progress(report.imported + report.skipped);
+                progress(report.imported + report.skipped + report.rejected);
             }
             tx.commit()?;
             outcome?;
@@ -147,15 +157,32 @@ fn import_line(
             return Ok(());
         }
     }
-    let entry = parse_exported(line).map_err(bad)?;
+    let mut entry = parse_exported(line).map_err(bad)?;
     let body = match (&entry.body, &entry.body_hex) {
         (Some(text), _) => text.clone().into_bytes(),
         (None, Some(h)) => unhex(h).ok_or_else(|| bad("body_hex is not hex".into()))?,
         (None, None) => return Err(bad("no body".into())),
     };
+    if let Err(why) = in_range(&mut entry, unix_ms(SystemTime::now())) {
+        tracing::debug!(line = number, why, "import: entry left out");
+        report.rejected += 1;
+        return Ok(());
+    }
+    // Only the headers a hit may replay: whatever the file holds, no other header is kept.
+    entry.headers.retain(|(name, _)| {
+        REPLAYED_HEADERS
+            .iter()
+            .any(|r| name.eq_ignore_ascii_case(r))
+    });
     let s = &entry.summary;
     let headers = serde_json::to_string(&entry.headers).unwrap_or_else(|_| "[]".into());
-    let tokens = |n: Option<u64>| n.and_then(|n| i64::try_from(n).ok());
+    // The size the disk bound counts, as the proxy counts it (not as the file says).
+    let header_bytes: usize = entry.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    let size = body.len() + header_bytes + s.namespace.len() + 160;
+    let tokens = |n: Option<u64>| {
+        n.map(|n| n.min(MAX_TOKENS))
+            .and_then(|n| i64::try_from(n).ok())
+    };
     let args: [&dyn ToSql; 15] = [
         &s.key,
         &s.namespace,
@@ -171,7 +198,7 @@ fn import_line(
         &tokens(entry.prompt_tokens),
         &tokens(entry.completion_tokens),
         &tokens(entry.total_tokens),
-        &i64::try_from(s.size).unwrap_or(i64::MAX),
+        &i64::try_from(size).unwrap_or(i64::MAX),
     ];
     let inserted = tx
         .prepare_cached(
@@ -185,6 +212,42 @@ fn import_line(
         report.imported += 1;
     } else {
         report.skipped += 1;
+    }
+    Ok(())
+}
+
+/// How far ahead of this machine's clock an exporting machine's may have been.
+const CLOCK_SKEW_MS: i64 = 60_000;
+
+/// Checks an entry's times and names against what a proxy could have stored at `now`, and
+/// cuts what may be cut (a long model name, a last-hit time out of place). `Err` says why the
+/// entry cannot be imported.
+fn in_range(entry: &mut ExportedEntry, now: i64) -> Result<(), &'static str> {
+    let s = &mut entry.summary;
+    let max_ttl = i64::try_from(MAX_TTL.as_millis()).unwrap_or(i64::MAX);
+    if s.created_at < 0 || s.created_at > now.saturating_add(CLOCK_SKEW_MS) {
+        return Err("stored at a time out of range (before 1970 or in the future)");
+    }
+    if s.expires_at <= s.created_at || s.expires_at - s.created_at > max_ttl {
+        return Err("expires before it was stored, or more than ten years after");
+    }
+    if s.expires_at <= now {
+        return Err("already expired");
+    }
+    let valid_namespace =
+        s.namespace.len() <= 128 && s.namespace.bytes().all(|b| b.is_ascii_graphic());
+    if !valid_namespace {
+        return Err("a namespace no request could have");
+    }
+    if s.last_hit_at
+        .is_some_and(|at| at < s.created_at || at > now.saturating_add(CLOCK_SKEW_MS))
+    {
+        s.last_hit_at = None;
+    }
+    if let Some(model) = &mut s.model {
+        if let Some((cut, _)) = model.char_indices().nth(MAX_MODEL_CHARS) {
+            model.truncate(cut);
+        }
     }
     Ok(())
 }
