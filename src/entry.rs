@@ -50,10 +50,10 @@ pub struct StoredAnswer {
     pub model: Option<String>,
     /// The HTTP status (always 2xx).
     pub status: u16,
-    /// Replayed response headers (see [`REPLAYED_HEADERS`]).
-    pub headers: HeaderMap,
-    /// The headers of a hit on it, made once from `headers` and `key` by [`hit_headers`]
-    /// (a hit only sets `age`); never stored.
+    /// The headers of a hit on it: the replayed response headers (see [`REPLAYED_HEADERS`]),
+    /// then `llm-dedup-cache: hit`, `llm-dedup-key` and `age`, made once by [`hit_headers`]
+    /// (a hit only sets `age`). The replayed ones alone are [`StoredAnswer::replayed`]; one map
+    /// is kept, not two, because each costs hundreds of bytes per entry.
     pub hit_headers: HeaderMap,
     /// The decoded response body.
     pub body: Bytes,
@@ -79,27 +79,77 @@ pub fn hit_headers(key: &CacheKey, headers: &HeaderMap) -> HeaderMap {
     all
 }
 
-/// The bytes of `headers`' names and values.
-fn header_bytes(headers: &HeaderMap) -> usize {
-    headers
+/// Whether a header of a hit's map is one [`hit_headers`] added, not a replayed one.
+fn added_for_hits(name: &HeaderName) -> bool {
+    *name == CACHE_HEADER || *name == KEY_HEADER || name == http::header::AGE
+}
+
+/// The memory tier's own bookkeeping per entry, beyond the entry: moka's node, its slot in
+/// the concurrent hash table, its place in the access and write queues. Measured with
+/// `tests/memory.rs` (a counting allocator: about 1,765 live bytes per entry of a ~330-byte
+/// chat answer, of which the rest of [`StoredAnswer::memory_size`] accounts for 1,632), and
+/// rounded up.
+const TIER_ENTRY_OVERHEAD: usize = 160;
+
+/// What the allocator takes for a request of `n` bytes: glibc adds 8 bytes of bookkeeping and
+/// rounds up to 16, never less than 32.
+fn allocated(n: usize) -> usize {
+    if n == 0 {
+        0
+    } else {
+        (n + 8).next_multiple_of(16).max(32)
+    }
+}
+
+/// Heap bytes of a hit's header map: its index and entry tables, and each value's buffer
+/// (with the shared header it gets once a hit clones it). Names are `'static` (replayed names
+/// are always made with [`HeaderName::from_static`]), and so are the values of
+/// `llm-dedup-cache` and `age`.
+fn header_map_heap(headers: &HeaderMap) -> usize {
+    // http's `Pos` is 4 bytes; a `Bucket` holds a hash, links, a name and a value.
+    let raw = headers.capacity().next_power_of_two().max(8);
+    let bucket = 24 + std::mem::size_of::<HeaderName>() + std::mem::size_of::<HeaderValue>();
+    let tables = allocated(raw * 4) + allocated(headers.capacity() * bucket);
+    let values: usize = headers
         .iter()
-        .map(|(k, v)| k.as_str().len() + v.len())
-        .sum()
+        .filter(|(name, _)| *name != CACHE_HEADER && *name != http::header::AGE)
+        .map(|(_, value)| allocated(value.len()) + allocated(24))
+        .sum();
+    tables + values
 }
 
 impl StoredAnswer {
-    /// Keeps the parts of an upstream answer worth replaying.
+    /// Keeps the parts of an upstream answer worth replaying, reading its usage from `body`
+    /// (see [`StoredAnswer::new`] for what `body` must be).
     pub fn from_upstream(
         meta: &EntryMeta,
         status: StatusCode,
         headers: &HeaderMap,
         body: Bytes,
     ) -> StoredAnswer {
-        let now = SystemTime::now();
+        let usage = Usage::from_body(&body);
+        StoredAnswer::new(meta, status, headers, body, usage)
+    }
+
+    /// Keeps the parts of an upstream answer worth replaying. `body` must own exactly its
+    /// bytes: a slice of a larger buffer (what a network read returns) would keep the whole
+    /// buffer alive while the memory bound counts only the slice, so such a body is copied
+    /// first ([`Bytes::copy_from_slice`]). Header values are copied here, for the same reason.
+    pub fn new(
+        meta: &EntryMeta,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: Bytes,
+        usage: Usage,
+    ) -> StoredAnswer {
+        let created_at = unix_ms(SystemTime::now());
+        // Saturating: a TTL no clock can hold means "as long as the clock goes".
+        let ttl_ms = i64::try_from(meta.ttl.as_millis()).unwrap_or(i64::MAX);
         let mut kept = HeaderMap::new();
         for name in REPLAYED_HEADERS {
             for value in headers.get_all(*name) {
-                kept.append(HeaderName::from_static(name), value.clone());
+                let owned = HeaderValue::from_bytes(value.as_bytes()).unwrap_or(value.clone());
+                kept.append(HeaderName::from_static(name), owned);
             }
         }
         StoredAnswer {
@@ -109,28 +159,47 @@ impl StoredAnswer {
             model: meta.model.clone(),
             status: status.as_u16(),
             hit_headers: hit_headers(&meta.key, &kept),
-            headers: kept,
-            usage: Usage::from_body(&body),
+            usage,
             body,
-            created_at: unix_ms(now),
-            expires_at: unix_ms(now + meta.ttl),
+            created_at,
+            expires_at: created_at.saturating_add(ttl_ms),
         }
     }
 
-    /// The size counted against memory and disk bounds: body, headers, and fixed overhead.
-    pub fn size(&self) -> u64 {
-        (self.body.len() + header_bytes(&self.headers) + self.namespace.len() + 160) as u64
+    /// The replayed response headers (see [`REPLAYED_HEADERS`]).
+    pub fn replayed(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        self.hit_headers
+            .iter()
+            .filter(|(name, _)| !added_for_hits(name))
     }
 
-    /// The size counted against the memory bound: [`StoredAnswer::size`] plus the headers
-    /// made for hits, which only the memory tier holds.
+    /// The size counted against the disk bound: body, replayed headers, and a fixed overhead
+    /// per row.
+    pub fn size(&self) -> u64 {
+        let headers: usize = self
+            .replayed()
+            .map(|(k, v)| k.as_str().len() + v.len())
+            .sum();
+        (self.body.len() + headers + self.namespace.len() + 160) as u64
+    }
+
+    /// The bytes the memory tier really holds for this entry, counted against its bound:
+    /// the entry in its `Arc`, its heap parts (body, strings, header tables and values) as the
+    /// allocator takes them, and the tier's bookkeeping per entry. `tests/memory.rs` checks
+    /// that a full tier keeps about this much alive and no more.
     pub fn memory_size(&self) -> u64 {
-        self.size() + header_bytes(&self.hit_headers) as u64
+        let strings = allocated(self.namespace.capacity())
+            + self.model.as_ref().map_or(0, |m| allocated(m.capacity()));
+        // The body's buffer, and its shared header once a hit clones it.
+        let body = allocated(self.body.len()) + allocated(24);
+        let entry = allocated(std::mem::size_of::<StoredAnswer>() + 16);
+        (entry + body + strings + header_map_heap(&self.hit_headers) + TIER_ENTRY_OVERHEAD) as u64
     }
 
     /// How long ago it was stored, as of `now`.
     pub fn age(&self, now: SystemTime) -> Duration {
-        Duration::from_millis(u64::try_from(unix_ms(now) - self.created_at).unwrap_or(0))
+        let ms = unix_ms(now).saturating_sub(self.created_at);
+        Duration::from_millis(u64::try_from(ms).unwrap_or(0))
     }
 
     /// Whether it may still be served at `now`.
@@ -141,19 +210,22 @@ impl StoredAnswer {
     /// The replayed headers as `(name, value)` text pairs, the form kept on disk. A value that
     /// is not visible ASCII cannot be written that way and is left out.
     pub fn header_pairs(&self) -> Vec<(&str, &str)> {
-        self.headers
-            .iter()
+        self.replayed()
             .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?)))
             .collect()
     }
 
-    /// Rebuilds replayed headers from their on-disk form; pairs that are not valid headers
-    /// are left out.
+    /// Rebuilds replayed headers from their on-disk form. Only names in [`REPLAYED_HEADERS`]
+    /// are kept (whatever a file says, a hit never replays another header), and pairs that
+    /// are not valid headers are left out.
     pub fn headers_from_pairs(pairs: &[(String, String)]) -> HeaderMap {
         let mut map = HeaderMap::with_capacity(pairs.len());
         for (k, v) in pairs {
-            if let (Ok(k), Ok(v)) = (HeaderName::try_from(k), HeaderValue::try_from(v)) {
-                map.append(k, v);
+            let Some(name) = REPLAYED_HEADERS.iter().find(|n| k.eq_ignore_ascii_case(n)) else {
+                continue;
+            };
+            if let Ok(v) = HeaderValue::try_from(v) {
+                map.append(HeaderName::from_static(name), v);
             }
         }
         map
@@ -187,7 +259,8 @@ mod tests {
             "content-type".to_owned(),
             "application/json".to_owned(),
         )]);
-        assert_eq!(back, e.headers);
+        let replayed: HeaderMap = e.replayed().map(|(k, v)| (k.clone(), v.clone())).collect();
+        assert_eq!(back, replayed);
         assert!(e.is_fresh(SystemTime::now()));
         assert!(!e.is_fresh(SystemTime::now() + Duration::from_secs(61)));
 

@@ -12,8 +12,9 @@
 //!   the flight leaves the table, so a caller that finds no flight can rely on the leader's
 //!   side effects (the engine stores the answer in memory before completing).
 //! - A waiter can stop waiting at any time (its client hung up); that cancels nothing.
-//! - A [`Flight`] dropped without completing (its task panicked or was aborted) leaves the table,
-//!   and its waiters get [`Abandoned`]: they may join again and one of them will lead.
+//! - A [`Flight`] dropped without completing (its task was aborted) leaves the table, and its
+//!   waiters get [`Abandoned`]. Whether they try again is theirs to decide; the engine does
+//!   not, so that a flight that keeps failing is not led into call after call.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -108,6 +109,18 @@ impl<K: Eq + Hash + Clone, T: Clone> InFlight<K, T> {
         self.len() == 0
     }
 
+    /// Removes the flight under `key` if it is the one `outcome` publishes to (after a
+    /// `leave`, another flight may hold the key).
+    fn remove_own(&self, key: &K, outcome: &watch::Sender<Option<T>>) {
+        let mut flights = self.lock();
+        if flights
+            .get(key)
+            .is_some_and(|rx| rx.same_channel(&outcome.subscribe()))
+        {
+            flights.remove(key);
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, HashMap<K, watch::Receiver<Option<T>>>> {
         // The map stays consistent even if a holder panicked: every critical section is a
         // single insert, lookup or remove.
@@ -129,6 +142,18 @@ impl<K: Eq + Hash + Clone, T: Clone> Flight<K, T> {
         self.outcome.send_replace(Some(outcome));
     }
 
+    /// Takes the flight out of the table without ending it: callers joining from now on
+    /// lead a flight of their own, while those already waiting keep what was published (a
+    /// stream that can no longer be joined from its start).
+    pub fn leave(&self) {
+        self.table.remove_own(&self.key, &self.outcome);
+    }
+
+    /// What was published so far, if anything.
+    pub fn published(&self) -> Option<T> {
+        self.outcome.borrow().clone()
+    }
+
     /// Publishes the outcome to every waiter, then ends the flight.
     pub fn complete(self, outcome: T) {
         self.outcome.send_replace(Some(outcome));
@@ -138,8 +163,7 @@ impl<K: Eq + Hash + Clone, T: Clone> Flight<K, T> {
 
 impl<K: Eq + Hash + Clone, T: Clone> Drop for Flight<K, T> {
     fn drop(&mut self) {
-        // The entry under our key is ours: `join` never replaces a flight in progress.
-        self.table.lock().remove(&self.key);
+        self.table.remove_own(&self.key, &self.outcome);
     }
 }
 
@@ -210,5 +234,27 @@ mod tests {
         };
         flight.complete(9);
         assert_eq!(w.wait().await, Ok(9));
+    }
+
+    #[tokio::test]
+    async fn a_flight_that_leaves_keeps_its_waiters_and_frees_the_key() {
+        let table: InFlight<u32, u8> = InFlight::default();
+        let Role::Leader(first) = table.join(&4) else {
+            panic!("first caller leads");
+        };
+        let Role::Follower(waiting) = table.join(&4) else {
+            panic!("second caller follows");
+        };
+        first.publish(1);
+        first.leave();
+        let Role::Leader(second) = table.join(&4) else {
+            panic!("the key is free again");
+        };
+        // The first flight ending does not remove the second from the table.
+        first.complete(2);
+        assert_eq!(waiting.wait().await, Ok(2));
+        assert!(matches!(table.join(&4), Role::Follower(_)));
+        drop(second);
+        assert!(table.is_empty());
     }
 }

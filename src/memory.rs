@@ -168,7 +168,7 @@ impl Expiry<CacheKey, Slot> for ExpireAtEntryTtl {
     ) -> Option<Duration> {
         match value {
             Slot::Answer(a) => {
-                let left = a.expires_at - unix_ms(SystemTime::now());
+                let left = a.expires_at.saturating_sub(unix_ms(SystemTime::now()));
                 Some(Duration::from_millis(u64::try_from(left).unwrap_or(0)))
             }
             Slot::Reserved(_) => Some(RESERVATION_TTL),

@@ -60,6 +60,7 @@ pub(crate) struct Metrics {
     memory_entries: Gauge,
     write_queue: Gauge,
     in_flight: Gauge,
+    stream_buffer: Gauge,
     absorbed_429: Counter,
     retries: Counter,
     queue_wait: Histogram,
@@ -71,6 +72,7 @@ pub(crate) struct Levels {
     pub memory_entries: u64,
     pub write_queue: usize,
     pub in_flight: usize,
+    pub stream_buffer_bytes: u64,
 }
 
 impl Metrics {
@@ -118,6 +120,12 @@ impl Metrics {
             "Distinct requests waiting on an upstream call",
             in_flight.clone(),
         );
+        let stream_buffer = Gauge::default();
+        registry.register(
+            "stream_buffer_bytes",
+            "Bytes held by the buffers of streamed answers in flight",
+            stream_buffer.clone(),
+        );
         let absorbed_429 = Counter::default();
         registry.register(
             "upstream_429_absorbed",
@@ -164,6 +172,7 @@ impl Metrics {
             memory_entries,
             write_queue,
             in_flight,
+            stream_buffer,
         }
     }
 
@@ -243,6 +252,7 @@ impl Metrics {
         self.memory_entries.set(clamp(levels.memory_entries));
         self.write_queue.set(clamp(levels.write_queue as u64));
         self.in_flight.set(clamp(levels.in_flight as u64));
+        self.stream_buffer.set(clamp(levels.stream_buffer_bytes));
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);

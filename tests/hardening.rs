@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::{FakeUpstream, Proxy, chat, client, post};
 use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A stream request body.
 fn streamed(content: &str) -> String {
@@ -116,4 +117,107 @@ async fn model_names_cannot_grow_the_counters_without_bound() {
         )
         .expect("the rest are counted as (other)");
     assert_eq!(other, 400 - 256);
+}
+
+/// The value of a gauge in Prometheus text.
+fn gauge(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+#[tokio::test]
+async fn a_stream_past_max_stream_is_passed_on_but_no_longer_held() {
+    let upstream = FakeUpstream::start().await;
+    // 60 events of 8 KiB, 25 ms apart: about 480 KiB over 1.5 s.
+    upstream.state.extra_events.store(60, Ordering::SeqCst);
+    upstream
+        .state
+        .big_event_bytes
+        .store(8 * 1024, Ordering::SeqCst);
+    upstream.state.chunk_delay_ms.store(25, Ordering::SeqCst);
+    let max_stream = 64 * 1024;
+    let proxy = Proxy::start(upstream.engine().max_stream_bytes(max_stream)).await;
+    let c = client();
+    let url = proxy.url("/v1/chat/completions");
+    let first = tokio::spawn({
+        let (c, url) = (c.clone(), url.clone());
+        async move {
+            let r = c
+                .post(&url)
+                .header("authorization", "Bearer sk-test-key-1")
+                .body(streamed("long"))
+                .send()
+                .await
+                .expect("sent");
+            r.bytes().await.expect("the whole stream")
+        }
+    });
+    // Well past the limit, the stream is still arriving.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let text = proxy.engine.metrics_text().await;
+    let held = gauge(&text, "llm_dedup_stream_buffer_bytes");
+    assert!(
+        held <= max_stream as f64,
+        "{held} bytes held for one stream"
+    );
+    let (reserved, _) = proxy.engine.memory_usage();
+    assert!(reserved < max_stream as u64, "{reserved} bytes reserved");
+    // A request arriving now cannot be given the stream from its start: it makes its own
+    // call instead of joining.
+    let late = post(&c, &url, streamed("long"), &[]).await;
+    assert_eq!(late.status, 200);
+    assert!(
+        late.raw.ends_with(b"data: [DONE]\n\n"),
+        "the late stream is whole"
+    );
+    let body = first.await.expect("first");
+    assert!(body.len() > 480 * 1024, "{} bytes", body.len());
+    assert!(
+        body.ends_with(b"data: [DONE]\n\n"),
+        "the first stream is whole"
+    );
+    assert_eq!(upstream.calls(), 2);
+    // Too long to store: the next request goes upstream again.
+    assert_eq!(post(&c, &url, streamed("long"), &[]).await.cache, "miss");
+    proxy.stop().await;
+}
+
+/// An upstream that answers every request `200` with a JSON body cut short, delimited by
+/// closing the connection (no `Content-Length`, not chunked), as a broken server might.
+async fn cut_json_upstream() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let server = tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0; 64 * 1024];
+                let _ = conn.read(&mut buf).await;
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                            connection: close\r\n\r\n";
+                let _ = conn.write_all(head.as_bytes()).await;
+                let _ = conn
+                    .write_all(br#"{"id":"chatcmpl-1","choices":[{"mess"#)
+                    .await;
+                let _ = conn.shutdown().await;
+            });
+        }
+    });
+    (url, server)
+}
+
+#[tokio::test]
+async fn a_json_answer_cut_short_is_passed_on_but_never_stored() {
+    let (upstream, _server) = cut_json_upstream().await;
+    let proxy = Proxy::start(llm_dedup::Dedup::builder().upstream(upstream)).await;
+    let c = client();
+    let url = proxy.url("/v1/chat/completions");
+    let first = post(&c, &url, chat("cut"), &[]).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(&first.raw[..], br#"{"id":"chatcmpl-1","choices":[{"mess"#);
+    let again = post(&c, &url, chat("cut"), &[]).await;
+    assert_eq!(again.cache, "miss", "a cut answer is never a hit");
+    proxy.stop().await;
 }

@@ -173,12 +173,15 @@ impl DedupBuilder {
                 max_body: self.max_body,
                 max_stream_bytes: self.max_stream_bytes,
                 key_policy: self.key_policy,
-                known_keys: KnownKeys::new(),
+                known_keys: KnownKeys::new(self.memory_bytes / 16),
                 metrics: Metrics::new(),
                 governor: Governor::new(self.governor),
                 inputs: InFlight::default(),
                 batcher: embed::Batcher::new(self.embeddings),
                 tasks: TaskTracker::new(),
+                stream_bytes: Default::default(),
+                #[cfg(test)]
+                faults: Default::default(),
             }),
         })
     }

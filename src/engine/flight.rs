@@ -5,10 +5,15 @@
 //! started it can hang up without cancelling what others wait on; every request, the
 //! leader's included, only waits on the flight's outcome.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
+use futures_util::FutureExt;
+
 use http::HeaderMap;
+use serde_json::Value;
 
 use super::Engine;
 use super::classify::Outbound;
@@ -22,6 +27,7 @@ use crate::inflight::{Flight, InFlight, Role};
 use crate::key::CacheKey;
 use crate::live::LiveStream;
 use crate::upstream;
+use crate::usage::Usage;
 
 /// What a flight resolved to; every waiter gets a clone.
 #[derive(Clone)]
@@ -66,41 +72,33 @@ impl Engine {
             // A refresh: its own upstream call, whose answer replaces the stored one.
             return self.refresh(out, meta).await;
         }
-        // A leader that vanished without an outcome frees the key; a new leader is elected.
-        for _ in 0..3 {
-            let (waiter, role) = match self.flights.join(&key) {
-                Role::Leader(flight) => {
-                    let waiter = flight.waiter();
-                    let engine = self.clone();
-                    let (out, meta, max_age) = (out.clone(), meta.clone(), controls.max_age);
-                    self.tasks.spawn(async move {
-                        let outcome = engine.resolve(&out, &meta, max_age, &flight).await;
-                        flight.complete(outcome);
-                    });
-                    (waiter, CacheStatus::Miss)
-                }
-                Role::Follower(waiter) => (waiter, CacheStatus::Coalesced),
-            };
-            let Ok(outcome) = waiter.wait().await else {
-                continue;
-            };
-            if let FlightOutcome::Stored {
-                entry,
-                fresh_headers: None,
-            } = &outcome
-            {
-                // The flight found the answer in the cache; a follower with a stricter
-                // max-age than the leader's may need a fresher one.
-                if !young_enough(entry, controls.max_age) {
-                    return self.refresh(out, meta).await;
-                }
+        let (waiter, role) = match self.flights.join(&key) {
+            Role::Leader(flight) => {
+                let waiter = flight.waiter();
+                let engine = self.clone();
+                let (out, meta, max_age) = (out.clone(), meta.clone(), controls.max_age);
+                self.tasks.spawn(async move {
+                    let work = engine.resolve(&out, &meta, max_age, &flight);
+                    let outcome = engine.guarded(&flight, &meta, work).await;
+                    flight.complete(outcome);
+                });
+                (waiter, CacheStatus::Miss)
             }
-            return self.render(outcome, role, &meta);
+            Role::Follower(waiter) => (waiter, CacheStatus::Coalesced),
+        };
+        let outcome = waiter.wait().await.map_err(|_| abandoned())?;
+        if let FlightOutcome::Stored {
+            entry,
+            fresh_headers: None,
+        } = &outcome
+        {
+            // The flight found the answer in the cache; a follower with a stricter max-age
+            // than the leader's may need a fresher one.
+            if !young_enough(entry, controls.max_age) {
+                return self.refresh(out, meta).await;
+            }
         }
-        Err(Error::new(
-            ErrorKind::Abandoned,
-            "the upstream call for this request was abandoned repeatedly",
-        ))
+        self.render(outcome, role, &meta)
     }
 
     /// Fetches a fresh answer outside the in-flight table and stores it.
@@ -111,16 +109,43 @@ impl Engine {
         let engine = self.clone();
         let task_meta = meta.clone();
         self.tasks.spawn(async move {
-            let outcome = engine.fetch(&out, &task_meta, &flight).await;
+            let work = engine.fetch(&out, &task_meta, &flight);
+            let outcome = engine.guarded(&flight, &task_meta, work).await;
             flight.complete(outcome);
         });
-        let outcome = waiter.wait().await.map_err(|_| {
-            Error::new(
-                ErrorKind::Abandoned,
-                "the upstream call for this refresh was abandoned",
-            )
-        })?;
+        let outcome = waiter.wait().await.map_err(|_| abandoned())?;
         self.render(outcome, CacheStatus::Miss, &meta)
+    }
+
+    /// Runs a flight's `work` and gives its outcome. If the work panics, the flight still
+    /// gets one: every waiter gets a clear error (never a second upstream call), a stream
+    /// already shared ends with that error after the events received so far, and the room it
+    /// reserved in memory is given back. Nothing of it is stored.
+    async fn guarded(
+        &self,
+        flight: &LeadFlight,
+        meta: &EntryMeta,
+        work: impl Future<Output = FlightOutcome>,
+    ) -> FlightOutcome {
+        let panic = match AssertUnwindSafe(work).catch_unwind().await {
+            Ok(outcome) => return outcome,
+            Err(panic) => panic,
+        };
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(key = %meta.key, panic = why, "a flight failed inside llm-dedup; its waiters get an error");
+        let error = Error::new(
+            ErrorKind::Abandoned,
+            "the upstream call for this request failed inside llm-dedup; nothing was stored",
+        );
+        if let Some(FlightOutcome::Live(live)) = flight.published() {
+            live.fail_if_open(error.clone());
+            self.memory.release(&meta.key).await;
+        }
+        FlightOutcome::Failed(error)
     }
 
     /// Resolves a flight: the cache again (closing the race with a flight that just ended),
@@ -157,12 +182,14 @@ impl Engine {
             }
             Err(e) => return FlightOutcome::Failed(e),
         };
+        #[cfg(test)]
+        self.faults.trip(super::tests::Fault::AfterUpstream);
         let status = response.status();
         let headers = upstream::response_headers(response.headers());
         if status.is_success() && is_event_stream(&headers) {
-            let live = LiveStream::new(status, headers);
+            let live = LiveStream::new(status, headers, self.stream_bytes.clone());
             flight.publish(FlightOutcome::Live(live.clone()));
-            self.pump(response, &live, meta, out).await;
+            self.pump(response, &live, meta, out, flight).await;
             return FlightOutcome::Live(live);
         }
         let body = match response.bytes().await {
@@ -176,9 +203,23 @@ impl Engine {
                 body,
             }));
         }
-        let entry = Arc::new(StoredAnswer::from_upstream(meta, status, &headers, body));
+        // Only a complete JSON document is stored: a body cut short where the upstream closed
+        // the connection (nothing else delimited it) is passed on as it came.
+        let Ok(answer) = serde_json::from_slice::<Value>(&body) else {
+            tracing::info!(key = %meta.key, bytes = body.len(), "upstream answer is not one whole JSON document; passed on, not stored");
+            self.governor.settle(&out.partition, out.estimate, None);
+            return FlightOutcome::Refused(Arc::new(Refusal {
+                status,
+                headers,
+                body,
+            }));
+        };
+        let usage = Usage::of_answer(&answer);
+        // A copy: `body` is a slice of the buffer the answer was read into.
+        let exact = Bytes::copy_from_slice(&body);
+        let entry = Arc::new(StoredAnswer::new(meta, status, &headers, exact, usage));
         self.governor
-            .settle(&out.partition, out.estimate, entry.usage.total_tokens);
+            .settle(&out.partition, out.estimate, usage.total_tokens);
         self.store(entry.clone()).await;
         FlightOutcome::Stored {
             entry,
@@ -192,4 +233,12 @@ fn is_event_stream(headers: &HeaderMap) -> bool {
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"))
+}
+
+/// The error of a request whose flight ended without an outcome (its task was aborted).
+fn abandoned() -> Error {
+    Error::new(
+        ErrorKind::Abandoned,
+        "the upstream call for this request was abandoned",
+    )
 }

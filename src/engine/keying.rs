@@ -46,15 +46,30 @@ impl Keyed {
     }
 }
 
-/// Most exact requests remembered (about 100 bytes each).
-const KNOWN_KEYS: u64 = 65_536;
+/// What one remembered request holds besides its model name: the digest, the `Keyed` in its
+/// `Arc`, and moka's bookkeeping (measured with `tests/memory.rs`, rounded up).
+const KNOWN_KEY_BYTES: u32 = 480;
 
 /// The keys of requests seen before, by a digest of their exact bytes.
+///
+/// # Memory
+///
+/// Bounded in bytes (each entry weighs [`KNOWN_KEY_BYTES`] plus its model name), at a
+/// sixteenth of the memory tier's bound: a memo of a pure function can always be smaller.
 pub(super) struct KnownKeys(moka::sync::Cache<[u8; 32], Arc<Keyed>>);
 
 impl KnownKeys {
-    pub(super) fn new() -> KnownKeys {
-        KnownKeys(moka::sync::Cache::new(KNOWN_KEYS))
+    /// A memo of at most `max_bytes`.
+    pub(super) fn new(max_bytes: u64) -> KnownKeys {
+        KnownKeys(
+            moka::sync::Cache::builder()
+                .max_capacity(max_bytes)
+                .weigher(|_, keyed: &Arc<Keyed>| {
+                    let model = keyed.model.as_ref().map_or(0, String::len);
+                    KNOWN_KEY_BYTES.saturating_add(u32::try_from(model).unwrap_or(u32::MAX))
+                })
+                .build(),
+        )
     }
 
     /// What was remembered of `exact`, if it was keyed before.

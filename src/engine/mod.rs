@@ -42,6 +42,8 @@ mod keying;
 mod lookup;
 mod render;
 mod stream;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -57,6 +59,7 @@ use crate::error::Error;
 use crate::governor::Governor;
 use crate::inflight::InFlight;
 use crate::key::{CacheKey, KeyPolicy};
+use crate::live::HeldBytes;
 use crate::memory::MemoryTier;
 use crate::metrics::{Levels, Metrics};
 use crate::store::DiskStore;
@@ -105,6 +108,11 @@ struct Engine {
     batcher: embed::Batcher,
     /// Every task that calls the upstream, so `close` can wait for them.
     tasks: TaskTracker,
+    /// Bytes held by the buffers of streams in flight.
+    stream_bytes: HeldBytes,
+    /// Failures injected by tests.
+    #[cfg(test)]
+    faults: tests::Faults,
 }
 
 impl Dedup {
@@ -188,6 +196,9 @@ impl Dedup {
             memory_entries,
             write_queue: engine.disk.as_ref().map_or(0, DiskStore::queue_depth),
             in_flight: self.in_flight(),
+            stream_buffer_bytes: engine
+                .stream_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
         })
     }
 

@@ -7,6 +7,7 @@ use futures_util::StreamExt;
 
 use super::Engine;
 use super::classify::Outbound;
+use super::flight::LeadFlight;
 use crate::entry::{EntryMeta, StoredAnswer};
 use crate::live::LiveStream;
 use crate::sse::{Completion, EventSplitter, Verdict};
@@ -16,19 +17,24 @@ const RESERVE_STEP: usize = 64 * 1024;
 
 impl Engine {
     /// Receives a streamed answer into `live`, event by event, and stores it if it completed
-    /// without error and within the size limit. A cut or failed stream is passed on as it
-    /// came and never stored.
+    /// without error and within `--max-stream`. A cut or failed stream is passed on as it
+    /// came and never stored. A stream that grows past `--max-stream` is passed on to the
+    /// requests already sharing it, but no longer kept: its flight leaves the table (a request
+    /// arriving now could not be given it from its start, so it makes its own call), its room
+    /// in memory is given back, and each event is dropped once every subscriber took it.
     pub(super) async fn pump(
         &self,
         response: reqwest::Response,
         live: &LiveStream,
         meta: &EntryMeta,
         out: &Outbound,
+        flight: &LeadFlight,
     ) {
         let mut split = EventSplitter::default();
         let mut completion = Completion::new(meta.route);
         let mut size = 0usize;
         let mut reserved = 0usize;
+        let mut overgrown = false;
         let mut body = response.bytes_stream();
         let result = loop {
             match body.next().await {
@@ -37,10 +43,21 @@ impl Engine {
                         completion.observe(&event);
                         size += event.len();
                         live.push(event);
+                        #[cfg(test)]
+                        self.faults.trip(super::tests::Fault::MidStream);
+                    }
+                    if size > self.max_stream_bytes && !overgrown {
+                        overgrown = true;
+                        live.stop_buffering(self.max_stream_bytes);
+                        flight.leave();
+                        if reserved > 0 {
+                            self.memory.release(&meta.key).await;
+                        }
+                        tracing::debug!(key = %meta.key, size, "stream past --max-stream: passed on, no longer kept");
                     }
                     // What the flight buffers counts against the memory bound, refreshed
                     // every RESERVE_STEP bytes (small streams never reserve).
-                    if size - reserved >= RESERVE_STEP {
+                    if !overgrown && size - reserved >= RESERVE_STEP {
                         reserved = size;
                         self.memory.reserve(meta.key, size as u64).await;
                     }
@@ -59,7 +76,7 @@ impl Engine {
             out.estimate,
             completion.usage().total_tokens,
         );
-        if result.is_ok() && verdict == Verdict::Complete && size <= self.max_stream_bytes {
+        if result.is_ok() && verdict == Verdict::Complete && !overgrown {
             let mut entry =
                 StoredAnswer::from_upstream(meta, live.status, &live.headers, live.body());
             entry.usage = completion.usage();
@@ -67,7 +84,7 @@ impl Engine {
             self.store(Arc::new(entry)).await;
         } else {
             tracing::debug!(key = %meta.key, ?verdict, size, cut = result.is_err(), "stream not stored");
-            if reserved > 0 {
+            if reserved > 0 && !overgrown {
                 self.memory.release(&meta.key).await;
             }
         }

@@ -107,7 +107,6 @@ pub(super) fn read_entry(
         model,
         status,
         hit_headers: hit_headers(&key, &headers),
-        headers,
         body: Bytes::from(body),
         created_at,
         expires_at,

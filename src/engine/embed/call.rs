@@ -3,9 +3,11 @@
 //! carries (`400`) goes again as one call per request, so that only the request with that
 //! input gets the refusal.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use futures_util::future::join_all;
 use http::StatusCode;
 use serde_json::Value;
@@ -44,8 +46,22 @@ impl Engine {
         }
     }
 
-    /// Sends one merged call and completes the flight of each of its inputs.
+    /// Sends one merged call and completes the flight of each of its inputs. If that fails
+    /// inside llm-dedup (a panic), the inputs' flights are dropped with it: their requests
+    /// get an error at once, and nothing is stored or sent again.
     async fn send_call(&self, open: OpenCall) {
+        if AssertUnwindSafe(self.send_merged(open))
+            .catch_unwind()
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                "a merged embeddings call failed inside llm-dedup; its requests get an error"
+            );
+        }
+    }
+
+    async fn send_merged(&self, open: OpenCall) {
         let OpenCall { call, items, .. } = open;
         let items = self.answer_stored(items).await;
         if let Some(items) = self.send_items(&call, items, true).await {
