@@ -61,6 +61,7 @@ pub(crate) struct Metrics {
     write_queue: Gauge,
     in_flight: Gauge,
     stream_buffer: Gauge,
+    store_errors: Counter,
     absorbed_429: Counter,
     retries: Counter,
     queue_wait: Histogram,
@@ -73,6 +74,8 @@ pub(crate) struct Levels {
     pub write_queue: usize,
     pub in_flight: usize,
     pub stream_buffer_bytes: u64,
+    /// The store's count of failed writes, since it opened.
+    pub store_errors: u64,
 }
 
 impl Metrics {
@@ -126,6 +129,12 @@ impl Metrics {
             "Bytes held by the buffers of streamed answers in flight",
             stream_buffer.clone(),
         );
+        let store_errors = Counter::default();
+        registry.register(
+            "store_errors",
+            "Writes to the cache database that failed (retried with the next batch) or were refused because too many answers were waiting",
+            store_errors.clone(),
+        );
         let absorbed_429 = Counter::default();
         registry.register(
             "upstream_429_absorbed",
@@ -173,6 +182,7 @@ impl Metrics {
             write_queue,
             in_flight,
             stream_buffer,
+            store_errors,
         }
     }
 
@@ -253,6 +263,9 @@ impl Metrics {
         self.write_queue.set(clamp(levels.write_queue as u64));
         self.in_flight.set(clamp(levels.in_flight as u64));
         self.stream_buffer.set(clamp(levels.stream_buffer_bytes));
+        // The store keeps the count; the counter catches up with it (it only grows).
+        let behind = levels.store_errors.saturating_sub(self.store_errors.get());
+        self.store_errors.inc_by(behind);
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);

@@ -2,14 +2,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
-
-use common::{FakeUpstream, chat, client, llm_dedup, post};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use common::{FakeUpstream, chat, client, llm_dedup, post, start_proxy};
 
 /// Runs the binary to completion and returns (exit code, stderr).
 fn run(args: &[&str]) -> (i32, String) {
@@ -96,55 +89,6 @@ fn help_documents_every_flag_with_its_default_and_variable() {
     }
 }
 
-/// A proxy process with its stderr collected line by line.
-struct Running {
-    child: Child,
-    addr: String,
-    lines: mpsc::Receiver<String>,
-}
-
-fn start(db: &std::path::Path, upstream: &str) -> Running {
-    let mut child = llm_dedup()
-        .args(["serve", "--listen", "127.0.0.1:0", "--upstream", upstream])
-        .arg("--db")
-        .arg(db)
-        .env("RUST_LOG", "llm_dedup=debug")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let ready = lines
-        .recv_timeout(Duration::from_secs(30))
-        .expect("proxy starts");
-    let addr = ready
-        .split("listen=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no address in {ready:?}"))
-        .to_owned();
-    Running { child, addr, lines }
-}
-
-impl Running {
-    /// Sends SIGTERM and returns (exit code, everything logged).
-    fn terminate(mut self) -> (i32, String) {
-        let pid = i32::try_from(self.child.id()).expect("pid");
-        kill(Pid::from_raw(pid), Signal::SIGTERM).expect("signal");
-        let status = self.child.wait().expect("wait");
-        let log: Vec<String> = self.lines.try_iter().collect();
-        (status.code().unwrap_or(-1), log.join("\n"))
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_right_after_an_answer_loses_nothing() {
     let upstream = FakeUpstream::start().await;
@@ -154,7 +98,7 @@ async fn sigterm_right_after_an_answer_loses_nothing() {
     let secret = "sk-proj-NEVERLOGGED42";
     let auth = format!("Bearer {secret}");
 
-    let proxy = start(&db, &upstream.url());
+    let proxy = start_proxy(&db, &upstream.url());
     let url = format!("http://{}/v1/chat/completions", proxy.addr);
     let mut keys = Vec::new();
     for i in 0..20 {
@@ -194,7 +138,7 @@ async fn sigterm_right_after_an_answer_loses_nothing() {
     drop(conn);
 
     // And a new process answers them from the cache.
-    let proxy = start(&db, &upstream.url());
+    let proxy = start_proxy(&db, &upstream.url());
     let url = format!("http://{}/v1/chat/completions", proxy.addr);
     let again = post(&c, &url, chat("q19"), &[("authorization", &auth)]).await;
     assert_eq!(again.cache, "hit");
@@ -213,7 +157,7 @@ async fn each_upstream_refusal_is_logged_once_with_what_was_done() {
         .quota_exhausted
         .store(true, std::sync::atomic::Ordering::SeqCst);
     let dir = tempfile::tempdir().expect("tempdir");
-    let proxy = start(&dir.path().join("c.db"), &upstream.url());
+    let proxy = start_proxy(&dir.path().join("c.db"), &upstream.url());
     let url = format!("http://{}/v1/chat/completions", proxy.addr);
     let r = post(&client(), &url, chat("refused"), &[]).await;
     assert_eq!(r.status, 429);
@@ -237,7 +181,7 @@ async fn each_upstream_refusal_is_logged_once_with_what_was_done() {
 async fn a_miss_under_only_if_cached_is_not_logged_as_a_failure() {
     let upstream = FakeUpstream::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let proxy = start(&dir.path().join("c.db"), &upstream.url());
+    let proxy = start_proxy(&dir.path().join("c.db"), &upstream.url());
     let url = format!("http://{}/v1/chat/completions", proxy.addr);
     let headers = [("cache-control", "only-if-cached")];
     let r = post(&client(), &url, chat("never stored"), &headers).await;

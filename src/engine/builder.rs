@@ -144,10 +144,15 @@ impl DedupBuilder {
     /// Opens the database (if any) and builds the engine.
     pub fn build(self) -> Result<Dedup, Error> {
         let upstream = Upstream::new(&self.upstream, self.timeouts)?;
+        // Answers waiting for the disk count on top of the memory bound: an eighth of it.
+        let limits = StoreLimits {
+            max_queued_bytes: (self.memory_bytes / 8).max(4 * 1024 * 1024),
+            ..self.store_limits
+        };
         let disk = self
             .database
             .as_deref()
-            .map(|path| DiskStore::open(path, self.store_limits))
+            .map(|path| DiskStore::open(path, limits))
             .transpose()?;
         let salt = match &disk {
             Some(d) => *d.salt(),

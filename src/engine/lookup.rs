@@ -10,6 +10,10 @@ use crate::controls::CacheControls;
 use crate::entry::StoredAnswer;
 use crate::key::CacheKey;
 use crate::memory::ExactRequest;
+use crate::throttle::LogGate;
+
+/// Logs about answers the database writer could not take, at most once a minute.
+static NOT_QUEUED: LogGate = LogGate::per_minute();
 
 /// Whether `entry` is young enough for a request's `max-age`.
 pub(super) fn young_enough(entry: &StoredAnswer, max_age: Option<Duration>) -> bool {
@@ -136,9 +140,10 @@ impl Engine {
     pub(super) async fn store(&self, entry: Arc<StoredAnswer>) {
         self.memory.insert(entry.clone()).await;
         if let Some(disk) = &self.disk {
-            let key = entry.key;
             if let Err(e) = disk.put(entry) {
-                tracing::warn!(key = %key, error = %crate::error::describe_chain(&e), "answer kept in memory only");
+                if let Some(held) = NOT_QUEUED.open() {
+                    tracing::warn!(error = %crate::error::describe_chain(&e), similar_since = held, "answer kept in memory only");
+                }
             }
         }
     }

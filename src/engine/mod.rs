@@ -199,6 +199,7 @@ impl Dedup {
             stream_buffer_bytes: engine
                 .stream_bytes
                 .load(std::sync::atomic::Ordering::Relaxed),
+            store_errors: engine.disk.as_ref().map_or(0, DiskStore::write_errors),
         })
     }
 

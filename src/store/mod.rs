@@ -17,7 +17,7 @@ mod upkeep;
 mod writer;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -34,7 +34,7 @@ use read::ReaderPool;
 pub(crate) use schema::{bump_purge_generation, load_or_create_salt, open_for_writing};
 use tally::SharedPending;
 use upkeep::Upkeep;
-use writer::WriteOp;
+use writer::{Queue, WriteOp};
 
 /// Longest a hit count waits in memory before it is committed; also how often the writer
 /// looks for a purge made by another process.
@@ -49,14 +49,18 @@ pub struct StoreLimits {
     pub max_disk: Option<u64>,
     /// How often expired entries are removed and `max_disk` enforced.
     pub sweep_interval: Duration,
+    /// Most bytes of answers waiting to be written (while the disk is slower than the traffic,
+    /// or failing). Past it, an answer is kept in memory only.
+    pub max_queued_bytes: u64,
 }
 
 impl Default for StoreLimits {
-    /// No size bound; a sweep every minute.
+    /// No size bound; a sweep every minute; 32 MiB waiting at most.
     fn default() -> Self {
         StoreLimits {
             max_disk: None,
             sweep_interval: DEFAULT_SWEEP_INTERVAL,
+            max_queued_bytes: 32 * 1024 * 1024,
         }
     }
 }
@@ -122,6 +126,12 @@ pub enum StoreError {
     /// The writer thread is gone (the store was closed).
     #[error("the database writer has stopped")]
     WriterStopped,
+    /// Too many answers are waiting to be written already (the disk is slow or failing).
+    #[error("{queued} bytes of answers are already waiting to be written")]
+    Backlog {
+        /// Bytes waiting.
+        queued: u64,
+    },
     /// A blocking task could not run.
     #[error("database task failed: {0}")]
     Task(String),
@@ -137,8 +147,9 @@ struct Inner {
     path: PathBuf,
     salt: [u8; 32],
     writes: Sender<WriteOp>,
-    /// Operations sent to the writer and not yet committed (for the metrics).
-    queued: Arc<AtomicUsize>,
+    /// What is waiting for the writer, and what failed.
+    queue: Arc<Queue>,
+    max_queued_bytes: u64,
     pending: SharedPending,
     on_purge: PurgeListener,
     readers: ReaderPool,
@@ -167,7 +178,7 @@ impl DiskStore {
         let (writes, queue) = mpsc::channel();
         let pending = SharedPending::new();
         let for_writer = pending.clone();
-        let queued = Arc::new(AtomicUsize::new(0));
+        let queued = Arc::new(Queue::default());
         let drained = queued.clone();
         let on_purge = PurgeListener::default();
         let listener = on_purge.clone();
@@ -175,7 +186,7 @@ impl DiskStore {
             .name("llm-dedup-writer".into())
             .spawn(move || {
                 let upkeep = Upkeep::new(&conn, limits, listener);
-                writer::write_loop(conn, queue, for_writer, &drained, upkeep)
+                writer::write_loop(conn, queue, for_writer, drained, upkeep)
             })
             .map_err(|e| StoreError::Task(format!("cannot start the writer thread: {e}")))?;
         Ok(DiskStore {
@@ -183,7 +194,8 @@ impl DiskStore {
                 path: path.to_owned(),
                 salt,
                 writes,
-                queued,
+                queue: queued,
+                max_queued_bytes: limits.max_queued_bytes,
                 pending,
                 on_purge,
                 readers: ReaderPool::new(path.to_owned()),
@@ -197,9 +209,15 @@ impl DiskStore {
         &self.inner.path
     }
 
-    /// Operations queued for the writer and not yet committed.
+    /// Operations queued for the writer and not yet taken.
     pub fn queue_depth(&self) -> usize {
-        self.inner.queued.load(Ordering::Relaxed)
+        self.inner.queue.ops.load(Ordering::Relaxed)
+    }
+
+    /// Writes that failed since the store was opened: batches that could not be committed
+    /// (retried with the next), answers refused because too many were waiting.
+    pub fn write_errors(&self) -> u64 {
+        self.inner.queue.errors.load(Ordering::Relaxed)
     }
 
     /// The random salt for credential fingerprints, created with the database.
@@ -225,9 +243,20 @@ impl DiskStore {
         .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
-    /// Queues `entry` to be written; it is on disk after the next commit.
+    /// Queues `entry` to be written; it is on disk after the next commit. Refused (and
+    /// counted as a write error) while [`StoreLimits::max_queued_bytes`] are waiting already.
     pub fn put(&self, entry: Arc<StoredAnswer>) -> Result<(), StoreError> {
-        self.send(WriteOp::Put(entry))
+        let queue = &self.inner.queue;
+        let size = entry.size();
+        let waiting = queue.bytes.fetch_add(size, Ordering::Relaxed);
+        if waiting.saturating_add(size) > self.inner.max_queued_bytes {
+            queue.bytes.fetch_sub(size, Ordering::Relaxed);
+            queue.errors.fetch_add(1, Ordering::Relaxed);
+            return Err(StoreError::Backlog { queued: waiting });
+        }
+        self.send(WriteOp::Put(entry)).inspect_err(|_| {
+            queue.bytes.fetch_sub(size, Ordering::Relaxed);
+        })
     }
 
     /// Counts a hit on `key` at `now` (hit count and last-hit time) and adds `counts` to the
@@ -287,9 +316,10 @@ impl DiskStore {
 
     fn send(&self, op: WriteOp) -> Result<(), StoreError> {
         // Counted before sending, so the writer's decrement can never run ahead of it.
-        self.inner.queued.fetch_add(1, Ordering::Relaxed);
+        let ops = &self.inner.queue.ops;
+        ops.fetch_add(1, Ordering::Relaxed);
         self.inner.writes.send(op).map_err(|_| {
-            self.inner.queued.fetch_sub(1, Ordering::Relaxed);
+            ops.fetch_sub(1, Ordering::Relaxed);
             StoreError::WriterStopped
         })
     }
@@ -404,5 +434,60 @@ mod tests {
             .err()
             .expect("must fail");
         assert!(matches!(err, StoreError::TooNew { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_file_that_turns_read_only_loses_nothing_once_it_is_writable_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.db");
+        let store = DiskStore::open(&path, StoreLimits::default()).expect("open");
+        let first = entry(1, Duration::from_secs(60));
+        store.put(first.clone()).expect("queued");
+        store.flush().await.expect("flush");
+        assert_eq!(store.write_errors(), 0);
+
+        store.send(WriteOp::ReadOnly(true)).expect("sent");
+        let second = entry(2, Duration::from_secs(60));
+        store.put(second.clone()).expect("queued");
+        store
+            .flush()
+            .await
+            .expect("a failed commit still answers its flush");
+        assert!(store.write_errors() >= 1, "the failure is counted");
+        assert_eq!(get(&store, second.key).await, None, "not on disk yet");
+        assert_eq!(
+            get(&store, first.key).await.as_ref(),
+            Some(first.as_ref()),
+            "intact"
+        );
+
+        store.send(WriteOp::ReadOnly(false)).expect("sent");
+        store.flush().await.expect("flush");
+        assert_eq!(
+            get(&store, second.key).await.as_ref(),
+            Some(second.as_ref()),
+            "kept and written once the file is writable again"
+        );
+        store.close().await.expect("close");
+    }
+
+    #[tokio::test]
+    async fn the_queue_refuses_answers_past_its_bound() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let limits = StoreLimits {
+            max_queued_bytes: 1_000,
+            ..StoreLimits::default()
+        };
+        let store = DiskStore::open(&dir.path().join("c.db"), limits).expect("open");
+        store.send(WriteOp::ReadOnly(true)).expect("sent");
+        let mut refused = 0;
+        for i in 0..20u8 {
+            if let Err(StoreError::Backlog { .. }) = store.put(entry(i, Duration::from_secs(60))) {
+                refused += 1;
+            }
+            store.flush().await.expect("flush");
+        }
+        assert!(refused >= 10, "{refused} refused");
+        assert!(store.inner.queue.bytes.load(Ordering::Relaxed) <= 1_000);
     }
 }

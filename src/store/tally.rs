@@ -83,7 +83,7 @@ impl Pending {
     }
 
     /// Adds what `other` counted into `self`.
-    fn absorb(&mut self, other: Pending) {
+    pub fn absorb(&mut self, other: Pending) {
         for (key, theirs) in other.hits {
             match self.hits.entry(key) {
                 std::collections::hash_map::Entry::Occupied(mut ours) => {

@@ -3,7 +3,7 @@
 //! the store's upkeep between batches.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 
 use rusqlite::{Connection, params, params_from_iter};
@@ -14,6 +14,7 @@ use super::tally::{MAX_MODELS_PER_ROUTE, OTHER_MODELS, Pending, SharedPending};
 use super::upkeep::Upkeep;
 use crate::counts::Counts;
 use crate::entry::StoredAnswer;
+use crate::throttle::LogGate;
 
 /// Most operations committed in one transaction.
 const MAX_BATCH: usize = 1024;
@@ -25,38 +26,46 @@ pub(super) enum WriteOp {
     Flush(oneshot::Sender<()>),
     /// Commit everything queued before, answer, and stop.
     Shutdown(oneshot::Sender<()>),
+    /// Make the write connection read-only (`true`) or writable again: a file that turns
+    /// read-only, as a test needs it.
+    #[cfg(test)]
+    ReadOnly(bool),
 }
 
-/// What became of one batch.
-#[derive(Default)]
-struct Committed {
-    /// Why nothing of it was committed, if it failed.
-    failure: Option<rusqlite::Error>,
-    /// Flushes and shutdowns to answer now that the batch is done with.
-    acks: Vec<oneshot::Sender<()>>,
-    /// A shutdown was among them.
-    stop: bool,
-}
-
-/// Runs until every sender is gone (the store was dropped) or a shutdown; either way, what was
-/// queued and counted before is committed first.
+/// Runs the writer until every sender is gone (the store was dropped) or a shutdown; either
+/// way, what was queued and counted before is committed first.
+///
+/// # Faults
+///
+/// A batch that cannot be committed (the file turned read-only, another writer holds the lock
+/// past the busy timeout, the disk is full) is counted in [`Queue::errors`], logged at most
+/// once a minute, and kept: its answers and counts go again with the next batch, until the
+/// fault clears. What is kept stays within the queue's bound, since new answers are refused
+/// while it is full ([`super::DiskStore::put`]).
 pub(super) fn write_loop(
-    mut conn: Connection,
+    conn: Connection,
     queue: Receiver<WriteOp>,
     pending: SharedPending,
-    queued: &AtomicUsize,
-    mut upkeep: Upkeep,
+    shared: Arc<Queue>,
+    upkeep: Upkeep,
 ) {
+    let mut writer = Writer {
+        conn,
+        pending,
+        shared,
+        upkeep,
+        carried: Vec::new(),
+        carried_counts: Pending::default(),
+        failing_since: None,
+        gate: LogGate::per_minute(),
+    };
     loop {
         let mut batch = Vec::new();
         match queue.recv_timeout(HIT_FLUSH_INTERVAL) {
             Ok(op) => batch.push(op),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
-                let last = commit_batch(&mut conn, Vec::new(), pending.take());
-                if let Some(e) = last.failure {
-                    tracing::error!(error = %e, "writing hit counts failed");
-                }
+                writer.commit(Vec::new());
                 break;
             }
         }
@@ -66,50 +75,116 @@ pub(super) fn write_loop(
                 Err(_) => break,
             }
         }
-        let taken = batch.len();
-        let counted = pending.take();
-        upkeep.run(&mut conn);
-        if batch.is_empty() && counted.is_empty() {
-            continue;
-        }
-        let committed = commit_batch(&mut conn, batch, counted);
-        if let Some(e) = &committed.failure {
-            tracing::error!(error = %e, "writing to the cache database failed; those entries stay in memory only");
-        }
-        queued.fetch_sub(taken, Ordering::Relaxed);
-        for ack in committed.acks {
+        writer.shared.ops.fetch_sub(batch.len(), Ordering::Relaxed);
+        writer.upkeep.run(&mut writer.conn);
+        let done = writer.commit(batch);
+        for ack in done.acks {
             let _ = ack.send(());
         }
-        if committed.stop {
+        if done.stop {
             break;
         }
     }
 }
 
-/// Commits `batch` and `counted` in one transaction. Whether or not that succeeds, the
-/// flushes and shutdown in `batch` are returned, so that nobody waits forever on a failed
-/// commit.
-fn commit_batch(conn: &mut Connection, batch: Vec<WriteOp>, counted: Pending) -> Committed {
-    let mut committed = Committed::default();
-    let mut puts = Vec::with_capacity(batch.len());
-    for op in batch {
-        match op {
-            WriteOp::Put(entry) => puts.push(entry),
-            WriteOp::Flush(ack) => committed.acks.push(ack),
-            WriteOp::Shutdown(ack) => {
-                committed.acks.push(ack);
-                committed.stop = true;
+/// What the request path and the writer share about the queue between them.
+#[derive(Debug, Default)]
+pub(super) struct Queue {
+    /// Operations sent to the writer and not yet taken (for the metrics).
+    pub ops: AtomicUsize,
+    /// Bytes of answers sent to the writer and not yet written.
+    pub bytes: AtomicU64,
+    /// Writes that failed: batches that could not be committed, answers refused because the
+    /// queue was full.
+    pub errors: AtomicU64,
+}
+
+/// The writer thread's state.
+struct Writer {
+    conn: Connection,
+    pending: SharedPending,
+    shared: Arc<Queue>,
+    upkeep: Upkeep,
+    /// Answers of batches that could not be committed, to go with the next one.
+    carried: Vec<Arc<StoredAnswer>>,
+    /// Counts of batches that could not be committed.
+    carried_counts: Pending,
+    /// When commits started failing, while they do.
+    failing_since: Option<std::time::Instant>,
+    gate: LogGate,
+}
+
+/// What a batch asked of the writer besides its writes.
+#[derive(Default)]
+struct Done {
+    /// Flushes and shutdowns to answer now that the batch is done with.
+    acks: Vec<oneshot::Sender<()>>,
+    /// A shutdown was among them.
+    stop: bool,
+}
+
+impl Writer {
+    /// Commits `batch`, the counts tallied meanwhile and whatever earlier failed batches left,
+    /// in one transaction. Whether or not that succeeds, the flushes and the shutdown in
+    /// `batch` are returned, so that nobody waits forever on a failed commit.
+    fn commit(&mut self, batch: Vec<WriteOp>) -> Done {
+        let mut done = Done::default();
+        let mut puts = std::mem::take(&mut self.carried);
+        for op in batch {
+            match op {
+                WriteOp::Put(entry) => puts.push(entry),
+                WriteOp::Flush(ack) => done.acks.push(ack),
+                WriteOp::Shutdown(ack) => {
+                    done.acks.push(ack);
+                    done.stop = true;
+                }
+                #[cfg(test)]
+                WriteOp::ReadOnly(on) => {
+                    let _ = self.conn.pragma_update(None, "query_only", on);
+                }
             }
         }
+        let mut counted = self.pending.take();
+        counted.absorb(std::mem::take(&mut self.carried_counts));
+        if puts.is_empty() && counted.is_empty() {
+            return done;
+        }
+        match write_all(&mut self.conn, &puts, &counted) {
+            Ok(()) => {
+                let written: u64 = puts.iter().map(|e| e.size()).sum();
+                self.shared.bytes.fetch_sub(written, Ordering::Relaxed);
+                if let Some(since) = self.failing_since.take() {
+                    tracing::info!(
+                        after = ?since.elapsed(),
+                        "writing to the cache database works again; what was kept is written"
+                    );
+                }
+            }
+            Err(e) => {
+                self.shared.errors.fetch_add(1, Ordering::Relaxed);
+                self.failing_since
+                    .get_or_insert_with(std::time::Instant::now);
+                if let Some(held) = self.gate.open() {
+                    tracing::error!(
+                        error = %e,
+                        answers = puts.len(),
+                        failures_since_last_line = held,
+                        "writing to the cache database failed; answers are served from memory \
+                         and written once it works again"
+                    );
+                }
+                self.carried = puts;
+                self.carried_counts = counted;
+            }
+        }
+        done
     }
-    committed.failure = write_all(conn, &puts, counted).err();
-    committed
 }
 
 fn write_all(
     conn: &mut Connection,
     puts: &[Arc<StoredAnswer>],
-    counted: Pending,
+    counted: &Pending,
 ) -> Result<(), rusqlite::Error> {
     let tx = conn.transaction()?;
     {
@@ -149,15 +224,15 @@ fn write_all(
             "UPDATE entries SET hit_count = hit_count + ?2, last_hit_at = max(coalesce(last_hit_at, 0), ?3)
              WHERE key = ?1",
         )?;
-        for (key, tally) in counted.hits {
+        for (key, tally) in &counted.hits {
             hit.execute(params![key.to_hex(), tally.count, tally.last_at])?;
         }
         let mut count = tx.prepare_cached(&add_counts_sql())?;
-        for (route, models) in counted.counters {
+        for (route, models) in &counted.counters {
             for (model, counts) in models {
-                let model = counter_model(&tx, &route, &model)?;
+                let model = counter_model(&tx, route, model)?;
                 let values = counts.values();
-                let args = [&route as &dyn rusqlite::ToSql, &model]
+                let args = [route as &dyn rusqlite::ToSql, &model]
                     .into_iter()
                     .chain(values.iter().map(|v| v as &dyn rusqlite::ToSql));
                 count.execute(params_from_iter(args))?;

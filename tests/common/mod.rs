@@ -824,3 +824,58 @@ pub fn run_cli(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// A proxy process with its stderr collected line by line.
+pub struct Running {
+    pub child: std::process::Child,
+    pub addr: String,
+    pub lines: std::sync::mpsc::Receiver<String>,
+}
+
+/// Starts `llm-dedup serve` on a free port with `db`, in front of `upstream`, debug logging on.
+pub fn start_proxy(db: &std::path::Path, upstream: &str) -> Running {
+    let mut child = llm_dedup()
+        .args(["serve", "--listen", "127.0.0.1:0", "--upstream", upstream])
+        .arg("--db")
+        .arg(db)
+        .env("RUST_LOG", "llm_dedup=debug")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let ready = lines
+        .recv_timeout(Duration::from_secs(30))
+        .expect("proxy starts");
+    let addr = ready
+        .split("listen=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {ready:?}"))
+        .to_owned();
+    Running { child, addr, lines }
+}
+
+impl Running {
+    /// Sends SIGTERM and returns (exit code, everything logged).
+    pub fn terminate(self) -> (i32, String) {
+        self.signal(nix::sys::signal::Signal::SIGTERM)
+    }
+
+    /// Sends `signal` and returns (exit code, everything logged).
+    pub fn signal(mut self, signal: nix::sys::signal::Signal) -> (i32, String) {
+        let pid = i32::try_from(self.child.id()).expect("pid");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).expect("signal");
+        let status = self.child.wait().expect("wait");
+        let log: Vec<String> = self.lines.try_iter().collect();
+        (status.code().unwrap_or(-1), log.join("\n"))
+    }
+}
