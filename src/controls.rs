@@ -198,4 +198,64 @@ mod tests {
         assert_eq!(c.ttl, Some(Duration::from_secs(90)));
         assert_eq!(c.namespace, "team-a");
     }
+
+    /// A header value of arbitrary bytes (those `http` accepts in a value).
+    fn header_value() -> impl proptest::strategy::Strategy<Value = http::HeaderValue> {
+        use proptest::prelude::*;
+        prop_oneof![
+            // Values made of the control vocabulary, so the parser's paths are reached.
+            prop::collection::vec(
+                prop::sample::select(vec![
+                    "no-store",
+                    "no-cache",
+                    "only-if-cached",
+                    "max-age=",
+                    "max-age",
+                    "=",
+                    ",",
+                    " ",
+                    "\"",
+                    "0",
+                    "1",
+                    "18446744073709551616",
+                    "-1",
+                    "+5",
+                    "1e3",
+                    "NaN",
+                    "é",
+                    "\t",
+                    "x-y=z",
+                ]),
+                0..8,
+            )
+            .prop_map(|parts| parts.concat().into_bytes()),
+            prop::collection::vec(any::<u8>(), 0..64),
+        ]
+        .prop_filter_map("not a header value", |bytes| {
+            http::HeaderValue::from_bytes(&bytes).ok()
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(crate::fuzzing::config())]
+
+        /// Fuzz target (b): the control headers never panic, and what they accept is in range.
+        #[test]
+        fn arbitrary_control_headers_never_panic_and_stay_in_range(
+            cache_control in header_value(),
+            ttl in header_value(),
+            namespace in header_value(),
+        ) {
+            let mut h = HeaderMap::new();
+            h.append(http::header::CACHE_CONTROL, cache_control);
+            h.append(TTL_HEADER, ttl);
+            h.append(NAMESPACE_HEADER, namespace);
+            if let Ok(c) = CacheControls::from_headers(&h) {
+                proptest::prop_assert!(c.ttl.is_none_or(|t| t <= MAX_TTL && !t.is_zero()));
+                proptest::prop_assert!(c.max_age.is_none_or(|a| a.as_secs() <= MAX_AGE_CAP));
+                proptest::prop_assert!(c.namespace.len() <= MAX_NAMESPACE_LEN);
+                proptest::prop_assert!(c.namespace.bytes().all(|b| b.is_ascii_graphic()));
+            }
+        }
+    }
 }

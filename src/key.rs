@@ -661,6 +661,30 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(crate::fuzzing::config())]
+
+        /// Fuzz target (a): whatever bytes arrive, keying never panics, and what parses has
+        /// one canonical form whatever its spelling.
+        #[test]
+        fn arbitrary_bytes_never_panic_and_parse_to_one_canonical_form(
+            bytes in prop::collection::vec(any::<u8>(), 0..512),
+            json in arb_json(),
+        ) {
+            // Arbitrary bytes, and arbitrary JSON with bytes spliced into its text.
+            let mut spliced = serde_json::to_vec(&json).expect("serializable");
+            let at = bytes.len() % (spliced.len() + 1);
+            spliced.splice(at..at, bytes.iter().copied().take(8));
+            for candidate in [&bytes, &spliced] {
+                if let Ok(v) = serde_json::from_slice::<Value>(candidate) {
+                    let c = CanonicalBody::new(Route::ChatCompletions, &v, &KeyPolicy::default());
+                    let back: Value = serde_json::from_slice(c.as_bytes()).expect("valid JSON");
+                    let again = CanonicalBody::new(Route::ChatCompletions, &back, &KeyPolicy::default());
+                    prop_assert_eq!(&c, &again);
+                    let _ = key_of(&v);
+                }
+            }
+        }
+
         #[test]
         fn canonical_form_is_valid_json_and_a_fixed_point(v in arb_json()) {
             let c = CanonicalBody::new(Route::Embeddings, &v, &KeyPolicy::default());

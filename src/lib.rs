@@ -69,6 +69,8 @@ assert!(answer.headers().contains_key("llm-dedup-cache"));
 mod answer;
 mod counts;
 pub mod error;
+#[cfg(test)]
+mod fuzzing;
 pub mod headers;
 mod inflight;
 pub mod key;
@@ -115,6 +117,7 @@ mod architecture {
         ("answer", include_str!("answer.rs")),
         ("counts", include_str!("counts.rs")),
         ("error", include_str!("error.rs")),
+        ("fuzzing", include_str!("fuzzing.rs")),
         ("headers", include_str!("headers.rs")),
         ("inflight", include_str!("inflight.rs")),
         ("key", include_str!("key.rs")),

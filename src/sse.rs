@@ -255,4 +255,60 @@ mod tests {
             ]
         );
     }
+
+    use proptest::prelude::*;
+
+    /// Events of a stream in pieces cut at `cuts`, and its verdict.
+    fn split_at(route: Route, bytes: &[u8], cuts: &[usize]) -> (Vec<Bytes>, Verdict, Usage) {
+        let mut split = EventSplitter::default();
+        let mut done = Completion::new(route);
+        let mut events = Vec::new();
+        let mut at = 0;
+        let mut ends: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+        ends.sort_unstable();
+        ends.push(bytes.len());
+        for end in ends {
+            for e in split.push(&bytes[at..end.max(at)]) {
+                done.observe(&e);
+                events.push(e);
+            }
+            at = end.max(at);
+        }
+        events.extend(split.rest());
+        (events, done.verdict(), done.usage())
+    }
+
+    proptest! {
+        #![proptest_config(crate::fuzzing::config())]
+
+        /// Fuzz target (c): any bytes, cut anywhere, split into events that join back into
+        /// the input, the same events and the same verdict wherever the cuts fall.
+        #[test]
+        fn arbitrary_streams_cut_anywhere_split_the_same_and_lose_nothing(
+            parts in prop::collection::vec(
+                prop_oneof![
+                    prop::sample::select(vec![
+                        "data: ", "event: ", "\n", "\r", "\r\n", "\n\n", "[DONE]",
+                        "{\"error\":{}}", "{\"usage\":{\"prompt_tokens\":3}}", "message_stop",
+                        "response.completed", "ping", ":", "é",
+                    ]).prop_map(|s| s.as_bytes().to_vec()),
+                    prop::collection::vec(any::<u8>(), 0..16),
+                ],
+                0..40,
+            ),
+            cuts in prop::collection::vec(any::<usize>(), 0..12),
+            route in prop::sample::select(vec![
+                Route::ChatCompletions, Route::Responses, Route::AnthropicMessages,
+                Route::Embeddings,
+            ]),
+        ) {
+            let bytes: Vec<u8> = parts.concat();
+            let (whole, verdict, usage) = split_at(route, &bytes, &[]);
+            let (pieces, cut_verdict, cut_usage) = split_at(route, &bytes, &cuts);
+            prop_assert_eq!(whole.concat(), bytes.clone());
+            prop_assert_eq!(&pieces, &whole);
+            prop_assert_eq!(cut_verdict, verdict);
+            prop_assert_eq!(cut_usage, usage);
+        }
+    }
 }

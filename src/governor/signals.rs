@@ -400,4 +400,80 @@ mod tests {
         );
         assert_eq!(estimate_tokens(40, &json!({})), 10);
     }
+
+    use proptest::prelude::*;
+
+    /// A header value made of what numbers and durations are spelled with, or any bytes.
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            prop::collection::vec(
+                prop::sample::select(vec![
+                    "0",
+                    "1",
+                    "9",
+                    ".",
+                    "e",
+                    "E",
+                    "-",
+                    "+",
+                    "inf",
+                    "NaN",
+                    "h",
+                    "m",
+                    "s",
+                    "ms",
+                    "us",
+                    "µs",
+                    "ns",
+                    "1e400",
+                    "99999999999999999999",
+                    " ",
+                    "T",
+                    ":",
+                    "Z",
+                    "2025-08-21T12:40:59Z",
+                    "Fri, 01 Jan 9999 00:00:00 GMT",
+                ]),
+                0..6,
+            )
+            .prop_map(|parts| parts.concat()),
+            "\\PC{0,24}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(crate::fuzzing::config())]
+
+        /// Fuzz target (d): the readers of rate-limit and retry headers never panic, and what
+        /// they believe is always within its caps.
+        #[test]
+        fn arbitrary_rate_limit_and_retry_headers_never_panic_and_stay_capped(
+            values in prop::collection::vec(value(), 12),
+        ) {
+            let names = [
+                "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests", "x-ratelimit-limit-tokens",
+                "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens",
+                "anthropic-ratelimit-requests-limit", "anthropic-ratelimit-requests-remaining",
+                "anthropic-ratelimit-requests-reset", "retry-after", "retry-after-ms",
+                "anthropic-ratelimit-tokens-reset",
+            ];
+            let mut h = HeaderMap::new();
+            for (name, value) in names.iter().zip(&values) {
+                if let Ok(value) = http::HeaderValue::from_str(value) {
+                    h.insert(*name, value);
+                }
+            }
+            let limits = RateLimits::read(&h);
+            for report in [limits.requests, limits.tokens].into_iter().flatten() {
+                prop_assert!(report.remaining.is_finite() && report.remaining >= 0.0);
+                prop_assert!(report.limit.is_none_or(|l| l.is_finite() && l >= 0.0));
+                prop_assert!(report.reset.is_none_or(|r| r <= MAX_RESET));
+            }
+            prop_assert!(retry_after(&h).is_none_or(|w| w <= MAX_SERVER_WAIT));
+            for v in &values {
+                let _ = go_duration(v);
+            }
+        }
+    }
 }

@@ -291,4 +291,62 @@ mod tests {
         assert_eq!(unhex("abc"), None);
         assert_eq!(unhex("zz"), None);
     }
+
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    /// A valid export line with one field replaced by `value`.
+    fn line(field: &str, value: Value) -> String {
+        let mut entry = json!({
+            "key": "ab".repeat(32), "namespace": "", "route": "chat.completions",
+            "model": "m", "size": 10, "hit_count": 0, "created_at": 1_000,
+            "expires_at": 2_000, "last_hit_at": null, "status": 200,
+            "headers": [["content-type", "application/json"]], "body": "{}",
+            "prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2
+        });
+        entry[field] = value;
+        entry.to_string()
+    }
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            "\\PC{0,40}".prop_map(Value::from),
+            prop::collection::vec(("\\PC{0,8}", "\\PC{0,8}"), 0..4).prop_map(|pairs| json!(pairs)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(crate::fuzzing::config())]
+
+        /// Fuzz target (e): no import line panics the parser, and what it lets through is in
+        /// range.
+        #[test]
+        fn arbitrary_import_lines_never_panic_and_only_sane_entries_pass(
+            field in prop::sample::select(vec![
+                "key", "namespace", "route", "model", "size", "hit_count", "created_at",
+                "expires_at", "last_hit_at", "status", "headers", "body", "prompt_tokens",
+            ]),
+            value in json_value(),
+            junk in "\\PC{0,80}",
+            now in 0i64..4_102_444_800_000,
+        ) {
+            for text in [line(field, value.clone()), junk.clone(), format!("{}{junk}", line(field, value))] {
+                let Ok(mut entry) = parse_exported(&text) else { continue };
+                if in_range(&mut entry, now).is_ok() {
+                    let s = &entry.summary;
+                    prop_assert!(s.created_at >= 0 && s.created_at <= now + CLOCK_SKEW_MS);
+                    prop_assert!(s.expires_at > s.created_at && s.expires_at > now);
+                    prop_assert!(s.model.as_ref().is_none_or(|m| m.chars().count() <= MAX_MODEL_CHARS));
+                    prop_assert!((200..300).contains(&entry.status));
+                }
+            }
+        }
+    }
 }
