@@ -98,11 +98,12 @@ pub mod middleware;
 pub mod server;
 
 pub use answer::{Answer, AnswerBody, CacheStatus, Refusal};
+pub use controls::MAX_TTL;
 pub use counts::Counts;
 pub use embeddings::EmbedSettings;
 pub use engine::{Dedup, DedupBuilder};
 pub use error::{Error, ErrorKind, Origin};
-pub use governor::GovernorSettings;
+pub use governor::{GovernorSettings, MAX_SETTING_WAIT};
 pub use headers::{CACHE_HEADER, KEY_HEADER, NAMESPACE_HEADER, TTL_HEADER};
 pub use key::{CacheKey, KEY_VERSION, KeyPolicy, Partition};
 pub use route::Route;

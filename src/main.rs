@@ -190,7 +190,7 @@ struct ServeArgs {
     db: Option<PathBuf>,
 
     /// How long answers are served from the cache (e.g. 90s, 12h, 30d).
-    #[arg(long, env = "LLM_DEDUP_TTL", default_value = "30d", value_parser = parse_duration)]
+    #[arg(long, env = "LLM_DEDUP_TTL", default_value = "30d", value_parser = parse_ttl)]
     ttl: Duration,
 
     /// Bound of the in-memory tier (e.g. 256MiB, 2GiB).
@@ -211,25 +211,26 @@ struct ServeArgs {
 
     /// Requests per minute never to exceed upstream, per credential [default: learned from
     /// the upstream's rate-limit headers]
-    #[arg(long, env = "LLM_DEDUP_RPM")]
+    #[arg(long, env = "LLM_DEDUP_RPM", value_parser = clap::value_parser!(u32).range(1..))]
     rpm: Option<u32>,
 
     /// Tokens per minute never to exceed upstream, per credential [default: learned from the
     /// upstream's rate-limit headers]
-    #[arg(long, env = "LLM_DEDUP_TPM")]
+    #[arg(long, env = "LLM_DEDUP_TPM", value_parser = clap::value_parser!(u32).range(1..))]
     tpm: Option<u32>,
 
     /// Total time one request may spend waiting out upstream refusals (429, 5xx, ...) before
     /// the last answer is passed on as it came.
-    #[arg(long, env = "LLM_DEDUP_RETRY_BUDGET", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "LLM_DEDUP_RETRY_BUDGET", default_value = "60s", value_parser = parse_wait)]
     retry_budget: Duration,
 
     /// Longest a request waits in line for upstream budget before it is answered 429.
-    #[arg(long, env = "LLM_DEDUP_MAX_QUEUE_WAIT", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "LLM_DEDUP_MAX_QUEUE_WAIT", default_value = "60s", value_parser = parse_wait)]
     max_queue_wait: Duration,
 
     /// Most upstream calls at the same time [default: no bound]
-    #[arg(long, env = "LLM_DEDUP_MAX_CONCURRENCY")]
+    #[arg(long, env = "LLM_DEDUP_MAX_CONCURRENCY",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
     max_concurrency: Option<usize>,
 
     /// Keep stored answers under this total size (e.g. 10GiB), removing the least recently
@@ -258,6 +259,23 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{e} (try e.g. 90s, 12h, 30d)"))?;
     if d.is_zero() {
         return Err("must be longer than zero".into());
+    }
+    Ok(d)
+}
+
+/// A TTL: longer than zero, at most ten years (an expiry must stay a representable time).
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    at_most(parse_duration(s)?, llm_dedup::MAX_TTL, "10 years")
+}
+
+/// A time a request may wait: longer than zero, at most one day.
+fn parse_wait(s: &str) -> Result<Duration, String> {
+    at_most(parse_duration(s)?, llm_dedup::MAX_SETTING_WAIT, "1 day")
+}
+
+fn at_most(d: Duration, max: Duration, spelled: &str) -> Result<Duration, String> {
+    if d > max {
+        return Err(format!("must be at most {spelled}"));
     }
     Ok(d)
 }

@@ -35,6 +35,32 @@ fn invalid_sizes_and_durations_are_refused() {
 }
 
 #[test]
+fn durations_out_of_range_are_refused_not_wrapped() {
+    for (flag, value, bound) in [
+        ("--ttl", "11y", "10 years"),
+        ("--retry-budget", "2days", "1 day"),
+        ("--max-queue-wait", "100000000y", "1 day"),
+    ] {
+        let (code, err) = run(&["serve", flag, value]);
+        assert_eq!(code, 2, "{flag} {value}: {err}");
+        assert!(err.contains(flag) && err.contains(bound), "{flag}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let (code, err) = run(&["serve", "--ttl", "584942417355y"]);
+    assert_eq!(code, 2, "beyond what a duration holds: {err}");
+    assert!(err.contains("--ttl") && err.contains("too large"), "{err}");
+    for flag in ["--rpm", "--tpm", "--max-concurrency"] {
+        let (code, err) = run(&["serve", flag, "0"]);
+        assert_eq!(code, 2, "{flag} 0 would stop all traffic: {err}");
+        assert!(err.contains(flag), "{err}");
+    }
+    let (code, err) = run(&["serve", "--max-concurrency", "18446744073709551615"]);
+    assert_eq!(code, 2, "{err}");
+    let (code, err) = run(&["serve", "--ttl", "10"]);
+    assert_eq!(code, 2, "a bare number has no unit: {err}");
+}
+
+#[test]
 fn a_database_in_a_missing_directory_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("no/such/dir/cache.db");

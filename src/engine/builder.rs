@@ -75,9 +75,9 @@ impl DedupBuilder {
     }
 
     /// How long a stored answer is served, unless a request sets `llm-dedup-ttl`. By default,
-    /// 30 days.
+    /// 30 days; longer than [`MAX_TTL`](crate::MAX_TTL) (ten years) is read as that.
     pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = ttl;
+        self.ttl = ttl.min(crate::controls::MAX_TTL);
         self
     }
 

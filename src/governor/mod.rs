@@ -201,7 +201,8 @@ impl Governor {
             budgets: Mutex::new(Budgets::default()),
             slots: settings
                 .max_concurrency
-                .map(|n| Arc::new(tokio::sync::Semaphore::new(n.max(1)))),
+                .map(|n| n.clamp(1, tokio::sync::Semaphore::MAX_PERMITS))
+                .map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
         }
     }
 
