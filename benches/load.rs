@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use llm_dedup::Dedup;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 fn setting(name: &str, default: u64) -> u64 {
@@ -56,7 +56,7 @@ async fn load(addr: SocketAddr, conns: u64, secs: u64, expect_hit: bool) -> f64 
                 let mut buf = Vec::with_capacity(16 * 1024);
                 while !stop.load(Ordering::Relaxed) {
                     conn.write_all(&request).await.expect("write");
-                    let answer = read_answer(&mut conn, &mut buf).await;
+                    let answer = support::read_answer(&mut conn, &mut buf).await;
                     assert!(answer.ok, "not a 200: {answer:?}");
                     assert!(!expect_hit || answer.hit, "not a hit: {answer:?}");
                     assert_eq!(answer.body_len, support::ANSWER.len());
@@ -71,62 +71,6 @@ async fn load(addr: SocketAddr, conns: u64, secs: u64, expect_hit: bool) -> f64 
         w.await.expect("worker");
     }
     done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
-}
-
-/// What the generator checks of an answer.
-#[derive(Debug)]
-struct Seen {
-    ok: bool,
-    hit: bool,
-    body_len: usize,
-}
-
-/// Reads one answer off `conn`, its header block read in place: no copy, no allocation (the
-/// longer header block of the proxy must not make the generator slower on its side).
-async fn read_answer(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Seen {
-    let mut searched: usize = 0;
-    loop {
-        // Look for the blank line only in what has not been searched yet.
-        let from = searched.saturating_sub(3);
-        if let Some(at) = buf[from..].windows(4).position(|w| w == b"\r\n\r\n") {
-            let end = from + at;
-            let mut seen = Seen {
-                ok: buf.starts_with(b"HTTP/1.1 200"),
-                hit: false,
-                body_len: 0,
-            };
-            for line in buf[..end].split(|b| *b == b'\n') {
-                let line = line.strip_suffix(b"\r").unwrap_or(line);
-                let Some(colon) = line.iter().position(|b| *b == b':') else {
-                    continue;
-                };
-                let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
-                if name.eq_ignore_ascii_case(b"content-length") {
-                    seen.body_len = std::str::from_utf8(value)
-                        .ok()
-                        .and_then(|v| v.parse().ok())
-                        .expect("content-length");
-                } else if name.eq_ignore_ascii_case(b"llm-dedup-cache") {
-                    seen.hit = value == b"hit";
-                }
-            }
-            let total = end + 4 + seen.body_len;
-            while buf.len() < total {
-                read_more(conn, buf).await;
-            }
-            buf.drain(..total);
-            return seen;
-        }
-        searched = buf.len();
-        read_more(conn, buf).await;
-    }
-}
-
-async fn read_more(conn: &mut TcpStream, buf: &mut Vec<u8>) {
-    // Straight into the buffer's spare room: nothing to zero, nothing to copy.
-    buf.reserve(4096);
-    let n = conn.read_buf(buf).await.expect("read");
-    assert!(n > 0, "server closed the connection");
 }
 
 fn main() {
