@@ -61,7 +61,13 @@ pub(super) fn write_loop(
     };
     loop {
         let mut batch = Vec::new();
-        match queue.recv_timeout(HIT_FLUSH_INTERVAL) {
+        // While a sweep is under way, its next step is due as soon as this batch is committed.
+        let wait = if writer.upkeep.trimming() {
+            std::time::Duration::ZERO
+        } else {
+            HIT_FLUSH_INTERVAL
+        };
+        match queue.recv_timeout(wait) {
             Ok(op) => batch.push(op),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
