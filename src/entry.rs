@@ -118,6 +118,20 @@ fn header_map_heap(headers: &HeaderMap) -> usize {
     tables + values
 }
 
+/// The replayed headers of an upstream answer's `headers` (see [`REPLAYED_HEADERS`]): what
+/// a hit, or a caller of another credential sharing a flight, may see of the answer. The values
+/// are copies, so they hold no buffer of the upstream's answer.
+pub fn replayed_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut kept = HeaderMap::new();
+    for name in REPLAYED_HEADERS {
+        for value in headers.get_all(*name) {
+            let owned = HeaderValue::from_bytes(value.as_bytes()).unwrap_or(value.clone());
+            kept.append(HeaderName::from_static(name), owned);
+        }
+    }
+    kept
+}
+
 impl StoredAnswer {
     /// Keeps the parts of an upstream answer worth replaying, reading its usage from `body`
     /// (see [`StoredAnswer::new`] for what `body` must be).
@@ -145,13 +159,7 @@ impl StoredAnswer {
         let created_at = unix_ms(SystemTime::now());
         // Saturating: a TTL no clock can hold means "as long as the clock goes".
         let ttl_ms = i64::try_from(meta.ttl.as_millis()).unwrap_or(i64::MAX);
-        let mut kept = HeaderMap::new();
-        for name in REPLAYED_HEADERS {
-            for value in headers.get_all(*name) {
-                let owned = HeaderValue::from_bytes(value.as_bytes()).unwrap_or(value.clone());
-                kept.append(HeaderName::from_static(name), owned);
-            }
-        }
+        let kept = replayed_headers(headers);
         StoredAnswer {
             key: meta.key,
             namespace: meta.namespace.clone(),

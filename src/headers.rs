@@ -21,8 +21,9 @@ pub const SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 /// A wait in milliseconds, sent by OpenAI and Azure on 429s (`retry-after` is `http::header`'s).
 pub const RETRY_AFTER_MS: &str = "retry-after-ms";
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded in either direction. Every header
-/// named by `Connection` is hop-by-hop for its message too.
+/// Hop-by-hop headers (RFC 9110 §7.6.1, and the proxy authentication headers of RFC 9110
+/// §11.7), never forwarded in either direction. Every header named by `Connection` is
+/// hop-by-hop for its message too.
 pub const HOP_BY_HOP: &[&str] = &[
     "connection",
     "keep-alive",
@@ -32,31 +33,39 @@ pub const HOP_BY_HOP: &[&str] = &[
     "upgrade",
     "trailer",
     "proxy-authenticate",
-    "proxy-authorization",
+    PROXY_AUTHORIZATION,
 ];
+
+/// The credential a client presents to this proxy (RFC 9110 §11.7.2): hop-by-hop, so never
+/// forwarded, but it tells callers apart, so it partitions the cache like the credentials
+/// that are forwarded.
+pub const PROXY_AUTHORIZATION: &str = "proxy-authorization";
 
 /// Request headers whose values change the answer, so they are part of the key.
 pub const BEHAVIOUR_HEADERS: &[&str] = &["anthropic-version", "anthropic-beta", "openai-beta"];
 
-/// Request headers that identify the caller; they partition the cache (hashed, never stored).
+/// Request headers that identify the caller by default; they partition the cache (hashed,
+/// never stored). `--credential-header` adds more.
 pub const CREDENTIAL_HEADERS: &[&str] = &[
     "authorization",
     "x-api-key",
     "api-key",
     "openai-organization",
     "openai-project",
+    // Azure API Management in front of Azure OpenAI.
+    "ocp-apim-subscription-key",
+    // Google's OpenAI-compatible endpoint.
+    "x-goog-api-key",
+    // Gateways that authenticate a browser session.
+    "cookie",
+    PROXY_AUTHORIZATION,
 ];
 
-/// Response headers kept with an entry and replayed on a hit. Everything else (rate-limit
-/// headers, dates, cookies, lengths, encodings) describes the original exchange, not the answer.
-pub const REPLAYED_HEADERS: &[&str] = &[
-    "content-type",
-    "openai-model",
-    "openai-version",
-    "openai-processing-ms",
-    "x-request-id",
-    "request-id",
-];
+/// Response headers kept with an entry and replayed on a hit, or handed to a coalesced caller
+/// of another credential: what describes the answer itself. Everything else (cookies,
+/// organization and project, rate-limit headers, request ids, dates, lengths, encodings)
+/// describes the original exchange and its caller, not the answer.
+pub const REPLAYED_HEADERS: &[&str] = &["content-type", "openai-model", "openai-version"];
 
 /// The names of one provider's rate-limit headers for one kind of budget (requests or tokens).
 #[derive(Debug, Clone, Copy)]

@@ -12,8 +12,12 @@
 //! little-endian `u64`, shown as 64 lowercase hex characters.
 //!
 //! - The **credential fingerprint** is a keyed blake3 hash of the credential headers
-//!   (`Authorization`, `x-api-key`, `api-key`, `OpenAI-Organization`, `OpenAI-Project`) under a
-//!   random 32-byte salt kept in the database. The credential itself never enters the key, and
+//!   ([`CREDENTIAL_HEADERS`]: `Authorization`, `x-api-key`, `api-key`, `OpenAI-Organization`,
+//!   `OpenAI-Project`, `Ocp-Apim-Subscription-Key`, `x-goog-api-key`, `Cookie`,
+//!   `Proxy-Authorization`, and any the operator adds, see [`CredentialHeaders`]) under a
+//!   random 32-byte salt kept in the database. Only headers that are forwarded count (the
+//!   engine computes the key from the forwarded header set), with `Proxy-Authorization`, which
+//!   is addressed to this proxy. The credential itself never enters the key, and
 //!   without the salt a fingerprint cannot be tested against guessed keys. With a shared cache
 //!   the fingerprint is empty.
 //! - **Behaviour headers** are request headers that change the answer: `anthropic-version`,
@@ -27,7 +31,8 @@
 //!
 //! - Top-level fields that do not change the answer are dropped (see [`KeyPolicy`]; by default
 //!   `user`, `metadata`, `safety_identifier`, `prompt_cache_key`, `prompt_cache_retention`, and
-//!   `store` on chat completions).
+//!   `store` on chat completions) — except, on the Responses API, the fields its answer echoes
+//!   back ([`ECHOED_FIELDS`]): dropping those would replay one caller's values to another.
 //! - Object keys are sorted by their UTF-8 bytes, **except** inside JSON schemas
 //!   (`response_format.json_schema.schema`, `text.format.schema`, `tools[].function.parameters`,
 //!   `tools[].parameters`, `tools[].input_schema`, `functions[].parameters`), where key order
@@ -63,6 +68,13 @@ pub const DEFAULT_IGNORED_FIELDS: &[&str] = &[
     "prompt_cache_retention",
 ];
 
+/// Fields that never change what the model says but that a Responses answer echoes back in
+/// its response object: kept in the key on that route whatever the policy says, so that a hit
+/// never hands one caller another caller's `user`, `metadata`, `safety_identifier` or
+/// `prompt_cache_key`. (Rewriting them in the replayed answer instead would need the stored
+/// body parsed and written again on every hit, streamed answers included.)
+pub const ECHOED_FIELDS: &[&str] = &["user", "metadata", "safety_identifier", "prompt_cache_key"];
+
 /// The 32-byte name of a stored answer.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CacheKey([u8; 32]);
@@ -76,6 +88,16 @@ impl CacheKey {
     /// 64 lowercase hex characters.
     pub fn to_hex(&self) -> String {
         blake3::Hash::from_bytes(self.0).to_hex().to_string()
+    }
+
+    /// A key naming this key as seen by one credential partition: for tables that must keep
+    /// partitions apart even when the cache is shared (the flights of embedding inputs).
+    pub fn for_partition(&self, partition: &Partition) -> CacheKey {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"llm-dedup key for partition");
+        hasher.update(&self.0);
+        hasher.update(partition.as_bytes());
+        CacheKey(*hasher.finalize().as_bytes())
     }
 
     /// Parses 64 hex characters (either case); `None` for anything else.
@@ -130,6 +152,9 @@ impl KeyPolicy {
     }
 
     fn ignores(&self, route: Route, field: &str) -> bool {
+        if route == Route::Responses && ECHOED_FIELDS.contains(&field) {
+            return false;
+        }
         (route == Route::ChatCompletions && field == "store")
             || self.ignored.iter().any(|f| f == field)
     }
@@ -324,23 +349,13 @@ fn write_number(out: &mut Vec<u8>, n: &Number) {
 pub struct Partition([u8; 32]);
 
 impl Partition {
-    /// The partition of the credential headers `(lowercase name, value)` under `salt`. Headers
-    /// not in [`CREDENTIAL_HEADERS`] are ignored; the order of `headers` does not matter.
+    /// The partition of the credential headers `(lowercase name, value)` under `salt`, with
+    /// the default credential headers ([`CREDENTIAL_HEADERS`]); see [`CredentialHeaders`].
     pub fn new<'a, I>(salt: &[u8; 32], headers: I) -> Partition
     where
         I: IntoIterator<Item = (&'a str, &'a [u8])>,
     {
-        let mut found: Vec<(&str, &[u8])> = headers
-            .into_iter()
-            .filter(|(name, _)| CREDENTIAL_HEADERS.contains(name))
-            .collect();
-        found.sort_unstable();
-        let mut preimage = Vec::with_capacity(128);
-        for (name, value) in found {
-            put(&mut preimage, name.as_bytes());
-            put(&mut preimage, value);
-        }
-        Partition(*blake3::keyed_hash(salt, &preimage).as_bytes())
+        CredentialHeaders::default().partition(salt, headers)
     }
 
     /// A partition from its raw bytes (as [`Partition::as_bytes`] gave them).
@@ -359,6 +374,81 @@ impl fmt::Debug for Partition {
         // A prefix is enough to tell partitions apart in a log or a test failure.
         let hex = blake3::Hash::from_bytes(self.0).to_hex();
         write!(f, "Partition({}…)", &hex[..12])
+    }
+}
+
+/// The request headers that identify a caller: [`CREDENTIAL_HEADERS`], and whatever the
+/// operator adds (`--credential-header`) for a gateway that authenticates otherwise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialHeaders(Vec<String>);
+
+impl Default for CredentialHeaders {
+    fn default() -> Self {
+        CredentialHeaders(CREDENTIAL_HEADERS.iter().map(|s| (*s).to_owned()).collect())
+    }
+}
+
+impl CredentialHeaders {
+    /// The default set and `extra` header names (any case). A name that is not a valid header
+    /// name, or one that never reaches the upstream (hop-by-hop, `host`, llm-dedup's own
+    /// controls), is an error naming it.
+    pub fn with_extra<I, S>(extra: I) -> Result<CredentialHeaders, String>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let mut set = CredentialHeaders::default();
+        for name in extra {
+            let name = name.as_ref().trim();
+            let parsed = http::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| format!("{name:?} is not a header name"))?;
+            let lower = parsed.as_str();
+            let never_forwarded = crate::headers::HOP_BY_HOP.contains(&lower)
+                && lower != crate::headers::PROXY_AUTHORIZATION;
+            if never_forwarded
+                || matches!(lower, "host" | "content-length" | "content-type")
+                || lower.starts_with("llm-dedup-")
+            {
+                return Err(format!(
+                    "{name:?} cannot identify a caller: it is a transport or control header"
+                ));
+            }
+            if !set.contains(lower) {
+                set.0.push(lower.to_owned());
+            }
+        }
+        Ok(set)
+    }
+
+    /// Whether `name` (lowercase) is one of them.
+    #[inline]
+    pub fn contains(&self, name: &str) -> bool {
+        self.0.iter().any(|n| n == name)
+    }
+
+    /// The names, lowercase, defaults first.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(String::as_str)
+    }
+
+    /// The partition of a request's headers `(lowercase name, value)` under `salt`: a keyed
+    /// hash of those among them that are credential headers. The order of `headers` does not
+    /// matter; a request with none of them has the partition of "no credential".
+    pub fn partition<'a, I>(&self, salt: &[u8; 32], headers: I) -> Partition
+    where
+        I: IntoIterator<Item = (&'a str, &'a [u8])>,
+    {
+        let mut found: Vec<(&str, &[u8])> = headers
+            .into_iter()
+            .filter(|(name, _)| self.contains(name))
+            .collect();
+        found.sort_unstable();
+        let mut preimage = Vec::with_capacity(128);
+        for (name, value) in found {
+            put(&mut preimage, name.as_bytes());
+            put(&mut preimage, value);
+        }
+        Partition(*blake3::keyed_hash(salt, &preimage).as_bytes())
     }
 }
 

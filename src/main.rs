@@ -202,8 +202,28 @@ struct ServeArgs {
     max_body: ByteSize,
 
     /// Share one cache between all API keys (by default each credential has its own entries).
+    /// A credential is answered from the shared cache only once the upstream has accepted it
+    /// (see --verify-window).
     #[arg(long, env = "LLM_DEDUP_SHARED_CACHE")]
     shared_cache: bool,
+
+    /// With --shared-cache: how long an upstream 2xx answer to a credential's request lets
+    /// that credential be answered from the shared cache (e.g. 10m, 1h).
+    #[arg(long, env = "LLM_DEDUP_VERIFY_WINDOW", default_value = "10m", value_parser = parse_wait)]
+    verify_window: Duration,
+
+    /// Another request header that identifies a caller (repeatable; the environment variable
+    /// takes a comma-separated list). Added to authorization, x-api-key, api-key,
+    /// openai-organization, openai-project, ocp-apim-subscription-key, x-goog-api-key, cookie
+    /// and proxy-authorization.
+    #[arg(long = "credential-header", value_name = "NAME", env = "LLM_DEDUP_CREDENTIAL_HEADER",
+          value_delimiter = ',', value_parser = parse_credential_header)]
+    credential_headers: Vec<String>,
+
+    /// Open /_llm-dedup/stats and /_llm-dedup/metrics to clients presenting
+    /// `Authorization: Bearer TOKEN` (and to nobody else) [default: loopback clients only]
+    #[arg(long, env = "LLM_DEDUP_ADMIN_TOKEN", hide_env_values = true, value_parser = parse_token)]
+    admin_token: Option<String>,
 
     /// Largest streamed answer stored; a longer stream is passed on live but not stored.
     #[arg(long, env = "LLM_DEDUP_MAX_STREAM", default_value = "32MiB")]
@@ -280,6 +300,21 @@ fn at_most(d: Duration, max: Duration, spelled: &str) -> Result<Duration, String
     Ok(d)
 }
 
+/// An operator token: not empty (surrounding blanks are dropped, as a header value's are).
+fn parse_token(s: &str) -> Result<String, String> {
+    let token = s.trim();
+    if token.is_empty() {
+        return Err("is empty: give a secret, or leave the flag out".into());
+    }
+    Ok(token.to_owned())
+}
+
+/// A credential header name, checked as the engine will take it.
+fn parse_credential_header(s: &str) -> Result<String, String> {
+    llm_dedup::CredentialHeaders::with_extra([s])?;
+    Ok(s.trim().to_ascii_lowercase())
+}
+
 /// A merging window: zero (off) up to one second.
 fn parse_window(s: &str) -> Result<Duration, String> {
     let d =
@@ -317,6 +352,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .max_body(max_body)
         .max_stream_bytes(max_stream)
         .shared_cache(args.shared_cache)
+        .verify_window(args.verify_window)
+        .credential_headers(
+            llm_dedup::CredentialHeaders::with_extra(&args.credential_headers)
+                .map_err(anyhow::Error::msg)
+                .context("--credential-header")?,
+        )
         .max_disk(args.max_disk.map(|b| b.as_u64()))
         .governor(llm_dedup::GovernorSettings {
             rpm: args.rpm,
@@ -336,6 +377,20 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let local = listener.local_addr().context("listening socket")?;
+    let access = match &args.admin_token {
+        Some(token) => llm_dedup::server::OperatorAccess::token(token),
+        None => {
+            if !local.ip().is_loopback() {
+                tracing::warn!(
+                    listen = %local,
+                    "listening beyond loopback without --admin-token: the operator endpoints \
+                     (/_llm-dedup/stats, /_llm-dedup/metrics) answer loopback clients only; \
+                     set --admin-token to read them from elsewhere"
+                );
+            }
+            llm_dedup::server::OperatorAccess::loopback_only()
+        }
+    };
     tracing::info!(
         listen = %local,
         upstream = engine.upstream(),
@@ -343,7 +398,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         shared_cache = args.shared_cache,
         "llm-dedup proxy ready"
     );
-    llm_dedup::server::serve(listener, engine, shutdown_signal())
+    llm_dedup::server::serve(listener, engine, access, shutdown_signal())
         .await
         .context("serving")?;
     tracing::info!("stopped cleanly; every stored answer is on disk");

@@ -6,12 +6,16 @@
 //! shutdown. It holds no caching logic: every decision is the engine's.
 
 use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use serde_json::json;
@@ -21,64 +25,225 @@ use tracing::Instrument;
 use crate::answer::AnswerBody;
 use crate::engine::Dedup;
 use crate::error::{Error, ErrorKind};
+use crate::inspect::Inspector;
 
 /// Numbers requests in the order they arrive, for the log.
 static NEXT_REQUEST: AtomicU64 = AtomicU64::new(1);
 
-/// The proxy's router: operator endpoints, and every other request to `engine`.
+/// Who may read the operator endpoints (`/_llm-dedup/stats`, `/_llm-dedup/metrics`): they
+/// name every tenant's models and the database's path. `/_llm-dedup/health` is open to all
+/// (load balancers probe it).
+#[derive(Clone, Default)]
+pub struct OperatorAccess {
+    /// The blake3 hash of the token, when there is one: comparing hashes takes the same time
+    /// whatever the presented token, so a timing cannot reveal the token byte by byte.
+    token: Option<blake3::Hash>,
+}
+
+impl OperatorAccess {
+    /// Clients on a loopback address only (the default).
+    pub fn loopback_only() -> OperatorAccess {
+        OperatorAccess { token: None }
+    }
+
+    /// Any client presenting `Authorization: Bearer TOKEN`, and nobody else (loopback
+    /// included).
+    pub fn token(token: &str) -> OperatorAccess {
+        OperatorAccess {
+            token: Some(blake3::hash(token.as_bytes())),
+        }
+    }
+
+    /// Whether a token opens the endpoints to clients beyond loopback.
+    pub fn has_token(&self) -> bool {
+        self.token.is_some()
+    }
+
+    /// Lets `request` through, or answers why not: `401` for a missing or wrong token, `403`
+    /// for a client off loopback when there is no token. A request with no peer address (an
+    /// app called in-process) is not on loopback.
+    fn check(&self, request: &Request) -> Result<(), Box<Response>> {
+        match &self.token {
+            Some(expected) => {
+                let presented = request
+                    .headers()
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .map(|t| blake3::hash(t.trim().as_bytes()));
+                // `blake3::Hash`'s equality is constant-time.
+                if presented.as_ref() == Some(expected) {
+                    return Ok(());
+                }
+                let mut response = operator_refusal(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_api_key",
+                    "operator endpoints need the operator token: send Authorization: Bearer \
+                     TOKEN, with the TOKEN given to --admin-token (LLM_DEDUP_ADMIN_TOKEN)",
+                );
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                Err(Box::new(response))
+            }
+            None => {
+                let peer = request.extensions().get::<ConnectInfo<SocketAddr>>();
+                if peer.is_some_and(|ConnectInfo(addr)| addr.ip().is_loopback()) {
+                    return Ok(());
+                }
+                Err(Box::new(operator_refusal(
+                    StatusCode::FORBIDDEN,
+                    "operator_loopback_only",
+                    "operator endpoints answer clients on this machine only; start the proxy \
+                     with --admin-token TOKEN (LLM_DEDUP_ADMIN_TOKEN) and send \
+                     Authorization: Bearer TOKEN to read them from elsewhere",
+                )))
+            }
+        }
+    }
+}
+
+fn operator_refusal(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = json!({"error": {"message": message, "type": "invalid_request_error",
+                                "param": null, "code": code}});
+    (status, axum::Json(body)).into_response()
+}
+
+/// What the operator endpoints share.
+struct Operator {
+    access: OperatorAccess,
+    stats: tokio::sync::Mutex<StatsCache>,
+}
+
+/// The last `/stats` answer, and the read-only connection it was read with.
+#[derive(Default)]
+struct StatsCache {
+    read: Option<(Instant, Bytes)>,
+    inspector: Option<Inspector>,
+}
+
+/// How old the figures of `/_llm-dedup/stats` may be: counters reach the database within a
+/// second anyway, and a client polling in a loop costs one read a second at most.
+const STATS_MAX_AGE: Duration = Duration::from_secs(1);
+
+#[derive(Clone)]
+struct AppState {
+    engine: Dedup,
+    operator: Arc<Operator>,
+}
+
+/// The proxy's router: operator endpoints (loopback only), and every other request to `engine`.
 ///
 /// Request ids and tracing are done in the proxy handler rather than by tower-http's layers: on the
 /// hit path those layers cost about a fifth of the throughput (measured with
 /// `cargo bench --bench load`), while a span created in the handler costs nothing when debug
 /// logging is off.
 pub fn app(engine: Dedup) -> Router {
-    Router::new()
-        .route("/_llm-dedup/health", get(health))
+    app_with(engine, OperatorAccess::loopback_only())
+}
+
+/// The proxy's router with the operator endpoints open as `access` says. Serve it with
+/// `into_make_service_with_connect_info::<SocketAddr>()` (as [`serve`] does): without a peer
+/// address, nobody is on loopback.
+pub fn app_with(engine: Dedup, access: OperatorAccess) -> Router {
+    let state = AppState {
+        engine,
+        operator: Arc::new(Operator {
+            access,
+            stats: Default::default(),
+        }),
+    };
+    let operator = Router::new()
         .route("/_llm-dedup/stats", get(stats))
         .route("/_llm-dedup/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            operator_only,
+        ));
+    Router::new()
+        .route("/_llm-dedup/health", get(health))
+        .merge(operator)
         // The operator namespace is llm-dedup's own: nothing under it is ever forwarded.
         .route("/_llm-dedup/{*rest}", any(unknown_operator_path))
         .fallback(proxy)
-        .with_state(engine)
+        .with_state(state)
+}
+
+async fn operator_only(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    match state.operator.access.check(&request) {
+        Ok(()) => next.run(request).await,
+        Err(refusal) => *refusal,
+    }
 }
 
 async fn health() -> impl IntoResponse {
     axum::Json(json!({"status": "ok"}))
 }
 
-/// The same JSON as `llm-dedup stats --json`, counters committed first so they are current.
-async fn stats(State(engine): State<Dedup>) -> Response {
-    let Some(path) = engine.database().map(ToOwned::to_owned) else {
+/// The same JSON as `llm-dedup stats --json`, at most a second old. Cheap to call: it reads
+/// through one read-only connection kept open, never waits for the writer, and answers calls
+/// within a second of each other with the same figures.
+async fn stats(State(state): State<AppState>) -> Response {
+    let Some(path) = state.engine.database().map(ToOwned::to_owned) else {
         let e = Error::new(ErrorKind::Cache, "this proxy keeps no database");
         return error_response(&e);
     };
-    if let Err(e) = engine.flush().await {
-        return error_response(&e);
+    let mut cache = state.operator.stats.lock().await;
+    if let Some((at, json)) = &cache.read {
+        if at.elapsed() < STATS_MAX_AGE {
+            return json_bytes(json.clone());
+        }
     }
-    let read = tokio::task::spawn_blocking(move || crate::inspect::Inspector::open(&path)?.stats());
-    match read.await {
-        Ok(Ok(stats)) => axum::Json(stats).into_response(),
-        Ok(Err(e)) => error_response(&Error::with_source(
-            ErrorKind::Cache,
-            "cannot read the stats",
-            e,
-        )),
-        Err(e) => error_response(&Error::with_source(
-            ErrorKind::Cache,
-            "cannot read the stats",
-            e,
-        )),
+    let inspector = cache.inspector.take();
+    let read = tokio::task::spawn_blocking(move || {
+        let inspector = match inspector {
+            Some(inspector) => inspector,
+            None => Inspector::open_read_only(&path)?,
+        };
+        let stats = inspector.stats();
+        Ok::<_, crate::inspect::InspectError>((inspector, stats))
+    })
+    .await;
+    match read {
+        Ok(Ok((inspector, Ok(stats)))) => {
+            cache.inspector = Some(inspector);
+            let json = Bytes::from(serde_json::to_vec(&stats).unwrap_or_default());
+            cache.read = Some((Instant::now(), json.clone()));
+            json_bytes(json)
+        }
+        // A connection whose read failed is opened anew next time.
+        Ok(Ok((_, Err(e)))) | Ok(Err(e)) => stats_failed(e),
+        Err(e) => stats_failed(e),
     }
 }
 
+fn stats_failed(e: impl std::error::Error + Send + Sync + 'static) -> Response {
+    error_response(&Error::with_source(
+        ErrorKind::Cache,
+        "cannot read the stats",
+        e,
+    ))
+}
+
+fn json_bytes(json: Bytes) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        json,
+    )
+        .into_response()
+}
+
 /// Prometheus text format.
-async fn metrics(State(engine): State<Dedup>) -> Response {
+async fn metrics(State(state): State<AppState>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        engine.metrics_text().await,
+        state.engine.metrics_text().await,
     )
         .into_response()
 }
@@ -90,7 +255,7 @@ async fn unknown_operator_path(uri: axum::http::Uri) -> Response {
     (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
 }
 
-async fn proxy(State(engine): State<Dedup>, request: Request) -> Response {
+async fn proxy(State(AppState { engine, .. }): State<AppState>, request: Request) -> Response {
     if !tracing::enabled!(tracing::Level::DEBUG) {
         // Nothing would be logged: no span, no clock reading.
         return answer(engine, request, None).await;
@@ -202,13 +367,22 @@ pub fn error_response(e: &Error) -> Response {
 
 /// Serves the proxy on `listener` until `shutdown` resolves, then drains: requests in progress
 /// finish, upstream calls in flight finish and are stored, and the database writer commits
-/// everything before this returns.
-pub async fn serve<F>(listener: TcpListener, engine: Dedup, shutdown: F) -> std::io::Result<()>
+/// everything before this returns. The operator endpoints answer as `access` says.
+pub async fn serve<F>(
+    listener: TcpListener,
+    engine: Dedup,
+    access: OperatorAccess,
+    shutdown: F,
+) -> std::io::Result<()>
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    axum::serve(listener, app(engine.clone()))
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let app = app_with(engine.clone(), access);
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await?;
     engine.close().await.map_err(std::io::Error::other)
 }

@@ -165,39 +165,70 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
-fn without(headers: &HeaderMap, also: &[&str]) -> HeaderMap {
-    let listed = connection_listed(headers);
-    let mut out = HeaderMap::with_capacity(headers.len());
-    for (name, value) in headers {
-        let n = name.as_str();
-        if HOP_BY_HOP.contains(&n) || also.contains(&n) || listed.contains(name) {
-            continue;
-        }
-        out.append(name.clone(), value.clone());
+/// Removes from `headers` the hop-by-hop headers, those `Connection` names, and `also`.
+///
+/// One pass over the names present, then a removal for each one found: on the hit path this
+/// costs less than looking up every name of the lists (measured with `cargo bench --bench
+/// load`).
+fn strip(headers: &mut HeaderMap, also: &[&str]) {
+    let listed = if headers.contains_key(header::CONNECTION) {
+        connection_listed(headers)
+    } else {
+        Vec::new()
+    };
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            let n = name.as_str();
+            HOP_BY_HOP.contains(&n) || also.contains(&n) || listed.contains(name)
+        })
+        .cloned()
+        .collect();
+    for name in doomed {
+        headers.remove(name);
     }
-    out
 }
 
-/// The headers to send upstream: the client's, less hop-by-hop headers, `Host` and
-/// `Content-Length` (set for the new connection), `Accept-Encoding` (the client decodes
+/// Headers of a client's request that never go upstream besides the hop-by-hop ones: `Host`
+/// and `Content-Length` (set for the new connection), `Accept-Encoding` (the client decodes
 /// compressed answers itself, and stored bodies are kept decoded) and llm-dedup's own controls.
+const NOT_FORWARDED: &[&str] = &[
+    "host",
+    "content-length",
+    "accept-encoding",
+    TTL_HEADER,
+    NAMESPACE_HEADER,
+];
+
+/// Turns a client's request headers into the ones sent upstream, in place: the one rule for
+/// what is forwarded. The engine applies it as soon as a request arrives, so that its key,
+/// its exact-request digest and its credential partition are computed from exactly what the
+/// upstream will see (a header named in `Connection` must not change the key when it is not
+/// sent), and [`Upstream::send`] applies it again to whatever it is given.
+///
+/// Returns the `Proxy-Authorization` the client addressed to this proxy, which is removed
+/// like every hop-by-hop header but still tells callers apart (it partitions the cache).
+pub fn forwarded(headers: &mut HeaderMap) -> Option<http::HeaderValue> {
+    let listed = headers.contains_key(header::CONNECTION)
+        && connection_listed(headers).contains(&header::PROXY_AUTHORIZATION);
+    let proxy_credential = headers.remove(header::PROXY_AUTHORIZATION);
+    strip(headers, NOT_FORWARDED);
+    proxy_credential.filter(|_| !listed)
+}
+
+/// The headers to send upstream: `headers` as [`forwarded`] leaves them.
 pub fn request_headers(headers: &HeaderMap) -> HeaderMap {
-    without(
-        headers,
-        &[
-            "host",
-            "content-length",
-            "accept-encoding",
-            TTL_HEADER,
-            NAMESPACE_HEADER,
-        ],
-    )
+    let mut out = headers.clone();
+    forwarded(&mut out);
+    out
 }
 
 /// The headers to pass back to the client: the upstream's, less hop-by-hop headers and the
 /// framing headers of the upstream message (`Content-Length`, `Content-Encoding`).
 pub fn response_headers(headers: &HeaderMap) -> HeaderMap {
-    without(headers, &["content-length", "content-encoding"])
+    let mut out = headers.clone();
+    strip(&mut out, &["content-length", "content-encoding"]);
+    out
 }
 
 #[cfg(test)]
@@ -219,9 +250,20 @@ mod tests {
         ] {
             h.append(k, v.parse().expect("value"));
         }
+        h.append(
+            "proxy-authorization",
+            "Basic cHJveHk=".parse().expect("value"),
+        );
         let out = request_headers(&h);
         let names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["authorization", "content-type"]);
+        let mut in_place = h.clone();
+        let to_proxy = forwarded(&mut in_place);
+        assert_eq!(in_place, out, "one rule, whichever way it is applied");
+        assert_eq!(
+            to_proxy.as_ref().map(|v| v.as_bytes()),
+            Some(&b"Basic cHJveHk="[..])
+        );
     }
 
     #[test]

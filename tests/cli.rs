@@ -61,6 +61,62 @@ fn durations_out_of_range_are_refused_not_wrapped() {
 }
 
 #[test]
+fn tenancy_flags_are_checked_at_start_up() {
+    for (args, expected) in [
+        (
+            &["serve", "--credential-header", "not a name"][..],
+            "not a header name",
+        ),
+        (
+            &["serve", "--credential-header", "Connection"][..],
+            "transport or control",
+        ),
+        (
+            &["serve", "--credential-header", "llm-dedup-ttl"][..],
+            "transport or control",
+        ),
+        (&["serve", "--verify-window", "0s"][..], "longer than zero"),
+        (&["serve", "--verify-window", "2days"][..], "1 day"),
+    ] {
+        let (code, err) = run(args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+    let (code, err) = run(&["serve", "--admin-token", " "]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--admin-token") && err.contains("is empty"),
+        "{err}"
+    );
+}
+
+/// Listening beyond loopback without an operator token is allowed (the operator endpoints
+/// then answer loopback only) but said at start; with a token, nothing is said.
+#[test]
+fn serving_beyond_loopback_without_a_token_warns_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let upstream = "http://127.0.0.1:9";
+    let open = common::start_proxy_with(
+        &dir.path().join("a.db"),
+        upstream,
+        &["--listen", "0.0.0.0:0"],
+    );
+    let (_, log) = open.terminate();
+    assert!(log.contains("without --admin-token"), "{log}");
+    let guarded = common::start_proxy_with(
+        &dir.path().join("b.db"),
+        upstream,
+        &["--listen", "0.0.0.0:0", "--admin-token", "s3cret-token"],
+    );
+    let (_, log) = guarded.terminate();
+    assert!(!log.contains("without --admin-token"), "{log}");
+    assert!(
+        !log.contains("s3cret-token"),
+        "the token is never logged: {log}"
+    );
+}
+
+#[test]
 fn a_database_in_a_missing_directory_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("no/such/dir/cache.db");

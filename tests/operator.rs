@@ -11,6 +11,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use common::{FakeUpstream, chat};
 use http_body_util::BodyExt;
+use llm_dedup::server::OperatorAccess;
 use llm_dedup::{Dedup, GovernorSettings};
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -36,8 +37,137 @@ async fn call(engine: &Dedup, request: Request<Body>) -> Reply {
     }
 }
 
+/// A GET from a client on loopback, as the operator's own tools on the proxy's machine are.
 fn get(path: &str) -> Request<Body> {
-    Request::get(path).body(Body::empty()).expect("request")
+    get_from(path, "127.0.0.1:40000", None)
+}
+
+/// A GET from the client at `peer`, with `Authorization: Bearer TOKEN` when `token` is given.
+fn get_from(path: &str, peer: &str, token: Option<&str>) -> Request<Body> {
+    let mut request = Request::get(path);
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let mut request = request.body(Body::empty()).expect("request");
+    let peer: std::net::SocketAddr = peer.parse().expect("address");
+    request
+        .extensions_mut()
+        .insert(axum::extract::ConnectInfo(peer));
+    request
+}
+
+/// The status and error code of `request` through an app whose operator endpoints are open as
+/// `access` says.
+async fn operator_answer(
+    engine: &Dedup,
+    access: &OperatorAccess,
+    request: Request<Body>,
+) -> (StatusCode, Value) {
+    let response = llm_dedup::server::app_with(engine.clone(), access.clone())
+        .oneshot(request)
+        .await
+        .expect("the app answers every request");
+    let status = response.status();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (status, body["error"]["code"].clone())
+}
+
+/// Without a token the operator endpoints answer loopback clients only, and tell others how to
+/// open them; with one, they answer whoever presents it, and nobody else, loopback included.
+/// Health stays open to everyone (load balancers).
+#[tokio::test]
+async fn operator_endpoints_answer_loopback_or_the_token_and_health_stays_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let upstream = FakeUpstream::start().await;
+    let engine = upstream
+        .engine()
+        .database(dir.path().join("c.db"))
+        .build()
+        .expect("engine");
+    let far = "10.1.2.3:5555";
+    let loopback6 = "[::1]:5555";
+    let open = OperatorAccess::loopback_only();
+    for path in ["/_llm-dedup/stats", "/_llm-dedup/metrics"] {
+        let (status, _) = operator_answer(&engine, &open, get(path)).await;
+        assert_eq!(status, StatusCode::OK, "{path} from 127.0.0.1");
+        let (status, _) = operator_answer(&engine, &open, get_from(path, loopback6, None)).await;
+        assert_eq!(status, StatusCode::OK, "{path} from ::1");
+        let (status, code) = operator_answer(&engine, &open, get_from(path, far, None)).await;
+        assert_eq!(
+            (status, code),
+            (StatusCode::FORBIDDEN, json!("operator_loopback_only")),
+            "{path} from another machine without a token"
+        );
+        // In-process callers with no peer address are not on loopback either.
+        let bare = Request::get(path).body(Body::empty()).expect("request");
+        let (status, _) = operator_answer(&engine, &open, bare).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path} with no peer address");
+    }
+    let guarded = OperatorAccess::token("s3cret-token");
+    for path in ["/_llm-dedup/stats", "/_llm-dedup/metrics"] {
+        for (peer, token, expected) in [
+            (far, Some("s3cret-token"), StatusCode::OK),
+            ("127.0.0.1:1", Some("s3cret-token"), StatusCode::OK),
+            (far, None, StatusCode::UNAUTHORIZED),
+            ("127.0.0.1:1", None, StatusCode::UNAUTHORIZED),
+            (far, Some("s3cret-tokem"), StatusCode::UNAUTHORIZED),
+            (far, Some("s3cret-token-and-more"), StatusCode::UNAUTHORIZED),
+        ] {
+            let (status, code) =
+                operator_answer(&engine, &guarded, get_from(path, peer, token)).await;
+            assert_eq!(status, expected, "{path} from {peer} with {token:?}");
+            if status == StatusCode::UNAUTHORIZED {
+                assert_eq!(code, json!("invalid_api_key"));
+            }
+        }
+    }
+    for access in [&open, &guarded] {
+        let (status, _) =
+            operator_answer(&engine, access, get_from("/_llm-dedup/health", far, None)).await;
+        assert_eq!(status, StatusCode::OK, "health answers anyone");
+    }
+}
+
+/// `/stats` does not wait for the writer, nor open the database for writing: calls in a loop
+/// within a second get the same figures, and figures committed later show up after it.
+#[tokio::test]
+async fn stats_are_read_cheaply_and_at_most_a_second_old() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let upstream = FakeUpstream::start().await;
+    let engine = upstream
+        .engine()
+        .database(dir.path().join("c.db"))
+        .build()
+        .expect("engine");
+    let app = llm_dedup::server::app(engine.clone());
+    let stats = |app: axum::Router| async move {
+        let response = app.oneshot(get("/_llm-dedup/stats")).await.expect("answer");
+        assert_eq!(response.status(), StatusCode::OK);
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        serde_json::from_slice::<Value>(&bytes).expect("json")
+    };
+    let before = stats(app.clone()).await;
+    assert_eq!(before["totals"]["requests"], json!(0));
+    let r = call(&engine, post("/v1/chat/completions", chat("one"), &[])).await;
+    assert_eq!(r.status, StatusCode::OK);
+    engine.flush().await.expect("flush");
+    // Within the second: the same figures, not a new read.
+    assert_eq!(stats(app.clone()).await, before);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let after = stats(app.clone()).await;
+    assert_eq!(after["totals"]["requests"], json!(1), "{after}");
+    assert_eq!(after["entries"], json!(1), "{after}");
 }
 
 fn post(path: &str, body: impl Into<Body>, headers: &[(&str, &str)]) -> Request<Body> {

@@ -51,6 +51,9 @@ pub async fn serve(app: Router) -> SocketAddr {
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
+    // With the peer's address, as `llm-dedup serve` does: the operator endpoints answer
+    // loopback clients.
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
     addr
 }

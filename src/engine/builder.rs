@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use tokio_util::task::TaskTracker;
 
-use super::{Dedup, Engine, KnownKeys, embed};
+use super::{DEFAULT_VERIFY_WINDOW, Dedup, Engine, KnownKeys, Verified, embed};
 use crate::embeddings::EmbedSettings;
 use crate::error::Error;
 use crate::governor::{Governor, GovernorSettings};
 use crate::inflight::InFlight;
-use crate::key::KeyPolicy;
+use crate::key::{CredentialHeaders, KeyPolicy};
 use crate::memory::MemoryTier;
 use crate::metrics::Metrics;
 use crate::store::{DiskStore, StoreLimits};
@@ -28,6 +28,8 @@ pub struct DedupBuilder {
     max_body: usize,
     max_stream_bytes: usize,
     shared_cache: bool,
+    credentials: CredentialHeaders,
+    verify_window: Duration,
     key_policy: KeyPolicy,
     timeouts: Timeouts,
     store_limits: StoreLimits,
@@ -45,6 +47,8 @@ impl Default for DedupBuilder {
             max_body: 64 * 1024 * 1024,
             max_stream_bytes: 32 * 1024 * 1024,
             shared_cache: false,
+            credentials: CredentialHeaders::default(),
+            verify_window: DEFAULT_VERIFY_WINDOW,
             key_policy: KeyPolicy::default(),
             timeouts: Timeouts::default(),
             store_limits: StoreLimits::default(),
@@ -98,6 +102,21 @@ impl DedupBuilder {
     /// credential (API key, organization, project) has its own entries.
     pub fn shared_cache(mut self, shared: bool) -> Self {
         self.shared_cache = shared;
+        self
+    }
+
+    /// With a shared cache, how long an upstream 2xx answer to a request of one credential
+    /// lets that credential be answered from the cache (see [`Dedup`]'s "Shared cache"). By
+    /// default, [`DEFAULT_VERIFY_WINDOW`] (10 minutes).
+    pub fn verify_window(mut self, window: Duration) -> Self {
+        self.verify_window = window;
+        self
+    }
+
+    /// The request headers that identify a caller, hashed into its credential partition. By
+    /// default, [`CredentialHeaders::default`].
+    pub fn credential_headers(mut self, headers: CredentialHeaders) -> Self {
+        self.credentials = headers;
         self
     }
 
@@ -173,7 +192,9 @@ impl DedupBuilder {
                 disk,
                 flights: InFlight::default(),
                 salt,
+                credentials: self.credentials,
                 shared_cache: self.shared_cache,
+                verified: self.shared_cache.then(|| Verified::new(self.verify_window)),
                 ttl: self.ttl,
                 max_body: self.max_body,
                 max_stream_bytes: self.max_stream_bytes,

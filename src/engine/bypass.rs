@@ -36,6 +36,7 @@ impl Engine {
             .await;
         if let Ok(response) = &sent {
             self.governor.observe(&partition, response.headers());
+            self.upstream_answered(&partition, response.status());
         }
         drop(permit);
         let status = sent.as_ref().ok().map(|r| r.status());

@@ -9,7 +9,7 @@
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{HeaderMap, Method};
+use http::{HeaderMap, HeaderValue, Method};
 use http_body_util::{BodyExt, Limited};
 use serde_json::Value;
 
@@ -19,6 +19,7 @@ use crate::embeddings::{self, InputKind};
 use crate::error::{Error, ErrorKind};
 use crate::key::Partition;
 use crate::route::{self, BypassReason, Route};
+use crate::upstream;
 
 /// What the head of a request says.
 pub(super) enum Class {
@@ -39,7 +40,11 @@ pub(super) struct Bypass {
 pub(super) struct Outbound {
     pub method: Method,
     pub path_and_query: String,
+    /// The headers that go upstream ([`upstream::forwarded`]); the key is computed from them.
     pub headers: HeaderMap,
+    /// The `Proxy-Authorization` the client addressed to this proxy: not forwarded, but part
+    /// of the credential partition.
+    pub proxy_credential: Option<HeaderValue>,
     pub body: Bytes,
     /// The rate-limit budget it draws on: a salted hash of its credential headers. Known
     /// once the request is keyed.
@@ -52,10 +57,13 @@ impl Outbound {
     /// A request with its whole body, not keyed yet.
     #[inline]
     pub(super) fn new(head: Parts, body: Bytes) -> Outbound {
+        let mut headers = head.headers;
+        let proxy_credential = upstream::forwarded(&mut headers);
         Outbound {
-            path_and_query: path_and_query(&head),
+            path_and_query: path_and_query(&head.uri),
             method: head.method,
-            headers: head.headers,
+            headers,
+            proxy_credential,
             body,
             partition: Partition::from_bytes([0; 32]),
             estimate: 0,
@@ -64,10 +72,9 @@ impl Outbound {
 }
 
 #[inline]
-fn path_and_query(head: &Parts) -> String {
-    head.uri
-        .path_and_query()
-        .map_or_else(|| head.uri.path().to_owned(), |pq| pq.as_str().to_owned())
+fn path_and_query(uri: &http::Uri) -> String {
+    uri.path_and_query()
+        .map_or_else(|| uri.path().to_owned(), |pq| pq.as_str().to_owned())
 }
 
 /// A request passed through to the upstream as it came, its body streamed.
@@ -135,11 +142,13 @@ impl Engine {
         B::Error: Into<BoxError>,
     {
         let stream = Limited::new(body, self.max_body).into_data_stream();
+        let mut headers = head.headers;
+        let proxy_credential = upstream::forwarded(&mut headers);
         Bypassed {
-            path_and_query: path_and_query(&head),
-            partition: self.partition(&head.headers),
+            path_and_query: path_and_query(&head.uri),
+            partition: self.partition(&headers, proxy_credential.as_ref()),
             method: head.method,
-            headers: head.headers,
+            headers,
             body: reqwest::Body::wrap_stream(stream),
             route: bypass.route,
             model: None,

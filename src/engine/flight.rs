@@ -24,7 +24,7 @@ use crate::controls::CacheControls;
 use crate::entry::{EntryMeta, StoredAnswer};
 use crate::error::{Error, ErrorKind};
 use crate::inflight::{Flight, InFlight, Role};
-use crate::key::CacheKey;
+use crate::key::{CacheKey, Partition};
 use crate::live::LiveStream;
 use crate::upstream;
 use crate::usage::Usage;
@@ -45,8 +45,30 @@ pub(super) enum FlightOutcome {
     Failed(Error),
 }
 
+impl FlightOutcome {
+    /// Whether a caller of another credential partition may have this outcome: a 2xx answer,
+    /// yes; an error answer belongs to the caller it answered (its text may name that caller's
+    /// key, its quota, its organization), and so does a failure (a full queue is one
+    /// partition's budget).
+    fn shareable(&self) -> bool {
+        matches!(self, FlightOutcome::Stored { .. } | FlightOutcome::Live(_))
+    }
+}
+
+/// What a flight resolves to: its outcome, and the credential partition of the request that
+/// led it (with a shared cache, followers may be of other partitions).
+#[derive(Clone)]
+pub(super) struct Led {
+    pub by: Partition,
+    pub outcome: FlightOutcome,
+}
+
 /// The leader's side of a flight.
-pub(super) type LeadFlight = Flight<CacheKey, FlightOutcome>;
+pub(super) type LeadFlight = Flight<CacheKey, Led>;
+
+/// How many flights a request of another partition than their leaders' joins, each ending in
+/// an answer it may not have, before it makes a call of its own.
+const MAX_FOREIGN_FLIGHTS: u32 = 2;
 
 impl Engine {
     /// The path of a request that memory could not answer: disk, flight, upstream.
@@ -57,8 +79,11 @@ impl Engine {
         controls: &CacheControls,
     ) -> Result<Answer, Error> {
         let key = meta.key;
+        // With a shared cache, a credential the upstream has not accepted yet is answered by
+        // a call of its own: no stored answer, no flight of another caller.
+        let may_share = self.may_share(&out.partition);
         if controls.only_if_cached {
-            if !controls.no_cache {
+            if !controls.no_cache && may_share {
                 if let Some(entry) = self.lookup_disk(&key, controls.max_age).await {
                     return Ok(self.hit(&entry, SystemTime::now()));
                 }
@@ -68,37 +93,53 @@ impl Engine {
                 format!("no cached answer for key {key} (only-if-cached)"),
             ));
         }
-        if controls.no_cache {
+        if controls.no_cache || !may_share {
             // A refresh: its own upstream call, whose answer replaces the stored one.
             return self.refresh(out, meta).await;
         }
-        let (waiter, role) = match self.flights.join(&key) {
-            Role::Leader(flight) => {
-                let waiter = flight.waiter();
-                let engine = self.clone();
-                let (out, meta, max_age) = (out.clone(), meta.clone(), controls.max_age);
-                self.tasks.spawn(async move {
-                    let work = engine.resolve(&out, &meta, max_age, &flight);
-                    let outcome = engine.guarded(&flight, &meta, work).await;
-                    flight.complete(outcome);
-                });
-                (waiter, CacheStatus::Miss)
-            }
-            Role::Follower(waiter) => (waiter, CacheStatus::Coalesced),
-        };
-        let outcome = waiter.wait().await.map_err(|_| abandoned())?;
-        if let FlightOutcome::Stored {
-            entry,
-            fresh_headers: None,
-        } = &outcome
-        {
-            // The flight found the answer in the cache; a follower with a stricter max-age
-            // than the leader's may need a fresher one.
-            if !young_enough(entry, controls.max_age) {
+        let mut foreign = 0;
+        loop {
+            let (waiter, role) = match self.flights.join(&key) {
+                Role::Leader(flight) => {
+                    let waiter = flight.waiter();
+                    let engine = self.clone();
+                    let (out, meta, max_age) = (out.clone(), meta.clone(), controls.max_age);
+                    self.tasks.spawn(async move {
+                        let work = engine.resolve(&out, &meta, max_age, &flight);
+                        let outcome = engine.guarded(&flight, &meta, work).await;
+                        flight.complete(Led {
+                            by: out.partition,
+                            outcome,
+                        });
+                    });
+                    (waiter, CacheStatus::Miss)
+                }
+                Role::Follower(waiter) => (waiter, CacheStatus::Coalesced),
+            };
+            let led = waiter.wait().await.map_err(|_| abandoned())?;
+            let own = led.by == out.partition;
+            if !own && !led.outcome.shareable() {
+                // Not this caller's answer: try the flight again (callers of this partition
+                // then share one call), or, after that, make a call of its own.
+                foreign += 1;
+                if foreign < MAX_FOREIGN_FLIGHTS {
+                    continue;
+                }
                 return self.refresh(out, meta).await;
             }
+            if let FlightOutcome::Stored {
+                entry,
+                fresh_headers: None,
+            } = &led.outcome
+            {
+                // The flight found the answer in the cache; a follower with a stricter max-age
+                // than the leader's may need a fresher one.
+                if !young_enough(entry, controls.max_age) {
+                    return self.refresh(out, meta).await;
+                }
+            }
+            return self.render(led.outcome, role, &meta, own);
         }
-        self.render(outcome, role, &meta)
     }
 
     /// Fetches a fresh answer outside the in-flight table and stores it.
@@ -111,10 +152,13 @@ impl Engine {
         self.tasks.spawn(async move {
             let work = engine.fetch(&out, &task_meta, &flight);
             let outcome = engine.guarded(&flight, &task_meta, work).await;
-            flight.complete(outcome);
+            flight.complete(Led {
+                by: out.partition,
+                outcome,
+            });
         });
-        let outcome = waiter.wait().await.map_err(|_| abandoned())?;
-        self.render(outcome, CacheStatus::Miss, &meta)
+        let led = waiter.wait().await.map_err(|_| abandoned())?;
+        self.render(led.outcome, CacheStatus::Miss, &meta, true)
     }
 
     /// Runs a flight's `work` and gives its outcome. If the work panics, the flight still
@@ -141,7 +185,11 @@ impl Engine {
             ErrorKind::Abandoned,
             "the upstream call for this request failed inside llm-dedup; nothing was stored",
         );
-        if let Some(FlightOutcome::Live(live)) = flight.published() {
+        if let Some(Led {
+            outcome: FlightOutcome::Live(live),
+            ..
+        }) = flight.published()
+        {
             live.fail_if_open(error.clone());
             self.memory.release(&meta.key).await;
         }
@@ -188,7 +236,10 @@ impl Engine {
         let headers = upstream::response_headers(response.headers());
         if status.is_success() && is_event_stream(&headers) {
             let live = LiveStream::new(status, headers, self.stream_bytes.clone());
-            flight.publish(FlightOutcome::Live(live.clone()));
+            flight.publish(Led {
+                by: out.partition,
+                outcome: FlightOutcome::Live(live.clone()),
+            });
             self.pump(response, &live, meta, out, flight).await;
             return FlightOutcome::Live(live);
         }

@@ -106,6 +106,7 @@ impl Engine {
             .await;
         if let Ok(response) = &sent {
             self.governor.observe(&out.partition, response.headers());
+            self.upstream_answered(&out.partition, response.status());
         }
         // After observing: a probe holds the line until the budget is known.
         drop(permit);

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 use serde_json::Value;
 
 use super::Engine;
@@ -17,7 +17,7 @@ use super::classify::Outbound;
 use crate::controls::CacheControls;
 use crate::entry::EntryMeta;
 use crate::governor;
-use crate::headers::{BEHAVIOUR_HEADERS, CREDENTIAL_HEADERS};
+use crate::headers::{BEHAVIOUR_HEADERS, PROXY_AUTHORIZATION};
 use crate::key::{CacheKey, CanonicalBody, CredentialFingerprint, KeyParts, Partition};
 use crate::memory::ExactRequest;
 use crate::route::{self, Route};
@@ -99,23 +99,34 @@ impl Engine {
         part(out.path_and_query.as_bytes());
         for (name, value) in &out.headers {
             let name = name.as_str();
-            if CREDENTIAL_HEADERS.contains(&name) || BEHAVIOUR_HEADERS.contains(&name) {
+            if self.credentials.contains(name) || BEHAVIOUR_HEADERS.contains(&name) {
                 part(name.as_bytes());
                 part(value.as_bytes());
             }
+        }
+        if let Some(value) = &out.proxy_credential {
+            part(PROXY_AUTHORIZATION.as_bytes());
+            part(value.as_bytes());
         }
         part(&out.body);
         ExactRequest::new(preimage)
     }
 
-    /// The rate-limit budget a request draws on: its credential headers, salted and hashed
-    /// (providers count limits per key, organization and project, whether or not the cache is
-    /// shared).
-    pub(super) fn partition(&self, headers: &HeaderMap) -> Partition {
-        let credentials = headers
+    /// The credential partition of a request with these forwarded `headers` and this
+    /// `Proxy-Authorization`: its credential headers, salted and hashed. Rate budgets are kept
+    /// per partition (providers count limits per key, organization and project), and so is
+    /// the cache unless it is shared.
+    pub(super) fn partition(
+        &self,
+        headers: &HeaderMap,
+        proxy_credential: Option<&HeaderValue>,
+    ) -> Partition {
+        let forwarded = headers
             .iter()
             .map(|(name, value)| (name.as_str(), value.as_bytes()));
-        Partition::new(&self.salt, credentials)
+        let to_proxy = proxy_credential.map(|v| (PROXY_AUTHORIZATION, v.as_bytes()));
+        self.credentials
+            .partition(&self.salt, forwarded.chain(to_proxy))
     }
 
     /// Keys a request whose parsed `body` is new, and remembers the key for its exact bytes.

@@ -44,6 +44,7 @@ mod render;
 mod stream;
 #[cfg(test)]
 mod tests;
+mod verified;
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -53,12 +54,13 @@ use http::Request;
 use tokio_util::task::TaskTracker;
 
 pub use builder::DedupBuilder;
+pub use verified::DEFAULT_VERIFY_WINDOW;
 
 use crate::answer::Answer;
 use crate::error::Error;
 use crate::governor::Governor;
 use crate::inflight::InFlight;
-use crate::key::{CacheKey, KeyPolicy};
+use crate::key::{CacheKey, CredentialHeaders, KeyPolicy};
 use crate::live::HeldBytes;
 use crate::memory::MemoryTier;
 use crate::metrics::{Levels, Metrics};
@@ -69,8 +71,9 @@ use crate::controls::CacheControls;
 use crate::memory::ExactRequest;
 use crate::route::Route;
 use classify::{Bypassed, Class, Outbound, Parsed};
-use flight::FlightOutcome;
+use flight::Led;
 use keying::KnownKeys;
+use verified::Verified;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -90,10 +93,14 @@ struct Engine {
     upstream: Upstream,
     memory: MemoryTier,
     disk: Option<DiskStore>,
-    flights: InFlight<CacheKey, FlightOutcome>,
+    flights: InFlight<CacheKey, Led>,
     /// The salt of credential partitions (the database's, or random without one).
     salt: [u8; 32],
+    /// The request headers that tell callers apart.
+    credentials: CredentialHeaders,
     shared_cache: bool,
+    /// With a shared cache, the partitions it may answer.
+    verified: Option<Verified>,
     ttl: std::time::Duration,
     max_body: usize,
     max_stream_bytes: usize,
@@ -156,10 +163,13 @@ impl Dedup {
         let body = engine.read_body(body).await?;
         let out = Outbound::new(head, body);
         let exact = engine.exact_request(&out, &controls.namespace);
-        // 2. A repeat this thread answered from memory before: no key, no lookup.
+        // 2. A repeat this thread answered from memory before: no key, no lookup. (Not with a
+        // shared cache: whether the caller may be answered depends on its partition.)
         let now = SystemTime::now();
-        if let Some(entry) = engine.recall(&exact, &controls, now) {
-            return Ok(engine.hit(&entry, now));
+        if !engine.shared_cache {
+            if let Some(entry) = engine.recall(&exact, &controls, now) {
+                return Ok(engine.hit(&entry, now));
+            }
         }
         // 3. Everything else: key, memory, disk, flight, upstream.
         Box::pin(engine.answer_keyed(out, route, controls, exact)).await
@@ -236,7 +246,7 @@ impl Engine {
         let keyed = match self.known_keys.get(&exact) {
             Some(keyed) => keyed,
             None => {
-                out.partition = self.partition(&out.headers);
+                out.partition = self.partition(&out.headers, out.proxy_credential.as_ref());
                 match self.parse(route, &out)? {
                     Parsed::Plain(body) => {
                         self.remember_key(route, &out, &body, &controls.namespace, &exact)
@@ -270,9 +280,11 @@ impl Engine {
         };
         out.partition = keyed.partition;
         out.estimate = keyed.estimate;
-        // 4. Memory.
-        if let Some(hit) = self.memory_hit(&exact, &keyed.key, &controls).await {
-            return Ok(hit);
+        // 4. Memory, for callers the cache may answer.
+        if self.may_share(&out.partition) {
+            if let Some(hit) = self.memory_hit(&exact, &keyed.key, &controls).await {
+                return Ok(hit);
+            }
         }
         // 5. Disk, then an identical request in flight, then the upstream.
         let meta = keyed.meta(route, &controls, self.ttl);

@@ -9,7 +9,7 @@ use super::Engine;
 use super::count::{answered, route_name};
 use super::flight::FlightOutcome;
 use crate::answer::{Answer, AnswerBody, CacheStatus};
-use crate::entry::{EntryMeta, StoredAnswer};
+use crate::entry::{EntryMeta, StoredAnswer, replayed_headers};
 use crate::error::Error;
 use crate::headers::{CACHE_HEADER, KEY_HEADER};
 use crate::usage::Usage;
@@ -33,12 +33,16 @@ impl Engine {
     }
 
     /// The answer a waiter of a flight gets from its outcome, as its `role` (the leader's
-    /// `Miss`, a follower's `Coalesced`), counted.
+    /// `Miss`, a follower's `Coalesced`), counted. A waiter of the leader's own credential
+    /// partition (`own`) gets the upstream's headers as they came; any other gets only the
+    /// replayed ones, as a hit would, never the leader's cookies, organization, rate limits or
+    /// request id.
     pub(super) fn render(
         &self,
         outcome: FlightOutcome,
         role: CacheStatus,
         meta: &EntryMeta,
+        own: bool,
     ) -> Result<Answer, Error> {
         // A follower saved the provider the work its leader paid for.
         let record = |usage: Usage| {
@@ -55,7 +59,12 @@ impl Engine {
                 fresh_headers: Some(headers),
             } => {
                 record(entry.usage);
-                Ok(stored_answer(&entry, (*headers).clone(), role))
+                let headers = if own {
+                    (*headers).clone()
+                } else {
+                    entry.hit_headers.clone()
+                };
+                Ok(stored_answer(&entry, headers, role))
             }
             FlightOutcome::Stored {
                 entry,
@@ -67,7 +76,11 @@ impl Engine {
             }
             FlightOutcome::Live(live) => {
                 record(Usage::default());
-                let mut headers = live.headers.clone();
+                let mut headers = if own {
+                    live.headers.clone()
+                } else {
+                    replayed_headers(&live.headers)
+                };
                 headers.insert(CACHE_HEADER, role.header_value());
                 set_header(&mut headers, KEY_HEADER, &meta.key.to_hex());
                 Ok(Answer {

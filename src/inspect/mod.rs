@@ -212,6 +212,20 @@ impl Inspector {
         Inspector::create_or_open(path)
     }
 
+    /// Opens the database of a running proxy to read its figures: read-only, no migrations
+    /// (the proxy made them when it opened the file).
+    pub fn open_read_only(path: &Path) -> Result<Inspector, InspectError> {
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        Ok(Inspector {
+            conn,
+            path: path.to_owned(),
+        })
+    }
+
     /// Opens the cache database at `path`, creating it if there is none (for `import`).
     pub fn create_or_open(path: &Path) -> Result<Inspector, InspectError> {
         let conn = store::open_for_writing(path)?;

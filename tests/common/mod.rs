@@ -67,6 +67,8 @@ pub struct FakeState {
     /// `retry-after-ms: 1e20`, a reset centuries away, `NaN` counts): a broken or hostile
     /// compatible upstream.
     pub absurd_refusals: AtomicUsize,
+    /// API keys (`Authorization` values) the fake refuses with OpenAI's `401 invalid_api_key`.
+    pub refused_keys: Mutex<Vec<String>>,
     /// Streamed answers carry this many extra content events of `big_event_bytes` each.
     pub extra_events: AtomicUsize,
     pub big_event_bytes: AtomicUsize,
@@ -265,6 +267,23 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
     if state.hold.load(Ordering::SeqCst) && !streaming {
         state.release.notified().await;
     }
+    let key = parts
+        .headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    if state.refused_keys.lock().expect("lock").contains(&key) {
+        // OpenAI's text names the tail of the key it refused.
+        let tail = &key[key.len().saturating_sub(4)..];
+        return json_answer(
+            StatusCode::UNAUTHORIZED,
+            &json!({"error": {"message": format!("Incorrect API key provided: sk-***{tail}. You can find your API key at https://platform.openai.com/account/api-keys."),
+                "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}}),
+            vec![("x-request-id", format!("req_{n}"))],
+        );
+    }
+    let callers = caller_headers(&key);
     let fail = state.fail_status.load(Ordering::SeqCst);
     if fail != 0 {
         let status = StatusCode::from_u16(fail).expect("status");
@@ -309,7 +328,7 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
             let at = events.len() - 2;
             events.splice(at..at, std::iter::repeat_n(big, extra));
         }
-        return stream(state, n, events);
+        return stream(state, n, events, callers);
     }
     let body = match path.as_str() {
         "/v1/chat/completions" => json!({
@@ -331,7 +350,12 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
             "id": format!("resp_{n}"), "object": "response", "status": "completed", "model": model,
             "output": [{"type": "message", "role": "assistant",
                         "content": [{"type": "output_text", "text": format!("resp {n}")}]}],
-            "usage": {"input_tokens": 8, "output_tokens": 2, "total_tokens": 10}
+            "usage": {"input_tokens": 8, "output_tokens": 2, "total_tokens": 10},
+            // The Responses object echoes these request fields back.
+            "metadata": request.get("metadata").cloned().unwrap_or(json!({})),
+            "user": request.get("user").cloned().unwrap_or(Value::Null),
+            "safety_identifier": request.get("safety_identifier").cloned().unwrap_or(Value::Null),
+            "prompt_cache_key": request.get("prompt_cache_key").cloned().unwrap_or(Value::Null)
         }),
         "/v1/moderations" => json!({
             "id": format!("modr-{n}"), "model": "omni-moderation-latest",
@@ -347,7 +371,23 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
         ("x-request-id", format!("req_{n}")),
         ("openai-processing-ms", "42".to_owned()),
     ]);
+    rate_headers.extend(callers);
     json_answer(StatusCode::OK, &body, rate_headers)
+}
+
+/// The headers OpenAI's answers carry about the caller whose key is `key`: a cookie, its
+/// organization and project (named here after the key's tail, so a test can tell whose they are).
+pub fn caller_headers(key: &str) -> Vec<(&'static str, String)> {
+    let tail: String = key.chars().filter(char::is_ascii_alphanumeric).collect();
+    let tail = &tail[tail.len().saturating_sub(4)..];
+    vec![
+        (
+            "set-cookie",
+            format!("__cf_bm=cookie-{tail}; path=/; HttpOnly"),
+        ),
+        ("openai-organization", format!("org-{tail}")),
+        ("openai-project", format!("proj_{tail}")),
+    ]
 }
 
 /// Most inputs and tokens the fake accepts in one embeddings request, as OpenAI does.
@@ -638,7 +678,12 @@ pub fn stream_events(n: usize, path: &str, model: &str, usage: bool) -> Vec<Stri
 /// A streamed answer: the first event at once; the rest after `release` when `hold` is set
 /// (so a test can prove the first event arrived before the stream ended), `chunk_delay_ms`
 /// apart; cut or broken by an error event as `stream_mode` says.
-fn stream(state: Arc<FakeState>, n: usize, events: Vec<String>) -> Response {
+fn stream(
+    state: Arc<FakeState>,
+    n: usize,
+    events: Vec<String>,
+    callers: Vec<(&'static str, String)>,
+) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     tokio::spawn(async move {
         let mut events = events.into_iter();
@@ -673,12 +718,14 @@ fn stream(state: Arc<FakeState>, n: usize, events: Vec<String>) -> Response {
     let body = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     });
-    Response::builder()
+    let mut response = Response::builder()
         .status(StatusCode::OK)
         .header("content-type", "text/event-stream; charset=utf-8")
-        .header("x-request-id", format!("req_{n}"))
-        .body(Body::from_stream(body))
-        .expect("response")
+        .header("x-request-id", format!("req_{n}"));
+    for (name, value) in callers {
+        response = response.header(name, value);
+    }
+    response.body(Body::from_stream(body)).expect("response")
 }
 
 /// The proxy, serving on a real port until stopped.
@@ -700,6 +747,7 @@ impl Proxy {
         let server = tokio::spawn(llm_dedup::server::serve(
             listener,
             engine.clone(),
+            llm_dedup::server::OperatorAccess::loopback_only(),
             async move {
                 let _ = stopped.await;
             },
@@ -830,12 +878,21 @@ pub struct Running {
     pub child: std::process::Child,
     pub addr: String,
     pub lines: std::sync::mpsc::Receiver<String>,
+    /// What was logged before the proxy said it was ready.
+    pub start_log: Vec<String>,
 }
 
 /// Starts `llm-dedup serve` on a free port with `db`, in front of `upstream`, debug logging on.
 pub fn start_proxy(db: &std::path::Path, upstream: &str) -> Running {
+    start_proxy_with(db, upstream, &["--listen", "127.0.0.1:0"])
+}
+
+/// Starts `llm-dedup serve` with `db`, in front of `upstream`, with `args` (which name the
+/// address to listen on), debug logging on.
+pub fn start_proxy_with(db: &std::path::Path, upstream: &str, args: &[&str]) -> Running {
     let mut child = llm_dedup()
-        .args(["serve", "--listen", "127.0.0.1:0", "--upstream", upstream])
+        .args(["serve", "--upstream", upstream])
+        .args(args)
         .arg("--db")
         .arg(db)
         .env("RUST_LOG", "llm_dedup=debug")
@@ -852,16 +909,28 @@ pub fn start_proxy(db: &std::path::Path, upstream: &str) -> Running {
             }
         }
     });
-    let ready = lines
-        .recv_timeout(Duration::from_secs(30))
-        .expect("proxy starts");
+    let mut start_log = Vec::new();
+    let ready = loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(30))
+            .expect("proxy starts");
+        if line.contains("proxy ready") {
+            break line;
+        }
+        start_log.push(line);
+    };
     let addr = ready
         .split("listen=")
         .nth(1)
         .and_then(|rest| rest.split_whitespace().next())
         .unwrap_or_else(|| panic!("no address in {ready:?}"))
         .to_owned();
-    Running { child, addr, lines }
+    Running {
+        child,
+        addr,
+        lines,
+        start_log,
+    }
 }
 
 impl Running {
@@ -875,7 +944,8 @@ impl Running {
         let pid = i32::try_from(self.child.id()).expect("pid");
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).expect("signal");
         let status = self.child.wait().expect("wait");
-        let log: Vec<String> = self.lines.try_iter().collect();
+        let mut log = std::mem::take(&mut self.start_log);
+        log.extend(self.lines.try_iter());
         (status.code().unwrap_or(-1), log.join("\n"))
     }
 }

@@ -229,6 +229,7 @@ mod tests {
                 method: Method::POST,
                 path_and_query: "/v1/embeddings".into(),
                 headers: HeaderMap::new(),
+                proxy_credential: None,
                 body: Bytes::new(),
                 partition: Partition::from_bytes([0; 32]),
                 estimate: 0,

@@ -126,7 +126,9 @@ impl Engine {
         let group_key = self.key(Route::Embeddings, &out, &template, namespace, 256);
 
         let (mut distinct, slots) = self.distinct_inputs(&out, &mut template, namespace, inputs);
-        let found = if controls.no_cache {
+        // A refresh, or a caller a shared cache may not answer yet: calls of its own.
+        let own_calls = controls.no_cache || !self.may_share(&out.partition);
+        let found = if own_calls {
             vec![None; distinct.len()]
         } else {
             let keys = distinct.iter().map(|(key, _)| *key);
@@ -158,9 +160,13 @@ impl Engine {
                 sources.push(Source::Cache(entry));
                 continue;
             }
-            let role = if controls.no_cache {
-                // A refresh: its own flight, outside the shared table.
+            let role = if own_calls {
+                // Its own flight, outside the shared table.
                 Role::Leader(InFlight::detached(*key))
+            } else if self.shared_cache {
+                // Inputs of one partition share flights: an error answer to one caller's call
+                // must not reach another's request.
+                self.inputs.join(&key.for_partition(&out.partition))
             } else {
                 self.inputs.join(key)
             };
