@@ -56,10 +56,16 @@ pub const CREDENTIAL_HEADERS: &[&str] = &[
     "ocp-apim-subscription-key",
     // Google's OpenAI-compatible endpoint.
     "x-goog-api-key",
-    // Gateways that authenticate a browser session.
-    "cookie",
     PROXY_AUTHORIZATION,
 ];
+
+/// Request headers that identify the caller only when it presents none of
+/// [`CREDENTIAL_HEADERS`]: a gateway that authenticates a session by cookie. A request that
+/// carries an API key is that key's, whatever its cookies: the official SDKs keep and send
+/// back the CDN cookies an API's answers set (Cloudflare's `__cf_bm` changes every half hour),
+/// which must not split one key's cache. Naming `cookie` with `--credential-header` makes it
+/// count always.
+pub const FALLBACK_CREDENTIAL_HEADERS: &[&str] = &["cookie"];
 
 /// Response headers kept with an entry and replayed on a hit, or handed to a coalesced caller
 /// of another credential: what describes the answer itself. Everything else (cookies,

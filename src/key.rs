@@ -13,8 +13,9 @@
 //!
 //! - The **credential fingerprint** is a keyed blake3 hash of the credential headers
 //!   ([`CREDENTIAL_HEADERS`]: `Authorization`, `x-api-key`, `api-key`, `OpenAI-Organization`,
-//!   `OpenAI-Project`, `Ocp-Apim-Subscription-Key`, `x-goog-api-key`, `Cookie`,
-//!   `Proxy-Authorization`, and any the operator adds, see [`CredentialHeaders`]) under a
+//!   `OpenAI-Project`, `Ocp-Apim-Subscription-Key`, `x-goog-api-key`, `Proxy-Authorization`;
+//!   `Cookie` when none of those is present; and any the operator adds, see
+//!   [`CredentialHeaders`]) under a
 //!   random 32-byte salt kept in the database. Only headers that are forwarded count (the
 //!   engine computes the key from the forwarded header set), with `Proxy-Authorization`, which
 //!   is addressed to this proxy. The credential itself never enters the key, and
@@ -57,7 +58,7 @@ use crate::route::Route;
 /// then simply stop matching, which is the safe failure.
 pub const KEY_VERSION: u32 = 1;
 
-pub use crate::headers::{BEHAVIOUR_HEADERS, CREDENTIAL_HEADERS};
+pub use crate::headers::{BEHAVIOUR_HEADERS, CREDENTIAL_HEADERS, FALLBACK_CREDENTIAL_HEADERS};
 
 /// Top-level request fields dropped from every cacheable route by default.
 pub const DEFAULT_IGNORED_FIELDS: &[&str] = &[
@@ -377,21 +378,32 @@ impl fmt::Debug for Partition {
     }
 }
 
-/// The request headers that identify a caller: [`CREDENTIAL_HEADERS`], and whatever the
+/// The request headers that identify a caller: [`CREDENTIAL_HEADERS`], then, for a request
+/// that presents none of those, [`FALLBACK_CREDENTIAL_HEADERS`] (`Cookie`); and whatever the
 /// operator adds (`--credential-header`) for a gateway that authenticates otherwise.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CredentialHeaders(Vec<String>);
+pub struct CredentialHeaders {
+    /// Headers that always count.
+    always: Vec<String>,
+    /// Headers that count when none of `always` is present.
+    fallback: Vec<String>,
+}
 
 impl Default for CredentialHeaders {
     fn default() -> Self {
-        CredentialHeaders(CREDENTIAL_HEADERS.iter().map(|s| (*s).to_owned()).collect())
+        let owned = |names: &[&str]| names.iter().map(|s| (*s).to_owned()).collect();
+        CredentialHeaders {
+            always: owned(CREDENTIAL_HEADERS),
+            fallback: owned(FALLBACK_CREDENTIAL_HEADERS),
+        }
     }
 }
 
 impl CredentialHeaders {
-    /// The default set and `extra` header names (any case). A name that is not a valid header
-    /// name, or one that never reaches the upstream (hop-by-hop, `host`, llm-dedup's own
-    /// controls), is an error naming it.
+    /// The default set and `extra` header names (any case), which always count (naming a
+    /// fallback header such as `cookie` makes it count always). A name that is not a valid
+    /// header name, or one that never reaches the upstream (hop-by-hop, `host`, llm-dedup's
+    /// own controls), is an error naming it.
     pub fn with_extra<I, S>(extra: I) -> Result<CredentialHeaders, String>
     where
         I: IntoIterator<Item = S>,
@@ -413,35 +425,44 @@ impl CredentialHeaders {
                     "{name:?} cannot identify a caller: it is a transport or control header"
                 ));
             }
-            if !set.contains(lower) {
-                set.0.push(lower.to_owned());
+            set.fallback.retain(|n| n != lower);
+            if !set.always.iter().any(|n| n == lower) {
+                set.always.push(lower.to_owned());
             }
         }
         Ok(set)
     }
 
-    /// Whether `name` (lowercase) is one of them.
+    /// Whether `name` (lowercase) may identify a caller.
     #[inline]
     pub fn contains(&self, name: &str) -> bool {
-        self.0.iter().any(|n| n == name)
+        self.always.iter().chain(&self.fallback).any(|n| n == name)
     }
 
-    /// The names, lowercase, defaults first.
+    /// The names, lowercase: those that always count, then the fallbacks.
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.0.iter().map(String::as_str)
+        self.always.iter().chain(&self.fallback).map(String::as_str)
     }
 
     /// The partition of a request's headers `(lowercase name, value)` under `salt`: a keyed
-    /// hash of those among them that are credential headers. The order of `headers` does not
-    /// matter; a request with none of them has the partition of "no credential".
+    /// hash of its credential headers (the fallbacks only when there are none). The order of
+    /// `headers` does not matter; a request with none has the partition of "no credential".
     pub fn partition<'a, I>(&self, salt: &[u8; 32], headers: I) -> Partition
     where
         I: IntoIterator<Item = (&'a str, &'a [u8])>,
     {
-        let mut found: Vec<(&str, &[u8])> = headers
-            .into_iter()
-            .filter(|(name, _)| self.contains(name))
-            .collect();
+        let mut found: Vec<(&str, &[u8])> = Vec::new();
+        let mut fallback: Vec<(&str, &[u8])> = Vec::new();
+        for (name, value) in headers {
+            if self.always.iter().any(|n| n == name) {
+                found.push((name, value));
+            } else if self.fallback.iter().any(|n| n == name) {
+                fallback.push((name, value));
+            }
+        }
+        if found.is_empty() {
+            found = fallback;
+        }
         found.sort_unstable();
         let mut preimage = Vec::with_capacity(128);
         for (name, value) in found {
@@ -550,6 +571,34 @@ mod tests {
             body: &body,
         }
         .key()
+    }
+
+    /// A cookie tells callers apart only when they present no key, unless the operator named
+    /// it; a key's cache is not split by the CDN cookies its SDK sends back.
+    #[test]
+    fn cookies_identify_a_caller_only_without_a_key_unless_named() {
+        let defaults = CredentialHeaders::default();
+        let p = |set: &CredentialHeaders, headers: &[(&str, &str)]| {
+            set.partition(&[3; 32], headers.iter().map(|(n, v)| (*n, v.as_bytes())))
+        };
+        let key = ("authorization", "Bearer sk-1");
+        assert_eq!(
+            p(&defaults, &[key, ("cookie", "__cf_bm=a")]),
+            p(&defaults, &[key, ("cookie", "__cf_bm=b")])
+        );
+        assert_eq!(p(&defaults, &[key, ("cookie", "a")]), p(&defaults, &[key]));
+        assert_ne!(
+            p(&defaults, &[("cookie", "a")]),
+            p(&defaults, &[("cookie", "b")])
+        );
+        assert_ne!(p(&defaults, &[("cookie", "a")]), p(&defaults, &[]));
+        let named = CredentialHeaders::with_extra(["Cookie"]).expect("valid");
+        assert_ne!(
+            p(&named, &[key, ("cookie", "a")]),
+            p(&named, &[key, ("cookie", "b")])
+        );
+        assert!(CredentialHeaders::with_extra(["te"]).is_err());
+        assert!(CredentialHeaders::with_extra(["bad name"]).is_err());
     }
 
     #[test]

@@ -214,8 +214,8 @@ struct ServeArgs {
 
     /// Another request header that identifies a caller (repeatable; the environment variable
     /// takes a comma-separated list). Added to authorization, x-api-key, api-key,
-    /// openai-organization, openai-project, ocp-apim-subscription-key, x-goog-api-key, cookie
-    /// and proxy-authorization.
+    /// openai-organization, openai-project, ocp-apim-subscription-key, x-goog-api-key and
+    /// proxy-authorization, and to cookie, which otherwise counts only without those.
     #[arg(long = "credential-header", value_name = "NAME", env = "LLM_DEDUP_CREDENTIAL_HEADER",
           value_delimiter = ',', value_parser = parse_credential_header)]
     credential_headers: Vec<String>,

@@ -267,6 +267,15 @@ async fn every_kind_of_credential_partitions_the_cache() {
     let proxy = Proxy::start(builder).await;
     let url = proxy.url("/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21");
     let c = client();
+    // Each alone, as a gateway authenticating that way sends it (no API key).
+    let send = |header: &'static str, value: &'static str, prompt: String| {
+        let request = c
+            .post(&url)
+            .header("content-type", "application/json")
+            .header(header, value)
+            .body(prompt);
+        async move { seen(request.send().await.expect("sent")).await }
+    };
     for header in [
         "ocp-apim-subscription-key",
         "x-goog-api-key",
@@ -275,20 +284,26 @@ async fn every_kind_of_credential_partitions_the_cache() {
         "x-tenant-id",
     ] {
         let prompt = chat(header);
-        let one = post(&c, &url, prompt.clone(), &[(header, "value-one")]).await;
-        let two = post(&c, &url, prompt.clone(), &[(header, "value-two")]).await;
+        let one = send(header, "value-one", prompt.clone()).await;
+        let two = send(header, "value-two", prompt.clone()).await;
         assert_eq!(
             (one.cache.as_str(), two.cache.as_str()),
             ("miss", "miss"),
             "{header}: two values, two entries"
         );
         assert_ne!(one.key, two.key, "{header}");
-        let again = post(&c, &url, prompt, &[(header, "value-one")]).await;
+        let again = send(header, "value-one", prompt).await;
         assert_eq!(
             again.cache, "hit",
             "{header}: the same value finds its own entry"
         );
     }
+    // A request with an API key is that key's whatever its cookies: the official SDKs send
+    // back the CDN cookies an API sets, and those change every half hour.
+    let keyed = [("authorization", ALICE), ("cookie", "__cf_bm=first")];
+    assert_eq!(post(&c, &url, chat("cdn"), &keyed).await.cache, "miss");
+    let rotated = [("authorization", ALICE), ("cookie", "__cf_bm=second")];
+    assert_eq!(post(&c, &url, chat("cdn"), &rotated).await.cache, "hit");
     let seen = upstream.state.last_headers.lock().expect("lock").clone();
     assert!(
         !seen.expect("headers").contains_key("proxy-authorization"),
