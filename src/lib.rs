@@ -84,6 +84,7 @@ mod controls;
 pub mod embeddings;
 mod engine;
 mod entry;
+pub mod fleet;
 mod governor;
 mod live;
 mod memory;

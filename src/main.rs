@@ -48,6 +48,16 @@ struct DbArg {
     /// SQLite database file [default: the same as `serve`]
     #[arg(long, env = "LLM_DEDUP_DB")]
     db: Option<PathBuf>,
+
+    /// Inspect a fleet's shared tier in this Redis instead of a database file (stats, list,
+    /// show and purge)
+    #[arg(
+        long,
+        env = "LLM_DEDUP_REDIS",
+        value_name = "URL",
+        conflicts_with = "db"
+    )]
+    redis: Option<String>,
 }
 
 impl DbArg {
@@ -58,7 +68,19 @@ impl DbArg {
         }
     }
 
+    /// The fleet's Redis to inspect, if one was named.
+    fn fleet(&self) -> Result<Option<llm_dedup::inspect::FleetInspector>> {
+        self.redis
+            .as_deref()
+            .map(llm_dedup::inspect::FleetInspector::open)
+            .transpose()
+            .map_err(anyhow::Error::from)
+    }
+
     fn open(&self) -> Result<Inspector> {
+        if self.redis.is_some() {
+            anyhow::bail!("export and import work on a database file, not on --redis");
+        }
         let path = self.path()?;
         Inspector::open(&path).map_err(anyhow::Error::from)
     }
@@ -212,6 +234,11 @@ struct ServeArgs {
     #[arg(long, env = "LLM_DEDUP_VERIFY_WINDOW", default_value = "10m", value_parser = parse_wait)]
     verify_window: Duration,
 
+    /// Share answers, in-flight requests and purges with the other replicas through this
+    /// Redis or Valkey (redis://HOST:PORT, rediss:// for TLS) [default: no sharing]
+    #[arg(long, env = "LLM_DEDUP_REDIS", value_name = "URL", value_parser = parse_redis_url)]
+    redis: Option<String>,
+
     /// Another request header that identifies a caller (repeatable; the environment variable
     /// takes a comma-separated list). Added to authorization, x-api-key, api-key,
     /// openai-organization, openai-project, ocp-apim-subscription-key, x-goog-api-key and
@@ -309,6 +336,12 @@ fn parse_token(s: &str) -> Result<String, String> {
     Ok(token.to_owned())
 }
 
+/// A Redis URL the client accepts (checked, not connected).
+fn parse_redis_url(s: &str) -> Result<String, String> {
+    redis::Client::open(s).map_err(|e| format!("not a Redis URL: {e}"))?;
+    Ok(s.to_owned())
+}
+
 /// A credential header name, checked as the engine will take it.
 fn parse_credential_header(s: &str) -> Result<String, String> {
     llm_dedup::CredentialHeaders::with_extra([s])?;
@@ -344,7 +377,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let max_body = usize::try_from(args.max_body.as_u64()).context("--max-body is too large")?;
     let max_stream =
         usize::try_from(args.max_stream.as_u64()).context("--max-stream is too large")?;
-    let engine = Dedup::builder()
+    let mut builder = Dedup::builder();
+    if let Some(url) = &args.redis {
+        builder = builder.redis(url);
+    }
+    let engine = builder
         .upstream(&args.upstream)
         .database(&db)
         .memory_bytes(args.memory.as_u64())
@@ -396,6 +433,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         upstream = engine.upstream(),
         db = %db.display(),
         shared_cache = args.shared_cache,
+        redis = args.redis.is_some(),
         "llm-dedup proxy ready"
     );
     llm_dedup::server::serve(listener, engine, access, shutdown_signal())

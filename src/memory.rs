@@ -299,6 +299,11 @@ impl MemoryTier {
             .await;
     }
 
+    /// Drops the entry under `key`, if any.
+    pub async fn remove(&self, key: &CacheKey) {
+        self.cache.invalidate(key).await;
+    }
+
     /// Drops every entry.
     pub fn clear(&self) {
         self.cache.invalidate_all();

@@ -62,6 +62,7 @@ pub(crate) struct Metrics {
     in_flight: Gauge,
     stream_buffer: Gauge,
     store_errors: Counter,
+    redis_errors: Counter,
     absorbed_429: Counter,
     retries: Counter,
     queue_wait: Histogram,
@@ -76,6 +77,8 @@ pub(crate) struct Levels {
     pub stream_buffer_bytes: u64,
     /// The store's count of failed writes, since it opened.
     pub store_errors: u64,
+    /// Redis calls that failed or timed out so far.
+    pub redis_errors: u64,
 }
 
 impl Metrics {
@@ -135,6 +138,12 @@ impl Metrics {
             "Writes to the cache database that failed (retried with the next batch) or were refused because too many answers were waiting",
             store_errors.clone(),
         );
+        let redis_errors = Counter::default();
+        registry.register(
+            "redis_errors",
+            "Calls to the fleet's Redis that failed or timed out (the replica went on alone)",
+            redis_errors.clone(),
+        );
         let absorbed_429 = Counter::default();
         registry.register(
             "upstream_429_absorbed",
@@ -183,6 +192,7 @@ impl Metrics {
             in_flight,
             stream_buffer,
             store_errors,
+            redis_errors,
         }
     }
 
@@ -266,6 +276,8 @@ impl Metrics {
         // The store keeps the count; the counter catches up with it (it only grows).
         let behind = levels.store_errors.saturating_sub(self.store_errors.get());
         self.store_errors.inc_by(behind);
+        let behind = levels.redis_errors.saturating_sub(self.redis_errors.get());
+        self.redis_errors.inc_by(behind);
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);

@@ -159,7 +159,42 @@ fn groups_table(title: &str, groups: &[Group]) -> Table {
     t
 }
 
+/// `stats --redis`: what a fleet's shared tier holds.
+fn fleet_stats(mut fleet: llm_dedup::inspect::FleetInspector, json: bool) -> Result<()> {
+    let s = fleet.stats()?;
+    if json {
+        return print_json(&s);
+    }
+    let mut t = table(&["redis", &shown(&s.redis)]);
+    t.add_row(vec![
+        "entries".into(),
+        format!("{} ({} in Redis)", s.entries, size(s.value_bytes)),
+    ]);
+    println!("{t}");
+    for (title, groups) in [("model", &s.by_model), ("route", &s.by_route)] {
+        if groups.is_empty() {
+            continue;
+        }
+        let mut t = table(&[title, "entries", "size"]);
+        for g in groups {
+            let name = if g.name.is_empty() { "(none)" } else { &g.name };
+            t.add_row(vec![
+                shown(name).into_owned(),
+                g.entries.to_string(),
+                size(g.value_bytes),
+            ]);
+        }
+        right_align(&mut t, 1);
+        println!("\nBy {title}\n{t}");
+    }
+    println!("\nHit counts and savings are each replica's: see its /_llm-dedup/stats.");
+    Ok(())
+}
+
 pub(crate) fn stats(args: &StatsArgs) -> Result<()> {
+    if let Some(fleet) = args.db.fleet()? {
+        return fleet_stats(fleet, args.json);
+    }
     let s = args.db.open()?.stats()?;
     if args.json {
         return print_json(&s);
@@ -238,7 +273,11 @@ pub(crate) fn list(args: &ListArgs) -> Result<()> {
         SortArg::Hits => SortBy::Hits,
         SortArg::Size => SortBy::Size,
     };
-    let entries = args.db.open()?.list(&selection, order, args.limit)?;
+    let entries = match args.db.fleet()? {
+        // Redis keeps no hit counts: newest first.
+        Some(mut fleet) => fleet.list(&selection, args.limit)?,
+        None => args.db.open()?.list(&selection, order, args.limit)?,
+    };
     if args.json {
         return print_json(&entries);
     }
@@ -248,7 +287,10 @@ pub(crate) fn list(args: &ListArgs) -> Result<()> {
 }
 
 pub(crate) fn show(args: &ShowArgs) -> Result<()> {
-    let e = args.db.open()?.show(&args.key)?;
+    let e = match args.db.fleet()? {
+        Some(mut fleet) => fleet.show(&args.key)?,
+        None => args.db.open()?.show(&args.key)?,
+    };
     if args.json {
         return print_json(&e);
     }
@@ -293,7 +335,6 @@ pub(crate) fn show(args: &ShowArgs) -> Result<()> {
 }
 
 pub(crate) fn purge(args: &PurgeArgs) -> Result<()> {
-    let mut inspector = args.db.open()?;
     let selection = Selection {
         model: args.model.clone(),
         older_than: args.older_than,
@@ -301,6 +342,20 @@ pub(crate) fn purge(args: &PurgeArgs) -> Result<()> {
         expired: args.expired,
         ..Selection::default()
     };
+    if let Some(mut fleet) = args.db.fleet()? {
+        if args.all && !args.yes && std::io::stdin().is_terminal() {
+            eprint!("Remove every entry of the fleet's shared tier? [y/N] ");
+            std::io::stderr().flush()?;
+            let mut answer = String::new();
+            std::io::stdin().read_line(&mut answer)?;
+            if !matches!(answer.trim(), "y" | "Y" | "yes") {
+                bail!("nothing removed");
+            }
+        }
+        let removed = fleet.purge(&selection, args.all)?;
+        return purged(&removed, args.json);
+    }
+    let mut inspector = args.db.open()?;
     if args.all && !args.yes && std::io::stdin().is_terminal() {
         let n = inspector.entry_count()?;
         eprint!(
@@ -315,11 +370,16 @@ pub(crate) fn purge(args: &PurgeArgs) -> Result<()> {
         }
     }
     let removed = inspector.purge(&selection)?;
-    if args.json {
+    purged(&removed, args.json)
+}
+
+/// Reports what a purge removed.
+fn purged(removed: &[EntrySummary], json: bool) -> Result<()> {
+    if json {
         return print_json(&removed);
     }
     if !removed.is_empty() {
-        println!("{}", entries_table(&removed));
+        println!("{}", entries_table(removed));
     }
     let bytes: u64 = removed.iter().map(|e| e.size).sum();
     println!("removed {} entries ({})", removed.len(), size(bytes));

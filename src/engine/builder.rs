@@ -8,7 +8,8 @@ use tokio_util::task::TaskTracker;
 
 use super::{DEFAULT_VERIFY_WINDOW, Dedup, Engine, KnownKeys, Verified, embed};
 use crate::embeddings::EmbedSettings;
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
+use crate::fleet::{Event, Fleet};
 use crate::governor::{Governor, GovernorSettings};
 use crate::inflight::InFlight;
 use crate::key::{CredentialHeaders, KeyPolicy};
@@ -35,6 +36,7 @@ pub struct DedupBuilder {
     store_limits: StoreLimits,
     governor: GovernorSettings,
     embeddings: EmbedSettings,
+    redis: Option<String>,
 }
 
 impl Default for DedupBuilder {
@@ -54,6 +56,7 @@ impl Default for DedupBuilder {
             store_limits: StoreLimits::default(),
             governor: GovernorSettings::default(),
             embeddings: EmbedSettings::default(),
+            redis: None,
         }
     }
 }
@@ -154,6 +157,13 @@ impl DedupBuilder {
         self
     }
 
+    /// Share answers, flights and purges with the other replicas using the Redis (or Valkey)
+    /// at `url` (`redis://`, `rediss://`); see [`crate::fleet`]. By default, there is none.
+    pub fn redis(mut self, url: impl Into<String>) -> Self {
+        self.redis = Some(url.into());
+        self
+    }
+
     /// Upstream connect and read timeouts. By default, [`Timeouts::default`].
     pub fn timeouts(mut self, timeouts: Timeouts) -> Self {
         self.timeouts = timeouts;
@@ -173,12 +183,36 @@ impl DedupBuilder {
             .as_deref()
             .map(|path| DiskStore::open(path, limits))
             .transpose()?;
-        let salt = match &disk {
+        let local_salt = match &disk {
             Some(d) => *d.salt(),
             // Without a database, entries die with the engine, and so may the salt.
             None => rand::random(),
         };
+        let fleet = self
+            .redis
+            .as_deref()
+            .map(Fleet::new)
+            .transpose()
+            .map_err(|e| Error::with_source(ErrorKind::Cache, "the Redis URL is not valid", e))?;
+        let salt = match &fleet {
+            None => local_salt,
+            // Every replica must compute the same keys: the fleet's salt, the first
+            // replica's own.
+            Some(fleet) => fleet.shared_salt(&local_salt).unwrap_or_else(|| {
+                tracing::warn!(
+                    "Redis cannot be reached at start-up: this replica uses its own credential \
+                     salt, so until it restarts its per-credential entries are its own \
+                     (entries of a --shared-cache are still shared)"
+                );
+                local_salt
+            }),
+        };
         let memory = MemoryTier::new(self.memory_bytes);
+        if let Some(fleet) = &fleet {
+            // Another replica replaced or purged entries: copies held here are old.
+            let (memory, disk) = (memory.clone(), disk.clone());
+            fleet.on_event(move |event| forget(&memory, disk.as_ref(), event));
+        }
         if let Some(disk) = &disk {
             // Another process purged entries: drop the memory tier so they stop being served
             // (what is still on disk comes back on the next read).
@@ -194,6 +228,7 @@ impl DedupBuilder {
                 salt,
                 credentials: self.credentials,
                 shared_cache: self.shared_cache,
+                fleet,
                 verified: self.shared_cache.then(|| Verified::new(self.verify_window)),
                 ttl: self.ttl,
                 max_body: self.max_body,
@@ -210,5 +245,25 @@ impl DedupBuilder {
                 faults: Default::default(),
             }),
         })
+    }
+}
+
+/// Drops what this replica holds of entries another replica replaced or purged.
+fn forget(memory: &MemoryTier, disk: Option<&DiskStore>, event: Event) {
+    let keys = match event {
+        Event::Replaced(key) | Event::Purged(key) => {
+            let memory = memory.clone();
+            tokio::spawn(async move { memory.remove(&key).await });
+            Some(vec![key])
+        }
+        Event::PurgedAll => {
+            memory.clear();
+            None
+        }
+    };
+    if let Some(disk) = disk {
+        if let Err(e) = disk.remove(keys) {
+            tracing::warn!(error = %e, "cannot remove entries another replica replaced or purged");
+        }
     }
 }

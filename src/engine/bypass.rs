@@ -30,6 +30,7 @@ impl Engine {
         // sent again.
         let deadline = Instant::now() + self.governor.settings().max_queue_wait;
         let permit = self.governor.acquire(&partition, 0, deadline).await?;
+        self.fleet_budget(&partition, deadline).await?;
         let sent = self
             .upstream
             .send(&method, &path_and_query, &headers, body)
@@ -37,6 +38,7 @@ impl Engine {
         if let Ok(response) = &sent {
             self.governor.observe(&partition, response.headers());
             self.upstream_answered(&partition, response.status());
+            self.fleet_learns(&partition, response.headers()).await;
         }
         drop(permit);
         let status = sent.as_ref().ok().map(|r| r.status());

@@ -23,6 +23,7 @@ use crate::answer::{Answer, CacheStatus, Refusal};
 use crate::controls::CacheControls;
 use crate::entry::{EntryMeta, StoredAnswer};
 use crate::error::{Error, ErrorKind};
+use crate::fleet::Turn;
 use crate::inflight::{Flight, InFlight, Role};
 use crate::key::{CacheKey, Partition};
 use crate::live::LiveStream;
@@ -61,6 +62,15 @@ impl FlightOutcome {
 pub(super) struct Led {
     pub by: Partition,
     pub outcome: FlightOutcome,
+}
+
+/// Whether a fetch may take the answer of another replica's call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Fresh {
+    /// Yes: any answer to the request will do.
+    Shared,
+    /// No: the caller wants an answer of its own, to replace what is stored (`no-cache`).
+    Replace,
 }
 
 /// The leader's side of a flight.
@@ -150,7 +160,7 @@ impl Engine {
         let engine = self.clone();
         let task_meta = meta.clone();
         self.tasks.spawn(async move {
-            let work = engine.fetch(&out, &task_meta, &flight);
+            let work = engine.fetch(&out, &task_meta, &flight, Fresh::Replace);
             let outcome = engine.guarded(&flight, &task_meta, work).await;
             flight.complete(Led {
                 by: out.partition,
@@ -214,14 +224,64 @@ impl Engine {
                 entry,
                 fresh_headers: None,
             },
-            None => self.fetch(out, meta, flight).await,
+            None => self.fetch(out, meta, flight, Fresh::Shared).await,
         }
+    }
+
+    /// Calls the upstream for `flight`, taking turns with the other replicas of a fleet (the
+    /// answer one of them stores, or an error answer of the same partition, is this flight's
+    /// too), unless the caller wants an answer of its own (`Fresh::Replace`).
+    async fn fetch(
+        &self,
+        out: &Outbound,
+        meta: &EntryMeta,
+        flight: &LeadFlight,
+        fresh: Fresh,
+    ) -> FlightOutcome {
+        let Some(fleet) = &self.fleet else {
+            return self.fetch_upstream(out, meta, flight).await;
+        };
+        if fresh == Fresh::Replace {
+            let outcome = self.fetch_upstream(out, meta, flight).await;
+            if let FlightOutcome::Stored { .. } | FlightOutcome::Live(_) = &outcome {
+                fleet.replaced(&meta.key);
+            }
+            return outcome;
+        }
+        let lease = match fleet.take_turn(&meta.key, &out.partition).await {
+            Turn::Lead(lease) => Some(lease),
+            Turn::Alone => None,
+            Turn::Found(entry) => {
+                let entry = Arc::new(entry);
+                self.memory.insert(entry.clone()).await;
+                return FlightOutcome::Stored {
+                    entry,
+                    fresh_headers: None,
+                };
+            }
+            Turn::Refused(refusal) => return FlightOutcome::Refused(Arc::new(refusal)),
+        };
+        let outcome = self.fetch_upstream(out, meta, flight).await;
+        if let Some(lease) = lease {
+            if let FlightOutcome::Refused(refusal) = &outcome {
+                fleet
+                    .share_refusal(&meta.key, &out.partition, refusal)
+                    .await;
+            }
+            lease.finish().await;
+        }
+        outcome
     }
 
     /// Calls the upstream and stores a complete 2xx answer. A streamed answer is published
     /// on `flight` as soon as it starts, and the flight stays open until it ends, so that
     /// identical requests arriving meanwhile join it live.
-    async fn fetch(&self, out: &Outbound, meta: &EntryMeta, flight: &LeadFlight) -> FlightOutcome {
+    async fn fetch_upstream(
+        &self,
+        out: &Outbound,
+        meta: &EntryMeta,
+        flight: &LeadFlight,
+    ) -> FlightOutcome {
         let response = match self.send_governed(out, meta).await {
             Ok(Upstreamed::Success(r)) => r,
             Ok(Upstreamed::Refused(refusal)) => {

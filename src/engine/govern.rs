@@ -15,6 +15,7 @@ use crate::entry::EntryMeta;
 use crate::error::Error;
 use crate::governor::{self, Disposition};
 use crate::headers::SHOULD_RETRY;
+use crate::key::Partition;
 use crate::upstream;
 
 /// What came back from the upstream through the governor.
@@ -80,6 +81,9 @@ impl Engine {
             );
             self.refusal_absorbed(route, model, status == Some(429));
             self.governor.pause(&out.partition, wait);
+            if let Some(fleet) = &self.fleet {
+                fleet.pause(&out.partition, wait).await;
+            }
             waited += wait;
             attempt += 1;
         }
@@ -94,6 +98,7 @@ impl Engine {
             .governor
             .acquire(&out.partition, out.estimate, deadline)
             .await?;
+        self.fleet_budget(&out.partition, deadline).await?;
         self.metrics.queue_wait(queued.elapsed());
         let sent = self
             .upstream
@@ -107,6 +112,7 @@ impl Engine {
         if let Ok(response) = &sent {
             self.governor.observe(&out.partition, response.headers());
             self.upstream_answered(&out.partition, response.status());
+            self.fleet_learns(&out.partition, response.headers()).await;
         }
         // After observing: a probe holds the line until the budget is known.
         drop(permit);
@@ -142,6 +148,49 @@ impl Engine {
             Disposition::Deliver => Attempt::Done(Upstreamed::Refused(refusal)),
             Disposition::Retry => Attempt::Failed(Failed::Refused(refusal)),
         })
+    }
+}
+
+impl Engine {
+    /// Waits for the fleet's budget of `partition` (with `--redis`), after the replica's own
+    /// governor let the request go: replicas together keep the pace this replica learned (or
+    /// was given with `--rpm`), spend what the upstream said is left and no more, and share
+    /// the pause after a refusal. A wait past
+    /// `deadline` is a full queue, as the replica's own would be; Redis unreachable, no wait.
+    pub(super) async fn fleet_budget(
+        &self,
+        partition: &Partition,
+        deadline: Instant,
+    ) -> Result<(), Error> {
+        let Some(fleet) = &self.fleet else {
+            return Ok(());
+        };
+        while let Some(wait) = fleet
+            .budget_wait(partition, self.governor.request_pace(partition))
+            .await
+        {
+            if wait.is_zero() {
+                break;
+            }
+            if Instant::now()
+                .checked_add(wait)
+                .is_none_or(|at| at > deadline)
+            {
+                return Err(governor::QueueFull { retry_after: wait }.into());
+            }
+            // In short slices, like the replica's own queue: a reset learned meanwhile counts.
+            tokio::time::sleep(wait.min(Duration::from_millis(250))).await;
+        }
+        Ok(())
+    }
+
+    /// Shares with the fleet what an answer's headers say is left of `partition`'s budget.
+    pub(super) async fn fleet_learns(&self, partition: &Partition, headers: &http::HeaderMap) {
+        if let Some(fleet) = &self.fleet {
+            if let Some((left, reset)) = governor::Governor::requests_left(headers) {
+                fleet.learn_left(partition, left, reset).await;
+            }
+        }
     }
 }
 

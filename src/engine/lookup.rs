@@ -1,5 +1,6 @@
-//! Phase 3, lookup: the memory tier (or this thread's shortcut into it), then the disk tier;
-//! and the store on the way back, memory at once and disk through the writer's queue.
+//! Phase 3, lookup: the memory tier (or this thread's shortcut into it), then the fleet's
+//! tier in Redis (with `--redis`), then the disk tier; and the store on the way back, memory
+//! at once, Redis before the flight ends, and disk through the writer's queue.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -100,10 +101,46 @@ impl Engine {
         found
     }
 
-    /// The database's entries for `keys`, read in one trip. Each entry found is also put in
-    /// memory; one older than `max_age` is not returned. A database that cannot be read is
-    /// logged and treated as holding nothing.
+    /// The stored entries for `keys` beyond memory: the fleet's tier first (one trip), then
+    /// the database (one trip) for the rest. Each entry found is also put in memory; one older
+    /// than `max_age` is not returned. A tier that cannot be read is treated as holding nothing.
     pub(super) async fn lookup_disk_many(
+        &self,
+        keys: Vec<CacheKey>,
+        max_age: Option<Duration>,
+    ) -> Vec<Option<Arc<StoredAnswer>>> {
+        let Some(fleet) = &self.fleet else {
+            return self.lookup_database(keys, max_age).await;
+        };
+        let mut found = Vec::with_capacity(keys.len());
+        let mut missing = Vec::new();
+        for (at, entry) in fleet.get_many(&keys).await.into_iter().enumerate() {
+            match entry {
+                Some(entry) => {
+                    let entry = Arc::new(entry);
+                    self.memory.insert(entry.clone()).await;
+                    found.push(young_enough(&entry, max_age).then_some(entry));
+                }
+                None => {
+                    missing.push(at);
+                    found.push(None);
+                }
+            }
+        }
+        if !missing.is_empty() && self.disk.is_some() {
+            let rest = missing.iter().map(|&at| keys[at]).collect();
+            for (at, entry) in missing
+                .into_iter()
+                .zip(self.lookup_database(rest, max_age).await)
+            {
+                found[at] = entry;
+            }
+        }
+        found
+    }
+
+    /// The database's entries for `keys`, read in one trip (see [`Engine::lookup_disk_many`]).
+    async fn lookup_database(
         &self,
         keys: Vec<CacheKey>,
         max_age: Option<Duration>,
@@ -139,6 +176,10 @@ impl Engine {
     /// that fetched the answer ends: once it has, later requests must find the answer in memory.
     pub(super) async fn store(&self, entry: Arc<StoredAnswer>) {
         self.memory.insert(entry.clone()).await;
+        if let Some(fleet) = &self.fleet {
+            // Before the flight ends: the other replicas look for it when its lease ends.
+            fleet.put(&entry).await;
+        }
         if let Some(disk) = &self.disk {
             if let Err(e) = disk.put(entry) {
                 if let Some(held) = NOT_QUEUED.open() {

@@ -58,6 +58,7 @@ pub use verified::DEFAULT_VERIFY_WINDOW;
 
 use crate::answer::Answer;
 use crate::error::Error;
+use crate::fleet::Fleet;
 use crate::governor::Governor;
 use crate::inflight::InFlight;
 use crate::key::{CacheKey, CredentialHeaders, KeyPolicy};
@@ -101,6 +102,8 @@ struct Engine {
     shared_cache: bool,
     /// With a shared cache, the partitions it may answer.
     verified: Option<Verified>,
+    /// The tier shared by the replicas of a fleet (`--redis`), when there is one.
+    fleet: Option<Fleet>,
     ttl: std::time::Duration,
     max_body: usize,
     max_stream_bytes: usize,
@@ -210,6 +213,7 @@ impl Dedup {
                 .stream_bytes
                 .load(std::sync::atomic::Ordering::Relaxed),
             store_errors: engine.disk.as_ref().map_or(0, DiskStore::write_errors),
+            redis_errors: engine.fleet.as_ref().map_or(0, Fleet::errors),
         })
     }
 

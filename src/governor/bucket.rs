@@ -35,6 +35,11 @@ impl Bucket {
         }
     }
 
+    /// Requests (or tokens) a second it refills at.
+    pub(super) fn per_second(&self) -> f64 {
+        self.per_second
+    }
+
     pub(super) fn refill(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
         self.available = (self.available + elapsed * self.per_second).min(self.capacity);

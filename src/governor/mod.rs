@@ -359,6 +359,22 @@ impl Governor {
         }
     }
 
+    /// The request pace of `partition`'s budget, if known: requests a second and the burst
+    /// allowed at once (learned from the headers, or set with `--rpm`).
+    pub(crate) fn request_pace(&self, partition: &Partition) -> Option<(f64, f64)> {
+        let budget = self.budget(partition);
+        let s = budget.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.requests.as_ref().map(|b| (b.per_second(), b.capacity))
+    }
+
+    /// Requests the upstream says are left in the current window, and how long until it
+    /// resets, from an answer's headers: what a fleet shares.
+    pub(crate) fn requests_left(headers: &HeaderMap) -> Option<(u64, Duration)> {
+        let report = RateLimits::read(headers).requests?;
+        // Finite and non-negative, as `read` checks; counts are far below 2^53.
+        Some((report.remaining as u64, report.reset?))
+    }
+
     /// Pauses the whole budget of `partition` for `wait` (after a refusal), at most
     /// [`MAX_SERVER_WAIT`].
     pub(crate) fn pause(&self, partition: &Partition, wait: Duration) {

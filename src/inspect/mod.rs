@@ -17,8 +17,10 @@ use crate::counts::{COUNTERS, Counts};
 use crate::entry::unix_ms;
 use crate::store::{self, StoreError};
 
+mod fleet;
 mod transfer;
 
+pub use fleet::{FleetGroup, FleetInspector, FleetStats};
 use transfer::hex;
 pub use transfer::{IMPORT_CHUNK, ImportReport};
 
@@ -49,6 +51,9 @@ pub enum InspectError {
         /// The first keys it matches.
         matches: Vec<String>,
     },
+    /// The fleet's Redis could not be used.
+    #[error("Redis: {0}")]
+    Redis(String),
     /// A line of an import is not an exported entry.
     #[error("line {line}: {message}")]
     BadLine {

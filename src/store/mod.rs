@@ -259,6 +259,13 @@ impl DiskStore {
         })
     }
 
+    /// Queues the removal of the entries under `keys`, or of every entry (`None`): another
+    /// replica replaced or purged them. Removed with the next commit; an answer queued before
+    /// in the same batch may survive it.
+    pub fn remove(&self, keys: Option<Vec<CacheKey>>) -> Result<(), StoreError> {
+        self.send(WriteOp::Remove(keys))
+    }
+
     /// Counts a hit on `key` at `now` (hit count and last-hit time) and adds `counts` to the
     /// counters of `route` and `model` (one lock, one map update), committed within a second.
     pub fn record_hit(

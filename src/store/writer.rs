@@ -26,6 +26,8 @@ pub(super) enum WriteOp {
     Flush(oneshot::Sender<()>),
     /// Commit everything queued before, answer, and stop.
     Shutdown(oneshot::Sender<()>),
+    /// Remove these entries (all of them with `None`).
+    Remove(Option<Vec<crate::key::CacheKey>>),
     /// Make the write connection read-only (`true`) or writable again: a file that turns
     /// read-only, as a test needs it.
     #[cfg(test)]
@@ -144,6 +146,15 @@ impl Writer {
                     done.acks.push(ack);
                     done.stop = true;
                 }
+                WriteOp::Remove(keys) => {
+                    if let Err(e) = remove(&mut self.conn, keys.as_deref()) {
+                        self.shared.errors.fetch_add(1, Ordering::Relaxed);
+                        if let Some(held) = self.gate.open() {
+                            tracing::error!(error = %e, failures_since_last_line = held,
+                                "removing entries another replica replaced or purged failed");
+                        }
+                    }
+                }
                 #[cfg(test)]
                 WriteOp::ReadOnly(on) => {
                     let _ = self.conn.pragma_update(None, "query_only", on);
@@ -185,6 +196,26 @@ impl Writer {
         }
         done
     }
+}
+
+/// Removes the entries under `keys`, or every entry.
+fn remove(
+    conn: &mut Connection,
+    keys: Option<&[crate::key::CacheKey]>,
+) -> Result<(), rusqlite::Error> {
+    let tx = conn.transaction()?;
+    match keys {
+        None => {
+            tx.execute("DELETE FROM entries", [])?;
+        }
+        Some(keys) => {
+            let mut delete = tx.prepare_cached("DELETE FROM entries WHERE key = ?1")?;
+            for key in keys {
+                delete.execute([key.to_hex()])?;
+            }
+        }
+    }
+    tx.commit()
 }
 
 fn write_all(

@@ -1,0 +1,729 @@
+//! The fleet tier: several replicas sharing answers and flights through Redis (or Valkey).
+//!
+//! With `--redis URL` every replica keeps its own memory tier (and, if it has one, its own
+//! SQLite file), and between the two it reads and writes one shared tier in Redis. A request
+//! that misses memory looks in Redis before the local disk; an answer fetched from the
+//! upstream is written to Redis before its flight ends. Identical requests on different
+//! replicas share one upstream call through a **lease**.
+//!
+//! # Key layout
+//!
+//! Everything lives under `llm-dedup:v{KEY_VERSION}:` (old keys simply stop matching when the
+//! key layout changes):
+//!
+//! - `salt`: the credential salt of the fleet, 32 bytes, created once with `SET NX` (the first
+//!   replica's own salt), so every replica computes the same keys.
+//! - `e:{key}`: a stored answer in the form of [`codec`], expiring with it (`PX`). Namespaces
+//!   are part of the key already.
+//! - `lease:{key}`: the replica leading the upstream call for `key` (`SET NX PX`, renewed
+//!   every third of [`LEASE`] while the call runs, deleted when it ends).
+//! - `err:{key}:{partition}`: an error answer for the followers of one credential partition
+//!   on other replicas, kept [`REFUSAL_KEPT`]; never served as an entry.
+//! - channel `events`: `"{replica} done {key}"` when a lease ends, `"{replica} replaced
+//!   {key}"` after a `no-cache` refresh, `"{replica} purge all"` and `"{replica} purge {key}"`
+//!   from the inspector.
+//!
+//! # Cross-replica flights
+//!
+//! The leader of a local flight takes its turn ([`Fleet::take_turn`]) before calling the
+//! upstream: if Redis has the answer, that is the outcome; if no lease is held, it takes the
+//! lease and calls; otherwise it waits for a `done` event (or polls every [`POLL`], in case
+//! the event is missed) and looks again. A leader that dies stops renewing its lease; once it
+//! expires, the next waiter to look takes it over. An error answer reaches waiters of the same
+//! partition through `err:`; waiters of another partition take their own turn.
+//!
+//! # Faults
+//!
+//! Every call has a short timeout ([`OP_TIMEOUT`]). A failure is counted
+//! (`llm_dedup_redis_errors_total`), logged at most once a minute, and turns Redis off for
+//! [`BACKOFF`]: meanwhile each replica uses its own tiers and flights only, and then tries
+//! again (the connection reconnects by itself). No request fails because Redis did.
+
+mod codec;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use redis::AsyncCommands;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::Notify;
+
+pub use codec::{decode_entry, encode_entry};
+
+use crate::answer::Refusal;
+use crate::entry::{StoredAnswer, unix_ms};
+use crate::key::{CacheKey, KEY_VERSION, Partition};
+use crate::throttle::LogGate;
+
+/// Longest wait for one Redis call.
+pub const OP_TIMEOUT: Duration = Duration::from_millis(250);
+/// Longest wait to connect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long Redis is left alone after a failure.
+pub const BACKOFF: Duration = Duration::from_secs(1);
+/// How long a lease lasts unless renewed.
+pub const LEASE: Duration = Duration::from_secs(10);
+/// How often a waiting replica looks again without an event.
+pub const POLL: Duration = Duration::from_millis(200);
+/// How long an error answer waits for followers of its partition.
+pub const REFUSAL_KEPT: Duration = Duration::from_secs(10);
+
+/// What another replica (or the inspector) said happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The answer under this key was replaced (a `no-cache` refresh): copies held here are old.
+    Replaced(CacheKey),
+    /// These entries were purged.
+    Purged(CacheKey),
+    /// Every entry was purged.
+    PurgedAll,
+}
+
+/// What a leader's turn came to.
+pub enum Turn {
+    /// This replica leads: call the upstream, then [`Lease::finish`].
+    Lead(Lease),
+    /// Another replica stored the answer.
+    Found(StoredAnswer),
+    /// Another replica's call for the same partition was refused with this answer.
+    Refused(Refusal),
+    /// Redis cannot be used now: go on alone.
+    Alone,
+}
+
+/// A handle on the fleet tier; cheap to clone.
+#[derive(Clone)]
+pub struct Fleet {
+    inner: Arc<Inner>,
+}
+
+type Listener = Box<dyn Fn(Event) + Send + Sync>;
+
+struct Inner {
+    client: redis::Client,
+    conn: tokio::sync::Mutex<Option<ConnectionManager>>,
+    prefix: String,
+    replica: String,
+    errors: AtomicU64,
+    gate: LogGate,
+    /// Redis is left alone until then, after a failure.
+    down_until: Mutex<Option<Instant>>,
+    /// Local waiters for the end of another replica's lease, by key.
+    waiters: Mutex<HashMap<CacheKey, Arc<Notify>>>,
+    subscribed: AtomicBool,
+    listener: OnceLock<Listener>,
+}
+
+impl Fleet {
+    /// A fleet tier on the Redis at `url` (`redis://`, `rediss://` for TLS, `unix://`). Only
+    /// the URL is checked here; connections are made when first needed.
+    pub fn new(url: &str) -> Result<Fleet, redis::RedisError> {
+        let client = redis::Client::open(url)?;
+        Ok(Fleet {
+            inner: Arc::new(Inner {
+                client,
+                conn: tokio::sync::Mutex::new(None),
+                prefix: format!("llm-dedup:v{KEY_VERSION}:"),
+                replica: format!("{:016x}", rand::random::<u64>()),
+                errors: AtomicU64::new(0),
+                gate: LogGate::per_minute(),
+                down_until: Mutex::new(None),
+                waiters: Mutex::new(HashMap::new()),
+                subscribed: AtomicBool::new(false),
+                listener: OnceLock::new(),
+            }),
+        })
+    }
+
+    /// The fleet's credential salt: the one in Redis, or `ours` stored there if there is none
+    /// yet. Blocking, with a short timeout; `None` if Redis cannot be reached.
+    pub fn shared_salt(&self, ours: &[u8; 32]) -> Option<[u8; 32]> {
+        let inner = &self.inner;
+        let read = || -> redis::RedisResult<Vec<u8>> {
+            let mut conn = inner.client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
+            conn.set_read_timeout(Some(CONNECT_TIMEOUT))?;
+            conn.set_write_timeout(Some(CONNECT_TIMEOUT))?;
+            let key = format!("{}salt", inner.prefix);
+            let _: Option<String> = redis::cmd("SET")
+                .arg(&key)
+                .arg(&ours[..])
+                .arg("NX")
+                .query(&mut conn)?;
+            redis::cmd("GET").arg(&key).query(&mut conn)
+        };
+        match read() {
+            Ok(bytes) => match <[u8; 32]>::try_from(bytes.as_slice()) {
+                Ok(salt) => Some(salt),
+                Err(_) => {
+                    self.failed("salt", "the fleet's salt in Redis is not 32 bytes");
+                    None
+                }
+            },
+            Err(e) => {
+                self.failed("salt", &e.to_string());
+                None
+            }
+        }
+    }
+
+    /// Calls `listener` with every event another replica publishes (from a task of its own).
+    pub fn on_event(&self, listener: impl Fn(Event) + Send + Sync + 'static) {
+        let _ = self.inner.listener.set(Box::new(listener));
+    }
+
+    /// Redis calls that failed or timed out.
+    pub fn errors(&self) -> u64 {
+        self.inner.errors.load(Ordering::Relaxed)
+    }
+
+    /// The stored answer under `key`, if Redis has one that has not expired.
+    pub async fn get(&self, key: &CacheKey) -> Result<Option<StoredAnswer>, ()> {
+        let name = self.entry_name(key);
+        let bytes: Option<Vec<u8>> = self
+            .call("get", |mut c| async move { c.get(name).await })
+            .await?;
+        Ok(bytes.and_then(|b| self.fresh(*key, &b)))
+    }
+
+    /// The stored answers under `keys`, in one trip; `None` for each one missing (all of them
+    /// when Redis cannot be used).
+    pub async fn get_many(&self, keys: &[CacheKey]) -> Vec<Option<StoredAnswer>> {
+        if keys.is_empty() {
+            return Vec::new();
+        }
+        let names: Vec<String> = keys.iter().map(|k| self.entry_name(k)).collect();
+        let read: Result<Vec<Option<Vec<u8>>>, ()> = self
+            .call("mget", |mut c| async move {
+                redis::cmd("MGET").arg(&names).query_async(&mut c).await
+            })
+            .await;
+        match read {
+            Ok(values) if values.len() == keys.len() => keys
+                .iter()
+                .zip(values)
+                .map(|(key, v)| v.and_then(|b| self.fresh(*key, &b)))
+                .collect(),
+            _ => vec![None; keys.len()],
+        }
+    }
+
+    /// Writes `entry`, to expire with it.
+    pub async fn put(&self, entry: &StoredAnswer) {
+        let left = entry.expires_at.saturating_sub(unix_ms(SystemTime::now()));
+        let Ok(ms) = u64::try_from(left) else { return };
+        if ms == 0 {
+            return;
+        }
+        let (name, value) = (self.entry_name(&entry.key), encode_entry(entry));
+        let _: Result<(), ()> = self
+            .call("set", |mut c| async move {
+                redis::cmd("SET")
+                    .arg(name)
+                    .arg(value)
+                    .arg("PX")
+                    .arg(ms)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await;
+    }
+
+    /// Tells the other replicas that the answer under `key` was replaced.
+    pub fn replaced(&self, key: &CacheKey) {
+        self.publish(format!("replaced {}", key.to_hex()));
+    }
+
+    /// Waits for this replica's turn to call the upstream for `key` on behalf of `partition`
+    /// (see the module documentation).
+    pub async fn take_turn(&self, key: &CacheKey, partition: &Partition) -> Turn {
+        let notify = self.waiter(key);
+        let mut seen_other = false;
+        let turn = loop {
+            let notified = notify.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            match self.get(key).await {
+                Err(()) => break Turn::Alone,
+                Ok(Some(entry)) => break Turn::Found(entry),
+                Ok(None) => {}
+            }
+            if seen_other {
+                // Only an answer refused while this replica waited is its business.
+                if let Ok(Some(refusal)) = self.refusal(key, partition).await {
+                    break Turn::Refused(refusal);
+                }
+            }
+            match self.try_lease(key).await {
+                Err(()) => break Turn::Alone,
+                Ok(true) => break Turn::Lead(Lease::start(self.clone(), *key)),
+                Ok(false) => seen_other = true,
+            }
+            let _ = tokio::time::timeout(POLL, notified).await;
+        };
+        self.forget_waiter(key, &notify);
+        turn
+    }
+
+    /// Keeps `refusal` for followers of `partition` on other replicas.
+    pub async fn share_refusal(&self, key: &CacheKey, partition: &Partition, refusal: &Refusal) {
+        let (name, value) = (
+            self.refusal_name(key, partition),
+            codec::encode_refusal(refusal),
+        );
+        let ms = REFUSAL_KEPT.as_millis() as u64;
+        let _: Result<(), ()> = self
+            .call("set", |mut c| async move {
+                redis::cmd("SET")
+                    .arg(name)
+                    .arg(value)
+                    .arg("PX")
+                    .arg(ms)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await;
+    }
+
+    async fn refusal(&self, key: &CacheKey, partition: &Partition) -> Result<Option<Refusal>, ()> {
+        let name = self.refusal_name(key, partition);
+        let bytes: Option<Vec<u8>> = self
+            .call("get", |mut c| async move { c.get(name).await })
+            .await?;
+        Ok(bytes.and_then(|b| codec::decode_refusal(&b)))
+    }
+
+    async fn try_lease(&self, key: &CacheKey) -> Result<bool, ()> {
+        let (name, me) = (self.lease_name(key), self.inner.replica.clone());
+        let ms = LEASE.as_millis() as u64;
+        let set: Option<String> = self
+            .call("lease", |mut c| async move {
+                redis::cmd("SET")
+                    .arg(name)
+                    .arg(me)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ms)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(set.is_some())
+    }
+
+    /// Runs `script` on the lease of `key` if this replica still holds it.
+    async fn on_own_lease(&self, key: &CacheKey, script: &'static str) {
+        let (name, me) = (self.lease_name(key), self.inner.replica.clone());
+        let ms = LEASE.as_millis() as u64;
+        let _: Result<i64, ()> = self
+            .call("lease", |mut c| async move {
+                redis::Script::new(script)
+                    .key(name)
+                    .arg(me)
+                    .arg(ms)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await;
+    }
+
+    fn publish(&self, what: String) {
+        let fleet = self.clone();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            let channel = fleet.channel();
+            let message = format!("{} {what}", fleet.inner.replica);
+            let _: Result<i64, ()> = fleet
+                .call("publish", |mut c| async move {
+                    c.publish(channel, message).await
+                })
+                .await;
+        });
+    }
+
+    /// Starts listening to the fleet's events, once.
+    fn subscribe(&self) {
+        if self.inner.subscribed.load(Ordering::Relaxed)
+            || self.inner.subscribed.swap(true, Ordering::SeqCst)
+        {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.inner.subscribed.store(false, Ordering::SeqCst);
+            return;
+        };
+        // Weak: the task ends when the last handle on the fleet is gone.
+        let weak = Arc::downgrade(&self.inner);
+        runtime.spawn(async move {
+            use futures_util::StreamExt;
+            loop {
+                let Some(inner) = weak.upgrade() else { return };
+                let fleet = Fleet { inner };
+                let connected = tokio::time::timeout(CONNECT_TIMEOUT, async {
+                    let mut pubsub = fleet.inner.client.get_async_pubsub().await?;
+                    pubsub.subscribe(fleet.channel()).await?;
+                    Ok::<_, redis::RedisError>(pubsub)
+                })
+                .await;
+                let mut pubsub = match connected {
+                    Ok(Ok(pubsub)) => pubsub,
+                    Ok(Err(e)) => {
+                        fleet.failed("subscribe", &e.to_string());
+                        drop(fleet);
+                        tokio::time::sleep(BACKOFF).await;
+                        continue;
+                    }
+                    Err(_) => {
+                        fleet.failed("subscribe", "timed out");
+                        drop(fleet);
+                        tokio::time::sleep(BACKOFF).await;
+                        continue;
+                    }
+                };
+                let weak_inner = Arc::downgrade(&fleet.inner);
+                drop(fleet);
+                let mut messages = pubsub.on_message();
+                while let Some(message) = messages.next().await {
+                    let Some(inner) = weak_inner.upgrade() else {
+                        return;
+                    };
+                    let payload: String = message.get_payload().unwrap_or_default();
+                    Fleet { inner }.heard(&payload);
+                }
+                // The connection dropped: every waiter looks again, then we reconnect.
+                if let Some(inner) = weak.upgrade() {
+                    Fleet { inner }.wake_all();
+                }
+                tokio::time::sleep(BACKOFF).await;
+            }
+        });
+    }
+
+    /// Handles one event message.
+    fn heard(&self, payload: &str) {
+        let mut words = payload.split(' ');
+        let (Some(from), Some(kind), Some(arg)) = (words.next(), words.next(), words.next()) else {
+            return;
+        };
+        let key = CacheKey::from_hex(arg);
+        if kind == "done" {
+            if let Some(key) = key {
+                let waiter = self
+                    .inner
+                    .waiters
+                    .lock()
+                    .ok()
+                    .and_then(|w| w.get(&key).cloned());
+                if let Some(waiter) = waiter {
+                    waiter.notify_waiters();
+                }
+            }
+            return;
+        }
+        if from == self.inner.replica {
+            return;
+        }
+        let event = match (kind, arg, key) {
+            ("replaced", _, Some(key)) => Event::Replaced(key),
+            ("purge", "all", _) => Event::PurgedAll,
+            ("purge", _, Some(key)) => Event::Purged(key),
+            _ => return,
+        };
+        if let Some(listener) = self.inner.listener.get() {
+            listener(event);
+        }
+    }
+
+    fn wake_all(&self) {
+        if let Ok(waiters) = self.inner.waiters.lock() {
+            for waiter in waiters.values() {
+                waiter.notify_waiters();
+            }
+        }
+    }
+
+    fn waiter(&self, key: &CacheKey) -> Arc<Notify> {
+        let mut waiters = self.inner.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        waiters.entry(*key).or_default().clone()
+    }
+
+    fn forget_waiter(&self, key: &CacheKey, notify: &Arc<Notify>) {
+        let mut waiters = self.inner.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        // Two references: the map's and ours; nobody else waits on this key.
+        if waiters.get(key).is_some_and(|n| Arc::ptr_eq(n, notify))
+            && Arc::strong_count(notify) == 2
+        {
+            waiters.remove(key);
+        }
+    }
+
+    /// An entry read from Redis, if it decodes and has not expired.
+    fn fresh(&self, key: CacheKey, bytes: &[u8]) -> Option<StoredAnswer> {
+        let entry = decode_entry(key, bytes);
+        if entry.is_none() {
+            self.failed(
+                "decode",
+                "an entry in Redis could not be read; treated as a miss",
+            );
+        }
+        entry.filter(|e| e.is_fresh(SystemTime::now()))
+    }
+
+    /// Runs one Redis call with the connection, under [`OP_TIMEOUT`]; a failure is counted,
+    /// logged at most once a minute, and turns Redis off for [`BACKOFF`].
+    async fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T, ()>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        // Whoever uses the fleet's tier hears what the other replicas replace or purge.
+        self.subscribe();
+        let conn = self.connection().await?;
+        match tokio::time::timeout(OP_TIMEOUT, f(conn)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => {
+                self.failed(what, &e.to_string());
+                Err(())
+            }
+            Err(_) => {
+                self.failed(what, "timed out");
+                Err(())
+            }
+        }
+    }
+
+    async fn connection(&self) -> Result<ConnectionManager, ()> {
+        let down = self.inner.down_until.lock().ok().and_then(|d| *d);
+        if down.is_some_and(|until| Instant::now() < until) {
+            return Err(());
+        }
+        let mut slot = self.inner.conn.lock().await;
+        if let Some(conn) = slot.as_ref() {
+            return Ok(conn.clone());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(OP_TIMEOUT))
+            .set_number_of_retries(1);
+        let made = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            self.inner.client.get_connection_manager_with_config(config),
+        )
+        .await;
+        match made {
+            Ok(Ok(conn)) => {
+                *slot = Some(conn.clone());
+                Ok(conn)
+            }
+            Ok(Err(e)) => {
+                self.failed("connect", &e.to_string());
+                Err(())
+            }
+            Err(_) => {
+                self.failed("connect", "timed out");
+                Err(())
+            }
+        }
+    }
+
+    fn failed(&self, what: &str, error: &str) {
+        self.inner.errors.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut down) = self.inner.down_until.lock() {
+            *down = Some(Instant::now() + BACKOFF);
+        }
+        if let Some(held) = self.inner.gate.open() {
+            tracing::warn!(
+                call = what,
+                error,
+                failures_since_last_line = held,
+                "Redis call failed; this replica uses its own tiers, flights and budget until \
+                 Redis answers again"
+            );
+        }
+    }
+
+    fn entry_name(&self, key: &CacheKey) -> String {
+        format!("{}e:{}", self.inner.prefix, key.to_hex())
+    }
+
+    fn lease_name(&self, key: &CacheKey) -> String {
+        format!("{}lease:{}", self.inner.prefix, key.to_hex())
+    }
+
+    fn refusal_name(&self, key: &CacheKey, partition: &Partition) -> String {
+        let partition = blake3::Hash::from_bytes(*partition.as_bytes()).to_hex();
+        format!("{}err:{}:{}", self.inner.prefix, key.to_hex(), partition)
+    }
+
+    fn channel(&self) -> String {
+        format!("{}events", self.inner.prefix)
+    }
+}
+
+/// The fleet's rate budget of one partition, decided atomically: `KEYS` are the pause, what
+/// the upstream said is left in its window, and the GCRA state of the pace; `ARGV` the time
+/// (ms), the pace's interval between requests (ms, 0 for none) and its burst. Returns 0 to go
+/// now, or how many milliseconds to wait.
+const BUDGET: &str = r#"
+local pause = redis.call('PTTL', KEYS[1])
+if pause > 0 then return pause end
+local left = redis.call('GET', KEYS[2])
+if left and tonumber(left) <= 0 then
+  local reset = redis.call('PTTL', KEYS[2])
+  if reset > 0 then return reset end
+end
+local interval = tonumber(ARGV[2])
+if interval > 0 then
+  local now = tonumber(ARGV[1])
+  local tat = tonumber(redis.call('GET', KEYS[3]) or ARGV[1])
+  if tat < now then tat = now end
+  local allowed_at = tat + interval - interval * tonumber(ARGV[3])
+  if allowed_at > now then return math.ceil(allowed_at - now) end
+  redis.call('SET', KEYS[3], tat + interval, 'PX', math.ceil(tat + interval - now) + 1000)
+end
+if left then redis.call('DECR', KEYS[2]) end
+return 0
+"#;
+
+/// What the upstream said is left: kept if lower than what the fleet believes (answers arrive
+/// out of order; requests sent since are already counted), until the window resets.
+const LEARN_LEFT: &str = r#"
+local left = redis.call('GET', KEYS[1])
+if (not left) or tonumber(ARGV[1]) < tonumber(left) then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+return 0
+"#;
+
+/// A pause of the partition's budget, never shortened.
+const PAUSE: &str = r#"
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], 1, 'PX', ARGV[1])
+end
+return 0
+"#;
+
+impl Fleet {
+    /// How long a request of `partition` must wait for the fleet's budget, the turn taken if
+    /// none: the pause after a refusal, what the upstream said is left before its window
+    /// resets, and the pace (`per_second` with a burst of `burst`, learned from the headers or
+    /// set with `--rpm`) shared by all replicas, as GCRA. `None` when Redis cannot be used (the
+    /// replica's own governor decides alone).
+    pub async fn budget_wait(
+        &self,
+        partition: &Partition,
+        pace: Option<(f64, f64)>,
+    ) -> Option<Duration> {
+        let keys = [
+            self.budget_name(partition, "pause"),
+            self.budget_name(partition, "left"),
+            self.budget_name(partition, "rpm"),
+        ];
+        let now = unix_ms(SystemTime::now());
+        let (interval, burst) = match pace {
+            Some((per_second, burst)) if per_second > 0.0 => (1000.0 / per_second, burst.max(1.0)),
+            _ => (0.0, 1.0),
+        };
+        let wait: i64 = self
+            .call("budget", |mut c| async move {
+                redis::Script::new(BUDGET)
+                    .key(&keys[0])
+                    .key(&keys[1])
+                    .key(&keys[2])
+                    .arg(now)
+                    .arg(interval)
+                    .arg(burst)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await
+            .ok()?;
+        Some(Duration::from_millis(u64::try_from(wait).unwrap_or(0)))
+    }
+
+    /// Shares what an upstream answer to `partition` said is left in its window.
+    pub async fn learn_left(&self, partition: &Partition, left: u64, reset: Duration) {
+        let ms = reset.as_millis().clamp(1, 60_000) as u64;
+        let key = self.budget_name(partition, "left");
+        let _: Result<i64, ()> = self
+            .call("budget", |mut c| async move {
+                redis::Script::new(LEARN_LEFT)
+                    .key(key)
+                    .arg(left)
+                    .arg(ms)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await;
+    }
+
+    /// Pauses the fleet's budget of `partition` for `wait` (after a refusal).
+    pub async fn pause(&self, partition: &Partition, wait: Duration) {
+        let ms = wait.as_millis().clamp(1, 3_600_000) as u64;
+        let key = self.budget_name(partition, "pause");
+        let _: Result<i64, ()> = self
+            .call("budget", |mut c| async move {
+                redis::Script::new(PAUSE)
+                    .key(key)
+                    .arg(ms)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await;
+    }
+
+    fn budget_name(&self, partition: &Partition, what: &str) -> String {
+        let partition = blake3::Hash::from_bytes(*partition.as_bytes()).to_hex();
+        format!("{}budget:{partition}:{what}", self.inner.prefix)
+    }
+}
+
+/// Renews the lease while it lives.
+const RENEW: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+                       return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end";
+/// Deletes the lease if it is still ours.
+const RELEASE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+                         return redis.call('DEL', KEYS[1]) else return 0 end";
+
+/// This replica's lease on one key: renewed in the background until [`Lease::finish`] (or
+/// until it is dropped, when the leader died: the lease then expires and another replica
+/// takes over).
+pub struct Lease {
+    fleet: Fleet,
+    key: CacheKey,
+    renewer: tokio::task::JoinHandle<()>,
+}
+
+impl Lease {
+    fn start(fleet: Fleet, key: CacheKey) -> Lease {
+        let renewing = fleet.clone();
+        let renewer = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(LEASE / 3).await;
+                renewing.on_own_lease(&key, RENEW).await;
+            }
+        });
+        Lease {
+            fleet,
+            key,
+            renewer,
+        }
+    }
+
+    /// Ends the lease and tells the waiters on other replicas to look.
+    pub async fn finish(self) {
+        self.renewer.abort();
+        self.fleet.on_own_lease(&self.key, RELEASE).await;
+        self.fleet.publish(format!("done {}", self.key.to_hex()));
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.renewer.abort();
+    }
+}

@@ -1,0 +1,268 @@
+//! The inspector on a fleet's shared tier in Redis: `stats`, `list`, `show` and `purge` with
+//! `--redis URL`.
+//!
+//! It reads the entries under the fleet's prefix with `SCAN` (never `KEYS`, which blocks the
+//! server), in pages, and decodes them as the replicas wrote them. Redis keeps no hit counts:
+//! those stay in each replica's own figures. A purge deletes the entries and publishes it on
+//! the fleet's channel, so every replica drops its copies (memory and local file) at once.
+
+use redis::Commands;
+
+use super::{EntrySummary, ExportedEntry, InspectError, Selection};
+use crate::entry::{StoredAnswer, unix_ms};
+use crate::fleet::decode_entry;
+use crate::key::{CacheKey, KEY_VERSION};
+
+/// Keys asked for in one `SCAN` step.
+const PAGE: usize = 500;
+
+/// What the fleet's tier holds.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FleetStats {
+    /// The Redis server (without any password).
+    pub redis: String,
+    /// Entries stored.
+    pub entries: u64,
+    /// Bytes of their values in Redis.
+    pub value_bytes: u64,
+    /// Entries and bytes by model.
+    pub by_model: Vec<FleetGroup>,
+    /// Entries and bytes by route.
+    pub by_route: Vec<FleetGroup>,
+}
+
+/// Entries of one model or route.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FleetGroup {
+    /// The model or route.
+    pub name: String,
+    /// Entries.
+    pub entries: u64,
+    /// Bytes of their values.
+    pub value_bytes: u64,
+}
+
+/// A connection to a fleet's Redis.
+pub struct FleetInspector {
+    conn: redis::Connection,
+    shown: String,
+    prefix: String,
+}
+
+fn failed(e: redis::RedisError) -> InspectError {
+    InspectError::Redis(e.to_string())
+}
+
+impl FleetInspector {
+    /// Connects to the Redis at `url`, with a short timeout.
+    pub fn open(url: &str) -> Result<FleetInspector, InspectError> {
+        let client = redis::Client::open(url).map_err(failed)?;
+        let timeout = std::time::Duration::from_secs(5);
+        let conn = client
+            .get_connection_with_timeout(timeout)
+            .map_err(failed)?;
+        conn.set_read_timeout(Some(timeout)).map_err(failed)?;
+        let info = client.get_connection_info();
+        Ok(FleetInspector {
+            conn,
+            shown: info.addr().to_string(),
+            prefix: format!("llm-dedup:v{KEY_VERSION}:"),
+        })
+    }
+
+    /// Every entry, read page by page, with the size of its value.
+    fn entries(&mut self) -> Result<Vec<(StoredAnswer, u64)>, InspectError> {
+        let pattern = format!("{}e:*", self.prefix);
+        let names: Vec<String> = self
+            .conn
+            .scan_match::<_, String>(&pattern)
+            .map_err(failed)?
+            .collect::<Result<_, _>>()
+            .map_err(failed)?;
+        let mut out = Vec::with_capacity(names.len());
+        for page in names.chunks(PAGE) {
+            let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
+                .arg(page)
+                .query(&mut self.conn)
+                .map_err(failed)?;
+            for (name, value) in page.iter().zip(values) {
+                let key = name.rsplit(':').next().and_then(CacheKey::from_hex);
+                let (Some(key), Some(value)) = (key, value) else {
+                    continue;
+                };
+                if let Some(entry) = decode_entry(key, &value) {
+                    out.push((entry, value.len() as u64));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// What the tier holds, by model and route.
+    pub fn stats(&mut self) -> Result<FleetStats, InspectError> {
+        let entries = self.entries()?;
+        let group = |name_of: &dyn Fn(&StoredAnswer) -> String| {
+            let mut groups: Vec<FleetGroup> = Vec::new();
+            for (entry, bytes) in &entries {
+                let name = name_of(entry);
+                match groups.iter_mut().find(|g| g.name == name) {
+                    Some(g) => {
+                        g.entries += 1;
+                        g.value_bytes += bytes;
+                    }
+                    None => groups.push(FleetGroup {
+                        name,
+                        entries: 1,
+                        value_bytes: *bytes,
+                    }),
+                }
+            }
+            groups.sort_by(|a, b| b.entries.cmp(&a.entries).then(a.name.cmp(&b.name)));
+            groups
+        };
+        Ok(FleetStats {
+            redis: self.shown.clone(),
+            entries: entries.len() as u64,
+            value_bytes: entries.iter().map(|(_, b)| b).sum(),
+            by_model: group(&|e| e.model.clone().unwrap_or_default()),
+            by_route: group(&|e| e.route.as_str().to_owned()),
+        })
+    }
+
+    /// Entries matching `selection`, newest first, at most `limit`.
+    pub fn list(
+        &mut self,
+        selection: &Selection,
+        limit: Option<usize>,
+    ) -> Result<Vec<EntrySummary>, InspectError> {
+        let mut found: Vec<EntrySummary> = self
+            .entries()?
+            .into_iter()
+            .filter(|(e, _)| selected(e, selection))
+            .map(|(e, bytes)| summary(&e, bytes))
+            .collect();
+        found.sort_by_key(|e| std::cmp::Reverse(e.created_at));
+        found.truncate(limit.unwrap_or(usize::MAX));
+        Ok(found)
+    }
+
+    /// The one entry whose key starts with `prefix`.
+    pub fn show(&mut self, prefix: &str) -> Result<ExportedEntry, InspectError> {
+        let prefix = prefix.trim().to_ascii_lowercase();
+        if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(InspectError::InvalidKey(prefix));
+        }
+        let mut matching: Vec<(StoredAnswer, u64)> = self
+            .entries()?
+            .into_iter()
+            .filter(|(e, _)| e.key.to_hex().starts_with(&prefix))
+            .collect();
+        match matching.len() {
+            0 => Err(InspectError::UnknownKey(prefix)),
+            1 => {
+                let (entry, bytes) = matching.remove(0);
+                Ok(exported(&entry, bytes))
+            }
+            _ => Err(InspectError::AmbiguousKey {
+                prefix,
+                matches: matching
+                    .iter()
+                    .take(5)
+                    .map(|(e, _)| e.key.to_hex())
+                    .collect(),
+            }),
+        }
+    }
+
+    /// Removes the entries matching `selection` (all of them with `all`) and tells every
+    /// replica; returns what was removed.
+    pub fn purge(
+        &mut self,
+        selection: &Selection,
+        all: bool,
+    ) -> Result<Vec<EntrySummary>, InspectError> {
+        let chosen: Vec<(StoredAnswer, u64)> = self
+            .entries()?
+            .into_iter()
+            .filter(|(e, _)| all || selected(e, selection))
+            .collect();
+        if let Some(prefix) = &selection.key {
+            if chosen.len() > 1 && !all {
+                return Err(InspectError::AmbiguousKey {
+                    prefix: prefix.clone(),
+                    matches: chosen.iter().take(5).map(|(e, _)| e.key.to_hex()).collect(),
+                });
+            }
+        }
+        let channel = format!("{}events", self.prefix);
+        for page in chosen.chunks(PAGE) {
+            let names: Vec<String> = page
+                .iter()
+                .map(|(e, _)| format!("{}e:{}", self.prefix, e.key.to_hex()))
+                .collect();
+            let _: i64 = self.conn.del(&names).map_err(failed)?;
+            if !all {
+                for (entry, _) in page {
+                    let message = format!("inspector purge {}", entry.key.to_hex());
+                    let _: i64 = self.conn.publish(&channel, message).map_err(failed)?;
+                }
+            }
+        }
+        if all {
+            let _: i64 = self
+                .conn
+                .publish(&channel, "inspector purge all")
+                .map_err(failed)?;
+        }
+        Ok(chosen.iter().map(|(e, b)| summary(e, *b)).collect())
+    }
+}
+
+fn selected(e: &StoredAnswer, s: &Selection) -> bool {
+    let now = unix_ms(std::time::SystemTime::now());
+    s.model.as_ref().is_none_or(|m| e.model.as_ref() == Some(m))
+        && s.route.as_ref().is_none_or(|r| e.route.as_str() == r)
+        && s.key
+            .as_ref()
+            .is_none_or(|k| e.key.to_hex().starts_with(&k.to_ascii_lowercase()))
+        && s.older_than.is_none_or(|age| {
+            let ms = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+            e.created_at <= now.saturating_sub(ms)
+        })
+        && (!s.expired || e.expires_at <= now)
+}
+
+fn summary(e: &StoredAnswer, bytes: u64) -> EntrySummary {
+    EntrySummary {
+        key: e.key.to_hex(),
+        namespace: e.namespace.clone(),
+        route: e.route.as_str().to_owned(),
+        model: e.model.clone(),
+        size: bytes,
+        hit_count: 0,
+        created_at: e.created_at,
+        expires_at: e.expires_at,
+        last_hit_at: None,
+    }
+}
+
+fn exported(e: &StoredAnswer, bytes: u64) -> ExportedEntry {
+    let (body, body_hex) = match std::str::from_utf8(&e.body) {
+        Ok(text) => (Some(text.to_owned()), None),
+        Err(_) => (None, Some(super::transfer::hex(&e.body))),
+    };
+    ExportedEntry {
+        summary: summary(e, bytes),
+        status: e.status,
+        headers: e
+            .header_pairs()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+        body,
+        body_hex,
+        prompt_tokens: e.usage.prompt_tokens,
+        completion_tokens: e.usage.completion_tokens,
+        total_tokens: e.usage.total_tokens,
+    }
+}

@@ -1,0 +1,440 @@
+//! Several replicas on one real Redis: shared answers, one upstream call per request across
+//! the fleet, replaced answers forgotten everywhere, and Redis faults that fail no request.
+//!
+//! Each test starts its own `redis-server` on a free loopback port (persistence off) and
+//! skips, saying so, when it is not installed.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{FakeUpstream, Proxy, RedisServer, chat, client, post};
+use futures_util::future::join_all;
+
+/// Three replicas of the proxy in front of `upstream`, sharing `redis`.
+async fn replicas(upstream: &FakeUpstream, redis: &RedisServer) -> Vec<Proxy> {
+    let mut all = Vec::new();
+    for _ in 0..3 {
+        all.push(Proxy::start(upstream.engine().redis(redis.url())).await);
+    }
+    all
+}
+
+async fn stop(replicas: Vec<Proxy>) {
+    for proxy in replicas {
+        proxy.stop().await;
+    }
+}
+
+/// The value of a counter in Prometheus text.
+fn counter(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn an_answer_from_one_replica_is_a_hit_on_another() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = FakeUpstream::start().await;
+    let fleet = replicas(&upstream, &redis).await;
+    let c = client();
+    let first = post(&c, &fleet[0].url("/v1/chat/completions"), chat("q"), &[]).await;
+    assert_eq!(first.cache, "miss");
+    for replica in &fleet[1..] {
+        let seen = post(&c, &replica.url("/v1/chat/completions"), chat("q"), &[]).await;
+        assert_eq!(seen.cache, "hit", "memory cold, answered from Redis");
+        assert_eq!(seen.body, first.body);
+        assert_eq!(seen.key, first.key, "every replica computes the same key");
+    }
+    assert_eq!(upstream.calls(), 1);
+    stop(fleet).await;
+}
+
+#[tokio::test]
+async fn identical_requests_on_three_replicas_make_one_upstream_call() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = FakeUpstream::start().await;
+    upstream
+        .state
+        .delay_ms
+        .store(500, std::sync::atomic::Ordering::SeqCst);
+    let fleet = replicas(&upstream, &redis).await;
+    let c = client();
+    let calls = (0..60).map(|i| {
+        let url = fleet[i % 3].url("/v1/chat/completions");
+        let c = c.clone();
+        async move { post(&c, &url, chat("the same question"), &[]).await }
+    });
+    let answers = join_all(calls).await;
+    assert_eq!(upstream.calls(), 1, "one upstream call for the whole fleet");
+    for answer in &answers {
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.body, answers[0].body);
+    }
+    stop(fleet).await;
+}
+
+/// An error answer reaches the followers of the same credential on other replicas, and is
+/// never stored.
+#[tokio::test]
+async fn an_error_reaches_followers_on_other_replicas_and_is_not_stored() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = FakeUpstream::start().await;
+    upstream
+        .state
+        .refused_keys
+        .lock()
+        .expect("lock")
+        .push("Bearer sk-test-key-1".to_owned());
+    upstream
+        .state
+        .delay_ms
+        .store(500, std::sync::atomic::Ordering::SeqCst);
+    let fleet = replicas(&upstream, &redis).await;
+    let c = client();
+    let calls = (0..6).map(|i| {
+        let url = fleet[i % 3].url("/v1/chat/completions");
+        let c = c.clone();
+        async move { post(&c, &url, chat("refused"), &[]).await }
+    });
+    for answer in join_all(calls).await {
+        assert_eq!(answer.status, 401);
+        assert_eq!(answer.body["error"]["code"], "invalid_api_key");
+    }
+    assert_eq!(upstream.calls(), 1);
+    upstream.state.refused_keys.lock().expect("lock").clear();
+    let later = post(
+        &c,
+        &fleet[1].url("/v1/chat/completions"),
+        chat("refused"),
+        &[],
+    )
+    .await;
+    assert_eq!((later.status, later.cache.as_str()), (200, "miss"));
+    stop(fleet).await;
+}
+
+/// A `no-cache` refresh on one replica replaces the answer everywhere: the others stop
+/// serving the copy they hold in memory.
+#[tokio::test]
+async fn a_refresh_on_one_replica_reaches_the_others() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = FakeUpstream::start().await;
+    let fleet = replicas(&upstream, &redis).await;
+    let c = client();
+    let old = post(&c, &fleet[0].url("/v1/chat/completions"), chat("news"), &[]).await;
+    let held = post(&c, &fleet[1].url("/v1/chat/completions"), chat("news"), &[]).await;
+    assert_eq!((held.cache.as_str(), &held.body), ("hit", &old.body));
+    let new = post(
+        &c,
+        &fleet[0].url("/v1/chat/completions"),
+        chat("news"),
+        &[("cache-control", "no-cache")],
+    )
+    .await;
+    assert_ne!(new.body, old.body);
+    let mut seen = None;
+    for _ in 0..50 {
+        let now = post(&c, &fleet[1].url("/v1/chat/completions"), chat("news"), &[]).await;
+        if now.body == new.body {
+            seen = Some(now);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seen = seen.expect("the other replica serves the new answer within a second");
+    assert_eq!(seen.cache, "hit");
+    assert_eq!(upstream.calls(), 2);
+    stop(fleet).await;
+}
+
+/// A leader that died holds its lease no longer than the lease lasts: a waiter takes over.
+#[tokio::test]
+async fn a_lease_left_by_a_dead_leader_is_taken_over() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = FakeUpstream::start().await;
+    let c = client();
+    // With a shared cache the key holds no credential, so any engine computes it.
+    let plain = Proxy::start(upstream.engine().shared_cache(true)).await;
+    let key = post(&c, &plain.url("/v1/chat/completions"), chat("orphan"), &[])
+        .await
+        .key
+        .expect("key");
+    plain.stop().await;
+    let replica = Proxy::start(upstream.engine().shared_cache(true).redis(redis.url())).await;
+    // The caller's key is verified first (an unverified one makes its own call anyway).
+    let warm = post(&c, &replica.url("/v1/chat/completions"), chat("warm"), &[]).await;
+    assert_eq!(warm.status, 200);
+    let calls = upstream.calls();
+    let reply = redis.command(&format!(
+        "SET llm-dedup:v{}:lease:{key} ghost PX 1500",
+        llm_dedup::KEY_VERSION
+    ));
+    assert!(reply.starts_with("+OK"), "{reply}");
+    let seen = post(
+        &c,
+        &replica.url("/v1/chat/completions"),
+        chat("orphan"),
+        &[],
+    )
+    .await;
+    assert_eq!((seen.status, seen.cache.as_str()), (200, "miss"));
+    assert_eq!(
+        upstream.calls(),
+        calls + 1,
+        "the waiter made the call itself"
+    );
+    let left = redis.command(&format!(
+        "EXISTS llm-dedup:v{}:lease:{key}",
+        llm_dedup::KEY_VERSION
+    ));
+    assert!(
+        left.starts_with(":0"),
+        "the lease ends with the call: {left}"
+    );
+    replica.stop().await;
+}
+
+/// Redis killed, then restarted empty: no request fails, failures are counted, and sharing
+/// resumes on its own.
+#[tokio::test]
+async fn redis_going_away_fails_no_request_and_sharing_resumes() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let port = redis.port;
+    let upstream = FakeUpstream::start().await;
+    let fleet = replicas(&upstream, &redis).await;
+    let c = client();
+    assert_eq!(
+        post(&c, &fleet[0].url("/v1/chat/completions"), chat("a"), &[])
+            .await
+            .status,
+        200
+    );
+    redis.kill();
+    for (i, replica) in fleet.iter().enumerate() {
+        let seen = post(
+            &c,
+            &replica.url("/v1/chat/completions"),
+            chat(&format!("b{i}")),
+            &[],
+        )
+        .await;
+        assert_eq!(seen.status, 200, "Redis down fails no request");
+        let seen = post(&c, &replica.url("/v1/chat/completions"), chat("a"), &[]).await;
+        assert_eq!(seen.status, 200);
+    }
+    let metrics = client()
+        .get(fleet[1].url("/_llm-dedup/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        counter(&metrics, "llm_dedup_redis_errors_total") >= 1.0,
+        "{metrics}"
+    );
+
+    let _restarted = RedisServer::on(port).expect("restart");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut shared = false;
+    for attempt in 0..20 {
+        let prompt = chat(&format!("after {attempt}"));
+        let first = post(
+            &c,
+            &fleet[0].url("/v1/chat/completions"),
+            prompt.clone(),
+            &[],
+        )
+        .await;
+        let second = post(&c, &fleet[2].url("/v1/chat/completions"), prompt, &[]).await;
+        assert_eq!((first.status, second.status), (200, 200));
+        if second.cache == "hit" {
+            shared = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(shared, "sharing resumes once Redis is back");
+    stop(fleet).await;
+}
+
+/// The inspector reads the shared tier, and a purge through it reaches every replica within a
+/// second: none serves the purged answer again.
+#[tokio::test]
+async fn the_inspector_reads_the_shared_tier_and_its_purge_reaches_every_replica() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = FakeUpstream::start().await;
+    let fleet = replicas(&upstream, &redis).await;
+    let c = client();
+    for prompt in ["one", "two"] {
+        for replica in &fleet {
+            let seen = post(&c, &replica.url("/v1/chat/completions"), chat(prompt), &[]).await;
+            assert_eq!(seen.status, 200);
+        }
+    }
+    assert_eq!(upstream.calls(), 2);
+    let url = redis.url();
+    let (code, out, err) = common::run_cli(&["stats", "--redis", &url, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let stats: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(stats["entries"], 2, "{out}");
+    assert_eq!(stats["by_model"][0]["name"], "gpt-4o-mini", "{out}");
+    let (code, out, err) = common::run_cli(&["list", "--redis", &url, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&out).expect("json");
+    assert_eq!(listed.len(), 2);
+    let key = listed[0]["key"].as_str().expect("key").to_owned();
+    let (code, out, err) = common::run_cli(&["show", "--redis", &url, &key[..10]]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("chat.completions"), "{out}");
+
+    let (code, _, err) = common::run_cli(&["purge", "--redis", &url, "--all", "--yes"]);
+    assert_eq!(code, 0, "{err}");
+    let mut all_missed = false;
+    for _ in 0..50 {
+        let mut misses = 0;
+        for replica in &fleet {
+            let seen = post(
+                &c,
+                &replica.url("/v1/chat/completions"),
+                chat("one"),
+                &[("cache-control", "only-if-cached")],
+            )
+            .await;
+            if seen.status == 504 {
+                misses += 1;
+            }
+        }
+        if misses == fleet.len() {
+            all_missed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(all_missed, "every replica dropped the purged answer");
+    let (code, _, err) = common::run_cli(&["export", "--redis", &url]);
+    assert_ne!(code, 0);
+    assert!(err.contains("database file"), "{err}");
+    stop(fleet).await;
+}
+
+/// Three replicas facing an upstream that allows 10 requests a second and says truthfully how
+/// many remain: together they spend what remains and no more, so the upstream refuses almost
+/// nothing and no client sees a 429.
+#[tokio::test]
+async fn replicas_share_the_upstreams_rate_budget() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = FakeUpstream::start().await;
+    upstream
+        .state
+        .limit_per_sec
+        .store(10, std::sync::atomic::Ordering::SeqCst);
+    let fleet = replicas(&upstream, &redis).await;
+    let c = client();
+    // Each replica learns the budget once.
+    for (i, replica) in fleet.iter().enumerate() {
+        let seen = post(
+            &c,
+            &replica.url("/v1/chat/completions"),
+            chat(&format!("learn {i}")),
+            &[],
+        )
+        .await;
+        assert_eq!(seen.status, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let refused_before = upstream
+        .state
+        .refusals
+        .load(std::sync::atomic::Ordering::SeqCst);
+    let calls = (0..30).map(|i| {
+        let url = fleet[i % 3].url("/v1/chat/completions");
+        let c = c.clone();
+        async move { post(&c, &url, chat(&format!("distinct {i}")), &[]).await }
+    });
+    let answers = join_all(calls).await;
+    let ok = answers.iter().filter(|a| a.status == 200).count();
+    let refused = upstream
+        .state
+        .refusals
+        .load(std::sync::atomic::Ordering::SeqCst)
+        - refused_before;
+    assert_eq!(ok, 30, "every request succeeds");
+    assert!(
+        refused <= 3,
+        "the upstream refused {refused} calls of the fleet"
+    );
+    stop(fleet).await;
+}
+
+/// Redis killed while a replica waits on another's call, or paused (a slow Redis): every
+/// client still gets its answer, and nothing wrong is served.
+#[tokio::test]
+async fn a_dead_or_slow_redis_mid_flight_fails_no_request() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = FakeUpstream::start().await;
+    upstream
+        .state
+        .delay_ms
+        .store(800, std::sync::atomic::Ordering::SeqCst);
+    let fleet = replicas(&upstream, &redis).await;
+    let c = client();
+    // A slow Redis: every call waits past the timeout.
+    let paused = redis.command("CLIENT PAUSE 3000 ALL");
+    assert!(paused.starts_with("+OK"), "{paused}");
+    let calls = (0..6).map(|i| {
+        let url = fleet[i % 3].url("/v1/chat/completions");
+        let c = c.clone();
+        async move { post(&c, &url, chat("while slow"), &[]).await }
+    });
+    for answer in join_all(calls).await {
+        assert_eq!(answer.status, 200);
+        assert!(answer.body["choices"][0]["message"]["content"].is_string());
+    }
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    // Killed while replica 1 and 2 wait on replica 0's call.
+    let first = {
+        let (c, url) = (c.clone(), fleet[0].url("/v1/chat/completions"));
+        tokio::spawn(async move { post(&c, &url, chat("mid-flight"), &[]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let others = (1..3).map(|i| {
+        let url = fleet[i].url("/v1/chat/completions");
+        let c = c.clone();
+        tokio::spawn(async move { post(&c, &url, chat("mid-flight"), &[]).await })
+    });
+    let others: Vec<_> = others.collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    redis.kill();
+    let first = first.await.expect("first");
+    assert_eq!(first.status, 200);
+    for other in others {
+        let other = other.await.expect("other");
+        assert_eq!(other.status, 200, "{}", other.body);
+        assert!(other.body["choices"][0]["message"]["content"].is_string());
+    }
+    stop(fleet).await;
+}
