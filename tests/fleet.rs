@@ -438,3 +438,59 @@ async fn a_dead_or_slow_redis_mid_flight_fails_no_request() {
     }
     stop(fleet).await;
 }
+
+/// A streamed answer one replica receives is shared live with identical requests on the
+/// others: one upstream stream, the same events everywhere, the answer's own headers only.
+#[tokio::test]
+async fn a_stream_is_shared_live_across_replicas() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = FakeUpstream::start().await;
+    upstream
+        .state
+        .chunk_delay_ms
+        .store(150, std::sync::atomic::Ordering::SeqCst);
+    let fleet = replicas(&upstream, &redis).await;
+    let c = client();
+    let streamed = serde_json::json!({"model": "gpt-4o-mini", "stream": true,
+        "messages": [{"role": "user", "content": "tell me a story"}]})
+    .to_string();
+    let leader = {
+        let (c, url, body) = (
+            c.clone(),
+            fleet[0].url("/v1/chat/completions"),
+            streamed.clone(),
+        );
+        tokio::spawn(async move { post(&c, &url, body, &[]).await })
+    };
+    upstream.wait_for_calls(1).await;
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let followers = (1..3).map(|i| {
+        let (c, url, body) = (
+            c.clone(),
+            fleet[i].url("/v1/chat/completions"),
+            streamed.clone(),
+        );
+        tokio::spawn(async move { post(&c, &url, body, &[]).await })
+    });
+    let followers: Vec<_> = followers.collect();
+    let leader = leader.await.expect("leader");
+    assert_eq!(leader.status, 200);
+    for follower in followers {
+        let follower = follower.await.expect("follower");
+        assert_eq!(follower.status, 200);
+        assert_eq!(follower.raw, leader.raw, "the same events, byte for byte");
+        assert_ne!(
+            follower.cache, "hit",
+            "joined live, not replayed once stored"
+        );
+        assert!(!follower.headers.contains_key("set-cookie"));
+        assert!(!follower.headers.contains_key("x-request-id"));
+    }
+    assert_eq!(upstream.calls(), 1, "one upstream stream for the fleet");
+    // Stored once complete: a later request anywhere replays it.
+    let later = post(&c, &fleet[2].url("/v1/chat/completions"), streamed, &[]).await;
+    assert_eq!((later.cache.as_str(), &later.raw), ("hit", &leader.raw));
+    stop(fleet).await;
+}

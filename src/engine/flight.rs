@@ -23,7 +23,7 @@ use crate::answer::{Answer, CacheStatus, Refusal};
 use crate::controls::CacheControls;
 use crate::entry::{EntryMeta, StoredAnswer};
 use crate::error::{Error, ErrorKind};
-use crate::fleet::Turn;
+use crate::fleet::{Ending, Fleet, Followed, Relayed, Turn};
 use crate::inflight::{Flight, InFlight, Role};
 use crate::key::{CacheKey, Partition};
 use crate::live::LiveStream;
@@ -239,10 +239,10 @@ impl Engine {
         fresh: Fresh,
     ) -> FlightOutcome {
         let Some(fleet) = &self.fleet else {
-            return self.fetch_upstream(out, meta, flight).await;
+            return self.fetch_upstream(out, meta, flight, None).await;
         };
         if fresh == Fresh::Replace {
-            let outcome = self.fetch_upstream(out, meta, flight).await;
+            let outcome = self.fetch_upstream(out, meta, flight, None).await;
             if let FlightOutcome::Stored { .. } | FlightOutcome::Live(_) = &outcome {
                 fleet.replaced(&meta.key);
             }
@@ -260,8 +260,10 @@ impl Engine {
                 };
             }
             Turn::Refused(refusal) => return FlightOutcome::Refused(Arc::new(refusal)),
+            Turn::Live(followed) => return self.follow(followed, out, flight).await,
         };
-        let outcome = self.fetch_upstream(out, meta, flight).await;
+        let relaying = lease.as_ref().map(|_| fleet);
+        let outcome = self.fetch_upstream(out, meta, flight, relaying).await;
         if let Some(lease) = lease {
             if let FlightOutcome::Refused(refusal) = &outcome {
                 fleet
@@ -281,6 +283,7 @@ impl Engine {
         out: &Outbound,
         meta: &EntryMeta,
         flight: &LeadFlight,
+        relaying: Option<&Fleet>,
     ) -> FlightOutcome {
         let response = match self.send_governed(out, meta).await {
             Ok(Upstreamed::Success(r)) => r,
@@ -300,7 +303,13 @@ impl Engine {
                 by: out.partition,
                 outcome: FlightOutcome::Live(live.clone()),
             });
-            self.pump(response, &live, meta, out, flight).await;
+            // Shared live with the followers on other replicas, too.
+            let relay = relaying.map(|fleet| {
+                fleet
+                    .relay(&meta.key, status, &live.headers)
+                    .bounded(self.max_stream_bytes)
+            });
+            self.pump(response, &live, meta, out, flight, relay).await;
             return FlightOutcome::Live(live);
         }
         let body = match response.bytes().await {
@@ -336,6 +345,58 @@ impl Engine {
             entry,
             fresh_headers: Some(Arc::new(headers)),
         }
+    }
+}
+
+impl Engine {
+    /// Follows a stream another replica receives from the upstream, shared live with this
+    /// flight's waiters as a stream of its own would be. Nothing is stored here: the leader
+    /// stores it in the fleet's tier when it completes.
+    async fn follow(
+        &self,
+        mut followed: Followed,
+        out: &Outbound,
+        flight: &LeadFlight,
+    ) -> FlightOutcome {
+        let live = LiveStream::new(
+            followed.status,
+            std::mem::take(&mut followed.headers),
+            self.stream_bytes.clone(),
+        );
+        flight.publish(Led {
+            by: out.partition,
+            outcome: FlightOutcome::Live(live.clone()),
+        });
+        let (mut size, mut overgrown) = (0usize, false);
+        loop {
+            match followed.next().await {
+                Relayed::Events(events) => {
+                    for event in events {
+                        size += event.len();
+                        if size > self.max_stream_bytes && !overgrown {
+                            overgrown = true;
+                            live.stop_buffering(self.max_stream_bytes);
+                            flight.leave();
+                        }
+                        live.push(event);
+                    }
+                }
+                Relayed::End(Ending::Complete) => {
+                    live.finish(Ok(()));
+                    break;
+                }
+                Relayed::End(ending) => {
+                    let why = if ending == Ending::Failed {
+                        "the upstream's stream failed on the replica that received it"
+                    } else {
+                        "the stream shared by another replica could not be followed to its end"
+                    };
+                    live.finish(Err(Error::new(ErrorKind::UpstreamUnreachable, why)));
+                    break;
+                }
+            }
+        }
+        FlightOutcome::Live(live)
     }
 }
 

@@ -9,6 +9,7 @@ use super::Engine;
 use super::classify::Outbound;
 use super::flight::LeadFlight;
 use crate::entry::{EntryMeta, StoredAnswer};
+use crate::fleet::Relay;
 use crate::live::LiveStream;
 use crate::sse::{Completion, EventSplitter, Verdict};
 
@@ -29,6 +30,7 @@ impl Engine {
         meta: &EntryMeta,
         out: &Outbound,
         flight: &LeadFlight,
+        mut relay: Option<Relay>,
     ) {
         let mut split = EventSplitter::default();
         let mut completion = Completion::new(meta.route);
@@ -42,6 +44,9 @@ impl Engine {
                     for event in split.push(&chunk) {
                         completion.observe(&event);
                         size += event.len();
+                        if let Some(relay) = relay.as_mut() {
+                            relay.event(&event);
+                        }
                         live.push(event);
                         #[cfg(test)]
                         self.faults.trip(super::tests::Fault::MidStream);
@@ -68,6 +73,9 @@ impl Engine {
         };
         if let Some(rest) = split.rest() {
             size += rest.len();
+            if let Some(relay) = relay.as_mut() {
+                relay.event(&rest);
+            }
             live.push(rest);
         }
         let verdict = completion.verdict();
@@ -82,11 +90,17 @@ impl Engine {
             entry.usage = completion.usage();
             // Before the stream is finished and the flight ends: later requests find it.
             self.store(Arc::new(entry)).await;
+            if let Some(relay) = relay.take() {
+                relay.end(true);
+            }
         } else {
             tracing::debug!(key = %meta.key, ?verdict, size, cut = result.is_err(), "stream not stored");
             if reserved > 0 && !overgrown {
                 self.memory.release(&meta.key).await;
             }
+        }
+        if let Some(relay) = relay {
+            relay.end(result.is_ok() && verdict == Verdict::Complete);
         }
         live.finish(result);
     }

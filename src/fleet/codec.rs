@@ -185,6 +185,16 @@ pub fn encode_refusal(refusal: &Refusal) -> Vec<u8> {
     w.0
 }
 
+/// The head of a stream shared live (its status and replayed headers), in the form of an
+/// error answer without a body.
+pub fn encode_head(status: StatusCode, headers: &http::HeaderMap) -> Vec<u8> {
+    encode_refusal(&Refusal {
+        status,
+        headers: crate::entry::replayed_headers(headers),
+        body: Bytes::new(),
+    })
+}
+
 /// An error answer from its Redis form; `None` if the bytes are not one.
 pub fn decode_refusal(bytes: &[u8]) -> Option<Refusal> {
     let mut r = Reader(bytes);

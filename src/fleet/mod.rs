@@ -19,7 +19,12 @@
 //!   every third of [`LEASE`] while the call runs, deleted when it ends).
 //! - `err:{key}:{partition}`: an error answer for the followers of one credential partition
 //!   on other replicas, kept [`REFUSAL_KEPT`]; never served as an entry.
-//! - channel `events`: `"{replica} done {key}"` when a lease ends, `"{replica} replaced
+//! - `s:{key}`: a streamed answer in flight, shared live: a Redis Stream whose first record
+//!   is the head (status and replayed headers), then one record per event, then the end
+//!   (`ok` or `err`); it expires [`STREAM_KEPT`] after its last record. At most
+//!   `--max-stream` bytes are relayed: past that, the end says `cut`.
+//! - channel `events`: `"{replica} live {key}"` when a stream starts,
+//!   `"{replica} done {key}"` when a lease ends, `"{replica} replaced
 //!   {key}"` after a `no-cache` refresh, `"{replica} purge all"` and `"{replica} purge {key}"`
 //!   from the inspector.
 //!
@@ -70,6 +75,12 @@ pub const LEASE: Duration = Duration::from_secs(10);
 pub const POLL: Duration = Duration::from_millis(200);
 /// How long an error answer waits for followers of its partition.
 pub const REFUSAL_KEPT: Duration = Duration::from_secs(10);
+/// How long a shared stream stays readable after its last record.
+pub const STREAM_KEPT: Duration = Duration::from_secs(60);
+/// How long a follower waits for a shared stream's next record before it looks again.
+const STREAM_BLOCK: Duration = Duration::from_secs(1);
+/// How long a shared stream may go silent, its lease gone, before a follower ends it.
+const STREAM_ORPHANED: Duration = Duration::from_secs(15);
 
 /// What another replica (or the inspector) said happened.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +101,8 @@ pub enum Turn {
     Found(StoredAnswer),
     /// Another replica's call for the same partition was refused with this answer.
     Refused(Refusal),
+    /// Another replica is receiving a streamed answer: follow it live.
+    Live(Followed),
     /// Redis cannot be used now: go on alone.
     Alone,
 }
@@ -261,6 +274,9 @@ impl Fleet {
                 Ok(true) => break Turn::Lead(Lease::start(self.clone(), *key)),
                 Ok(false) => seen_other = true,
             }
+            if let Some(followed) = self.follow(key).await {
+                break Turn::Live(followed);
+            }
             let _ = tokio::time::timeout(POLL, notified).await;
         };
         self.forget_waiter(key, &notify);
@@ -293,6 +309,12 @@ impl Fleet {
             .call("get", |mut c| async move { c.get(name).await })
             .await?;
         Ok(bytes.and_then(|b| codec::decode_refusal(&b)))
+    }
+
+    async fn lease_exists(&self, key: &CacheKey) -> Result<bool, ()> {
+        let name = self.lease_name(key);
+        self.call("lease", |mut c| async move { c.exists(name).await })
+            .await
     }
 
     async fn try_lease(&self, key: &CacheKey) -> Result<bool, ()> {
@@ -410,7 +432,7 @@ impl Fleet {
             return;
         };
         let key = CacheKey::from_hex(arg);
-        if kind == "done" {
+        if kind == "done" || kind == "live" {
             if let Some(key) = key {
                 let waiter = self
                     .inner
@@ -676,9 +698,245 @@ impl Fleet {
             .await;
     }
 
+    /// Starts relaying a streamed answer of `status` and `headers` (only the replayed ones
+    /// are shared) for the followers on other replicas.
+    pub fn relay(
+        &self,
+        key: &CacheKey,
+        status: http::StatusCode,
+        headers: &http::HeaderMap,
+    ) -> Relay {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(&'static str, Vec<u8>)>();
+        let _ = tx.send(("h", codec::encode_head(status, headers)));
+        let (fleet, name) = (self.clone(), self.stream_name(key));
+        let announce = format!("live {}", key.to_hex());
+        tokio::spawn(async move {
+            let ms = STREAM_KEPT.as_millis() as u64;
+            let mut first = true;
+            while let Some((field, value)) = rx.recv().await {
+                let name = name.clone();
+                let added: Result<(), ()> = fleet
+                    .call("relay", |mut c| async move {
+                        redis::pipe()
+                            .cmd("XADD")
+                            .arg(&name)
+                            .arg("*")
+                            .arg(field)
+                            .arg(value)
+                            .ignore()
+                            .cmd("PEXPIRE")
+                            .arg(&name)
+                            .arg(ms)
+                            .ignore()
+                            .query_async(&mut c)
+                            .await
+                    })
+                    .await;
+                if added.is_err() {
+                    // Followers see the stream stop, and end it once its lease is gone.
+                    return;
+                }
+                if first {
+                    first = false;
+                    fleet.publish(announce.clone());
+                }
+            }
+        });
+        Relay {
+            tx,
+            sent: 0,
+            bound: usize::MAX,
+            cut: false,
+        }
+    }
+
+    /// The stream another replica relays for `key`, if there is one, its head read.
+    async fn follow(&self, key: &CacheKey) -> Option<Followed> {
+        let name = self.stream_name(key);
+        let head: Vec<StreamRecord> = {
+            let name = name.clone();
+            self.call("follow", |mut c| async move {
+                redis::cmd("XRANGE")
+                    .arg(name)
+                    .arg("-")
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(1)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await
+            .ok()?
+        };
+        let (id, fields) = head.into_iter().next()?;
+        let (_, value) = fields.into_iter().find(|(f, _)| f == "h")?;
+        let head = codec::decode_refusal(&value)?;
+        // A connection of its own: a blocking read would hold up everything else on a shared one.
+        let conn = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            self.inner.client.get_multiplexed_async_connection(),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        Some(Followed {
+            fleet: self.clone(),
+            conn,
+            key: *key,
+            name,
+            last: id,
+            status: head.status,
+            headers: head.headers,
+            quiet_since: Instant::now(),
+        })
+    }
+
+    fn stream_name(&self, key: &CacheKey) -> String {
+        format!("{}s:{}", self.inner.prefix, key.to_hex())
+    }
+
     fn budget_name(&self, partition: &Partition, what: &str) -> String {
         let partition = blake3::Hash::from_bytes(*partition.as_bytes()).to_hex();
         format!("{}budget:{partition}:{what}", self.inner.prefix)
+    }
+}
+
+/// The leader's side of a stream shared live with other replicas: events are handed to a task
+/// that appends them to the Redis Stream in order, so the upstream's pace never waits on Redis.
+pub struct Relay {
+    tx: tokio::sync::mpsc::UnboundedSender<(&'static str, Vec<u8>)>,
+    sent: usize,
+    bound: usize,
+    cut: bool,
+}
+
+impl Relay {
+    /// Relays at most `bound` bytes of events (`--max-stream`).
+    pub fn bounded(mut self, bound: usize) -> Relay {
+        self.bound = bound;
+        self
+    }
+
+    /// Relays one event, unless the bound is passed (then the end says `cut`).
+    pub fn event(&mut self, event: &[u8]) {
+        if self.cut {
+            return;
+        }
+        self.sent += event.len();
+        if self.sent > self.bound {
+            self.cut = true;
+            let _ = self.tx.send(("end", b"cut".to_vec()));
+            return;
+        }
+        let _ = self.tx.send(("e", event.to_vec()));
+    }
+
+    /// Ends the relay: the stream completed (`true`) or failed.
+    pub fn end(self, ok: bool) {
+        if !self.cut {
+            let _ = self
+                .tx
+                .send(("end", if ok { b"ok".to_vec() } else { b"err".to_vec() }));
+        }
+    }
+}
+
+/// One record of a Redis Stream: its id and its fields.
+type StreamRecord = (String, Vec<(String, Vec<u8>)>);
+
+/// What a follower reads next from a stream shared live.
+pub enum Relayed {
+    /// Events, in order.
+    Events(Vec<bytes::Bytes>),
+    /// The end: whether the stream completed.
+    End(Ending),
+}
+
+/// How a shared stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// With its framing's success marker, as the leader received it.
+    Complete,
+    /// Failed at the leader (the upstream cut it or sent an error).
+    Failed,
+    /// Longer than `--max-stream`, or its leader or Redis went away: no more can be relayed.
+    Cut,
+}
+
+/// A follower's side of a stream another replica relays.
+pub struct Followed {
+    fleet: Fleet,
+    conn: redis::aio::MultiplexedConnection,
+    key: CacheKey,
+    name: String,
+    last: String,
+    /// The upstream's status.
+    pub status: http::StatusCode,
+    /// The replayed headers of the answer.
+    pub headers: http::HeaderMap,
+    quiet_since: Instant,
+}
+
+impl Followed {
+    /// The records after the last one read, waiting up to a second for one.
+    pub async fn next(&mut self) -> Relayed {
+        type Records = Vec<(String, Vec<StreamRecord>)>;
+        let read = tokio::time::timeout(
+            STREAM_BLOCK + OP_TIMEOUT,
+            redis::cmd("XREAD")
+                .arg("COUNT")
+                .arg(256)
+                .arg("BLOCK")
+                .arg(STREAM_BLOCK.as_millis() as u64)
+                .arg("STREAMS")
+                .arg(&self.name)
+                .arg(&self.last)
+                .query_async::<Option<Records>>(&mut self.conn),
+        )
+        .await;
+        let records = match read {
+            Ok(Ok(records)) => records.unwrap_or_default(),
+            Ok(Err(e)) => {
+                self.fleet.failed("follow", &e.to_string());
+                return Relayed::End(Ending::Cut);
+            }
+            Err(_) => {
+                self.fleet.failed("follow", "timed out");
+                return Relayed::End(Ending::Cut);
+            }
+        };
+        let mut events = Vec::new();
+        for (_, entries) in records {
+            for (id, fields) in entries {
+                if let Some((_, value)) = fields.iter().find(|(f, _)| f == "end") {
+                    if !events.is_empty() {
+                        // The events first; the end is read again next time.
+                        return Relayed::Events(events);
+                    }
+                    self.last = id;
+                    return Relayed::End(match value.as_slice() {
+                        b"ok" => Ending::Complete,
+                        b"err" => Ending::Failed,
+                        _ => Ending::Cut,
+                    });
+                }
+                self.last = id;
+                for (field, value) in fields {
+                    if field == "e" {
+                        events.push(bytes::Bytes::from(value));
+                    }
+                }
+            }
+        }
+        if !events.is_empty() {
+            self.quiet_since = Instant::now();
+        } else if self.quiet_since.elapsed() > STREAM_ORPHANED
+            && !matches!(self.fleet.lease_exists(&self.key).await, Ok(true))
+        {
+            // Silent, and nobody leads it any more: its leader died.
+            return Relayed::End(Ending::Cut);
+        }
+        Relayed::Events(events)
     }
 }
 
