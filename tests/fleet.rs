@@ -494,3 +494,42 @@ async fn a_stream_is_shared_live_across_replicas() {
     assert_eq!((later.cache.as_str(), &later.raw), ("hit", &leader.raw));
     stop(fleet).await;
 }
+
+/// Redis killed while requests wait for the fleet's budget: they go on under each replica's
+/// own governor, and every one succeeds.
+#[tokio::test]
+async fn requests_queued_for_the_fleets_budget_survive_redis_going_away() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = FakeUpstream::start().await;
+    upstream
+        .state
+        .limit_per_sec
+        .store(10, std::sync::atomic::Ordering::SeqCst);
+    let fleet = replicas(&upstream, &redis).await;
+    let c = client();
+    for (i, replica) in fleet.iter().enumerate() {
+        let seen = post(
+            &c,
+            &replica.url("/v1/chat/completions"),
+            chat(&format!("learn {i}")),
+            &[],
+        )
+        .await;
+        assert_eq!(seen.status, 200);
+    }
+    let calls = (0..40).map(|i| {
+        let url = fleet[i % 3].url("/v1/chat/completions");
+        let c = c.clone();
+        tokio::spawn(async move { post(&c, &url, chat(&format!("queued {i}")), &[]).await })
+    });
+    let calls: Vec<_> = calls.collect();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    redis.kill();
+    for call in calls {
+        let seen = call.await.expect("request");
+        assert_eq!(seen.status, 200, "{}", seen.body);
+    }
+    stop(fleet).await;
+}
