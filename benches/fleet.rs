@@ -85,6 +85,20 @@ async fn fire(client: &reqwest::Client, urls: &[String], bodies: Vec<String>) ->
     out
 }
 
+/// Sends `bodies` one by one to `url`, so that their answers are stored.
+async fn store_all(client: &reqwest::Client, url: &str, bodies: &[String]) {
+    for body in bodies {
+        let sent = client
+            .post(url)
+            .header("authorization", "Bearer sk-bench")
+            .body(body.clone())
+            .send()
+            .await
+            .expect("sent");
+        let _ = sent.bytes().await;
+    }
+}
+
 /// Sequential latencies (seconds, sorted) of `bodies` sent one by one to `url`.
 async fn sequential(client: &reqwest::Client, url: &str, bodies: &[String]) -> Vec<f64> {
     let mut took = Vec::with_capacity(bodies.len());
@@ -175,7 +189,9 @@ async fn main() {
     // (c) Hit latency by tier, on a Redis of its own: the first replica there is the one with
     // the database, so the fleet's salt is its file's and the file's keys match.
     drop(redis);
-    let Some(redis) = support::Redis::start() else { return };
+    let Some(redis) = support::Redis::start() else {
+        return;
+    };
     let (app, _) = slow_app(Duration::ZERO);
     let fast = support::serve(app).await;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -183,17 +199,7 @@ async fn main() {
     let writer = replica(fast, &redis.url, Some(&db)).await;
     let bodies: Vec<String> = (0..1000).map(|i| request(&format!("hit {i}"))).collect();
     let writer_url = format!("http://{writer}/v1/chat/completions");
-    for body in &bodies {
-        let _ = client
-            .post(&writer_url)
-            .body(body.clone())
-            .header("authorization", "Bearer sk-bench")
-            .send()
-            .await
-            .expect("sent")
-            .bytes()
-            .await;
-    }
+    store_all(&client, &writer_url, &bodies).await;
     let memory = sequential(&client, &writer_url, &bodies).await;
     let cold = replica(fast, &redis.url, None).await;
     let from_redis = sequential(
@@ -236,17 +242,7 @@ async fn main() {
     };
     let before = used(redis.command("INFO memory"));
     let more: Vec<String> = (0..2000).map(|i| request(&format!("memory {i}"))).collect();
-    for body in &more {
-        let _ = client
-            .post(&writer_url)
-            .body(body.clone())
-            .header("authorization", "Bearer sk-bench")
-            .send()
-            .await
-            .expect("sent")
-            .bytes()
-            .await;
-    }
+    store_all(&client, &writer_url, &more).await;
     let after = used(redis.command("INFO memory"));
     println!(
         "(d) Redis memory: {:.0} bytes per stored answer over 2000 answers of {} bytes of body \

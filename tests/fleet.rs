@@ -26,6 +26,16 @@ async fn stop(replicas: Vec<Proxy>) {
     }
 }
 
+/// Each replica learns the upstream's budget with one answer.
+async fn learn_budget(fleet: &[Proxy]) {
+    let c = client();
+    for (i, replica) in fleet.iter().enumerate() {
+        let url = replica.url("/v1/chat/completions");
+        let seen = post(&c, &url, chat(&format!("learn {i}")), &[]).await;
+        assert_eq!(seen.status, 200);
+    }
+}
+
 /// The value of a counter in Prometheus text.
 fn counter(text: &str, name: &str) -> f64 {
     text.lines()
@@ -352,17 +362,7 @@ async fn replicas_share_the_upstreams_rate_budget() {
         .store(10, std::sync::atomic::Ordering::SeqCst);
     let fleet = replicas(&upstream, &redis).await;
     let c = client();
-    // Each replica learns the budget once.
-    for (i, replica) in fleet.iter().enumerate() {
-        let seen = post(
-            &c,
-            &replica.url("/v1/chat/completions"),
-            chat(&format!("learn {i}")),
-            &[],
-        )
-        .await;
-        assert_eq!(seen.status, 200);
-    }
+    learn_budget(&fleet).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let refused_before = upstream
         .state
@@ -509,16 +509,7 @@ async fn requests_queued_for_the_fleets_budget_survive_redis_going_away() {
         .store(10, std::sync::atomic::Ordering::SeqCst);
     let fleet = replicas(&upstream, &redis).await;
     let c = client();
-    for (i, replica) in fleet.iter().enumerate() {
-        let seen = post(
-            &c,
-            &replica.url("/v1/chat/completions"),
-            chat(&format!("learn {i}")),
-            &[],
-        )
-        .await;
-        assert_eq!(seen.status, 200);
-    }
+    learn_budget(&fleet).await;
     let calls = (0..40).map(|i| {
         let url = fleet[i % 3].url("/v1/chat/completions");
         let c = c.clone();

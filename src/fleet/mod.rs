@@ -230,7 +230,12 @@ impl Fleet {
         if ms == 0 {
             return;
         }
-        let (name, value) = (self.entry_name(&entry.key), encode_entry(entry));
+        self.set_px(self.entry_name(&entry.key), encode_entry(entry), ms)
+            .await;
+    }
+
+    /// `SET name value PX ms`.
+    async fn set_px(&self, name: String, value: Vec<u8>, ms: u64) {
         let _: Result<(), ()> = self
             .call("set", |mut c| async move {
                 redis::cmd("SET")
@@ -285,22 +290,13 @@ impl Fleet {
 
     /// Keeps `refusal` for followers of `partition` on other replicas.
     pub async fn share_refusal(&self, key: &CacheKey, partition: &Partition, refusal: &Refusal) {
-        let (name, value) = (
+        let ms = REFUSAL_KEPT.as_millis() as u64;
+        self.set_px(
             self.refusal_name(key, partition),
             codec::encode_refusal(refusal),
-        );
-        let ms = REFUSAL_KEPT.as_millis() as u64;
-        let _: Result<(), ()> = self
-            .call("set", |mut c| async move {
-                redis::cmd("SET")
-                    .arg(name)
-                    .arg(value)
-                    .arg("PX")
-                    .arg(ms)
-                    .query_async(&mut c)
-                    .await
-            })
-            .await;
+            ms,
+        )
+        .await;
     }
 
     async fn refusal(&self, key: &CacheKey, partition: &Partition) -> Result<Option<Refusal>, ()> {
