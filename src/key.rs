@@ -45,6 +45,9 @@
 //!   all their digits, so two such seeds are never merged.
 //! - Strings are written with JSON's minimal escaping; no whitespace anywhere.
 //!
+//! This file is longer than most on purpose: the canonical form is one thing, and about half
+//! of it is the snapshot and property tests that pin that form, kept beside it.
+//!
 //! `stream` is an ordinary field and stays in the key: a streamed and a non-streamed request
 //! never share an entry, because one stored form cannot yet be rendered both ways faithfully.
 
