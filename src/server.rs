@@ -69,8 +69,10 @@ impl OperatorAccess {
                     .headers()
                     .get(header::AUTHORIZATION)
                     .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("Bearer "))
-                    .map(|t| blake3::hash(t.trim().as_bytes()));
+                    .and_then(|v| v.trim().split_once(' '))
+                    // The scheme is case-insensitive (RFC 9110 §11.1).
+                    .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                    .map(|(_, t)| blake3::hash(t.trim().as_bytes()));
                 // `blake3::Hash`'s equality is constant-time.
                 if presented.as_ref() == Some(expected) {
                     return Ok(());

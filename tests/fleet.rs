@@ -524,3 +524,52 @@ async fn requests_queued_for_the_fleets_budget_survive_redis_going_away() {
     }
     stop(fleet).await;
 }
+
+/// A stream that failed leaves its relay in Redis for a while; the next flight of the same
+/// request must not hand that old failure to its followers on other replicas.
+#[tokio::test]
+async fn an_old_failed_stream_is_not_followed_by_the_next_flight() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = FakeUpstream::start().await;
+    let fleet = replicas(&upstream, &redis).await;
+    let c = client();
+    let streamed = serde_json::json!({"model": "gpt-4o-mini", "stream": true,
+        "messages": [{"role": "user", "content": "again"}]})
+    .to_string();
+    upstream.state.set_stream_end(common::StreamEnd::ErrorEvent);
+    let failed = post(
+        &c,
+        &fleet[0].url("/v1/chat/completions"),
+        streamed.clone(),
+        &[],
+    )
+    .await;
+    assert_eq!(failed.status, 200);
+    assert!(String::from_utf8_lossy(&failed.raw).contains("overloaded_error"));
+    upstream.state.set_stream_end(common::StreamEnd::Complete);
+    upstream
+        .state
+        .chunk_delay_ms
+        .store(150, std::sync::atomic::Ordering::SeqCst);
+    let calls = upstream.calls();
+    let leader = {
+        let (c, url, body) = (
+            c.clone(),
+            fleet[0].url("/v1/chat/completions"),
+            streamed.clone(),
+        );
+        tokio::spawn(async move { post(&c, &url, body, &[]).await })
+    };
+    upstream.wait_for_calls(calls + 1).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let follower = post(&c, &fleet[1].url("/v1/chat/completions"), streamed, &[]).await;
+    let leader = leader.await.expect("leader");
+    assert!(!String::from_utf8_lossy(&follower.raw).contains("overloaded_error"));
+    assert_eq!(
+        follower.raw, leader.raw,
+        "the follower got this flight's stream"
+    );
+    stop(fleet).await;
+}

@@ -316,22 +316,25 @@ impl Fleet {
             .await
     }
 
+    /// Takes the lease on `key` if nobody holds it. Taking it also removes the stream an
+    /// earlier flight of the key relayed (kept a minute after its end), in the same step, so
+    /// that no waiter follows an old stream as if it were this flight's.
     async fn try_lease(&self, key: &CacheKey) -> Result<bool, ()> {
-        let (name, me) = (self.lease_name(key), self.inner.replica.clone());
+        let (lease, stream) = (self.lease_name(key), self.stream_name(key));
+        let me = self.inner.replica.clone();
         let ms = LEASE.as_millis() as u64;
-        let set: Option<String> = self
+        let taken: i64 = self
             .call("lease", |mut c| async move {
-                redis::cmd("SET")
-                    .arg(name)
+                redis::Script::new(TAKE_LEASE)
+                    .key(lease)
+                    .key(stream)
                     .arg(me)
-                    .arg("NX")
-                    .arg("PX")
                     .arg(ms)
-                    .query_async(&mut c)
+                    .invoke_async(&mut c)
                     .await
             })
             .await?;
-        Ok(set.is_some())
+        Ok(taken == 1)
     }
 
     /// Runs `script` on the lease of `key` if this replica still holds it.
@@ -584,6 +587,10 @@ impl Fleet {
         format!("{}events", self.inner.prefix)
     }
 }
+
+/// Takes a free lease (`KEYS[1]`) and drops the key's old relayed stream (`KEYS[2]`).
+const TAKE_LEASE: &str = "if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then \
+                            redis.call('DEL', KEYS[2]) return 1 else return 0 end";
 
 /// Renews the lease while it lives.
 const RENEW: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \

@@ -103,7 +103,7 @@ impl Fleet {
         })
     }
 
-    fn stream_name(&self, key: &CacheKey) -> String {
+    pub(super) fn stream_name(&self, key: &CacheKey) -> String {
         format!("{}s:{}", self.inner.prefix, key.to_hex())
     }
 }
