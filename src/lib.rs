@@ -58,7 +58,8 @@ assert!(answer.headers().contains_key("llm-dedup-cache"));
 //!
 //! [`Dedup`] is cheap to clone; clones share the memory tier, the in-flight table and the
 //! database writer, so one engine serves every task of a program. Two engines never share
-//! anything. The only state outside an engine is a small per-thread table of shortcuts to
+//! anything, unless they are replicas on one Redis ([`fleet`], [`DedupBuilder::redis`]). The
+//! only state outside an engine is a small per-thread table of shortcuts to
 //! answers in memory, each tagged with the engine it belongs to. Dropping the last handle lets
 //! the writer commit what is queued in the background; [`Dedup::close`] waits for in-flight
 //! upstream calls and for that commit.

@@ -8,8 +8,11 @@
 //!    requests on no cacheable route are passed through (`bypass`).
 //! 2. `keying`: the key of the request, remembered per exact request so a byte-identical
 //!    repeat skips parsing; the credential partition.
-//! 3. `lookup`: memory (or this thread's shortcut to it), then disk; `store` on the way back.
-//! 4. `flight`: join an identical request in flight, or lead one whose task resolves it.
+//! 3. `lookup`: memory (or this thread's shortcut to it), then the fleet's Redis (with
+//!    `--redis`), then disk; `store` on the way back.
+//! 4. `flight`: join an identical request in flight, or lead one whose task resolves it,
+//!    taking turns with the other replicas of a fleet (`crate::fleet`). With a shared cache,
+//!    `verified` says which callers may be answered with what others fetched.
 //! 5. `govern`: the leader's upstream call, paced and retried under the provider's budget.
 //! 6. `stream`: a streamed answer received event by event and shared live.
 //! 7. `render` and `count`: the answer each waiter gets, and what it adds to the counters.
