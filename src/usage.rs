@@ -38,7 +38,7 @@ impl Usage {
 
     /// Reads a `usage` object in any provider's shape: `prompt_tokens` / `completion_tokens`
     /// (OpenAI) or `input_tokens` / `output_tokens` (Responses, Anthropic). A count above
-    /// [`MAX_TOKENS`] is read as that: no answer is that long, and sums of counts stay far
+    /// `MAX_TOKENS` is read as that: no answer is that long, and sums of counts stay far
     /// from overflowing.
     pub fn read(usage: &Value) -> Usage {
         let field = |names: &[&str]| {

@@ -13,7 +13,7 @@
 //!
 //! - `salt`: the credential salt of the fleet, 32 bytes, created once with `SET NX` (the first
 //!   replica's own salt), so every replica computes the same keys.
-//! - `e:{key}`: a stored answer in the form of [`codec`], expiring with it (`PX`). Namespaces
+//! - `e:{key}`: a stored answer in the compact form of `codec.rs`, expiring with it (`PX`). Namespaces
 //!   are part of the key already.
 //! - `lease:{key}`: the replica leading the upstream call for `key` (`SET NX PX`, renewed
 //!   every third of [`LEASE`] while the call runs, deleted when it ends).
