@@ -69,7 +69,10 @@ pub(super) struct Led {
 pub(super) enum Fresh {
     /// Yes: any answer to the request will do.
     Shared,
-    /// No: the caller wants an answer of its own, to replace what is stored (`no-cache`).
+    /// No: the caller needs an answer of its own (a credential not verified yet, an error
+    /// answer that was another caller's, a stricter `max-age`).
+    Own,
+    /// No, and the answer replaces what every replica holds (`no-cache`): announced.
     Replace,
 }
 
@@ -104,8 +107,14 @@ impl Engine {
             ));
         }
         if controls.no_cache || !may_share {
-            // A refresh: its own upstream call, whose answer replaces the stored one.
-            return self.refresh(out, meta).await;
+            // Its own upstream call, whose answer replaces the stored one; a refresh the
+            // client asked for is announced to the other replicas of a fleet.
+            let fresh = if controls.no_cache {
+                Fresh::Replace
+            } else {
+                Fresh::Own
+            };
+            return self.refresh(out, meta, fresh).await;
         }
         let mut foreign = 0;
         loop {
@@ -135,7 +144,7 @@ impl Engine {
                 if foreign < MAX_FOREIGN_FLIGHTS {
                     continue;
                 }
-                return self.refresh(out, meta).await;
+                return self.refresh(out, meta, Fresh::Own).await;
             }
             if let FlightOutcome::Stored {
                 entry,
@@ -145,22 +154,28 @@ impl Engine {
                 // The flight found the answer in the cache; a follower with a stricter max-age
                 // than the leader's may need a fresher one.
                 if !young_enough(entry, controls.max_age) {
-                    return self.refresh(out, meta).await;
+                    return self.refresh(out, meta, Fresh::Own).await;
                 }
             }
             return self.render(led.outcome, role, &meta, own);
         }
     }
 
-    /// Fetches a fresh answer outside the in-flight table and stores it.
-    async fn refresh(self: &Arc<Self>, out: Outbound, meta: EntryMeta) -> Result<Answer, Error> {
+    /// Fetches a fresh answer outside the in-flight table and stores it (`fresh` is `Own` or
+    /// `Replace`).
+    async fn refresh(
+        self: &Arc<Self>,
+        out: Outbound,
+        meta: EntryMeta,
+        fresh: Fresh,
+    ) -> Result<Answer, Error> {
         // A flight of its own, outside the shared table: nobody joins a refresh.
         let flight = InFlight::detached(meta.key);
         let waiter = flight.waiter();
         let engine = self.clone();
         let task_meta = meta.clone();
         self.tasks.spawn(async move {
-            let work = engine.fetch(&out, &task_meta, &flight, Fresh::Replace);
+            let work = engine.fetch(&out, &task_meta, &flight, fresh);
             let outcome = engine.guarded(&flight, &task_meta, work).await;
             flight.complete(Led {
                 by: out.partition,
@@ -230,7 +245,7 @@ impl Engine {
 
     /// Calls the upstream for `flight`, taking turns with the other replicas of a fleet (the
     /// answer one of them stores, or an error answer of the same partition, is this flight's
-    /// too), unless the caller wants an answer of its own (`Fresh::Replace`).
+    /// too), unless the caller needs an answer of its own (`Fresh::Own`, `Fresh::Replace`).
     async fn fetch(
         &self,
         out: &Outbound,
@@ -241,9 +256,13 @@ impl Engine {
         let Some(fleet) = &self.fleet else {
             return self.fetch_upstream(out, meta, flight, None).await;
         };
-        if fresh == Fresh::Replace {
+        if fresh != Fresh::Shared {
             let outcome = self.fetch_upstream(out, meta, flight, None).await;
-            if let FlightOutcome::Stored { .. } | FlightOutcome::Live(_) = &outcome {
+            let stored = matches!(
+                outcome,
+                FlightOutcome::Stored { .. } | FlightOutcome::Live(_)
+            );
+            if stored && fresh == Fresh::Replace {
                 fleet.replaced(&meta.key);
             }
             return outcome;
