@@ -1,6 +1,7 @@
 //! The fleet's rate budget: one Lua script per decision, so that replicas decide atomically.
 //! See [`super`] for what is shared; the replica's own governor still decides first.
 
+use std::sync::LazyLock;
 use std::time::{Duration, SystemTime};
 
 use super::Fleet;
@@ -11,7 +12,9 @@ use crate::key::Partition;
 /// the upstream said is left in its window, and the GCRA state of the pace; `ARGV` the time
 /// (ms), the pace's interval between requests (ms, 0 for none) and its burst. Returns 0 to go
 /// now, or how many milliseconds to wait.
-const BUDGET: &str = r#"
+static BUDGET: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
 local pause = redis.call('PTTL', KEYS[1])
 if pause > 0 then return pause end
 local left = redis.call('GET', KEYS[2])
@@ -30,25 +33,35 @@ if interval > 0 then
 end
 if left then redis.call('DECR', KEYS[2]) end
 return 0
-"#;
+"#,
+    )
+});
 
 /// What the upstream said is left: kept if lower than what the fleet believes (answers arrive
 /// out of order; requests sent since are already counted), until the window resets.
-const LEARN_LEFT: &str = r#"
+static LEARN_LEFT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
 local left = redis.call('GET', KEYS[1])
 if (not left) or tonumber(ARGV[1]) < tonumber(left) then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 end
 return 0
-"#;
+"#,
+    )
+});
 
 /// A pause of the partition's budget, never shortened.
-const PAUSE: &str = r#"
+static PAUSE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
   redis.call('SET', KEYS[1], 1, 'PX', ARGV[1])
 end
 return 0
-"#;
+"#,
+    )
+});
 
 impl Fleet {
     /// How long a request of `partition` must wait for the fleet's budget, the turn taken if
@@ -61,7 +74,7 @@ impl Fleet {
         partition: &Partition,
         pace: Option<(f64, f64)>,
     ) -> Option<Duration> {
-        let keys = [
+        let keys = vec![
             self.budget_name(partition, "pause"),
             self.budget_name(partition, "left"),
             self.budget_name(partition, "rpm"),
@@ -72,16 +85,8 @@ impl Fleet {
             _ => (0.0, 1.0),
         };
         let wait: i64 = self
-            .call("budget", |mut c| async move {
-                redis::Script::new(BUDGET)
-                    .key(&keys[0])
-                    .key(&keys[1])
-                    .key(&keys[2])
-                    .arg(now)
-                    .arg(interval)
-                    .arg(burst)
-                    .invoke_async(&mut c)
-                    .await
+            .run_script("budget", &BUDGET, |s| {
+                s.key(keys).arg(now).arg(interval).arg(burst);
             })
             .await
             .ok()?;
@@ -93,13 +98,8 @@ impl Fleet {
         let ms = reset.as_millis().clamp(1, 60_000) as u64;
         let key = self.budget_name(partition, "left");
         let _: Result<i64, ()> = self
-            .call("budget", |mut c| async move {
-                redis::Script::new(LEARN_LEFT)
-                    .key(key)
-                    .arg(left)
-                    .arg(ms)
-                    .invoke_async(&mut c)
-                    .await
+            .run_script("budget", &LEARN_LEFT, |s| {
+                s.key(key).arg(left).arg(ms);
             })
             .await;
     }
@@ -109,12 +109,8 @@ impl Fleet {
         let ms = wait.as_millis().clamp(1, 3_600_000) as u64;
         let key = self.budget_name(partition, "pause");
         let _: Result<i64, ()> = self
-            .call("budget", |mut c| async move {
-                redis::Script::new(PAUSE)
-                    .key(key)
-                    .arg(ms)
-                    .invoke_async(&mut c)
-                    .await
+            .run_script("budget", &PAUSE, |s| {
+                s.key(key).arg(ms);
             })
             .await;
     }

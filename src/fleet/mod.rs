@@ -51,7 +51,7 @@ mod stream;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use redis::AsyncCommands;
@@ -324,31 +324,20 @@ impl Fleet {
         let me = self.inner.replica.clone();
         let ms = LEASE.as_millis() as u64;
         let taken: i64 = self
-            .call("lease", |mut c| async move {
-                redis::Script::new(TAKE_LEASE)
-                    .key(lease)
-                    .key(stream)
-                    .arg(me)
-                    .arg(ms)
-                    .invoke_async(&mut c)
-                    .await
+            .run_script("lease", &TAKE_LEASE, |s| {
+                s.key(lease).key(stream).arg(me).arg(ms);
             })
             .await?;
         Ok(taken == 1)
     }
 
     /// Runs `script` on the lease of `key` if this replica still holds it.
-    async fn on_own_lease(&self, key: &CacheKey, script: &'static str) {
+    async fn on_own_lease(&self, key: &CacheKey, script: &'static LazyLock<redis::Script>) {
         let (name, me) = (self.lease_name(key), self.inner.replica.clone());
         let ms = LEASE.as_millis() as u64;
         let _: Result<i64, ()> = self
-            .call("lease", |mut c| async move {
-                redis::Script::new(script)
-                    .key(name)
-                    .arg(me)
-                    .arg(ms)
-                    .invoke_async(&mut c)
-                    .await
+            .run_script("lease", script, |s| {
+                s.key(name).arg(me).arg(ms);
             })
             .await;
     }
@@ -520,6 +509,22 @@ impl Fleet {
         }
     }
 
+    /// Runs `script` (its hash computed once) with the keys and arguments `fill` adds, as one
+    /// call under the rules of [`Fleet::call`].
+    async fn run_script<T: redis::FromRedisValue>(
+        &self,
+        what: &str,
+        script: &'static LazyLock<redis::Script>,
+        fill: impl FnOnce(&mut redis::ScriptInvocation<'static>),
+    ) -> Result<T, ()> {
+        let mut invocation = script.prepare_invoke();
+        fill(&mut invocation);
+        self.call(what, |mut c| async move {
+            invocation.invoke_async(&mut c).await
+        })
+        .await
+    }
+
     async fn connection(&self) -> Result<ConnectionManager, ()> {
         let down = self.inner.down_until.lock().ok().and_then(|d| *d);
         if down.is_some_and(|until| Instant::now() < until) {
@@ -589,15 +594,28 @@ impl Fleet {
 }
 
 /// Takes a free lease (`KEYS[1]`) and drops the key's old relayed stream (`KEYS[2]`).
-const TAKE_LEASE: &str = "if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then \
-                            redis.call('DEL', KEYS[2]) return 1 else return 0 end";
+static TAKE_LEASE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        "if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then \
+           redis.call('DEL', KEYS[2]) return 1 else return 0 end",
+    )
+});
 
 /// Renews the lease while it lives.
-const RENEW: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
-                       return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end";
+static RENEW: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+           return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end",
+    )
+});
+
 /// Deletes the lease if it is still ours.
-const RELEASE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
-                         return redis.call('DEL', KEYS[1]) else return 0 end";
+static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+           return redis.call('DEL', KEYS[1]) else return 0 end",
+    )
+});
 
 /// This replica's lease on one key: renewed in the background until [`Lease::finish`] (or
 /// until it is dropped, when the leader died: the lease then expires and another replica
@@ -614,7 +632,7 @@ impl Lease {
         let renewer = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(LEASE / 3).await;
-                renewing.on_own_lease(&key, RENEW).await;
+                renewing.on_own_lease(&key, &RENEW).await;
             }
         });
         Lease {
@@ -627,7 +645,7 @@ impl Lease {
     /// Ends the lease and tells the waiters on other replicas to look.
     pub async fn finish(self) {
         self.renewer.abort();
-        self.fleet.on_own_lease(&self.key, RELEASE).await;
+        self.fleet.on_own_lease(&self.key, &RELEASE).await;
         self.fleet.publish(format!("done {}", self.key.to_hex()));
     }
 }
