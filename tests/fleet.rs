@@ -8,8 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{FakeUpstream, Proxy, RedisServer, chat, client, post};
-use futures_util::future::join_all;
+use common::{FakeUpstream, Proxy, RedisServer, Seen, chat, client, post};
 
 /// Three replicas of the proxy in front of `upstream`, sharing `redis`.
 async fn replicas(upstream: &FakeUpstream, redis: &RedisServer) -> Vec<Proxy> {
@@ -24,6 +23,35 @@ async fn stop(replicas: Vec<Proxy>) {
     for proxy in replicas {
         proxy.stop().await;
     }
+}
+
+/// Sends `n` chat requests at once, round-robin over the replicas, the `i`th asking
+/// `prompt(i)`; each runs in a task of its own.
+fn launch(
+    fleet: &[Proxy],
+    n: usize,
+    prompt: impl Fn(usize) -> String,
+) -> Vec<tokio::task::JoinHandle<Seen>> {
+    let c = client();
+    (0..n)
+        .map(|i| {
+            let (c, url, body) = (
+                c.clone(),
+                fleet[i % fleet.len()].url("/v1/chat/completions"),
+                chat(&prompt(i)),
+            );
+            tokio::spawn(async move { post(&c, &url, body, &[]).await })
+        })
+        .collect()
+}
+
+/// The answers of requests [`launch`]ed, in order.
+async fn answers(launched: Vec<tokio::task::JoinHandle<Seen>>) -> Vec<Seen> {
+    let mut out = Vec::with_capacity(launched.len());
+    for request in launched {
+        out.push(request.await.expect("request"));
+    }
+    out
 }
 
 /// Each replica learns the upstream's budget with one answer.
@@ -76,13 +104,8 @@ async fn identical_requests_on_three_replicas_make_one_upstream_call() {
         .delay_ms
         .store(500, std::sync::atomic::Ordering::SeqCst);
     let fleet = replicas(&upstream, &redis).await;
-    let c = client();
-    let calls = (0..60).map(|i| {
-        let url = fleet[i % 3].url("/v1/chat/completions");
-        let c = c.clone();
-        async move { post(&c, &url, chat("the same question"), &[]).await }
-    });
-    let answers = join_all(calls).await;
+    let calls = launch(&fleet, 60, |_| "the same question".to_owned());
+    let answers = answers(calls).await;
     assert_eq!(upstream.calls(), 1, "one upstream call for the whole fleet");
     for answer in &answers {
         assert_eq!(answer.status, 200);
@@ -111,12 +134,8 @@ async fn an_error_reaches_followers_on_other_replicas_and_is_not_stored() {
         .store(500, std::sync::atomic::Ordering::SeqCst);
     let fleet = replicas(&upstream, &redis).await;
     let c = client();
-    let calls = (0..6).map(|i| {
-        let url = fleet[i % 3].url("/v1/chat/completions");
-        let c = c.clone();
-        async move { post(&c, &url, chat("refused"), &[]).await }
-    });
-    for answer in join_all(calls).await {
+    let calls = launch(&fleet, 6, |_| "refused".to_owned());
+    for answer in answers(calls).await {
         assert_eq!(answer.status, 401);
         assert_eq!(answer.body["error"]["code"], "invalid_api_key");
     }
@@ -361,19 +380,14 @@ async fn replicas_share_the_upstreams_rate_budget() {
         .limit_per_sec
         .store(10, std::sync::atomic::Ordering::SeqCst);
     let fleet = replicas(&upstream, &redis).await;
-    let c = client();
     learn_budget(&fleet).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let refused_before = upstream
         .state
         .refusals
         .load(std::sync::atomic::Ordering::SeqCst);
-    let calls = (0..30).map(|i| {
-        let url = fleet[i % 3].url("/v1/chat/completions");
-        let c = c.clone();
-        async move { post(&c, &url, chat(&format!("distinct {i}")), &[]).await }
-    });
-    let answers = join_all(calls).await;
+    let calls = launch(&fleet, 30, |i| format!("distinct {i}"));
+    let answers = answers(calls).await;
     let ok = answers.iter().filter(|a| a.status == 200).count();
     let refused = upstream
         .state
@@ -405,12 +419,8 @@ async fn a_dead_or_slow_redis_mid_flight_fails_no_request() {
     // A slow Redis: every call waits past the timeout.
     let paused = redis.command("CLIENT PAUSE 3000 ALL");
     assert!(paused.starts_with("+OK"), "{paused}");
-    let calls = (0..6).map(|i| {
-        let url = fleet[i % 3].url("/v1/chat/completions");
-        let c = c.clone();
-        async move { post(&c, &url, chat("while slow"), &[]).await }
-    });
-    for answer in join_all(calls).await {
+    let calls = launch(&fleet, 6, |_| "while slow".to_owned());
+    for answer in answers(calls).await {
         assert_eq!(answer.status, 200);
         assert!(answer.body["choices"][0]["message"]["content"].is_string());
     }
@@ -508,18 +518,11 @@ async fn requests_queued_for_the_fleets_budget_survive_redis_going_away() {
         .limit_per_sec
         .store(10, std::sync::atomic::Ordering::SeqCst);
     let fleet = replicas(&upstream, &redis).await;
-    let c = client();
     learn_budget(&fleet).await;
-    let calls = (0..40).map(|i| {
-        let url = fleet[i % 3].url("/v1/chat/completions");
-        let c = c.clone();
-        tokio::spawn(async move { post(&c, &url, chat(&format!("queued {i}")), &[]).await })
-    });
-    let calls: Vec<_> = calls.collect();
+    let calls = launch(&fleet, 40, |i| format!("queued {i}"));
     tokio::time::sleep(Duration::from_millis(400)).await;
     redis.kill();
-    for call in calls {
-        let seen = call.await.expect("request");
+    for seen in answers(calls).await {
         assert_eq!(seen.status, 200, "{}", seen.body);
     }
     stop(fleet).await;
