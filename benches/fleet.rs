@@ -85,17 +85,21 @@ async fn fire(client: &reqwest::Client, urls: &[String], bodies: Vec<String>) ->
     out
 }
 
+/// Sends one chat request to `url` and returns its answer, head read.
+async fn send_one(client: &reqwest::Client, url: &str, body: &str) -> reqwest::Response {
+    client
+        .post(url)
+        .header("authorization", "Bearer sk-bench")
+        .body(body.to_owned())
+        .send()
+        .await
+        .expect("sent")
+}
+
 /// Sends `bodies` one by one to `url`, so that their answers are stored.
 async fn store_all(client: &reqwest::Client, url: &str, bodies: &[String]) {
     for body in bodies {
-        let sent = client
-            .post(url)
-            .header("authorization", "Bearer sk-bench")
-            .body(body.clone())
-            .send()
-            .await
-            .expect("sent");
-        let _ = sent.bytes().await;
+        let _ = send_one(client, url, body).await.bytes().await;
     }
 }
 
@@ -104,13 +108,7 @@ async fn sequential(client: &reqwest::Client, url: &str, bodies: &[String]) -> V
     let mut took = Vec::with_capacity(bodies.len());
     for body in bodies {
         let started = Instant::now();
-        let r = client
-            .post(url)
-            .header("authorization", "Bearer sk-bench")
-            .body(body.clone())
-            .send()
-            .await
-            .expect("sent");
+        let r = send_one(client, url, body).await;
         assert!(r.headers()["llm-dedup-cache"] == "hit", "expected a hit");
         let _ = r.bytes().await;
         took.push(started.elapsed().as_secs_f64());
