@@ -37,6 +37,15 @@ async fn call(engine: &Dedup, request: Request<Body>) -> Reply {
     }
 }
 
+/// An engine in front of `upstream` keeping its database in `dir`.
+fn with_database(upstream: &FakeUpstream, dir: &tempfile::TempDir) -> Dedup {
+    upstream
+        .engine()
+        .database(dir.path().join("c.db"))
+        .build()
+        .expect("engine")
+}
+
 /// A GET from a client on loopback, as the operator's own tools on the proxy's machine are.
 fn get(path: &str) -> Request<Body> {
     get_from(path, "127.0.0.1:40000", None)
@@ -85,11 +94,7 @@ async fn operator_answer(
 async fn operator_endpoints_answer_loopback_or_the_token_and_health_stays_open() {
     let dir = tempfile::tempdir().expect("tempdir");
     let upstream = FakeUpstream::start().await;
-    let engine = upstream
-        .engine()
-        .database(dir.path().join("c.db"))
-        .build()
-        .expect("engine");
+    let engine = with_database(&upstream, &dir);
     let far = "10.1.2.3:5555";
     let loopback6 = "[::1]:5555";
     let open = OperatorAccess::loopback_only();
@@ -140,11 +145,7 @@ async fn operator_endpoints_answer_loopback_or_the_token_and_health_stays_open()
 async fn stats_are_read_cheaply_and_at_most_a_second_old() {
     let dir = tempfile::tempdir().expect("tempdir");
     let upstream = FakeUpstream::start().await;
-    let engine = upstream
-        .engine()
-        .database(dir.path().join("c.db"))
-        .build()
-        .expect("engine");
+    let engine = with_database(&upstream, &dir);
     let app = llm_dedup::server::app(engine.clone());
     let stats = |app: axum::Router| async move {
         let response = app.oneshot(get("/_llm-dedup/stats")).await.expect("answer");
