@@ -36,9 +36,7 @@ impl Engine {
             .send(&method, &path_and_query, &headers, body)
             .await;
         if let Ok(response) = &sent {
-            self.governor.observe(&partition, response.headers());
-            self.upstream_answered(&partition, response.status());
-            self.fleet_learns(&partition, response.headers()).await;
+            self.learn_from(&partition, response).await;
         }
         drop(permit);
         let status = sent.as_ref().ok().map(|r| r.status());

@@ -110,9 +110,7 @@ impl Engine {
             )
             .await;
         if let Ok(response) = &sent {
-            self.governor.observe(&out.partition, response.headers());
-            self.upstream_answered(&out.partition, response.status());
-            self.fleet_learns(&out.partition, response.headers()).await;
+            self.learn_from(&out.partition, response).await;
         }
         // After observing: a probe holds the line until the budget is known.
         drop(permit);
@@ -184,10 +182,14 @@ impl Engine {
         Ok(())
     }
 
-    /// Shares with the fleet what an answer's headers say is left of `partition`'s budget.
-    pub(super) async fn fleet_learns(&self, partition: &Partition, headers: &http::HeaderMap) {
+    /// Learns from the upstream's answer to a request of `partition`, before its permit is
+    /// given back (so the next request in line goes by it): the budget its headers state, for
+    /// this replica and for the fleet, and whether the credential was accepted.
+    pub(super) async fn learn_from(&self, partition: &Partition, response: &reqwest::Response) {
+        self.governor.observe(partition, response.headers());
+        self.upstream_answered(partition, response.status());
         if let Some(fleet) = &self.fleet {
-            if let Some((left, reset)) = governor::Governor::requests_left(headers) {
+            if let Some((left, reset)) = governor::Governor::requests_left(response.headers()) {
                 fleet.learn_left(partition, left, reset).await;
             }
         }
