@@ -551,6 +551,16 @@ async fn an_old_failed_stream_is_not_followed_by_the_next_flight() {
     .await;
     assert_eq!(failed.status, 200);
     assert!(String::from_utf8_lossy(&failed.raw).contains("overloaded_error"));
+    // The failed flight must be over, lease and all: a request arriving before that joins it
+    // (and gets its failure), as coalescing intends.
+    let key = failed.key.clone().expect("key");
+    let lease = format!("EXISTS llm-dedup:v{}:lease:{key}", llm_dedup::KEY_VERSION);
+    for _ in 0..200 {
+        if fleet[0].engine.in_flight() == 0 && redis.command(&lease).starts_with(":0") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     upstream.state.set_stream_end(common::StreamEnd::Complete);
     upstream
         .state
