@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 macro_rules! counters {
     ($($(#[doc = $doc:literal])* $field:ident,)*) => {
         /// What requests did, per route and model: the `counters` table's columns.
-        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
         pub struct Counts {
             $($(#[doc = $doc])* pub $field: i64,)*
         }
@@ -34,11 +34,28 @@ macro_rules! counters {
                 Counts { $($field),* }
             }
 
+            /// The money saved, in US dollars, for display (`saved_usd` in JSON); sums are
+            /// kept in integer nanodollars.
+            pub fn saved_usd(&self) -> f64 {
+                self.saved_nanodollars as f64 / 1e9
+            }
+
             /// Adds `other` into `self`, field by field: this runs on every hit. Token counts
             /// are capped where they are read ([`crate::usage::Usage`]), so no realistic sum
             /// comes near `i64::MAX`; one that did would wrap, never panic.
             pub fn add(&mut self, other: &Counts) {
                 $(self.$field = self.$field.wrapping_add(other.$field);)*
+            }
+        }
+
+        /// Every counter under its column's name, and `saved_usd`.
+        impl Serialize for Counts {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                use serde::ser::SerializeStruct;
+                let mut s = serializer.serialize_struct("Counts", COUNTERS + 1)?;
+                $(s.serialize_field(stringify!($field), &self.$field)?;)*
+                s.serialize_field("saved_usd", &self.saved_usd())?;
+                s.end()
             }
         }
     };
@@ -65,6 +82,11 @@ counters! {
     saved_prompt_tokens,
     /// Completion tokens the provider did not have to generate thanks to the cache.
     saved_completion_tokens,
+    /// What the provider would have charged for the answers the cache gave, in nanodollars
+    /// (10⁻⁹ USD), at the price table's prices.
+    saved_nanodollars,
+    /// Answers from the cache or a shared call that saved tokens of a model with no price.
+    saved_unpriced,
     /// Embedding inputs received.
     inputs,
     /// Embedding inputs that did not go upstream: cached, shared with an identical input in
@@ -73,7 +95,7 @@ counters! {
 }
 
 /// How many counters there are.
-pub const COUNTERS: usize = 12;
+pub const COUNTERS: usize = 14;
 
 #[cfg(test)]
 mod tests {
@@ -88,7 +110,10 @@ mod tests {
         for (column, value) in Counts::COLUMNS.iter().zip(counts.values()) {
             assert_eq!(json[column], value, "{column}");
         }
-        assert_eq!(json.as_object().map(|o| o.len()), Some(COUNTERS));
+        assert_eq!(json.as_object().map(|o| o.len()), Some(COUNTERS + 1));
+        assert_eq!(json["saved_usd"], counts.saved_nanodollars as f64 / 1e9);
+        let back: Counts = serde_json::from_value(json).expect("reads its own JSON");
+        assert_eq!(back, counts);
         let mut sum = counts;
         sum.add(&counts);
         assert_eq!(sum.values(), counts.values().map(|v| v * 2));

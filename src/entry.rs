@@ -11,9 +11,10 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use crate::answer::CacheStatus;
-use crate::headers::{CACHE_HEADER, KEY_HEADER, REPLAYED_HEADERS};
+use crate::headers::{CACHE_HEADER, KEY_HEADER, REPLAYED_HEADERS, SAVED_HEADER};
 use crate::key::CacheKey;
-use crate::route::Route;
+use crate::route::{MAX_MODEL_CHARS, Route};
+use crate::sse::{Completion, EventSplitter};
 use crate::usage::Usage;
 
 /// Milliseconds since the Unix epoch, the unit of every timestamp in an entry.
@@ -63,25 +64,75 @@ pub struct StoredAnswer {
     pub expires_at: i64,
     /// Token usage read from the body.
     pub usage: Usage,
+    /// The model the answer reports, when it differs from the request's (a dated snapshot,
+    /// or the model behind an Azure deployment): what the provider billed.
+    pub billed_model: Option<String>,
+}
+
+/// What an answer says of its own cost: its token usage and the model it reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Billing {
+    /// The token usage.
+    pub usage: Usage,
+    /// The model the answer reports.
+    pub model: Option<String>,
+}
+
+impl Billing {
+    /// Reads a parsed JSON answer.
+    pub fn of_answer(answer: &serde_json::Value) -> Billing {
+        let model = answer.get("model").and_then(serde_json::Value::as_str);
+        Billing {
+            usage: Usage::of_answer(answer),
+            model: model.map(|m| m.chars().take(MAX_MODEL_CHARS).collect()),
+        }
+    }
+
+    /// Reads a stored body on `route`: a JSON answer, or the events of a stream.
+    pub fn of_body(route: Route, body: &[u8]) -> Billing {
+        if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+            return serde_json::from_slice(body)
+                .map_or_else(|_| Billing::default(), |v| Billing::of_answer(&v));
+        }
+        let mut completion = Completion::new(route);
+        let mut split = EventSplitter::default();
+        for event in split.push(body).into_iter().chain(split.rest()) {
+            completion.observe(&event);
+        }
+        Billing::of_stream(&completion)
+    }
+
+    /// What a stream reported.
+    pub fn of_stream(completion: &Completion) -> Billing {
+        Billing {
+            usage: completion.usage(),
+            model: completion.model().map(str::to_owned),
+        }
+    }
 }
 
 /// The headers of a hit on the answer stored under `key` with replayed `headers`: those, the
-/// cache status and the key, and `age` to be set by the hit. Made once per answer, so a hit
-/// costs one clone and one value replaced in place (a clone has no room for another header).
+/// cache status and the key, and `age` and `llm-dedup-saved-usd` to be set by the hit. Made
+/// once per answer, so a hit costs one clone and values replaced in place (a clone has no room
+/// for another header).
 pub fn hit_headers(key: &CacheKey, headers: &HeaderMap) -> HeaderMap {
-    let mut all = HeaderMap::with_capacity(headers.len() + 3);
+    let mut all = HeaderMap::with_capacity(headers.len() + 4);
     all.extend(headers.iter().map(|(k, v)| (k.clone(), v.clone())));
     all.insert(CACHE_HEADER, CacheStatus::Hit.header_value());
     if let Ok(hex) = HeaderValue::from_str(&key.to_hex()) {
         all.insert(KEY_HEADER, hex);
     }
     all.insert(http::header::AGE, HeaderValue::from_static("0"));
+    all.insert(SAVED_HEADER, HeaderValue::from_static("0"));
     all
 }
 
 /// Whether a header of a hit's map is one [`hit_headers`] added, not a replayed one.
 fn added_for_hits(name: &HeaderName) -> bool {
-    *name == CACHE_HEADER || *name == KEY_HEADER || name == http::header::AGE
+    *name == CACHE_HEADER
+        || *name == KEY_HEADER
+        || name == http::header::AGE
+        || *name == SAVED_HEADER
 }
 
 /// The memory tier's own bookkeeping per entry, beyond the entry: moka's node, its slot in
@@ -104,7 +155,7 @@ fn allocated(n: usize) -> usize {
 /// Heap bytes of a hit's header map: its index and entry tables, and each value's buffer
 /// (with the shared header it gets once a hit clones it). Names are `'static` (replayed names
 /// are always made with [`HeaderName::from_static`]), and so are the values of
-/// `llm-dedup-cache` and `age`.
+/// `llm-dedup-cache`, `age` and `llm-dedup-saved-usd`.
 fn header_map_heap(headers: &HeaderMap) -> usize {
     // http's `Pos` is 4 bytes; a `Bucket` holds a hash, links, a name and a value.
     let raw = headers.capacity().next_power_of_two().max(8);
@@ -112,7 +163,9 @@ fn header_map_heap(headers: &HeaderMap) -> usize {
     let tables = allocated(raw * 4) + allocated(headers.capacity() * bucket);
     let values: usize = headers
         .iter()
-        .filter(|(name, _)| *name != CACHE_HEADER && *name != http::header::AGE)
+        .filter(|(name, _)| {
+            *name != CACHE_HEADER && *name != http::header::AGE && *name != SAVED_HEADER
+        })
         .map(|(_, value)| allocated(value.len()) + allocated(24))
         .sum();
     tables + values
@@ -133,16 +186,16 @@ pub fn replayed_headers(headers: &HeaderMap) -> HeaderMap {
 }
 
 impl StoredAnswer {
-    /// Keeps the parts of an upstream answer worth replaying, reading its usage from `body`
-    /// (see [`StoredAnswer::new`] for what `body` must be).
+    /// Keeps the parts of an upstream answer worth replaying, reading its usage and model
+    /// from `body` (see [`StoredAnswer::new`] for what `body` must be).
     pub fn from_upstream(
         meta: &EntryMeta,
         status: StatusCode,
         headers: &HeaderMap,
         body: Bytes,
     ) -> StoredAnswer {
-        let usage = Usage::from_body(&body);
-        StoredAnswer::new(meta, status, headers, body, usage)
+        let billing = Billing::of_body(meta.route, &body);
+        StoredAnswer::new(meta, status, headers, body, billing)
     }
 
     /// Keeps the parts of an upstream answer worth replaying. `body` must own exactly its
@@ -154,7 +207,7 @@ impl StoredAnswer {
         status: StatusCode,
         headers: &HeaderMap,
         body: Bytes,
-        usage: Usage,
+        billing: Billing,
     ) -> StoredAnswer {
         let created_at = unix_ms(SystemTime::now());
         // Saturating: a TTL no clock can hold means "as long as the clock goes".
@@ -167,11 +220,17 @@ impl StoredAnswer {
             model: meta.model.clone(),
             status: status.as_u16(),
             hit_headers: hit_headers(&meta.key, &kept),
-            usage,
+            usage: billing.usage,
+            billed_model: billed_model(meta.model.as_deref(), billing.model),
             body,
             created_at,
             expires_at: created_at.saturating_add(ttl_ms),
         }
+    }
+
+    /// The model to price this answer as: the one it reports, else the request's.
+    pub fn priced_model(&self) -> Option<&str> {
+        self.billed_model.as_deref().or(self.model.as_deref())
     }
 
     /// The replayed response headers (see [`REPLAYED_HEADERS`]).
@@ -197,7 +256,11 @@ impl StoredAnswer {
     /// that a full tier keeps about this much alive and no more.
     pub fn memory_size(&self) -> u64 {
         let strings = allocated(self.namespace.capacity())
-            + self.model.as_ref().map_or(0, |m| allocated(m.capacity()));
+            + [&self.model, &self.billed_model]
+                .into_iter()
+                .flatten()
+                .map(|m| allocated(m.capacity()))
+                .sum::<usize>();
         // The body's buffer, and its shared header once a hit clones it.
         let body = allocated(self.body.len()) + allocated(24);
         let entry = allocated(std::mem::size_of::<StoredAnswer>() + 16);
@@ -238,6 +301,11 @@ impl StoredAnswer {
         }
         map
     }
+}
+
+/// The model an answer reports, kept only when it says more than the request's `requested`.
+pub fn billed_model(requested: Option<&str>, reported: Option<String>) -> Option<String> {
+    reported.filter(|r| Some(r.as_str()) != requested)
 }
 
 #[cfg(test)]
@@ -286,6 +354,7 @@ mod tests {
                 ("llm-dedup-cache", "hit"),
                 ("llm-dedup-key", hex.as_str()),
                 ("age", "0"),
+                ("llm-dedup-saved-usd", "0"),
             ]
         );
         // Only memory holds them, and its bound counts them.

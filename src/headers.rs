@@ -11,6 +11,9 @@ use http::HeaderName;
 pub const CACHE_HEADER: HeaderName = HeaderName::from_static("llm-dedup-cache");
 /// Response header carrying the cache key.
 pub const KEY_HEADER: HeaderName = HeaderName::from_static("llm-dedup-key");
+/// Response header on a hit or a coalesced answer: what the provider would have charged for it,
+/// in US dollars (`0.00045`); absent when the model has no price.
+pub const SAVED_HEADER: HeaderName = HeaderName::from_static("llm-dedup-saved-usd");
 /// Request header that sets the time to live, in seconds, of the answer this request stores.
 pub const TTL_HEADER: &str = "llm-dedup-ttl";
 /// Request header that selects a separate key space.

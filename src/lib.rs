@@ -75,7 +75,9 @@ mod fuzzing;
 pub mod headers;
 mod inflight;
 pub mod key;
+pub mod prices;
 mod route;
+mod series;
 mod sse;
 mod throttle;
 mod usage;
@@ -108,7 +110,9 @@ pub use error::{Error, ErrorKind, Origin};
 pub use governor::{GovernorSettings, MAX_SETTING_WAIT};
 pub use headers::{CACHE_HEADER, KEY_HEADER, NAMESPACE_HEADER, TTL_HEADER};
 pub use key::{CacheKey, CredentialHeaders, KEY_VERSION, KeyPolicy, Partition};
+pub use prices::{PriceTable, Usd};
 pub use route::Route;
+pub use series::SeriesSnapshot;
 pub use upstream::Timeouts;
 pub use usage::Usage;
 
@@ -124,7 +128,9 @@ mod architecture {
         ("headers", include_str!("headers.rs")),
         ("inflight", include_str!("inflight.rs")),
         ("key", include_str!("key.rs")),
+        ("prices", include_str!("prices.rs")),
         ("route", include_str!("route.rs")),
+        ("series", include_str!("series.rs")),
         ("sse", include_str!("sse.rs")),
         ("throttle", include_str!("throttle.rs")),
         ("usage", include_str!("usage.rs")),

@@ -4,19 +4,21 @@
 //! the names of its metrics. It is told about outcomes by the engine and renders the
 //! Prometheus text format on demand; it never blocks and never touches the disk.
 
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 use crate::answer::CacheStatus;
+use crate::prices::{Saved, Usd};
 use crate::route::Route;
-use crate::usage::Usage;
 
 /// Routes, plus requests on none (`other`).
 const ROUTE_SLOTS: usize = 7;
@@ -45,6 +47,37 @@ struct InputLabels {
     source: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    /// The model as the price table lists it: bounded by the table, not by clients.
+    model: String,
+}
+
+/// A counter of US dollars: added to in integer nanodollars (exact), shown in dollars.
+#[derive(Clone, Debug, Default)]
+struct UsdCounter(Arc<AtomicU64>);
+
+impl UsdCounter {
+    fn add(&self, amount: Usd) {
+        self.0.fetch_add(amount.nanos(), Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for UsdCounter {
+    const TYPE: MetricType = MetricType::Counter;
+}
+
+impl EncodeMetric for UsdCounter {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let usd = Usd::from_nanos(self.0.load(Ordering::Relaxed)).as_f64();
+        encoder.encode_counter::<NoLabelSet, _, u64>(&usd, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
 /// The engine's metrics.
 pub(crate) struct Metrics {
     registry: Registry,
@@ -54,6 +87,7 @@ pub(crate) struct Metrics {
     outcome_counters: [[OnceLock<Counter>; OUTCOME_SLOTS]; ROUTE_SLOTS],
     saved_prompt: Counter,
     saved_completion: Counter,
+    saved_usd: Family<ModelLabels, UsdCounter>,
     upstream: Family<UpstreamLabels, Counter>,
     embedding_inputs: Family<InputLabels, Counter>,
     memory_bytes: Gauge,
@@ -101,6 +135,12 @@ impl Metrics {
             "tokens_saved",
             "Tokens the provider did not process thanks to the cache (prompt, completion)",
             tokens_saved.clone(),
+        );
+        let saved_usd = Family::<ModelLabels, UsdCounter>::default();
+        registry.register(
+            "cost_saved_usd",
+            "What the provider would have charged for the answers the cache gave, in US dollars, by the model they are priced as",
+            saved_usd.clone(),
         );
         let memory_bytes = Gauge::default();
         registry.register(
@@ -179,6 +219,7 @@ impl Metrics {
             outcome_counters: Default::default(),
             saved_prompt,
             saved_completion,
+            saved_usd,
             absorbed_429,
             retries,
             queue_wait,
@@ -197,7 +238,7 @@ impl Metrics {
     }
 
     /// Counts one answered request.
-    pub(crate) fn outcome(&self, route: Option<Route>, cache: CacheStatus, saved: Usage) {
+    pub(crate) fn outcome(&self, route: Option<Route>, cache: CacheStatus, saved: &Saved<'_>) {
         let labels = || OutcomeLabels {
             route: route.map_or("other", Route::as_str),
             cache: cache.as_str(),
@@ -214,12 +255,18 @@ impl Metrics {
             None => self.requests.get_or_create(&labels()).inc(),
         };
         for (counter, n) in [
-            (&self.saved_prompt, saved.prompt_tokens),
-            (&self.saved_completion, saved.completion_tokens),
+            (&self.saved_prompt, saved.usage.prompt_tokens),
+            (&self.saved_completion, saved.usage.completion_tokens),
         ] {
             if let Some(n) = n.filter(|n| *n > 0) {
                 counter.inc_by(n);
             }
+        }
+        if let Some((model, usd)) = saved.priced.filter(|(_, usd)| usd.nanos() > 0) {
+            let labels = ModelLabels {
+                model: model.to_owned(),
+            };
+            self.saved_usd.get_or_create(&labels).add(usd);
         }
     }
 

@@ -10,7 +10,7 @@
 use bytes::{Bytes, BytesMut};
 use serde_json::Value;
 
-use crate::route::Route;
+use crate::route::{MAX_MODEL_CHARS, Route};
 use crate::usage::Usage;
 
 /// Splits a byte stream into complete events, each with its terminating blank line.
@@ -88,12 +88,14 @@ pub enum Verdict {
     Failed,
 }
 
-/// Follows a stream's events and tells whether it completed; collects its token usage.
+/// Follows a stream's events and tells whether it completed; collects its token usage and
+/// the model it reports.
 #[derive(Debug)]
 pub struct Completion {
     route: Route,
     verdict: Verdict,
     usage: Usage,
+    model: Option<String>,
 }
 
 impl Completion {
@@ -103,6 +105,7 @@ impl Completion {
             route,
             verdict: Verdict::Open,
             usage: Usage::default(),
+            model: None,
         }
     }
 
@@ -125,13 +128,18 @@ impl Completion {
             Route::ChatCompletions | Route::Completions => {
                 if data.trim() == "[DONE]" {
                     self.verdict = Verdict::Complete;
-                } else if let Some(usage) = json.as_ref().and_then(|j| j.get("usage")) {
+                    return;
+                }
+                self.take_model(json.as_ref(), "/model");
+                if let Some(usage) = json.as_ref().and_then(|j| j.get("usage")) {
                     self.take_usage(usage);
                 }
             }
             Route::Responses => match name.as_deref().unwrap_or("") {
+                "response.created" => self.take_model(json.as_ref(), "/response/model"),
                 "response.completed" => {
                     self.verdict = Verdict::Complete;
+                    self.take_model(json.as_ref(), "/response/model");
                     if let Some(u) = json.as_ref().and_then(|j| j.pointer("/response/usage")) {
                         self.take_usage(u);
                     }
@@ -142,6 +150,7 @@ impl Completion {
             Route::AnthropicMessages => match name.as_deref().unwrap_or("") {
                 "message_stop" => self.verdict = Verdict::Complete,
                 "message_start" => {
+                    self.take_model(json.as_ref(), "/message/model");
                     if let Some(u) = json.as_ref().and_then(|j| j.pointer("/message/usage")) {
                         self.take_usage(u);
                     }
@@ -162,6 +171,14 @@ impl Completion {
         self.usage = self.usage.updated_by(Usage::read(usage));
     }
 
+    /// Keeps the model named at `pointer` in `json`, the first time one is named.
+    fn take_model(&mut self, json: Option<&Value>, pointer: &str) {
+        if self.model.is_none() {
+            let named = json.and_then(|j| j.pointer(pointer)?.as_str());
+            self.model = named.map(|m| m.chars().take(MAX_MODEL_CHARS).collect());
+        }
+    }
+
     /// The verdict so far.
     pub fn verdict(&self) -> Verdict {
         self.verdict
@@ -170,6 +187,11 @@ impl Completion {
     /// Token usage reported by the stream.
     pub fn usage(&self) -> Usage {
         self.usage
+    }
+
+    /// The model the stream reports, if it named one.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
     }
 }
 

@@ -15,6 +15,7 @@ use crate::inflight::InFlight;
 use crate::key::{CredentialHeaders, KeyPolicy};
 use crate::memory::MemoryTier;
 use crate::metrics::Metrics;
+use crate::prices::PriceTable;
 use crate::store::{DiskStore, StoreLimits};
 use crate::upstream::{Timeouts, Upstream};
 
@@ -37,6 +38,7 @@ pub struct DedupBuilder {
     governor: GovernorSettings,
     embeddings: EmbedSettings,
     redis: Option<String>,
+    prices: PriceTable,
 }
 
 impl Default for DedupBuilder {
@@ -57,6 +59,7 @@ impl Default for DedupBuilder {
             governor: GovernorSettings::default(),
             embeddings: EmbedSettings::default(),
             redis: None,
+            prices: PriceTable::built_in(),
         }
     }
 }
@@ -164,6 +167,12 @@ impl DedupBuilder {
         self
     }
 
+    /// The prices that value what the cache saves. By default, [`PriceTable::built_in`].
+    pub fn prices(mut self, prices: PriceTable) -> Self {
+        self.prices = prices;
+        self
+    }
+
     /// Upstream connect and read timeouts. By default, [`Timeouts::default`].
     pub fn timeouts(mut self, timeouts: Timeouts) -> Self {
         self.timeouts = timeouts;
@@ -241,6 +250,8 @@ impl DedupBuilder {
                 batcher: embed::Batcher::new(self.embeddings),
                 tasks: TaskTracker::new(),
                 stream_bytes: Default::default(),
+                prices: self.prices,
+                series: Default::default(),
                 #[cfg(test)]
                 faults: Default::default(),
             }),

@@ -5,12 +5,11 @@ use tokio::time::Instant;
 
 use super::Engine;
 use super::classify::Bypassed;
-use super::count::route_name;
+use super::count::{Saved, route_name};
 use crate::answer::{Answer, AnswerBody, CacheStatus};
 use crate::error::Error;
 use crate::headers::CACHE_HEADER;
 use crate::upstream;
-use crate::usage::Usage;
 
 impl Engine {
     /// Sends a request that the cache does not answer, and streams its answer back.
@@ -54,7 +53,7 @@ impl Engine {
             route,
             model.as_deref(),
             CacheStatus::Bypass,
-            Usage::default(),
+            Saved::default(),
         );
         let mut headers = upstream::response_headers(response.headers());
         headers.insert(CACHE_HEADER, CacheStatus::Bypass.header_value());

@@ -7,20 +7,36 @@ use http::StatusCode;
 use super::Engine;
 use crate::answer::CacheStatus;
 use crate::counts::Counts;
+use crate::entry::StoredAnswer;
+pub(super) use crate::prices::Saved;
+use crate::prices::Usd;
 use crate::route::Route;
 use crate::usage::Usage;
 
 impl Engine {
+    /// What answering from `entry` instead of the provider saved.
+    pub(super) fn saved_by<'a>(&'a self, entry: &'a StoredAnswer) -> Saved<'a> {
+        Saved {
+            usage: entry.usage,
+            priced: self.price(entry.priced_model(), &entry.usage),
+        }
+    }
+
+    /// What `usage` of `model` costs, and the name it is priced as.
+    pub(super) fn price(&self, model: Option<&str>, usage: &Usage) -> Option<(&str, Usd)> {
+        self.prices.cost(model?, usage)
+    }
+
     /// Counts one answered request, in the metrics and in the database's counters.
     pub(super) fn record(
         &self,
         route: Option<Route>,
         model: Option<&str>,
         cache: CacheStatus,
-        saved: Usage,
+        saved: Saved<'_>,
     ) {
-        self.metrics.outcome(route, cache, saved);
-        self.persist_counts(route_name(route), model, &answered(cache, saved));
+        self.metrics.outcome(route, cache, &saved);
+        self.persist_counts(route_name(route), model, &answered(cache, &saved));
     }
 
     /// Counts one upstream call and its status (`None`: no answer).
@@ -64,9 +80,11 @@ impl Engine {
 }
 
 /// The counters of one answered request.
-pub(super) fn answered(cache: CacheStatus, saved: Usage) -> Counts {
+pub(super) fn answered(cache: CacheStatus, saved: &Saved<'_>) -> Counts {
     let one = |status: CacheStatus| i64::from(cache == status);
     let tokens = |n: Option<u64>| n.and_then(|n| i64::try_from(n).ok()).unwrap_or(0);
+    let saved_tokens = saved.usage.prompt_tokens.is_some_and(|n| n > 0)
+        || saved.usage.completion_tokens.is_some_and(|n| n > 0);
     Counts {
         requests: 1,
         hits: one(CacheStatus::Hit),
@@ -74,8 +92,12 @@ pub(super) fn answered(cache: CacheStatus, saved: Usage) -> Counts {
         partials: one(CacheStatus::Partial),
         misses: one(CacheStatus::Miss),
         bypasses: one(CacheStatus::Bypass),
-        saved_prompt_tokens: tokens(saved.prompt_tokens),
-        saved_completion_tokens: tokens(saved.completion_tokens),
+        saved_prompt_tokens: tokens(saved.usage.prompt_tokens),
+        saved_completion_tokens: tokens(saved.usage.completion_tokens),
+        saved_nanodollars: saved
+            .priced
+            .map_or(0, |(_, usd)| i64::try_from(usd.nanos()).unwrap_or(i64::MAX)),
+        saved_unpriced: i64::from(saved_tokens && saved.priced.is_none()),
         ..Counts::default()
     }
 }

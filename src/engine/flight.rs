@@ -21,14 +21,13 @@ use super::govern::Upstreamed;
 use super::lookup::young_enough;
 use crate::answer::{Answer, CacheStatus, Refusal};
 use crate::controls::CacheControls;
-use crate::entry::{EntryMeta, StoredAnswer};
+use crate::entry::{Billing, EntryMeta, StoredAnswer};
 use crate::error::{Error, ErrorKind};
 use crate::fleet::{Ending, Fleet, Followed, Relayed, Turn};
 use crate::inflight::{Flight, InFlight, Role};
 use crate::key::{CacheKey, Partition};
 use crate::live::LiveStream;
 use crate::upstream;
-use crate::usage::Usage;
 
 /// What a flight resolved to; every waiter gets a clone.
 #[derive(Clone)]
@@ -353,12 +352,12 @@ impl Engine {
                 body,
             }));
         };
-        let usage = Usage::of_answer(&answer);
+        let billing = Billing::of_answer(&answer);
+        let tokens = billing.usage.total_tokens;
         // A copy: `body` is a slice of the buffer the answer was read into.
         let exact = Bytes::copy_from_slice(&body);
-        let entry = Arc::new(StoredAnswer::new(meta, status, &headers, exact, usage));
-        self.governor
-            .settle(&out.partition, out.estimate, usage.total_tokens);
+        let entry = Arc::new(StoredAnswer::new(meta, status, &headers, exact, billing));
+        self.governor.settle(&out.partition, out.estimate, tokens);
         self.store(entry.clone()).await;
         FlightOutcome::Stored {
             entry,

@@ -59,7 +59,7 @@ use tokio_util::task::TaskTracker;
 pub use builder::DedupBuilder;
 pub use verified::DEFAULT_VERIFY_WINDOW;
 
-use crate::answer::Answer;
+use crate::answer::{Answer, CacheStatus};
 use crate::error::Error;
 use crate::fleet::Fleet;
 use crate::governor::Governor;
@@ -68,6 +68,8 @@ use crate::key::{CacheKey, CredentialHeaders, KeyPolicy};
 use crate::live::HeldBytes;
 use crate::memory::MemoryTier;
 use crate::metrics::{Levels, Metrics};
+use crate::prices::{PriceTable, PricesInfo};
+use crate::series::{Outcome, Series, SeriesSnapshot};
 use crate::store::DiskStore;
 use crate::upstream::Upstream;
 
@@ -123,6 +125,10 @@ struct Engine {
     tasks: TaskTracker,
     /// Bytes held by the buffers of streams in flight.
     stream_bytes: HeldBytes,
+    /// What answers are worth, to count what the cache saved.
+    prices: PriceTable,
+    /// Requests per minute by outcome, for the live page.
+    series: Series,
     /// Failures injected by tests.
     #[cfg(test)]
     faults: tests::Faults,
@@ -152,6 +158,28 @@ impl Dedup {
     /// before is answered without boxing: every other path is boxed, so the future of the
     /// common case stays small (it is moved on every request).
     pub async fn send<B>(&self, request: Request<B>) -> Result<Answer, Error>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let answer = self.answer(request).await;
+        let outcome = match &answer {
+            Ok(a) if a.status.is_client_error() || a.status.is_server_error() => Outcome::Error,
+            Ok(a) => match a.cache {
+                CacheStatus::Hit => Outcome::Hit,
+                CacheStatus::Coalesced => Outcome::Coalesced,
+                CacheStatus::Partial => Outcome::Partial,
+                CacheStatus::Miss => Outcome::Miss,
+                CacheStatus::Bypass => Outcome::Bypass,
+            },
+            Err(_) => Outcome::Error,
+        };
+        self.engine.series.record(outcome, SystemTime::now());
+        answer
+    }
+
+    /// The request path of [`Dedup::send`].
+    async fn answer<B>(&self, request: Request<B>) -> Result<Answer, Error>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
@@ -218,6 +246,17 @@ impl Dedup {
             store_errors: engine.disk.as_ref().map_or(0, DiskStore::write_errors),
             redis_errors: engine.fleet.as_ref().map_or(0, Fleet::errors),
         })
+    }
+
+    /// Requests per minute by outcome over the last `minutes` minutes (at most a day), the
+    /// current minute last.
+    pub fn series(&self, minutes: usize) -> SeriesSnapshot {
+        self.engine.series.snapshot(minutes, SystemTime::now())
+    }
+
+    /// The price table's date and size.
+    pub fn prices(&self) -> &PricesInfo {
+        self.engine.prices.info()
     }
 
     /// The database file, when the engine has one.

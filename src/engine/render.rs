@@ -6,21 +6,21 @@ use std::time::SystemTime;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use super::Engine;
-use super::count::{answered, route_name};
+use super::count::{Saved, answered, route_name};
 use super::flight::FlightOutcome;
 use crate::answer::{Answer, AnswerBody, CacheStatus};
 use crate::entry::{EntryMeta, StoredAnswer, replayed_headers};
 use crate::error::Error;
-use crate::headers::{CACHE_HEADER, KEY_HEADER};
-use crate::usage::Usage;
+use crate::headers::{CACHE_HEADER, KEY_HEADER, SAVED_HEADER};
 
 impl Engine {
     /// Answers from a stored entry at `now`, counting the hit.
     pub(super) fn hit(&self, entry: &StoredAnswer, now: SystemTime) -> Answer {
         let route = Some(entry.route);
-        self.metrics.outcome(route, CacheStatus::Hit, entry.usage);
+        let saved = self.saved_by(entry);
+        self.metrics.outcome(route, CacheStatus::Hit, &saved);
         if let Some(disk) = &self.disk {
-            let counts = answered(CacheStatus::Hit, entry.usage);
+            let counts = answered(CacheStatus::Hit, &saved);
             let model = entry.model.as_deref().unwrap_or("");
             disk.record_hit(entry.key, route_name(route), model, &counts, now);
         }
@@ -29,6 +29,7 @@ impl Engine {
         if let Some(age) = headers.get_mut(http::header::AGE) {
             *age = entry.age(now).as_secs().into();
         }
+        set_saving(&mut headers, &saved);
         answer_with(entry, headers, CacheStatus::Hit)
     }
 
@@ -44,26 +45,28 @@ impl Engine {
         meta: &EntryMeta,
         own: bool,
     ) -> Result<Answer, Error> {
-        // A follower saved the provider the work its leader paid for.
-        let record = |usage: Usage| {
-            let saved = if role == CacheStatus::Coalesced {
-                usage
-            } else {
-                Usage::default()
-            };
-            self.record(Some(meta.route), meta.model.as_deref(), role, saved);
-        };
         match outcome {
             FlightOutcome::Stored {
                 entry,
                 fresh_headers: Some(headers),
             } => {
-                record(entry.usage);
-                let headers = if own {
+                // A follower saved the provider the work its leader paid for.
+                let saved = if role == CacheStatus::Coalesced {
+                    self.saved_by(&entry)
+                } else {
+                    Saved::default()
+                };
+                self.record(Some(meta.route), meta.model.as_deref(), role, saved);
+                let mut headers = if own {
                     (*headers).clone()
                 } else {
                     entry.hit_headers.clone()
                 };
+                if role == CacheStatus::Coalesced {
+                    set_saving(&mut headers, &saved);
+                } else {
+                    headers.remove(SAVED_HEADER);
+                }
                 Ok(stored_answer(&entry, headers, role))
             }
             FlightOutcome::Stored {
@@ -71,11 +74,22 @@ impl Engine {
                 fresh_headers: None,
             } => Ok(self.hit(&entry, SystemTime::now())),
             FlightOutcome::Refused(refusal) => {
-                record(Usage::default());
+                self.record(
+                    Some(meta.route),
+                    meta.model.as_deref(),
+                    role,
+                    Saved::default(),
+                );
                 Ok(refusal.answer(role))
             }
             FlightOutcome::Live(live) => {
-                record(Usage::default());
+                // What a stream shared live saves is known only at its end.
+                self.record(
+                    Some(meta.route),
+                    meta.model.as_deref(),
+                    role,
+                    Saved::default(),
+                );
                 let mut headers = if own {
                     live.headers.clone()
                 } else {
@@ -92,6 +106,16 @@ impl Engine {
                 })
             }
             FlightOutcome::Failed(e) => Err(e),
+        }
+    }
+}
+
+/// Sets `llm-dedup-saved-usd` to what `saved` is worth, or removes it when that is unknown.
+fn set_saving(headers: &mut HeaderMap, saved: &Saved<'_>) {
+    match saved.priced {
+        Some((_, usd)) => set_header(headers, SAVED_HEADER, &usd.to_string()),
+        None => {
+            headers.remove(SAVED_HEADER);
         }
     }
 }

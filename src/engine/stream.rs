@@ -8,7 +8,7 @@ use futures_util::StreamExt;
 use super::Engine;
 use super::classify::Outbound;
 use super::flight::LeadFlight;
-use crate::entry::{EntryMeta, StoredAnswer};
+use crate::entry::{Billing, EntryMeta, StoredAnswer};
 use crate::fleet::Relay;
 use crate::live::LiveStream;
 use crate::sse::{Completion, EventSplitter, Verdict};
@@ -85,9 +85,8 @@ impl Engine {
             completion.usage().total_tokens,
         );
         if result.is_ok() && verdict == Verdict::Complete && !overgrown {
-            let mut entry =
-                StoredAnswer::from_upstream(meta, live.status, &live.headers, live.body());
-            entry.usage = completion.usage();
+            let billing = Billing::of_stream(&completion);
+            let entry = StoredAnswer::new(meta, live.status, &live.headers, live.body(), billing);
             // Before the stream is finished and the flight ends: later requests find it.
             self.store(Arc::new(entry)).await;
             if let Some(relay) = relay.take() {

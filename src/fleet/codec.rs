@@ -15,10 +15,9 @@ use bytes::Bytes;
 use http::StatusCode;
 
 use crate::answer::Refusal;
-use crate::entry::{StoredAnswer, hit_headers};
+use crate::entry::{Billing, StoredAnswer, billed_model, hit_headers};
 use crate::key::CacheKey;
 use crate::route::Route;
-use crate::usage::Usage;
 
 const ENTRY_TAG: &[u8; 4] = b"LDE1";
 const REFUSAL_TAG: &[u8; 4] = b"LDR1";
@@ -139,11 +138,11 @@ pub fn decode_entry(key: CacheKey, bytes: &[u8]) -> Option<StoredAnswer> {
     let status = r.u16()?;
     let created_at = i64::from_le_bytes(r.take(8)?.try_into().ok()?);
     let expires_at = i64::from_le_bytes(r.take(8)?.try_into().ok()?);
-    let usage = Usage {
-        prompt_tokens: r.opt()?,
-        completion_tokens: r.opt()?,
-        total_tokens: r.opt()?,
-    };
+    // The usage written with the entry, for readers that do not parse bodies; this one reads
+    // it, and the billed model, from the body itself (see `Billing::of_body`).
+    for _ in 0..3 {
+        r.opt()?;
+    }
     let route = Route::from_name(std::str::from_utf8(r.bytes()?).ok()?)?;
     let namespace = r.text()?;
     let model = match r.take(1)?[0] {
@@ -156,17 +155,19 @@ pub fn decode_entry(key: CacheKey, bytes: &[u8]) -> Option<StoredAnswer> {
         return None;
     }
     let headers = StoredAnswer::headers_from_pairs(&pairs);
+    let billing = Billing::of_body(route, r.0);
     Some(StoredAnswer {
         key,
         namespace,
         route,
+        billed_model: billed_model(model.as_deref(), billing.model),
         model,
         status,
         hit_headers: hit_headers(&key, &headers),
         body: Bytes::copy_from_slice(r.0),
         created_at,
         expires_at,
-        usage,
+        usage: billing.usage,
     })
 }
 
@@ -238,18 +239,9 @@ mod tests {
         let mut headers = http::HeaderMap::new();
         headers.insert("content-type", "application/json".parse().expect("value"));
         headers.insert("set-cookie", "a=b".parse().expect("value"));
-        let usage = Usage {
-            prompt_tokens: Some(9),
-            completion_tokens: None,
-            total_tokens: Some(21),
-        };
-        StoredAnswer::new(
-            &meta,
-            StatusCode::OK,
-            &headers,
-            Bytes::from_static(b"{\"id\":\"x\"}"),
-            usage,
-        )
+        let body = br#"{"id":"x","model":"gpt-4o-mini-2024-07-18","usage":{"prompt_tokens":9,
+            "completion_tokens":12,"total_tokens":21,"prompt_tokens_details":{"cached_tokens":4}}}"#;
+        StoredAnswer::from_upstream(&meta, StatusCode::OK, &headers, Bytes::from_static(body))
     }
 
     #[test]
@@ -264,6 +256,8 @@ mod tests {
             (e.status, e.created_at, e.expires_at)
         );
         assert_eq!((back.usage, back.route), (e.usage, e.route));
+        assert_eq!(back.usage.cached_tokens, Some(4));
+        assert_eq!(back.billed_model.as_deref(), Some("gpt-4o-mini-2024-07-18"));
         assert_eq!((back.namespace, back.model), (e.namespace, e.model));
         assert!(!back.hit_headers.contains_key("set-cookie"));
         // Every cut of it is refused, never misread.

@@ -9,10 +9,9 @@ use bytes::Bytes;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use super::{BUSY_TIMEOUT, StoreError};
-use crate::entry::{StoredAnswer, hit_headers, unix_ms};
+use crate::entry::{Billing, StoredAnswer, billed_model, hit_headers, unix_ms};
 use crate::key::CacheKey;
 use crate::route::Route;
-use crate::usage::Usage;
 
 /// Read connections kept open between reads.
 const MAX_IDLE_READERS: usize = 4;
@@ -64,8 +63,7 @@ pub(super) fn read_entry(
     key: CacheKey,
 ) -> Result<Option<StoredAnswer>, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT namespace, route, model, status, headers, body, created_at, expires_at,
-                prompt_tokens, completion_tokens, total_tokens
+        "SELECT namespace, route, model, status, headers, body, created_at, expires_at
          FROM entries WHERE key = ?1 AND expires_at > ?2",
     )?;
     let row = stmt
@@ -79,16 +77,10 @@ pub(super) fn read_entry(
                 r.get::<_, Vec<u8>>(5)?,
                 r.get::<_, i64>(6)?,
                 r.get::<_, i64>(7)?,
-                Usage {
-                    prompt_tokens: tokens_from_sql(r.get(8)?),
-                    completion_tokens: tokens_from_sql(r.get(9)?),
-                    total_tokens: tokens_from_sql(r.get(10)?),
-                },
             ))
         })
         .optional()?;
-    let Some((namespace, route, model, status, headers, body, created_at, expires_at, usage)) = row
-    else {
+    let Some((namespace, route, model, status, headers, body, created_at, expires_at)) = row else {
         return Ok(None);
     };
     let damaged = |what: String| StoreError::Damaged {
@@ -100,20 +92,20 @@ pub(super) fn read_entry(
     let pairs: Vec<(String, String)> =
         serde_json::from_str(&headers).map_err(|e| damaged(format!("headers: {e}")))?;
     let headers = StoredAnswer::headers_from_pairs(&pairs);
+    // Usage and the billed model are read from the body, the record of what the provider
+    // said (the token columns are a copy of it for the inspector).
+    let billing = Billing::of_body(route, &body);
     Ok(Some(StoredAnswer {
         key,
         namespace,
         route,
+        billed_model: billed_model(model.as_deref(), billing.model),
         model,
         status,
         hit_headers: hit_headers(&key, &headers),
         body: Bytes::from(body),
         created_at,
         expires_at,
-        usage,
+        usage: billing.usage,
     }))
-}
-
-fn tokens_from_sql(n: Option<i64>) -> Option<u64> {
-    n.and_then(|n| u64::try_from(n).ok())
 }

@@ -19,6 +19,7 @@ fn migrations() -> Migrations<'static> {
         M::up(include_str!("../../migrations/0001_entries.sql")),
         M::up(include_str!("../../migrations/0002_counters.sql")),
         M::up(include_str!("../../migrations/0003_embedding_inputs.sql")),
+        M::up(include_str!("../../migrations/0004_saved_money.sql")),
     ])
 }
 

@@ -11,7 +11,7 @@ use crate::answer::{Answer, AnswerBody, CacheStatus};
 use crate::counts::Counts;
 use crate::embeddings::{self, EmbeddingList};
 use crate::engine::Engine;
-use crate::engine::count::answered;
+use crate::engine::count::{Saved, answered};
 use crate::engine::render::set_key_header;
 use crate::entry::StoredAnswer;
 use crate::error::{Error, ErrorKind};
@@ -73,15 +73,19 @@ impl Engine {
         } else {
             CacheStatus::Coalesced
         };
-        let saved = Usage {
+        let usage = Usage {
             prompt_tokens: Some(saved_tokens),
-            completion_tokens: None,
             total_tokens: Some(saved_tokens),
+            ..Usage::default()
+        };
+        let saved = Saved {
+            usage,
+            priced: self.price(upstream_model.or(model), &usage),
         };
         // Metrics and counters, the request's and its inputs' in one update of the tally.
-        self.metrics.outcome(Some(Route::Embeddings), cache, saved);
+        self.metrics.outcome(Some(Route::Embeddings), cache, &saved);
         self.metrics.embedding_inputs(cached, shared, sent);
-        let request = answered(cache, saved);
+        let request = answered(cache, &saved);
         self.count_inputs(model, positions, positions - sent, request);
 
         let mut headers = HeaderMap::new();

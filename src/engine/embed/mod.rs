@@ -31,6 +31,7 @@ pub(super) use batcher::Batcher;
 
 use super::Engine;
 use super::classify::Outbound;
+use super::count::Saved;
 use crate::answer::{Answer, CacheStatus, Refusal};
 use crate::controls::CacheControls;
 use crate::counts::Counts;
@@ -40,7 +41,7 @@ use crate::error::{Error, ErrorKind};
 use crate::inflight::{InFlight, Role, Waiter};
 use crate::key::CacheKey;
 use crate::route::{self, Route};
-use crate::usage::Usage;
+
 use batcher::{Call, Group, Item, Reuse};
 
 /// An embeddings request whose `input` splits into inputs.
@@ -243,7 +244,7 @@ impl Engine {
                         Some(Route::Embeddings),
                         model.as_deref(),
                         role,
-                        Usage::default(),
+                        Saved::default(),
                     );
                     return Ok(refusal.answer(role));
                 }
