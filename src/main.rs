@@ -90,6 +90,9 @@ impl DbArg {
 struct StatsArgs {
     #[command(flatten)]
     db: DbArg,
+    /// The price file the proxy serves with (--prices), to report its date.
+    #[arg(long, env = "LLM_DEDUP_PRICES", value_name = "FILE")]
+    prices: Option<PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long)]
     json: bool,
@@ -252,6 +255,11 @@ struct ServeArgs {
     #[arg(long, env = "LLM_DEDUP_ADMIN_TOKEN", hide_env_values = true, value_parser = parse_token)]
     admin_token: Option<String>,
 
+    /// A price file (the format of the built-in data/prices.json) whose models extend and
+    /// override the built-in prices that value what the cache saves.
+    #[arg(long, env = "LLM_DEDUP_PRICES", value_name = "FILE")]
+    prices: Option<PathBuf>,
+
     /// Largest streamed answer stored; a longer stream is passed on live but not stored.
     #[arg(long, env = "LLM_DEDUP_MAX_STREAM", default_value = "32MiB")]
     max_stream: ByteSize,
@@ -369,6 +377,15 @@ fn default_db_path() -> Result<PathBuf> {
     Ok(dir.join("cache.sqlite3"))
 }
 
+/// The built-in prices extended by the price file `file`.
+pub(crate) fn read_prices(file: &std::path::Path) -> Result<llm_dedup::PriceTable> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("--prices: cannot read {}", file.display()))?;
+    llm_dedup::PriceTable::with_overrides(&text, &file.display().to_string())
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("--prices: {} is not a price file", file.display()))
+}
+
 async fn serve(args: ServeArgs) -> Result<()> {
     let db = match args.db {
         Some(path) => path,
@@ -378,6 +395,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let max_stream =
         usize::try_from(args.max_stream.as_u64()).context("--max-stream is too large")?;
     let mut builder = Dedup::builder();
+    if let Some(file) = &args.prices {
+        builder = builder.prices(read_prices(file)?);
+    }
     if let Some(url) = &args.redis {
         builder = builder.redis(url);
     }
@@ -428,6 +448,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             llm_dedup::server::OperatorAccess::loopback_only()
         }
     };
+    let shutdown = shutdown_signal();
     tracing::info!(
         listen = %local,
         upstream = engine.upstream(),
@@ -436,40 +457,52 @@ async fn serve(args: ServeArgs) -> Result<()> {
         redis = args.redis.is_some(),
         "llm-dedup proxy ready"
     );
-    llm_dedup::server::serve(listener, engine, access, shutdown_signal())
+    llm_dedup::server::serve(listener, engine, access, shutdown)
         .await
         .context("serving")?;
     tracing::info!("stopped cleanly; every stored answer is on disk");
     Ok(())
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+/// Listens for Ctrl-C and SIGTERM from the moment it is called (not from the first poll: a
+/// signal sent right after "proxy ready" must find the handler in place), and resolves on
+/// either.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    #[cfg(unix)]
+    let (mut interrupt, mut terminate) = {
+        use tokio::signal::unix::{SignalKind, signal};
+        let listen = |kind: SignalKind, name: &str| {
+            signal(kind)
+                .map_err(|e| tracing::error!(error = %e, "cannot listen for {name}"))
+                .ok()
+        };
+        (
+            listen(SignalKind::interrupt(), "Ctrl-C"),
+            listen(SignalKind::terminate(), "SIGTERM"),
+        )
+    };
+    async move {
+        #[cfg(unix)]
+        {
+            async fn received(signal: &mut Option<tokio::signal::unix::Signal>) {
+                match signal {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            }
+            tokio::select! {
+                () = received(&mut interrupt) => {},
+                () = received(&mut terminate) => {},
+            }
+        }
+        #[cfg(not(unix))]
+        if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
+        tracing::info!("shutting down: draining requests and flushing the database");
     }
-    tracing::info!("shutting down: draining requests and flushing the database");
 }
 
 fn main() -> ExitCode {

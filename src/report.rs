@@ -74,6 +74,14 @@ fn shown_keeping<'a>(text: &'a str, kept: &[char]) -> Cow<'a, str> {
     Cow::Owned(out)
 }
 
+/// An amount of nanodollars as dollars, exactly: `$0.00045`.
+fn money(nanos: i64) -> String {
+    format!(
+        "${}",
+        llm_dedup::Usd::from_nanos(u64::try_from(nanos).unwrap_or(0))
+    )
+}
+
 fn size(bytes: u64) -> String {
     ByteSize(bytes).to_string()
 }
@@ -105,7 +113,7 @@ fn print_json(value: &impl serde::Serialize) -> Result<()> {
     Ok(())
 }
 
-const COUNT_HEADER: [&str; 11] = [
+const COUNT_HEADER: [&str; 12] = [
     "requests",
     "hits",
     "coalesced",
@@ -116,6 +124,7 @@ const COUNT_HEADER: [&str; 11] = [
     "429s absorbed",
     "saved requests",
     "saved tokens (prompt / completion)",
+    "saved USD",
     "embedding inputs saved",
 ];
 
@@ -132,6 +141,12 @@ fn count_cells(c: &Counts) -> Vec<String> {
         c.upstream_429s.to_string(),
         format!("{saved} ({})", percent(saved, c.requests)),
         format!("{} / {}", c.saved_prompt_tokens, c.saved_completion_tokens),
+        match (c.saved_nanodollars, c.saved_unpriced) {
+            (0, 0) => "-".to_owned(),
+            (0, _) => "no price".to_owned(),
+            (n, 0) => money(n),
+            (n, unpriced) => format!("{} (+{unpriced} with no price)", money(n)),
+        },
         if c.inputs == 0 {
             "-".to_owned()
         } else {
@@ -195,7 +210,10 @@ pub(crate) fn stats(args: &StatsArgs) -> Result<()> {
     if let Some(fleet) = args.db.fleet()? {
         return fleet_stats(fleet, args.json);
     }
-    let s = args.db.open()?.stats()?;
+    let mut s = args.db.open()?.stats()?;
+    if let Some(file) = &args.prices {
+        s.prices = crate::read_prices(file)?.info().clone();
+    }
     if args.json {
         return print_json(&s);
     }
@@ -233,6 +251,24 @@ pub(crate) fn stats(args: &StatsArgs) -> Result<()> {
     totals.add_row(count_cells(&s.totals));
     right_align(&mut totals, 0);
     println!("\nSince the database was created\n{totals}");
+    println!(
+        "Saved {} at the prices of {}{}{}",
+        money(s.totals.saved_nanodollars),
+        s.prices.taken,
+        s.prices
+            .overrides
+            .as_ref()
+            .map_or_else(String::new, |o| format!(
+                " and of {} ({}, {} models)",
+                shown(&o.file),
+                o.taken,
+                o.models
+            )),
+        match s.totals.saved_unpriced {
+            0 => String::new(),
+            n => format!("; {n} answers of models with no price saved tokens only"),
+        }
+    );
     if !s.by_model.is_empty() {
         println!("\nBy model\n{}", groups_table("model", &s.by_model));
     }

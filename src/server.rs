@@ -197,12 +197,16 @@ async fn stats(State(state): State<AppState>) -> Response {
         }
     }
     let inspector = cache.inspector.take();
+    let prices = state.engine.prices().clone();
     let read = tokio::task::spawn_blocking(move || {
         let inspector = match inspector {
             Some(inspector) => inspector,
             None => Inspector::open_read_only(&path)?,
         };
-        let stats = inspector.stats();
+        let stats = inspector.stats().map(|mut stats| {
+            stats.prices = prices;
+            stats
+        });
         Ok::<_, crate::inspect::InspectError>((inspector, stats))
     })
     .await;

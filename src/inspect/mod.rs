@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::counts::{COUNTERS, Counts};
 use crate::entry::unix_ms;
+use crate::prices::{PriceTable, PricesInfo};
 use crate::store::{self, StoreError};
 
 mod fleet;
@@ -108,6 +109,9 @@ pub struct Stats {
     pub by_model: Vec<Group>,
     /// By route, most requests first.
     pub by_route: Vec<Group>,
+    /// The prices `saved_usd` is reckoned at: the built-in table's date, and the `--prices`
+    /// file of the serving proxy when it reports its own stats.
+    pub prices: PricesInfo,
 }
 
 /// One entry, without its body.
@@ -318,6 +322,7 @@ impl Inspector {
             totals,
             by_model,
             by_route,
+            prices: PriceTable::built_in().info().clone(),
         })
     }
 

@@ -69,6 +69,11 @@ pub struct FakeState {
     pub absurd_refusals: AtomicUsize,
     /// API keys (`Authorization` values) the fake refuses with OpenAI's `401 invalid_api_key`.
     pub refused_keys: Mutex<Vec<String>>,
+    /// When set, non-streamed answers report this `usage` instead of their own.
+    pub usage: Mutex<Option<Value>>,
+    /// When set, answers report this model (a dated snapshot, the model behind an Azure
+    /// deployment) instead of the one requested.
+    pub reported_model: Mutex<Option<String>>,
     /// Streamed answers carry this many extra content events of `big_event_bytes` each.
     pub extra_events: AtomicUsize,
     pub big_event_bytes: AtomicUsize,
@@ -307,11 +312,14 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
             .into_response();
     }
 
-    let model = request
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or("gpt-4o-mini")
-        .to_owned();
+    let reported = state.reported_model.lock().expect("lock").clone();
+    let model = reported.unwrap_or_else(|| {
+        request
+            .get("model")
+            .and_then(Value::as_str)
+            .unwrap_or("gpt-4o-mini")
+            .to_owned()
+    });
     let path = parts.uri.path().to_owned();
     if streaming {
         let usage = request.pointer("/stream_options/include_usage") == Some(&Value::Bool(true));
@@ -330,8 +338,8 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
         }
         return stream(state, n, events, callers);
     }
-    let body = match path.as_str() {
-        "/v1/chat/completions" => json!({
+    let mut body = match path.as_str() {
+        p if p.ends_with("/chat/completions") => json!({
             "id": format!("chatcmpl-{n}"), "object": "chat.completion", "created": 1_700_000_000,
             "model": model, "system_fingerprint": "fp_test",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("answer {n}")},
@@ -357,6 +365,12 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
             "safety_identifier": request.get("safety_identifier").cloned().unwrap_or(Value::Null),
             "prompt_cache_key": request.get("prompt_cache_key").cloned().unwrap_or(Value::Null)
         }),
+        "/v1/messages" => json!({
+            "id": format!("msg_{n}"), "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": format!("message {n}")}],
+            "stop_reason": "end_turn", "stop_sequence": null,
+            "usage": {"input_tokens": 12, "output_tokens": 5}
+        }),
         "/v1/moderations" => json!({
             "id": format!("modr-{n}"), "model": "omni-moderation-latest",
             "results": [{"flagged": false, "categories": {}, "category_scores": {}}]
@@ -367,6 +381,11 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
         }
         _ => json!({"path": path, "call": n, "received_bytes": body.len()}),
     };
+    if let Some(usage) = state.usage.lock().expect("lock").clone() {
+        if body.get("usage").is_some() {
+            body["usage"] = usage;
+        }
+    }
     rate_headers.extend([
         ("x-request-id", format!("req_{n}")),
         ("openai-processing-ms", "42".to_owned()),

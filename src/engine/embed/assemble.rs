@@ -15,7 +15,7 @@ use crate::engine::count::{Saved, answered};
 use crate::engine::render::set_key_header;
 use crate::entry::StoredAnswer;
 use crate::error::{Error, ErrorKind};
-use crate::headers::CACHE_HEADER;
+use crate::headers::{CACHE_HEADER, SAVED_HEADER};
 use crate::route::Route;
 use crate::usage::Usage;
 
@@ -94,6 +94,13 @@ impl Engine {
             HeaderValue::from_static("application/json"),
         );
         headers.insert(CACHE_HEADER, cache.header_value());
+        // What the inputs that did not go upstream would have cost: on a hit, a coalesced or
+        // a partial answer, as on the other routes.
+        if let Some((_, usd)) = saved.priced.filter(|_| cache != CacheStatus::Miss) {
+            if let Ok(value) = HeaderValue::from_str(&usd.to_string()) {
+                headers.insert(SAVED_HEADER, value);
+            }
+        }
         let key = match entries {
             [(_, only)] => {
                 set_key_header(&mut headers, only);
