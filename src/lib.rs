@@ -99,6 +99,7 @@ mod upstream;
 pub mod inspect;
 #[cfg(feature = "middleware")]
 pub mod middleware;
+mod page;
 pub mod server;
 
 pub use answer::{Answer, AnswerBody, CacheStatus, Refusal};

@@ -28,7 +28,7 @@ struct Cli {
 enum Command {
     /// Run the caching proxy. Point a client's base URL at it (e.g.
     /// OPENAI_BASE_URL=http://127.0.0.1:8080/v1).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// What the cache holds and what it saved since the database was created.
     Stats(StatsArgs),
     /// One line per stored answer.
@@ -522,7 +522,7 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Serve(args) => runtime.block_on(serve(*args)),
         Command::Stats(args) => report::stats(&args),
         Command::List(args) => report::list(&args),
         Command::Show(args) => report::show(&args),

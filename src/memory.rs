@@ -316,6 +316,11 @@ impl MemoryTier {
         self.cache.weighted_size()
     }
 
+    /// The bound, in bytes (`--memory`).
+    pub fn max_bytes(&self) -> u64 {
+        self.cache.policy().max_capacity().unwrap_or(0)
+    }
+
     /// Number of entries (approximate until pending maintenance runs).
     pub fn entry_count(&self) -> u64 {
         self.cache.entry_count()

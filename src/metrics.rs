@@ -100,6 +100,11 @@ pub(crate) struct Metrics {
     absorbed_429: Counter,
     retries: Counter,
     queue_wait: Histogram,
+    /// The histogram's count and sum, kept again for the live page (the histogram's own are
+    /// not readable): requests that waited for budget (a millisecond or more), and
+    /// microseconds waited in all.
+    waits: AtomicU64,
+    waited_us: AtomicU64,
 }
 
 /// Gauges read at scrape time.
@@ -223,6 +228,8 @@ impl Metrics {
             absorbed_429,
             retries,
             queue_wait,
+            waits: AtomicU64::new(0),
+            waited_us: AtomicU64::new(0),
             registry,
             requests,
             upstream,
@@ -288,6 +295,21 @@ impl Metrics {
     /// Records how long a request waited in line for upstream budget.
     pub(crate) fn queue_wait(&self, waited: std::time::Duration) {
         self.queue_wait.observe(waited.as_secs_f64());
+        // The page counts requests that really waited: most pass the line at once.
+        if waited >= std::time::Duration::from_millis(1) {
+            self.waits.fetch_add(1, Ordering::Relaxed);
+            let us = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
+            self.waited_us.fetch_add(us, Ordering::Relaxed);
+        }
+    }
+
+    /// Requests that waited in line for budget so far, and the time they waited in all.
+    pub(crate) fn waited(&self) -> (u64, std::time::Duration) {
+        let us = self.waited_us.load(Ordering::Relaxed);
+        (
+            self.waits.load(Ordering::Relaxed),
+            std::time::Duration::from_micros(us),
+        )
     }
 
     /// Counts a refusal that will be waited out and retried.

@@ -30,9 +30,9 @@ use crate::inspect::Inspector;
 /// Numbers requests in the order they arrive, for the log.
 static NEXT_REQUEST: AtomicU64 = AtomicU64::new(1);
 
-/// Who may read the operator endpoints (`/_llm-dedup/stats`, `/_llm-dedup/metrics`): they
-/// name every tenant's models and the database's path. `/_llm-dedup/health` is open to all
-/// (load balancers probe it).
+/// Who may read the operator endpoints (`/_llm-dedup/stats`, `/_llm-dedup/metrics`, the live
+/// page `/_llm-dedup/` and its `/_llm-dedup/series`): they name every tenant's models and the
+/// database's path. `/_llm-dedup/health` is open to all (load balancers probe it).
 #[derive(Clone, Default)]
 pub struct OperatorAccess {
     /// The blake3 hash of the token, when there is one: comparing hashes takes the same time
@@ -47,7 +47,9 @@ impl OperatorAccess {
     }
 
     /// Any client presenting `Authorization: Bearer TOKEN`, and nobody else (loopback
-    /// included).
+    /// included). A browser may present it as HTTP Basic credentials instead (any user name,
+    /// the token as password): it asks for them itself, which lets an operator open the live
+    /// page with a token.
     pub fn token(token: &str) -> OperatorAccess {
         OperatorAccess {
             token: Some(blake3::hash(token.as_bytes())),
@@ -69,10 +71,8 @@ impl OperatorAccess {
                     .headers()
                     .get(header::AUTHORIZATION)
                     .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().split_once(' '))
-                    // The scheme is case-insensitive (RFC 9110 §11.1).
-                    .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-                    .map(|(_, t)| blake3::hash(t.trim().as_bytes()));
+                    .and_then(presented_token)
+                    .map(|t| blake3::hash(t.as_bytes()));
                 // `blake3::Hash`'s equality is constant-time.
                 if presented.as_ref() == Some(expected) {
                     return Ok(());
@@ -83,9 +83,14 @@ impl OperatorAccess {
                     "operator endpoints need the operator token: send Authorization: Bearer \
                      TOKEN, with the TOKEN given to --admin-token (LLM_DEDUP_ADMIN_TOKEN)",
                 );
-                response
-                    .headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                let challenges = response.headers_mut();
+                challenges.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                challenges.append(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(
+                        "Basic realm=\"llm-dedup operator\", charset=\"UTF-8\"",
+                    ),
+                );
                 Err(Box::new(response))
             }
             None => {
@@ -103,6 +108,25 @@ impl OperatorAccess {
             }
         }
     }
+}
+
+/// The token an `Authorization` value presents: `Bearer TOKEN`, or `Basic` credentials whose
+/// password is the token. Schemes are case-insensitive (RFC 9110 §11.1).
+fn presented_token(value: &str) -> Option<String> {
+    use base64::Engine as _;
+    let (scheme, rest) = value.trim().split_once(' ')?;
+    let rest = rest.trim();
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return Some(rest.to_owned());
+    }
+    if scheme.eq_ignore_ascii_case("basic") {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(rest)
+            .ok()?;
+        let (_user, password) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
+        return Some(password.to_owned());
+    }
+    None
 }
 
 fn operator_refusal(status: StatusCode, code: &str, message: &str) -> Response {
@@ -158,6 +182,9 @@ pub fn app_with(engine: Dedup, access: OperatorAccess) -> Router {
     let operator = Router::new()
         .route("/_llm-dedup/stats", get(stats))
         .route("/_llm-dedup/metrics", get(metrics))
+        .route("/_llm-dedup", get(crate::page::page))
+        .route("/_llm-dedup/", get(crate::page::page))
+        .route("/_llm-dedup/series", get(series))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             operator_only,
@@ -198,6 +225,7 @@ async fn stats(State(state): State<AppState>) -> Response {
     }
     let inspector = cache.inspector.take();
     let prices = state.engine.prices().clone();
+    let live = state.engine.live().await;
     let read = tokio::task::spawn_blocking(move || {
         let inspector = match inspector {
             Some(inspector) => inspector,
@@ -205,6 +233,7 @@ async fn stats(State(state): State<AppState>) -> Response {
         };
         let stats = inspector.stats().map(|mut stats| {
             stats.prices = prices;
+            stats.live = Some(live);
             stats
         });
         Ok::<_, crate::inspect::InspectError>((inspector, stats))
@@ -240,6 +269,21 @@ fn json_bytes(json: Bytes) -> Response {
         json,
     )
         .into_response()
+}
+
+/// Requests per minute by outcome (`?minutes=N`, at most a day, by default a day).
+async fn series(
+    State(state): State<AppState>,
+    axum::extract::Query(query): axum::extract::Query<crate::page::SeriesQuery>,
+) -> Response {
+    match query.minutes() {
+        Ok(minutes) => axum::Json(state.engine.series(minutes)).into_response(),
+        Err(message) => {
+            let body = json!({"error": {"message": message, "type": "invalid_request_error",
+                                        "param": "minutes", "code": null}});
+            (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
+        }
+    }
 }
 
 /// Prometheus text format.

@@ -87,6 +87,15 @@ async fn operator_answer(
     (status, body["error"]["code"].clone())
 }
 
+/// Every operator endpoint: the same access rule holds for each.
+const OPERATOR_PATHS: [&str; 5] = [
+    "/_llm-dedup/stats",
+    "/_llm-dedup/metrics",
+    "/_llm-dedup/",
+    "/_llm-dedup",
+    "/_llm-dedup/series",
+];
+
 /// Without a token the operator endpoints answer loopback clients only, and tell others how to
 /// open them; with one, they answer whoever presents it, and nobody else, loopback included.
 /// Health stays open to everyone (load balancers).
@@ -98,7 +107,7 @@ async fn operator_endpoints_answer_loopback_or_the_token_and_health_stays_open()
     let far = "10.1.2.3:5555";
     let loopback6 = "[::1]:5555";
     let open = OperatorAccess::loopback_only();
-    for path in ["/_llm-dedup/stats", "/_llm-dedup/metrics"] {
+    for path in OPERATOR_PATHS {
         let (status, _) = operator_answer(&engine, &open, get(path)).await;
         assert_eq!(status, StatusCode::OK, "{path} from 127.0.0.1");
         let (status, _) = operator_answer(&engine, &open, get_from(path, loopback6, None)).await;
@@ -115,7 +124,7 @@ async fn operator_endpoints_answer_loopback_or_the_token_and_health_stays_open()
         assert_eq!(status, StatusCode::FORBIDDEN, "{path} with no peer address");
     }
     let guarded = OperatorAccess::token("s3cret-token");
-    for path in ["/_llm-dedup/stats", "/_llm-dedup/metrics"] {
+    for path in OPERATOR_PATHS {
         for (peer, token, expected) in [
             (far, Some("s3cret-token"), StatusCode::OK),
             ("127.0.0.1:1", Some("s3cret-token"), StatusCode::OK),
@@ -136,6 +145,91 @@ async fn operator_endpoints_answer_loopback_or_the_token_and_health_stays_open()
         let (status, _) =
             operator_answer(&engine, access, get_from("/_llm-dedup/health", far, None)).await;
         assert_eq!(status, StatusCode::OK, "health answers anyone");
+    }
+}
+
+/// A browser cannot send a bearer token, so with `--admin-token` the page also takes the token
+/// as HTTP Basic credentials (any user name), and its refusal asks the browser for them. The
+/// page is one self-contained document that may reach this proxy and nothing else.
+#[tokio::test]
+async fn the_live_page_opens_to_a_browser_with_the_token_and_reaches_no_other_host() {
+    use base64::Engine as _;
+    let upstream = FakeUpstream::start().await;
+    let engine = upstream.engine().build().expect("engine");
+    let guarded = OperatorAccess::token("s3cret-token");
+    let app = || llm_dedup::server::app_with(engine.clone(), guarded.clone());
+    let basic = |credentials: &str| {
+        let encoded = base64::engine::general_purpose::STANDARD.encode(credentials);
+        let mut request = get_from("/_llm-dedup/", "10.1.2.3:5555", None);
+        request.headers_mut().insert(
+            "authorization",
+            format!("Basic {encoded}").parse().expect("value"),
+        );
+        request
+    };
+    let refused = app().oneshot(basic("admin:wrong")).await.expect("answer");
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    let challenges: Vec<_> = refused
+        .headers()
+        .get_all("www-authenticate")
+        .iter()
+        .map(|v| v.to_str().expect("ascii").to_owned())
+        .collect();
+    assert!(
+        challenges.iter().any(|c| c.starts_with("Basic realm=")),
+        "{challenges:?}"
+    );
+    assert!(challenges.iter().any(|c| c == "Bearer"), "{challenges:?}");
+    for bad in ["", "s3cret-token", "not base64 at all"] {
+        let mut request = basic("x:y");
+        request.headers_mut().insert(
+            "authorization",
+            format!("Basic {bad}").parse().expect("value"),
+        );
+        let answer = app().oneshot(request).await.expect("answer");
+        assert_eq!(answer.status(), StatusCode::UNAUTHORIZED, "{bad:?}");
+    }
+
+    let page = app()
+        .oneshot(basic("admin:s3cret-token"))
+        .await
+        .expect("answer");
+    assert_eq!(page.status(), StatusCode::OK);
+    let header = |name: &str| page.headers()[name].to_str().expect("ascii").to_owned();
+    assert!(header("content-type").starts_with("text/html"));
+    let policy = header("content-security-policy");
+    assert!(policy.contains("default-src 'none'") && policy.contains("connect-src 'self'"));
+    let html = page.into_body().collect().await.expect("body").to_bytes();
+    let html = String::from_utf8(html.to_vec()).expect("utf-8");
+    // Self-contained: no script, style, font or image from anywhere else.
+    for reference in ["src=\"http", "href=\"http", "url(http", "@import"] {
+        assert!(
+            !html.contains(reference),
+            "the page refers elsewhere: {reference}"
+        );
+    }
+    assert!(html.contains("/_llm-dedup/stats") && html.contains("/_llm-dedup/series"));
+
+    // The series: a day of minutes by default, fewer on request, nonsense refused.
+    let series = call(&engine, get("/_llm-dedup/series?minutes=60")).await;
+    assert_eq!(series.status, StatusCode::OK);
+    assert_eq!(series.body["step_ms"], 60_000);
+    let outcomes = series.body["outcomes"].as_array().expect("outcomes");
+    assert_eq!(outcomes.len(), 6);
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| o[1].as_array().map(Vec::len) == Some(60))
+    );
+    let day = call(&engine, get("/_llm-dedup/series")).await;
+    assert_eq!(
+        day.body["outcomes"][0][1].as_array().map(Vec::len),
+        Some(1440)
+    );
+    for bad in ["0", "1441", "-1", "ten"] {
+        let reply = call(&engine, get(&format!("/_llm-dedup/series?minutes={bad}"))).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{bad}");
+        assert_eq!(reply.body["error"]["param"], "minutes");
     }
 }
 

@@ -64,6 +64,7 @@ use crate::error::Error;
 use crate::fleet::Fleet;
 use crate::governor::Governor;
 use crate::inflight::InFlight;
+use crate::inspect::LiveFigures;
 use crate::key::{CacheKey, CredentialHeaders, KeyPolicy};
 use crate::live::HeldBytes;
 use crate::memory::MemoryTier;
@@ -252,6 +253,23 @@ impl Dedup {
     /// current minute last.
     pub fn series(&self, minutes: usize) -> SeriesSnapshot {
         self.engine.series.snapshot(minutes, SystemTime::now())
+    }
+
+    /// What the engine is doing now: requests in flight, the memory tier against its bound,
+    /// and the time requests have waited for upstream budget.
+    pub async fn live(&self) -> LiveFigures {
+        let engine = &self.engine;
+        engine.memory.run_pending_tasks().await;
+        let (memory_bytes, memory_entries) = self.memory_usage();
+        let (budget_waits, waited) = engine.metrics.waited();
+        LiveFigures {
+            in_flight: self.in_flight() as u64,
+            memory_bytes,
+            memory_max_bytes: engine.memory.max_bytes(),
+            memory_entries,
+            budget_waits,
+            budget_wait_ms: u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+        }
     }
 
     /// The price table's date and size.
