@@ -1,5 +1,6 @@
 //! A memory-tier hit through the library (`Dedup::send`), against the same request answered
-//! by the upstream over loopback HTTP as a baseline.
+//! by the upstream over loopback HTTP as a baseline; and the same hit by an engine whose price
+//! table is empty, which measures what valuing a hit (`llm-dedup-saved-usd`) costs.
 
 mod support;
 
@@ -8,7 +9,7 @@ use std::hint::black_box;
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http_body_util::Full;
-use llm_dedup::{CacheStatus, Dedup};
+use llm_dedup::{CacheStatus, Dedup, PriceTable};
 
 fn request() -> http::Request<Full<Bytes>> {
     http::Request::post("/v1/chat/completions")
@@ -21,23 +22,36 @@ fn request() -> http::Request<Full<Bytes>> {
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let upstream = rt.block_on(support::serve(support::fixed_app()));
-    let engine = Dedup::builder()
-        .upstream(format!("http://{upstream}"))
-        .build()
-        .expect("engine");
-    let first = rt.block_on(engine.send(request())).expect("first answer");
-    assert_eq!(first.cache, CacheStatus::Miss);
+    let engine_with = |prices: PriceTable| {
+        let engine = Dedup::builder()
+            .upstream(format!("http://{upstream}"))
+            .prices(prices)
+            .build()
+            .expect("engine");
+        let first = rt.block_on(engine.send(request())).expect("first answer");
+        assert_eq!(first.cache, CacheStatus::Miss);
+        engine
+    };
+    let engine = engine_with(PriceTable::built_in());
+    let no_prices = PriceTable::parse(r#"{"taken": "2026-01-01", "models": {}}"#).expect("empty");
+    let unpriced = engine_with(no_prices);
 
     let mut group = c.benchmark_group("memory_hit");
-    group.bench_function("Dedup::send hit", |b| {
-        b.iter(|| {
-            let answer = rt
-                .block_on(engine.send(black_box(request())))
-                .expect("answer");
-            assert_eq!(answer.cache, CacheStatus::Hit);
-            answer
-        })
-    });
+    for (name, engine, priced) in [
+        ("Dedup::send hit", &engine, true),
+        ("Dedup::send hit, no price table", &unpriced, false),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let answer = rt
+                    .block_on(engine.send(black_box(request())))
+                    .expect("answer");
+                assert_eq!(answer.cache, CacheStatus::Hit);
+                assert_eq!(answer.headers.contains_key("llm-dedup-saved-usd"), priced);
+                answer
+            })
+        });
+    }
     let client = reqwest::Client::new();
     let url = format!("http://{upstream}/v1/chat/completions");
     group.bench_function("baseline: upstream over loopback", |b| {

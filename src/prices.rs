@@ -252,6 +252,12 @@ impl PriceTable {
     /// `claude-sonnet-4-5-20250929` is `claude-sonnet-4-5`) unless the snapshot is listed
     /// itself. Azure's `gpt-35-turbo` is OpenAI's `gpt-3.5-turbo`.
     pub fn lookup(&self, model: &str) -> Option<(&str, &Price)> {
+        // The common case first, without allocating: a name as listed, or its snapshot.
+        for candidate in [Some(model), undated(model)].into_iter().flatten() {
+            if let Some((listed, price)) = self.models.get_key_value(candidate) {
+                return Some((listed.as_str(), price));
+            }
+        }
         let lower = model.trim().to_ascii_lowercase();
         let azure = lower.replace("gpt-35", "gpt-3.5");
         for name in [lower.as_str(), azure.as_str()] {
