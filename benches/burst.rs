@@ -1,7 +1,9 @@
 //! The governor's burst scenario: 60 distinct requests fired at once at an upstream that
-//! allows 10 a second and answers 429 with `retry-after-ms` past that. Reports what clients
-//! saw and what the upstream saw, through the proxy and (as a baseline in the same run)
-//! straight to the upstream, against the ideal wall time of 6 s.
+//! allows 10 a second and answers 429 with `retry-after-ms` past that, counting either as a
+//! bucket refilling continuously or in fixed one-second windows (whose headers say truthfully
+//! what remains and when the window ends). Reports what clients saw and what the upstream saw,
+//! through the proxy and (as a baseline in the same run) straight to the upstream, against
+//! the ideal wall time of 6 s.
 //!
 //! `cargo bench --bench burst`
 
@@ -45,11 +47,25 @@ async fn burst(url: String) -> (usize, usize, f64) {
 
 #[tokio::main]
 async fn main() {
-    for (label, through_proxy) in [
-        ("straight to the upstream", false),
-        ("through llm-dedup", true),
+    for (label, through_proxy, limit) in [
+        (
+            "bucket, straight to the upstream",
+            false,
+            support::Limit::Bucket,
+        ),
+        ("bucket, through llm-dedup", true, support::Limit::Bucket),
+        (
+            "fixed window, straight to the upstream",
+            false,
+            support::Limit::Window,
+        ),
+        (
+            "fixed window, through llm-dedup",
+            true,
+            support::Limit::Window,
+        ),
     ] {
-        let (app, counters) = support::limited_app(10.0);
+        let (app, counters) = support::limited_app(10.0, limit);
         let upstream = support::serve(app).await;
         let url = if through_proxy {
             let proxy = support::proxy_for(upstream).await;

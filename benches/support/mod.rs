@@ -106,56 +106,85 @@ pub fn fixed_stream_app(text: String) -> Router {
     })
 }
 
-/// An upstream allowing `per_second` requests a second (a bucket of that size), answering
+/// How a rate-limited upstream counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// A bucket of `per_second` refilling continuously, as OpenAI describes its limits: the
+    /// reset header is the time until the bucket is full again.
+    Bucket,
+    /// Fixed one-second windows of `per_second` requests: the headers say truthfully how many
+    /// remain in this window and when it ends; nothing comes back before that.
+    Window,
+}
+
+/// Calls and refusals an upstream made of `limited_app` saw.
+pub type LimitCounters = std::sync::Arc<(
+    std::sync::atomic::AtomicUsize,
+    std::sync::atomic::AtomicUsize,
+)>;
+
+/// An upstream allowing `per_second` requests a second, counted as `limit` says, answering
 /// 429 `rate_limit_exceeded` with `retry-after-ms` and `x-ratelimit-*` headers past it, as
 /// OpenAI does. Returns the app and its counters: (calls, refusals).
-pub fn limited_app(
-    per_second: f64,
-) -> (
-    Router,
-    std::sync::Arc<(
-        std::sync::atomic::AtomicUsize,
-        std::sync::atomic::AtomicUsize,
-    )>,
-) {
+pub fn limited_app(per_second: f64, limit: Limit) -> (Router, LimitCounters) {
     use std::sync::atomic::Ordering;
-    let counters = std::sync::Arc::new((
+    let counters: LimitCounters = std::sync::Arc::new((
         std::sync::atomic::AtomicUsize::new(0),
         std::sync::atomic::AtomicUsize::new(0),
     ));
-    let bucket = std::sync::Arc::new(std::sync::Mutex::new((
-        per_second,
-        std::time::Instant::now(),
-    )));
+    let started = std::time::Instant::now();
+    // Bucket: (tokens, last refill). Window: (used in the window, the window's start).
+    let state = std::sync::Arc::new(std::sync::Mutex::new((0.0f64, started)));
+    if limit == Limit::Bucket {
+        state.lock().expect("lock").0 = per_second;
+    }
     let seen = counters.clone();
     let app = Router::new().fallback(move || {
-        let (seen, bucket) = (seen.clone(), bucket.clone());
+        let (seen, state) = (seen.clone(), state.clone());
         async move {
             seen.0.fetch_add(1, Ordering::SeqCst);
-            let mut b = bucket.lock().expect("lock");
+            let mut s = state.lock().expect("lock");
             let now = std::time::Instant::now();
-            let tokens = (b.0 + now.duration_since(b.1).as_secs_f64() * per_second).min(per_second);
-            // Time until the bucket is full again, after this request (as OpenAI reports it).
-            let after = if tokens >= 1.0 { tokens - 1.0 } else { tokens };
-            let reset = format!("{}ms", ((per_second - after.max(0.0)) / per_second * 1000.0).ceil());
-            let headers = |remaining: f64, reset: String| {
-                [
-                    ("x-ratelimit-limit-requests", format!("{per_second}")),
-                    ("x-ratelimit-remaining-requests", format!("{}", remaining.floor())),
-                    ("x-ratelimit-reset-requests", reset),
-                ]
+            let ms = |secs: f64| format!("{}", (secs * 1000.0).ceil().max(1.0));
+            // (allowed, remaining after this request, seconds until reset, seconds to wait)
+            let (allowed, remaining, reset, wait) = match limit {
+                Limit::Bucket => {
+                    let tokens = (s.0 + now.duration_since(s.1).as_secs_f64() * per_second)
+                        .min(per_second);
+                    let allowed = tokens >= 1.0;
+                    let after = if allowed { tokens - 1.0 } else { tokens };
+                    *s = (after, now);
+                    // Time until the bucket is full again, after this request.
+                    let reset = (per_second - after.max(0.0)) / per_second;
+                    (allowed, after, reset, (1.0 - tokens) / per_second)
+                }
+                Limit::Window => {
+                    let elapsed = now.duration_since(started).as_secs_f64();
+                    let window_start = elapsed.floor();
+                    if started + std::time::Duration::from_secs_f64(window_start) != s.1 {
+                        *s = (0.0, started + std::time::Duration::from_secs_f64(window_start));
+                    }
+                    let allowed = s.0 < per_second;
+                    if allowed {
+                        s.0 += 1.0;
+                    }
+                    let left = window_start + 1.0 - elapsed;
+                    (allowed, per_second - s.0, left, left)
+                }
             };
-            if tokens < 1.0 {
-                *b = (tokens, now);
+            let headers = [
+                ("x-ratelimit-limit-requests", format!("{per_second}")),
+                ("x-ratelimit-remaining-requests", format!("{}", remaining.max(0.0).floor())),
+                ("x-ratelimit-reset-requests", format!("{}ms", ms(reset))),
+            ];
+            if !allowed {
                 seen.1.fetch_add(1, Ordering::SeqCst);
-                let wait = format!("{}", ((1.0 - tokens) / per_second * 1000.0).ceil());
                 let body = r#"{"error":{"message":"Rate limit reached on requests per min (RPM).","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#;
-                let mut r = (axum::http::StatusCode::TOO_MANY_REQUESTS, headers(0.0, reset), body).into_response();
-                r.headers_mut().insert("retry-after-ms", wait.parse().expect("value"));
+                let mut r = (axum::http::StatusCode::TOO_MANY_REQUESTS, headers, body).into_response();
+                r.headers_mut().insert("retry-after-ms", ms(wait).parse().expect("value"));
                 return r;
             }
-            *b = (tokens - 1.0, now);
-            ([(CONTENT_TYPE.as_str(), "application/json".to_owned())], headers(tokens - 1.0, reset), ANSWER).into_response()
+            ([(CONTENT_TYPE.as_str(), "application/json".to_owned())], headers, ANSWER).into_response()
         }
     });
     (app, counters)

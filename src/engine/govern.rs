@@ -186,7 +186,9 @@ impl Engine {
     /// given back (so the next request in line goes by it): the budget its headers state, for
     /// this replica and for the fleet, and whether the credential was accepted.
     pub(super) async fn learn_from(&self, partition: &Partition, response: &reqwest::Response) {
-        self.governor.observe(partition, response.headers());
+        let refused = response.status() == http::StatusCode::TOO_MANY_REQUESTS;
+        self.governor
+            .observe(partition, response.headers(), refused);
         self.upstream_answered(partition, response.status());
         if let Some(fleet) = &self.fleet {
             if let Some((left, reset)) = governor::Governor::requests_left(response.headers()) {

@@ -1,5 +1,19 @@
 //! A budget that refills at a rate: the unit the governor paces requests and tokens with, and
 //! how one is learned from what an answer's rate-limit headers say.
+//!
+//! # Two shapes of budget
+//!
+//! The headers say what remains and when the budget is whole again; they do not say how it
+//! gets there. OpenAI's limits refill continuously, so a budget starts out *gradual*: what is
+//! missing comes back at a steady rate until the reset. A fixed window gives nothing back
+//! before its reset, then everything at once; paced as gradual, it would be sent a request
+//! or two in each window after what remained was spent, and refuse them. So a `429` that
+//! arrives before the announced reset, after the budget had counted on refilled requests,
+//! makes the budget *stepwise*: it spends what the upstream says remains, and nothing more
+//! until the reset. A stepwise budget turns gradual again if an answer before the reset says
+//! more remains than the one before it (only a refilling budget does that). Either way the
+//! average pace is the same, at most the limit per reset period; the first `429` is what
+//! teaches the shape.
 
 use std::time::Duration;
 
@@ -18,6 +32,13 @@ pub(super) struct Bucket {
     pub available: f64,
     per_second: f64,
     at: Instant,
+    /// Whether the budget comes back whole at its reset rather than gradually.
+    stepwise: bool,
+    /// When the upstream last said the budget is whole again.
+    full_at: Option<Instant>,
+    /// What the upstream last said remains, and the reset it gave with it.
+    reported: f64,
+    reported_reset: Option<Duration>,
 }
 
 impl Bucket {
@@ -32,6 +53,10 @@ impl Bucket {
             available: burst,
             per_second: (limit - burst).max(1.0) / 60.0,
             at: now,
+            stepwise: false,
+            full_at: None,
+            reported: burst,
+            reported_reset: None,
         }
     }
 
@@ -41,9 +66,22 @@ impl Bucket {
     }
 
     pub(super) fn refill(&mut self, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.available = (self.available + elapsed * self.per_second).min(self.capacity);
+        if self.stepwise {
+            if self.full_at.is_some_and(|at| now >= at) {
+                self.available = self.capacity;
+                self.full_at = None;
+            }
+        } else {
+            let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+            self.available = (self.available + elapsed * self.per_second).min(self.capacity);
+        }
         self.at = now;
+    }
+
+    /// Whether the budget is paced as one that comes back whole at its reset.
+    #[cfg(test)]
+    pub(super) fn is_stepwise(&self) -> bool {
+        self.stepwise
     }
 
     /// How long until `amount` is available (zero if it is).
@@ -52,13 +90,51 @@ impl Bucket {
         if missing <= 0.0 || self.per_second <= 0.0 {
             return Duration::ZERO;
         }
+        if self.stepwise {
+            if let Some(at) = self.full_at {
+                return at.saturating_duration_since(self.at);
+            }
+        }
         // Finite and positive, as every number a bucket learns is; a wait too long to hold is
         // read as an hour, and the queue deadline decides.
         Duration::try_from_secs_f64(missing / self.per_second).unwrap_or(Duration::from_secs(3600))
     }
 
-    /// Takes what the upstream says is left and how long until it is full again.
-    fn learn(&mut self, limit: f64, remaining: f64, reset: Option<Duration>, now: Instant) {
+    /// Takes what the upstream says is left and how long until it is full again; `refused`
+    /// when it said so in a `429`.
+    fn learn(
+        &mut self,
+        limit: f64,
+        remaining: f64,
+        reset: Option<Duration>,
+        refused: bool,
+        now: Instant,
+    ) {
+        let before_reset = self.full_at.is_some_and(|at| now < at);
+        if refused && before_reset && self.reported < 1.0 && remaining < 1.0 {
+            // The upstream had said nothing remained until the reset, a gradual refill counted
+            // on some coming back sooner, and the upstream refused it: nothing comes back
+            // before the reset.
+            self.stepwise = true;
+        } else if self.stepwise && remaining >= self.reported + 2.0 {
+            // More remains than before. Answers arrive out of order, so that alone proves
+            // nothing; but a window's answers give more remaining with a *longer* reset (they
+            // were made earlier in it), while a refilling budget gives more remaining with a
+            // *shorter* one (it is closer to full). The latter, by a margin for rounding: it
+            // refills after all.
+            let closer = match (reset, self.reported_reset) {
+                (Some(now), Some(before)) => now.as_secs_f64() < before.as_secs_f64() * 0.9 - 0.005,
+                _ => false,
+            };
+            if closer {
+                self.stepwise = false;
+            }
+        }
+        self.reported = remaining;
+        self.reported_reset = reset;
+        if let Some(reset) = reset {
+            self.full_at = now.checked_add(reset);
+        }
         self.capacity = limit.max(1.0);
         // Correct an over-estimate, but not by the header's rounding (it reports whole
         // requests left; flooring our estimate on every answer would halve the pace). Never
@@ -82,7 +158,12 @@ impl Bucket {
 /// Updates (or starts) a budget from what one answer's headers say. Without a limit (Azure),
 /// a known budget keeps its size, and an unknown one starts with what remains, refilled at
 /// the per-minute pace.
-pub(super) fn learn(bucket: &mut Option<Bucket>, said: Option<BudgetReport>, now: Instant) {
+pub(super) fn learn(
+    bucket: &mut Option<Bucket>,
+    said: Option<BudgetReport>,
+    refused: bool,
+    now: Instant,
+) {
     let Some(BudgetReport {
         limit,
         remaining,
@@ -97,9 +178,79 @@ pub(super) fn learn(bucket: &mut Option<Bucket>, said: Option<BudgetReport>, now
         .max(remaining);
     let fresh = bucket.is_none();
     let b = bucket.get_or_insert(Bucket::per_minute(limit as u32, now));
-    b.learn(limit, remaining, reset, now);
+    b.learn(limit, remaining, reset, refused, now);
     if fresh {
         // A budget first seen in an answer holds what that answer says remains.
         b.available = remaining.min(b.capacity);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn said(remaining: f64, reset_ms: u64) -> Option<BudgetReport> {
+        Some(BudgetReport {
+            limit: Some(10.0),
+            remaining,
+            reset: Some(Duration::from_millis(reset_ms)),
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_ahead_of_the_reset_makes_a_budget_stepwise_and_a_refill_undoes_it() {
+        let mut bucket = None;
+        let t0 = Instant::now();
+        learn(&mut bucket, said(0.0, 1000), false, t0);
+        let b = bucket.as_mut().expect("learned");
+        // Gradual: a request comes back long before the reset.
+        b.refill(t0 + Duration::from_millis(200));
+        assert!(b.available >= 1.0 && !b.is_stepwise());
+        // The upstream refuses it, still saying nothing remains: it is a fixed window.
+        learn(
+            &mut bucket,
+            said(0.0, 800),
+            true,
+            t0 + Duration::from_millis(200),
+        );
+        let b = bucket.as_mut().expect("learned");
+        assert!(b.is_stepwise());
+        b.refill(t0 + Duration::from_millis(900));
+        assert!(b.available < 1.0, "nothing before the reset");
+        assert_eq!(b.wait_for(1.0), Duration::from_millis(100));
+        b.refill(t0 + Duration::from_millis(1000));
+        assert_eq!(b.available, 10.0, "all of it at the reset");
+
+        // A refusal while the upstream had said some remained says nothing of the shape.
+        let mut other = None;
+        learn(&mut other, said(5.0, 1000), false, t0);
+        learn(
+            &mut other,
+            said(0.0, 900),
+            true,
+            t0 + Duration::from_millis(100),
+        );
+        assert!(!other.expect("learned").is_stepwise());
+
+        // A window's answers arriving out of order (more remaining, same reset) change
+        // nothing; nor does the next window (more remaining, a longer reset).
+        let t1 = t0 + Duration::from_millis(1000);
+        for (remaining, reset) in [(8.0, 997), (4.0, 997), (7.0, 997), (0.0, 2), (9.0, 998)] {
+            learn(&mut bucket, said(remaining, reset), false, t1);
+            assert!(
+                bucket.as_ref().expect("learned").is_stepwise(),
+                "{remaining}"
+            );
+        }
+        // More remaining with a shorter reset: the budget refills after all.
+        let t2 = t1 + Duration::from_millis(1000);
+        learn(&mut bucket, said(0.0, 1000), false, t2);
+        learn(
+            &mut bucket,
+            said(4.0, 600),
+            false,
+            t2 + Duration::from_millis(400),
+        );
+        assert!(!bucket.expect("learned").is_stepwise());
     }
 }

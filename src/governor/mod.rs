@@ -340,8 +340,9 @@ impl Governor {
         Ok(Permit { _slot: slot, probe })
     }
 
-    /// Learns the budget from an answer's rate-limit headers.
-    pub(crate) fn observe(&self, partition: &Partition, headers: &HeaderMap) {
+    /// Learns the budget from an answer's rate-limit headers; `refused` when the answer was a
+    /// `429` (see the budget shapes in `bucket.rs`).
+    pub(crate) fn observe(&self, partition: &Partition, headers: &HeaderMap, refused: bool) {
         let learned = RateLimits::read(headers);
         let budget = self.budget(partition);
         let mut s = budget.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -352,10 +353,10 @@ impl Governor {
         let now = Instant::now();
         // An operator's --rpm / --tpm is a ceiling the headers never raise.
         if self.settings.rpm.is_none() {
-            learn(&mut s.requests, learned.requests, now);
+            learn(&mut s.requests, learned.requests, refused, now);
         }
         if self.settings.tpm.is_none() {
-            learn(&mut s.tokens, learned.tokens, now);
+            learn(&mut s.tokens, learned.tokens, refused, now);
         }
     }
 
@@ -410,6 +411,59 @@ mod tests {
             h.insert(*k, v.parse().expect("value"));
         }
         h
+    }
+
+    /// An upstream with fixed one-second windows of 10, whose headers say truthfully what
+    /// remains and when the window ends, and whose 429s say to wait for its end: 60 requests
+    /// in a row, each waiting its turn, retried after a refusal as the engine does.
+    async fn through_fixed_windows(governor: &Governor, p: &Partition) -> usize {
+        let far = Instant::now() + Duration::from_secs(600);
+        let start = Instant::now();
+        let mut window = (0u64, 0u32);
+        let mut refused = 0;
+        let mut sent = 0;
+        while sent < 60 {
+            let permit = governor.acquire(p, 0, far).await.expect("permit");
+            // The answer takes 20 ms, and is produced at its end.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let elapsed = Instant::now() - start;
+            let index = elapsed.as_secs();
+            if window.0 != index {
+                window = (index, 0);
+            }
+            let ok = window.1 < 10;
+            if ok {
+                window.1 += 1;
+            }
+            let left = Duration::from_secs(index + 1) - elapsed;
+            let said = headers(&[
+                ("x-ratelimit-limit-requests", "10"),
+                (
+                    "x-ratelimit-remaining-requests",
+                    &(10 - window.1).to_string(),
+                ),
+                (
+                    "x-ratelimit-reset-requests",
+                    &format!("{}ms", left.as_millis().max(1)),
+                ),
+            ]);
+            governor.observe(p, &said, !ok);
+            drop(permit);
+            if ok {
+                sent += 1;
+            } else {
+                refused += 1;
+                governor.pause(p, left);
+            }
+        }
+        refused
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fixed_window_is_spent_then_waited_for_after_one_refusal() {
+        let governor = Governor::new(GovernorSettings::default());
+        let refused = through_fixed_windows(&governor, &Partition::from_bytes([6u8; 32])).await;
+        assert!(refused <= 1, "{refused} refusals in 6 windows");
     }
 
     #[tokio::test(start_paused = true)]
@@ -471,7 +525,11 @@ mod tests {
         let p = Partition::from_bytes([4u8; 32]);
         let far = Instant::now() + Duration::from_secs(600);
         governor.acquire(&p, 0, far).await.expect("the probe");
-        governor.observe(&p, &headers(&[("x-ratelimit-remaining-requests", "0")]));
+        governor.observe(
+            &p,
+            &headers(&[("x-ratelimit-remaining-requests", "0")]),
+            false,
+        );
         let started = tokio::time::Instant::now();
         governor.acquire(&p, 0, far).await.expect("after a refill");
         assert!(
@@ -514,7 +572,7 @@ mod tests {
         // One request each from a flood of credentials (random API keys).
         for i in 0..(MAX_BUDGETS as u32 + 500) {
             let permit = governor.acquire(&partition(i), 0, far).await.expect("ok");
-            governor.observe(&partition(i), &HeaderMap::new());
+            governor.observe(&partition(i), &HeaderMap::new(), false);
             drop(permit);
         }
         assert!(
