@@ -333,4 +333,33 @@ mod tests {
             prop_assert_eq!(cut_usage, usage);
         }
     }
+
+    #[test]
+    fn each_framing_reports_the_model_it_names() {
+        let cases = [
+            (
+                Route::ChatCompletions,
+                "data: {\"model\":\"gpt-4o-mini-2024-07-18\",\"choices\":[]}\n\ndata: [DONE]\n\n",
+                "gpt-4o-mini-2024-07-18",
+            ),
+            (
+                Route::Responses,
+                "event: response.created\ndata: {\"response\":{\"model\":\"o3-2025-04-16\"}}\n\n",
+                "o3-2025-04-16",
+            ),
+            (
+                Route::AnthropicMessages,
+                "event: message_start\ndata: {\"message\":{\"model\":\"claude-sonnet-4-5-20250929\",\"usage\":{\"input_tokens\":3,\"cache_read_input_tokens\":7}}}\n\n",
+                "claude-sonnet-4-5-20250929",
+            ),
+        ];
+        for (route, text, model) in cases {
+            let mut split = EventSplitter::default();
+            let mut done = Completion::new(route);
+            for e in split.push(text.as_bytes()) {
+                done.observe(&e);
+            }
+            assert_eq!(done.model(), Some(model), "{route:?}");
+        }
+    }
 }
