@@ -111,7 +111,7 @@ impl Engine {
 }
 
 /// Sets `llm-dedup-saved-usd` to what `saved` is worth, or removes it when that is unknown.
-fn set_saving(headers: &mut HeaderMap, saved: &Saved<'_>) {
+pub(super) fn set_saving(headers: &mut HeaderMap, saved: &Saved<'_>) {
     match saved.priced {
         Some((_, usd)) => set_header(headers, SAVED_HEADER, &usd.to_string()),
         None => {

@@ -12,10 +12,10 @@ use crate::counts::Counts;
 use crate::embeddings::{self, EmbeddingList};
 use crate::engine::Engine;
 use crate::engine::count::{Saved, answered};
-use crate::engine::render::set_key_header;
+use crate::engine::render::{set_key_header, set_saving};
 use crate::entry::StoredAnswer;
 use crate::error::{Error, ErrorKind};
-use crate::headers::{CACHE_HEADER, SAVED_HEADER};
+use crate::headers::CACHE_HEADER;
 use crate::route::Route;
 use crate::usage::Usage;
 
@@ -96,10 +96,8 @@ impl Engine {
         headers.insert(CACHE_HEADER, cache.header_value());
         // What the inputs that did not go upstream would have cost: on a hit, a coalesced or
         // a partial answer, as on the other routes.
-        if let Some((_, usd)) = saved.priced.filter(|_| cache != CacheStatus::Miss) {
-            if let Ok(value) = HeaderValue::from_str(&usd.to_string()) {
-                headers.insert(SAVED_HEADER, value);
-            }
+        if cache != CacheStatus::Miss {
+            set_saving(&mut headers, &saved);
         }
         let key = match entries {
             [(_, only)] => {
