@@ -8,12 +8,13 @@
 //! missing comes back at a steady rate until the reset. A fixed window gives nothing back
 //! before its reset, then everything at once; paced as gradual, it would be sent a request
 //! or two in each window after what remained was spent, and refuse them. So a `429` that
-//! arrives before the announced reset, after the budget had counted on refilled requests,
-//! makes the budget *stepwise*: it spends what the upstream says remains, and nothing more
-//! until the reset. A stepwise budget turns gradual again if an answer before the reset says
-//! more remains than the one before it (only a refilling budget does that). Either way the
-//! average pace is the same, at most the limit per reset period; the first `429` is what
-//! teaches the shape.
+//! arrives before the announced reset, when the answer before it had said nothing remained
+//! (the request went out on refill the budget only assumed), makes the budget *stepwise*: it
+//! spends what the upstream says remains, and nothing more until the reset. A stepwise budget
+//! turns gradual again when an answer says more remains than the one before it *with a
+//! shorter reset* (a refilling budget nearing full; a window's answers, arriving out of order,
+//! give more remaining with a longer one). Either way the average pace is the same, at most
+//! the limit per reset period; the first `429` is what teaches the shape.
 
 use std::time::Duration;
 
