@@ -41,6 +41,9 @@ pub struct FakeState {
     pub chunk_delay_ms: AtomicU64,
     /// Requests per second allowed (0: no limit); past it, 429 with `retry-after-ms`.
     pub limit_per_sec: std::sync::atomic::AtomicU32,
+    /// Count `limit_per_sec` in fixed one-second windows (nothing comes back before a
+    /// window ends) instead of a bucket refilling continuously.
+    pub limit_window: std::sync::atomic::AtomicBool,
     limiter: Mutex<Option<(f64, std::time::Instant)>>,
     /// 429s answered.
     pub refusals: AtomicUsize,
@@ -236,36 +239,55 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
     let limit = state.limit_per_sec.load(Ordering::SeqCst);
     if limit > 0 {
         let limit = f64::from(limit);
+        let window = state.limit_window.load(Ordering::SeqCst);
         let mut limiter = state.limiter.lock().expect("lock");
         let now = std::time::Instant::now();
-        let (tokens, at) = limiter.unwrap_or((limit, now));
-        let tokens = (tokens + now.duration_since(at).as_secs_f64() * limit).min(limit);
-        let reset = |tokens: f64| format!("{}ms", (((limit - tokens) / limit) * 1000.0).ceil());
-        if tokens < 1.0 {
-            *limiter = Some((tokens, now));
-            drop(limiter);
-            state.refusals.fetch_add(1, Ordering::SeqCst);
-            let wait_ms = ((1.0 - tokens) / limit * 1000.0).ceil();
-            return refusal(
-                rate_limited(),
-                vec![
-                    ("retry-after-ms", format!("{wait_ms}")),
-                    ("x-ratelimit-limit-requests", format!("{limit}")),
-                    ("x-ratelimit-remaining-requests", "0".into()),
-                    ("x-ratelimit-reset-requests", reset(tokens)),
-                ],
-            );
-        }
-        let tokens = tokens - 1.0;
-        *limiter = Some((tokens, now));
-        rate_headers = vec![
+        // (allowed, remaining after this call, seconds until the budget is whole again)
+        let (allowed, remaining, reset) = if window {
+            // (used in the window, the window's start): one-second windows from the first call.
+            let (used, start) = limiter.unwrap_or((0.0, now));
+            let passed = now.duration_since(start).as_secs_f64().floor();
+            let (used, start) = if passed >= 1.0 {
+                (0.0, start + Duration::from_secs_f64(passed))
+            } else {
+                (used, start)
+            };
+            let allowed = used < limit;
+            let used = if allowed { used + 1.0 } else { used };
+            *limiter = Some((used, start));
+            let reset = 1.0 - now.duration_since(start).as_secs_f64();
+            (allowed, limit - used, reset)
+        } else {
+            // (tokens, last refill): a bucket refilling continuously, as OpenAI's does.
+            let (tokens, at) = limiter.unwrap_or((limit, now));
+            let tokens = (tokens + now.duration_since(at).as_secs_f64() * limit).min(limit);
+            let allowed = tokens >= 1.0;
+            let after = if allowed { tokens - 1.0 } else { tokens };
+            *limiter = Some((after, now));
+            (allowed, after, (limit - after) / limit)
+        };
+        drop(limiter);
+        let reset_ms = (reset * 1000.0).ceil().max(1.0);
+        let mut headers = vec![
             ("x-ratelimit-limit-requests", format!("{limit}")),
             (
                 "x-ratelimit-remaining-requests",
-                format!("{}", tokens.floor()),
+                format!("{}", remaining.max(0.0).floor()),
             ),
-            ("x-ratelimit-reset-requests", reset(tokens)),
+            ("x-ratelimit-reset-requests", format!("{reset_ms}ms")),
         ];
+        if !allowed {
+            state.refusals.fetch_add(1, Ordering::SeqCst);
+            // A bucket frees its next request sooner than a window resets.
+            let wait_ms = if window {
+                reset_ms
+            } else {
+                ((1.0 - remaining) / limit * 1000.0).ceil()
+            };
+            headers.push(("retry-after-ms", format!("{wait_ms}")));
+            return refusal(rate_limited(), headers);
+        }
+        rate_headers = headers;
     }
     let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let streaming = request.get("stream") == Some(&Value::Bool(true));
