@@ -402,6 +402,91 @@ async fn replicas_share_the_upstreams_rate_budget() {
     stop(fleet).await;
 }
 
+/// An upstream counting fixed one-second windows of 10, whose headers say truthfully what
+/// remains and when the window ends, gives nothing back before a window ends: the fleet
+/// spends each window's budget and no more. 60 distinct requests at once over three replicas
+/// all succeed, and the upstream refuses at most one call per replica (each replica learns
+/// the budget's shape from one refusal, or from the fleet).
+#[tokio::test]
+async fn replicas_share_a_fixed_window_budget() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = FakeUpstream::start().await;
+    upstream
+        .state
+        .limit_window
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    upstream
+        .state
+        .limit_per_sec
+        .store(10, std::sync::atomic::Ordering::SeqCst);
+    let fleet = replicas(&upstream, &redis).await;
+    let answers = answers(launch(&fleet, 60, |i| format!("window {i}"))).await;
+    let ok = answers.iter().filter(|a| a.status == 200).count();
+    let refused = upstream
+        .state
+        .refusals
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(ok, 60, "every request succeeds");
+    assert!(
+        refused <= 3,
+        "the upstream refused {refused} calls of the fleet"
+    );
+    stop(fleet).await;
+}
+
+/// Requests waiting for the fleet's budget (one a second, set with `--rpm 60`) on different
+/// replicas reach the upstream in the order they arrived: the line is the fleet's, not each
+/// replica's.
+#[tokio::test]
+async fn the_fleets_line_serves_requests_in_arrival_order() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = FakeUpstream::start().await;
+    let settings = llm_dedup::GovernorSettings {
+        rpm: Some(60),
+        ..Default::default()
+    };
+    let mut fleet = Vec::new();
+    for _ in 0..3 {
+        let engine = upstream.engine().redis(redis.url()).governor(settings);
+        fleet.push(Proxy::start(engine).await);
+    }
+    let c = client();
+    let mut calls = Vec::new();
+    for i in 0..6 {
+        let (c, url) = (c.clone(), fleet[i % 3].url("/v1/chat/completions"));
+        let body = chat(&format!("in line {i}"));
+        calls.push(tokio::spawn(async move { post(&c, &url, body, &[]).await }));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for seen in answers(calls).await {
+        assert_eq!(seen.status, 200, "{}", seen.body);
+    }
+    let arrived: Vec<String> = upstream
+        .state
+        .bodies
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|body| {
+            let body: serde_json::Value = serde_json::from_slice(body).expect("json");
+            body["messages"][0]["content"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    let sent: Vec<String> = (0..6).map(|i| format!("in line {i}")).collect();
+    assert_eq!(
+        arrived, sent,
+        "the upstream saw them in the order they arrived"
+    );
+    stop(fleet).await;
+}
+
 /// Redis killed while a replica waits on another's call, or paused (a slow Redis): every
 /// client still gets its answer, and nothing wrong is served.
 #[tokio::test]

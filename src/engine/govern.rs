@@ -13,10 +13,15 @@ use super::count::route_name;
 use crate::answer::Refusal;
 use crate::entry::EntryMeta;
 use crate::error::Error;
+use crate::fleet::{BudgetTurn, Budgeted};
 use crate::governor::{self, Disposition};
 use crate::headers::SHOULD_RETRY;
 use crate::key::Partition;
 use crate::upstream;
+
+/// How often a request waiting for a reserved turn in the fleet's line looks whether the
+/// fleet changed its mind about the budget's shape.
+const RESERVED_CHECK: Duration = Duration::from_secs(1);
 
 /// What came back from the upstream through the governor.
 pub(super) enum Upstreamed {
@@ -150,11 +155,13 @@ impl Engine {
 }
 
 impl Engine {
-    /// Waits for the fleet's budget of `partition` (with `--redis`), after the replica's own
-    /// governor let the request go: replicas together keep the pace this replica learned (or
-    /// was given with `--rpm`), spend what the upstream said is left and no more, and share
-    /// the pause after a refusal. A wait past
-    /// `deadline` is a full queue, as the replica's own would be; Redis unreachable, no wait.
+    /// Takes the request's turn in the fleet's line for the budget of `partition` (with
+    /// `--redis`), after the replica's own governor let it go, and waits for it: replicas
+    /// together keep the pace this replica learned (or was given with `--rpm`), spend what the
+    /// upstream said is left and no more, share the pause after a refusal, and go in the
+    /// order they asked (see `fleet/budget.rs`). A turn past `deadline` is a full queue, as
+    /// the replica's own would be; Redis unreachable, no wait (a turn already reserved is
+    /// still waited for).
     pub(super) async fn fleet_budget(
         &self,
         partition: &Partition,
@@ -163,23 +170,57 @@ impl Engine {
         let Some(fleet) = &self.fleet else {
             return Ok(());
         };
-        while let Some(wait) = fleet
-            .budget_wait(partition, self.governor.request_pace(partition))
-            .await
-        {
-            if wait.is_zero() {
-                break;
+        let full = |wait| Error::from(governor::QueueFull { retry_after: wait });
+        'ask: loop {
+            let longest = deadline.saturating_duration_since(Instant::now());
+            let pace = self.governor.request_pace(partition);
+            let Some(BudgetTurn {
+                turn,
+                stepwise,
+                changes,
+            }) = fleet.budget_turn(partition, pace, longest).await
+            else {
+                return Ok(());
+            };
+            if stepwise {
+                self.governor.fleet_counts_requests(partition);
             }
-            if Instant::now()
-                .checked_add(wait)
-                .is_none_or(|at| at > deadline)
-            {
-                return Err(governor::QueueFull { retry_after: wait }.into());
+            match turn {
+                Budgeted::Later(wait) => return Err(full(wait)),
+                Budgeted::Paused(wait) => {
+                    if wait > longest {
+                        return Err(full(wait));
+                    }
+                    // In short slices, like the replica's own queue: a longer pause learned
+                    // meanwhile counts.
+                    tokio::time::sleep(wait.min(Duration::from_millis(250))).await;
+                }
+                Budgeted::Go(wait) => {
+                    // Waited for in slices of a second: a turn reserved under the shape the
+                    // fleet has since stopped believing in is asked for again.
+                    let at = Instant::now() + wait;
+                    while Instant::now() < at {
+                        tokio::time::sleep_until(at.min(Instant::now() + RESERVED_CHECK)).await;
+                        if Instant::now() < at
+                            && fleet
+                                .shape_changes(partition)
+                                .await
+                                .is_some_and(|c| c != changes)
+                        {
+                            continue 'ask;
+                        }
+                    }
+                    if !wait.is_zero() {
+                        // A refusal while this turn was waiting paused the budget: wait that
+                        // out too (the turn stays this request's).
+                        let paused = fleet.paused_for(partition).await;
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        tokio::time::sleep(paused.min(left)).await;
+                    }
+                    return Ok(());
+                }
             }
-            // In short slices, like the replica's own queue: a reset learned meanwhile counts.
-            tokio::time::sleep(wait.min(Duration::from_millis(250))).await;
         }
-        Ok(())
     }
 
     /// Learns from the upstream's answer to a request of `partition`, before its permit is
@@ -191,8 +232,8 @@ impl Engine {
             .observe(partition, response.headers(), refused);
         self.upstream_answered(partition, response.status());
         if let Some(fleet) = &self.fleet {
-            if let Some((left, reset)) = governor::Governor::requests_left(response.headers()) {
-                fleet.learn_left(partition, left, reset).await;
+            if let Some(said) = governor::Governor::requests_said(response.headers()) {
+                fleet.learn_budget(partition, said).await;
             }
         }
     }

@@ -23,6 +23,9 @@
 //!   is the head (status and replayed headers), then one record per event, then the end
 //!   (`ok` or `err`); it expires [`STREAM_KEPT`] after its last record. At most
 //!   `--max-stream` bytes are relayed: past that, the end says `cut`.
+//! - `budget:{partition}:{what}`: the rate budget of one credential partition, shared by the
+//!   replicas (`budget.rs`): `pause` after a refusal, what the upstream said is `left`, the
+//!   pace's GCRA state (`rpm`), and the window's accounting and the budget's shape (`win`).
 //! - channel `events`: `"{replica} live {key}"` when a stream starts,
 //!   `"{replica} done {key}"` when a lease ends, `"{replica} replaced
 //!   {key}"` after a `no-cache` refresh, `"{replica} purge all"` and `"{replica} purge {key}"`
@@ -58,6 +61,7 @@ use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::Notify;
 
+pub use budget::{BudgetTurn, Budgeted, Said};
 pub use codec::{decode_entry, encode_entry};
 pub use stream::{Ending, Followed, Relay, Relayed};
 

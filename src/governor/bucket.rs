@@ -12,8 +12,9 @@
 //! (the request went out on refill the budget only assumed), makes the budget *stepwise*: it
 //! spends what the upstream says remains, and nothing more until the reset. A stepwise budget
 //! turns gradual again when an answer says more remains than the one before it *with a
-//! shorter reset* (a refilling budget nearing full; a window's answers, arriving out of order,
-//! give more remaining with a longer one). Either way the average pace is the same, at most
+//! shorter reset* and within the same period (a refilling budget nearing full; a window's
+//! answers, arriving out of order, give more remaining with a longer one, and a later
+//! window's answers are whole again a period later). Either way the average pace is the same, at most
 //! the limit per reset period; the first `429` is what teaches the shape.
 
 use std::time::Duration;
@@ -123,8 +124,16 @@ impl Bucket {
             // were made earlier in it), while a refilling budget gives more remaining with a
             // *shorter* one (it is closer to full). The latter, by a margin for rounding: it
             // refills after all.
-            let closer = match (reset, self.reported_reset) {
-                (Some(now), Some(before)) => now.as_secs_f64() < before.as_secs_f64() * 0.9 - 0.005,
+            // And the same budget period, not a later window: whole again no later than the
+            // answer before said (by half its reset, for the answers' own delays).
+            let closer = match (reset, self.reported_reset, self.full_at) {
+                (Some(r), Some(before), Some(full_at)) => {
+                    r.as_secs_f64() < before.as_secs_f64() * 0.9 - 0.005
+                        && now
+                            .checked_add(r)
+                            .zip(full_at.checked_add(before / 2))
+                            .is_some_and(|(at, latest)| at <= latest)
+                }
                 _ => false,
             };
             if closer {
@@ -243,8 +252,18 @@ mod tests {
                 "{remaining}"
             );
         }
+        // Nor does an answer from a window some periods later, late in it (more remaining, a
+        // shorter reset, but whole again well after the answer before said).
+        learn(&mut bucket, said(5.0, 980), false, t1);
+        learn(
+            &mut bucket,
+            said(9.0, 386),
+            false,
+            t1 + Duration::from_millis(2600),
+        );
+        assert!(bucket.as_ref().expect("learned").is_stepwise());
         // More remaining with a shorter reset: the budget refills after all.
-        let t2 = t1 + Duration::from_millis(1000);
+        let t2 = t1 + Duration::from_millis(3000);
         learn(&mut bucket, said(0.0, 1000), false, t2);
         learn(
             &mut bucket,

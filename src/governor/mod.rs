@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use http::HeaderMap;
 
 use crate::error::{Error, ErrorKind};
+use crate::fleet::Said;
 use crate::key::Partition;
 
 mod bucket;
@@ -79,7 +80,12 @@ struct BudgetState {
     /// An answer has come back (with or without rate-limit headers) since the budget was
     /// created: there is no more reason to probe one request at a time.
     probed: bool,
+    /// Until then the fleet counts the request budget, as a fixed window.
+    fleet_counts_until: Option<Instant>,
 }
+
+/// How long the fleet's word that it counts a budget holds without being said again.
+const FLEET_COUNTS: Duration = Duration::from_secs(10);
 
 /// One credential partition's budget.
 #[derive(Debug, Default)]
@@ -111,6 +117,15 @@ impl Drop for Permit {
 /// Longest a probe holds the line: a slow answer (a long completion sends its headers only
 /// at the end) must not keep everyone else waiting for it.
 const PROBE_HOLD: Duration = Duration::from_secs(2);
+
+/// What a replica knows of a request budget's pace, as the fleet's budget uses it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Pace {
+    /// Requests a second it refills at.
+    pub per_second: f64,
+    /// What it allows at once.
+    pub burst: f64,
+}
 
 /// The queue wait passed before the budget allowed the request.
 #[derive(Debug, Clone, Copy)]
@@ -274,7 +289,9 @@ impl Governor {
                     .paused_until
                     .map_or(Duration::ZERO, |p| p.saturating_duration_since(now));
                 let mut wait = paused;
-                if let Some(r) = s.requests.as_mut() {
+                let counted = s.fleet_counts_until.is_some_and(|until| now < until);
+                let requests = s.requests.as_mut().filter(|_| !counted);
+                if let Some(r) = requests {
                     r.refill(now);
                     wait = wait.max(r.wait_for(1.0));
                 }
@@ -283,7 +300,7 @@ impl Governor {
                     wait = wait.max(t.wait_for(f64::from(tokens)));
                 }
                 if wait.is_zero() {
-                    if let Some(r) = s.requests.as_mut() {
+                    if let Some(r) = s.requests.as_mut().filter(|_| !counted) {
                         r.available -= 1.0;
                     }
                     if let Some(t) = s.tokens.as_mut() {
@@ -360,20 +377,38 @@ impl Governor {
         }
     }
 
-    /// The request pace of `partition`'s budget, if known: requests a second and the burst
-    /// allowed at once (learned from the headers, or set with `--rpm`).
-    pub(crate) fn request_pace(&self, partition: &Partition) -> Option<(f64, f64)> {
+    /// The request pace of `partition`'s budget, if known: learned from the headers, or set
+    /// with `--rpm`.
+    pub(crate) fn request_pace(&self, partition: &Partition) -> Option<Pace> {
         let budget = self.budget(partition);
         let s = budget.state.lock().unwrap_or_else(|e| e.into_inner());
-        s.requests.as_ref().map(|b| (b.per_second(), b.capacity))
+        s.requests.as_ref().map(|b| Pace {
+            per_second: b.per_second(),
+            burst: b.capacity,
+        })
     }
 
-    /// Requests the upstream says are left in the current window, and how long until it
-    /// resets, from an answer's headers: what a fleet shares.
-    pub(crate) fn requests_left(headers: &HeaderMap) -> Option<(u64, Duration)> {
+    /// The fleet counts the request budget of `partition` as a fixed window, from every
+    /// replica's answers (see `fleet/budget.rs`): this replica's own estimate of it, made from
+    /// its share of the answers only, stops holding requests back for [`FLEET_COUNTS`] (its
+    /// pause, token budget and fair queue still apply). Kept fresh by every turn the fleet
+    /// gives.
+    pub(crate) fn fleet_counts_requests(&self, partition: &Partition) {
+        let budget = self.budget(partition);
+        let mut s = budget.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.fleet_counts_until = Instant::now().checked_add(FLEET_COUNTS);
+    }
+
+    /// What an answer's headers say of the request budget (its size, what remains and how
+    /// long until it is whole again): what a fleet shares.
+    pub(crate) fn requests_said(headers: &HeaderMap) -> Option<Said> {
         let report = RateLimits::read(headers).requests?;
         // Finite and non-negative, as `read` checks; counts are far below 2^53.
-        Some((report.remaining as u64, report.reset?))
+        Some(Said {
+            limit: report.limit.map(|l| l as u64),
+            remaining: report.remaining as u64,
+            reset: report.reset?,
+        })
     }
 
     /// Pauses the whole budget of `partition` for `wait` (after a refusal), at most
