@@ -6,7 +6,7 @@
 //! (b) 60 distinct requests at once over the replicas, upstream allowing 10 a second:
 //!     successes, client 429s, upstream 429s, wall time against the ideal 6 s.
 //! (c) hit latency: from Redis (memory cold) against a memory hit and an SQLite hit.
-//! (d) Redis memory per stored answer.
+//! (d) Redis memory per stored answer, chat (as it came) and streamed (deflated).
 //!
 //! `cargo bench --bench fleet` (needs `redis-server`).
 
@@ -236,22 +236,73 @@ async fn main() {
         us(&from_disk) / us(&memory)
     );
 
-    // (d) Redis memory per answer.
+    // (d) Redis memory per answer: chat answers (short: written as they came) and streamed
+    // answers (deflated), each against its body and against what deflate makes of it.
     let used = |info: String| -> f64 {
         info.lines()
             .find_map(|l| l.strip_prefix("used_memory:"))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0.0)
     };
+    let deflate_ratio = |body: &str| {
+        use std::io::Write;
+        let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(body.as_bytes()).expect("deflate");
+        body.len() as f64 / e.finish().expect("deflate").len() as f64
+    };
     let before = used(redis.command("INFO memory"));
     let more: Vec<String> = (0..2000).map(|i| request(&format!("memory {i}"))).collect();
     store_all(&client, &writer_url, &more).await;
     let after = used(redis.command("INFO memory"));
     println!(
-        "(d) Redis memory: {:.0} bytes per stored answer over 2000 answers of {} bytes of body \
-         ({:.2} x the body; values are not compressed)",
+        "(d) Redis memory: {:.0} bytes per stored chat answer over 2000 answers of {} bytes of \
+         body ({:.2} x the body; stored as it came: deflate would make it {:.2} x smaller)",
         (after - before) / 2000.0,
         support::ANSWER.len(),
-        (after - before) / 2000.0 / support::ANSWER.len() as f64
+        (after - before) / 2000.0 / support::ANSWER.len() as f64,
+        deflate_ratio(support::ANSWER)
+    );
+    let sse = support::sse_text(200);
+    let streams = support::serve(support::fixed_stream_app(sse.clone())).await;
+    let streamer = replica(streams, &redis.url, None).await;
+    let streamer_url = format!("http://{streamer}/v1/chat/completions");
+    let streamed: Vec<String> = (0..500)
+        .map(|i| {
+            format!(
+                r#"{{"model":"gpt-4o-mini","stream":true,"messages":[{{"role":"user","content":"stream {i}"}}]}}"#
+            )
+        })
+        .collect();
+    let before = used(redis.command("INFO memory"));
+    store_all(&client, &streamer_url, &streamed).await;
+    let after = used(redis.command("INFO memory"));
+    // The entries alone (the live relays of these streams are kept a minute after they end).
+    let listed = redis.command("SCAN 0 MATCH llm-dedup:*:e:* COUNT 100000");
+    let entries: Vec<&str> = listed
+        .lines()
+        .filter(|l| l.starts_with("llm-dedup:"))
+        .collect();
+    let mut entry_bytes = Vec::new();
+    for name in &entries {
+        let usage = redis.command(&format!("MEMORY USAGE {name}"));
+        if let Some(n) = usage
+            .strip_prefix(':')
+            .and_then(|v| v.trim().parse::<f64>().ok())
+        {
+            entry_bytes.push(n);
+        }
+    }
+    // The chat answers stored above are entries too; the streamed ones are the large ones.
+    entry_bytes.sort_by(f64::total_cmp);
+    let streamed_entries = &entry_bytes[entry_bytes.len().saturating_sub(500)..];
+    let per_entry = streamed_entries.iter().sum::<f64>() / streamed_entries.len().max(1) as f64;
+    println!(
+        "(d) Redis memory per streamed answer of {} bytes (200 events): entry {per_entry:.0} \
+         bytes ({:.1} x smaller than the body; deflate alone: {:.1} x); with its live relay, \
+         kept a minute after the stream ends, {:.0} bytes",
+        sse.len(),
+        sse.len() as f64 / per_entry,
+        deflate_ratio(&sse),
+        (after - before) / 500.0,
     );
 }

@@ -1,15 +1,22 @@
 //! How answers are written in Redis: a compact, versioned binary form.
 //!
-//! An entry is `LDE1` (magic and format version), the status, the creation and expiry times,
-//! the usage, the route, namespace and model, the replayed header pairs, and the body as the
-//! rest of the value; every variable part is prefixed by its length (`u32`, little-endian).
-//! An error answer shared with followers of the same partition on other replicas (never
-//! stored as an entry) is `LDR1`, its status, header pairs and body. Reading never trusts the
-//! bytes: anything short, too long or of another version is `None`, and the caller treats it
-//! as a miss. A change of layout takes a new version tag; old values then read as misses.
+//! An entry is `LDE2` (magic and format version), the status, the creation and expiry times,
+//! the usage, the route, namespace and model, the replayed header pairs, the body's encoding
+//! (0 as it came, 1 deflated) and the body as the rest of the value; every variable part is
+//! prefixed by its length (`u32`, little-endian). `LDE1`, the same without the encoding byte,
+//! is still read. An error answer shared with followers of the same partition on other
+//! replicas (never stored as an entry) is `LDR1`, its status, header pairs and body. Reading
+//! never trusts the bytes: anything short, too long, inflating past [`MAX_INFLATED`] or of
+//! another version is `None`, and the caller treats it as a miss. A change of layout takes a
+//! new version tag; values of a version no longer read are misses.
 //!
-//! Bodies are not compressed: chat answers are a kilobyte or two, where compression saves
-//! little and costs every hit a decompression.
+//! # Compression
+//!
+//! A body of [`COMPRESS_FROM`] bytes or more is deflated (fastest level) when that saves at
+//! least an eighth. A streamed answer repeats its framing and ids in every event and shrinks
+//! several times over; a chat answer of a few hundred bytes is left as it came (measured in
+//! `cargo bench --bench fleet`, part d). A hit from Redis then inflates the body once; memory
+//! holds it inflated.
 
 use bytes::Bytes;
 use http::StatusCode;
@@ -19,7 +26,18 @@ use crate::entry::{Billing, StoredAnswer, billed_model, hit_headers};
 use crate::key::CacheKey;
 use crate::route::Route;
 
-const ENTRY_TAG: &[u8; 4] = b"LDE1";
+const ENTRY_TAG: &[u8; 4] = b"LDE2";
+/// The layout before bodies could be compressed: no encoding byte, the body as it came.
+const ENTRY_TAG_RAW: &[u8; 4] = b"LDE1";
+
+/// Bodies from this size up are deflated when that saves at least an eighth.
+pub const COMPRESS_FROM: usize = 1024;
+/// Most bytes a deflated body may inflate to: far above any `--max-stream` in use, and a
+/// bound on what a damaged or hostile value can make a replica allocate.
+pub const MAX_INFLATED: u64 = 256 << 20;
+
+const BODY_RAW: u8 = 0;
+const BODY_DEFLATED: u8 = 1;
 const REFUSAL_TAG: &[u8; 4] = b"LDR1";
 
 /// Most header pairs read back (a stored answer replays three names).
@@ -125,16 +143,63 @@ pub fn encode_entry(entry: &StoredAnswer) -> Vec<u8> {
         None => w.0.push(0),
     }
     w.pairs(&entry.header_pairs());
-    w.0.extend_from_slice(&entry.body);
+    match deflated(&entry.body) {
+        Some(small) => {
+            w.0.push(BODY_DEFLATED);
+            w.0.extend_from_slice(&small);
+        }
+        None => {
+            w.0.push(BODY_RAW);
+            w.0.extend_from_slice(&entry.body);
+        }
+    }
     w.0
+}
+
+/// `body` deflated, if it is long enough to try and the result saves at least an eighth.
+fn deflated(body: &[u8]) -> Option<Vec<u8>> {
+    use std::io::Write;
+    if body.len() < COMPRESS_FROM {
+        return None;
+    }
+    let mut encoder = flate2::write::DeflateEncoder::new(
+        Vec::with_capacity(body.len() / 4),
+        flate2::Compression::fast(),
+    );
+    encoder.write_all(body).ok()?;
+    let small = encoder.finish().ok()?;
+    (small.len() <= body.len() - body.len() / 8).then_some(small)
+}
+
+/// `small` inflated; `None` if it is not deflate data or inflates past [`MAX_INFLATED`].
+fn inflated(small: &[u8]) -> Option<Vec<u8>> {
+    inflated_within(small, MAX_INFLATED)
+}
+
+fn inflated_within(small: &[u8], most: u64) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut body = Vec::with_capacity(small.len().saturating_mul(4));
+    flate2::read::DeflateDecoder::new(small)
+        .take(most + 1)
+        .read_to_end(&mut body)
+        .ok()?;
+    if body.len() as u64 > most {
+        return None;
+    }
+    // Exact size: memory holds it as long as it is cached.
+    body.shrink_to_fit();
+    Some(body)
 }
 
 /// The entry stored under `key` from its Redis form; `None` if the bytes are not one.
 pub fn decode_entry(key: CacheKey, bytes: &[u8]) -> Option<StoredAnswer> {
     let mut r = Reader(bytes);
-    if r.take(4)? != ENTRY_TAG {
-        return None;
-    }
+    let tag = r.take(4)?;
+    let encoded = match tag {
+        t if t == ENTRY_TAG => true,
+        t if t == ENTRY_TAG_RAW => false,
+        _ => return None,
+    };
     let status = r.u16()?;
     let created_at = i64::from_le_bytes(r.take(8)?.try_into().ok()?);
     let expires_at = i64::from_le_bytes(r.take(8)?.try_into().ok()?);
@@ -154,8 +219,14 @@ pub fn decode_entry(key: CacheKey, bytes: &[u8]) -> Option<StoredAnswer> {
     if !(200..300).contains(&status) {
         return None;
     }
+    let encoding = if encoded { r.take(1)?[0] } else { BODY_RAW };
+    let body = match encoding {
+        BODY_RAW => Bytes::copy_from_slice(r.0),
+        BODY_DEFLATED => Bytes::from(inflated(r.0)?),
+        _ => return None,
+    };
     let headers = StoredAnswer::headers_from_pairs(&pairs);
-    let billing = Billing::of_body(route, r.0);
+    let billing = Billing::of_body(route, &body);
     Some(StoredAnswer {
         key,
         namespace,
@@ -164,7 +235,7 @@ pub fn decode_entry(key: CacheKey, bytes: &[u8]) -> Option<StoredAnswer> {
         model,
         status,
         hit_headers: hit_headers(&key, &headers),
-        body: Bytes::copy_from_slice(r.0),
+        body,
         created_at,
         expires_at,
         usage: billing.usage,
@@ -264,6 +335,77 @@ mod tests {
         for n in 0..bytes.len() - e.body.len() {
             assert!(decode_entry(e.key, &bytes[..n]).is_none(), "cut at {n}");
         }
+    }
+
+    /// A streamed answer: the same framing, id and model in every event.
+    fn streamed(events: usize) -> StoredAnswer {
+        let key = CacheKey::from_hex(&"ef".repeat(32)).expect("hex");
+        let meta = EntryMeta {
+            key,
+            namespace: String::new(),
+            route: Route::ChatCompletions,
+            model: Some("gpt-4o-mini".into()),
+            ttl: std::time::Duration::from_secs(60),
+        };
+        let mut body = String::new();
+        for i in 0..events {
+            body.push_str(&format!(
+                "data: {{\"id\":\"chatcmpl-AbCdEf123\",\"object\":\"chat.completion.chunk\",\
+                 \"created\":1764633600,\"model\":\"gpt-4o-mini-2024-07-18\",\
+                 \"system_fingerprint\":\"fp_0ba0d124f1\",\"choices\":[{{\"index\":0,\
+                 \"delta\":{{\"content\":\" word{i}\"}},\"logprobs\":null,\
+                 \"finish_reason\":null}}]}}\n\n"
+            ));
+        }
+        body.push_str("data: [DONE]\n\n");
+        let mut headers = http::HeaderMap::new();
+        headers.insert("content-type", "text/event-stream".parse().expect("value"));
+        StoredAnswer::from_upstream(&meta, StatusCode::OK, &headers, Bytes::from(body))
+    }
+
+    #[test]
+    fn a_long_body_is_stored_deflated_and_reads_back_whole() {
+        let e = streamed(200);
+        let bytes = encode_entry(&e);
+        assert!(
+            bytes.len() * 4 < e.body.len(),
+            "{} bytes for a body of {}",
+            bytes.len(),
+            e.body.len()
+        );
+        let back = decode_entry(e.key, &bytes).expect("decodes");
+        assert_eq!(back.body, e.body);
+        assert_eq!(back.billed_model.as_deref(), Some("gpt-4o-mini-2024-07-18"));
+        // Deflated data cut short is refused, never served as a shorter body.
+        for n in [bytes.len() - 1, bytes.len() - 7, bytes.len() / 2] {
+            assert!(decode_entry(e.key, &bytes[..n]).is_none(), "cut at {n}");
+        }
+        // A short answer, or one that does not shrink, is written as it came.
+        let small = entry();
+        assert!(encode_entry(&small).ends_with(&small.body));
+    }
+
+    #[test]
+    fn an_entry_written_before_bodies_were_compressed_still_reads() {
+        let e = entry();
+        let mut bytes = encode_entry(&e);
+        // LDE1: the same layout without the body's encoding byte.
+        bytes.remove(bytes.len() - e.body.len() - 1);
+        bytes[..4].copy_from_slice(ENTRY_TAG_RAW);
+        let back = decode_entry(e.key, &bytes).expect("decodes");
+        assert_eq!((back.body, back.hit_headers), (e.body, e.hit_headers));
+    }
+
+    #[test]
+    fn inflating_stops_at_its_bound() {
+        let body = vec![b'a'; 64 * 1024];
+        let small = deflated(&body).expect("shrinks");
+        assert_eq!(
+            inflated_within(&small, 64 * 1024).as_deref(),
+            Some(&body[..])
+        );
+        assert!(inflated_within(&small, 64 * 1024 - 1).is_none());
+        assert!(inflated(b"not deflate data at all").is_none());
     }
 
     #[test]
