@@ -671,3 +671,132 @@ async fn an_old_failed_stream_is_not_followed_by_the_next_flight() {
     );
     stop(fleet).await;
 }
+
+/// `rediss://` speaks TLS (rustls) to a Redis that requires it, trusting the system's
+/// certificate store (here a test CA named by `SSL_CERT_FILE`), and refuses a server whose
+/// certificate it cannot trust, saying so. Skips without `openssl` or a `redis-server`
+/// built with TLS.
+#[test]
+fn rediss_speaks_tls_and_checks_the_servers_certificate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let openssl = |args: &[&str]| {
+        std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    std::fs::write(path("ext"), "subjectAltName=DNS:localhost\n").expect("write");
+    let made = openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=llm-dedup test CA",
+    ]) && openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]) && openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext",
+    ]);
+    if !made {
+        eprintln!("openssl cannot make a test certificate here: skipping");
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let Ok(mut server) = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args([
+            "--tls-cert-file",
+            &path("server.pem"),
+            "--tls-key-file",
+            &path("server.key"),
+        ])
+        .args([
+            "--tls-ca-cert-file",
+            &path("ca.pem"),
+            "--tls-auth-clients",
+            "no",
+        ])
+        .args(["--save", "", "--appendonly", "no"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+    else {
+        eprintln!("redis-server is not installed: skipping");
+        return;
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if std::time::Instant::now() > deadline || server.try_wait().ok().flatten().is_some() {
+            let _ = server.kill();
+            eprintln!("this redis-server does not speak TLS: skipping");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let url = format!("rediss://localhost:{port}");
+    let stats = |ca: Option<String>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_llm-dedup"));
+        cmd.args(["stats", "--redis", &url]);
+        if let Some(ca) = ca {
+            cmd.env("SSL_CERT_FILE", ca);
+        }
+        cmd.output().expect("run llm-dedup")
+    };
+    let trusted = stats(Some(path("ca.pem")));
+    let untrusted = stats(None);
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        trusted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&trusted.stderr)
+    );
+    assert!(String::from_utf8_lossy(&trusted.stdout).contains(&format!("localhost:{port}")));
+    assert!(!untrusted.status.success());
+    let said = String::from_utf8_lossy(&untrusted.stderr);
+    assert!(said.contains("certificate"), "{said}");
+}
