@@ -180,11 +180,11 @@ impl Engine {
                 changes,
             }) = fleet.budget_turn(partition, pace, longest).await
             else {
+                // Redis cannot be used: the replica's own estimate holds requests back again.
+                self.governor.fleet_counts_requests(partition, false);
                 return Ok(());
             };
-            if stepwise {
-                self.governor.fleet_counts_requests(partition);
-            }
+            self.governor.fleet_counts_requests(partition, stepwise);
             match turn {
                 Budgeted::Later(wait) => return Err(full(wait)),
                 Budgeted::Paused(wait) => {
@@ -198,7 +198,10 @@ impl Engine {
                 Budgeted::Go(wait) => {
                     // Waited for in slices of a second: a turn reserved under the shape the
                     // fleet has since stopped believing in is asked for again.
-                    let at = Instant::now() + wait;
+                    // (Bounded by the deadline, whatever Redis answered.)
+                    let at = Instant::now()
+                        .checked_add(wait)
+                        .map_or(deadline, |at| at.min(deadline));
                     while Instant::now() < at {
                         tokio::time::sleep_until(at.min(Instant::now() + RESERVED_CHECK)).await;
                         if Instant::now() < at

@@ -18,9 +18,9 @@
 //! # The budget's two shapes (as in `governor/bucket.rs`, learned here for the fleet)
 //!
 //! - **Gradual** (a budget refilling continuously, as OpenAI's does): GCRA at the pace the
-//!   asking replica learned (or was given with `--rpm`), with its burst; and what the upstream last said remains (`left`,
-//!   expiring when the budget is whole again) is spent first: once it says nothing remains,
-//!   turns come one interval apart.
+//!   asking replica learned (or was given with `--rpm`), with its burst; and what the
+//!   upstream last said remains (`left`, expiring when the budget is whole again) is spent
+//!   first: once it says nothing remains, turns come one interval apart.
 //! - **Stepwise** (a fixed window, giving nothing back before it ends): the script counts the
 //!   window itself: what remains in it and when it ends, corrected by every answer (the least
 //!   remaining and the earliest end of answers from the same window; an answer whose window is

@@ -14,8 +14,8 @@
 //! turns gradual again when an answer says more remains than the one before it *with a
 //! shorter reset* and within the same period (a refilling budget nearing full; a window's
 //! answers, arriving out of order, give more remaining with a longer one, and a later
-//! window's answers are whole again a period later). Either way the average pace is the same, at most
-//! the limit per reset period; the first `429` is what teaches the shape.
+//! window's answers are whole again a period later). Either way the average pace is the
+//! same, at most the limit per reset period; the first `429` is what teaches the shape.
 
 use std::time::Duration;
 

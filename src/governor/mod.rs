@@ -388,15 +388,18 @@ impl Governor {
         })
     }
 
-    /// The fleet counts the request budget of `partition` as a fixed window, from every
-    /// replica's answers (see `fleet/budget.rs`): this replica's own estimate of it, made from
-    /// its share of the answers only, stops holding requests back for [`FLEET_COUNTS`] (its
-    /// pause, token budget and fair queue still apply). Kept fresh by every turn the fleet
-    /// gives.
-    pub(crate) fn fleet_counts_requests(&self, partition: &Partition) {
+    /// Whether the fleet counts the request budget of `partition` as a fixed window, from
+    /// every replica's answers (see `fleet/budget.rs`). While it does, this replica's own
+    /// estimate of it, made from its share of the answers only, stops holding requests back
+    /// (its pause, token budget and fair queue still apply); said with every turn the fleet
+    /// gives, and forgotten [`FLEET_COUNTS`] after it was last said, or when Redis cannot be
+    /// used.
+    pub(crate) fn fleet_counts_requests(&self, partition: &Partition, counts: bool) {
         let budget = self.budget(partition);
         let mut s = budget.state.lock().unwrap_or_else(|e| e.into_inner());
-        s.fleet_counts_until = Instant::now().checked_add(FLEET_COUNTS);
+        s.fleet_counts_until = counts
+            .then(|| Instant::now().checked_add(FLEET_COUNTS))
+            .flatten();
     }
 
     /// What an answer's headers say of the request budget (its size, what remains and how
