@@ -16,6 +16,9 @@ use crate::route::Route;
 /// Read connections kept open between reads.
 const MAX_IDLE_READERS: usize = 4;
 
+/// Page cache of one read connection, in KiB (as SQLite's negative `cache_size`).
+const READER_CACHE_KIB: i64 = -512;
+
 /// Read-only connections to one database file, opened on demand and kept when idle.
 pub(super) struct ReaderPool {
     path: PathBuf,
@@ -44,6 +47,9 @@ impl ReaderPool {
                     OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
                 )?;
                 conn.busy_timeout(BUSY_TIMEOUT)?;
+                // Point lookups by key need the B-tree's inner pages, not SQLite's default
+                // 2 MiB of cache each (up to four idle readers are kept).
+                conn.pragma_update(None, "cache_size", READER_CACHE_KIB)?;
                 conn
             }
         };
