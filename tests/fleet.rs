@@ -415,10 +415,9 @@ async fn replicas_share_the_upstreams_rate_budget() {
 /// An upstream counting fixed one-second windows of 10, whose headers say truthfully what
 /// remains and when the window ends, gives nothing back before a window ends: the fleet
 /// spends each window's budget and no more. 60 distinct requests at once over three replicas
-/// all succeed, and the upstream refuses at most one window's worth (the fleet learns the
-/// budget's shape from the answers themselves; on a quiet machine it refuses 0 to 2, but a
-/// window given out under a machine this loaded can still be met by late arrivals; without a
-/// shared budget the fleet draws 30 and more).
+/// all succeed, and the upstream refuses at most one window's worth. The fleet learns the
+/// budget's shape from the answers themselves; run alone this stays within 3, but while the
+/// machine is loaded late arrivals can still meet a window already given out.
 #[tokio::test]
 async fn replicas_share_a_fixed_window_budget() {
     let Some(redis) = RedisServer::start() else {
