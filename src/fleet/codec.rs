@@ -178,7 +178,8 @@ fn inflated(small: &[u8]) -> Option<Vec<u8>> {
 
 fn inflated_within(small: &[u8], most: u64) -> Option<Vec<u8>> {
     use std::io::Read;
-    let mut body = Vec::with_capacity(small.len().saturating_mul(4));
+    // A guess at the size, never more than a MiB up front: the bytes decide the rest.
+    let mut body = Vec::with_capacity(small.len().saturating_mul(4).min(1 << 20));
     flate2::read::DeflateDecoder::new(small)
         .take(most + 1)
         .read_to_end(&mut body)
