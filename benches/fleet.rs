@@ -262,6 +262,11 @@ async fn main() {
         (after - before) / 2000.0 / support::ANSWER.len() as f64,
         deflate_ratio(support::ANSWER)
     );
+    // Streamed answers on a Redis of their own, so that every entry there is one of them.
+    drop(redis);
+    let Some(redis) = support::Redis::start() else {
+        return;
+    };
     let sse = support::sse_text(200);
     let streams = support::serve(support::fixed_stream_app(sse.clone())).await;
     let streamer = replica(streams, &redis.url, None).await;
@@ -273,36 +278,42 @@ async fn main() {
             )
         })
         .collect();
-    let before = used(redis.command("INFO memory"));
     store_all(&client, &streamer_url, &streamed).await;
-    let after = used(redis.command("INFO memory"));
-    // The entries alone (the live relays of these streams are kept a minute after they end).
-    let listed = redis.command("SCAN 0 MATCH llm-dedup:*:e:* COUNT 100000");
-    let entries: Vec<&str> = listed
-        .lines()
-        .filter(|l| l.starts_with("llm-dedup:"))
-        .collect();
-    let mut entry_bytes = Vec::new();
-    for name in &entries {
-        let usage = redis.command(&format!("MEMORY USAGE {name}"));
-        if let Some(n) = usage
-            .strip_prefix(':')
-            .and_then(|v| v.trim().parse::<f64>().ok())
-        {
-            entry_bytes.push(n);
+    // Each stored entry, and each live relay (kept a minute after its stream ended).
+    let conn = redis::Client::open(redis.url.as_str())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let per_kind = |pattern: &'static str| {
+        let mut conn = conn.clone();
+        async move {
+            let names: Vec<String> = redis::cmd("KEYS")
+                .arg(pattern)
+                .query_async(&mut conn)
+                .await
+                .expect("keys");
+            let mut total = 0u64;
+            for name in &names {
+                let used: Option<u64> = redis::cmd("MEMORY")
+                    .arg("USAGE")
+                    .arg(name)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("memory usage");
+                total += used.unwrap_or(0);
+            }
+            total as f64 / names.len().max(1) as f64
         }
-    }
-    // The chat answers stored above are entries too; the streamed ones are the large ones.
-    entry_bytes.sort_by(f64::total_cmp);
-    let streamed_entries = &entry_bytes[entry_bytes.len().saturating_sub(500)..];
-    let per_entry = streamed_entries.iter().sum::<f64>() / streamed_entries.len().max(1) as f64;
+    };
+    let entry = per_kind("llm-dedup:*:e:*").await;
+    let relay = per_kind("llm-dedup:*:s:*").await;
     println!(
-        "(d) Redis memory per streamed answer of {} bytes (200 events): entry {per_entry:.0} \
-         bytes ({:.1} x smaller than the body; deflate alone: {:.1} x); with its live relay, \
-         kept a minute after the stream ends, {:.0} bytes",
+        "(d) Redis memory per streamed answer of {} bytes (200 events): entry {entry:.0} bytes \
+         ({:.1} x smaller than the body; deflate alone: {:.1} x); its live relay, kept a minute \
+         after the stream ends, {relay:.0} bytes meanwhile",
         sse.len(),
-        sse.len() as f64 / per_entry,
+        sse.len() as f64 / entry,
         deflate_ratio(&sse),
-        (after - before) / 500.0,
     );
 }
