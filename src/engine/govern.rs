@@ -231,13 +231,12 @@ impl Engine {
     /// this replica and for the fleet, and whether the credential was accepted.
     pub(super) async fn learn_from(&self, partition: &Partition, response: &reqwest::Response) {
         let refused = response.status() == http::StatusCode::TOO_MANY_REQUESTS;
-        self.governor
+        let said = self
+            .governor
             .observe(partition, response.headers(), refused);
         self.upstream_answered(partition, response.status());
-        if let Some(fleet) = &self.fleet {
-            if let Some(said) = governor::Governor::requests_said(response.headers()) {
-                fleet.learn_budget(partition, said).await;
-            }
+        if let (Some(fleet), Some(said)) = (&self.fleet, said) {
+            fleet.learn_budget(partition, said).await;
         }
     }
 }

@@ -358,14 +358,29 @@ impl Governor {
     }
 
     /// Learns the budget from an answer's rate-limit headers; `refused` when the answer was a
-    /// `429` (see the budget shapes in `bucket.rs`).
-    pub(crate) fn observe(&self, partition: &Partition, headers: &HeaderMap, refused: bool) {
+    /// `429` (see the budget shapes in `bucket.rs`). Returns what they said of the request
+    /// budget (its size, what remains and how long until it is whole again): what a fleet
+    /// shares.
+    pub(crate) fn observe(
+        &self,
+        partition: &Partition,
+        headers: &HeaderMap,
+        refused: bool,
+    ) -> Option<Said> {
         let learned = RateLimits::read(headers);
+        // Finite and non-negative, as `read` checks; counts are far below 2^53.
+        let said = learned.requests.and_then(|report| {
+            Some(Said {
+                limit: report.limit.map(|l| l as u64),
+                remaining: report.remaining as u64,
+                reset: report.reset?,
+            })
+        });
         let budget = self.budget(partition);
         let mut s = budget.state.lock().unwrap_or_else(|e| e.into_inner());
         s.probed = true;
         if learned.is_empty() {
-            return;
+            return said;
         }
         let now = Instant::now();
         // An operator's --rpm / --tpm is a ceiling the headers never raise.
@@ -375,6 +390,7 @@ impl Governor {
         if self.settings.tpm.is_none() {
             learn(&mut s.tokens, learned.tokens, refused, now);
         }
+        said
     }
 
     /// The request pace of `partition`'s budget, if known: learned from the headers, or set
@@ -400,18 +416,6 @@ impl Governor {
         s.fleet_counts_until = counts
             .then(|| Instant::now().checked_add(FLEET_COUNTS))
             .flatten();
-    }
-
-    /// What an answer's headers say of the request budget (its size, what remains and how
-    /// long until it is whole again): what a fleet shares.
-    pub(crate) fn requests_said(headers: &HeaderMap) -> Option<Said> {
-        let report = RateLimits::read(headers).requests?;
-        // Finite and non-negative, as `read` checks; counts are far below 2^53.
-        Some(Said {
-            limit: report.limit.map(|l| l as u64),
-            remaining: report.remaining as u64,
-            reset: report.reset?,
-        })
     }
 
     /// Pauses the whole budget of `partition` for `wait` (after a refusal), at most
