@@ -70,7 +70,7 @@ local now = tonumber(ARGV[2])
 local win = KEYS[4]
 local kept = 600000
 local w = redis.call('HMGET', win, 'left', 'end', 'ahead', 'limit', 'period', 'stepwise',
-  'said', 'said_reset', 'said_end')
+  'said', 'said_reset', 'said_end', 'shape_changes')
 local wleft, wend, ahead = tonumber(w[1]), tonumber(w[2]), tonumber(w[3] or '0') or 0
 local limit, period = tonumber(w[4]), tonumber(w[5]) or 0
 local stepwise = w[6] == '1'
@@ -163,7 +163,7 @@ end
 
 local interval, burst, longest = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local shape = stepwise and 1 or 0
-local changes = tonumber(redis.call('HGET', win, 'shape_changes') or '0') or 0
+local changes = tonumber(w[10] or '0') or 0
 local pause = redis.call('PTTL', KEYS[1])
 if pause > 0 then return {1, pause, shape, changes} end
 
