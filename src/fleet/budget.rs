@@ -355,10 +355,12 @@ impl Fleet {
             .await;
     }
 
+    /// The script's keys: the partition's hex written once for all four.
     fn budget_names(&self, partition: &Partition) -> Vec<String> {
+        let base = self.budget_name(partition, "");
         ["pause", "left", "rpm", "win"]
             .iter()
-            .map(|what| self.budget_name(partition, what))
+            .map(|what| format!("{base}{what}"))
             .collect()
     }
 
