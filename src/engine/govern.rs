@@ -13,14 +13,14 @@ use super::count::route_name;
 use crate::answer::Refusal;
 use crate::entry::EntryMeta;
 use crate::error::Error;
-use crate::fleet::{BudgetTurn, Budgeted};
+use crate::fleet::{BudgetTurn, Budgeted, Confirmed};
 use crate::governor::{self, Disposition};
 use crate::headers::SHOULD_RETRY;
 use crate::key::Partition;
 use crate::upstream;
 
 /// How often a request waiting for a reserved turn in the fleet's line looks whether the
-/// fleet changed its mind about the budget's shape.
+/// turn was made void (see `BudgetTurn::changes`).
 const RESERVED_CHECK: Duration = Duration::from_secs(1);
 
 /// What came back from the upstream through the governor.
@@ -196,31 +196,39 @@ impl Engine {
                     tokio::time::sleep(wait.min(Duration::from_millis(250))).await;
                 }
                 Budgeted::Go(wait) => {
-                    // Waited for in slices of a second: a turn reserved under the shape the
-                    // fleet has since stopped believing in is asked for again.
-                    // (Bounded by the deadline, whatever Redis answered.)
-                    let at = Instant::now()
+                    if wait.is_zero() {
+                        return Ok(());
+                    }
+                    // Waited for in slices of a second, then confirmed: a turn reserved by
+                    // rules since made void is asked for again; a pause, or a window that
+                    // begins later than foreseen, is waited out too (the turn stays this
+                    // request's). Bounded by the deadline, whatever Redis answers.
+                    let now = std::time::SystemTime::now();
+                    let at = now.checked_add(wait).unwrap_or(now);
+                    let due = Instant::now()
                         .checked_add(wait)
-                        .map_or(deadline, |at| at.min(deadline));
-                    while Instant::now() < at {
-                        tokio::time::sleep_until(at.min(Instant::now() + RESERVED_CHECK)).await;
-                        if Instant::now() < at
-                            && fleet
-                                .shape_changes(partition)
-                                .await
-                                .is_some_and(|c| c != changes)
-                        {
-                            continue 'ask;
+                        .map_or(deadline, |due| due.min(deadline));
+                    loop {
+                        let now = Instant::now();
+                        if now >= deadline {
+                            return Ok(());
+                        }
+                        if now < due {
+                            tokio::time::sleep_until(due.min(now + RESERVED_CHECK)).await;
+                        }
+                        let come = Instant::now() >= due;
+                        match (fleet.confirm_turn(partition, at, changes).await, come) {
+                            (Some(Confirmed::AskAgain), _) => continue 'ask,
+                            (Some(Confirmed::Wait(more)), true) => {
+                                let left = deadline.saturating_duration_since(Instant::now());
+                                tokio::time::sleep(more.min(left)).await;
+                            }
+                            // Still waiting for the turn (Redis gone meanwhile: it is taken
+                            // when it comes).
+                            (_, false) => {}
+                            (Some(Confirmed::Go) | None, true) => return Ok(()),
                         }
                     }
-                    if !wait.is_zero() {
-                        // A refusal while this turn was waiting paused the budget: wait that
-                        // out too (the turn stays this request's).
-                        let paused = fleet.paused_for(partition).await;
-                        let left = deadline.saturating_duration_since(Instant::now());
-                        tokio::time::sleep(paused.min(left)).await;
-                    }
-                    return Ok(());
                 }
             }
         }

@@ -27,8 +27,14 @@
 //!   already over is ignored). Once the window's budget is spent (or its last tenth begun:
 //!   a request sent then could arrive in the next window), turns are reserved in the windows
 //!   after it, `limit` to a window. A window's end is known from answers (their
-//!   `now + reset`, late by the answer's own delay, never early); the next ends are a period
-//!   (the longest reset seen) apart.
+//!   `now + reset`, late by the answer's own delay, never early); the next ends are foreseen
+//!   a period apart (the longest reset seen, or the distance between two windows' ends if
+//!   longer: a reset is said some time into its window, so the longest one seen can fall
+//!   short of the period), and the first answer from a window replaces its foreseen end.
+//!   A turn reserved in a later window is confirmed when it comes: if the answers since say
+//!   the window before it ends later than foreseen, the turn waits for that end (a period
+//!   foreseen a few milliseconds short, times the windows ahead, sent whole windows' worth
+//!   of requests into the end of the window before).
 //!
 //! The fleet learns the shape from what all replicas' answers said. A refilling budget is whole
 //! again `1/rate` later for each request spent; a window ends when it ends, whatever is spent.
@@ -40,7 +46,9 @@
 //! All of it is kept ten minutes after the last answer. A replica told the budget is
 //! stepwise lets the fleet count it: its own estimate, made from its share of the answers,
 //! stops holding requests back meanwhile. Turns reserved under one shape are void once the
-//! fleet changes its mind (`shape_changes`): those waiting for them ask again.
+//! fleet changes its mind, and so are turns reserved in windows it learns are much longer
+//! than it foresaw (a first answer may come late in its window, and say a short reset):
+//! those waiting for them ask again (`rule_changes`), at the latest when the turn comes.
 
 use std::sync::LazyLock;
 use std::time::{Duration, SystemTime};
@@ -54,15 +62,20 @@ use crate::key::Partition;
 /// (gradual), the GCRA state of the pace, and the window's accounting (a hash: `left`, `end`,
 /// `ahead` reserved past it, `limit`, `period`, the last answer's remaining, reset and end
 /// (`said`, `said_reset`, `said_end`), the spread of the current window's answers (`g_first`
-/// and `g_last` end, `g_most` and `g_least` remaining), whether the budget is `stepwise`, and
-/// how many times that changed (`shape_changes`)). `ARGV[1]` says what to do:
+/// and `g_last` end, `g_most` and `g_least` remaining; `said_first`, the earliest end said of
+/// the last window answers came from), whether the budget is `stepwise`, and how many times
+/// turns already reserved were made void (`rule_changes`)). `ARGV[1]` says what to do:
 ///
 /// - `turn`, now (ms), the pace's interval (ms, 0 for none), its burst, the longest wait
 ///   (ms). Returns `{what, ms, stepwise, changes}`:
 ///   `what` 0 the turn is reserved, go after `ms`; 1 paused, ask again after `ms`; 2 the turn
 ///   would come only after `ms`, longer than allowed (nothing reserved); `stepwise` 1 if the
-///   fleet knows the budget is a fixed window; `changes` the shape's changes so far.
+///   fleet knows the budget is a fixed window; `changes` the rule changes so far.
 /// - `learn`, now, what remains, the reset (ms), the limit (0 unknown).
+/// - `confirm`, now, when the reserved turn was to come (ms), the rule changes it was
+///   reserved under. Returns `{what, ms, ..}`: `what` 0 go; 1 wait `ms` (a pause, or the
+///   window the turn is in begins later than foreseen), then confirm again; 2 ask for a turn
+///   again (the shape changed since).
 static BUDGET: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r#"
@@ -70,13 +83,14 @@ local now = tonumber(ARGV[2])
 local win = KEYS[4]
 local kept = 600000
 local w = redis.call('HMGET', win, 'left', 'end', 'ahead', 'limit', 'period', 'stepwise',
-  'said', 'said_reset', 'said_end', 'shape_changes')
+  'said', 'said_reset', 'said_end', 'rule_changes', 'said_first')
 local wleft, wend, ahead = tonumber(w[1]), tonumber(w[2]), tonumber(w[3] or '0') or 0
 local limit, period = tonumber(w[4]), tonumber(w[5]) or 0
 local stepwise = w[6] == '1'
 
 -- Brings the window's count to the window `now` is in: each window that ended took up to
--- `limit` of the turns reserved past it.
+-- `limit` of the turns reserved past it. The window's end is then foreseen, and no answer
+-- from it has been heard yet.
 local function roll()
   if wend and limit and limit >= 1 and period >= 1 and now >= wend then
     local passed = math.ceil((now - wend + 1) / period)
@@ -84,6 +98,7 @@ local function roll()
     wleft = limit - taken
     ahead = math.max(ahead - passed * limit, 0)
     wend = wend + passed * period
+    redis.call('HDEL', win, 'g_first', 'g_last', 'g_most', 'g_least')
   end
 end
 
@@ -97,10 +112,13 @@ end
 if ARGV[1] == 'learn' then
   local left, reset, said_limit = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
   local said, said_reset, said_end = tonumber(w[7]), tonumber(w[8]), tonumber(w[9])
-  local cur = redis.call('GET', KEYS[2])
-  if (not cur) or left < tonumber(cur) then
+  local was_period = period
+  local cur = tonumber(redis.call('GET', KEYS[2]))
+  if (not cur) or left < cur then
     redis.call('SET', KEYS[2], left, 'PX', reset)
   end
+  -- What the gradual rules count as left: the least said, less the turns given since.
+  local counted_left = cur and math.min(cur, left) or left
   if said_limit >= 1 then
     limit = said_limit
     redis.call('HSET', win, 'limit', limit)
@@ -109,31 +127,46 @@ if ARGV[1] == 'learn' then
     period = reset
     redis.call('HSET', win, 'period', period)
   end
-  local counted = wend
+  -- (A new window began: its answers are a new group.)
   roll()
   local rend = now + reset
   local slack = period / 2
   local g = redis.call('HMGET', win, 'g_first', 'g_last', 'g_most', 'g_least')
   local g_first, g_last = tonumber(g[1]), tonumber(g[2])
   local g_most, g_least = tonumber(g[3]), tonumber(g[4])
-  if wend ~= counted then
-    -- A new window began since the last answer: its answers are a new group.
-    g_first, g_last, g_most, g_least = nil, nil, nil, nil
+  -- The period is the longest reset seen, or the distance between the ends of two windows
+  -- one period apart if longer (a reset is said some time into its window, never at its very
+  -- start): a period too short would start the next windows too early.
+  local said_first = tonumber(w[11])
+  if said_first and period >= 1 and rend > said_first + slack then
+    local apart = rend - said_first
+    local windows = math.floor(apart / period + 0.5)
+    if windows >= 1 and apart / windows > period and apart / windows < period * 1.1 then
+      period = math.ceil(apart / windows)
+      redis.call('HSET', win, 'period', period)
+      slack = period / 2
+    end
   end
   if (not wleft) or (not wend) or rend > wend + slack then
-    -- The first answer, or a window later than counted: as it says.
-    wleft, wend = left, rend
+    -- The first answer, or a window later than counted: as it says. Unless the counted
+    -- window, foreseen too short, is part of it: then its turns are counted in it too.
+    if wleft and wend and rend - period < wend then wleft = math.min(wleft, left)
+    else wleft = left end
+    wend = rend
     g_first, g_last, g_most, g_least = rend, rend, left, left
   elseif rend >= wend - slack then
-    -- The same window: the least left (turns taken since are counted) and the earliest end.
-    wleft, wend = math.min(wleft, left), math.min(wend, rend)
+    -- The same window: the least left (turns taken since are counted) and the earliest end
+    -- said (each is late by its answer's delay, never early). An end only foreseen a period
+    -- after the last one gives way to the first one said.
+    wleft = math.min(wleft, left)
+    wend = g_first and math.min(wend, rend) or rend
     g_first, g_last = math.min(g_first or rend, rend), math.max(g_last or rend, rend)
     g_most, g_least = math.max(g_most or left, left), math.min(g_least or left, left)
   end
   -- Otherwise the answer is from a window already over.
   if g_first and g_last and g_most and g_least then
     redis.call('HSET', win, 'g_first', g_first, 'g_last', g_last, 'g_most', g_most,
-      'g_least', g_least)
+      'g_least', g_least, 'said_first', g_first)
   else
     g_first, g_last, g_most, g_least = rend, rend, left, left
   end
@@ -150,10 +183,16 @@ if ARGV[1] == 'learn' then
       and reset < said_reset * 0.9 - 5 and rend <= said_end + slack then
     stepwise = false
   end
-  if stepwise ~= (w[6] == '1') then
-    -- Turns reserved by the other shape's rules are void: those waiting for them ask again.
-    redis.call('HINCRBY', win, 'shape_changes', 1)
+  if stepwise and w[6] ~= '1' then
+    -- Turns given by the gradual rules whose answers are still to come are in this window.
+    wleft = math.min(wleft, counted_left)
+  end
+  if stepwise ~= (w[6] == '1') or (stepwise and period > was_period * 1.1) then
+    -- Turns reserved by the other shape's rules, or in windows foreseen much shorter than
+    -- they are (two of them could fall in one), are void: those waiting for them ask again.
+    redis.call('HINCRBY', win, 'rule_changes', 1)
     redis.call('DEL', KEYS[3])
+    ahead = 0
   end
   redis.call('HSET', win, 'stepwise', stepwise and '1' or '0', 'said', left,
     'said_reset', reset, 'said_end', rend)
@@ -161,10 +200,26 @@ if ARGV[1] == 'learn' then
   return {0, 0, stepwise and 1 or 0, 0}
 end
 
-local interval, burst, longest = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local shape = stepwise and 1 or 0
 local changes = tonumber(w[10] or '0') or 0
 local pause = redis.call('PTTL', KEYS[1])
+
+if ARGV[1] == 'confirm' then
+  -- A reserved turn has come (ARGV[3]: when it was to come; ARGV[4]: the rule changes when
+  -- it was reserved). Reserved by rules since made void: ask again. Else wait out a pause,
+  -- and a window that, as the answers since say, ends later than foreseen.
+  if changes ~= tonumber(ARGV[4]) then return {2, 0, shape, changes} end
+  local wait = math.max(pause, 0)
+  if stepwise and wend and period >= 1 then
+    roll()
+    save()
+    local at = tonumber(ARGV[3])
+    if at > wend - period / 2 and now < wend then wait = math.max(wait, wend - now) end
+  end
+  return {wait > 0 and 1 or 0, math.ceil(wait), shape, changes}
+end
+
+local interval, burst, longest = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 if pause > 0 then return {1, pause, shape, changes} end
 
 if stepwise and wleft and wend and limit and limit >= 1 and period >= 1 then
@@ -239,9 +294,24 @@ pub struct BudgetTurn {
     pub turn: Budgeted,
     /// The fleet counts the budget as a fixed window.
     pub stepwise: bool,
-    /// How many times the fleet changed its mind about the budget's shape (see
-    /// [`Fleet::shape_changes`]).
+    /// How many times turns already reserved were made void (the fleet changed its mind
+    /// about the budget's shape, or learned its windows are much longer than it thought):
+    /// a turn reserved before a change is asked for again (see [`Fleet::confirm_turn`]).
     pub changes: i64,
+}
+
+/// What the fleet says of a reserved turn when it comes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Confirmed {
+    /// Go now.
+    Go,
+    /// Not yet: the budget is paused after a refusal, or the window the turn is in begins
+    /// later than foreseen when it was reserved (as answers since say). Wait this, and ask
+    /// again.
+    Wait(Duration),
+    /// The turn was reserved by rules since made void (see [`BudgetTurn::changes`]): ask
+    /// for a turn again.
+    AskAgain,
 }
 
 /// What an answer said of the budget, as the fleet shares it.
@@ -295,22 +365,31 @@ impl Fleet {
         })
     }
 
-    /// How many times the fleet changed its mind about the shape of `partition`'s budget
-    /// (`None` when Redis cannot be used). A turn reserved before a change was reserved by
-    /// the other shape's rules: whoever waits for one asks again.
-    pub(crate) async fn shape_changes(&self, partition: &Partition) -> Option<i64> {
-        let key = self.budget_name(partition, "win");
-        let changes: Option<i64> = self
-            .call("budget", |mut c| async move {
-                redis::cmd("HGET")
-                    .arg(key)
-                    .arg("shape_changes")
-                    .query_async(&mut c)
-                    .await
+    /// Checks a turn reserved for `at` (see [`Budgeted::Go`]) when it comes, or while it is
+    /// waited for; `changes` as the turn said. `None` when Redis cannot be used (the turn is
+    /// taken as reserved).
+    pub(crate) async fn confirm_turn(
+        &self,
+        partition: &Partition,
+        at: SystemTime,
+        changes: i64,
+    ) -> Option<Confirmed> {
+        let now = unix_ms(SystemTime::now());
+        let (what, ms, _, _): (i64, i64, i64, i64) = self
+            .run_script("budget", &BUDGET, |s| {
+                s.key(self.budget_names(partition))
+                    .arg("confirm")
+                    .arg(now)
+                    .arg(unix_ms(at))
+                    .arg(changes);
             })
             .await
             .ok()?;
-        Some(changes.unwrap_or(0))
+        Some(match what {
+            0 => Confirmed::Go,
+            1 => Confirmed::Wait(Duration::from_millis(u64::try_from(ms).unwrap_or(0))),
+            _ => Confirmed::AskAgain,
+        })
     }
 
     /// Shares what an upstream answer to `partition` said of its budget.
@@ -329,19 +408,6 @@ impl Fleet {
                     .arg(said.limit.unwrap_or(0));
             })
             .await;
-    }
-
-    /// How long the fleet's budget of `partition` stays paused (zero if it is not, or if
-    /// Redis cannot be used).
-    pub(crate) async fn paused_for(&self, partition: &Partition) -> Duration {
-        let key = self.budget_name(partition, "pause");
-        let ms: i64 = self
-            .call("budget", |mut c| async move {
-                redis::cmd("PTTL").arg(key).query_async(&mut c).await
-            })
-            .await
-            .unwrap_or(0);
-        Duration::from_millis(u64::try_from(ms).unwrap_or(0))
     }
 
     /// Pauses the fleet's budget of `partition` for `wait` (after a refusal).

@@ -61,7 +61,7 @@ use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::Notify;
 
-pub use budget::{BudgetTurn, Budgeted, Said};
+pub use budget::{BudgetTurn, Budgeted, Confirmed, Said};
 pub use codec::{decode_entry, encode_entry};
 pub use stream::{Ending, Followed, Relay, Relayed};
 
