@@ -42,9 +42,13 @@ pub struct FakeState {
     /// Requests per second allowed (0: no limit); past it, 429 with `retry-after-ms`.
     pub limit_per_sec: std::sync::atomic::AtomicU32,
     /// Count `limit_per_sec` in fixed one-second windows (nothing comes back before a
-    /// window ends) instead of a bucket refilling continuously.
+    /// window ends) on the wall clock's whole seconds, instead of a bucket refilling
+    /// continuously.
     pub limit_window: std::sync::atomic::AtomicBool,
+    /// The bucket: (tokens, last refill).
     limiter: Mutex<Option<(f64, std::time::Instant)>>,
+    /// The window: (used in it, its number in seconds since the epoch).
+    window: Mutex<Option<(f64, f64)>>,
     /// 429s answered.
     pub refusals: AtomicUsize,
     /// Answer every call 429 `insufficient_quota`.
@@ -240,25 +244,30 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
     if limit > 0 {
         let limit = f64::from(limit);
         let window = state.limit_window.load(Ordering::SeqCst);
-        let mut limiter = state.limiter.lock().expect("lock");
-        let now = std::time::Instant::now();
         // (allowed, remaining after this call, seconds until the budget is whole again)
         let (allowed, remaining, reset) = if window {
-            // (used in the window, the window's start): one-second windows from the first call.
-            let (used, start) = limiter.unwrap_or((0.0, now));
-            let passed = now.duration_since(start).as_secs_f64().floor();
-            let (used, start) = if passed >= 1.0 {
-                (0.0, start + Duration::from_secs_f64(passed))
-            } else {
-                (used, start)
+            // (used in the window, the window's number): one-second windows on the wall
+            // clock's whole seconds, as a limiter counting per second does; a client's first
+            // call may come at any point of one.
+            let since = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock")
+                .as_secs_f64();
+            let number = since.floor();
+            let mut counted = state.window.lock().expect("lock");
+            let used = match *counted {
+                Some((used, seen)) if seen == number => used,
+                _ => 0.0,
             };
             let allowed = used < limit;
             let used = if allowed { used + 1.0 } else { used };
-            *limiter = Some((used, start));
-            let reset = 1.0 - now.duration_since(start).as_secs_f64();
+            *counted = Some((used, number));
+            let reset = number + 1.0 - since;
             (allowed, limit - used, reset)
         } else {
-            // (tokens, last refill): a bucket refilling continuously, as OpenAI's does.
+            // A bucket refilling continuously, as OpenAI's does.
+            let mut limiter = state.limiter.lock().expect("lock");
+            let now = std::time::Instant::now();
             let (tokens, at) = limiter.unwrap_or((limit, now));
             let tokens = (tokens + now.duration_since(at).as_secs_f64() * limit).min(limit);
             let allowed = tokens >= 1.0;
@@ -266,7 +275,6 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
             *limiter = Some((after, now));
             (allowed, after, (limit - after) / limit)
         };
-        drop(limiter);
         let reset_ms = (reset * 1000.0).ceil().max(1.0);
         let mut headers = vec![
             ("x-ratelimit-limit-requests", format!("{limit}")),
