@@ -55,18 +55,26 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-/// Fires `bodies[i]` at `urls[i % len]` all at once; (status, seconds) of each.
-async fn fire(client: &reqwest::Client, urls: &[String], bodies: Vec<String>) -> Vec<(u16, f64)> {
+/// Fires `bodies[i]` at `urls[i % len]` all at once with API key `key`; (status, seconds) of
+/// each.
+async fn fire(
+    client: &reqwest::Client,
+    urls: &[String],
+    key: &str,
+    bodies: Vec<String>,
+) -> Vec<(u16, f64)> {
+    let authorization = format!("Bearer {key}");
     let tasks: Vec<_> = bodies
         .into_iter()
         .enumerate()
         .map(|(i, body)| {
             let (client, url) = (client.clone(), urls[i % urls.len()].clone());
+            let authorization = authorization.clone();
             tokio::spawn(async move {
                 let started = Instant::now();
                 let status = client
                     .post(&url)
-                    .header("authorization", "Bearer sk-bench")
+                    .header("authorization", authorization)
                     .header("content-type", "application/json")
                     .body(body)
                     .send()
@@ -133,6 +141,7 @@ async fn main() {
     let direct = fire(
         &client,
         &[format!("http://{upstream}/v1/chat/completions")],
+        "sk-bench",
         vec![request("the same question"); 300],
     )
     .await;
@@ -142,7 +151,13 @@ async fn main() {
         let r = replica(upstream, &redis.url, None).await;
         urls.push(format!("http://{r}/v1/chat/completions"));
     }
-    let fleet = fire(&client, &urls, vec![request("the same question"); 300]).await;
+    let fleet = fire(
+        &client,
+        &urls,
+        "sk-bench",
+        vec![request("the same question"); 300],
+    )
+    .await;
     let latencies = |seen: &[(u16, f64)]| {
         let mut l: Vec<f64> = seen.iter().map(|(_, s)| *s * 1000.0).collect();
         l.sort_by(f64::total_cmp);
@@ -158,7 +173,9 @@ async fn main() {
         fp50 / dp50
     );
 
-    // (b) The fleet under one rate budget, against a bucket and against fixed windows.
+    // (b) The fleet under one rate budget, against a bucket and against fixed windows: each
+    // with a key of its own, as two providers' budgets would be (the fleet keeps what it
+    // learned of a budget ten minutes).
     for limit in [support::Limit::Bucket, support::Limit::Window] {
         let (app, counters) = support::limited_app(10.0, limit);
         let limited = support::serve(app).await;
@@ -171,6 +188,7 @@ async fn main() {
         let seen = fire(
             &client,
             &urls,
+            &format!("sk-bench-{limit:?}"),
             (0..60)
                 .map(|i| request(&format!("distinct {limit:?} {i}")))
                 .collect(),
