@@ -6,5 +6,11 @@ pub(crate) fn config() -> proptest::test_runner::Config {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(2_000);
-    proptest::test_runner::Config::with_cases(cases)
+    // Rejects grow with the cases (a pair of values that happen to be equal, say): proptest's
+    // fixed limits would end a long run that finds nothing wrong.
+    proptest::test_runner::Config {
+        max_global_rejects: (cases / 10).max(1024),
+        max_local_rejects: cases.saturating_mul(2).max(65_536),
+        ..proptest::test_runner::Config::with_cases(cases)
+    }
 }
