@@ -39,8 +39,10 @@
 //! The fleet learns the shape from what all replicas' answers said. A refilling budget is whole
 //! again `1/rate` later for each request spent; a window ends when it ends, whatever is spent.
 //! So answers of one window whose ends agree (to a quarter of what refill would have moved
-//! them) while what remains falls by three or more make the budget stepwise, before any
-//! refusal. (A refusal says nothing of the shape here: replicas pacing a refilling budget
+//! them) while what remains falls by two or more make the budget stepwise, before any
+//! refusal (three replicas' first requests, one each, are enough: told later, each
+//! replica's first guess of the pace, made as if the budget refilled, has reserved turns far
+//! ahead). (A refusal says nothing of the shape here: replicas pacing a refilling budget
 //! together run into one now and then.) More remaining than the answer before, with a
 //! clearly shorter reset and in the same window (not a later one), makes it gradual again.
 //! All of it is kept ten minutes after the last answer. A replica told the budget is
@@ -172,11 +174,11 @@ if ARGV[1] == 'learn' then
   end
   -- The shape. A budget refilling at its limit per period is whole again 1/rate later for
   -- each request spent; a window ends when it ends, whatever was spent. So answers of one
-  -- window whose ends agree while what remains falls by three or more show a window. More
+  -- window whose ends agree while what remains falls by two or more show a window. More
   -- remaining than the answer before, with a clearly shorter reset, in the same window,
   -- shows a refill.
   local fell = g_most - g_least
-  if limit and limit >= 1 and period >= 1 and fell >= 3
+  if limit and limit >= 1 and period >= 1 and fell >= 2
       and g_last - g_first < 0.25 * fell * period / limit then
     stepwise = true
   elseif stepwise and said and said_reset and said_end and left >= said + 2
@@ -433,5 +435,94 @@ impl Fleet {
     fn budget_name(&self, partition: &Partition, what: &str) -> String {
         let partition = blake3::Hash::from_bytes(*partition.as_bytes()).to_hex();
         format!("{}budget:{partition}:{what}", self.inner.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `redis-server` of the test's own on a free loopback port, persistence off; `None`
+    /// (the test skips) when it is not installed.
+    struct Server(std::process::Child);
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    async fn fleet() -> Option<(Server, Fleet)> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let server = Server(child);
+        let url = format!("redis://127.0.0.1:{port}");
+        for _ in 0..250 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                let fleet = Fleet::new(&url).expect("fleet");
+                return Some((server, fleet));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("redis-server did not start");
+    }
+
+    fn said(remaining: u64, reset_ms: u64) -> Said {
+        Said {
+            limit: Some(10),
+            remaining,
+            reset: Duration::from_millis(reset_ms),
+        }
+    }
+
+    /// Whether the fleet counts `partition`'s budget as a fixed window.
+    async fn stepwise(fleet: &Fleet, partition: &Partition) -> bool {
+        let turn = fleet
+            .budget_turn(partition, None, Duration::from_secs(30))
+            .await
+            .expect("redis answers");
+        turn.stepwise
+    }
+
+    /// Three replicas each send one request at once into a fixed window of 10: the answers
+    /// say 9, 8 and 7 remain and that the window ends at one instant. A refilling budget of
+    /// 10 a second would have moved the second end 200 ms past the first: this is a window,
+    /// told before a replica's first guess of the pace (one request spent, whole again in
+    /// 0.7 s: 1.4 a second) reserves turns far ahead.
+    #[tokio::test]
+    async fn three_answers_of_one_window_show_a_window() {
+        let Some((_server, fleet)) = fleet().await else {
+            return;
+        };
+        let partition = Partition::from_bytes([7; 32]);
+        for (remaining, reset) in [(9, 701), (8, 700), (7, 700)] {
+            fleet.learn_budget(&partition, said(remaining, reset)).await;
+        }
+        assert!(stepwise(&fleet, &partition).await);
+    }
+
+    /// The same three requests against a bucket refilling at 10 a second: each answer's end
+    /// is 100 ms later than the one before, for the request it spent. Still a refilling
+    /// budget.
+    #[tokio::test]
+    async fn three_answers_of_a_bucket_do_not() {
+        let Some((_server, fleet)) = fleet().await else {
+            return;
+        };
+        let partition = Partition::from_bytes([8; 32]);
+        for (remaining, reset) in [(9, 100), (8, 200), (7, 300)] {
+            fleet.learn_budget(&partition, said(remaining, reset)).await;
+        }
+        assert!(!stepwise(&fleet, &partition).await);
     }
 }
