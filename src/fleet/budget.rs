@@ -125,10 +125,7 @@ if ARGV[1] == 'learn' then
     limit = said_limit
     redis.call('HSET', win, 'limit', limit)
   end
-  if reset > period then
-    period = reset
-    redis.call('HSET', win, 'period', period)
-  end
+  if reset > period then period = reset end
   -- (A new window began: its answers are a new group.)
   roll()
   local rend = now + reset
@@ -145,7 +142,6 @@ if ARGV[1] == 'learn' then
     local windows = math.floor(apart / period + 0.5)
     if windows >= 1 and apart / windows > period and apart / windows < period * 1.1 then
       period = math.ceil(apart / windows)
-      redis.call('HSET', win, 'period', period)
       slack = period / 2
     end
   end
@@ -196,8 +192,8 @@ if ARGV[1] == 'learn' then
     redis.call('DEL', KEYS[3])
     ahead = 0
   end
-  redis.call('HSET', win, 'stepwise', stepwise and '1' or '0', 'said', left,
-    'said_reset', reset, 'said_end', rend)
+  redis.call('HSET', win, 'period', period, 'stepwise', stepwise and '1' or '0',
+    'said', left, 'said_reset', reset, 'said_end', rend)
   save()
   return {0, 0, stepwise and 1 or 0, 0}
 end
