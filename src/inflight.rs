@@ -86,6 +86,13 @@ impl<K: Eq + Hash + Clone, T: Clone> InFlight<K, T> {
         })
     }
 
+    /// A waiter for the flight in progress for `key`, if there is one; never starts a flight.
+    pub fn in_progress(&self, key: &K) -> Option<Waiter<T>> {
+        self.lock().get(key).map(|outcome| Waiter {
+            outcome: outcome.clone(),
+        })
+    }
+
     /// A flight that nobody can join (for a request that must make its own upstream call).
     pub fn detached(key: K) -> Flight<K, T> {
         let table = InFlight::default();
@@ -206,6 +213,20 @@ mod tests {
         for w in waiters {
             assert_eq!(w.wait().await, Ok("answer".to_owned()));
         }
+    }
+
+    #[tokio::test]
+    async fn a_flight_in_progress_can_be_waited_on_without_starting_one() {
+        let table: InFlight<u32, u8> = InFlight::default();
+        assert!(table.in_progress(&5).is_none());
+        assert!(table.is_empty(), "looking starts nothing");
+        let Role::Leader(flight) = table.join(&5) else {
+            panic!("first caller leads");
+        };
+        let waiting = table.in_progress(&5).expect("in progress");
+        flight.complete(6);
+        assert_eq!(waiting.wait().await, Ok(6));
+        assert!(table.in_progress(&5).is_none());
     }
 
     #[tokio::test]

@@ -242,6 +242,13 @@ struct ServeArgs {
     #[arg(long, env = "LLM_DEDUP_REDIS", value_name = "URL", value_parser = parse_redis_url)]
     redis: Option<String>,
 
+    /// With --redis: where the other replicas reach this one (http://HOST:PORT). A replica
+    /// following a stream this one receives then reads the rest from here if Redis goes away
+    /// mid-stream [default: none; such streams are cut]
+    #[arg(long, env = "LLM_DEDUP_ADVERTISE", value_name = "URL", requires = "redis",
+          value_parser = llm_dedup::fleet::advertised_url)]
+    advertise: Option<String>,
+
     /// Another request header that identifies a caller (repeatable; the environment variable
     /// takes a comma-separated list). Added to authorization, x-api-key, api-key,
     /// openai-organization, openai-project, ocp-apim-subscription-key, x-goog-api-key and
@@ -400,6 +407,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     if let Some(url) = &args.redis {
         builder = builder.redis(url);
+    }
+    if let Some(url) = &args.advertise {
+        builder = builder.advertise(url);
     }
     let engine = builder
         .upstream(&args.upstream)

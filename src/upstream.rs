@@ -131,6 +131,24 @@ impl Upstream {
             .map_err(|e| self.error(e))
     }
 
+    /// Sends a request to another replica of the fleet, at `url` (its advertised address and
+    /// the path), with `headers` as given: the caller forwards what it may (its client's
+    /// credential goes to a replica of the same proxy, as the client sent it to this one).
+    pub async fn send_to_replica(
+        &self,
+        method: &Method,
+        url: &str,
+        headers: HeaderMap,
+        body: bytes::Bytes,
+    ) -> Result<reqwest::Response, reqwest::Error> {
+        self.client
+            .request(method.clone(), url)
+            .headers(headers)
+            .body(body)
+            .send()
+            .await
+    }
+
     /// Classifies a transport error, naming the upstream but never a header.
     pub fn error(&self, e: reqwest::Error) -> Error {
         let kind = if e.is_timeout() {

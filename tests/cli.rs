@@ -90,6 +90,39 @@ fn tenancy_flags_are_checked_at_start_up() {
     );
 }
 
+#[test]
+fn fleet_flags_are_checked_at_start_up() {
+    let redis = ["--redis", "redis://127.0.0.1:9"];
+    for (extra, expected) in [
+        (&["--advertise", "http://10.0.0.5:8080"][..], "--redis"),
+        (
+            &[redis[0], redis[1], "--advertise", "10.0.0.5:8080"][..],
+            "http://",
+        ),
+        (
+            &[redis[0], redis[1], "--advertise", "http://10.0.0.5:8080/v1"][..],
+            "host and a port only",
+        ),
+        (
+            &[
+                redis[0],
+                redis[1],
+                "--advertise",
+                "http://u:p@10.0.0.5:8080",
+            ][..],
+            "credentials",
+        ),
+        (&["--redis", "http://not-redis"][..], "not a Redis URL"),
+    ] {
+        let args: Vec<&str> = std::iter::once("serve")
+            .chain(extra.iter().copied())
+            .collect();
+        let (code, err) = run(&args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+}
+
 /// Listening beyond loopback without an operator token is allowed (the operator endpoints
 /// then answer loopback only) but said at start; with a token, nothing is said.
 #[test]

@@ -312,6 +312,44 @@ async fn a_streamed_miss_reaches_the_client_event_by_event() {
     proxy.stop().await;
 }
 
+/// `only-if-cached` takes an answer already on its way: it joins a stream in flight (from
+/// its first event), and never starts an upstream call of its own.
+#[tokio::test]
+async fn only_if_cached_joins_an_answer_in_flight_but_never_starts_one() {
+    let upstream = FakeUpstream::start().await;
+    upstream.state.hold.store(true, Ordering::SeqCst);
+    let proxy = Proxy::over(&upstream).await;
+    let c = client();
+    let url = proxy.url("/v1/chat/completions");
+    let streamed = json!({"model": "gpt-4o-mini", "stream": true,
+                          "messages": [{"role": "user", "content": "on its way"}]})
+    .to_string();
+    let only = [("cache-control", "only-if-cached")];
+    let leader = {
+        let (c, url, body) = (c.clone(), url.clone(), streamed.clone());
+        tokio::spawn(async move { post(&c, &url, body, &[]).await })
+    };
+    upstream.wait_for_calls(1).await;
+    let joined = {
+        let (c, url, body) = (c.clone(), url.clone(), streamed.clone());
+        tokio::spawn(async move { post(&c, &url, body, &only).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    upstream.state.release.notify_waiters();
+    let (leader, joined) = (leader.await.expect("leader"), joined.await.expect("joined"));
+    assert_eq!((joined.status, joined.cache.as_str()), (200, "coalesced"));
+    assert_eq!(
+        joined.raw, leader.raw,
+        "the same stream, from its first event"
+    );
+    assert!(String::from_utf8_lossy(&joined.raw).ends_with("data: [DONE]\n\n"));
+    // Nothing in flight and nothing stored: 504, and still one upstream call.
+    let other = post(&c, &url, chat("not on its way"), &only).await;
+    assert_eq!(other.status, 504);
+    assert_eq!(upstream.calls(), 1);
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn cache_control_directives_steer_reads_and_writes() {
     let upstream = FakeUpstream::start().await;

@@ -38,6 +38,7 @@ pub struct DedupBuilder {
     governor: GovernorSettings,
     embeddings: EmbedSettings,
     redis: Option<String>,
+    advertise: Option<String>,
     prices: PriceTable,
 }
 
@@ -59,6 +60,7 @@ impl Default for DedupBuilder {
             governor: GovernorSettings::default(),
             embeddings: EmbedSettings::default(),
             redis: None,
+            advertise: None,
             prices: PriceTable::built_in(),
         }
     }
@@ -167,6 +169,16 @@ impl DedupBuilder {
         self
     }
 
+    /// Where the other replicas of the fleet reach this engine's proxy (`http://10.0.0.5:8080`),
+    /// with [`DedupBuilder::redis`]. A replica following a stream this one receives, relayed
+    /// through Redis, reads the rest of it from there if Redis goes away mid-stream, with the
+    /// client's own request and `Cache-Control: only-if-cached`. By default, none: such a
+    /// stream is cut for those followers.
+    pub fn advertise(mut self, url: impl Into<String>) -> Self {
+        self.advertise = Some(url.into());
+        self
+    }
+
     /// The prices that value what the cache saves. By default, [`PriceTable::built_in`].
     pub fn prices(mut self, prices: PriceTable) -> Self {
         self.prices = prices;
@@ -197,10 +209,22 @@ impl DedupBuilder {
             // Without a database, entries die with the engine, and so may the salt.
             None => rand::random(),
         };
+        let advertised = match (&self.advertise, &self.redis) {
+            (None, _) => None,
+            (Some(url), Some(_)) => Some(
+                crate::fleet::advertised_url(url).map_err(|m| Error::new(ErrorKind::Cache, m))?,
+            ),
+            (Some(_), None) => {
+                return Err(Error::new(
+                    ErrorKind::Cache,
+                    "an advertised address is for the other replicas of a fleet: it needs a Redis",
+                ));
+            }
+        };
         let fleet = self
             .redis
             .as_deref()
-            .map(Fleet::new)
+            .map(|url| Fleet::new(url, advertised))
             .transpose()
             .map_err(|e| Error::with_source(ErrorKind::Cache, "the Redis URL is not valid", e))?;
         let salt = match &fleet {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use futures_util::FutureExt;
+use futures_util::{FutureExt, StreamExt};
 
 use http::HeaderMap;
 use serde_json::Value;
@@ -24,9 +24,11 @@ use crate::controls::CacheControls;
 use crate::entry::{Billing, EntryMeta, StoredAnswer};
 use crate::error::{Error, ErrorKind};
 use crate::fleet::{Ending, Fleet, Followed, Relayed, Turn};
+use crate::headers::NAMESPACE_HEADER;
 use crate::inflight::{Flight, InFlight, Role};
 use crate::key::{CacheKey, Partition};
 use crate::live::LiveStream;
+use crate::sse::{Completion, EventSplitter, Verdict};
 use crate::upstream;
 
 /// What a flight resolved to; every waiter gets a clone.
@@ -98,6 +100,23 @@ impl Engine {
             if !controls.no_cache && may_share {
                 if let Some(entry) = self.lookup_disk(&key, controls.max_age).await {
                     return Ok(self.hit(&entry, SystemTime::now()));
+                }
+                // An answer already on its way is as good as a stored one: the caller joins
+                // the flight, but never starts one. (Another replica that followed a stream
+                // through Redis reads the rest of it this way if Redis goes away.)
+                if let Some(waiter) = self.flights.in_progress(&key) {
+                    if let Ok(led) = waiter.wait().await {
+                        let own = led.by == out.partition;
+                        let young = match &led.outcome {
+                            FlightOutcome::Stored { entry, .. } => {
+                                young_enough(entry, controls.max_age)
+                            }
+                            _ => true,
+                        };
+                        if led.outcome.shareable() && young {
+                            return self.render(led.outcome, CacheStatus::Coalesced, &meta, own);
+                        }
+                    }
                 }
             }
             return Err(Error::new(
@@ -278,7 +297,7 @@ impl Engine {
                 };
             }
             Turn::Refused(refusal) => return FlightOutcome::Refused(Arc::new(refusal)),
-            Turn::Live(followed) => return self.follow(followed, out, flight).await,
+            Turn::Live(followed) => return self.follow(followed, out, meta, flight).await,
         };
         let relaying = lease.as_ref().map(|_| fleet);
         let outcome = self.fetch_upstream(out, meta, flight, relaying).await;
@@ -370,10 +389,14 @@ impl Engine {
     /// Follows a stream another replica receives from the upstream, shared live with this
     /// flight's waiters as a stream of its own would be. Nothing is stored here: the leader
     /// stores it in the fleet's tier when it completes.
+    ///
+    /// If Redis goes away mid-stream, the rest exists only on the leader replica: when it
+    /// named where it can be reached, the rest is read from there ([`Engine::read_rest_from`]).
     async fn follow(
         &self,
         mut followed: Followed,
         out: &Outbound,
+        meta: &EntryMeta,
         flight: &LeadFlight,
     ) -> FlightOutcome {
         let live = LiveStream::new(
@@ -385,37 +408,205 @@ impl Engine {
             by: out.partition,
             outcome: FlightOutcome::Live(live.clone()),
         });
-        let (mut size, mut overgrown) = (0usize, false);
-        loop {
+        let mut passed = Passed::new(&live, flight, self.max_stream_bytes, meta.route);
+        let result = loop {
             match followed.next().await {
-                Relayed::Events(events) => {
-                    for event in events {
-                        size += event.len();
-                        if size > self.max_stream_bytes && !overgrown {
-                            overgrown = true;
-                            live.stop_buffering(self.max_stream_bytes);
-                            flight.leave();
-                        }
-                        live.push(event);
-                    }
+                Relayed::Events(events) => events.into_iter().for_each(|e| passed.push(e)),
+                Relayed::End(Ending::Complete) => break Ok(()),
+                Relayed::End(Ending::Failed) => {
+                    break Err(Error::new(
+                        ErrorKind::UpstreamUnreachable,
+                        "the upstream's stream failed on the replica that received it",
+                    ));
                 }
-                Relayed::End(Ending::Complete) => {
-                    live.finish(Ok(()));
-                    break;
+                Relayed::End(Ending::Cut) => {
+                    break Err(Error::new(
+                        ErrorKind::UpstreamUnreachable,
+                        "the stream shared by another replica was longer than --max-stream",
+                    ));
                 }
-                Relayed::End(ending) => {
-                    let why = if ending == Ending::Failed {
-                        "the upstream's stream failed on the replica that received it"
-                    } else {
-                        "the stream shared by another replica could not be followed to its end"
+                Relayed::End(Ending::Lost) => {
+                    break match followed.peer.take() {
+                        Some(peer) => self.read_rest_from(&peer, out, meta, &mut passed).await,
+                        None => Err(Error::new(
+                            ErrorKind::UpstreamUnreachable,
+                            "the stream shared by another replica could not be followed to its \
+                             end: Redis went away, and that replica has no --advertise address",
+                        )),
                     };
-                    live.finish(Err(Error::new(ErrorKind::UpstreamUnreachable, why)));
-                    break;
+                }
+            }
+        };
+        live.finish(result);
+        FlightOutcome::Live(live)
+    }
+
+    /// Reads the rest of a followed stream from the replica that receives it, at `peer`: the
+    /// client's request again, with `Cache-Control: only-if-cached`, joins that replica's
+    /// flight (or finds the answer it stored) without ever making an upstream call. Its events
+    /// start from the first; those already passed on are skipped, after checking they are the
+    /// same (a different answer is never spliced on).
+    async fn read_rest_from(
+        &self,
+        peer: &str,
+        out: &Outbound,
+        meta: &EntryMeta,
+        passed: &mut Passed<'_>,
+    ) -> Result<(), Error> {
+        let lost = |what: &str| {
+            Error::new(
+                ErrorKind::UpstreamUnreachable,
+                format!("Redis went away mid-stream, and the replica receiving the stream {what}"),
+            )
+        };
+        let mut headers = out.headers.clone();
+        headers.insert(
+            http::header::CACHE_CONTROL,
+            http::HeaderValue::from_static("only-if-cached"),
+        );
+        if !meta.namespace.is_empty() {
+            let namespace = http::HeaderValue::from_str(&meta.namespace)
+                .map_err(|_| lost("cannot be asked for this namespace"))?;
+            headers.insert(NAMESPACE_HEADER, namespace);
+        }
+        if let Some(credential) = &out.proxy_credential {
+            headers.insert(http::header::PROXY_AUTHORIZATION, credential.clone());
+        }
+        let url = format!("{peer}{}", out.path_and_query);
+        let sent = self
+            .upstream
+            .send_to_replica(&out.method, &url, headers, out.body.clone());
+        let response = match tokio::time::timeout(PEER_TIMEOUT, sent).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(_)) => return Err(lost(&format!("cannot be reached at {peer}"))),
+            Err(_) => return Err(lost(&format!("did not answer in time at {peer}"))),
+        };
+        let status = response.status();
+        if !status.is_success() || !is_event_stream(response.headers()) {
+            return Err(lost(&format!("no longer has it ({status})")));
+        }
+        tracing::info!(key = %meta.key, %peer, "Redis went away mid-stream: reading the rest from the replica receiving it");
+        let mut replay = Replayed::new(passed.count, passed.digest.clone());
+        let mut split = EventSplitter::default();
+        let mut body = response.bytes_stream();
+        loop {
+            let events = match body.next().await {
+                Some(Ok(chunk)) => split.push(&chunk),
+                Some(Err(_)) => return Err(lost("stopped sending it")),
+                None => break,
+            };
+            for event in events {
+                if let Some(new) = replay
+                    .check(event)
+                    .map_err(|()| lost("has another answer"))?
+                {
+                    passed.push(new);
                 }
             }
         }
-        FlightOutcome::Live(live)
+        if let Some(rest) = split.rest() {
+            if let Some(new) = replay
+                .check(rest)
+                .map_err(|()| lost("has another answer"))?
+            {
+                passed.push(new);
+            }
+        }
+        if passed.completion.verdict() == Verdict::Complete {
+            Ok(())
+        } else {
+            Err(lost("ended it before its end"))
+        }
     }
+}
+
+/// How long the replica receiving a stream may take to start answering for the rest of it.
+const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The events of a followed stream passed on so far: counted, digested (to check a replay
+/// from its start against them), observed for the stream's completion, and bounded by
+/// `--max-stream` like a stream of this replica's own.
+struct Passed<'a> {
+    live: &'a LiveStream,
+    flight: &'a LeadFlight,
+    max: usize,
+    size: usize,
+    count: usize,
+    digest: blake3::Hasher,
+    completion: Completion,
+}
+
+impl<'a> Passed<'a> {
+    fn new(
+        live: &'a LiveStream,
+        flight: &'a LeadFlight,
+        max: usize,
+        route: crate::route::Route,
+    ) -> Passed<'a> {
+        Passed {
+            live,
+            flight,
+            max,
+            size: 0,
+            count: 0,
+            digest: blake3::Hasher::new(),
+            completion: Completion::new(route),
+        }
+    }
+
+    fn push(&mut self, event: Bytes) {
+        let was_within = self.size <= self.max;
+        self.size += event.len();
+        if was_within && self.size > self.max {
+            // Passed on to its waiters, no longer kept, no longer joined.
+            self.live.stop_buffering(self.max);
+            self.flight.leave();
+        }
+        self.count += 1;
+        digest_event(&mut self.digest, &event);
+        self.completion.observe(&event);
+        self.live.push(event);
+    }
+}
+
+/// A replay of a stream from its first event, checked against the `count` events already
+/// passed on (whose digest is `passed`): the events after those are new.
+struct Replayed {
+    count: usize,
+    passed: blake3::Hasher,
+    seen: usize,
+    digest: blake3::Hasher,
+}
+
+impl Replayed {
+    fn new(count: usize, passed: blake3::Hasher) -> Replayed {
+        Replayed {
+            count,
+            passed,
+            seen: 0,
+            digest: blake3::Hasher::new(),
+        }
+    }
+
+    /// `Some(event)` if it is new, `None` if it was passed on already, `Err` once the replay
+    /// turns out to differ from what was passed on.
+    fn check(&mut self, event: Bytes) -> Result<Option<Bytes>, ()> {
+        if self.seen >= self.count {
+            return Ok(Some(event));
+        }
+        self.seen += 1;
+        digest_event(&mut self.digest, &event);
+        if self.seen == self.count && self.digest.finalize() != self.passed.finalize() {
+            return Err(());
+        }
+        Ok(None)
+    }
+}
+
+/// Adds one event to a digest of a stream's events, delimited by its length.
+fn digest_event(digest: &mut blake3::Hasher, event: &[u8]) {
+    digest.update(&(event.len() as u64).to_le_bytes());
+    digest.update(event);
 }
 
 fn is_event_stream(headers: &HeaderMap) -> bool {
@@ -431,4 +622,43 @@ fn abandoned() -> Error {
         ErrorKind::Abandoned,
         "the upstream call for this request was abandoned",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Replayed, digest_event};
+    use bytes::Bytes;
+
+    fn digest_of(events: &[&'static str]) -> blake3::Hasher {
+        let mut digest = blake3::Hasher::new();
+        for event in events {
+            digest_event(&mut digest, event.as_bytes());
+        }
+        digest
+    }
+
+    fn replay(passed: &[&'static str], replayed: &[&'static str]) -> Result<Vec<Bytes>, ()> {
+        let mut replay = Replayed::new(passed.len(), digest_of(passed));
+        let mut new = Vec::new();
+        for event in replayed {
+            new.extend(replay.check(Bytes::from_static(event.as_bytes()))?);
+        }
+        Ok(new)
+    }
+
+    #[test]
+    fn a_replay_from_the_start_gives_only_the_events_not_passed_on_yet() {
+        let (a, b, c) = ("data: a\n\n", "data: b\n\n", "data: [DONE]\n\n");
+        assert_eq!(replay(&[a, b], &[a, b, c]), Ok(vec![Bytes::from(c)]));
+        assert_eq!(replay(&[], &[a, b]).map(|n| n.len()), Ok(2));
+        assert_eq!(replay(&[a, b, c], &[a, b, c]), Ok(vec![]));
+    }
+
+    #[test]
+    fn a_replay_of_another_answer_is_never_spliced_on() {
+        let (a, b) = ("data: a\n\n", "data: b\n\n");
+        assert_eq!(replay(&[a, b], &[a, "data: x\n\n", b]), Err(()));
+        // The same bytes cut into other events are another stream, too.
+        assert_eq!(replay(&["data: ab\n\n"], &["data: a", "b\n\n"]), Err(()));
+    }
 }

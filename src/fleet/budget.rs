@@ -465,7 +465,7 @@ mod tests {
         let url = format!("redis://127.0.0.1:{port}");
         for _ in 0..250 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                let fleet = Fleet::new(&url).expect("fleet");
+                let fleet = Fleet::new(&url, None).expect("fleet");
                 return Some((server, fleet));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

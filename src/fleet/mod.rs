@@ -20,7 +20,8 @@
 //! - `err:{key}:{partition}`: an error answer for the followers of one credential partition
 //!   on other replicas, kept [`REFUSAL_KEPT`]; never served as an entry.
 //! - `s:{key}`: a streamed answer in flight, shared live: a Redis Stream whose first record
-//!   is the head (status and replayed headers), then one record per event, then the end
+//!   is the head (status and replayed headers, and as `peer` the leader's `--advertise`
+//!   address if it has one), then one record per event, then the end
 //!   (`ok` or `err`); it expires [`STREAM_KEPT`] after its last record. At most
 //!   `--max-stream` bytes are relayed: past that, the end says `cut`.
 //! - `budget:{partition}:{what}`: the rate budget of one credential partition, shared by the
@@ -46,6 +47,12 @@
 //! (`llm_dedup_redis_errors_total`), logged at most once a minute, and turns Redis off for
 //! [`BACKOFF`]: meanwhile each replica uses its own tiers and flights only, and then tries
 //! again (the connection reconnects by itself). No request fails because Redis did.
+//!
+//! A follower of a relayed stream whose Redis goes away mid-stream ([`Ending::Lost`]) has
+//! passed on events it cannot take back, and only the leader replica has the rest: the engine
+//! reads it from the `peer` address named in the stream's head, with the client's request and
+//! `Cache-Control: only-if-cached` (the proxy's public API, which joins a flight but never
+//! starts one).
 
 mod budget;
 mod codec;
@@ -88,6 +95,27 @@ pub const STREAM_KEPT: Duration = Duration::from_secs(60);
 const STREAM_BLOCK: Duration = Duration::from_secs(1);
 /// How long a shared stream may go silent, its lease gone, before a follower ends it.
 const STREAM_ORPHANED: Duration = Duration::from_secs(15);
+
+/// The base URL other replicas reach this one at (`--advertise`), checked: `http` or
+/// `https`, a host, and nothing after it (no path, query, fragment or credentials). Given
+/// without its trailing `/`.
+pub fn advertised_url(url: &str) -> Result<String, String> {
+    // The address is not echoed: it could hold a password (clap shows what was given).
+    let bad = |why: &str| format!("the advertised address {why}");
+    let parsed = reqwest::Url::parse(url).map_err(|_| bad("is not an http:// or https:// URL"))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+        return Err(bad("must be an http:// or https:// URL with a host"));
+    }
+    if parsed.path() != "/" || parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(bad(
+            "must name a host and a port only, like http://10.0.0.5:8080",
+        ));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(bad("must not hold credentials"));
+    }
+    Ok(parsed.as_str().trim_end_matches('/').to_owned())
+}
 
 /// What another replica (or the inspector) said happened.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,12 +163,17 @@ struct Inner {
     waiters: Mutex<HashMap<CacheKey, Arc<Notify>>>,
     subscribed: AtomicBool,
     listener: OnceLock<Listener>,
+    /// Where the other replicas reach this one's proxy (`--advertise`), named in the streams
+    /// it relays.
+    advertised: Option<String>,
 }
 
 impl Fleet {
     /// A fleet tier on the Redis at `url` (`redis://`, `rediss://` for TLS, `unix://`). Only
-    /// the URL is checked here; connections are made when first needed.
-    pub fn new(url: &str) -> Result<Fleet, redis::RedisError> {
+    /// the URL is checked here; connections are made when first needed. `advertised` is where
+    /// the other replicas reach this one's proxy, if they can: a follower of a stream this
+    /// replica relays reads the rest from there if Redis goes away (see [`Ending::Lost`]).
+    pub fn new(url: &str, advertised: Option<String>) -> Result<Fleet, redis::RedisError> {
         let client = redis::Client::open(url)?;
         Ok(Fleet {
             inner: Arc::new(Inner {
@@ -154,6 +187,7 @@ impl Fleet {
                 waiters: Mutex::new(HashMap::new()),
                 subscribed: AtomicBool::new(false),
                 listener: OnceLock::new(),
+                advertised,
             }),
         })
     }
@@ -657,5 +691,33 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.renewer.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::advertised_url;
+
+    #[test]
+    fn an_advertised_address_names_a_host_and_port_and_nothing_else() {
+        assert_eq!(
+            advertised_url("http://10.0.0.5:8080/").as_deref(),
+            Ok("http://10.0.0.5:8080")
+        );
+        assert_eq!(
+            advertised_url("https://replica-a.internal").as_deref(),
+            Ok("https://replica-a.internal")
+        );
+        for bad in [
+            "",
+            "10.0.0.5:8080",
+            "ftp://10.0.0.5",
+            "http://10.0.0.5:8080/v1",
+            "http://10.0.0.5:8080/?a=1",
+            "http://user:secret@10.0.0.5:8080",
+        ] {
+            let err = advertised_url(bad).expect_err(bad);
+            assert!(!err.contains("secret"), "never echoes a password: {err}");
+        }
     }
 }

@@ -18,24 +18,28 @@ impl Fleet {
         status: http::StatusCode,
         headers: &http::HeaderMap,
     ) -> Relay {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(&'static str, Vec<u8>)>();
-        let _ = tx.send(("h", codec::encode_head(status, headers)));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Record>();
+        // The head names where this replica can be reached, for followers that lose Redis.
+        let mut head = vec![("h", codec::encode_head(status, headers))];
+        if let Some(url) = &self.inner.advertised {
+            head.push(("peer", url.clone().into_bytes()));
+        }
+        let _ = tx.send(head);
         let (fleet, name) = (self.clone(), self.stream_name(key));
         let announce = format!("live {}", key.to_hex());
         tokio::spawn(async move {
             let ms = STREAM_KEPT.as_millis() as u64;
             let mut first = true;
-            while let Some((field, value)) = rx.recv().await {
+            while let Some(record) = rx.recv().await {
                 let name = name.clone();
                 let added: Result<(), ()> = fleet
                     .call("relay", |mut c| async move {
-                        redis::pipe()
-                            .cmd("XADD")
-                            .arg(&name)
-                            .arg("*")
-                            .arg(field)
-                            .arg(value)
-                            .ignore()
+                        let mut pipe = redis::pipe();
+                        pipe.cmd("XADD").arg(&name).arg("*");
+                        for (field, value) in record {
+                            pipe.arg(field).arg(value);
+                        }
+                        pipe.ignore()
                             .cmd("PEXPIRE")
                             .arg(&name)
                             .arg(ms)
@@ -81,8 +85,14 @@ impl Fleet {
             .ok()?
         };
         let (id, fields) = head.into_iter().next()?;
-        let (_, value) = fields.into_iter().find(|(f, _)| f == "h")?;
-        let head = codec::decode_refusal(&value)?;
+        let head = fields
+            .iter()
+            .find(|(f, _)| f == "h")
+            .and_then(|(_, value)| codec::decode_refusal(value))?;
+        let peer = fields
+            .into_iter()
+            .find(|(f, _)| f == "peer")
+            .and_then(|(_, value)| String::from_utf8(value).ok());
         // A connection of its own: a blocking read would hold up everything else on a shared one.
         let conn = tokio::time::timeout(
             CONNECT_TIMEOUT,
@@ -99,6 +109,7 @@ impl Fleet {
             last: id,
             status: head.status,
             headers: head.headers,
+            peer,
             quiet_since: Instant::now(),
         })
     }
@@ -111,7 +122,7 @@ impl Fleet {
 /// The leader's side of a stream shared live with other replicas: events are handed to a task
 /// that appends them to the Redis Stream in order, so the upstream's pace never waits on Redis.
 pub struct Relay {
-    tx: tokio::sync::mpsc::UnboundedSender<(&'static str, Vec<u8>)>,
+    tx: tokio::sync::mpsc::UnboundedSender<Record>,
     sent: usize,
     bound: usize,
     cut: bool,
@@ -132,21 +143,23 @@ impl Relay {
         self.sent += event.len();
         if self.sent > self.bound {
             self.cut = true;
-            let _ = self.tx.send(("end", b"cut".to_vec()));
+            let _ = self.tx.send(vec![("end", b"cut".to_vec())]);
             return;
         }
-        let _ = self.tx.send(("e", event.to_vec()));
+        let _ = self.tx.send(vec![("e", event.to_vec())]);
     }
 
     /// Ends the relay: the stream completed (`true`) or failed.
     pub fn end(self, ok: bool) {
         if !self.cut {
-            let _ = self
-                .tx
-                .send(("end", if ok { b"ok".to_vec() } else { b"err".to_vec() }));
+            let ending = if ok { b"ok".to_vec() } else { b"err".to_vec() };
+            let _ = self.tx.send(vec![("end", ending)]);
         }
     }
 }
+
+/// The fields of one record to append to a Redis Stream.
+type Record = Vec<(&'static str, Vec<u8>)>;
 
 /// One record of a Redis Stream: its id and its fields.
 type StreamRecord = (String, Vec<(String, Vec<u8>)>);
@@ -166,8 +179,11 @@ pub enum Ending {
     Complete,
     /// Failed at the leader (the upstream cut it or sent an error).
     Failed,
-    /// Longer than `--max-stream`, or its leader or Redis went away: no more can be relayed.
+    /// Longer than `--max-stream`: no more is relayed.
     Cut,
+    /// Redis, or the leader's connection to it, went away: the rest is only on the leader
+    /// replica, at [`Followed::peer`] if it named where it can be reached.
+    Lost,
 }
 
 /// A follower's side of a stream another replica relays.
@@ -181,6 +197,8 @@ pub struct Followed {
     pub status: http::StatusCode,
     /// The replayed headers of the answer.
     pub headers: http::HeaderMap,
+    /// Where the leader replica's proxy can be reached (its `--advertise`), if it said.
+    pub peer: Option<String>,
     quiet_since: Instant,
 }
 
@@ -205,11 +223,11 @@ impl Followed {
             Ok(Ok(records)) => records.unwrap_or_default(),
             Ok(Err(e)) => {
                 self.fleet.failed("follow", &e.to_string());
-                return Relayed::End(Ending::Cut);
+                return Relayed::End(Ending::Lost);
             }
             Err(_) => {
                 self.fleet.failed("follow", "timed out");
-                return Relayed::End(Ending::Cut);
+                return Relayed::End(Ending::Lost);
             }
         };
         let mut events = Vec::new();
@@ -240,8 +258,8 @@ impl Followed {
         } else if self.quiet_since.elapsed() > STREAM_ORPHANED
             && !matches!(self.fleet.lease_exists(&self.key).await, Ok(true))
         {
-            // Silent, and nobody leads it any more: its leader died.
-            return Relayed::End(Ending::Cut);
+            // Silent, and nobody leads it any more: its leader died, or lost Redis.
+            return Relayed::End(Ending::Lost);
         }
         Relayed::Events(events)
     }

@@ -787,10 +787,23 @@ pub struct Proxy {
 
 impl Proxy {
     pub async fn start(builder: DedupBuilder) -> Proxy {
-        let engine = builder.build().expect("engine");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind proxy");
+        Proxy::serve(listener, builder)
+    }
+
+    /// A replica of a fleet (`builder` has a Redis) that tells the others where it is.
+    pub async fn advertised(builder: DedupBuilder) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let addr = listener.local_addr().expect("addr");
+        Proxy::serve(listener, builder.advertise(format!("http://{addr}")))
+    }
+
+    fn serve(listener: tokio::net::TcpListener, builder: DedupBuilder) -> Proxy {
+        let engine = builder.build().expect("engine");
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(llm_dedup::server::serve(
