@@ -104,18 +104,39 @@ pub(crate) struct LiveStream {
     buffer: Mutex<Buffer>,
     progress: watch::Sender<Progress>,
     held: HeldBytes,
+    /// Received from another replica of the fleet, not from the upstream.
+    relayed: bool,
 }
 
 impl LiveStream {
-    /// A stream whose buffered bytes are counted in `held`.
+    /// A stream received from the upstream, whose buffered bytes are counted in `held`.
     pub(crate) fn new(status: StatusCode, headers: HeaderMap, held: HeldBytes) -> Arc<LiveStream> {
+        LiveStream::make(status, headers, held, false)
+    }
+
+    /// A stream another replica receives from the upstream and relays to this one.
+    pub(crate) fn relayed(
+        status: StatusCode,
+        headers: HeaderMap,
+        held: HeldBytes,
+    ) -> Arc<LiveStream> {
+        LiveStream::make(status, headers, held, true)
+    }
+
+    fn make(status: StatusCode, headers: HeaderMap, held: HeldBytes, relayed: bool) -> Arc<Self> {
         Arc::new(LiveStream {
             status,
             headers,
             buffer: Mutex::new(Buffer::default()),
             progress: watch::Sender::new(Progress::default()),
             held,
+            relayed,
         })
+    }
+
+    /// Whether another replica receives this stream from the upstream (this one follows it).
+    pub(crate) fn is_relayed(&self) -> bool {
+        self.relayed
     }
 
     fn buffer(&self) -> MutexGuard<'_, Buffer> {

@@ -650,6 +650,73 @@ async fn redis_killed_mid_stream_cuts_no_stream() {
     stop(fleet).await;
 }
 
+/// A replica whose Redis went away mid-stream asks the address the stream's leader
+/// advertised for the rest. Misconfigured to name a replica that follows the stream itself
+/// (here: the follower's own, as a load balancer's address could), that replica does not
+/// join its own followed stream (each would wait on the other): the stream ends at once as
+/// cut, with nothing spliced on, and nothing calls the upstream again.
+#[tokio::test]
+async fn a_stream_is_never_read_back_from_a_replica_that_only_follows_it() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = FakeUpstream::start().await;
+    upstream
+        .state
+        .hold
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let follower_side = Proxy::advertised(upstream.engine().redis(redis.url())).await;
+    let misnamed = follower_side.url("");
+    let leader_side = Proxy::start(upstream.engine().redis(redis.url()).advertise(misnamed)).await;
+    let c = client();
+    let streamed = serde_json::json!({"model": "gpt-4o-mini", "stream": true,
+        "messages": [{"role": "user", "content": "a story, misdirected"}]})
+    .to_string();
+    let ask = |proxy: &Proxy| {
+        let (c, url, body) = (
+            c.clone(),
+            proxy.url("/v1/chat/completions"),
+            streamed.clone(),
+        );
+        tokio::spawn(async move {
+            let mut response = c
+                .post(url)
+                .header("content-type", "application/json")
+                .header("authorization", "Bearer sk-test-key-1")
+                .body(body)
+                .send()
+                .await
+                .expect("sent");
+            let mut raw = Vec::new();
+            // A cut stream ends with an error instead of its last chunk.
+            while let Ok(Some(chunk)) = response.chunk().await {
+                raw.extend_from_slice(&chunk);
+            }
+            String::from_utf8_lossy(&raw).into_owned()
+        })
+    };
+    let leader = ask(&leader_side);
+    upstream.wait_for_calls(1).await;
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let follower = ask(&follower_side);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    redis.kill();
+    // Before the upstream sends the rest: a follower waiting on itself would never end.
+    let cut = tokio::time::timeout(Duration::from_secs(30), follower)
+        .await
+        .expect("the follower's stream ends instead of waiting on itself")
+        .expect("follower");
+    assert!(
+        cut.starts_with("data: {"),
+        "the events relayed so far: {cut}"
+    );
+    assert!(!cut.contains("[DONE]"), "nothing spliced on: {cut}");
+    upstream.state.release.notify_one();
+    assert!(leader.await.expect("leader").ends_with("data: [DONE]\n\n"));
+    assert_eq!(upstream.calls(), 1);
+    stop(vec![leader_side, follower_side]).await;
+}
+
 /// Redis killed while requests wait for the fleet's budget: they go on under each replica's
 /// own governor, and every one succeeds.
 #[tokio::test]

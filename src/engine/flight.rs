@@ -101,19 +101,23 @@ impl Engine {
                 if let Some(entry) = self.lookup_disk(&key, controls.max_age).await {
                     return Ok(self.hit(&entry, SystemTime::now()));
                 }
-                // An answer already on its way is as good as a stored one: the caller joins
-                // the flight, but never starts one. (Another replica that followed a stream
-                // through Redis reads the rest of it this way if Redis goes away.)
+                // An answer already on its way from the upstream is as good as a stored one:
+                // the caller joins the flight, but never starts one. (Another replica that
+                // followed a stream through Redis reads the rest of it this way if Redis goes
+                // away.) Not a stream this replica follows itself: the request may come from
+                // a replica that follows it too, or from this one, and each would wait on the
+                // other.
                 if let Some(waiter) = self.flights.in_progress(&key) {
                     if let Ok(led) = waiter.wait().await {
                         let own = led.by == out.partition;
-                        let young = match &led.outcome {
+                        let usable = match &led.outcome {
                             FlightOutcome::Stored { entry, .. } => {
                                 young_enough(entry, controls.max_age)
                             }
+                            FlightOutcome::Live(live) => !live.is_relayed(),
                             _ => true,
                         };
-                        if led.outcome.shareable() && young {
+                        if led.outcome.shareable() && usable {
                             return self.render(led.outcome, CacheStatus::Coalesced, &meta, own);
                         }
                     }
@@ -399,7 +403,7 @@ impl Engine {
         meta: &EntryMeta,
         flight: &LeadFlight,
     ) -> FlightOutcome {
-        let live = LiveStream::new(
+        let live = LiveStream::relayed(
             followed.status,
             std::mem::take(&mut followed.headers),
             self.stream_bytes.clone(),
