@@ -7,15 +7,18 @@
 //! gets there. OpenAI's limits refill continuously, so a budget starts out *gradual*: what is
 //! missing comes back at a steady rate until the reset. A fixed window gives nothing back
 //! before its reset, then everything at once; paced as gradual, it would be sent a request
-//! or two in each window after what remained was spent, and refuse them. So a `429` that
-//! arrives before the announced reset, when the answer before it had said nothing remained
-//! (the request went out on refill the budget only assumed), makes the budget *stepwise*: it
-//! spends what the upstream says remains, and nothing more until the reset. A stepwise budget
+//! or two in each window after what remained was spent, and refuse them. So the budget turns
+//! *stepwise* (it spends what the upstream says remains, and nothing more until the reset)
+//! when the answers show a window: what remains falls by a tenth of the limit while the
+//! moment it is whole again stays put (a refilling budget's moves later with every request
+//! spent; see `ends_agree`). A `429` that arrives before the announced reset, when the answer
+//! before it had said nothing remained (the request went out on refill the budget only
+//! assumed), makes it stepwise too. A stepwise budget
 //! turns gradual again when an answer says more remains than the one before it *with a
 //! shorter reset* and within the same period (a refilling budget nearing full; a window's
 //! answers, arriving out of order, give more remaining with a longer one, and a later
 //! window's answers are whole again a period later). Either way the average pace is the
-//! same, at most the limit per reset period; the first `429` is what teaches the shape.
+//! same, at most the limit per reset period.
 
 use std::time::Duration;
 
@@ -41,6 +44,9 @@ pub(super) struct Bucket {
     /// What the upstream last said remains, and the reset it gave with it.
     reported: f64,
     reported_reset: Option<Duration>,
+    /// The first answer of those since what remains last rose: what it said remains, and
+    /// when it said the budget is whole again.
+    anchor: Option<(f64, Instant)>,
 }
 
 impl Bucket {
@@ -59,6 +65,7 @@ impl Bucket {
             full_at: None,
             reported: burst,
             reported_reset: None,
+            anchor: None,
         }
     }
 
@@ -102,6 +109,46 @@ impl Bucket {
         Duration::try_from_secs_f64(missing / self.per_second).unwrap_or(Duration::from_secs(3600))
     }
 
+    /// Whether this answer and the first of its group (since what remains last rose) agree on
+    /// when the budget is whole again, while what remains fell by a tenth of the limit (and at
+    /// least 2, past the headers' rounding). A refilling budget is whole again `fall / rate`
+    /// later once `fall` more are spent (answers' order and delays aside), a window at its
+    /// end whatever was spent: an agreement within a quarter of what a refill would move
+    /// shows a window. Delays would have to differ by that quarter to fool it: for OpenAI's
+    /// per-minute budgets, a tenth of the limit is 6 s of refill.
+    fn ends_agree(
+        &mut self,
+        limit: f64,
+        remaining: f64,
+        reset: Option<Duration>,
+        now: Instant,
+    ) -> bool {
+        let (Some(reset), Some(end)) = (reset, reset.and_then(|r| now.checked_add(r))) else {
+            self.anchor = None;
+            return false;
+        };
+        let Some((first, first_end)) = self.anchor.filter(|(first, _)| remaining <= *first) else {
+            self.anchor = Some((remaining, end));
+            return false;
+        };
+        let fall = first - remaining;
+        if fall < (limit / 10.0).max(2.0) {
+            return false;
+        }
+        let moved = if end >= first_end {
+            end - first_end
+        } else {
+            first_end - end
+        };
+        let refill_moves = fall * reset.as_secs_f64() / (limit - remaining).max(1.0);
+        if moved.as_secs_f64() < refill_moves / 4.0 {
+            return true;
+        }
+        // A budget that refills: the group starts again here.
+        self.anchor = Some((remaining, end));
+        false
+    }
+
     /// Takes what the upstream says is left and how long until it is full again; `refused`
     /// when it said so in a `429`.
     fn learn(
@@ -113,7 +160,12 @@ impl Bucket {
         now: Instant,
     ) {
         let before_reset = self.full_at.is_some_and(|at| now < at);
-        if refused && before_reset && self.reported < 1.0 && remaining < 1.0 {
+        let agreed = self.ends_agree(limit, remaining, reset, now);
+        if agreed && !self.stepwise {
+            // What remains fell while the budget stays whole again at the same moment: only
+            // a window does that, and it has taught its shape without a refusal.
+            self.stepwise = true;
+        } else if refused && before_reset && self.reported < 1.0 && remaining < 1.0 {
             // The upstream had said nothing remained until the reset, a gradual refill counted
             // on some coming back sooner, and the upstream refused it: nothing comes back
             // before the reset.
@@ -231,12 +283,13 @@ mod tests {
         b.refill(t0 + Duration::from_millis(1000));
         assert_eq!(b.available, 10.0, "all of it at the reset");
 
-        // A refusal while the upstream had said some remained says nothing of the shape.
+        // A refusal while the upstream had said some remained says nothing of the shape
+        // (here a bucket of 10 a second, 6 spent in 100 ms).
         let mut other = None;
-        learn(&mut other, said(5.0, 1000), false, t0);
+        learn(&mut other, said(5.0, 500), false, t0);
         learn(
             &mut other,
-            said(0.0, 900),
+            said(0.0, 1000),
             true,
             t0 + Duration::from_millis(100),
         );
@@ -272,5 +325,27 @@ mod tests {
             t2 + Duration::from_millis(400),
         );
         assert!(!bucket.expect("learned").is_stepwise());
+    }
+
+    /// What a window's answers say, against what a refilling bucket's say, both of 10 a
+    /// second, answers made as requests are spent at once.
+    fn answers(window: bool, t0: Instant) -> Option<Bucket> {
+        let mut bucket = None;
+        for spent in 1..=6u32 {
+            let remaining = f64::from(10 - spent);
+            // A window ends 600 ms on whatever is spent; a bucket is whole again 100 ms
+            // later for each request spent.
+            let reset = if window { 600 } else { 100 * u64::from(spent) };
+            let at = t0 + Duration::from_millis(u64::from(spent));
+            learn(&mut bucket, said(remaining, reset), false, at);
+        }
+        bucket
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_window_shows_its_shape_before_any_refusal_and_a_bucket_does_not() {
+        let t0 = Instant::now();
+        assert!(answers(true, t0).expect("learned").is_stepwise());
+        assert!(!answers(false, t0).expect("learned").is_stepwise());
     }
 }
