@@ -243,8 +243,9 @@ struct ServeArgs {
     redis: Option<String>,
 
     /// With --redis: where the other replicas reach this one (http://HOST:PORT). A replica
-    /// following a stream this one receives then reads the rest from here if Redis goes away
-    /// mid-stream [default: none; such streams are cut]
+    /// following a stream this one receives reads the rest from here if Redis goes away
+    /// mid-stream [default: the --listen address; for 0.0.0.0, this host's address towards
+    /// the Redis]
     #[arg(long, env = "LLM_DEDUP_ADVERTISE", value_name = "URL", requires = "redis",
           value_parser = llm_dedup::fleet::advertised_url)]
     advertise: Option<String>,
@@ -408,8 +409,21 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if let Some(url) = &args.redis {
         builder = builder.redis(url);
     }
-    if let Some(url) = &args.advertise {
-        builder = builder.advertise(url);
+    // Bound before the engine is built: the fleet is told the port really listened on.
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let local = listener.local_addr().context("listening socket")?;
+    if let Some(redis) = &args.redis {
+        let advertise = match &args.advertise {
+            Some(url) => url.clone(),
+            None => default_advertise(redis, local),
+        };
+        tracing::info!(
+            advertise,
+            "telling the fleet where this replica is (see --advertise)"
+        );
+        builder = builder.advertise(advertise);
     }
     let engine = builder
         .upstream(&args.upstream)
@@ -440,10 +454,6 @@ async fn serve(args: ServeArgs) -> Result<()> {
         })
         .build()
         .context("cannot start the cache")?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let local = listener.local_addr().context("listening socket")?;
     let access = match &args.admin_token {
         Some(token) => llm_dedup::server::OperatorAccess::token(token),
         None => {
@@ -473,6 +483,50 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .context("serving")?;
     tracing::info!("stopped cleanly; every stored answer is on disk");
     Ok(())
+}
+
+/// Where the other replicas reach this one when `--advertise` is not given: the address
+/// listened on, or, when that is every interface, the address this host reaches the fleet's
+/// Redis from (the network the replicas share), with the port listened on.
+fn default_advertise(redis: &str, local: std::net::SocketAddr) -> String {
+    let mut addr = local;
+    if local.ip().is_unspecified() {
+        if let Some(ip) = redis_host(redis).and_then(|(host, port)| route_to(&host, port)) {
+            addr.set_ip(ip);
+        } else {
+            // Redis on a Unix socket, or not resolvable now: replicas on this host.
+            addr.set_ip(if local.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            });
+        }
+    }
+    format!("http://{addr}")
+}
+
+/// The host and port of a Redis URL, unless it is a Unix socket.
+fn redis_host(url: &str) -> Option<(String, u16)> {
+    let info = redis::IntoConnectionInfo::into_connection_info(url).ok()?;
+    match info.addr() {
+        redis::ConnectionAddr::Tcp(host, port)
+        | redis::ConnectionAddr::TcpTls { host, port, .. } => Some((host.clone(), *port)),
+        _ => None,
+    }
+}
+
+/// The local address packets to `host:port` leave from (a UDP socket's route; nothing sent).
+fn route_to(host: &str, port: u16) -> Option<std::net::IpAddr> {
+    use std::net::ToSocketAddrs;
+    let target = (host, port).to_socket_addrs().ok()?.next()?;
+    let any: std::net::SocketAddr = if target.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = std::net::UdpSocket::bind(any).ok()?;
+    socket.connect(target).ok()?;
+    Some(socket.local_addr().ok()?.ip())
 }
 
 /// How often the proxy hands the allocator's free pages back to the system.

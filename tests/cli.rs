@@ -123,6 +123,35 @@ fn fleet_flags_are_checked_at_start_up() {
     }
 }
 
+/// With `--redis` and no `--advertise`, a replica tells the fleet the address it listens on
+/// or, listening on every interface, its address towards the Redis, with its port.
+#[test]
+fn a_replica_advertises_where_it_listens_unless_told() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let upstream = "http://127.0.0.1:9";
+    for (i, (listen, advertise)) in [
+        ("127.0.0.1:0", None),
+        ("0.0.0.0:0", None),
+        ("0.0.0.0:0", Some("http://replica-a.internal:8080")),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut args = vec!["--listen", listen, "--redis", "redis://127.0.0.1:9"];
+        args.extend(advertise.iter().flat_map(|a| ["--advertise", *a]));
+        let running =
+            common::start_proxy_with(&dir.path().join(format!("{i}.db")), upstream, &args);
+        let port = running.addr.rsplit(':').next().expect("port").to_owned();
+        let expected = advertise.map_or(format!("http://127.0.0.1:{port}"), str::to_owned);
+        let (_, log) = running.terminate();
+        let told = log
+            .lines()
+            .find(|l| l.contains("telling the fleet where this replica is"))
+            .unwrap_or_else(|| panic!("{log}"));
+        assert!(told.contains(&expected), "{listen}: {told}");
+    }
+}
+
 /// Listening beyond loopback without an operator token is allowed (the operator endpoints
 /// then answer loopback only) but said at start; with a token, nothing is said.
 #[test]
