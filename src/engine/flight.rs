@@ -435,7 +435,8 @@ impl Engine {
                         None => Err(Error::new(
                             ErrorKind::UpstreamUnreachable,
                             "the stream shared by another replica could not be followed to its \
-                             end: Redis went away, and that replica has no --advertise address",
+                             end: Redis went away, and that replica named no address to read the \
+                             rest from (--advertise)",
                         )),
                     };
                 }
