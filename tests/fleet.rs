@@ -593,9 +593,30 @@ async fn a_stream_is_shared_live_across_replicas() {
 /// Redis killed while followers on other replicas receive a stream through it: the leader's
 /// client gets the whole stream, and every follower still gets the same whole stream (never
 /// one cut short, never events of two streams mixed): their replicas read the rest from the
-/// leader's, at the address it advertised.
+/// leader's, at the address it advertised, where the stream is still arriving.
 #[tokio::test]
 async fn redis_killed_mid_stream_cuts_no_stream() {
+    stream_through_a_redis_fault(Fault::Killed).await;
+}
+
+/// Redis stalled (`CLIENT PAUSE`) while followers on other replicas receive a stream through
+/// it, and the stream ends meanwhile: the followers' replicas give up on Redis once a read
+/// times out, and read the stream back from the leader's (in flight there, or just stored);
+/// every client gets it whole.
+#[tokio::test]
+async fn a_redis_stalled_mid_stream_cuts_no_stream() {
+    stream_through_a_redis_fault(Fault::Stalled).await;
+}
+
+/// What happens to the fleet's Redis while followers on other replicas receive a stream.
+enum Fault {
+    /// Killed before the stream's end arrives.
+    Killed,
+    /// Stalled for 3 s, the stream ending meanwhile.
+    Stalled,
+}
+
+async fn stream_through_a_redis_fault(fault: Fault) {
     let Some(redis) = RedisServer::start() else {
         return;
     };
@@ -623,7 +644,17 @@ async fn redis_killed_mid_stream_cuts_no_stream() {
     tokio::time::sleep(Duration::from_millis(250)).await;
     let followers: Vec<_> = (1..3).map(ask).collect();
     tokio::time::sleep(Duration::from_millis(400)).await;
-    redis.kill();
+    let _stalled = match fault {
+        Fault::Killed => {
+            redis.kill();
+            None
+        }
+        Fault::Stalled => {
+            let paused = redis.command("CLIENT PAUSE 3000 ALL");
+            assert!(paused.starts_with("+OK"), "{paused}");
+            Some(redis)
+        }
+    };
     upstream.state.release.notify_one();
     let leader = leader.await.expect("leader");
     assert_eq!(leader.status, 200);
