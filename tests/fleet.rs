@@ -8,6 +8,8 @@ mod common;
 
 use std::time::Duration;
 
+use tokio::task::JoinHandle;
+
 use common::{FakeUpstream, Proxy, RedisServer, Seen, chat, client, post};
 
 /// Three replicas of the proxy in front of `upstream`, sharing `redis`.
@@ -616,33 +618,53 @@ enum Fault {
     Stalled,
 }
 
-async fn stream_through_a_redis_fault(fault: Fault) {
-    let Some(redis) = RedisServer::start() else {
-        return;
-    };
+/// A fake upstream whose streams send their first event at once and the rest once released.
+async fn holding_upstream() -> FakeUpstream {
     let upstream = FakeUpstream::start().await;
-    // The first event at once, the rest once released.
     upstream
         .state
         .hold
         .store(true, std::sync::atomic::Ordering::SeqCst);
+    upstream
+}
+
+/// Asks `proxy` for a streamed answer about `topic`, in a task of its own; gives what arrived
+/// (a stream cut short ends where it was cut, with an error instead of its last chunk).
+fn ask_stream(c: &reqwest::Client, proxy: &Proxy, topic: &str) -> JoinHandle<String> {
+    let body = serde_json::json!({"model": "gpt-4o-mini", "stream": true,
+        "messages": [{"role": "user", "content": topic}]})
+    .to_string();
+    let request = c
+        .post(proxy.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .header("authorization", "Bearer sk-test-key-1")
+        .body(body);
+    tokio::spawn(async move {
+        let mut response = request.send().await.expect("sent");
+        assert_eq!(response.status(), 200);
+        let mut raw = Vec::new();
+        while let Ok(Some(chunk)) = response.chunk().await {
+            raw.extend_from_slice(&chunk);
+        }
+        String::from_utf8_lossy(&raw).into_owned()
+    })
+}
+
+async fn stream_through_a_redis_fault(fault: Fault) {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = holding_upstream().await;
     let fleet = replicas(&upstream, &redis).await;
     let c = client();
-    let streamed = serde_json::json!({"model": "gpt-4o-mini", "stream": true,
-        "messages": [{"role": "user", "content": "a story, interrupted"}]})
-    .to_string();
-    let ask = |i: usize| {
-        let (c, url, body) = (
-            c.clone(),
-            fleet[i].url("/v1/chat/completions"),
-            streamed.clone(),
-        );
-        tokio::spawn(async move { post(&c, &url, body, &[]).await })
-    };
-    let leader = ask(0);
+    let topic = "a story, interrupted";
+    let leader = ask_stream(&c, &fleet[0], topic);
     upstream.wait_for_calls(1).await;
     tokio::time::sleep(Duration::from_millis(250)).await;
-    let followers: Vec<_> = (1..3).map(ask).collect();
+    let followers: Vec<_> = fleet[1..]
+        .iter()
+        .map(|proxy| ask_stream(&c, proxy, topic))
+        .collect();
     tokio::time::sleep(Duration::from_millis(400)).await;
     let _stalled = match fault {
         Fault::Killed => {
@@ -657,20 +679,16 @@ async fn stream_through_a_redis_fault(fault: Fault) {
     };
     upstream.state.release.notify_one();
     let leader = leader.await.expect("leader");
-    assert_eq!(leader.status, 200);
-    let text = |raw: &bytes::Bytes| String::from_utf8_lossy(raw).into_owned();
-    assert!(text(&leader.raw).ends_with("data: [DONE]\n\n"));
+    assert!(leader.ends_with("data: [DONE]\n\n"), "{leader}");
     for follower in followers {
         let follower = follower.await.expect("follower");
-        let raw = text(&follower.raw);
-        assert_eq!(follower.status, 200, "{raw}");
-        assert!(raw.ends_with("data: [DONE]\n\n"), "a whole stream: {raw}");
-        assert_eq!(
-            follower.raw, leader.raw,
-            "the leader's stream, each event once"
+        assert!(
+            follower.ends_with("data: [DONE]\n\n"),
+            "a whole stream: {follower}"
         );
+        assert_eq!(follower, leader, "the leader's stream, each event once");
         // One stream's events: each chunk names one completion id.
-        let ids: std::collections::HashSet<&str> = raw
+        let ids: std::collections::HashSet<&str> = follower
             .split("\"id\":\"")
             .skip(1)
             .filter_map(|rest| rest.split('"').next())
@@ -691,45 +709,16 @@ async fn a_stream_is_never_read_back_from_a_replica_that_only_follows_it() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let upstream = FakeUpstream::start().await;
-    upstream
-        .state
-        .hold
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let upstream = holding_upstream().await;
     let follower_side = Proxy::advertised(upstream.engine().redis(redis.url())).await;
     let misnamed = follower_side.url("");
     let leader_side = Proxy::start(upstream.engine().redis(redis.url()).advertise(misnamed)).await;
     let c = client();
-    let streamed = serde_json::json!({"model": "gpt-4o-mini", "stream": true,
-        "messages": [{"role": "user", "content": "a story, misdirected"}]})
-    .to_string();
-    let ask = |proxy: &Proxy| {
-        let (c, url, body) = (
-            c.clone(),
-            proxy.url("/v1/chat/completions"),
-            streamed.clone(),
-        );
-        tokio::spawn(async move {
-            let mut response = c
-                .post(url)
-                .header("content-type", "application/json")
-                .header("authorization", "Bearer sk-test-key-1")
-                .body(body)
-                .send()
-                .await
-                .expect("sent");
-            let mut raw = Vec::new();
-            // A cut stream ends with an error instead of its last chunk.
-            while let Ok(Some(chunk)) = response.chunk().await {
-                raw.extend_from_slice(&chunk);
-            }
-            String::from_utf8_lossy(&raw).into_owned()
-        })
-    };
-    let leader = ask(&leader_side);
+    let topic = "a story, misdirected";
+    let leader = ask_stream(&c, &leader_side, topic);
     upstream.wait_for_calls(1).await;
     tokio::time::sleep(Duration::from_millis(250)).await;
-    let follower = ask(&follower_side);
+    let follower = ask_stream(&c, &follower_side, topic);
     tokio::time::sleep(Duration::from_millis(400)).await;
     redis.kill();
     // Before the upstream sends the rest: a follower waiting on itself would never end.
