@@ -51,6 +51,12 @@
 //! fleet changes its mind, and so are turns reserved in windows it learns are much longer
 //! than it foresaw (a first answer may come late in its window, and say a short reset):
 //! those waiting for them ask again (`rule_changes`), at the latest when the turn comes.
+//!
+//! The same holds for gradual turns reserved at a pace a replica guessed from its first answer
+//! (one request spent, whole again in a while: a slow guess when the budget is much larger):
+//! once a replica asks at a pace at least twice as fast as any before, the turns reserved
+//! ahead are void and asked for again at the new pace, instead of keeping requests waiting
+//! behind them.
 
 use std::sync::LazyLock;
 use std::time::{Duration, SystemTime};
@@ -67,6 +73,9 @@ use crate::key::Partition;
 /// and `g_last` end, `g_most` and `g_least` remaining; `said_first`, the earliest end said of
 /// the last window answers came from), whether the budget is `stepwise`, and how many times
 /// turns already reserved were made void (`rule_changes`)). `ARGV[1]` says what to do:
+///
+/// The hash also keeps the `fastest` pace's interval a replica asked with: turns reserved at
+/// a pace at most half as fast as a new record are void (`rule_changes`).
 ///
 /// - `turn`, now (ms), the pace's interval (ms, 0 for none), its burst, the longest wait
 ///   (ms). Returns `{what, ms, stepwise, changes}`:
@@ -250,7 +259,19 @@ if interval <= 0 then
   return {0, 0, shape, changes}
 end
 local tau = interval * (burst - 1)
-local tat = math.max(tonumber(redis.call('GET', KEYS[3]) or '0') or 0, now)
+local reserved = tonumber(redis.call('GET', KEYS[3]) or '0') or 0
+local fastest = tonumber(redis.call('HGET', win, 'fastest') or '0') or 0
+if fastest <= 0 or interval < fastest then
+  if fastest > 0 and interval * 2 <= fastest and reserved > now + tau + interval then
+    -- Turns reserved ahead at a pace at most half this one (a replica's first guess, made
+    -- from one answer) are void: those waiting for them ask again, at this pace.
+    changes = redis.call('HINCRBY', win, 'rule_changes', 1)
+    reserved = 0
+  end
+  redis.call('HSET', win, 'fastest', interval)
+  redis.call('PEXPIRE', win, kept)
+end
+local tat = math.max(reserved, now)
 if spent then tat = math.max(tat, now + interval + tau) end
 local wait = math.ceil(math.max(tat - tau - now, 0))
 if wait > longest then return {2, wait, shape, changes} end
@@ -511,5 +532,55 @@ mod tests {
     async fn three_answers_of_a_bucket_do_not() {
         let shown = stepwise_after(&[(9, 100), (8, 200), (7, 300)]).await;
         assert!(shown.is_none_or(|stepwise| !stepwise));
+    }
+
+    /// Turns reserved ahead at a replica's first, slow guess of the pace (one a second) give
+    /// way once a replica asks at a pace at least twice as fast (ten a second): its turn
+    /// comes at once instead of behind them, and those waiting for the old turns ask again.
+    /// A slow guess asked again later voids nothing.
+    #[tokio::test]
+    async fn turns_reserved_at_a_slow_guess_give_way_to_a_much_faster_pace() {
+        let Some((_server, fleet)) = fleet().await else {
+            return;
+        };
+        let partition = Partition::from_bytes([8; 32]);
+        let longest = Duration::from_secs(30);
+        let ask = |per_second: f64| {
+            let (fleet, pace) = (
+                fleet.clone(),
+                Pace {
+                    per_second,
+                    burst: 1.0,
+                },
+            );
+            async move {
+                let turn = fleet
+                    .budget_turn(&partition, Some(pace), longest)
+                    .await
+                    .expect("redis answers");
+                let Budgeted::Go(wait) = turn.turn else {
+                    panic!("a turn: {:?}", turn.turn);
+                };
+                (wait, turn.changes)
+            }
+        };
+        let mut slow = Vec::new();
+        for _ in 0..5 {
+            slow.push(ask(1.0).await);
+        }
+        let (last_wait, reserved_under) = slow[4];
+        assert!(last_wait >= Duration::from_millis(3500), "{last_wait:?}");
+        let (wait, changes) = ask(10.0).await;
+        assert!(
+            wait <= Duration::from_millis(200),
+            "behind the slow turns: {wait:?}"
+        );
+        assert_ne!(changes, reserved_under);
+        let at = SystemTime::now() + last_wait;
+        let old = fleet.confirm_turn(&partition, at, reserved_under).await;
+        assert_eq!(old, Some(Confirmed::AskAgain));
+        // The fast turns stand when a slow guess asks again.
+        let (_, after) = ask(1.0).await;
+        assert_eq!(after, changes);
     }
 }
