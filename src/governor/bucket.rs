@@ -13,12 +13,11 @@
 //! moment it is whole again stays put (a refilling budget's moves later with every request
 //! spent; see `ends_agree`). A `429` that arrives before the announced reset, when the answer
 //! before it had said nothing remained (the request went out on refill the budget only
-//! assumed), makes it stepwise too. A stepwise budget
-//! turns gradual again when an answer says more remains than the one before it *with a
-//! shorter reset* and within the same period (a refilling budget nearing full; a window's
-//! answers, arriving out of order, give more remaining with a longer one, and a later
-//! window's answers are whole again a period later). Either way the average pace is the
-//! same, at most the limit per reset period.
+//! assumed), makes it stepwise too. A stepwise budget turns gradual again when an answer
+//! says more remains than the one before it *with a shorter reset* and within the same
+//! period (a refilling budget nearing full; a window's answers, arriving out of order, give
+//! more remaining with a longer one, and a later window's answers are whole again a period
+//! later). Either way the average pace is the same, at most the limit per reset period.
 
 use std::time::Duration;
 
