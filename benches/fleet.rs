@@ -127,7 +127,7 @@ async fn sequential(client: &reqwest::Client, url: &str, bodies: &[String]) -> V
 
 #[tokio::main]
 async fn main() {
-    let Some(redis) = support::Redis::start() else {
+    let Some(redis) = support::RedisServer::start() else {
         return;
     };
     let client = reqwest::Client::builder()
@@ -148,7 +148,7 @@ async fn main() {
     let direct_calls = calls.swap(0, Ordering::SeqCst);
     let mut urls = Vec::new();
     for _ in 0..3 {
-        let r = replica(upstream, &redis.url, None).await;
+        let r = replica(upstream, &redis.url(), None).await;
         urls.push(format!("http://{r}/v1/chat/completions"));
     }
     let fleet = fire(
@@ -181,7 +181,7 @@ async fn main() {
         let limited = support::serve(app).await;
         let mut urls = Vec::new();
         for _ in 0..3 {
-            let r = replica(limited, &redis.url, None).await;
+            let r = replica(limited, &redis.url(), None).await;
             urls.push(format!("http://{r}/v1/chat/completions"));
         }
         let started = Instant::now();
@@ -210,19 +210,19 @@ async fn main() {
     // (c) Hit latency by tier, on a Redis of its own: the first replica there is the one with
     // the database, so the fleet's salt is its file's and the file's keys match.
     drop(redis);
-    let Some(redis) = support::Redis::start() else {
+    let Some(redis) = support::RedisServer::start() else {
         return;
     };
     let (app, _) = slow_app(Duration::ZERO);
     let fast = support::serve(app).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("bench.db");
-    let writer = replica(fast, &redis.url, Some(&db)).await;
+    let writer = replica(fast, &redis.url(), Some(&db)).await;
     let bodies: Vec<String> = (0..1000).map(|i| request(&format!("hit {i}"))).collect();
     let writer_url = format!("http://{writer}/v1/chat/completions");
     store_all(&client, &writer_url, &bodies).await;
     let memory = sequential(&client, &writer_url, &bodies).await;
-    let cold = replica(fast, &redis.url, None).await;
+    let cold = replica(fast, &redis.url(), None).await;
     let from_redis = sequential(
         &client,
         &format!("http://{cold}/v1/chat/completions"),
@@ -282,12 +282,12 @@ async fn main() {
     );
     // Streamed answers on a Redis of their own, so that every entry there is one of them.
     drop(redis);
-    let Some(redis) = support::Redis::start() else {
+    let Some(redis) = support::RedisServer::start() else {
         return;
     };
     let sse = support::sse_text(200);
     let streams = support::serve(support::fixed_stream_app(sse.clone())).await;
-    let streamer = replica(streams, &redis.url, None).await;
+    let streamer = replica(streams, &redis.url(), None).await;
     let streamer_url = format!("http://{streamer}/v1/chat/completions");
     let streamed: Vec<String> = (0..500)
         .map(|i| {
@@ -298,7 +298,7 @@ async fn main() {
         .collect();
     store_all(&client, &streamer_url, &streamed).await;
     // Each stored entry, and each live relay (kept a minute after its stream ended).
-    let conn = redis::Client::open(redis.url.as_str())
+    let conn = redis::Client::open(redis.url().as_str())
         .expect("client")
         .get_multiplexed_async_connection()
         .await

@@ -4,6 +4,11 @@
 
 use std::net::SocketAddr;
 
+#[path = "../../tests/common/redis_server.rs"]
+mod redis_server;
+#[allow(unused_imports)] // Only the tests and benches of the fleet start one.
+pub use redis_server::RedisServer;
+
 use axum::Router;
 use axum::body::Bytes;
 use axum::http::header::CONTENT_TYPE;
@@ -298,66 +303,4 @@ async fn read_more(conn: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) {
         .await
         .expect("read");
     assert!(n > 0, "server closed the connection");
-}
-
-/// A `redis-server` on a free loopback port (persistence off), killed when dropped; `None`,
-/// said on stderr, when it is not installed.
-pub struct Redis {
-    child: std::process::Child,
-    pub url: String,
-    port: u16,
-}
-
-impl Redis {
-    pub fn start() -> Option<Redis> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .ok()?
-            .local_addr()
-            .ok()?
-            .port();
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .spawn();
-        let child = match child {
-            Ok(child) => child,
-            Err(_) => {
-                eprintln!("redis-server is not installed (apt-get install redis-server)");
-                return None;
-            }
-        };
-        let redis = Redis {
-            child,
-            url: format!("redis://127.0.0.1:{port}"),
-            port,
-        };
-        for _ in 0..500 {
-            if redis.command("PING").starts_with("+PONG") {
-                return Some(redis);
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        None
-    }
-
-    /// One inline command and its raw reply ("" if the server is not answering yet).
-    pub fn command(&self, line: &str) -> String {
-        use std::io::{Read, Write};
-        let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
-            return String::new();
-        };
-        let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(5)));
-        let _ = conn.write_all(format!("{line}\r\n").as_bytes());
-        let mut buf = vec![0u8; 64 * 1024];
-        let n = conn.read(&mut buf).unwrap_or(0);
-        String::from_utf8_lossy(&buf[..n]).into_owned()
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }

@@ -456,48 +456,27 @@ impl Fleet {
 }
 
 #[cfg(test)]
+#[path = "../../tests/common/redis_server.rs"]
+mod redis_server;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A `redis-server` of the test's own on a free loopback port, persistence off; `None`
-    /// (the test skips) when it is not installed.
-    struct Server(std::process::Child);
+    use super::redis_server::RedisServer;
 
-    impl Drop for Server {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-
-    async fn fleet() -> Option<(Server, Fleet)> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .ok()?
-            .local_addr()
-            .ok()?
-            .port();
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .ok()?;
-        let server = Server(child);
-        let url = format!("redis://127.0.0.1:{port}");
-        for _ in 0..250 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                let fleet = Fleet::new(&url, None).expect("fleet");
-                return Some((server, fleet));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("redis-server did not start");
+    /// The fleet tier on a `redis-server` of the test's own; `None` (the test skips) when it
+    /// is not installed.
+    fn fleet() -> Option<(RedisServer, Fleet)> {
+        let server = RedisServer::start()?;
+        let fleet = Fleet::new(&server.url(), None).expect("fleet");
+        Some((server, fleet))
     }
 
     /// Whether the fleet counts a budget as a fixed window once it is told, in turn, of
     /// answers saying `(remaining of 10, reset in ms)`; `None` without `redis-server`.
     async fn stepwise_after(answers: &[(u64, u64)]) -> Option<bool> {
-        let (_server, fleet) = fleet().await?;
+        let (_server, fleet) = fleet()?;
         let partition = Partition::from_bytes([7; 32]);
         for &(remaining, reset) in answers {
             let said = Said {
@@ -540,7 +519,7 @@ mod tests {
     /// A slow guess asked again later voids nothing.
     #[tokio::test]
     async fn turns_reserved_at_a_slow_guess_give_way_to_a_much_faster_pace() {
-        let Some((_server, fleet)) = fleet().await else {
+        let Some((_server, fleet)) = fleet() else {
             return;
         };
         let partition = Partition::from_bytes([8; 32]);
