@@ -406,15 +406,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if let Some(file) = &args.prices {
         builder = builder.prices(read_prices(file)?);
     }
-    if let Some(url) = &args.redis {
-        builder = builder.redis(url);
-    }
     // Bound before the engine is built: the fleet is told the port really listened on.
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let local = listener.local_addr().context("listening socket")?;
     if let Some(redis) = &args.redis {
+        builder = builder.redis(redis);
         let advertise = match &args.advertise {
             Some(url) => url.clone(),
             None => default_advertise(redis, local),
