@@ -72,10 +72,9 @@ use crate::key::Partition;
 /// (`said`, `said_reset`, `said_end`), the spread of the current window's answers (`g_first`
 /// and `g_last` end, `g_most` and `g_least` remaining; `said_first`, the earliest end said of
 /// the last window answers came from), whether the budget is `stepwise`, and how many times
-/// turns already reserved were made void (`rule_changes`)). `ARGV[1]` says what to do:
-///
-/// The hash also keeps the `fastest` pace's interval a replica asked with: turns reserved at
-/// a pace at most half as fast as a new record are void (`rule_changes`).
+/// turns already reserved were made void (`rule_changes`), and the `fastest` pace's interval
+/// a replica asked with (turns reserved at a pace at most half as fast as a new record are
+/// void too)). `ARGV[1]` says what to do:
 ///
 /// - `turn`, now (ms), the pace's interval (ms, 0 for none), its burst, the longest wait
 ///   (ms). Returns `{what, ms, stepwise, changes}`:
