@@ -101,26 +101,8 @@ impl Engine {
                 if let Some(entry) = self.lookup_disk(&key, controls.max_age).await {
                     return Ok(self.hit(&entry, SystemTime::now()));
                 }
-                // An answer already on its way from the upstream is as good as a stored one:
-                // the caller joins the flight, but never starts one. (Another replica that
-                // followed a stream through Redis reads the rest of it this way if Redis goes
-                // away.) Not a stream this replica follows itself: the request may come from
-                // a replica that follows it too, or from this one, and each would wait on the
-                // other.
-                if let Some(waiter) = self.flights.in_progress(&key) {
-                    if let Ok(led) = waiter.wait().await {
-                        let own = led.by == out.partition;
-                        let usable = match &led.outcome {
-                            FlightOutcome::Stored { entry, .. } => {
-                                young_enough(entry, controls.max_age)
-                            }
-                            FlightOutcome::Live(live) => !live.is_relayed(),
-                            _ => true,
-                        };
-                        if led.outcome.shareable() && usable {
-                            return self.render(led.outcome, CacheStatus::Coalesced, &meta, own);
-                        }
-                    }
+                if let Some(answer) = self.joined(&out, &meta, controls).await {
+                    return answer;
                 }
             }
             return Err(Error::new(
@@ -181,6 +163,29 @@ impl Engine {
             }
             return self.render(led.outcome, role, &meta, own);
         }
+    }
+
+    /// The answer of an identical request already on its way from the upstream, for a caller
+    /// that must not start a call (`only-if-cached`): as good as a stored one, so the caller
+    /// joins the flight (another replica that followed a stream through Redis reads the rest
+    /// of it this way if Redis goes away). `None` if no flight is in progress, or if it ends in
+    /// an answer this caller may not have. Not a stream this replica only follows: the
+    /// request may come from a replica that follows it too, or from this one, and each would
+    /// wait on the other.
+    async fn joined(
+        &self,
+        out: &Outbound,
+        meta: &EntryMeta,
+        controls: &CacheControls,
+    ) -> Option<Result<Answer, Error>> {
+        let led = self.flights.in_progress(&meta.key)?.wait().await.ok()?;
+        let usable = match &led.outcome {
+            FlightOutcome::Stored { entry, .. } => young_enough(entry, controls.max_age),
+            FlightOutcome::Live(live) => !live.is_relayed(),
+            FlightOutcome::Refused(_) | FlightOutcome::Failed(_) => false,
+        };
+        let own = led.by == out.partition;
+        usable.then(|| self.render(led.outcome, CacheStatus::Coalesced, meta, own))
     }
 
     /// Fetches a fresh answer outside the in-flight table and stores it (`fresh` is `Own` or
@@ -494,29 +499,25 @@ impl Engine {
         let mut replay = Replayed::new(passed.count, passed.digest.clone());
         let mut split = EventSplitter::default();
         let mut body = response.bytes_stream();
-        loop {
-            let events = match body.next().await {
-                Some(Ok(chunk)) => split.push(&chunk),
-                Some(Err(_)) => return Err(lost("stopped sending it")),
-                None => break,
-            };
+        let mut take = |events: Vec<Bytes>| -> Result<(), Error> {
             for event in events {
-                if let Some(new) = replay
+                let new = replay
                     .check(event)
-                    .map_err(|()| lost("has another answer"))?
-                {
+                    .map_err(|()| lost("has another answer"))?;
+                if let Some(new) = new {
                     passed.push(new);
                 }
             }
-        }
-        if let Some(rest) = split.rest() {
-            if let Some(new) = replay
-                .check(rest)
-                .map_err(|()| lost("has another answer"))?
-            {
-                passed.push(new);
+            Ok(())
+        };
+        loop {
+            match body.next().await {
+                Some(Ok(chunk)) => take(split.push(&chunk))?,
+                Some(Err(_)) => return Err(lost("stopped sending it")),
+                None => break,
             }
         }
+        take(split.rest().into_iter().collect())?;
         if passed.completion.verdict() == Verdict::Complete {
             Ok(())
         } else {

@@ -85,7 +85,7 @@ use crate::key::Partition;
 /// - `confirm`, now, when the reserved turn was to come (ms), the rule changes it was
 ///   reserved under. Returns `{what, ms, ..}`: `what` 0 go; 1 wait `ms` (a pause, or the
 ///   window the turn is in begins later than foreseen), then confirm again; 2 ask for a turn
-///   again (the shape changed since).
+///   again (the rules it was reserved under were made void since).
 static BUDGET: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r#"
