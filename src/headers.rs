@@ -47,20 +47,23 @@ pub const PROXY_AUTHORIZATION: &str = "proxy-authorization";
 /// Request headers whose values change the answer, so they are part of the key.
 pub const BEHAVIOUR_HEADERS: &[&str] = &["anthropic-version", "anthropic-beta", "openai-beta"];
 
-/// Request headers that identify the caller by default; they partition the cache (hashed,
+/// Request headers that carry a caller's secret by default; they partition the cache (hashed,
 /// never stored). `--credential-header` adds more.
 pub const CREDENTIAL_HEADERS: &[&str] = &[
     "authorization",
     "x-api-key",
     "api-key",
-    "openai-organization",
-    "openai-project",
     // Azure API Management in front of Azure OpenAI.
     "ocp-apim-subscription-key",
     // Google's OpenAI-compatible endpoint.
     "x-goog-api-key",
     PROXY_AUTHORIZATION,
 ];
+
+/// Request headers that name the account a call is billed and limited under, but are no
+/// secret (many callers send the same organization): they add to the partition of whatever
+/// credential comes with them, and never stand in for one.
+pub const CONTEXT_HEADERS: &[&str] = &["openai-organization", "openai-project"];
 
 /// Request headers that identify the caller only when it presents none of
 /// [`CREDENTIAL_HEADERS`]: a gateway that authenticates a session by cookie. A request that

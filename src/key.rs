@@ -12,10 +12,11 @@
 //! little-endian `u64`, shown as 64 lowercase hex characters.
 //!
 //! - The **credential fingerprint** is a keyed blake3 hash of the credential headers
-//!   ([`CREDENTIAL_HEADERS`]: `Authorization`, `x-api-key`, `api-key`, `OpenAI-Organization`,
-//!   `OpenAI-Project`, `Ocp-Apim-Subscription-Key`, `x-goog-api-key`, `Proxy-Authorization`;
-//!   `Cookie` when none of those is present; and any the operator adds, see
-//!   [`CredentialHeaders`]) under a
+//!   ([`CREDENTIAL_HEADERS`]: `Authorization`, `x-api-key`, `api-key`,
+//!   `Ocp-Apim-Subscription-Key`, `x-goog-api-key`, `Proxy-Authorization`; `Cookie` when none
+//!   of those is present; any the operator adds; and, beside whichever of those came, the
+//!   [`CONTEXT_HEADERS`] `OpenAI-Organization` and `OpenAI-Project`, which are no secret and
+//!   never stand in for one; see [`CredentialHeaders`]) under a
 //!   random 32-byte salt kept in the database. Only headers that are forwarded count (the
 //!   engine computes the key from the forwarded header set), with `Proxy-Authorization`, which
 //!   is addressed to this proxy. The credential itself never enters the key, and
@@ -61,7 +62,9 @@ use crate::route::Route;
 /// then simply stop matching, which is the safe failure.
 pub const KEY_VERSION: u32 = 1;
 
-pub use crate::headers::{BEHAVIOUR_HEADERS, CREDENTIAL_HEADERS, FALLBACK_CREDENTIAL_HEADERS};
+pub use crate::headers::{
+    BEHAVIOUR_HEADERS, CONTEXT_HEADERS, CREDENTIAL_HEADERS, FALLBACK_CREDENTIAL_HEADERS,
+};
 
 /// Top-level request fields dropped from every cacheable route by default.
 pub const DEFAULT_IGNORED_FIELDS: &[&str] = &[
@@ -381,13 +384,18 @@ impl fmt::Debug for Partition {
     }
 }
 
-/// The request headers that identify a caller: [`CREDENTIAL_HEADERS`], then, for a request
-/// that presents none of those, [`FALLBACK_CREDENTIAL_HEADERS`] (`Cookie`); and whatever the
-/// operator adds (`--credential-header`) for a gateway that authenticates otherwise.
+/// The request headers that identify a caller: [`CREDENTIAL_HEADERS`] (secrets), then, for a
+/// request that presents none of those, [`FALLBACK_CREDENTIAL_HEADERS`] (`Cookie`); whatever
+/// the operator adds (`--credential-header`) for a gateway that authenticates otherwise; and,
+/// beside any of these, [`CONTEXT_HEADERS`] (organization, project), which tell apart callers
+/// of one credential but never stand in for one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CredentialHeaders {
-    /// Headers that always count.
+    /// Secrets: headers that always count.
     always: Vec<String>,
+    /// Headers that always count too, but are no secret: their presence does not make the
+    /// fallbacks count less.
+    context: Vec<String>,
     /// Headers that count when none of `always` is present.
     fallback: Vec<String>,
 }
@@ -397,6 +405,7 @@ impl Default for CredentialHeaders {
         let owned = |names: &[&str]| names.iter().map(|s| (*s).to_owned()).collect();
         CredentialHeaders {
             always: owned(CREDENTIAL_HEADERS),
+            context: owned(CONTEXT_HEADERS),
             fallback: owned(FALLBACK_CREDENTIAL_HEADERS),
         }
     }
@@ -429,6 +438,7 @@ impl CredentialHeaders {
                 ));
             }
             set.fallback.retain(|n| n != lower);
+            set.context.retain(|n| n != lower);
             if !set.always.iter().any(|n| n == lower) {
                 set.always.push(lower.to_owned());
             }
@@ -439,26 +449,34 @@ impl CredentialHeaders {
     /// Whether `name` (lowercase) may identify a caller.
     #[inline]
     pub fn contains(&self, name: &str) -> bool {
-        self.always.iter().chain(&self.fallback).any(|n| n == name)
+        self.names().any(|n| n == name)
     }
 
-    /// The names, lowercase: those that always count, then the fallbacks.
+    /// The names, lowercase: the secrets, the context headers, then the fallbacks.
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.always.iter().chain(&self.fallback).map(String::as_str)
+        self.always
+            .iter()
+            .chain(&self.context)
+            .chain(&self.fallback)
+            .map(String::as_str)
     }
 
     /// The partition of a request's headers `(lowercase name, value)` under `salt`: a keyed
-    /// hash of its credential headers (the fallbacks only when there are none). The order of
-    /// `headers` does not matter; a request with none has the partition of "no credential".
+    /// hash of its credential headers (the fallbacks only when no secret is present) and its
+    /// context headers. The order of `headers` does not matter; a request with none has the
+    /// partition of "no credential".
     pub fn partition<'a, I>(&self, salt: &[u8; 32], headers: I) -> Partition
     where
         I: IntoIterator<Item = (&'a str, &'a [u8])>,
     {
         let mut found: Vec<(&str, &[u8])> = Vec::new();
         let mut fallback: Vec<(&str, &[u8])> = Vec::new();
+        let mut context: Vec<(&str, &[u8])> = Vec::new();
         for (name, value) in headers {
             if self.always.iter().any(|n| n == name) {
                 found.push((name, value));
+            } else if self.context.iter().any(|n| n == name) {
+                context.push((name, value));
             } else if self.fallback.iter().any(|n| n == name) {
                 fallback.push((name, value));
             }
@@ -466,6 +484,7 @@ impl CredentialHeaders {
         if found.is_empty() {
             found = fallback;
         }
+        found.append(&mut context);
         found.sort_unstable();
         let mut preimage = Vec::with_capacity(128);
         for (name, value) in found {

@@ -6,6 +6,7 @@ use tokio::time::Instant;
 use super::Engine;
 use super::classify::Bypassed;
 use super::count::{Saved, route_name};
+use super::verified::Verifies;
 use crate::answer::{Answer, AnswerBody, CacheStatus};
 use crate::error::Error;
 use crate::headers::CACHE_HEADER;
@@ -35,7 +36,14 @@ impl Engine {
             .send(&method, &path_and_query, &headers, body)
             .await;
         if let Ok(response) = &sent {
-            self.learn_from(&partition, response).await;
+            // Only a call on a cacheable route proves a credential: a health probe or a CORS
+            // preflight is answered to anyone.
+            let verifies = if route.is_some() {
+                Verifies::Yes
+            } else {
+                Verifies::No
+            };
+            self.learn_from(&partition, response, verifies).await;
         }
         drop(permit);
         let status = sent.as_ref().ok().map(|r| r.status());

@@ -19,6 +19,8 @@ use crate::headers::SHOULD_RETRY;
 use crate::key::Partition;
 use crate::upstream;
 
+pub(super) use super::verified::Verifies;
+
 /// How often a request waiting for a reserved turn in the fleet's line looks whether the
 /// turn was made void (see `BudgetTurn::changes`).
 const RESERVED_CHECK: Duration = Duration::from_secs(1);
@@ -115,7 +117,8 @@ impl Engine {
             )
             .await;
         if let Ok(response) = &sent {
-            self.learn_from(&out.partition, response).await;
+            self.learn_from(&out.partition, response, Verifies::Yes)
+                .await;
         }
         // After observing: a probe holds the line until the budget is known.
         drop(permit);
@@ -236,13 +239,19 @@ impl Engine {
 
     /// Learns from the upstream's answer to a request of `partition`, before its permit is
     /// given back (so the next request in line goes by it): the budget its headers state, for
-    /// this replica and for the fleet, and whether the credential was accepted.
-    pub(super) async fn learn_from(&self, partition: &Partition, response: &reqwest::Response) {
+    /// this replica and for the fleet, and, when the call `verifies`, whether the credential
+    /// was accepted.
+    pub(super) async fn learn_from(
+        &self,
+        partition: &Partition,
+        response: &reqwest::Response,
+        verifies: Verifies,
+    ) {
         let refused = response.status() == http::StatusCode::TOO_MANY_REQUESTS;
         let said = self
             .governor
             .observe(partition, response.headers(), refused);
-        self.upstream_answered(partition, response.status());
+        self.upstream_answered(partition, response.status(), verifies);
         if let (Some(fleet), Some(said)) = (&self.fleet, said) {
             fleet.learn_budget(partition, said).await;
         }

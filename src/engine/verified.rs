@@ -5,7 +5,9 @@
 //! credential, or a wrong one, would read what others paid for, and learn what they asked. So
 //! a credential partition is served from the shared cache, or joins a flight led by another
 //! partition, only once the upstream has accepted its credential: answered one of its requests
-//! with a 2xx within the verify window (`--verify-window`, 10 minutes by default). Until then
+//! with a 2xx within the verify window (`--verify-window`, 10 minutes by default), to a call
+//! on a cacheable route: self-hosted servers answer a health probe or a CORS preflight to
+//! anyone, so a 2xx there proves nothing. Until then
 //! its requests go upstream as misses of their own, whose 2xx answers verify the partition
 //! (and are stored). A `401` or `403` ends a verification at once.
 //!
@@ -21,6 +23,16 @@ use http::StatusCode;
 
 use super::Engine;
 use crate::key::Partition;
+
+/// Whether a 2xx answer to a call proves that the upstream accepts its credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Verifies {
+    /// A call on a cacheable route (the POSTs the cache answers): yes.
+    Yes,
+    /// Anything else (a health probe, a CORS preflight, `GET`s, other paths), which upstreams
+    /// may answer to anyone: no.
+    No,
+}
 
 /// Most partitions remembered as verified; past it, the least recently verified are forgotten
 /// (their next request is a miss of its own again).
@@ -55,12 +67,19 @@ impl Engine {
         }
     }
 
-    /// Learns from the status of an upstream answer to a request of `partition`.
-    pub(super) fn upstream_answered(&self, partition: &Partition, status: StatusCode) {
+    /// Learns from the status of an upstream answer to a request of `partition`: a 2xx to a
+    /// call that `verifies` verifies the partition; a `401` or `403` to any call ends its
+    /// verification.
+    pub(super) fn upstream_answered(
+        &self,
+        partition: &Partition,
+        status: StatusCode,
+        verifies: Verifies,
+    ) {
         let Some(verified) = &self.verified else {
             return;
         };
-        if status.is_success() {
+        if status.is_success() && verifies == Verifies::Yes {
             verified.0.insert(*partition, ());
         } else if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
             verified.0.invalidate(partition);

@@ -186,6 +186,19 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
         state.bodies.lock().expect("lock").push(body.clone());
     }
     state.arrived.notify_waiters();
+    // What self-hosted servers (vLLM, Ollama, LiteLLM) answer to anyone, key or no key: a
+    // health probe, and a CORS preflight.
+    if parts.method == axum::http::Method::OPTIONS {
+        return Response::builder()
+            .status(StatusCode::NO_CONTENT)
+            .header("access-control-allow-origin", "*")
+            .header("access-control-allow-methods", "GET, POST, OPTIONS")
+            .body(Body::empty())
+            .expect("preflight");
+    }
+    if parts.method == axum::http::Method::GET && parts.uri.path() == "/health" {
+        return json_answer(StatusCode::OK, &json!({"status": "ok"}), vec![]);
+    }
 
     let now = state.in_progress.fetch_add(1, Ordering::SeqCst) + 1;
     state.peak_in_progress.fetch_max(now, Ordering::SeqCst);
