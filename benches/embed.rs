@@ -4,6 +4,9 @@
 //!    latency (p50, max) with merging on (5 ms window), off, and straight to the upstream.
 //! 2. A corpus of 10,000 chunks is indexed, then 10 % of the chunks change and it is indexed
 //!    again: inputs sent upstream by each pass, in requests of 100 chunks, 4 at a time.
+//! 3. Three clients at once each send 2,048 inputs beside a 4 MB field the API does not know
+//!    (a hostile or careless client), while another repeats a cached request: the three
+//!    requests' wall time, and the repeat's latency meanwhile against its latency alone.
 //!
 //! `cargo bench --bench embed`
 
@@ -113,8 +116,103 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// Latencies of cached single-input requests sent one after another until `stop` is set (at
+/// least `at_least` of them); returns (p50, max, how many).
+async fn hits_until(
+    url: &str,
+    stop: &std::sync::atomic::AtomicBool,
+    at_least: usize,
+) -> (Duration, Duration, usize) {
+    let client = client();
+    let mut latencies = Vec::new();
+    while latencies.len() < at_least || !stop.load(Ordering::SeqCst) {
+        latencies.push(embed(&client, url, "warm-up".into()).await);
+    }
+    latencies.sort();
+    (
+        latencies[latencies.len() / 2],
+        latencies[latencies.len() - 1],
+        latencies.len(),
+    )
+}
+
+/// Scenario 3: three requests of 2,048 inputs beside a 4 MB unknown field, and a cached
+/// request repeated meanwhile.
+async fn heavy_requests_beside_hits() {
+    println!(
+        "3 requests of 2,048 inputs beside a 4 MB unknown field, and a cached request meanwhile:"
+    );
+    let (app, _) = support::embeddings_app(LATENCY);
+    let upstream = support::serve(app).await;
+    let addr = proxy(upstream, Duration::from_millis(5), None).await;
+    let url = format!("http://{addr}/v1/embeddings");
+    embed(&client(), &url, "warm-up".into()).await;
+    let stop = std::sync::atomic::AtomicBool::new(true);
+    let (idle_p50, idle_max, _) = hits_until(&url, &stop, 300).await;
+    let filler = "x".repeat(4 << 20);
+    let heavy: Vec<_> = (0..3)
+        .map(|r| {
+            let (url, filler) = (url.clone(), filler.clone());
+            tokio::spawn(async move {
+                let inputs: Vec<String> = (0..2048)
+                    .map(|i| format!("request {r} input {i}"))
+                    .collect();
+                let body = serde_json::json!({"model": "text-embedding-3-small", "input": inputs,
+                                              "x_unknown": filler});
+                let started = Instant::now();
+                let response = client()
+                    .post(&url)
+                    .header("authorization", "Bearer sk-bench")
+                    .header("content-type", "application/json")
+                    .body(body.to_string())
+                    .send()
+                    .await
+                    .expect("sent");
+                let status = response.status();
+                let body = response.bytes().await.expect("body");
+                if !status.is_success() {
+                    eprintln!("{}", String::from_utf8_lossy(&body[..body.len().min(300)]));
+                }
+                (status, started.elapsed())
+            })
+        })
+        .collect();
+    stop.store(false, Ordering::SeqCst);
+    let started = Instant::now();
+    let (during, heavy) = tokio::join!(hits_until(&url, &stop, 1), async {
+        let mut done = Vec::new();
+        for task in heavy {
+            done.push(task.await.expect("task"));
+        }
+        stop.store(true, Ordering::SeqCst);
+        done
+    });
+    let wall = started.elapsed();
+    let statuses: Vec<u16> = heavy.iter().map(|(s, _)| s.as_u16()).collect();
+    println!(
+        "  the three requests: {:.2} s wall (statuses {statuses:?})",
+        wall.as_secs_f64()
+    );
+    println!(
+        "  cached request alone:     p50 {:.2} ms, max {:.2} ms",
+        ms(idle_p50),
+        ms(idle_max)
+    );
+    println!(
+        "  cached request meanwhile: p50 {:.2} ms, max {:.2} ms ({:.1}× the max alone), {} sent",
+        ms(during.0),
+        ms(during.1),
+        during.1.as_secs_f64() / idle_max.as_secs_f64(),
+        during.2
+    );
+}
+
 #[tokio::main]
 async fn main() {
+    if std::env::args().any(|a| a == "heavy") {
+        heavy_requests_beside_hits().await;
+        return;
+    }
     println!("200 concurrent single-sentence requests, upstream latency {LATENCY:?}:");
     for (label, window) in [
         ("straight to the upstream", None),
@@ -170,4 +268,5 @@ async fn main() {
             }
         }
     }
+    heavy_requests_beside_hits().await;
 }

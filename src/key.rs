@@ -27,6 +27,10 @@
 //!   `traceparent` and request ids never enter the key.
 //! - The **query** is part of the path (Azure's `api-version` changes the answer).
 //!
+//! An **embedding input** is keyed on its own ([`CacheKey::of_input`]): `blake3(tag ‖
+//! KEY_VERSION ‖ key of the request without its input ‖ canonical input)`, so a request of
+//! many inputs is canonicalized once, and an input has one key alone or in a list.
+//!
 //! # The canonical body
 //!
 //! The body is parsed as JSON and written back in one form:
@@ -60,7 +64,7 @@ use crate::route::Route;
 
 /// Version of the canonical form and key layout. Bump it on any change to either: old entries
 /// then simply stop matching, which is the safe failure.
-pub const KEY_VERSION: u32 = 1;
+pub const KEY_VERSION: u32 = 2;
 
 pub use crate::headers::{
     BEHAVIOUR_HEADERS, CONTEXT_HEADERS, CREDENTIAL_HEADERS, FALLBACK_CREDENTIAL_HEADERS,
@@ -105,6 +109,22 @@ impl CacheKey {
         hasher.update(&self.0);
         hasher.update(partition.as_bytes());
         CacheKey(*hasher.finalize().as_bytes())
+    }
+
+    /// The key of one embedding input: derived from `template`, the key of its request with
+    /// no `input` (which covers everything else: namespace, upstream, path, credential,
+    /// behaviour headers, the other fields), and the input's canonical form. A request is
+    /// canonicalized once however many inputs it carries, and an input has the same key alone
+    /// or in a list.
+    pub fn of_input(template: &CacheKey, input: &Value) -> CacheKey {
+        let mut canonical = Vec::with_capacity(64);
+        write_value(&mut canonical, input, SchemaMatcher::Outside);
+        let mut preimage = Vec::with_capacity(canonical.len() + 96);
+        put(&mut preimage, b"llm-dedup embedding input");
+        put(&mut preimage, &KEY_VERSION.to_le_bytes());
+        put(&mut preimage, &template.0);
+        put(&mut preimage, &canonical);
+        CacheKey(*blake3::hash(&preimage).as_bytes())
     }
 
     /// Parses 64 hex characters (either case); `None` for anything else.

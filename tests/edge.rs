@@ -111,3 +111,29 @@ async fn an_organization_header_never_merges_two_cookie_callers() {
     assert_eq!(post_as(&c, &url, chat("q"), &other_org).await.cache, "miss");
     proxy.stop().await;
 }
+
+/// An embeddings request with more inputs than the provider takes in one request (OpenAI:
+/// 2,048) is refused with a clear `400` before any work per input, and nothing goes upstream.
+#[tokio::test]
+async fn too_many_embedding_inputs_are_refused_before_any_work() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = Proxy::over(&upstream).await;
+    let url = proxy.url("/v1/embeddings");
+    let c = client();
+    let inputs: Vec<String> = (0..2049).map(|i| format!("chunk {i}")).collect();
+    let body = serde_json::json!({"model": "text-embedding-3-small", "input": inputs});
+    let refused = post_as(&c, &url, body.to_string(), &[("authorization", ALICE)]).await;
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    let message = refused.body["error"]["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains("2048") && message.contains("2049"),
+        "{message}"
+    );
+    assert_eq!(upstream.calls(), 0);
+    // A token array is one input, however long.
+    let tokens: Vec<u32> = (0..3000).collect();
+    let body = serde_json::json!({"model": "text-embedding-3-small", "input": tokens});
+    let one = post_as(&c, &url, body.to_string(), &[("authorization", ALICE)]).await;
+    assert_eq!(one.status, 200, "{}", one.body);
+    proxy.stop().await;
+}

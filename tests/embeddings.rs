@@ -376,17 +376,24 @@ async fn an_error_on_a_merged_call_reaches_exactly_its_callers_and_nothing_is_st
 #[tokio::test]
 async fn calls_respect_the_providers_limits_per_request() {
     let upstream = FakeUpstream::start().await;
-    let proxy = Proxy::over(&upstream).await;
+    let settings = EmbedSettings {
+        max_inputs: 1000,
+        ..EmbedSettings::default()
+    };
+    let proxy = proxy_with(&upstream, settings).await;
     let c = client();
-    // More inputs than one call may carry: split into calls of at most 2048, answered in order.
-    let inputs: Vec<Value> = (0..5000).map(|i| json!(format!("chunk {i}"))).collect();
+    // More inputs than one call may carry (but no more than the provider takes in one
+    // request): split into calls of at most 1000, answered in order.
+    let inputs: Vec<Value> = (0..common::EMBED_MAX_INPUTS)
+        .map(|i| json!(format!("chunk {i}")))
+        .collect();
     let seen = embed(&c, &proxy, json!({"model": MODEL, "input": inputs})).await;
     assert_eq!(seen.status, 200, "{}", seen.body);
     assert_eq!(embeddings_text(&seen), expected(&inputs, false));
     let calls = sent(&upstream);
-    assert_eq!(calls.len(), 3);
-    assert!(calls.iter().all(|c| c.len() <= common::EMBED_MAX_INPUTS));
-    assert_eq!(seen.body["usage"]["prompt_tokens"], 10_000);
+    let sizes: Vec<usize> = calls.iter().map(Vec::len).collect();
+    assert_eq!(sizes, [1000, 1000, 48]);
+    assert_eq!(seen.body["usage"]["prompt_tokens"], 4096);
 
     // A token bound: inputs of 30 bytes, at most 100 tokens a call, so 3 inputs a call.
     let upstream = FakeUpstream::start().await;

@@ -243,7 +243,9 @@ pub fn embeddings_app(latency: std::time::Duration) -> (Router, std::sync::Arc<E
             ];
             (headers, body).into_response()
         }
-    });
+    })
+    // Requests of many inputs beside large fields are this upstream's to refuse, not axum's.
+    .layer(axum::extract::DefaultBodyLimit::disable());
     (app, counters)
 }
 

@@ -220,6 +220,17 @@ impl Engine {
             // Cached and sent per input; a request whose `input` is not one the API accepts
             // is cached whole, and the provider says what is wrong with it.
             if let Some((kind, inputs)) = embeddings::split(value.get("input")) {
+                let most = self.batcher.most_inputs();
+                if inputs.len() > most {
+                    // What the provider would refuse, before any work per input.
+                    return Err(Error::new(
+                        ErrorKind::InvalidRequest,
+                        format!(
+                            "an embeddings request takes at most {most} inputs; this one has {}",
+                            inputs.len()
+                        ),
+                    ));
+                }
                 return Ok(Parsed::Embeddings {
                     body: value,
                     kind,

@@ -12,10 +12,11 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderValue};
 use serde_json::Value;
 
-use super::Engine;
-use super::classify::Outbound;
+use super::classify::{Bypassed, Outbound, Parsed};
+use super::{Engine, embed};
 use crate::controls::CacheControls;
 use crate::entry::EntryMeta;
+use crate::error::{Error, ErrorKind};
 use crate::governor;
 use crate::headers::{BEHAVIOUR_HEADERS, PROXY_AUTHORIZATION};
 use crate::key::{CacheKey, CanonicalBody, CredentialFingerprint, KeyParts, Partition};
@@ -77,10 +78,24 @@ impl KnownKeys {
         self.0.get(exact.digest())
     }
 
-    fn remember(&self, exact: &ExactRequest, keyed: Arc<Keyed>) {
-        self.0.insert(*exact.digest(), keyed);
+    fn remember(&self, digest: [u8; 32], keyed: Arc<Keyed>) {
+        self.0.insert(digest, keyed);
     }
 }
+
+/// What a cacheable request seen for the first time turned out to be, once parsed and keyed.
+pub(super) enum Prepared {
+    /// An ordinary request, keyed (the key is remembered for its exact bytes).
+    Keyed(Outbound, Arc<Keyed>),
+    /// An embeddings request, keyed input by input.
+    Embeddings(embed::Request),
+    /// A request that goes around the cache anyway (a stateful Responses request).
+    Bypass(Bypassed),
+}
+
+/// Bodies at least this large are parsed and keyed on a blocking thread: a few megabytes of
+/// JSON take milliseconds, which must not hold up the async threads that answer hits.
+const KEY_OFF_THREAD: usize = 64 * 1024;
 
 impl Engine {
     /// Everything that goes into a request's cache key, as received (headers in the order
@@ -129,14 +144,65 @@ impl Engine {
             .partition(&self.salt, forwarded.chain(to_proxy))
     }
 
-    /// Keys a request whose parsed `body` is new, and remembers the key for its exact bytes.
-    pub(super) fn remember_key(
+    /// Parses and keys a cacheable request seen for the first time (by its exact bytes, whose
+    /// digest is `exact`): on a blocking thread when its body is large. One pass over the body
+    /// whatever its shape: an embeddings request's other fields are canonicalized once, not
+    /// once per input.
+    pub(super) async fn prepare(
+        self: &Arc<Self>,
+        route: Route,
+        out: Outbound,
+        controls: &CacheControls,
+        exact: &ExactRequest,
+    ) -> Result<Prepared, Error> {
+        let digest = *exact.digest();
+        if out.body.len() < KEY_OFF_THREAD {
+            return self.prepare_here(route, out, controls, digest);
+        }
+        let (engine, controls) = (self.clone(), controls.clone());
+        tokio::task::spawn_blocking(move || engine.prepare_here(route, out, &controls, digest))
+            .await
+            .map_err(|e| Error::with_source(ErrorKind::Cache, "keying the request failed", e))?
+    }
+
+    fn prepare_here(
+        &self,
+        route: Route,
+        mut out: Outbound,
+        controls: &CacheControls,
+        digest: [u8; 32],
+    ) -> Result<Prepared, Error> {
+        out.partition = self.partition(&out.headers, out.proxy_credential.as_ref());
+        Ok(match self.parse(route, &out)? {
+            Parsed::Plain(body) => {
+                let keyed = self.remember_key(route, &out, &body, &controls.namespace, digest);
+                Prepared::Keyed(out, keyed)
+            }
+            Parsed::Embeddings { body, kind, inputs } => {
+                Prepared::Embeddings(self.key_embeddings(out, body, kind, inputs, controls))
+            }
+            Parsed::Bypass { reason, model } => Prepared::Bypass(Bypassed {
+                method: out.method,
+                path_and_query: out.path_and_query,
+                headers: out.headers,
+                body: out.body.into(),
+                partition: out.partition,
+                route: Some(route),
+                model,
+                reason,
+            }),
+        })
+    }
+
+    /// Keys a request whose parsed `body` is new, and remembers the key for its exact bytes
+    /// (whose digest is `exact`).
+    fn remember_key(
         &self,
         route: Route,
         out: &Outbound,
         body: &Value,
         namespace: &str,
-        exact: &ExactRequest,
+        exact: [u8; 32],
     ) -> Arc<Keyed> {
         let keyed = Arc::new(Keyed {
             key: self.key(route, out, body, namespace, out.body.len()),

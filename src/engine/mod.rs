@@ -77,9 +77,9 @@ use crate::upstream::Upstream;
 use crate::controls::CacheControls;
 use crate::memory::ExactRequest;
 use crate::route::Route;
-use classify::{Bypassed, Class, Outbound, Parsed};
+use classify::{Class, Outbound};
 use flight::Led;
-use keying::KnownKeys;
+use keying::{KnownKeys, Prepared};
 use verified::Verified;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -309,38 +309,16 @@ impl Engine {
         // 3. Key: remembered for these exact bytes, or parsed and canonicalized.
         let keyed = match self.known_keys.get(&exact) {
             Some(keyed) => keyed,
-            None => {
-                out.partition = self.partition(&out.headers, out.proxy_credential.as_ref());
-                match self.parse(route, &out)? {
-                    Parsed::Plain(body) => {
-                        self.remember_key(route, &out, &body, &controls.namespace, &exact)
-                    }
-                    Parsed::Bypass { reason, model } => {
-                        let bypassed = Bypassed {
-                            method: out.method,
-                            path_and_query: out.path_and_query,
-                            headers: out.headers,
-                            body: out.body.into(),
-                            partition: out.partition,
-                            route: Some(route),
-                            model,
-                            reason,
-                        };
-                        return Box::pin(self.pass_through(bypassed)).await;
-                    }
-                    Parsed::Embeddings { body, kind, inputs } => {
-                        let ttl = controls.ttl.unwrap_or(self.ttl);
-                        let request = embed::Request {
-                            out,
-                            body,
-                            kind,
-                            inputs,
-                            ttl,
-                        };
-                        return Box::pin(self.embeddings(request, &controls)).await;
-                    }
+            None => match self.prepare(route, out, &controls, &exact).await? {
+                Prepared::Keyed(prepared, keyed) => {
+                    out = prepared;
+                    keyed
                 }
-            }
+                Prepared::Bypass(bypassed) => return Box::pin(self.pass_through(bypassed)).await,
+                Prepared::Embeddings(request) => {
+                    return Box::pin(self.embeddings(request, &controls)).await;
+                }
+            },
         };
         out.partition = keyed.partition;
         out.estimate = keyed.estimate;

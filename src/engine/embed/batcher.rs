@@ -102,6 +102,12 @@ impl Batcher {
         }
     }
 
+    /// Most inputs one request may carry: what the provider takes in one request
+    /// ([`MAX_INPUTS`](crate::embeddings::MAX_INPUTS)), or more if calls were allowed more.
+    pub(in crate::engine) fn most_inputs(&self) -> usize {
+        self.settings.max_inputs.max(crate::embeddings::MAX_INPUTS)
+    }
+
     /// How long a call waits for more inputs.
     pub(super) fn window(&self) -> Duration {
         self.settings.batch_window

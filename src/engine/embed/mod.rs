@@ -35,7 +35,7 @@ use super::count::Saved;
 use crate::answer::{Answer, CacheStatus, Refusal};
 use crate::controls::CacheControls;
 use crate::counts::Counts;
-use crate::embeddings::{self, InputKind};
+use crate::embeddings::InputKind;
 use crate::entry::StoredAnswer;
 use crate::error::{Error, ErrorKind};
 use crate::inflight::{InFlight, Role, Waiter};
@@ -44,14 +44,21 @@ use crate::route::{self, Route};
 
 use batcher::{Call, Group, Item, Reuse};
 
-/// An embeddings request whose `input` splits into inputs.
+/// An embeddings request whose `input` splits into inputs, keyed: the request without its
+/// `input` once, then each distinct input from that key ([`CacheKey::of_input`]).
 pub(super) struct Request {
     pub out: Outbound,
-    /// The parsed body (an object).
-    pub body: Value,
+    /// The request's other fields (the body without `input`).
+    pub template: Map<String, Value>,
     pub kind: InputKind,
-    /// The inputs, in order, as [`embeddings::split`] gave them.
-    pub inputs: Vec<Value>,
+    /// The key of the request without its input: what its inputs' keys derive from, and the
+    /// name of the calls its inputs may share.
+    pub template_key: CacheKey,
+    /// Each distinct input once, with its key.
+    pub distinct: Vec<(CacheKey, Value)>,
+    /// For every position of the request, the index of its distinct input.
+    pub slots: Vec<usize>,
+    pub model: Option<String>,
     pub ttl: Duration,
 }
 
@@ -89,7 +96,7 @@ enum Via {
 /// Who a request says its end user is (`user`): the key leaves it out, since it never changes
 /// an embedding, but a call carries one, and the provider's abuse monitoring reads it. So
 /// only requests of one end user share a call.
-fn end_user(template: &Value) -> [u8; 32] {
+fn end_user(template: &Map<String, Value>) -> [u8; 32] {
     let user = template
         .get("user")
         .map(Value::to_string)
@@ -97,16 +104,59 @@ fn end_user(template: &Value) -> [u8; 32] {
     *blake3::hash(user.as_bytes()).as_bytes()
 }
 
-/// Sets (or, with `None`, removes) the `input` of a request body; returns the previous one.
-fn set_input(body: &mut Value, input: Option<Value>) -> Option<Value> {
-    let fields = body.as_object_mut()?;
-    match input {
-        Some(input) => fields.insert("input".to_owned(), input),
-        None => fields.remove("input"),
-    }
-}
-
 impl Engine {
+    /// Keys an embeddings request whose parsed `body` splits into `inputs` of `kind`: the
+    /// request without its input is canonicalized and hashed once, and each distinct input's
+    /// key derives from that key and the input, so the cost grows with the request's size,
+    /// never with its size times its inputs.
+    pub(super) fn key_embeddings(
+        &self,
+        out: Outbound,
+        body: Value,
+        kind: InputKind,
+        inputs: Vec<Value>,
+        controls: &CacheControls,
+    ) -> Request {
+        let model = route::model_of(&out.path_and_query, &body);
+        let mut body = body;
+        if let Some(fields) = body.as_object_mut() {
+            fields.remove("input");
+        }
+        let template_key = self.key(
+            Route::Embeddings,
+            &out,
+            &body,
+            &controls.namespace,
+            out.body.len(),
+        );
+        let template = match body {
+            Value::Object(fields) => fields,
+            _ => Map::new(),
+        };
+        let mut distinct: Vec<(CacheKey, Value)> = Vec::new();
+        let mut seen: HashMap<CacheKey, usize> = HashMap::new();
+        let mut slots = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            let key = CacheKey::of_input(&template_key, &input);
+            let next = distinct.len();
+            let d = *seen.entry(key).or_insert(next);
+            if d == next {
+                distinct.push((key, input));
+            }
+            slots.push(d);
+        }
+        Request {
+            out,
+            template,
+            kind,
+            template_key,
+            distinct,
+            slots,
+            model,
+            ttl: controls.ttl.unwrap_or(self.ttl),
+        }
+    }
+
     /// Answers an embeddings request input by input: from the cache where it can, from
     /// merged upstream calls for the rest.
     pub(super) async fn embeddings(
@@ -116,17 +166,15 @@ impl Engine {
     ) -> Result<Answer, Error> {
         let Request {
             out,
-            body: mut template,
+            template,
             kind,
-            inputs,
+            template_key,
+            mut distinct,
+            slots,
+            model,
             ttl,
         } = request;
-        let model = route::model_of(&out.path_and_query, &template);
         let namespace = controls.namespace.as_str();
-        set_input(&mut template, None);
-        let group_key = self.key(Route::Embeddings, &out, &template, namespace, 256);
-
-        let (mut distinct, slots) = self.distinct_inputs(&out, &mut template, namespace, inputs);
         // A refresh, or a caller a shared cache may not answer yet: calls of its own.
         let own_calls = controls.no_cache || !self.may_share(&out.partition);
         let found = if own_calls {
@@ -197,14 +245,10 @@ impl Engine {
         let partition = out.partition;
         if !mine.is_empty() {
             let group = Group {
-                request: group_key,
+                request: template_key,
                 end_user: end_user(&template),
                 partition,
                 kind,
-            };
-            let fields = match template {
-                Value::Object(fields) => fields,
-                _ => Map::new(),
             };
             let call = Arc::new(Call {
                 out: Outbound {
@@ -212,7 +256,7 @@ impl Engine {
                     estimate: 0,
                     ..out
                 },
-                fields,
+                fields: template,
                 namespace: namespace.to_owned(),
                 model: model.clone(),
             });
@@ -258,33 +302,5 @@ impl Engine {
             }
         }
         self.assemble(&entries, &slots, model.as_deref())
-    }
-
-    /// Each distinct input of a request once, with the key a request for it alone would have
-    /// (`template` is the request without `input`), and for every position of the request the
-    /// index of its distinct input.
-    fn distinct_inputs(
-        &self,
-        out: &Outbound,
-        template: &mut Value,
-        namespace: &str,
-        inputs: Vec<Value>,
-    ) -> (Vec<(CacheKey, Value)>, Vec<usize>) {
-        let mut distinct: Vec<(CacheKey, Value)> = Vec::new();
-        let mut seen: HashMap<CacheKey, usize> = HashMap::new();
-        let mut slots = Vec::with_capacity(inputs.len());
-        for input in inputs {
-            let size = usize::try_from(embeddings::token_bound(&input)).unwrap_or(0) + 256;
-            set_input(template, Some(input));
-            let key = self.key(Route::Embeddings, out, template, namespace, size);
-            let input = set_input(template, None).unwrap_or_default();
-            let next = distinct.len();
-            let d = *seen.entry(key).or_insert(next);
-            if d == next {
-                distinct.push((key, input));
-            }
-            slots.push(d);
-        }
-        (distinct, slots)
     }
 }
