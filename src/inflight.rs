@@ -156,6 +156,12 @@ impl<K: Eq + Hash + Clone, T: Clone> Flight<K, T> {
         self.table.remove_own(&self.key, &self.outcome);
     }
 
+    /// Resolves once every waiter has taken what was published. Call it after [`Flight::leave`]
+    /// (until then the table itself waits on the flight).
+    pub async fn taken(&self) {
+        self.outcome.closed().await;
+    }
+
     /// What was published so far, if anything.
     pub fn published(&self) -> Option<T> {
         self.outcome.borrow().clone()

@@ -10,8 +10,8 @@
 //! While a stream may still be stored, every event is kept (a late subscriber gets them all).
 //! Once it outgrows what may be stored ([`LiveStream::stop_buffering`]), nobody new may
 //! subscribe, and an event is dropped as soon as every subscriber has taken it. A subscriber
-//! that falls so far behind that what it has not taken exceeds the bound is cut off (its
-//! stream ends with an error) rather than let the buffer grow. The bytes held by all streams
+//! that falls so far behind that what it has not taken, before the newest event, exceeds the
+//! bound is cut off (its stream ends with an error) rather than let the buffer grow. The bytes held by all streams
 //! of an engine are counted in one gauge ([`HeldBytes`]).
 
 use std::collections::VecDeque;
@@ -58,11 +58,15 @@ struct Buffer {
 
 impl Buffer {
     /// Drops the events every subscriber has taken, cutting off the slowest subscribers while
-    /// what is kept exceeds the bound. Returns the bytes dropped.
+    /// what is kept before the newest event exceeds the bound (a subscriber is never cut for
+    /// not having taken an event that just arrived, however large). With no subscriber (none
+    /// yet: the flight's waiters may be about to subscribe), the events are kept within the
+    /// bound, the oldest dropped first. Returns the bytes dropped.
     fn trim(&mut self) -> usize {
         let Some(bound) = self.bound else {
             return 0;
         };
+        let bound = bound.saturating_add(self.events.back().map_or(0, Bytes::len));
         // A subscriber that went away holds the only other reference to its cursor no more.
         self.cursors.retain(|c| Arc::strong_count(c) > 1);
         let mut dropped = 0;
@@ -73,25 +77,35 @@ impl Buffer {
                 .iter()
                 .map(|c| c.load(Ordering::Acquire))
                 .filter(|at| *at != CUT)
-                .min()
-                .unwrap_or(end);
-            while self.first < slowest.min(end) {
-                let Some(event) = self.events.pop_front() else {
-                    break;
-                };
-                self.first += 1;
-                self.bytes -= event.len();
-                dropped += event.len();
+                .min();
+            let taken = slowest.map_or(self.first, |at| at.min(end));
+            while self.first < taken {
+                dropped += self.pop_oldest();
             }
-            if self.bytes <= bound || slowest >= end {
+            if self.bytes <= bound {
                 return dropped;
             }
-            for cursor in &self.cursors {
-                if cursor.load(Ordering::Acquire) == slowest {
-                    cursor.store(CUT, Ordering::Release);
+            match slowest {
+                Some(slowest) => {
+                    for cursor in &self.cursors {
+                        if cursor.load(Ordering::Acquire) == slowest {
+                            cursor.store(CUT, Ordering::Release);
+                        }
+                    }
                 }
+                None => dropped += self.pop_oldest(),
             }
         }
+    }
+
+    /// Drops the oldest event; returns its size.
+    fn pop_oldest(&mut self) -> usize {
+        let Some(event) = self.events.pop_front() else {
+            return 0;
+        };
+        self.first += 1;
+        self.bytes -= event.len();
+        event.len()
     }
 }
 
@@ -358,18 +372,21 @@ mod tests {
             live.subscribe().next().await.is_some_and(|r| r.is_err()),
             "too late to join"
         );
-        // The slow one stops reading; once more than the bound waits for it, it is cut off.
+        // The slow one stops reading; once more than the bound waits for it before the newest
+        // event, it is cut off.
         assert_eq!(
             fast.next().await.and_then(Result::ok).map(|c| c.len()),
             Some(10)
         );
         live.push(Bytes::from(vec![b'd'; 10]));
         live.push(Bytes::from(vec![b'e'; 10]));
-        assert!(live.buffered() <= 25, "{}", live.buffered());
+        assert_eq!(live.buffered(), 30, "c, d and e wait for the slow one");
+        live.push(Bytes::from(vec![b'f'; 10]));
+        assert!(live.buffered() <= 25 + 10, "{}", live.buffered());
         assert!(slow.next().await.is_some_and(|r| r.is_err()), "cut off");
         assert_eq!(
             fast.next().await.and_then(Result::ok).map(|c| c.len()),
-            Some(20)
+            Some(30)
         );
         live.finish(Ok(()));
         assert!(fast.next().await.is_none());

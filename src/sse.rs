@@ -14,52 +14,115 @@ use crate::route::{MAX_MODEL_CHARS, Route};
 use crate::usage::Usage;
 
 /// Splits a byte stream into complete events, each with its terminating blank line.
-#[derive(Debug, Default)]
+///
+/// Each byte is looked at once, however the stream is cut into chunks. What waits for the end
+/// of its event is bounded ([`EventSplitter::bounded`]): an event that outgrows the bound is
+/// never an event this proxy can store, so from then on the splitter hands bytes on as they
+/// come, unsplit ([`EventSplitter::overflowed`]).
+#[derive(Debug)]
 pub struct EventSplitter {
     pending: BytesMut,
+    /// How much of `pending` was looked at without finding the end of an event.
+    scanned: usize,
+    /// Whether the line being scanned has no character yet.
+    line_empty: bool,
+    /// Most bytes held while an event is incomplete.
+    bound: usize,
+    overflowed: bool,
+    /// Bytes looked at, for the test that checks each is looked at once.
+    #[cfg(test)]
+    looked_at: usize,
+}
+
+impl Default for EventSplitter {
+    /// A splitter holding whatever an event needs: for bytes already bounded (a stored stream).
+    fn default() -> Self {
+        EventSplitter::bounded(usize::MAX)
+    }
 }
 
 impl EventSplitter {
-    /// Adds bytes and returns the events they complete.
+    /// A splitter that holds at most `bound` bytes of an incomplete event.
+    pub fn bounded(bound: usize) -> EventSplitter {
+        EventSplitter {
+            pending: BytesMut::new(),
+            scanned: 0,
+            line_empty: true,
+            bound,
+            overflowed: false,
+            #[cfg(test)]
+            looked_at: 0,
+        }
+    }
+
+    /// Adds bytes and returns the events they complete; once the splitter has overflowed, the
+    /// bytes themselves.
     pub fn push(&mut self, bytes: &[u8]) -> Vec<Bytes> {
+        if self.overflowed {
+            return if bytes.is_empty() {
+                Vec::new()
+            } else {
+                vec![Bytes::copy_from_slice(bytes)]
+            };
+        }
         self.pending.extend_from_slice(bytes);
         let mut events = Vec::new();
-        while let Some(end) = event_end(&self.pending) {
+        while let Some(end) = self.next_end() {
             events.push(self.pending.split_to(end).freeze());
+        }
+        if self.pending.len() > self.bound {
+            self.overflowed = true;
+            events.push(self.pending.split().freeze());
+            self.scanned = 0;
         }
         events
     }
 
+    /// Whether an event outgrew the bound: what `push` returns since is bytes, not events.
+    pub fn overflowed(&self) -> bool {
+        self.overflowed
+    }
+
     /// What is left after the last complete event (a stream cut mid-event).
     pub fn rest(&mut self) -> Option<Bytes> {
+        self.scanned = 0;
+        self.line_empty = true;
         (!self.pending.is_empty()).then(|| self.pending.split().freeze())
     }
-}
 
-/// The length of the first complete event in `buf` (through its blank line), if any.
-fn event_end(buf: &[u8]) -> Option<usize> {
-    // A blank line is two line ends in a row; a line end is \n, \r\n or \r.
-    let mut i = 0;
-    let mut line_was_empty = true;
-    while i < buf.len() {
-        let len = match buf[i] {
-            b'\n' => 1,
-            b'\r' if buf.get(i + 1) == Some(&b'\n') => 2,
-            b'\r' if i + 1 == buf.len() => return None, // might be the start of \r\n
-            b'\r' => 1,
-            _ => {
-                line_was_empty = false;
-                i += 1;
-                continue;
+    /// The length of the first complete event in `pending` (through its blank line), if any,
+    /// looking only at the bytes not looked at before. A blank line is two line ends in a row;
+    /// a line end is `\n`, `\r\n` or `\r`.
+    fn next_end(&mut self) -> Option<usize> {
+        let buf = &self.pending[..];
+        let mut i = self.scanned;
+        while i < buf.len() {
+            #[cfg(test)]
+            {
+                self.looked_at += 1;
             }
-        };
-        i += len;
-        if line_was_empty {
-            return Some(i);
+            let len = match buf[i] {
+                b'\n' => 1,
+                b'\r' if buf.get(i + 1) == Some(&b'\n') => 2,
+                // Might be the start of \r\n: looked at again with the next bytes.
+                b'\r' if i + 1 == buf.len() => break,
+                b'\r' => 1,
+                _ => {
+                    self.line_empty = false;
+                    i += 1;
+                    continue;
+                }
+            };
+            i += len;
+            if self.line_empty {
+                self.scanned = 0;
+                return Some(i);
+            }
+            self.line_empty = true;
         }
-        line_was_empty = true;
+        self.scanned = i;
+        None
     }
-    None
 }
 
 /// The `event:` name and joined `data:` of one event.
@@ -263,6 +326,40 @@ mod tests {
         );
         let err = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\"}}\n\n";
         assert_eq!(run(Route::AnthropicMessages, err).1, Verdict::Failed);
+    }
+
+    #[test]
+    fn each_byte_is_looked_at_once_and_an_endless_event_is_not_held() {
+        let mut split = EventSplitter::bounded(4096);
+        let mut passed = Vec::new();
+        // One byte at a time, an event that never ends: the old splitter rescanned its whole
+        // buffer on every byte, and held all of it.
+        for _ in 0..100_000 {
+            passed.extend(split.push(b"x"));
+            assert!(split.pending.len() <= 4097);
+        }
+        assert!(split.overflowed());
+        assert!(
+            split.looked_at <= 4097 * 2,
+            "{} bytes looked at",
+            split.looked_at
+        );
+        assert_eq!(passed.concat().len(), 100_000, "every byte passed on");
+
+        let mut split = EventSplitter::bounded(1 << 20);
+        let stream = "data: abc\r\n\r\n".repeat(1000);
+        let events: Vec<Bytes> = stream
+            .as_bytes()
+            .iter()
+            .flat_map(|b| split.push(std::slice::from_ref(b)))
+            .collect();
+        assert_eq!(events.len(), 1000);
+        assert!(!split.overflowed());
+        assert!(
+            split.looked_at <= stream.len() + 2000,
+            "{}",
+            split.looked_at
+        );
     }
 
     #[test]

@@ -137,3 +137,123 @@ async fn too_many_embedding_inputs_are_refused_before_any_work() {
     assert_eq!(one.status, 200, "{}", one.body);
     proxy.stop().await;
 }
+
+/// Lets the fake answer what it holds, and answer later calls at once.
+fn release(upstream: &FakeUpstream) {
+    upstream
+        .state
+        .hold
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    upstream.state.release.notify_waiters();
+}
+
+/// An upstream that sends one event and never ends it (no blank line) is passed on as it
+/// comes once it outgrows `--max-stream`: the proxy neither holds it whole nor rescans it,
+/// and nothing of it is stored.
+#[tokio::test]
+async fn an_event_that_never_ends_is_passed_on_not_held() {
+    use futures_util::StreamExt;
+    const BOUND: usize = 256 * 1024;
+    const ENDLESS: usize = 1024 * 1024;
+    let upstream = FakeUpstream::start().await;
+    let state = &upstream.state;
+    state
+        .unterminated_bytes
+        .store(ENDLESS, std::sync::atomic::Ordering::SeqCst);
+    state.hold.store(true, std::sync::atomic::Ordering::SeqCst);
+    let proxy = Proxy::start(upstream.engine().max_stream_bytes(BOUND)).await;
+    let url = proxy.url("/v1/chat/completions");
+    let body = serde_json::json!({"model": "gpt-4o-mini", "stream": true,
+                                  "messages": [{"role": "user", "content": "go on"}]})
+    .to_string();
+    let c = client();
+    let response = c
+        .post(&url)
+        .header("authorization", ALICE)
+        .header("content-type", "application/json")
+        .body(body.clone())
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), 200);
+    let mut stream = response.bytes_stream();
+    let mut received = Vec::new();
+    // The upstream holds the stream open: what arrives now was passed on, not held back.
+    let got = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while received.len() < ENDLESS {
+            match stream.next().await {
+                Some(Ok(chunk)) => received.extend_from_slice(&chunk),
+                _ => break,
+            }
+        }
+    })
+    .await;
+    assert!(
+        got.is_ok() && received.len() >= ENDLESS,
+        "only {} bytes of an event growing past --max-stream reached the client while the \
+         upstream kept it open",
+        received.len()
+    );
+    release(&upstream);
+    while let Some(Ok(chunk)) = stream.next().await {
+        received.extend_from_slice(&chunk);
+    }
+    assert!(received.ends_with(&vec![b'x'; 1024]), "byte for byte");
+    let again = post_as(&c, &url, body, &[("authorization", ALICE)]).await;
+    assert_eq!(again.cache, "miss", "an unended stream is never stored");
+    assert_eq!(upstream.calls(), 2);
+    proxy.stop().await;
+}
+
+/// A non-streamed answer larger than `--max-stream` is passed on whole to its client and to
+/// the identical requests waiting on it, but never held whole nor stored.
+#[tokio::test]
+async fn an_answer_past_the_bound_is_passed_on_to_every_waiter_and_not_stored() {
+    const BOUND: usize = 64 * 1024;
+    const PADDING: usize = 200 * 1024;
+    let upstream = FakeUpstream::start().await;
+    let state = &upstream.state;
+    state
+        .padding_bytes
+        .store(PADDING, std::sync::atomic::Ordering::SeqCst);
+    state.hold.store(true, std::sync::atomic::Ordering::SeqCst);
+    let proxy = Proxy::start(upstream.engine().max_stream_bytes(BOUND)).await;
+    let url = proxy.url("/v1/chat/completions");
+    let c = client();
+    let (c1, u1) = (c.clone(), url.clone());
+    let first =
+        tokio::spawn(
+            async move { post_as(&c1, &u1, chat("big"), &[("authorization", ALICE)]).await },
+        );
+    upstream.wait_for_calls(1).await;
+    let (c2, u2) = (c.clone(), url.clone());
+    let second =
+        tokio::spawn(
+            async move { post_as(&c2, &u2, chat("big"), &[("authorization", ALICE)]).await },
+        );
+    // The second joins the flight in progress.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    release(&upstream);
+    let (first, second) = (first.await.expect("first"), second.await.expect("second"));
+    for seen in [&first, &second] {
+        assert_eq!(seen.status, 200);
+        assert_eq!(
+            seen.body["padding"].as_str().map(str::len),
+            Some(PADDING),
+            "the whole answer, as one JSON document"
+        );
+    }
+    assert_eq!(
+        (first.cache.as_str(), second.cache.as_str()),
+        ("miss", "coalesced")
+    );
+    assert_eq!(upstream.calls(), 1);
+    let third = post_as(&c, &url, chat("big"), &[("authorization", ALICE)]).await;
+    assert_eq!(
+        third.cache, "miss",
+        "an answer past the bound is never stored"
+    );
+    assert_eq!(third.body["padding"].as_str().map(str::len), Some(PADDING));
+    assert_eq!(upstream.calls(), 2);
+    proxy.stop().await;
+}

@@ -358,9 +358,16 @@ impl Engine {
             self.pump(response, &live, meta, out, flight, relay).await;
             return FlightOutcome::Live(live);
         }
-        let body = match response.bytes().await {
-            Ok(b) => b,
-            Err(e) => return FlightOutcome::Failed(self.upstream.error(e)),
+        // Read within the bound of what may be stored: a larger answer is passed on to its
+        // waiters as it comes, never held whole.
+        let body = match self.read_within(response, self.max_stream_bytes).await {
+            Ok(Read::Whole(body)) => body,
+            Ok(Read::Larger(head, rest)) => {
+                return self
+                    .pass_on_larger(status, headers, head, rest, out, meta, flight)
+                    .await;
+            }
+            Err(e) => return FlightOutcome::Failed(e),
         };
         if !status.is_success() {
             return FlightOutcome::Refused(Arc::new(Refusal {
@@ -394,7 +401,74 @@ impl Engine {
     }
 }
 
+/// An answer's body, read within `--max-stream`.
+pub(super) enum Read {
+    /// All of it.
+    Whole(Bytes),
+    /// More than the bound: what was read, and the answer to read the rest from.
+    Larger(Bytes, reqwest::Response),
+}
+
+/// How long the waiters of an answer too large to keep have to take it before the bytes they
+/// have not read yet may be dropped.
+const HANDOVER: Duration = Duration::from_secs(1);
+
 impl Engine {
+    /// Reads `response`'s body, unless it is larger than `bound` bytes.
+    pub(super) async fn read_within(
+        &self,
+        mut response: reqwest::Response,
+        bound: usize,
+    ) -> Result<Read, Error> {
+        let expected = response.content_length().unwrap_or(0);
+        let mut body =
+            bytes::BytesMut::with_capacity(usize::try_from(expected).unwrap_or(0).min(bound));
+        while let Some(chunk) = response.chunk().await.map_err(|e| self.upstream.error(e))? {
+            body.extend_from_slice(&chunk);
+            if body.len() > bound {
+                return Ok(Read::Larger(body.freeze(), response));
+            }
+        }
+        Ok(Read::Whole(body.freeze()))
+    }
+
+    /// Passes an answer larger than `--max-stream` on to the waiters of `flight` as it
+    /// arrives, like a stream that outgrew the bound: nobody joins it any more, each byte is
+    /// dropped once every waiter took it, and nothing is stored.
+    #[allow(clippy::too_many_arguments)]
+    async fn pass_on_larger(
+        &self,
+        status: http::StatusCode,
+        headers: HeaderMap,
+        head: Bytes,
+        mut rest: reqwest::Response,
+        out: &Outbound,
+        meta: &EntryMeta,
+        flight: &LeadFlight,
+    ) -> FlightOutcome {
+        tracing::info!(key = %meta.key, "upstream answer larger than --max-stream; passed on, not stored");
+        self.governor.settle(&out.partition, out.estimate, None);
+        let live = LiveStream::new(status, headers, self.stream_bytes.clone());
+        live.push(head);
+        flight.publish(Led {
+            by: out.partition,
+            outcome: FlightOutcome::Live(live.clone()),
+        });
+        flight.leave();
+        // Those waiting subscribe as they take it: until then nothing may be dropped.
+        let _ = tokio::time::timeout(HANDOVER, flight.taken()).await;
+        live.stop_buffering(self.max_stream_bytes);
+        let result = loop {
+            match rest.chunk().await {
+                Ok(Some(chunk)) => live.push(chunk),
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(self.upstream.error(e)),
+            }
+        };
+        live.finish(result);
+        FlightOutcome::Live(live)
+    }
+
     /// Follows a stream another replica receives from the upstream, shared live with this
     /// flight's waiters as a stream of its own would be. Nothing is stored here: the leader
     /// stores it in the fleet's tier when it completes.
@@ -497,7 +571,7 @@ impl Engine {
         }
         tracing::info!(key = %meta.key, %peer, "Redis went away mid-stream: reading the rest from the replica receiving it");
         let mut replay = Replayed::new(passed.count, passed.digest.clone());
-        let mut split = EventSplitter::default();
+        let mut split = EventSplitter::bounded(self.max_stream_bytes);
         let mut body = response.bytes_stream();
         let mut take = |events: Vec<Bytes>| -> Result<(), Error> {
             for event in events {

@@ -10,9 +10,10 @@ use tokio::time::Instant;
 use super::Engine;
 use super::classify::Outbound;
 use super::count::route_name;
+use super::flight::Read;
 use crate::answer::Refusal;
 use crate::entry::EntryMeta;
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 use crate::fleet::{BudgetTurn, Budgeted, Confirmed};
 use crate::governor::{self, Disposition};
 use crate::headers::SHOULD_RETRY;
@@ -132,7 +133,19 @@ impl Engine {
             return Ok(Attempt::Done(Upstreamed::Success(response)));
         }
         let headers = upstream::response_headers(response.headers());
-        let body = response.bytes().await.map_err(|e| self.upstream.error(e))?;
+        let body = match self.read_within(response, self.max_stream_bytes).await? {
+            Read::Whole(body) => body,
+            Read::Larger(..) => {
+                return Err(Error::new(
+                    ErrorKind::UpstreamInvalid,
+                    format!(
+                        "the upstream's error answer ({status}) is larger than --max-stream ({} \
+                         bytes)",
+                        self.max_stream_bytes
+                    ),
+                ));
+            }
+        };
         let mut refusal = Refusal {
             status,
             headers,

@@ -32,7 +32,7 @@ impl Engine {
         flight: &LeadFlight,
         mut relay: Option<Relay>,
     ) {
-        let mut split = EventSplitter::default();
+        let mut split = EventSplitter::bounded(self.max_stream_bytes);
         let mut completion = Completion::new(meta.route);
         let mut size = 0usize;
         let mut reserved = 0usize;
@@ -42,7 +42,10 @@ impl Engine {
             match body.next().await {
                 Some(Ok(chunk)) => {
                     for event in split.push(&chunk) {
-                        completion.observe(&event);
+                        // Past the bound, bytes rather than events: never stored, so not read.
+                        if !split.overflowed() {
+                            completion.observe(&event);
+                        }
                         size += event.len();
                         if let Some(relay) = relay.as_mut() {
                             relay.event(&event);
@@ -51,7 +54,7 @@ impl Engine {
                         #[cfg(test)]
                         self.faults.trip(super::tests::Fault::MidStream);
                     }
-                    if size > self.max_stream_bytes && !overgrown {
+                    if (size > self.max_stream_bytes || split.overflowed()) && !overgrown {
                         overgrown = true;
                         live.stop_buffering(self.max_stream_bytes);
                         flight.leave();

@@ -88,6 +88,12 @@ pub struct FakeState {
     /// Streamed answers carry this many extra content events of `big_event_bytes` each.
     pub extra_events: AtomicUsize,
     pub big_event_bytes: AtomicUsize,
+    /// When non-zero, a streamed answer's first event is followed by one `data:` line of this
+    /// many bytes that never ends with a blank line, then (after `release`, when `hold` is
+    /// set) the connection closes.
+    pub unterminated_bytes: AtomicUsize,
+    /// Non-streamed chat answers carry a field of this many bytes.
+    pub padding_bytes: AtomicUsize,
 }
 
 /// How the fake ends its streams.
@@ -100,6 +106,8 @@ pub enum StreamEnd {
     Cut,
     /// An error event after the first event.
     ErrorEvent,
+    /// The rest of the events, then the connection closes (whatever they were).
+    Closed,
 }
 
 /// How the fake asks a refused client to wait.
@@ -383,6 +391,14 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
             let at = events.len() - 2;
             events.splice(at..at, std::iter::repeat_n(big, extra));
         }
+        let unterminated = state.unterminated_bytes.load(Ordering::SeqCst);
+        if unterminated > 0 {
+            // An event that never ends, sent with the first (before any hold), then nothing.
+            events.truncate(1);
+            events[0].push_str("data: ");
+            events[0].push_str(&"x".repeat(unterminated));
+            state.set_stream_end(StreamEnd::Closed);
+        }
         return stream(state, n, events, callers);
     }
     let mut body = match path.as_str() {
@@ -428,6 +444,10 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
         }
         _ => json!({"path": path, "call": n, "received_bytes": body.len()}),
     };
+    let padding = state.padding_bytes.load(Ordering::SeqCst);
+    if padding > 0 && body.get("choices").is_some() {
+        body["padding"] = Value::String("p".repeat(padding));
+    }
     if let Some(usage) = state.usage.lock().expect("lock").clone() {
         if body.get("usage").is_some() {
             body["usage"] = usage;
@@ -771,7 +791,7 @@ fn stream(
                 let error = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n";
                 let _ = tx.send(Ok(Bytes::from_static(error.as_bytes()))).await;
             }
-            StreamEnd::Complete => {}
+            StreamEnd::Complete | StreamEnd::Closed => {}
         }
         for event in events {
             let delay = state.chunk_delay_ms.load(Ordering::SeqCst);
@@ -792,6 +812,18 @@ fn stream(
         response = response.header(name, value);
     }
     response.body(Body::from_stream(body)).expect("response")
+}
+
+/// Waits until `condition` holds, looking every 10 ms; fails the test after 10 s.
+pub async fn eventually(mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the condition did not hold within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// The proxy, serving on a real port until stopped.

@@ -18,11 +18,16 @@ use crate::answer::Refusal;
 use crate::embeddings::{self, EmbeddingList};
 use crate::engine::Engine;
 use crate::engine::classify::Outbound;
+use crate::engine::flight::Read;
 use crate::engine::govern::Upstreamed;
 use crate::entry::{EntryMeta, StoredAnswer};
 use crate::error::{Error, ErrorKind};
 use crate::route::Route;
 use crate::upstream;
+
+/// The most bytes one embedding takes in an answer: 3,072 floats written out in full, with
+/// room to spare.
+const MAX_EMBEDDING_BYTES: usize = 128 * 1024;
 
 impl Engine {
     /// Adds inputs to their group's open call; sends the calls that are ready and arranges
@@ -189,10 +194,23 @@ impl Engine {
         };
         let status = response.status();
         let headers = upstream::response_headers(response.headers());
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| InputOutcome::Failed(self.upstream.error(e)))?;
+        // One embedding is at most a few tens of kilobytes (3,072 floats written out): a call's
+        // answer is read within a bound in proportion to its inputs.
+        let bound = items.len().saturating_mul(MAX_EMBEDDING_BYTES) + self.max_stream_bytes;
+        let body = match self.read_within(response, bound).await {
+            Ok(Read::Whole(body)) => body,
+            Ok(Read::Larger(..)) => {
+                return Err(InputOutcome::Failed(Error::new(
+                    ErrorKind::UpstreamInvalid,
+                    format!(
+                        "upstream {} answered {} embedding inputs with more than {bound} bytes",
+                        self.upstream.base(),
+                        items.len()
+                    ),
+                )));
+            }
+            Err(e) => return Err(InputOutcome::Failed(e)),
+        };
         if !status.is_success() {
             return Err(InputOutcome::Refused(Arc::new(Refusal {
                 status,
