@@ -150,3 +150,65 @@ async fn a_database_locked_by_another_writer_is_waited_out_and_nothing_is_lost()
         .expect("count");
     assert_eq!(stored, 4, "every answer reached the disk");
 }
+
+/// A purge made while an answer waits in the write queue (here: kept because another writer
+/// held the lock) removes that answer too: it is not written after the purge and left behind.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_purge_removes_answers_queued_before_it() {
+    let upstream = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("c.db");
+    let proxy = Proxy::with_db(&upstream, &db).await;
+    let c = client();
+    let url = proxy.url("/v1/chat/completions");
+    assert_eq!(post(&c, &url, chat("stored"), &[]).await.cache, "miss");
+    proxy.engine.flush().await.expect("flush");
+
+    let mut other = rusqlite::Connection::open(&db).expect("open");
+    let lock = other
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .expect("write lock");
+    assert_eq!(post(&c, &url, chat("queued"), &[]).await.cache, "miss");
+    let started = Instant::now();
+    while counter(
+        &proxy.engine.metrics_text().await,
+        "llm_dedup_store_errors_total",
+    ) < 1.0
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no failed write"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    lock.rollback().expect("release");
+    drop(other);
+    // The operator purges everything, before the writer tries again.
+    let mut inspector = llm_dedup::inspect::Inspector::open(&db).expect("inspector");
+    let all = llm_dedup::inspect::Selection::default();
+    let removed = inspector.purge(&all).expect("purged");
+    assert_eq!(removed.len(), 1, "the stored answer");
+    drop(inspector);
+
+    proxy.engine.flush().await.expect("flush");
+    let conn = rusqlite::Connection::open(&db).expect("open");
+    let left: Vec<String> = conn
+        .prepare("SELECT key FROM entries")
+        .expect("query")
+        .query_map([], |r| r.get(0))
+        .expect("rows")
+        .collect::<Result<_, _>>()
+        .expect("read");
+    assert!(
+        left.is_empty(),
+        "an answer queued before the purge was written after it: {left:?}"
+    );
+    // An answer made after the purge is kept.
+    assert_eq!(post(&c, &url, chat("after"), &[]).await.cache, "miss");
+    proxy.engine.flush().await.expect("flush");
+    let count: i64 = conn
+        .query_row("SELECT count(*) FROM entries", [], |r| r.get(0))
+        .expect("count");
+    assert_eq!(count, 1);
+    proxy.stop().await;
+}

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::counts::{COUNTERS, Counts};
 use crate::entry::unix_ms;
 use crate::prices::{PriceTable, PricesInfo};
-use crate::store::{self, StoreError};
+use crate::store::{self, PurgeRule, StoreError};
 
 mod fleet;
 mod transfer;
@@ -355,7 +355,11 @@ impl Inspector {
         order: SortBy,
         limit: Option<usize>,
     ) -> Result<Vec<EntrySummary>, InspectError> {
-        let (condition, args) = self.condition(selection)?;
+        let Condition {
+            sql: condition,
+            args,
+            ..
+        } = self.condition(selection)?;
         let order = match order {
             SortBy::Recent => "coalesce(last_hit_at, created_at) DESC",
             SortBy::Hits => "hit_count DESC, coalesce(last_hit_at, created_at) DESC",
@@ -406,7 +410,11 @@ impl Inspector {
     /// Removes the entries matching `selection` and returns them. An empty selection removes
     /// every entry. A serving proxy stops answering them within a second.
     pub fn purge(&mut self, selection: &Selection) -> Result<Vec<EntrySummary>, InspectError> {
-        let (condition, args) = self.condition(selection)?;
+        let Condition {
+            sql: condition,
+            args,
+            rule,
+        } = self.condition(selection)?;
         let tx = self.conn.transaction()?;
         let removed = {
             let mut stmt = tx.prepare(&format!(
@@ -415,9 +423,9 @@ impl Inspector {
             let rows = stmt.query_map(params_from_iter(args.iter()), summary)?;
             rows.collect::<Result<Vec<_>, _>>()?
         };
-        if !removed.is_empty() {
-            store::bump_purge_generation(&tx)?;
-        }
+        // Recorded even when nothing was removed yet: a serving proxy may have the answers it
+        // selects in its write queue.
+        store::record_purge(&tx, &rule)?;
         tx.commit()?;
         Ok(removed)
     }
@@ -449,37 +457,61 @@ impl Inspector {
         }
     }
 
-    /// A SQL condition and its arguments for `selection`.
-    fn condition(
-        &self,
-        selection: &Selection,
-    ) -> Result<(String, Vec<Box<dyn ToSql>>), InspectError> {
+    /// What `selection` selects, its key prefix resolved and its times made absolute.
+    fn rule(&self, selection: &Selection) -> Result<PurgeRule, InspectError> {
+        let now = unix_ms(SystemTime::now());
+        Ok(PurgeRule {
+            key: selection
+                .key
+                .as_deref()
+                .map(|key| self.resolve(key))
+                .transpose()?,
+            model: selection.model.clone(),
+            route: selection.route.clone(),
+            created_before: selection
+                .older_than
+                .map(|age| now.saturating_sub(i64::try_from(age.as_millis()).unwrap_or(i64::MAX))),
+            expired_by: selection.expired.then_some(now),
+        })
+    }
+
+    /// A SQL condition and its arguments for `selection`, and what it selects.
+    fn condition(&self, selection: &Selection) -> Result<Condition, InspectError> {
+        let rule = self.rule(selection)?;
         let mut parts = vec!["1".to_owned()];
         let mut args: Vec<Box<dyn ToSql>> = Vec::new();
-        let now = unix_ms(SystemTime::now());
-        if let Some(model) = &selection.model {
-            args.push(Box::new(model.clone()));
-            parts.push(format!("model = ?{}", args.len()));
+        let mut add = |column: &str, op: &str, value: Box<dyn ToSql>| {
+            args.push(value);
+            parts.push(format!("{column} {op} ?{}", args.len()));
+        };
+        if let Some(model) = &rule.model {
+            add("model", "=", Box::new(model.clone()));
         }
-        if let Some(route) = &selection.route {
-            args.push(Box::new(route.clone()));
-            parts.push(format!("route = ?{}", args.len()));
+        if let Some(route) = &rule.route {
+            add("route", "=", Box::new(route.clone()));
         }
-        if let Some(age) = selection.older_than {
-            let cutoff = now - i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
-            args.push(Box::new(cutoff));
-            parts.push(format!("created_at < ?{}", args.len()));
+        if let Some(cutoff) = rule.created_before {
+            add("created_at", "<", Box::new(cutoff));
         }
-        if selection.expired {
-            args.push(Box::new(now));
-            parts.push(format!("expires_at <= ?{}", args.len()));
+        if let Some(now) = rule.expired_by {
+            add("expires_at", "<=", Box::new(now));
         }
-        if let Some(key) = &selection.key {
-            args.push(Box::new(self.resolve(key)?));
-            parts.push(format!("key = ?{}", args.len()));
+        if let Some(key) = &rule.key {
+            add("key", "=", Box::new(key.clone()));
         }
-        Ok((parts.join(" AND "), args))
+        Ok(Condition {
+            sql: parts.join(" AND "),
+            args,
+            rule,
+        })
     }
+}
+
+/// A selection as SQL: a condition on `entries`, its arguments, and what it selects.
+struct Condition {
+    sql: String,
+    args: Vec<Box<dyn ToSql>>,
+    rule: PurgeRule,
 }
 
 #[cfg(test)]

@@ -31,7 +31,7 @@ use crate::error::{Error, ErrorKind};
 use crate::key::CacheKey;
 
 use read::ReaderPool;
-pub(crate) use schema::{bump_purge_generation, load_or_create_salt, open_for_writing};
+pub(crate) use schema::{PurgeRule, load_or_create_salt, open_for_writing, record_purge};
 use tally::SharedPending;
 use upkeep::Upkeep;
 use writer::{Queue, WriteOp};
@@ -260,8 +260,8 @@ impl DiskStore {
     }
 
     /// Queues the removal of the entries under `keys`, or of every entry (`None`): another
-    /// replica replaced or purged them. Removed with the next commit; an answer queued before
-    /// in the same batch may survive it.
+    /// replica replaced or purged them. Removed with the next commit, with the answers queued
+    /// for them before it.
     pub fn remove(&self, keys: Option<Vec<CacheKey>>) -> Result<(), StoreError> {
         self.send(WriteOp::Remove(keys))
     }
@@ -474,6 +474,50 @@ mod tests {
             get(&store, second.key).await.as_ref(),
             Some(second.as_ref()),
             "kept and written once the file is writable again"
+        );
+        store.close().await.expect("close");
+    }
+
+    /// A removal (another replica's purge or refresh) takes the answers queued before it with
+    /// it, even when the file was read-only and they waited: none is written after it.
+    #[tokio::test]
+    async fn a_removal_takes_the_answers_queued_before_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store =
+            DiskStore::open(&dir.path().join("c.db"), StoreLimits::default()).expect("open");
+        store.send(WriteOp::ReadOnly(true)).expect("sent");
+        let (kept, removed, all) = (
+            entry(1, Duration::from_secs(60)),
+            entry(2, Duration::from_secs(60)),
+            entry(3, Duration::from_secs(60)),
+        );
+        store.put(kept.clone()).expect("queued");
+        store.put(removed.clone()).expect("queued");
+        store.flush().await.expect("flush");
+        store.remove(Some(vec![removed.key])).expect("sent");
+        store.send(WriteOp::ReadOnly(false)).expect("sent");
+        store.flush().await.expect("flush");
+        assert!(get(&store, kept.key).await.is_some(), "another key stays");
+        assert_eq!(
+            get(&store, removed.key).await,
+            None,
+            "written after its removal"
+        );
+
+        store.send(WriteOp::ReadOnly(true)).expect("sent");
+        store.put(all.clone()).expect("queued");
+        store.remove(None).expect("sent");
+        store.send(WriteOp::ReadOnly(false)).expect("sent");
+        store.flush().await.expect("flush");
+        assert_eq!(
+            get(&store, all.key).await,
+            None,
+            "written after removing everything"
+        );
+        assert_eq!(
+            store.inner.queue.bytes.load(Ordering::Relaxed),
+            0,
+            "what was dropped is not counted as queued"
         );
         store.close().await.expect("close");
     }

@@ -10,6 +10,7 @@ use rusqlite::{Connection, params, params_from_iter};
 use tokio::sync::oneshot;
 
 use super::HIT_FLUSH_INTERVAL;
+use super::schema::purges_since;
 use super::tally::{MAX_MODELS_PER_ROUTE, OTHER_MODELS, Pending, SharedPending};
 use super::upkeep::Upkeep;
 use crate::counts::Counts;
@@ -147,6 +148,19 @@ impl Writer {
                     done.stop = true;
                 }
                 WriteOp::Remove(keys) => {
+                    // Answers queued before the removal go with it.
+                    let before = puts.len();
+                    let mut dropped = 0;
+                    puts.retain(|e| {
+                        let keep = keys.as_ref().is_some_and(|keys| !keys.contains(&e.key));
+                        if !keep {
+                            dropped += e.size();
+                        }
+                        keep
+                    });
+                    if puts.len() < before {
+                        self.shared.bytes.fetch_sub(dropped, Ordering::Relaxed);
+                    }
                     if let Err(e) = remove(&mut self.conn, keys.as_deref()) {
                         self.shared.errors.fetch_add(1, Ordering::Relaxed);
                         if let Some(held) = self.gate.open() {
@@ -223,8 +237,22 @@ fn write_all(
     puts: &[Arc<StoredAnswer>],
     counted: &Pending,
 ) -> Result<(), rusqlite::Error> {
-    let tx = conn.transaction()?;
+    // The write lock first (waiting out another writer for the busy timeout): a transaction
+    // that reads first would fail at once, not wait, when it came to write.
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     {
+        // A purge made after an answer was stored, but before it is written here, removes it
+        // too: another process purged while it waited in the queue.
+        let oldest = puts.iter().map(|e| e.created_at).min();
+        let purges = match oldest {
+            Some(oldest) => purges_since(&tx, oldest)?,
+            None => Vec::new(),
+        };
+        let purged = |e: &StoredAnswer| {
+            purges
+                .iter()
+                .any(|(at, rule)| *at >= e.created_at && rule.matches(e))
+        };
         let mut put = tx.prepare_cached(
             "INSERT INTO entries (key, namespace, route, model, status, headers, body, created_at,
                                   expires_at, prompt_tokens, completion_tokens, total_tokens, size)
@@ -237,7 +265,7 @@ fn write_all(
                 completion_tokens = excluded.completion_tokens,
                 total_tokens = excluded.total_tokens, size = excluded.size",
         )?;
-        for e in puts {
+        for e in puts.iter().filter(|e| !purged(e)) {
             // Serializing string pairs cannot fail.
             let headers = serde_json::to_string(&e.header_pairs()).unwrap_or_else(|_| "[]".into());
             put.execute(params![
