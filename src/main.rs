@@ -259,9 +259,17 @@ struct ServeArgs {
     credential_headers: Vec<String>,
 
     /// Open /_llm-dedup/stats and /_llm-dedup/metrics to clients presenting
-    /// `Authorization: Bearer TOKEN` (and to nobody else) [default: loopback clients only]
-    #[arg(long, env = "LLM_DEDUP_ADMIN_TOKEN", hide_env_values = true, value_parser = parse_token)]
+    /// `Authorization: Bearer TOKEN` (and to nobody else); prefer --admin-token-file, which
+    /// keeps the token out of the process list [default: loopback clients only]
+    #[arg(long, env = "LLM_DEDUP_ADMIN_TOKEN", hide_env_values = true, value_parser = parse_token,
+          conflicts_with = "admin_token_file")]
     admin_token: Option<String>,
+
+    /// As --admin-token, with the token read from this file (e.g. a mounted Kubernetes
+    /// secret); surrounding blanks and a final newline are ignored
+    #[arg(long, env = "LLM_DEDUP_ADMIN_TOKEN_FILE", value_name = "PATH",
+          value_parser = read_token_file)]
+    admin_token_file: Option<String>,
 
     /// A price file (the format of the built-in data/prices.json) whose models extend and
     /// override the built-in prices that value what the cache saves.
@@ -350,6 +358,12 @@ fn parse_token(s: &str) -> Result<String, String> {
         return Err("is empty: give a secret, or leave the flag out".into());
     }
     Ok(token.to_owned())
+}
+
+/// The operator token in the file at `path`.
+fn read_token_file(path: &str) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    parse_token(&text).map_err(|why| format!("{path} {why}"))
 }
 
 /// A Redis URL the client accepts (checked, not connected).
@@ -452,7 +466,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         })
         .build()
         .context("cannot start the cache")?;
-    let access = match &args.admin_token {
+    let access = match args.admin_token.as_ref().or(args.admin_token_file.as_ref()) {
         Some(token) => llm_dedup::server::OperatorAccess::token(token),
         None => {
             if !local.ip().is_loopback() {

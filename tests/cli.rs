@@ -178,6 +178,61 @@ fn serving_beyond_loopback_without_a_token_warns_at_start() {
     );
 }
 
+/// `--admin-token-file` reads the token from a file (a mounted secret), so it never sits in
+/// the process list; a missing or empty file is refused at start.
+#[test]
+fn the_operator_token_can_come_from_a_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("token");
+    std::fs::write(&file, "s3cret-from-file\n").expect("write");
+    let running = common::start_proxy_with(
+        &dir.path().join("a.db"),
+        "http://127.0.0.1:9",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-token-file",
+            file.to_str().expect("utf-8"),
+        ],
+    );
+    let status = |token: Option<&str>| {
+        use std::io::{Read, Write};
+        let mut conn = std::net::TcpStream::connect(&running.addr).expect("connect");
+        let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+        write!(
+            conn,
+            "GET /_llm-dedup/metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Connection: close\r\n\r\n"
+        )
+        .expect("sent");
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer).expect("answer");
+        answer[9..12].parse::<u16>().expect("status")
+    };
+    assert_eq!(status(Some("s3cret-from-file")), 200);
+    assert_eq!(status(None), 401, "the token decides, loopback included");
+    let cmdline = std::fs::read_to_string(format!("/proc/{}/cmdline", running.child.id()))
+        .unwrap_or_default();
+    assert!(!cmdline.contains("s3cret-from-file"), "{cmdline}");
+    let (_, log) = running.terminate();
+    assert!(!log.contains("s3cret-from-file"), "never logged: {log}");
+
+    std::fs::write(&file, " \n").expect("write");
+    let (code, err) = run(&["serve", "--admin-token-file", file.to_str().expect("utf-8")]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--admin-token-file") && err.contains("is empty"),
+        "{err}"
+    );
+    let missing = dir.path().join("missing");
+    let (code, err) = run(&[
+        "serve",
+        "--admin-token-file",
+        missing.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("cannot read"), "{err}");
+}
+
 #[test]
 fn a_database_in_a_missing_directory_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -57,6 +57,8 @@ fn get_from(path: &str, peer: &str, token: Option<&str>) -> Request<Body> {
     if let Some(token) = token {
         request = request.header("authorization", format!("Bearer {token}"));
     }
+    // What an HTTP/1.1 client sends: the host it connected to.
+    let request = request.header("host", "127.0.0.1:8080");
     let mut request = request.body(Body::empty()).expect("request");
     let peer: std::net::SocketAddr = peer.parse().expect("address");
     request
@@ -403,4 +405,130 @@ async fn a_full_queue_says_when_to_come_back() {
         .parse()
         .expect("whole seconds");
     assert!((1..=60).contains(&wait), "{wait}");
+}
+
+/// Without a token, the operator endpoints answer a loopback client only when it names a
+/// loopback host (or the address listened on): a page on another site that resolves its own
+/// name to 127.0.0.1 (DNS rebinding) reaches the port from the operator's browser, but it names
+/// its own host. With a token, the token decides.
+#[tokio::test]
+async fn without_a_token_operator_endpoints_answer_only_a_loopback_host() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let upstream = FakeUpstream::start().await;
+    let engine = with_database(&upstream, &dir);
+    let open = OperatorAccess::loopback_only();
+    let listening =
+        OperatorAccess::loopback_only().listening_on("10.0.0.5:8080".parse().expect("addr"));
+    let with_host = |path: &str, host: Option<&str>, token: Option<&str>| {
+        let mut request = get_from(path, "127.0.0.1:40000", token);
+        request.headers_mut().remove("host");
+        if let Some(host) = host {
+            request
+                .headers_mut()
+                .insert("host", host.parse().expect("value"));
+        }
+        request
+    };
+    for path in OPERATOR_PATHS {
+        for host in [
+            "localhost",
+            "LocalHost:8080",
+            "127.0.0.1",
+            "127.0.0.1:8080",
+            "127.9.9.9",
+            "[::1]",
+            "[::1]:8080",
+        ] {
+            let (status, _) =
+                operator_answer(&engine, &open, with_host(path, Some(host), None)).await;
+            assert_eq!(status, StatusCode::OK, "{path} with Host: {host}");
+        }
+        for host in [
+            Some("attacker.example"),
+            Some("attacker.example:8080"),
+            Some("localhost.attacker.example"),
+            Some("127.0.0.1.attacker.example"),
+            Some("10.0.0.5:8080"),
+            None,
+        ] {
+            let (status, code) = operator_answer(&engine, &open, with_host(path, host, None)).await;
+            assert_eq!(
+                (status, code),
+                (
+                    StatusCode::MISDIRECTED_REQUEST,
+                    json!("operator_host_not_allowed")
+                ),
+                "{path} with Host: {host:?}"
+            );
+        }
+        // The address the proxy listens on names it too.
+        let named = with_host(path, Some("10.0.0.5:8080"), None);
+        let (status, _) = operator_answer(&engine, &listening, named).await;
+        assert_eq!(status, StatusCode::OK, "{path} named by the listen address");
+        let other = with_host(path, Some("attacker.example"), None);
+        let (status, _) = operator_answer(&engine, &listening, other).await;
+        assert_eq!(status, StatusCode::MISDIRECTED_REQUEST);
+    }
+    let guarded = OperatorAccess::token("s3cret-token");
+    let named = with_host(
+        "/_llm-dedup/stats",
+        Some("proxy.internal.example"),
+        Some("s3cret-token"),
+    );
+    let (status, _) = operator_answer(&engine, &guarded, named).await;
+    assert_eq!(status, StatusCode::OK, "with a token, the token decides");
+    let health = with_host("/_llm-dedup/health", Some("attacker.example"), None);
+    let (status, _) = operator_answer(&engine, &open, health).await;
+    assert_eq!(status, StatusCode::OK, "health answers any host");
+}
+
+/// Nothing under `/_llm-dedup/` is forwarded upstream, however its path is spelled: repeated
+/// slashes, escapes, dot segments and another case all reach the proxy's own endpoints, under
+/// their access rule.
+#[tokio::test]
+async fn operator_paths_are_never_forwarded_however_spelled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let upstream = FakeUpstream::start().await;
+    let engine = with_database(&upstream, &dir);
+    let open = OperatorAccess::loopback_only();
+    for path in [
+        "//_llm-dedup/stats",
+        "///_llm-dedup//stats",
+        "/%5Fllm-dedup/stats",
+        "/%5fllm-dedup/stats",
+        "/_llm%2Ddedup/stats",
+        "/%2F_llm-dedup/stats",
+        "/_llm-dedup%2Fstats",
+        "/./_llm-dedup/stats",
+        "/v1/../_llm-dedup/stats",
+        "/v1/%2E%2E/_llm-dedup/stats",
+        "/_LLM-DEDUP/stats",
+        "/_Llm-Dedup/stats?x=1",
+    ] {
+        let (status, _) = operator_answer(&engine, &open, get(path)).await;
+        assert_eq!(status, StatusCode::OK, "{path} is the stats endpoint");
+        let (status, code) =
+            operator_answer(&engine, &open, get_from(path, "10.1.2.3:5555", None)).await;
+        assert_eq!(
+            (status, code),
+            (StatusCode::FORBIDDEN, json!("operator_loopback_only")),
+            "{path} keeps the access rule"
+        );
+    }
+    for path in ["//_llm-dedup/nothing-here", "/%5Fllm-dedup/x"] {
+        let (status, code) = operator_answer(&engine, &open, get(path)).await;
+        assert_eq!(
+            (status, code),
+            (StatusCode::NOT_FOUND, json!("not_found")),
+            "{path}"
+        );
+    }
+    assert_eq!(upstream.calls(), 0, "nothing was forwarded");
+    // Paths that only look alike go upstream as they came.
+    for path in ["/v1/_llm-dedup/stats", "/_llm-deduplicate", "/%5Fother"] {
+        let reply = call(&engine, get(path)).await;
+        assert_eq!(reply.status, StatusCode::OK, "{path}");
+        assert_eq!(reply.body["path"], path, "{path}");
+    }
+    assert_eq!(upstream.calls(), 3);
 }

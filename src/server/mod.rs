@@ -88,13 +88,19 @@ pub fn app_with(engine: Dedup, access: OperatorAccess) -> Router {
             state.clone(),
             operator_only,
         ));
-    Router::new()
+    let routes = Router::new()
         .route("/_llm-dedup/health", get(health))
         .merge(operator)
         // The operator namespace is llm-dedup's own: nothing under it is ever forwarded.
         .route("/_llm-dedup/{*rest}", any(unknown_operator_path))
         .fallback(proxy)
-        .with_state(state)
+        .with_state(state);
+    // Before routing: every spelling of an operator path is routed as that path.
+    Router::new()
+        .fallback_service(routes)
+        .layer(axum::middleware::map_request(
+            operator::normalize_operator_path,
+        ))
 }
 
 async fn operator_only(State(state): State<AppState>, request: Request, next: Next) -> Response {
@@ -326,6 +332,10 @@ pub async fn serve<F>(
 where
     F: Future<Output = ()> + Send + 'static,
 {
+    let access = match listener.local_addr() {
+        Ok(addr) => access.listening_on(addr),
+        Err(_) => access,
+    };
     let app = app_with(engine.clone(), access);
     axum::serve(
         listener,
