@@ -210,7 +210,7 @@ impl CanonicalBody {
             Value::Object(map) => write_fields(
                 &mut out,
                 map.iter()
-                    .filter(|(k, _)| !policy.ignores(route, k))
+                    .filter(|(k, v)| !policy.ignores(route, k) && !is_default(route, k, v))
                     .collect(),
                 SchemaMatcher::ROOT,
             ),
@@ -223,6 +223,30 @@ impl CanonicalBody {
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
+}
+
+/// Top-level fields whose documented default value, written out, means what leaving them out
+/// means: read as absent, so both spellings share an entry.
+const DEFAULTS: &[(Route, &str, &str)] = &[
+    // The Responses API stores a response unless told `store: false`.
+    (Route::Responses, "store", "true"),
+];
+
+/// Whether `field` of a request on `route` holds its documented default (see [`DEFAULTS`]).
+fn is_default(route: Route, field: &str, value: &Value) -> bool {
+    DEFAULTS.iter().any(|(r, f, default)| {
+        *r == route
+            && *f == field
+            && serde_json::from_str::<Value>(default).is_ok_and(|d| d == *value)
+    })
+}
+
+/// Whether the answer to a request on `route` with this `body` belongs to the credential
+/// partition that asked, even with a shared cache: the provider keeps it for that caller's
+/// organization, and what it names (the answer's id) means nothing to another's. A Responses
+/// request is such a request unless it says `store: false`.
+pub fn bound_to_partition(route: Route, body: &Value) -> bool {
+    route == Route::Responses && body.get("store") != Some(&Value::Bool(false))
 }
 
 /// Paths (from the body's root) of subtrees whose key order is kept as sent.
@@ -721,11 +745,24 @@ mod tests {
         let a = CanonicalBody::new(Route::ChatCompletions, &json!({"user": "a"}), &strict);
         let b = CanonicalBody::new(Route::ChatCompletions, &json!({"user": "b"}), &strict);
         assert_ne!(a, b);
-        // `store` matters on the Responses API (it is stateful there).
+        // `store` matters on the Responses API (it is stateful there), and its default
+        // (`true`) written out is the same request as leaving it out.
         let p = KeyPolicy::default();
         let a = CanonicalBody::new(Route::Responses, &json!({"store": false}), &p);
         let b = CanonicalBody::new(Route::Responses, &json!({}), &p);
+        let c = CanonicalBody::new(Route::Responses, &json!({"store": true}), &p);
         assert_ne!(a, b);
+        assert_eq!(b, c);
+        assert!(bound_to_partition(Route::Responses, &json!({})));
+        assert!(bound_to_partition(
+            Route::Responses,
+            &json!({"store": true})
+        ));
+        assert!(!bound_to_partition(
+            Route::Responses,
+            &json!({"store": false})
+        ));
+        assert!(!bound_to_partition(Route::ChatCompletions, &json!({})));
     }
 
     #[test]

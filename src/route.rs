@@ -96,8 +96,8 @@ impl std::fmt::Display for Route {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum BypassReason {
-    /// A Responses request that reads or writes server-side state (`background`,
-    /// `conversation`, `previous_response_id`, `store: true`).
+    /// A Responses request that reads server-side state or runs on without the caller
+    /// (`background`, `conversation`, `previous_response_id`).
     Stateful,
     /// The client sent `Cache-Control: no-store`.
     NoStore,
@@ -122,10 +122,7 @@ pub fn bypass_reason(route: Route, body: &Value) -> Option<BypassReason> {
     let truthy = |field: &str| matches!(body.get(field), Some(Value::Bool(true)));
     let present = |field: &str| !matches!(body.get(field), None | Some(Value::Null));
     if route == Route::Responses
-        && (truthy("background")
-            || truthy("store")
-            || present("conversation")
-            || present("previous_response_id"))
+        && (truthy("background") || present("conversation") || present("previous_response_id"))
     {
         return Some(BypassReason::Stateful);
     }
@@ -199,8 +196,9 @@ mod tests {
         // `store` on chat completions does not make a request stateful.
         assert_eq!(bypass_reason(chat, &json!({"store": true})), None);
         let resp = Route::Responses;
+        // A stored response (the API's default) is cached, within its caller's partition.
+        assert_eq!(bypass_reason(resp, &json!({"store": true})), None);
         for body in [
-            json!({"store": true}),
             json!({"background": true}),
             json!({"conversation": "conv_1"}),
             json!({"previous_response_id": "resp_1"}),

@@ -257,3 +257,48 @@ async fn an_answer_past_the_bound_is_passed_on_to_every_waiter_and_not_stored() 
     assert_eq!(upstream.calls(), 2);
     proxy.stop().await;
 }
+
+/// The Responses API keeps a response unless told `store: false`, under the organization that
+/// asked: its `resp_` id means nothing to another. With `--shared-cache`, such a request is
+/// cached for its own caller only; with `store: false` it is shared. Leaving `store` out and
+/// `store: true` are one request.
+#[tokio::test]
+async fn a_stored_response_is_never_shared_across_partitions() {
+    const BOB: &str = "Bearer sk-bob-bbbb";
+    let upstream = FakeUpstream::start().await;
+    let proxy = Proxy::start(upstream.engine().shared_cache(true)).await;
+    let c = client();
+    let chat_url = proxy.url("/v1/chat/completions");
+    for key in [ALICE, BOB] {
+        // Each credential verified by a call of its own.
+        let verified = post_as(&c, &chat_url, chat(key), &[("authorization", key)]).await;
+        assert_eq!(verified.status, 200);
+    }
+    let url = proxy.url("/v1/responses");
+    let ask = |store: Option<bool>| {
+        let mut body = serde_json::json!({"model": "gpt-4o-mini", "input": "hello"});
+        if let Some(store) = store {
+            body["store"] = store.into();
+        }
+        body.to_string()
+    };
+    let alice = post_as(&c, &url, ask(None), &[("authorization", ALICE)]).await;
+    assert_eq!((alice.status, alice.cache.as_str()), (200, "miss"));
+    let bob = post_as(&c, &url, ask(None), &[("authorization", BOB)]).await;
+    assert_eq!(
+        bob.cache, "miss",
+        "bob got alice's stored response {}",
+        bob.body["id"]
+    );
+    assert_ne!(bob.body["id"], alice.body["id"]);
+    let again = post_as(&c, &url, ask(Some(true)), &[("authorization", ALICE)]).await;
+    assert_eq!(again.cache, "hit", "store: true is the default written out");
+    assert_eq!(again.body["id"], alice.body["id"]);
+    // Not stored by the provider: shared like any answer.
+    let unstored = post_as(&c, &url, ask(Some(false)), &[("authorization", ALICE)]).await;
+    assert_eq!(unstored.cache, "miss");
+    let shared = post_as(&c, &url, ask(Some(false)), &[("authorization", BOB)]).await;
+    assert_eq!(shared.cache, "hit");
+    assert_eq!(shared.body["id"], unstored.body["id"]);
+    proxy.stop().await;
+}

@@ -19,7 +19,7 @@ use crate::entry::EntryMeta;
 use crate::error::{Error, ErrorKind};
 use crate::governor;
 use crate::headers::{BEHAVIOUR_HEADERS, PROXY_AUTHORIZATION};
-use crate::key::{CacheKey, CanonicalBody, CredentialFingerprint, KeyParts, Partition};
+use crate::key::{self, CacheKey, CanonicalBody, CredentialFingerprint, KeyParts, Partition};
 use crate::memory::ExactRequest;
 use crate::route::{self, Route};
 
@@ -232,7 +232,7 @@ impl Engine {
             .collect();
         // A stable order whatever order the client sent them in (values of one name keep theirs).
         behaviour.sort_by_key(|(name, _)| *name);
-        let credential = if self.shared_cache {
+        let credential = if self.shared_cache && !key::bound_to_partition(route, body) {
             CredentialFingerprint::SHARED
         } else {
             CredentialFingerprint::of(out.partition)
