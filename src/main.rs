@@ -324,6 +324,30 @@ struct ServeArgs {
     #[arg(long, env = "LLM_DEDUP_EMBED_MAX_TOKENS", default_value_t = 300_000,
           value_parser = clap::value_parser!(u64).range(1..))]
     embed_max_tokens: u64,
+
+    /// How long a request's headers may take to arrive (also how long an idle keep-alive
+    /// connection stays open); then the connection is closed.
+    #[arg(long, env = "LLM_DEDUP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_wait)]
+    header_timeout: Duration,
+
+    /// Longest silence while a request body arrives; then the request gets 408.
+    #[arg(long, env = "LLM_DEDUP_BODY_TIMEOUT", default_value = "30s", value_parser = parse_wait)]
+    body_timeout: Duration,
+
+    /// Most client connections open at once; past it, a connection gets 503 with Retry-After.
+    #[arg(long, env = "LLM_DEDUP_MAX_CONNECTIONS", default_value_t = 4096,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    max_connections: usize,
+
+    /// Most bytes of request bodies held in memory at once, over all requests; past it, 503
+    /// with Retry-After. At least --max-body.
+    #[arg(long, env = "LLM_DEDUP_MAX_BUFFERED", default_value = "256MiB")]
+    max_buffered: ByteSize,
+
+    /// How long a stop (SIGTERM, Ctrl-C) waits for answers in progress before it closes their
+    /// connections and exits.
+    #[arg(long, env = "LLM_DEDUP_DRAIN_TIMEOUT", default_value = "20s", value_parser = parse_wait)]
+    drain_timeout: Duration,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -414,6 +438,20 @@ async fn serve(args: ServeArgs) -> Result<()> {
         None => default_db_path()?,
     };
     let max_body = usize::try_from(args.max_body.as_u64()).context("--max-body is too large")?;
+    if args.max_buffered.as_u64() < args.max_body.as_u64() {
+        anyhow::bail!(
+            "--max-buffered ({}) must be at least --max-body ({}): a request of --max-body \
+             could never be held",
+            args.max_buffered,
+            args.max_body
+        );
+    }
+    let limits = llm_dedup::server::EdgeLimits::default()
+        .header_timeout(args.header_timeout)
+        .body_timeout(args.body_timeout)
+        .max_connections(args.max_connections)
+        .max_buffered(args.max_buffered.as_u64())
+        .drain_timeout(args.drain_timeout);
     let max_stream =
         usize::try_from(args.max_stream.as_u64()).context("--max-stream is too large")?;
     let mut builder = Dedup::builder();
@@ -490,7 +528,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         redis = args.redis.is_some(),
         "llm-dedup proxy ready"
     );
-    llm_dedup::server::serve(listener, engine, access, shutdown)
+    llm_dedup::server::serve(listener, engine, access, limits, shutdown)
         .await
         .context("serving")?;
     tracing::info!("stopped cleanly; every stored answer is on disk");

@@ -302,3 +302,279 @@ async fn a_stored_response_is_never_shared_across_partitions() {
     assert_eq!(shared.body["id"], unstored.body["id"]);
     proxy.stop().await;
 }
+
+mod slow_clients {
+    //! Clients that take their time: the edge bounds how long and how much.
+
+    use std::time::{Duration, Instant};
+
+    use llm_dedup::server::EdgeLimits;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    use super::common::{FakeUpstream, Proxy, chat};
+
+    /// Reads until the peer closes (or `within` passes); returns what was read and whether it
+    /// closed.
+    async fn read_to_close(conn: &mut TcpStream, within: Duration) -> (String, bool) {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, conn.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&got).into(), true),
+                Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+                Err(_) => return (String::from_utf8_lossy(&got).into(), false),
+            }
+        }
+    }
+
+    /// A request head for a chat completion of `length` body bytes.
+    fn head(length: usize) -> String {
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n\
+             authorization: Bearer sk-slow\r\ncontent-type: application/json\r\n\
+             content-length: {length}\r\n\r\n"
+        )
+    }
+
+    /// A client sending one header line every half second is cut off once the header
+    /// timeout has passed, whatever it keeps sending.
+    #[tokio::test]
+    async fn headers_that_trickle_are_cut_off() {
+        let upstream = FakeUpstream::start().await;
+        let limits = EdgeLimits::default().header_timeout(Duration::from_secs(1));
+        let proxy = Proxy::start_with(upstream.engine(), limits).await;
+        let mut conn = TcpStream::connect(proxy.addr).await.expect("connect");
+        conn.write_all(b"POST /v1/chat/completions HTTP/1.1\r\n")
+            .await
+            .expect("sent");
+        let started = Instant::now();
+        let mut closed = false;
+        for i in 0..20 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if conn
+                .write_all(format!("x-slow-{i}: 1\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                closed = true;
+                break;
+            }
+            let mut probe = [0u8; 1];
+            if let Ok(Ok(0) | Err(_)) =
+                tokio::time::timeout(Duration::from_millis(1), conn.read(&mut probe)).await
+            {
+                closed = true;
+                break;
+            }
+        }
+        assert!(
+            closed,
+            "the connection was still open after {:?} of trickled headers",
+            started.elapsed()
+        );
+        assert_eq!(upstream.calls(), 0);
+        proxy.stop().await;
+    }
+
+    /// A body that goes silent for longer than the body timeout gets `408`, and nothing is
+    /// sent upstream.
+    #[tokio::test]
+    async fn a_body_that_stalls_gets_408() {
+        let upstream = FakeUpstream::start().await;
+        let limits = EdgeLimits::default().body_timeout(Duration::from_secs(1));
+        let proxy = Proxy::start_with(upstream.engine(), limits).await;
+        let body = chat("slow body");
+        for path in ["/v1/chat/completions", "/v1/files"] {
+            let mut conn = TcpStream::connect(proxy.addr).await.expect("connect");
+            let head = head(body.len()).replace("/v1/chat/completions", path);
+            conn.write_all(head.as_bytes()).await.expect("head");
+            conn.write_all(&body.as_bytes()[..10]).await.expect("start");
+            let (answer, closed) = read_to_close(&mut conn, Duration::from_secs(10)).await;
+            assert!(answer.starts_with("HTTP/1.1 408"), "{path}: {answer}");
+            assert!(answer.contains("request_timeout"), "{answer}");
+            assert!(closed, "the connection is closed after a 408");
+            if path == "/v1/chat/completions" {
+                // A passed-through body is streamed: the upstream sees it begin, then cut.
+                assert_eq!(upstream.calls(), 0, "a cached route reads the body first");
+            }
+        }
+        proxy.stop().await;
+    }
+
+    /// Past `--max-connections`, a connection gets `503` with `Retry-After`, and the proxy
+    /// keeps serving the ones it has.
+    #[tokio::test]
+    async fn connections_past_the_bound_get_503() {
+        let upstream = FakeUpstream::start().await;
+        let limits = EdgeLimits::default().max_connections(3);
+        let proxy = Proxy::start_with(upstream.engine(), limits).await;
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let mut conn = TcpStream::connect(proxy.addr).await.expect("connect");
+            conn.write_all(b"POST /v1/chat/completions HTTP/1.1\r\n")
+                .await
+                .expect("sent");
+            held.push(conn);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut extra = TcpStream::connect(proxy.addr).await.expect("connect");
+        let body = chat("one too many");
+        extra
+            .write_all(format!("{}{body}", head(body.len())).as_bytes())
+            .await
+            .expect("sent");
+        let (answer, closed) = read_to_close(&mut extra, Duration::from_secs(5)).await;
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("retry-after: 1"),
+            "{answer}"
+        );
+        assert!(answer.contains("too_many_connections"), "{answer}");
+        assert!(closed);
+        drop(held);
+        // Once the others are gone, a new connection is served.
+        let c = super::client();
+        let url = proxy.url("/v1/chat/completions");
+        let mut status = 0;
+        for _ in 0..50 {
+            status = super::post_as(&c, &url, chat("later"), &[("authorization", super::ALICE)])
+                .await
+                .status;
+            if status == 200 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(status, 200);
+        proxy.stop().await;
+    }
+
+    /// Request bodies held at once are bounded: a request that would go past the bound gets
+    /// `503` with `Retry-After` before its body is read.
+    #[tokio::test]
+    async fn request_bytes_held_at_once_are_bounded() {
+        let upstream = FakeUpstream::start().await;
+        let limits = EdgeLimits::default().max_buffered(1000);
+        let proxy = Proxy::start_with(upstream.engine(), limits).await;
+        // One request declares 800 bytes and sends them slowly: they are held meanwhile.
+        let mut slow = TcpStream::connect(proxy.addr).await.expect("connect");
+        slow.write_all(head(800).as_bytes()).await.expect("head");
+        slow.write_all(b"{").await.expect("start");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut second = TcpStream::connect(proxy.addr).await.expect("connect");
+        let body = format!("{{\"model\":\"m\",\"pad\":\"{}\"}}", "x".repeat(500));
+        second
+            .write_all(format!("{}{body}", head(body.len())).as_bytes())
+            .await
+            .expect("sent");
+        let (answer, _) = read_to_close(&mut second, Duration::from_secs(5)).await;
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("retry-after: 1"),
+            "{answer}"
+        );
+        assert!(answer.contains("too_many_request_bytes"), "{answer}");
+        drop(slow);
+        // The slow one's bytes are given back with its connection.
+        let c = super::client();
+        let url = proxy.url("/v1/chat/completions");
+        let mut status = 0;
+        for _ in 0..50 {
+            status = super::post_as(&c, &url, body.clone(), &[("authorization", super::ALICE)])
+                .await
+                .status;
+            if status == 200 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(status, 200);
+        proxy.stop().await;
+    }
+}
+
+/// SIGTERM stops the proxy within its drain deadline whatever its clients do: here one
+/// sends its body a byte every 300 ms (never silent long enough to be cut) and another has
+/// its headers half sent. What was answered before the stop is on disk.
+#[test]
+fn sigterm_exits_within_the_drain_deadline_whatever_clients_do() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let upstream = runtime.block_on(FakeUpstream::start());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("c.db");
+    let running = common::start_proxy_with(
+        &db,
+        &upstream.url(),
+        &["--listen", "127.0.0.1:0", "--drain-timeout", "2s"],
+    );
+    let addr = running.addr.clone();
+    // One answer, acknowledged before the stop.
+    let mut done = std::net::TcpStream::connect(&addr).expect("connect");
+    let body = chat("answered before the stop");
+    write!(
+        done,
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer sk-x\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("sent");
+    let mut answer = String::new();
+    done.read_to_string(&mut answer).expect("answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    let trickling = {
+        let addr = addr.clone();
+        std::thread::spawn(move || {
+            let Ok(mut conn) = std::net::TcpStream::connect(&addr) else {
+                return;
+            };
+            let head = "POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n\
+                        content-type: application/json\r\ncontent-length: 100000\r\n\r\n";
+            if conn.write_all(head.as_bytes()).is_err() {
+                return;
+            }
+            for _ in 0..1000 {
+                std::thread::sleep(Duration::from_millis(300));
+                if conn.write_all(b" ").is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let mut half = std::net::TcpStream::connect(&addr).expect("connect");
+    half.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: 1")
+        .expect("sent");
+    std::thread::sleep(Duration::from_millis(500));
+
+    let mut child = running.child;
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+    let signalled = Instant::now();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("signal");
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if signalled.elapsed() > Duration::from_secs(15) {
+            let _ = child.kill();
+            panic!("still running 15 s after SIGTERM with a drain deadline of 2 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    let took = signalled.elapsed();
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    let _ = trickling.join();
+    let conn = rusqlite::Connection::open(&db).expect("open");
+    let stored: i64 = conn
+        .query_row("SELECT count(*) FROM entries", [], |r| r.get(0))
+        .expect("count");
+    assert_eq!(
+        stored, 1,
+        "the answer acknowledged before the stop is on disk"
+    );
+}

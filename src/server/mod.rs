@@ -6,7 +6,6 @@
 //! shutdown. It holds no caching logic: every decision is the engine's.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -27,8 +26,10 @@ use crate::engine::Dedup;
 use crate::error::{Error, ErrorKind};
 use crate::inspect::Inspector;
 
+mod edge;
 mod operator;
 
+pub use edge::EdgeLimits;
 pub use operator::OperatorAccess;
 
 /// Numbers requests in the order they arrive, for the log.
@@ -320,13 +321,16 @@ pub fn error_response(e: &Error) -> Response {
     response
 }
 
-/// Serves the proxy on `listener` until `shutdown` resolves, then drains: requests in progress
-/// finish, upstream calls in flight finish and are stored, and the database writer commits
-/// everything before this returns. The operator endpoints answer as `access` says.
+/// Serves the proxy on `listener` within the edge's `limits` until `shutdown` resolves, then
+/// drains: stops accepting, lets the answers in progress finish within the drain deadline
+/// (then closes their connections), waits for the upstream calls in flight, and commits
+/// everything queued for the database before this returns. The operator endpoints answer as
+/// `access` says.
 pub async fn serve<F>(
     listener: TcpListener,
     engine: Dedup,
     access: OperatorAccess,
+    limits: EdgeLimits,
     shutdown: F,
 ) -> std::io::Result<()>
 where
@@ -337,11 +341,6 @@ where
         Err(_) => access,
     };
     let app = app_with(engine.clone(), access);
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await?;
+    edge::run(listener, app, limits, shutdown).await;
     engine.close().await.map_err(std::io::Error::other)
 }

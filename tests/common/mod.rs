@@ -17,6 +17,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use llm_dedup::server::EdgeLimits;
 use llm_dedup::{Dedup, DedupBuilder};
 use serde_json::{Value, json};
 use tokio::sync::{Notify, oneshot};
@@ -837,10 +838,15 @@ pub struct Proxy {
 
 impl Proxy {
     pub async fn start(builder: DedupBuilder) -> Proxy {
+        Proxy::start_with(builder, EdgeLimits::default()).await
+    }
+
+    /// A proxy whose edge has `limits`.
+    pub async fn start_with(builder: DedupBuilder, limits: EdgeLimits) -> Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind proxy");
-        Proxy::serve(listener, builder)
+        Proxy::serve(listener, builder, limits)
     }
 
     /// A replica of a fleet (`builder` has a Redis) that tells the others where it is.
@@ -849,10 +855,18 @@ impl Proxy {
             .await
             .expect("bind proxy");
         let addr = listener.local_addr().expect("addr");
-        Proxy::serve(listener, builder.advertise(format!("http://{addr}")))
+        Proxy::serve(
+            listener,
+            builder.advertise(format!("http://{addr}")),
+            EdgeLimits::default(),
+        )
     }
 
-    fn serve(listener: tokio::net::TcpListener, builder: DedupBuilder) -> Proxy {
+    fn serve(
+        listener: tokio::net::TcpListener,
+        builder: DedupBuilder,
+        limits: EdgeLimits,
+    ) -> Proxy {
         let engine = builder.build().expect("engine");
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel::<()>();
@@ -860,6 +874,7 @@ impl Proxy {
             listener,
             engine.clone(),
             llm_dedup::server::OperatorAccess::loopback_only(),
+            limits,
             async move {
                 let _ = stopped.await;
             },
