@@ -15,69 +15,14 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
 use llm_dedup::Dedup;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
-
-fn setting(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// Requests per second that `conns` keep-alive connections achieve against `addr` for `secs`.
-///
-/// Like wrk, each connection writes a prepared HTTP/1.1 request and reads just enough of the
-/// answer to frame it (the header block, then `Content-Length` bytes), so the load generator
-/// costs little and the server, not the client, is what is measured. Every answer must be a
-/// 200 with the expected body length and, with `expect_hit`, carry `llm-dedup-cache: hit`.
-async fn load(addr: SocketAddr, conns: u64, secs: u64, expect_hit: bool) -> f64 {
-    let request = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer sk-bench\r\n\
-         content-type: application/json\r\ncontent-length: {}\r\n\r\n{}",
-        support::REQUEST.len(),
-        support::REQUEST
-    );
-    let request: Arc<[u8]> = request.into_bytes().into();
-    let done = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let start = Instant::now();
-    let workers: Vec<_> = (0..conns)
-        .map(|_| {
-            let (request, done, stop) = (request.clone(), done.clone(), stop.clone());
-            tokio::spawn(async move {
-                let mut conn = TcpStream::connect(addr).await.expect("connect");
-                conn.set_nodelay(true).expect("nodelay");
-                let mut buf = Vec::with_capacity(16 * 1024);
-                while !stop.load(Ordering::Relaxed) {
-                    conn.write_all(&request).await.expect("write");
-                    let answer = support::read_answer(&mut conn, &mut buf).await;
-                    assert!(answer.ok, "not a 200: {answer:?}");
-                    assert!(!expect_hit || answer.hit, "not a hit: {answer:?}");
-                    assert_eq!(answer.body_len, support::ANSWER.len());
-                    done.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-        })
-        .collect();
-    tokio::time::sleep(Duration::from_secs(secs)).await;
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        w.await.expect("worker");
-    }
-    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
-}
 
 fn main() {
     // `cargo bench` passes `--bench`; this harness takes its settings from the environment.
-    let secs = setting("LOAD_SECS", 5);
-    let conns = setting("LOAD_CONNS", 32);
-    let rounds = setting("LOAD_ROUNDS", 3);
+    let secs = support::setting("LOAD_SECS", 5);
+    let conns = support::setting("LOAD_CONNS", 32);
+    let rounds = support::setting("LOAD_ROUNDS", 3);
     let dir = tempfile::tempdir().expect("tempdir");
 
     // The servers run on tokio's default multi-thread runtime, as `llm-dedup serve` does.
@@ -99,7 +44,7 @@ fn main() {
                     .database(db)
                     .build()
                     .expect("engine");
-                let proxy = support::serve(llm_dedup::server::app(engine)).await;
+                let proxy = support::serve_proxy(engine).await;
                 tx.send((baseline, bare, proxy)).expect("report addresses");
                 std::future::pending::<()>().await;
             })
@@ -114,16 +59,16 @@ fn main() {
         .expect("runtime");
     client_rt.block_on(async {
         // Prime the cache, then warm both servers up.
-        load(proxy, 1, 1, false).await;
-        load(baseline, conns, 1, false).await;
+        support::load(proxy, 1, 1, false).await;
+        support::load(baseline, conns, 1, false).await;
         let (mut base_runs, mut bare_runs, mut proxy_runs) = (Vec::new(), Vec::new(), Vec::new());
         // LOAD_ONLY=baseline or LOAD_ONLY=proxy runs one side alone (for profiling).
         let only = std::env::var("LOAD_ONLY").unwrap_or_default();
         let run = |side: &str| only.is_empty() || only == side;
         for round in 1..=rounds {
-            let b = if run("baseline") { load(baseline, conns, secs, false).await } else { f64::NAN };
-            let n = if run("baseline") { load(bare, conns, secs, false).await } else { f64::NAN };
-            let p = if run("proxy") { load(proxy, conns, secs, true).await } else { f64::NAN };
+            let b = if run("baseline") { support::load(baseline, conns, secs, false).await } else { f64::NAN };
+            let n = if run("baseline") { support::load(bare, conns, secs, false).await } else { f64::NAN };
+            let p = if run("proxy") { support::load(proxy, conns, secs, true).await } else { f64::NAN };
             println!(
                 "round {round}: reading baseline {b:>7.0} req/s | bare baseline {n:>7.0} req/s | \
                  proxy hit path {p:>7.0} req/s | ratio {:.3} (bare {:.3})",

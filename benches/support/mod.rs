@@ -3,6 +3,12 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 
 #[path = "../../tests/common/redis_server.rs"]
 mod redis_server;
@@ -61,6 +67,74 @@ pub async fn serve(app: Router) -> SocketAddr {
     let app = app.into_make_service_with_connect_info::<SocketAddr>();
     tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
     addr
+}
+
+/// A setting of a scenario run, from the environment (`cargo bench` passes its own flags).
+pub fn setting(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Serves `engine` as `llm-dedup serve` does (its edge on its default limits, operator
+/// endpoints for loopback clients) on a fresh port of 127.0.0.1 in the current runtime.
+pub async fn serve_proxy(engine: llm_dedup::Dedup) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(llm_dedup::server::serve(
+        listener,
+        engine,
+        llm_dedup::server::OperatorAccess::loopback_only(),
+        llm_dedup::server::EdgeLimits::default(),
+        std::future::pending::<()>(),
+    ));
+    addr
+}
+
+/// Requests per second that `conns` keep-alive connections achieve against `addr` for `secs`.
+///
+/// Like wrk, each connection writes a prepared HTTP/1.1 request and reads just enough of the
+/// answer to frame it (the header block, then `Content-Length` bytes), so the load generator
+/// costs little and the server, not the client, is what is measured. Every answer must be a
+/// 200 with the expected body length and, with `expect_hit`, carry `llm-dedup-cache: hit`.
+pub async fn load(addr: SocketAddr, conns: u64, secs: u64, expect_hit: bool) -> f64 {
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer sk-bench\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{}",
+        REQUEST.len(),
+        REQUEST
+    );
+    let request: Arc<[u8]> = request.into_bytes().into();
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let workers: Vec<_> = (0..conns)
+        .map(|_| {
+            let (request, done, stop) = (request.clone(), done.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut conn = TcpStream::connect(addr).await.expect("connect");
+                conn.set_nodelay(true).expect("nodelay");
+                let mut buf = Vec::with_capacity(16 * 1024);
+                while !stop.load(Ordering::Relaxed) {
+                    conn.write_all(&request).await.expect("write");
+                    let answer = read_answer(&mut conn, &mut buf).await;
+                    assert!(answer.ok, "not a 200: {answer:?}");
+                    assert!(!expect_hit || answer.hit, "not a hit: {answer:?}");
+                    assert_eq!(answer.body_len, ANSWER.len());
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.expect("worker");
+    }
+    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
 }
 
 /// A chat completion stream of `events` chunks, as the API frames it, ending in `[DONE]`.
