@@ -379,6 +379,36 @@ mod slow_clients {
         proxy.stop().await;
     }
 
+    /// A connection that sends nothing, or only the start of the HTTP/2 preface, is closed
+    /// once the header timeout has passed; HTTP/2 with prior knowledge is still served.
+    #[tokio::test]
+    async fn a_connection_that_says_nothing_is_closed() {
+        let upstream = FakeUpstream::start().await;
+        let limits = EdgeLimits::default().header_timeout(Duration::from_secs(1));
+        let proxy = Proxy::start_with(upstream.engine(), limits).await;
+        for first in [&b""[..], b"PRI * HTTP/2.0\r\n", b"P"] {
+            let mut conn = TcpStream::connect(proxy.addr).await.expect("connect");
+            conn.write_all(first).await.expect("sent");
+            let (_, closed) = read_to_close(&mut conn, Duration::from_secs(10)).await;
+            assert!(closed, "still open after sending {first:?}");
+        }
+        let h2 = reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .build()
+            .expect("client");
+        let answer = h2
+            .post(proxy.url("/v1/chat/completions"))
+            .header("authorization", super::ALICE)
+            .header("content-type", "application/json")
+            .body(chat("over h2"))
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(answer.version(), reqwest::Version::HTTP_2);
+        assert_eq!(answer.status(), 200);
+        proxy.stop().await;
+    }
+
     /// A body that goes silent for longer than the body timeout gets `408`, and nothing is
     /// sent upstream.
     #[tokio::test]

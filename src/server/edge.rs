@@ -24,7 +24,6 @@ use axum::response::{IntoResponse, Response};
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -131,17 +130,7 @@ pub(super) async fn run<F>(listener: TcpListener, app: Router, limits: EdgeLimit
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(limits.header_timeout)
-        .keep_alive_timeout(limits.header_timeout);
-    let builder = Arc::new(builder);
+    let protocols = Arc::new(Protocols::new(&limits));
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     let buffered = Arc::new(Buffered {
@@ -150,6 +139,9 @@ where
     });
     let graceful = GracefulShutdown::new();
     let tasks = TaskTracker::new();
+    // Cancelled when the stop begins (connections not serving yet close), and at the drain
+    // deadline (every connection closes).
+    let stopping = CancellationToken::new();
     let cut = CancellationToken::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -180,19 +172,38 @@ where
             buffered: buffered.clone(),
         };
         let service = hyper::service::service_fn(move |request| edge.clone().handle(request));
-        let builder = builder.clone();
+        let protocols = protocols.clone();
         let watcher = graceful.watcher();
-        let cut = cut.clone();
+        let (stopping, cut) = (stopping.clone(), cut.clone());
         tasks.spawn(async move {
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            tokio::select! {
-                _ = watcher.watch(conn.into_owned()) => {}
-                () = cut.cancelled() => {}
+            let protocol = tokio::select! {
+                protocol = sniff(&stream, limits.header_timeout) => protocol,
+                () = stopping.cancelled() => None,
+            };
+            let io = TokioIo::new(stream);
+            match protocol {
+                Some(Protocol::Http1) => {
+                    let conn = protocols.http1.serve_connection(io, service);
+                    tokio::select! {
+                        _ = watcher.watch(conn) => {}
+                        () = cut.cancelled() => {}
+                    }
+                }
+                Some(Protocol::Http2) => {
+                    let conn = protocols.http2.serve_connection(io, service);
+                    tokio::select! {
+                        _ = watcher.watch(conn) => {}
+                        () = cut.cancelled() => {}
+                    }
+                }
+                // Silent past the header timeout, closed, or the stop began: closed.
+                None => drop(watcher),
             }
             drop(permit);
         });
     }
     drop(listener);
+    stopping.cancel();
     let open = graceful.count();
     if tokio::time::timeout(limits.drain_timeout, graceful.shutdown())
         .await
@@ -207,6 +218,62 @@ where
     }
     tasks.close();
     tasks.wait().await;
+}
+
+/// How each protocol is served.
+struct Protocols {
+    http1: hyper::server::conn::http1::Builder,
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+}
+
+impl Protocols {
+    fn new(limits: &EdgeLimits) -> Protocols {
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout);
+        let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        // A client that stops answering pings is gone.
+        http2
+            .timer(TokioTimer::new())
+            .keep_alive_interval(limits.header_timeout)
+            .keep_alive_timeout(limits.header_timeout);
+        Protocols { http1, http2 }
+    }
+}
+
+/// The protocol a connection speaks, told by its first bytes.
+enum Protocol {
+    Http1,
+    /// With prior knowledge: the connection preface.
+    Http2,
+}
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Tells the protocol from the first bytes, without taking them; `None` for a connection that
+/// sends nothing telling within `within`, or closes.
+async fn sniff(stream: &TcpStream, within: Duration) -> Option<Protocol> {
+    let told = async {
+        let mut first = [0u8; PREFACE.len()];
+        loop {
+            let n = stream.peek(&mut first).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            if first[..n] != PREFACE[..n] {
+                return Some(Protocol::Http1);
+            }
+            if n == PREFACE.len() {
+                return Some(Protocol::Http2);
+            }
+            // The start of the preface: look again once more may have come (peeking leaves the
+            // socket readable, so waiting for readiness would not wait).
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(within, told).await.ok().flatten()
 }
 
 /// Waits out an accept error: none for a connection that failed before it was accepted, a
