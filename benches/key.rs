@@ -35,6 +35,7 @@ fn key_of(bytes: &[u8], policy: &KeyPolicy) -> llm_dedup::CacheKey {
         credential: CredentialFingerprint::new(&[9; 32], [("authorization", &b"Bearer sk-x"[..])]),
         behaviour: &[],
         body: &body,
+        exact_body: None,
     }
     .key()
 }

@@ -53,6 +53,12 @@ pub struct CacheControls {
 }
 
 impl CacheControls {
+    /// Whether the request says how long an answer may be kept or used (`llm-dedup-ttl`, or
+    /// `Cache-Control: max-age`): what caching an answer that may go stale needs.
+    pub fn asks_lifetime(&self) -> bool {
+        self.ttl.is_some() || self.max_age.is_some()
+    }
+
     /// Reads the controls from request headers. Unknown `Cache-Control` directives are ignored,
     /// as RFC 9111 asks; a malformed `llm-dedup-*` header is an error naming the header.
     pub fn from_headers(headers: &HeaderMap) -> Result<CacheControls, String> {

@@ -44,8 +44,21 @@ pub const HOP_BY_HOP: &[&str] = &[
 /// that are forwarded.
 pub const PROXY_AUTHORIZATION: &str = "proxy-authorization";
 
-/// Request headers whose values change the answer, so they are part of the key.
-pub const BEHAVIOUR_HEADERS: &[&str] = &["anthropic-version", "anthropic-beta", "openai-beta"];
+/// Request headers whose values change the answer, so they are part of the key: Anthropic's
+/// API version and beta features, OpenAI's beta opt-ins, and Azure AI Model Inference's
+/// `extra-parameters` (what the service does with parameters it does not know: pass, drop or
+/// refuse them) and `azureml-model-deployment` (which deployment answers). `--key-header`
+/// adds more.
+pub const BEHAVIOUR_HEADERS: &[&str] = &[
+    "anthropic-version",
+    ANTHROPIC_BETA,
+    "openai-beta",
+    "extra-parameters",
+    "azureml-model-deployment",
+];
+
+/// Anthropic's beta features: a comma-separated set (several header lines join into one).
+pub const ANTHROPIC_BETA: &str = "anthropic-beta";
 
 /// Request headers that carry a caller's secret by default; they partition the cache (hashed,
 /// never stored). `--credential-header` adds more.

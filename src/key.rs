@@ -8,9 +8,11 @@
 //! # The key
 //!
 //! `key = blake3(tag ‖ KEY_VERSION ‖ namespace ‖ upstream ‖ method ‖ path?query ‖ credential
-//! fingerprint ‖ behaviour headers ‖ canonical body)`, every part prefixed with its length as a
-//! little-endian `u64`, shown as 64 lowercase hex characters.
+//! fingerprint ‖ key headers ‖ canonical body [‖ exact body])`, every part prefixed with its
+//! length as a little-endian `u64`, shown as 64 lowercase hex characters.
 //!
+//! - The **upstream** is its base URL as shown, and, when the URL carries credentials, their
+//!   keyed hash under the salt (a gateway may route or bill by them).
 //! - The **credential fingerprint** is a keyed blake3 hash of the credential headers
 //!   ([`CREDENTIAL_HEADERS`]: `Authorization`, `x-api-key`, `api-key`,
 //!   `Ocp-Apim-Subscription-Key`, `x-goog-api-key`, `Proxy-Authorization`; `Cookie` when none
@@ -21,11 +23,16 @@
 //!   engine computes the key from the forwarded header set), with `Proxy-Authorization`, which
 //!   is addressed to this proxy. The credential itself never enters the key, and
 //!   without the salt a fingerprint cannot be tested against guessed keys. With a shared cache
-//!   the fingerprint is empty.
-//! - **Behaviour headers** are request headers that change the answer: `anthropic-version`,
-//!   `anthropic-beta`, `openai-beta`. Transport headers, `User-Agent`, `x-stainless-*`,
-//!   `traceparent` and request ids never enter the key.
-//! - The **query** is part of the path (Azure's `api-version` changes the answer).
+//!   the fingerprint is empty, except for a request whose answer belongs to its caller's
+//!   organization ([`Traits::private`], [`bound_to_partition`]).
+//! - **Key headers** are request headers that change the answer ([`KeyHeaders`]):
+//!   `anthropic-version`, `anthropic-beta` (read as a set), `openai-beta`, `extra-parameters`,
+//!   `azureml-model-deployment`, and those the operator adds. Transport headers,
+//!   `User-Agent`, `x-stainless-*`, `traceparent` and request ids never enter the key.
+//! - The **query** is part of the path (Azure's `api-version` changes the answer), its
+//!   parameters in one order ([`canonical_path_and_query`]).
+//! - The **exact body** is there only when a number of it may have lost digits in parsing
+//!   ([`Traits::inexact`]).
 //!
 //! An **embedding input** is keyed on its own ([`CacheKey::of_input`]): `blake3(tag ‖
 //! KEY_VERSION ‖ key of the request without its input ‖ canonical input)`, so a request of
@@ -36,18 +43,21 @@
 //! The body is parsed as JSON and written back in one form:
 //!
 //! - Top-level fields that do not change the answer are dropped (see [`KeyPolicy`]; by default
-//!   `user`, `metadata`, `safety_identifier`, `prompt_cache_key`, `prompt_cache_retention`, and
-//!   `store` on chat completions) — except, on the Responses API, the fields its answer echoes
-//!   back ([`ECHOED_FIELDS`]): dropping those would replay one caller's values to another.
-//! - Object keys are sorted by their UTF-8 bytes, **except** inside JSON schemas
-//!   (`response_format.json_schema.schema`, `text.format.schema`, `tools[].function.parameters`,
-//!   `tools[].parameters`, `tools[].input_schema`, `functions[].parameters`), where key order
-//!   steers the order of the model's output and is kept as sent.
+//!   `user`, `metadata`, `safety_identifier`, `prompt_cache_key`, `prompt_cache_retention`) —
+//!   except, on the Responses API, the fields its answer echoes back ([`ECHOED_FIELDS`]):
+//!   dropping those would replay one caller's values to another. A top-level field holding
+//!   its documented default (`stream: false`, `n: 1`, Chat `store: false`, Responses `store:
+//!   true`) is read as absent.
+//! - Object keys are sorted by their UTF-8 bytes, **except** inside JSON schemas (every path
+//!   of `SCHEMA_PATHS`: OpenAI's and Anthropic's structured output, function and tool
+//!   parameters), where key order steers the order of the model's output and is kept as sent.
 //! - Numbers are written in one form, after RFC 8785: integers as decimal integers; a
 //!   fractional number, or an integral one beyond ±2^53, in the shortest form that reads back
 //!   to the same `f64`; an integral float within ±2^53 as an integer, so `1`, `1.0` and `1e0`
-//!   are one number; `-0` as `0`. Integers that do not fit an `f64` exactly (large `seed`s) keep
-//!   all their digits, so two such seeds are never merged.
+//!   are one number; `-0` as `0`. Integers within 64 bits keep all their digits; one beyond
+//!   (read as a float) makes the exact body part of the key, so two such seeds never merge.
+//!   On top-level fields the providers type as integers (`INTEGER_FIELDS`), a float
+//!   spelling is kept as a float (`100.0` is not `100`: OpenAI refuses it).
 //! - Strings are written with JSON's minimal escaping; no whitespace anywhere.
 //!
 //! This file is longer than most on purpose: the canonical form is one thing, and about half
@@ -81,10 +91,16 @@ pub const DEFAULT_IGNORED_FIELDS: &[&str] = &[
 
 /// Fields that never change what the model says but that a Responses answer echoes back in
 /// its response object: kept in the key on that route whatever the policy says, so that a hit
-/// never hands one caller another caller's `user`, `metadata`, `safety_identifier` or
-/// `prompt_cache_key`. (Rewriting them in the replayed answer instead would need the stored
+/// never hands one caller another caller's `user`, `metadata`, `safety_identifier`,
+/// `prompt_cache_key` or `prompt_cache_retention`. (Rewriting them in the replayed answer instead would need the stored
 /// body parsed and written again on every hit, streamed answers included.)
-pub const ECHOED_FIELDS: &[&str] = &["user", "metadata", "safety_identifier", "prompt_cache_key"];
+pub const ECHOED_FIELDS: &[&str] = &[
+    "user",
+    "metadata",
+    "safety_identifier",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+];
 
 /// The 32-byte name of a stored answer.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -117,8 +133,12 @@ impl CacheKey {
     /// canonicalized once however many inputs it carries, and an input has the same key alone
     /// or in a list.
     pub fn of_input(template: &CacheKey, input: &Value) -> CacheKey {
-        let mut canonical = Vec::with_capacity(64);
-        write_value(&mut canonical, input, SchemaMatcher::Outside);
+        let mut canonical = Writer {
+            out: Vec::with_capacity(64),
+            traits: Traits::default(),
+        };
+        canonical.write_value(input, SchemaMatcher::Outside);
+        let canonical = canonical.out;
         let mut preimage = Vec::with_capacity(canonical.len() + 96);
         put(&mut preimage, b"llm-dedup embedding input");
         put(&mut preimage, &KEY_VERSION.to_le_bytes());
@@ -154,7 +174,7 @@ pub struct KeyPolicy {
 }
 
 impl Default for KeyPolicy {
-    /// [`DEFAULT_IGNORED_FIELDS`] on every route, plus `store` on chat completions.
+    /// [`DEFAULT_IGNORED_FIELDS`] on every route.
     fn default() -> Self {
         KeyPolicy {
             ignored: DEFAULT_IGNORED_FIELDS
@@ -166,8 +186,7 @@ impl Default for KeyPolicy {
 }
 
 impl KeyPolicy {
-    /// A policy that drops exactly `fields` (plus `store` on chat completions, which only asks
-    /// the provider to keep a copy and never changes the answer).
+    /// A policy that drops exactly `fields`.
     pub fn with_ignored_fields<I, S>(fields: I) -> KeyPolicy
     where
         I: IntoIterator<Item = S>,
@@ -182,8 +201,7 @@ impl KeyPolicy {
         if route == Route::Responses && ECHOED_FIELDS.contains(&field) {
             return false;
         }
-        (route == Route::ChatCompletions && field == "store")
-            || self.ignored.iter().any(|f| f == field)
+        self.ignored.iter().any(|f| f == field)
     }
 }
 
@@ -194,7 +212,7 @@ pub struct CanonicalBody(Vec<u8>);
 impl CanonicalBody {
     /// Writes `body` in canonical form for `route` under `policy`.
     pub fn new(route: Route, body: &Value, policy: &KeyPolicy) -> CanonicalBody {
-        CanonicalBody::with_capacity(route, body, policy, 256)
+        CanonicalBody::with_traits(route, body, policy, 256).0
     }
 
     /// As [`CanonicalBody::new`], reserving `capacity` bytes up front (the size of the request
@@ -205,18 +223,33 @@ impl CanonicalBody {
         policy: &KeyPolicy,
         capacity: usize,
     ) -> CanonicalBody {
-        let mut out = Vec::with_capacity(capacity);
+        CanonicalBody::with_traits(route, body, policy, capacity).0
+    }
+
+    /// As [`CanonicalBody::with_capacity`], with what the same pass over the body learned of
+    /// the request ([`Traits`]).
+    pub fn with_traits(
+        route: Route,
+        body: &Value,
+        policy: &KeyPolicy,
+        capacity: usize,
+    ) -> (CanonicalBody, Traits) {
+        let mut writer = Writer {
+            out: Vec::with_capacity(capacity),
+            traits: Traits::default(),
+        };
         match body {
-            Value::Object(map) => write_fields(
-                &mut out,
-                map.iter()
+            Value::Object(map) => {
+                writer.traits.note_top_level(route, map);
+                let fields = map
+                    .iter()
                     .filter(|(k, v)| !policy.ignores(route, k) && !is_default(route, k, v))
-                    .collect(),
-                SchemaMatcher::ROOT,
-            ),
-            other => write_value(&mut out, other, SchemaMatcher::ROOT),
+                    .collect();
+                writer.write_fields(fields, SchemaMatcher::ROOT);
+            }
+            other => writer.write_value(other, SchemaMatcher::ROOT),
         }
-        CanonicalBody(out)
+        (CanonicalBody(writer.out), writer.traits)
     }
 
     /// The canonical bytes (valid, compact JSON).
@@ -225,21 +258,165 @@ impl CanonicalBody {
     }
 }
 
-/// Top-level fields whose documented default value, written out, means what leaving them out
-/// means: read as absent, so both spellings share an entry.
-const DEFAULTS: &[(Route, &str, &str)] = &[
-    // The Responses API stores a response unless told `store: false`.
-    (Route::Responses, "store", "true"),
+/// What the pass that writes a request's canonical form learns of it besides.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traits {
+    /// It names an object one organization holds (a file, a vector store, a stored prompt, a
+    /// container, a fine-tuned model, a data source): another organization would be refused
+    /// it, so its answer stays with the credential partition that asked, even with a shared
+    /// cache.
+    pub private: bool,
+    /// Its answer follows state the provider can change (the latest version of a stored
+    /// prompt, a vector store, the web, a remote MCP server, an Azure data source): cached only
+    /// when the caller asks for a lifetime.
+    pub mutable: bool,
+    /// It holds a number that cannot be read exactly (an integer beyond the 64-bit range, a
+    /// magnitude past 2^53): its exact bytes are part of the key too, so two such numbers
+    /// never merge.
+    pub inexact: bool,
+}
+
+/// Object keys that name an object one organization holds, wherever they are (outside JSON
+/// schemas): OpenAI's file inputs (`file_id` in Chat `file` parts, Responses `input_file` and
+/// `input_image`; `file_ids` of a code interpreter container), `vector_store_ids` (the
+/// `file_search` tool), Anthropic's Files API (`source: {type: "file", file_id}`) and skills
+/// (`skill_id`), and container ids.
+const PRIVATE_KEYS: &[&str] = &[
+    "file_id",
+    "file_ids",
+    "vector_store_ids",
+    "container_id",
+    "skill_id",
 ];
 
-/// Whether `field` of a request on `route` holds its documented default (see [`DEFAULTS`]).
+/// Tool types whose answer reads state the provider can change between two identical
+/// requests (a prefix: versioned names like `web_search_20250305` count too).
+const MUTABLE_TOOLS: &[&str] = &["file_search", "web_search", "web_fetch", "mcp"];
+
+impl Traits {
+    /// What the top-level fields of a request on `route` say of it.
+    fn note_top_level(&mut self, route: Route, map: &Map<String, Value>) {
+        let present = |field: &str| !matches!(map.get(field), None | Some(Value::Null));
+        // A fine-tuned model is its organization's (`ft:gpt-4o-mini:org:suffix:id`).
+        if map
+            .get("model")
+            .and_then(Value::as_str)
+            .is_some_and(|m| m.starts_with("ft:"))
+        {
+            self.private = true;
+        }
+        // A stored prompt (Responses): its organization's; unversioned, it follows the latest.
+        if let Some(prompt) = map.get("prompt").and_then(Value::as_object) {
+            if prompt.contains_key("id") {
+                self.private = true;
+                if matches!(prompt.get("version"), None | Some(Value::Null)) {
+                    self.mutable = true;
+                }
+            }
+        }
+        // Azure On Your Data and Anthropic's remote MCP servers: the caller's own indexes and
+        // servers (with their credentials), read as they are now.
+        if present("data_sources") || present("mcp_servers") {
+            self.private = true;
+            self.mutable = true;
+        }
+        // Anthropic's code execution container, or a container of a Responses tool.
+        if present("container") {
+            self.private = true;
+        }
+        if let Some(tools) = map.get("tools").and_then(Value::as_array) {
+            for tool in tools {
+                let kind = tool.get("type").and_then(Value::as_str).unwrap_or("");
+                if MUTABLE_TOOLS.iter().any(|t| kind.starts_with(t)) {
+                    self.mutable = true;
+                    if kind == "file_search" || kind.starts_with("mcp") {
+                        self.private = true;
+                    }
+                }
+                if tool.get("container").is_some_and(Value::is_string) {
+                    self.private = true;
+                }
+            }
+        }
+        // A Responses input item stored by an earlier call.
+        if route == Route::Responses {
+            if let Some(items) = map.get("input").and_then(Value::as_array) {
+                if items
+                    .iter()
+                    .any(|item| item.get("type").and_then(Value::as_str) == Some("item_reference"))
+                {
+                    self.private = true;
+                }
+            }
+        }
+    }
+}
+
+/// Top-level fields whose documented default value, written out, means what leaving them out
+/// means: read as absent, so both spellings share an entry.
+const DEFAULTS: &[(&[Route], &str, DefaultValue)] = &[
+    // Every route that streams: not streamed unless asked.
+    (
+        &[
+            Route::ChatCompletions,
+            Route::Completions,
+            Route::Responses,
+            Route::AnthropicMessages,
+        ],
+        "stream",
+        DefaultValue::Bool(false),
+    ),
+    // One choice unless asked for more.
+    (
+        &[Route::ChatCompletions, Route::Completions],
+        "n",
+        DefaultValue::Int(1),
+    ),
+    // Chat Completions stores a completion only when told `store: true`.
+    (
+        &[Route::ChatCompletions],
+        "store",
+        DefaultValue::Bool(false),
+    ),
+    // The Responses API stores a response unless told `store: false`.
+    (&[Route::Responses], "store", DefaultValue::Bool(true)),
+];
+
+/// A documented default value.
+#[derive(Clone, Copy)]
+enum DefaultValue {
+    Bool(bool),
+    Int(u64),
+}
+
+/// Whether `field` of a request on `route` holds its documented default (see [`DEFAULTS`]). An
+/// integer default matches only an integer spelling (`1`, not `1.0`).
 fn is_default(route: Route, field: &str, value: &Value) -> bool {
-    DEFAULTS.iter().any(|(r, f, default)| {
-        *r == route
-            && *f == field
-            && serde_json::from_str::<Value>(default).is_ok_and(|d| d == *value)
+    DEFAULTS.iter().any(|(routes, f, default)| {
+        *f == field
+            && routes.contains(&route)
+            && match default {
+                DefaultValue::Bool(b) => value.as_bool() == Some(*b),
+                DefaultValue::Int(n) => value.as_u64() == Some(*n),
+            }
     })
 }
+
+/// Top-level fields the providers type as integers: a number written with a fraction or an
+/// exponent there (`100.0`, `1e2`) is another request (OpenAI refuses it with `400
+/// invalid_type`), never answered with the integer's entry.
+const INTEGER_FIELDS: &[&str] = &[
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    "n",
+    "seed",
+    "top_logprobs",
+    "logprobs",
+    "dimensions",
+    "best_of",
+    "top_k",
+];
 
 /// Whether the answer to a request on `route` with this `body` belongs to the credential
 /// partition that asked, even with a shared cache: the provider keeps it for that caller's
@@ -249,14 +426,25 @@ pub fn bound_to_partition(route: Route, body: &Value) -> bool {
     route == Route::Responses && body.get("store") != Some(&Value::Bool(false))
 }
 
-/// Paths (from the body's root) of subtrees whose key order is kept as sent.
+/// Paths (from the body's root) of subtrees whose key order is kept as sent: wherever a
+/// provider reads a JSON schema.
 const SCHEMA_PATHS: &[&[Seg<'static>]] = &[
+    // OpenAI Chat Completions structured output.
     &[
         Seg::Key("response_format"),
         Seg::Key("json_schema"),
         Seg::Key("schema"),
     ],
+    // OpenAI Responses structured output.
     &[Seg::Key("text"), Seg::Key("format"), Seg::Key("schema")],
+    // Anthropic structured outputs (the beta's `output_format`, then `output_config.format`).
+    &[Seg::Key("output_format"), Seg::Key("schema")],
+    &[
+        Seg::Key("output_config"),
+        Seg::Key("format"),
+        Seg::Key("schema"),
+    ],
+    // Function tools: Chat, Responses, Anthropic, legacy functions.
     &[
         Seg::Key("tools"),
         Seg::Index,
@@ -266,6 +454,8 @@ const SCHEMA_PATHS: &[&[Seg<'static>]] = &[
     &[Seg::Key("tools"), Seg::Index, Seg::Key("parameters")],
     &[Seg::Key("tools"), Seg::Index, Seg::Key("input_schema")],
     &[Seg::Key("functions"), Seg::Index, Seg::Key("parameters")],
+    // vLLM's guided decoding (OpenAI-compatible servers).
+    &[Seg::Key("guided_json")],
 ];
 
 #[derive(Clone, Copy)]
@@ -274,11 +464,17 @@ enum Seg<'a> {
     Index,
 }
 
+/// Words of the bit set of [`SCHEMA_PATHS`]: as many as the list needs.
+const PATH_WORDS: usize = SCHEMA_PATHS.len().div_ceil(64);
+
 /// Tracks which [`SCHEMA_PATHS`] the current position may still lie on.
 #[derive(Clone, Copy)]
 enum SchemaMatcher {
     /// `live` is a bit set of candidate paths, `depth` how many segments have matched.
-    Candidates { live: u8, depth: u8 },
+    Candidates {
+        live: [u64; PATH_WORDS],
+        depth: usize,
+    },
     /// Inside a schema: keep key order.
     InSchema,
     /// On no schema path: sort keys, stop checking.
@@ -287,7 +483,7 @@ enum SchemaMatcher {
 
 impl SchemaMatcher {
     const ROOT: SchemaMatcher = SchemaMatcher::Candidates {
-        live: (1u8 << SCHEMA_PATHS.len()) - 1,
+        live: every_path(),
         depth: 0,
     };
 
@@ -295,10 +491,10 @@ impl SchemaMatcher {
         let SchemaMatcher::Candidates { live, depth } = self else {
             return self;
         };
-        let depth = usize::from(depth);
-        let mut next = 0u8;
+        let mut next = [0u64; PATH_WORDS];
         for (i, path) in SCHEMA_PATHS.iter().enumerate() {
-            if live & (1 << i) == 0 {
+            let (word, bit) = (i / 64, 1u64 << (i % 64));
+            if live[word] & bit == 0 {
                 continue;
             }
             let matches = match (path.get(depth), seg) {
@@ -310,60 +506,109 @@ impl SchemaMatcher {
                 if path.len() == depth + 1 {
                     return SchemaMatcher::InSchema;
                 }
-                next |= 1 << i;
+                next[word] |= bit;
             }
         }
-        if next == 0 {
+        if next.iter().all(|w| *w == 0) {
             SchemaMatcher::Outside
         } else {
             SchemaMatcher::Candidates {
                 live: next,
-                // SCHEMA_PATHS are at most 4 long, so this never overflows.
-                depth: (depth + 1) as u8,
+                depth: depth + 1,
             }
         }
     }
 }
 
-fn write_value(out: &mut Vec<u8>, value: &Value, at: SchemaMatcher) {
-    match value {
-        Value::Null => out.extend_from_slice(b"null"),
-        Value::Bool(true) => out.extend_from_slice(b"true"),
-        Value::Bool(false) => out.extend_from_slice(b"false"),
-        Value::Number(n) => write_number(out, n),
-        Value::String(s) => write_string(out, s),
-        Value::Array(items) => {
-            out.push(b'[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
+/// A bit set with one bit for each of [`SCHEMA_PATHS`].
+const fn every_path() -> [u64; PATH_WORDS] {
+    let mut live = [0u64; PATH_WORDS];
+    let mut i = 0;
+    while i < SCHEMA_PATHS.len() {
+        live[i / 64] |= 1 << (i % 64);
+        i += 1;
+    }
+    live
+}
+
+/// Writes the canonical form, noting [`Traits`] on the way.
+struct Writer {
+    out: Vec<u8>,
+    traits: Traits,
+}
+
+impl Writer {
+    fn write_value(&mut self, value: &Value, at: SchemaMatcher) {
+        match value {
+            Value::Null => self.out.extend_from_slice(b"null"),
+            Value::Bool(true) => self.out.extend_from_slice(b"true"),
+            Value::Bool(false) => self.out.extend_from_slice(b"false"),
+            Value::Number(n) => self.write_number(n),
+            Value::String(s) => write_string(&mut self.out, s),
+            Value::Array(items) => {
+                self.out.push(b'[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        self.out.push(b',');
+                    }
+                    self.write_value(item, at.descend(Seg::Index));
                 }
-                write_value(out, item, at.descend(Seg::Index));
+                self.out.push(b']');
             }
-            out.push(b']');
+            Value::Object(map) => self.write_fields(map.iter().collect(), at),
         }
-        Value::Object(map) => write_object(out, map, at),
     }
-}
 
-fn write_object(out: &mut Vec<u8>, map: &Map<String, Value>, at: SchemaMatcher) {
-    write_fields(out, map.iter().collect(), at);
-}
-
-fn write_fields(out: &mut Vec<u8>, mut fields: Vec<(&String, &Value)>, at: SchemaMatcher) {
-    if !matches!(at, SchemaMatcher::InSchema) {
-        fields.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-    }
-    out.push(b'{');
-    for (i, (k, v)) in fields.into_iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
+    fn write_fields(&mut self, mut fields: Vec<(&String, &Value)>, at: SchemaMatcher) {
+        let in_schema = matches!(at, SchemaMatcher::InSchema);
+        if !in_schema {
+            fields.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
         }
-        write_string(out, k);
-        out.push(b':');
-        write_value(out, v, at.descend(Seg::Key(k)));
+        let root = matches!(at, SchemaMatcher::Candidates { depth: 0, .. });
+        self.out.push(b'{');
+        for (i, (k, v)) in fields.into_iter().enumerate() {
+            if i > 0 {
+                self.out.push(b',');
+            }
+            if !in_schema && (k.ends_with("_id") || k.ends_with("_ids")) {
+                self.traits.private |= PRIVATE_KEYS.contains(&k.as_str()) && !v.is_null();
+            }
+            write_string(&mut self.out, k);
+            self.out.push(b':');
+            match v {
+                Value::Number(n) if root && INTEGER_FIELDS.contains(&k.as_str()) && n.is_f64() => {
+                    // A fraction or an exponent where an integer belongs: kept as written,
+                    // apart from the integer of the same value.
+                    let f = n.as_f64().unwrap_or(0.0);
+                    self.traits.inexact |= f.abs() >= F64_EXACT_INT;
+                    let _ = serde_json::to_writer(&mut self.out, &f);
+                }
+                v => self.write_value(v, at.descend(Seg::Key(k))),
+            }
+        }
+        self.out.push(b'}');
     }
-    out.push(b'}');
+
+    fn write_number(&mut self, n: &Number) {
+        let out = &mut self.out;
+        if let Some(u) = n.as_u64() {
+            out.extend_from_slice(u.to_string().as_bytes());
+        } else if let Some(i) = n.as_i64() {
+            out.extend_from_slice(i.to_string().as_bytes());
+        } else if let Some(f) = n.as_f64() {
+            // Read as a float, digits may be lost (an integer past the 64-bit range).
+            self.traits.inexact |= f.abs() >= F64_EXACT_INT;
+            if f == 0.0 {
+                out.push(b'0');
+            } else if f.fract() == 0.0 && f.abs() < F64_EXACT_INT {
+                // Integral and exact: the integer form, so 1.0 and 1e0 equal 1.
+                out.extend_from_slice((f as i64).to_string().as_bytes());
+            } else {
+                // Shortest round-trip form; the same f64 always prints the same way.
+                let _ = serde_json::to_writer(&mut *out, &f);
+            }
+        }
+    }
 }
 
 fn write_string(out: &mut Vec<u8>, s: &str) {
@@ -373,24 +618,6 @@ fn write_string(out: &mut Vec<u8>, s: &str) {
 
 /// Largest magnitude below which every integer is exactly representable in an `f64`.
 const F64_EXACT_INT: f64 = 9_007_199_254_740_992.0; // 2^53
-
-fn write_number(out: &mut Vec<u8>, n: &Number) {
-    if let Some(u) = n.as_u64() {
-        out.extend_from_slice(u.to_string().as_bytes());
-    } else if let Some(i) = n.as_i64() {
-        out.extend_from_slice(i.to_string().as_bytes());
-    } else if let Some(f) = n.as_f64() {
-        if f == 0.0 {
-            out.push(b'0');
-        } else if f.fract() == 0.0 && f.abs() < F64_EXACT_INT {
-            // Integral and exact: the integer form, so 1.0 and 1e0 equal 1.
-            out.extend_from_slice((f as i64).to_string().as_bytes());
-        } else {
-            // Shortest round-trip form; the same f64 always prints the same way.
-            let _ = serde_json::to_writer(&mut *out, &f);
-        }
-    }
-}
 
 /// The credential partition of a request: a keyed blake3 hash of its credential headers under
 /// the database's salt. Rate budgets are kept per partition, and so is the cache unless it is
@@ -563,23 +790,130 @@ impl CredentialFingerprint {
     }
 }
 
+/// The request headers whose values change the answer, so they enter the key:
+/// [`BEHAVIOUR_HEADERS`] and whatever the operator adds (`--key-header`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyHeaders {
+    names: Vec<String>,
+}
+
+impl Default for KeyHeaders {
+    fn default() -> Self {
+        KeyHeaders {
+            names: BEHAVIOUR_HEADERS.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+}
+
+impl KeyHeaders {
+    /// The default set and `extra` header names (any case). A name that is not a valid header
+    /// name, or one that never reaches the upstream (hop-by-hop, `host`, llm-dedup's own
+    /// controls), or one that identifies a caller (those partition the cache instead), is an
+    /// error naming it.
+    pub fn with_extra<I, S>(extra: I) -> Result<KeyHeaders, String>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let mut set = KeyHeaders::default();
+        let callers = CredentialHeaders::default();
+        for name in extra {
+            let name = name.as_ref().trim();
+            let parsed = http::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| format!("{name:?} is not a header name"))?;
+            let lower = parsed.as_str();
+            if crate::headers::HOP_BY_HOP.contains(&lower)
+                || matches!(lower, "host" | "content-length" | "accept-encoding")
+                || lower.starts_with("llm-dedup-")
+            {
+                return Err(format!(
+                    "{name:?} cannot change an answer: it is a transport or control header"
+                ));
+            }
+            if callers.contains(lower) {
+                return Err(format!(
+                    "{name:?} identifies a caller: it partitions the cache already"
+                ));
+            }
+            if !set.names.iter().any(|n| n == lower) {
+                set.names.push(lower.to_owned());
+            }
+        }
+        Ok(set)
+    }
+
+    /// Whether `name` (lowercase) enters the key.
+    #[inline]
+    pub fn contains(&self, name: &str) -> bool {
+        self.names.iter().any(|n| n == name)
+    }
+
+    /// The key headers among `headers` (`(lowercase name, value)`), in one form whatever the
+    /// order, case or spelling the client sent: sorted by name, the values of one name in the
+    /// order sent, and `anthropic-beta` read as a set (every line and comma-separated item,
+    /// trimmed, sorted, each once).
+    pub fn of<'a, I>(&self, headers: I) -> Vec<(&'a str, Vec<u8>)>
+    where
+        I: IntoIterator<Item = (&'a str, &'a [u8])>,
+    {
+        let mut found: Vec<(&'a str, Vec<u8>)> = Vec::new();
+        let mut betas: Vec<&[u8]> = Vec::new();
+        let mut beta_name = None;
+        for (name, value) in headers {
+            if name == crate::headers::ANTHROPIC_BETA && self.contains(name) {
+                beta_name = Some(name);
+                betas.extend(value.split(|b| *b == b',').map(<[u8]>::trim_ascii));
+            } else if self.contains(name) {
+                found.push((name, value.to_vec()));
+            }
+        }
+        if let Some(name) = beta_name {
+            betas.retain(|b| !b.is_empty());
+            betas.sort_unstable();
+            betas.dedup();
+            found.push((name, betas.join(&b","[..])));
+        }
+        // Stable: values of one name keep their order.
+        found.sort_by_key(|(name, _)| *name);
+        found
+    }
+}
+
+/// A path and query in one form for the key: the query's parameters sorted (each as sent),
+/// empty ones dropped, so that their order never splits the key.
+pub fn canonical_path_and_query(path_and_query: &str) -> std::borrow::Cow<'_, str> {
+    let Some((path, query)) = path_and_query.split_once('?') else {
+        return path_and_query.into();
+    };
+    let mut pairs: Vec<&str> = query.split('&').filter(|p| !p.is_empty()).collect();
+    pairs.sort_unstable();
+    if pairs.is_empty() {
+        return path.into();
+    }
+    format!("{path}?{}", pairs.join("&")).into()
+}
+
 /// Everything that names a stored answer.
 #[derive(Debug, Clone, Copy)]
 pub struct KeyParts<'a> {
     /// Separate key space chosen by the client (`llm-dedup-namespace`), `""` by default.
     pub namespace: &'a str,
-    /// The upstream base URL.
+    /// The upstream base URL, with a keyed hash of the credentials it carries, if any (see
+    /// `Upstream::identity`).
     pub upstream: &'a str,
     /// The HTTP method.
     pub method: &'a str,
-    /// Path and query, as sent.
+    /// Path and query, the query's parameters in one order ([`canonical_path_and_query`]).
     pub path_and_query: &'a str,
     /// The credential partition.
     pub credential: CredentialFingerprint,
-    /// Behaviour headers `(lowercase name, value)`, in a stable order (see [`BEHAVIOUR_HEADERS`]).
+    /// Key headers `(lowercase name, value)`, in one form ([`KeyHeaders::of`]).
     pub behaviour: &'a [(&'a str, &'a [u8])],
     /// The canonical request body.
     pub body: &'a CanonicalBody,
+    /// The body exactly as sent, when its canonical form may have lost digits of a number
+    /// ([`Traits::inexact`]).
+    pub exact_body: Option<&'a [u8]>,
 }
 
 impl KeyParts<'_> {
@@ -604,6 +938,10 @@ impl KeyParts<'_> {
             put(p, value);
         }
         put(p, self.body.as_bytes());
+        if let Some(exact) = self.exact_body {
+            put(p, b"exact body");
+            put(p, exact);
+        }
         CacheKey(*blake3::hash(&preimage).as_bytes())
     }
 }
@@ -635,6 +973,7 @@ mod tests {
             credential: CredentialFingerprint::new(&[7; 32], [("authorization", &b"Bearer a"[..])]),
             behaviour: &[],
             body: &body,
+            exact_body: None,
         }
         .key()
     }
@@ -693,6 +1032,163 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_defaults_integers_and_anthropic_schemas() {
+        let body: Value = serde_json::from_str(
+            r#"{"model": "m", "stream": false, "n": 1, "max_tokens": 100.0, "seed": 1e2,
+                "top_p": 1.0, "output_format": {"type": "json_schema",
+                "schema": {"properties": {"name": {}, "age": {}}}},
+                "output_config": {"format": {"schema": {"properties": {"b": {}, "a": {}}}}}}"#,
+        )
+        .expect("valid JSON");
+        insta::assert_snapshot!(canon(&body));
+    }
+
+    /// What the pass over a body notes: objects one organization holds, state the provider
+    /// can change, numbers that cannot be read exactly.
+    #[test]
+    fn the_canonical_pass_notes_private_objects_mutable_state_and_inexact_numbers() {
+        let traits = |route: Route, body: Value| {
+            CanonicalBody::with_traits(route, &body, &KeyPolicy::default(), 64).1
+        };
+        let plain = Traits::default();
+        let private = Traits {
+            private: true,
+            ..plain
+        };
+        let mutable = Traits {
+            mutable: true,
+            ..plain
+        };
+        let both = Traits {
+            private: true,
+            mutable: true,
+            ..plain
+        };
+        let cases = [
+            (Route::ChatCompletions, json!({"model": "gpt-4o"}), plain),
+            (
+                Route::ChatCompletions,
+                json!({"model": "ft:gpt-4o-mini:acme::abc"}),
+                private,
+            ),
+            (
+                Route::ChatCompletions,
+                json!({"messages": [{"role": "user", "content": [
+                    {"type": "file", "file": {"file_id": "file-abc"}}]}]}),
+                private,
+            ),
+            (
+                Route::Responses,
+                json!({"input": [{"role": "user", "content": [
+                    {"type": "input_file", "file_id": "file-orgAsecret"}]}]}),
+                private,
+            ),
+            (
+                Route::Responses,
+                json!({"prompt": {"id": "pmpt_1", "version": "2"}}),
+                private,
+            ),
+            (Route::Responses, json!({"prompt": {"id": "pmpt_1"}}), both),
+            (
+                Route::Responses,
+                json!({"tools": [{"type": "file_search", "vector_store_ids": ["vs_1"]}]}),
+                both,
+            ),
+            (
+                Route::Responses,
+                json!({"tools": [{"type": "web_search_preview"}]}),
+                mutable,
+            ),
+            (
+                Route::AnthropicMessages,
+                json!({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}),
+                mutable,
+            ),
+            (
+                Route::AnthropicMessages,
+                json!({"container": "container_011"}),
+                private,
+            ),
+            (
+                Route::AnthropicMessages,
+                json!({"messages": [{"role": "user", "content": [
+                    {"type": "document", "source": {"type": "file", "file_id": "file_011"}}]}]}),
+                private,
+            ),
+            (
+                Route::ChatCompletions,
+                json!({"data_sources": [{"type": "azure_search"}]}),
+                both,
+            ),
+            (
+                Route::Responses,
+                json!({"input": [{"type": "item_reference", "id": "msg_1"}]}),
+                private,
+            ),
+            // A schema that happens to name a property `file_id` names no file.
+            (
+                Route::ChatCompletions,
+                json!({"tools": [{"type": "function", "function": {"name": "f",
+                    "parameters": {"properties": {"file_id": {"type": "string"}}}}}]}),
+                plain,
+            ),
+            // A tool call's id is the model's, not an object of the organization.
+            (
+                Route::ChatCompletions,
+                json!({"messages": [{"role": "tool", "tool_call_id": "call_1", "content": "x"}]}),
+                plain,
+            ),
+        ];
+        for (route, body, want) in cases {
+            assert_eq!(traits(route, body.clone()), want, "{route:?} {body}");
+        }
+        let big: Value = serde_json::from_str(r#"{"seed": 18446744073709551616}"#).expect("json");
+        assert!(traits(Route::ChatCompletions, big).inexact);
+        let exact: Value = serde_json::from_str(r#"{"seed": 18446744073709551615}"#).expect("json");
+        assert!(!traits(Route::ChatCompletions, exact).inexact);
+    }
+
+    #[test]
+    fn key_headers_are_read_in_one_form() {
+        let set = KeyHeaders::with_extra(["X-Gateway-Route"]).expect("valid");
+        let of = |headers: &[(&'static str, &'static str)]| {
+            set.of(headers.iter().map(|(n, v)| (*n, v.as_bytes())))
+        };
+        assert_eq!(
+            of(&[("anthropic-beta", "a,b")]),
+            of(&[("anthropic-beta", " b , a,a")])
+        );
+        assert_eq!(
+            of(&[("anthropic-beta", "a,b")]),
+            of(&[("anthropic-beta", "b"), ("anthropic-beta", "a")])
+        );
+        assert_ne!(
+            of(&[("anthropic-beta", "a")]),
+            of(&[("anthropic-beta", "a,b")])
+        );
+        assert_eq!(
+            of(&[
+                ("x-gateway-route", "1"),
+                ("anthropic-version", "2023-06-01")
+            ]),
+            of(&[
+                ("anthropic-version", "2023-06-01"),
+                ("x-gateway-route", "1")
+            ])
+        );
+        assert!(of(&[("user-agent", "x")]).is_empty());
+        assert_eq!(of(&[("extra-parameters", "drop")]).len(), 1);
+        assert!(KeyHeaders::with_extra(["authorization"]).is_err());
+        assert!(KeyHeaders::with_extra(["connection"]).is_err());
+        assert!(KeyHeaders::with_extra(["bad name"]).is_err());
+        assert_eq!(
+            canonical_path_and_query("/v1/x?b=2&api-version=1&&a=1"),
+            "/v1/x?a=1&api-version=1&b=2"
+        );
+        assert_eq!(canonical_path_and_query("/v1/x?"), "/v1/x");
+    }
+
+    #[test]
     fn key_is_64_hex_and_round_trips() {
         let k = key_of(&json!({"model": "m"}));
         let hex = k.to_hex();
@@ -738,7 +1234,7 @@ mod tests {
     #[test]
     fn ignored_fields_do_not_matter_and_are_configurable() {
         let plain = json!({"model": "m"});
-        let noisy = json!({"model": "m", "user": "u", "metadata": {"a": 1}, "store": true,
+        let noisy = json!({"model": "m", "user": "u", "metadata": {"a": 1}, "store": false,
             "safety_identifier": "s", "prompt_cache_key": "p", "prompt_cache_retention": "24h"});
         assert_eq!(key_of(&plain), key_of(&noisy));
         let strict = KeyPolicy::with_ignored_fields(Vec::<String>::new());
@@ -781,6 +1277,7 @@ mod tests {
             credential: cred,
             behaviour: &[],
             body: &body,
+            exact_body: None,
         };
         let other_body = CanonicalBody::new(
             Route::ChatCompletions,
@@ -821,6 +1318,10 @@ mod tests {
             },
             KeyParts {
                 body: &other_body,
+                ..base
+            },
+            KeyParts {
+                exact_body: Some(b"{}"),
                 ..base
             },
         ];

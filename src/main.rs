@@ -252,11 +252,20 @@ struct ServeArgs {
 
     /// Another request header that identifies a caller (repeatable; the environment variable
     /// takes a comma-separated list). Added to authorization, x-api-key, api-key,
-    /// openai-organization, openai-project, ocp-apim-subscription-key, x-goog-api-key and
-    /// proxy-authorization, and to cookie, which otherwise counts only without those.
+    /// ocp-apim-subscription-key, x-goog-api-key and proxy-authorization, to cookie, which
+    /// otherwise counts only without those, and to openai-organization and openai-project,
+    /// which count beside them.
     #[arg(long = "credential-header", value_name = "NAME", env = "LLM_DEDUP_CREDENTIAL_HEADER",
           value_delimiter = ',', value_parser = parse_credential_header)]
     credential_headers: Vec<String>,
+
+    /// Another request header whose value changes the answer, so it enters the cache key
+    /// (repeatable; the environment variable takes a comma-separated list). Added to
+    /// anthropic-version, anthropic-beta, openai-beta, extra-parameters and
+    /// azureml-model-deployment.
+    #[arg(long = "key-header", value_name = "NAME", env = "LLM_DEDUP_KEY_HEADER",
+          value_delimiter = ',', value_parser = parse_key_header)]
+    key_headers: Vec<String>,
 
     /// Open /_llm-dedup/stats and /_llm-dedup/metrics to clients presenting
     /// `Authorization: Bearer TOKEN` (and to nobody else); prefer --admin-token-file, which
@@ -396,6 +405,12 @@ fn parse_redis_url(s: &str) -> Result<String, String> {
     Ok(s.to_owned())
 }
 
+/// A key header name, checked as the engine will take it.
+fn parse_key_header(s: &str) -> Result<String, String> {
+    llm_dedup::key::KeyHeaders::with_extra([s])?;
+    Ok(s.trim().to_ascii_lowercase())
+}
+
 /// A credential header name, checked as the engine will take it.
 fn parse_credential_header(s: &str) -> Result<String, String> {
     llm_dedup::CredentialHeaders::with_extra([s])?;
@@ -484,6 +499,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .max_stream_bytes(max_stream)
         .shared_cache(args.shared_cache)
         .verify_window(args.verify_window)
+        .key_headers(
+            llm_dedup::key::KeyHeaders::with_extra(&args.key_headers)
+                .map_err(anyhow::Error::msg)
+                .context("--key-header")?,
+        )
         .credential_headers(
             llm_dedup::CredentialHeaders::with_extra(&args.credential_headers)
                 .map_err(anyhow::Error::msg)

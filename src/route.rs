@@ -99,6 +99,13 @@ pub enum BypassReason {
     /// A Responses request that reads server-side state or runs on without the caller
     /// (`background`, `conversation`, `previous_response_id`).
     Stateful,
+    /// A Chat Completions request with `store: true`: the provider keeps each such completion
+    /// (for stored-completion listings, evals, distillation), which a cached answer would not.
+    Stored,
+    /// A request whose answer follows state the provider can change (an unversioned stored
+    /// prompt, a vector store, the web, a remote MCP server, an Azure data source), sent
+    /// without asking for a lifetime (`llm-dedup-ttl`, `Cache-Control: max-age`).
+    Mutable,
     /// The client sent `Cache-Control: no-store`.
     NoStore,
     /// The route is not one llm-dedup caches.
@@ -110,6 +117,8 @@ impl BypassReason {
     pub fn as_str(self) -> &'static str {
         match self {
             BypassReason::Stateful => "stateful",
+            BypassReason::Stored => "stored",
+            BypassReason::Mutable => "mutable",
             BypassReason::NoStore => "no-store",
             BypassReason::NotCacheable => "not-cacheable",
         }
@@ -125,6 +134,9 @@ pub fn bypass_reason(route: Route, body: &Value) -> Option<BypassReason> {
         && (truthy("background") || present("conversation") || present("previous_response_id"))
     {
         return Some(BypassReason::Stateful);
+    }
+    if route == Route::ChatCompletions && truthy("store") {
+        return Some(BypassReason::Stored);
     }
     None
 }
@@ -193,8 +205,12 @@ mod tests {
         let chat = Route::ChatCompletions;
         assert_eq!(bypass_reason(chat, &json!({"stream": true})), None);
         assert_eq!(bypass_reason(chat, &json!({"stream": false})), None);
-        // `store` on chat completions does not make a request stateful.
-        assert_eq!(bypass_reason(chat, &json!({"store": true})), None);
+        // `store: true` on chat completions asks the provider to keep each completion.
+        assert_eq!(
+            bypass_reason(chat, &json!({"store": true})),
+            Some(BypassReason::Stored)
+        );
+        assert_eq!(bypass_reason(chat, &json!({"store": false})), None);
         let resp = Route::Responses;
         // A stored response (the API's default) is cached, within its caller's partition.
         assert_eq!(bypass_reason(resp, &json!({"store": true})), None);

@@ -91,6 +91,22 @@ impl Upstream {
         &self.shown_base
     }
 
+    /// The upstream as a cache key names it: the base URL as shown, and, when the URL carries
+    /// credentials (a gateway may route or bill by them), their keyed hash under `salt`, so
+    /// that two passwords never share entries and no password can be read back from a key.
+    pub fn identity(&self, salt: &[u8; 32]) -> String {
+        let (user, password) = (self.base_url.username(), self.base_url.password());
+        if user.is_empty() && password.is_none() {
+            return self.shown_base.clone();
+        }
+        let mut credentials = Vec::new();
+        credentials.extend_from_slice(user.as_bytes());
+        credentials.push(b':');
+        credentials.extend_from_slice(password.unwrap_or("").as_bytes());
+        let digest = blake3::keyed_hash(salt, &credentials);
+        format!("{} credentials {}", self.shown_base, digest.to_hex())
+    }
+
     /// The path and query of `url` relative to the base, if `url` lies under it (same scheme,
     /// host and port, and a path that continues the base path).
     pub fn relative(&self, url: &reqwest::Url) -> Option<String> {

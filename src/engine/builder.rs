@@ -12,7 +12,7 @@ use crate::error::{Error, ErrorKind};
 use crate::fleet::{Event, Fleet};
 use crate::governor::{Governor, GovernorSettings};
 use crate::inflight::InFlight;
-use crate::key::{CredentialHeaders, KeyPolicy};
+use crate::key::{CredentialHeaders, KeyHeaders, KeyPolicy};
 use crate::memory::MemoryTier;
 use crate::metrics::Metrics;
 use crate::prices::PriceTable;
@@ -31,6 +31,7 @@ pub struct DedupBuilder {
     max_stream_bytes: usize,
     shared_cache: bool,
     credentials: CredentialHeaders,
+    key_headers: KeyHeaders,
     verify_window: Duration,
     key_policy: KeyPolicy,
     timeouts: Timeouts,
@@ -53,6 +54,7 @@ impl Default for DedupBuilder {
             max_stream_bytes: 32 * 1024 * 1024,
             shared_cache: false,
             credentials: CredentialHeaders::default(),
+            key_headers: KeyHeaders::default(),
             verify_window: DEFAULT_VERIFY_WINDOW,
             key_policy: KeyPolicy::default(),
             timeouts: Timeouts::default(),
@@ -125,6 +127,13 @@ impl DedupBuilder {
     /// default, [`CredentialHeaders::default`].
     pub fn credential_headers(mut self, headers: CredentialHeaders) -> Self {
         self.credentials = headers;
+        self
+    }
+
+    /// The request headers whose values change the answer, so they enter the key. By
+    /// default, [`KeyHeaders::default`].
+    pub fn key_headers(mut self, headers: KeyHeaders) -> Self {
+        self.key_headers = headers;
         self
     }
 
@@ -252,14 +261,17 @@ impl DedupBuilder {
             let memory = memory.clone();
             disk.on_external_purge(move || memory.clear());
         }
+        let upstream_identity = upstream.identity(&salt);
         Ok(Dedup {
             engine: Arc::new(Engine {
+                upstream_identity,
                 upstream,
                 memory,
                 disk,
                 flights: InFlight::default(),
                 salt,
                 credentials: self.credentials,
+                key_headers: self.key_headers,
                 shared_cache: self.shared_cache,
                 fleet,
                 verified: self.shared_cache.then(|| Verified::new(self.verify_window)),

@@ -71,6 +71,27 @@ impl Outbound {
     }
 }
 
+impl Outbound {
+    /// This request, sent around the cache for `reason`.
+    pub(super) fn bypassed(
+        self,
+        route: Option<Route>,
+        model: Option<String>,
+        reason: BypassReason,
+    ) -> Bypassed {
+        Bypassed {
+            method: self.method,
+            path_and_query: self.path_and_query,
+            headers: self.headers,
+            body: self.body.into(),
+            partition: self.partition,
+            route,
+            model,
+            reason,
+        }
+    }
+}
+
 #[inline]
 fn path_and_query(uri: &http::Uri) -> String {
     uri.path_and_query()

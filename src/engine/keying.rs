@@ -18,8 +18,10 @@ use crate::controls::CacheControls;
 use crate::entry::EntryMeta;
 use crate::error::{Error, ErrorKind};
 use crate::governor;
-use crate::headers::{BEHAVIOUR_HEADERS, PROXY_AUTHORIZATION};
-use crate::key::{self, CacheKey, CanonicalBody, CredentialFingerprint, KeyParts, Partition};
+use crate::headers::PROXY_AUTHORIZATION;
+use crate::key::{
+    self, CacheKey, CanonicalBody, CredentialFingerprint, KeyParts, Partition, Traits,
+};
 use crate::memory::ExactRequest;
 use crate::route::{self, Route};
 
@@ -32,6 +34,9 @@ pub(super) struct Keyed {
     pub estimate: u32,
     /// The credential partition (the exact bytes cover the credential headers).
     pub partition: Partition,
+    /// Its answer follows state the provider can change ([`Traits::mutable`]): cached only
+    /// when the caller asks for a lifetime.
+    pub mutable: bool,
 }
 
 impl Keyed {
@@ -114,7 +119,7 @@ impl Engine {
         part(out.path_and_query.as_bytes());
         for (name, value) in &out.headers {
             let name = name.as_str();
-            if self.credentials.contains(name) || BEHAVIOUR_HEADERS.contains(&name) {
+            if self.credentials.contains(name) || self.key_headers.contains(name) {
                 part(name.as_bytes());
                 part(value.as_bytes());
             }
@@ -181,16 +186,9 @@ impl Engine {
             Parsed::Embeddings { body, kind, inputs } => {
                 Prepared::Embeddings(self.key_embeddings(out, body, kind, inputs, controls))
             }
-            Parsed::Bypass { reason, model } => Prepared::Bypass(Bypassed {
-                method: out.method,
-                path_and_query: out.path_and_query,
-                headers: out.headers,
-                body: out.body.into(),
-                partition: out.partition,
-                route: Some(route),
-                model,
-                reason,
-            }),
+            Parsed::Bypass { reason, model } => {
+                Prepared::Bypass(out.bypassed(Some(route), model, reason))
+            }
         })
     }
 
@@ -204,18 +202,21 @@ impl Engine {
         namespace: &str,
         exact: [u8; 32],
     ) -> Arc<Keyed> {
+        let (key, traits) = self.key(route, out, body, namespace, out.body.len());
         let keyed = Arc::new(Keyed {
-            key: self.key(route, out, body, namespace, out.body.len()),
+            key,
             model: route::model_of(&out.path_and_query, body),
             estimate: governor::estimate_tokens(out.body.len(), body),
             partition: out.partition,
+            mutable: traits.mutable,
         });
         self.known_keys.remember(exact, keyed.clone());
         keyed
     }
 
-    /// The cache key of a request with this route, body and namespace; `size_hint` is about
-    /// the size of `body` as JSON. `out.partition` must be known.
+    /// The cache key of a request with this route, body and namespace, and what keying it
+    /// learned of it; `size_hint` is about the size of `body` as JSON. `out.partition` must be
+    /// known.
     pub(super) fn key(
         &self,
         route: Route,
@@ -223,30 +224,35 @@ impl Engine {
         body: &Value,
         namespace: &str,
         size_hint: usize,
-    ) -> CacheKey {
-        let mut behaviour: Vec<(&str, &[u8])> = out
+    ) -> (CacheKey, Traits) {
+        let behaviour = self.key_headers.of(out
             .headers
             .iter()
-            .filter(|(name, _)| BEHAVIOUR_HEADERS.contains(&name.as_str()))
-            .map(|(name, value)| (name.as_str(), value.as_bytes()))
-            .collect();
-        // A stable order whatever order the client sent them in (values of one name keep theirs).
-        behaviour.sort_by_key(|(name, _)| *name);
-        let credential = if self.shared_cache && !key::bound_to_partition(route, body) {
+            .map(|(name, value)| (name.as_str(), value.as_bytes())));
+        let behaviour: Vec<(&str, &[u8])> =
+            behaviour.iter().map(|(n, v)| (*n, v.as_slice())).collect();
+        let (canonical, traits) =
+            CanonicalBody::with_traits(route, body, &self.key_policy, size_hint);
+        // Shared only what any credential would be answered the same: not an answer the
+        // provider keeps for the caller's organization, nor one made from its private objects.
+        let own = traits.private || key::bound_to_partition(route, body);
+        let credential = if self.shared_cache && !own {
             CredentialFingerprint::SHARED
         } else {
             CredentialFingerprint::of(out.partition)
         };
-        let canonical = CanonicalBody::with_capacity(route, body, &self.key_policy, size_hint);
-        KeyParts {
+        let path_and_query = key::canonical_path_and_query(&out.path_and_query);
+        let key = KeyParts {
             namespace,
-            upstream: self.upstream.base(),
+            upstream: &self.upstream_identity,
             method: out.method.as_str(),
-            path_and_query: &out.path_and_query,
+            path_and_query: &path_and_query,
             credential,
             behaviour: &behaviour,
             body: &canonical,
+            exact_body: traits.inexact.then_some(&out.body[..]),
         }
-        .key()
+        .key();
+        (key, traits)
     }
 }

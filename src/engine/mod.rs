@@ -65,7 +65,7 @@ use crate::fleet::Fleet;
 use crate::governor::Governor;
 use crate::inflight::InFlight;
 use crate::inspect::LiveFigures;
-use crate::key::{CacheKey, CredentialHeaders, KeyPolicy};
+use crate::key::{CacheKey, CredentialHeaders, KeyHeaders, KeyPolicy};
 use crate::live::HeldBytes;
 use crate::memory::MemoryTier;
 use crate::metrics::{Levels, Metrics};
@@ -76,7 +76,7 @@ use crate::upstream::Upstream;
 
 use crate::controls::CacheControls;
 use crate::memory::ExactRequest;
-use crate::route::Route;
+use crate::route::{BypassReason, Route};
 use classify::{Class, Outbound};
 use flight::Led;
 use keying::{KnownKeys, Prepared};
@@ -105,6 +105,11 @@ struct Engine {
     salt: [u8; 32],
     /// The request headers that tell callers apart.
     credentials: CredentialHeaders,
+    /// The request headers that change an answer.
+    key_headers: KeyHeaders,
+    /// The upstream as the key names it: its base URL, and a keyed hash of the credentials
+    /// in it (a gateway may route or bill by them).
+    upstream_identity: String,
     shared_cache: bool,
     /// With a shared cache, the partitions it may answer.
     verified: Option<Verified>,
@@ -322,6 +327,13 @@ impl Engine {
         };
         out.partition = keyed.partition;
         out.estimate = keyed.estimate;
+        // An answer that follows state the provider can change is cached only when the
+        // caller asked for a lifetime.
+        if keyed.mutable && !controls.asks_lifetime() {
+            let model = keyed.model.clone();
+            let bypassed = out.bypassed(Some(route), model, BypassReason::Mutable);
+            return Box::pin(self.pass_through(bypassed)).await;
+        }
         // 4. Memory, for callers the cache may answer.
         if self.may_share(&out.partition) {
             if let Some(hit) = self.memory_hit(&exact, &keyed.key, &controls).await {

@@ -428,6 +428,7 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
             "user": request.get("user").cloned().unwrap_or(Value::Null),
             "safety_identifier": request.get("safety_identifier").cloned().unwrap_or(Value::Null),
             "prompt_cache_key": request.get("prompt_cache_key").cloned().unwrap_or(Value::Null),
+            "prompt_cache_retention": request.get("prompt_cache_retention").cloned().unwrap_or(Value::Null),
             "store": request.get("store").cloned().unwrap_or(Value::Bool(true))
         }),
         "/v1/messages" => json!({

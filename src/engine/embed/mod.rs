@@ -122,7 +122,7 @@ impl Engine {
         if let Some(fields) = body.as_object_mut() {
             fields.remove("input");
         }
-        let template_key = self.key(
+        let (template_key, _) = self.key(
             Route::Embeddings,
             &out,
             &body,
