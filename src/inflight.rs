@@ -156,10 +156,15 @@ impl<K: Eq + Hash + Clone, T: Clone> Flight<K, T> {
         self.table.remove_own(&self.key, &self.outcome);
     }
 
-    /// Resolves once every waiter has taken what was published. Call it after [`Flight::leave`]
-    /// (until then the table itself waits on the flight).
-    pub async fn taken(&self) {
-        self.outcome.closed().await;
+    /// How many waiters wait on this flight now (the table's own handle not counted).
+    pub fn waiting(&self) -> usize {
+        let in_table = usize::from(
+            self.table
+                .lock()
+                .get(&self.key)
+                .is_some_and(|rx| rx.same_channel(&self.outcome.subscribe())),
+        );
+        self.outcome.receiver_count().saturating_sub(in_table)
     }
 
     /// What was published so far, if anything.

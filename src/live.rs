@@ -181,6 +181,16 @@ impl LiveStream {
         self.account(0, dropped);
     }
 
+    /// How many subscribers are still taking the stream (not gone, not cut off).
+    pub(crate) fn subscribers(&self) -> usize {
+        let buffer = self.buffer();
+        buffer
+            .cursors
+            .iter()
+            .filter(|c| Arc::strong_count(c) > 1 && c.load(Ordering::Acquire) != CUT)
+            .count()
+    }
+
     /// Bytes this stream holds now.
     #[cfg(test)]
     pub(crate) fn buffered(&self) -> usize {

@@ -464,7 +464,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let limits = llm_dedup::server::EdgeLimits::default()
         .header_timeout(args.header_timeout)
         .body_timeout(args.body_timeout)
-        .max_connections(args.max_connections)
+        .max_connections(files_for(args.max_connections))
         .max_buffered(args.max_buffered.as_u64())
         .drain_timeout(args.drain_timeout);
     let max_stream =
@@ -553,6 +553,38 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .context("serving")?;
     tracing::info!("stopped cleanly; every stored answer is on disk");
     Ok(())
+}
+
+/// Files the process keeps open besides client connections: the listener, upstream and
+/// Redis connections, the database and its journal, the runtime's own.
+#[cfg(unix)]
+const FILES_BESIDE_CONNECTIONS: u64 = 256;
+
+/// The most client connections the open-file limit allows, up to `wanted`: the soft limit is
+/// raised as far as the hard one lets it (a service manager's default soft limit, 1,024, is
+/// below the default `--max-connections`). Past the limit, accepting would fail instead.
+fn files_for(wanted: usize) -> usize {
+    #[cfg(unix)]
+    {
+        let needed = (wanted as u64).saturating_add(FILES_BESIDE_CONNECTIONS);
+        match rlimit::increase_nofile_limit(needed) {
+            Ok(limit) if limit < needed => {
+                let fits = usize::try_from(limit.saturating_sub(FILES_BESIDE_CONNECTIONS))
+                    .unwrap_or(usize::MAX)
+                    .max(1);
+                tracing::warn!(
+                    open_files = limit,
+                    max_connections = fits,
+                    "the open-file limit is below what --max-connections needs: serving at most \
+                     this many connections (raise the hard limit, e.g. LimitNOFILE=)"
+                );
+                return fits;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
+        }
+    }
+    wanted
 }
 
 /// Where the other replicas reach this one when `--advertise` is not given: the address

@@ -285,6 +285,10 @@ impl DedupBuilder {
                 inputs: InFlight::default(),
                 batcher: embed::Batcher::new(self.embeddings),
                 tasks: TaskTracker::new(),
+                stopping: Default::default(),
+                keying: Arc::new(tokio::sync::Semaphore::new(
+                    std::thread::available_parallelism().map_or(2, usize::from),
+                )),
                 stream_bytes: Default::default(),
                 prices: self.prices,
                 series: Default::default(),

@@ -213,8 +213,8 @@ impl Engine {
         self.render(led.outcome, CacheStatus::Miss, &meta, true)
     }
 
-    /// Runs a flight's `work` and gives its outcome. If the work panics, the flight still
-    /// gets one: every waiter gets a clear error (never a second upstream call), a stream
+    /// Runs a flight's `work` and gives its outcome. If the work panics, or the engine is shut
+    /// down past its deadline while it runs, the flight still gets one: every waiter gets a clear error (never a second upstream call), a stream
     /// already shared ends with that error after the events received so far, and the room it
     /// reserved in memory is given back. Nothing of it is stored.
     async fn guarded(
@@ -223,20 +223,30 @@ impl Engine {
         meta: &EntryMeta,
         work: impl Future<Output = FlightOutcome>,
     ) -> FlightOutcome {
-        let panic = match AssertUnwindSafe(work).catch_unwind().await {
-            Ok(outcome) => return outcome,
-            Err(panic) => panic,
+        let work = AssertUnwindSafe(work).catch_unwind();
+        let error = tokio::select! {
+            outcome = work => match outcome {
+                Ok(outcome) => return outcome,
+                Err(panic) => {
+                    let why = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    tracing::error!(key = %meta.key, panic = why, "a flight failed inside llm-dedup; its waiters get an error");
+                    Error::new(
+                        ErrorKind::Abandoned,
+                        "the upstream call for this request failed inside llm-dedup; nothing \
+                         was stored",
+                    )
+                }
+            },
+            () = self.stopping.cancelled() => Error::new(
+                ErrorKind::Abandoned,
+                "the proxy is shutting down and its drain deadline passed before the upstream \
+                 answered; nothing was stored",
+            ),
         };
-        let why = panic
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
-        tracing::error!(key = %meta.key, panic = why, "a flight failed inside llm-dedup; its waiters get an error");
-        let error = Error::new(
-            ErrorKind::Abandoned,
-            "the upstream call for this request failed inside llm-dedup; nothing was stored",
-        );
         if let Some(Led {
             outcome: FlightOutcome::Live(live),
             ..
@@ -362,10 +372,19 @@ impl Engine {
         // waiters as it comes, never held whole.
         let body = match self.read_within(response, self.max_stream_bytes).await {
             Ok(Read::Whole(body)) => body,
-            Ok(Read::Larger(head, rest)) => {
+            Ok(Read::Larger(head, rest)) if status.is_success() => {
                 return self
                     .pass_on_larger(status, headers, head, rest, out, meta, flight)
                     .await;
+            }
+            Ok(Read::Larger(..)) => {
+                return FlightOutcome::Failed(Error::new(
+                    ErrorKind::UpstreamInvalid,
+                    format!(
+                        "the upstream's answer ({status}) is larger than --max-stream ({} bytes)",
+                        self.max_stream_bytes
+                    ),
+                ));
             }
             Err(e) => return FlightOutcome::Failed(e),
         };
@@ -450,15 +469,26 @@ impl Engine {
         self.governor.settle(&out.partition, out.estimate, None);
         let live = LiveStream::new(status, headers, self.stream_bytes.clone());
         live.push(head);
+        let waiting = flight.waiting();
         flight.publish(Led {
             by: out.partition,
             outcome: FlightOutcome::Live(live.clone()),
         });
         flight.leave();
-        // Those waiting subscribe as they take it: until then nothing may be dropped.
-        let _ = tokio::time::timeout(HANDOVER, flight.taken()).await;
+        // Those waiting subscribe as they take it: until they have (or a moment has passed),
+        // nothing is read on, so nothing is dropped before them.
+        let _ = tokio::time::timeout(HANDOVER, async {
+            while live.subscribers() < waiting {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await;
         live.stop_buffering(self.max_stream_bytes);
         let result = loop {
+            // Nobody takes it any more: not read on.
+            if live.subscribers() == 0 {
+                break Ok(());
+            }
             match rest.chunk().await {
                 Ok(Some(chunk)) => live.push(chunk),
                 Ok(None) => break Ok(()),

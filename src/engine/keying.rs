@@ -164,10 +164,20 @@ impl Engine {
         if out.body.len() < KEY_OFF_THREAD {
             return self.prepare_here(route, out, controls, digest);
         }
+        // As many at once as there are cores: more would only queue for them, each holding
+        // its parsed body meanwhile.
+        let permit =
+            self.keying.clone().acquire_owned().await.map_err(|e| {
+                Error::with_source(ErrorKind::Cache, "keying the request failed", e)
+            })?;
         let (engine, controls) = (self.clone(), controls.clone());
-        tokio::task::spawn_blocking(move || engine.prepare_here(route, out, &controls, digest))
-            .await
-            .map_err(|e| Error::with_source(ErrorKind::Cache, "keying the request failed", e))?
+        tokio::task::spawn_blocking(move || {
+            let prepared = engine.prepare_here(route, out, &controls, digest);
+            drop(permit);
+            prepared
+        })
+        .await
+        .map_err(|e| Error::with_source(ErrorKind::Cache, "keying the request failed", e))?
     }
 
     fn prepare_here(

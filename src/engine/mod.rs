@@ -54,6 +54,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::Request;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use builder::DedupBuilder;
@@ -129,6 +130,10 @@ struct Engine {
     batcher: embed::Batcher,
     /// Every task that calls the upstream, so `close` can wait for them.
     tasks: TaskTracker,
+    /// Cancelled when a shutdown's deadline passes: the flights still running fail.
+    stopping: CancellationToken,
+    /// Large bodies being keyed off the async threads, at most one a core.
+    keying: Arc<tokio::sync::Semaphore>,
     /// Bytes held by the buffers of streams in flight.
     stream_bytes: HeldBytes,
     /// What answers are worth, to count what the cache saved.
@@ -222,6 +227,30 @@ impl Dedup {
         self.engine.tasks.close();
         self.engine.tasks.wait().await;
         if let Some(disk) = &self.engine.disk {
+            disk.close().await?;
+        }
+        Ok(())
+    }
+
+    /// As [`Dedup::close`], within `deadline`: the upstream calls still running when it passes
+    /// fail (their waiters get an error, nothing of them is stored), and what was stored
+    /// before is committed all the same. What a stop of the proxy does after its drain.
+    pub async fn shutdown(&self, deadline: std::time::Duration) -> Result<(), Error> {
+        let engine = &self.engine;
+        engine.tasks.close();
+        if tokio::time::timeout(deadline, engine.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                in_flight = self.in_flight(),
+                "upstream calls still running at the shutdown deadline: failed, nothing of them \
+                 stored"
+            );
+            engine.stopping.cancel();
+            engine.tasks.wait().await;
+        }
+        if let Some(disk) = &engine.disk {
             disk.close().await?;
         }
         Ok(())

@@ -39,6 +39,12 @@ impl Engine {
         let mut overgrown = false;
         let mut body = response.bytes_stream();
         let result = loop {
+            // Past the bound, only those already taking it get it: with none left, it is not
+            // read on (it will not be stored).
+            if overgrown && live.subscribers() == 0 {
+                tracing::debug!(key = %meta.key, size, "stream past --max-stream with nobody taking it: no longer read");
+                break Ok(());
+            }
             match body.next().await {
                 Some(Ok(chunk)) => {
                     for event in split.push(&chunk) {

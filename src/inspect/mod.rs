@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::counts::{COUNTERS, Counts};
 use crate::entry::unix_ms;
+use crate::key::CacheKey;
 use crate::prices::{PriceTable, PricesInfo};
 use crate::store::{self, PurgeRule, StoreError};
 
@@ -464,7 +465,12 @@ impl Inspector {
             key: selection
                 .key
                 .as_deref()
-                .map(|key| self.resolve(key))
+                .map(|key| match CacheKey::from_hex(key.trim()) {
+                    // A whole key is taken as it is, stored or not yet: a serving proxy may
+                    // hold its answer in its write queue, and the purge must remove it there.
+                    Some(whole) => Ok(whole.to_hex()),
+                    None => self.resolve(key),
+                })
                 .transpose()?,
             model: selection.model.clone(),
             route: selection.route.clone(),

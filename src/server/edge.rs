@@ -23,7 +23,7 @@ use axum::http::{HeaderValue, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -73,7 +73,8 @@ impl EdgeLimits {
         self
     }
 
-    /// The longest silence while a request body arrives; past it the request gets `408`. By
+    /// The longest silence while a request body arrives (past it the request gets `408`), and
+    /// the longest a client may leave its answer unread (past it the connection is closed). By
     /// default, 30 s.
     #[must_use]
     pub fn body_timeout(mut self, timeout: Duration) -> Self {
@@ -89,8 +90,9 @@ impl EdgeLimits {
         self
     }
 
-    /// Most bytes of request bodies held in memory at once, over all requests; a request that
-    /// would go past it gets `503` with `Retry-After`. By default, 256 MiB.
+    /// Most bytes of request bodies held in memory at once, over all requests, counted as they
+    /// arrive; a request that would go past it gets `503` with `Retry-After`. By default,
+    /// 256 MiB.
     #[must_use]
     pub fn max_buffered(mut self, bytes: u64) -> Self {
         self.max_buffered = bytes;
@@ -125,12 +127,21 @@ const MAX_REFUSING: usize = 256;
 
 /// Serves `app` on `listener` within `limits` until `shutdown` resolves, then drains: stops
 /// accepting, lets the answers in progress finish, and after the drain deadline closes the
-/// connections still open. Returns once every connection is closed.
-pub(super) async fn run<F>(listener: TcpListener, app: Router, limits: EdgeLimits, shutdown: F)
+/// connections still open. Returns, once every connection is closed, when the stop began.
+pub(super) async fn run<F>(
+    listener: TcpListener,
+    app: Router,
+    limits: EdgeLimits,
+    shutdown: F,
+) -> tokio::time::Instant
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    let protocols = Arc::new(Protocols::new(&limits));
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    let http1 = Arc::new(http1);
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     let buffered = Arc::new(Buffered {
@@ -139,9 +150,7 @@ where
     });
     let graceful = GracefulShutdown::new();
     let tasks = TaskTracker::new();
-    // Cancelled when the stop begins (connections not serving yet close), and at the drain
-    // deadline (every connection closes).
-    let stopping = CancellationToken::new();
+    // Cancelled at the drain deadline: every connection still open closes.
     let cut = CancellationToken::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -172,38 +181,21 @@ where
             buffered: buffered.clone(),
         };
         let service = hyper::service::service_fn(move |request| edge.clone().handle(request));
-        let protocols = protocols.clone();
-        let watcher = graceful.watcher();
-        let (stopping, cut) = (stopping.clone(), cut.clone());
+        // HTTP/1.1 only: its header timeout holds from the first byte awaited (an HTTP/2
+        // preface is refused as a malformed request).
+        let io = TokioIo::new(Reading::new(stream, limits.body_timeout));
+        let conn = graceful.watch(http1.serve_connection(io, service));
+        let cut = cut.clone();
         tasks.spawn(async move {
-            let protocol = tokio::select! {
-                protocol = sniff(&stream, limits.header_timeout) => protocol,
-                () = stopping.cancelled() => None,
-            };
-            let io = TokioIo::new(stream);
-            match protocol {
-                Some(Protocol::Http1) => {
-                    let conn = protocols.http1.serve_connection(io, service);
-                    tokio::select! {
-                        _ = watcher.watch(conn) => {}
-                        () = cut.cancelled() => {}
-                    }
-                }
-                Some(Protocol::Http2) => {
-                    let conn = protocols.http2.serve_connection(io, service);
-                    tokio::select! {
-                        _ = watcher.watch(conn) => {}
-                        () = cut.cancelled() => {}
-                    }
-                }
-                // Silent past the header timeout, closed, or the stop began: closed.
-                None => drop(watcher),
+            tokio::select! {
+                _ = conn => {}
+                () = cut.cancelled() => {}
             }
             drop(permit);
         });
     }
+    let stopped = tokio::time::Instant::now();
     drop(listener);
-    stopping.cancel();
     let open = graceful.count();
     if tokio::time::timeout(limits.drain_timeout, graceful.shutdown())
         .await
@@ -218,62 +210,94 @@ where
     }
     tasks.close();
     tasks.wait().await;
+    stopped
 }
 
-/// How each protocol is served.
-struct Protocols {
-    http1: hyper::server::conn::http1::Builder,
-    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+/// A client connection that must keep reading what it asked for: a write that finds no room
+/// for `silence` (the client stopped reading) fails, and the connection closes.
+struct Reading {
+    inner: TcpStream,
+    silence: Duration,
+    /// Running while a write waits for room.
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-impl Protocols {
-    fn new(limits: &EdgeLimits) -> Protocols {
-        let mut http1 = hyper::server::conn::http1::Builder::new();
-        http1
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_timeout);
-        let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        // A client that stops answering pings is gone.
-        http2
-            .timer(TokioTimer::new())
-            .keep_alive_interval(limits.header_timeout)
-            .keep_alive_timeout(limits.header_timeout);
-        Protocols { http1, http2 }
+impl Reading {
+    fn new(inner: TcpStream, silence: Duration) -> Reading {
+        Reading {
+            inner,
+            silence,
+            stall: None,
+        }
+    }
+
+    /// What a write that waited gives: `Pending` while it may still wait, an error once it
+    /// waited too long.
+    fn waited<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if polled.is_ready() {
+            self.stall = None;
+            return polled;
+        }
+        let silence = self.silence;
+        let stall = self
+            .stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(silence)));
+        if stall.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client stopped reading its answer",
+            )));
+        }
+        Poll::Pending
     }
 }
 
-/// The protocol a connection speaks, told by its first bytes.
-enum Protocol {
-    Http1,
-    /// With prior knowledge: the connection preface.
-    Http2,
+impl tokio::io::AsyncRead for Reading {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
 }
 
-/// The HTTP/2 connection preface (RFC 9113 §3.4).
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+impl tokio::io::AsyncWrite for Reading {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.waited(cx, polled)
+    }
 
-/// Tells the protocol from the first bytes, without taking them; `None` for a connection that
-/// sends nothing telling within `within`, or closes.
-async fn sniff(stream: &TcpStream, within: Duration) -> Option<Protocol> {
-    let told = async {
-        let mut first = [0u8; PREFACE.len()];
-        loop {
-            let n = stream.peek(&mut first).await.ok()?;
-            if n == 0 {
-                return None;
-            }
-            if first[..n] != PREFACE[..n] {
-                return Some(Protocol::Http1);
-            }
-            if n == PREFACE.len() {
-                return Some(Protocol::Http2);
-            }
-            // The start of the preface: look again once more may have come (peeking leaves the
-            // socket readable, so waiting for readiness would not wait).
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    tokio::time::timeout(within, told).await.ok().flatten()
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.waited(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 /// Waits out an accept error: none for a connection that failed before it was accepted, a
@@ -337,23 +361,12 @@ impl Edge {
             over: AtomicBool::new(false),
         });
         let (mut parts, body) = request.into_parts();
-        // A declared length is held at once, before a byte is read (one larger than the bound
-        // could never be held: the app refuses it, or it is counted as it comes).
-        let declared = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-            .filter(|length| *length <= self.limits.max_buffered);
-        if let Some(length) = declared {
-            if !hold.grow(length) {
-                return Ok(busy());
-            }
-        }
+        // Bytes are counted as they arrive, not as declared: a client declaring a large body
+        // and sending it slowly holds what it sent, not what it promised.
         parts.extensions.insert(ConnectInfo(self.peer));
         let body = Body::new(Guarded {
             inner: body,
             hold: hold.clone(),
-            counted: declared.is_some(),
             silence: self.limits.body_timeout,
             stall: None,
         });
@@ -420,8 +433,6 @@ impl Drop for Hold {
 struct Guarded {
     inner: Incoming,
     hold: Arc<Hold>,
-    /// The declared length was held already.
-    counted: bool,
     silence: Duration,
     /// Running while the body is silent.
     stall: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -449,7 +460,7 @@ impl http_body::Body for Guarded {
             Poll::Ready(Some(Ok(frame))) => {
                 this.stall = None;
                 if let Some(data) = frame.data_ref() {
-                    if !this.counted && !this.hold.grow(data.len() as u64) {
+                    if !this.hold.grow(data.len() as u64) {
                         this.hold.over.store(true, Ordering::Relaxed);
                         return Poll::Ready(Some(Err(Cut::OverBound.into())));
                     }

@@ -323,8 +323,9 @@ pub fn error_response(e: &Error) -> Response {
 
 /// Serves the proxy on `listener` within the edge's `limits` until `shutdown` resolves, then
 /// drains: stops accepting, lets the answers in progress finish within the drain deadline
-/// (then closes their connections), waits for the upstream calls in flight, and commits
-/// everything queued for the database before this returns. The operator endpoints answer as
+/// (then closes their connections), waits for the upstream calls in flight until that
+/// deadline (then fails them), and commits everything queued for the database before this
+/// returns. The operator endpoints answer as
 /// `access` says.
 pub async fn serve<F>(
     listener: TcpListener,
@@ -341,6 +342,8 @@ where
         Err(_) => access,
     };
     let app = app_with(engine.clone(), access);
-    edge::run(listener, app, limits, shutdown).await;
-    engine.close().await.map_err(std::io::Error::other)
+    let stopped = edge::run(listener, app, limits, shutdown).await;
+    // Upstream calls still running (their clients gone) get what is left of the deadline.
+    let left = (stopped + limits.drain()).saturating_duration_since(tokio::time::Instant::now());
+    engine.shutdown(left).await.map_err(std::io::Error::other)
 }

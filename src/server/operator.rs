@@ -187,7 +187,14 @@ pub(super) fn operator_spelling(path: &str) -> Option<String> {
     let mut normalized = OPERATOR_PREFIX.to_owned();
     for segment in &segments[1..] {
         normalized.push('/');
-        normalized.push_str(segment);
+        // Written back so that it parses as a path again, whatever it decoded to.
+        for byte in segment.bytes() {
+            if byte.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@".contains(&byte) {
+                normalized.push(char::from(byte));
+            } else {
+                normalized.push_str(&format!("%{byte:02X}"));
+            }
+        }
     }
     if decoded.ends_with('/') && segments.len() == 1 {
         normalized.push('/');
@@ -227,9 +234,12 @@ pub(super) async fn normalize_operator_path(mut request: Request) -> Request {
             Some(query) => format!("{path}?{query}"),
             None => path,
         };
-        if let Ok(uri) = target.parse() {
-            *request.uri_mut() = uri;
-        }
+        // Every byte of `target` is one a path may hold; should it still not parse, the
+        // request goes to an operator path that does not exist rather than upstream.
+        let uri = target
+            .parse()
+            .unwrap_or_else(|_| http::Uri::from_static("/_llm-dedup/unknown"));
+        *request.uri_mut() = uri;
     }
     request
 }

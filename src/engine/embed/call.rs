@@ -52,17 +52,19 @@ impl Engine {
     }
 
     /// Sends one merged call and completes the flight of each of its inputs. If that fails
-    /// inside llm-dedup (a panic), the inputs' flights are dropped with it: their requests
-    /// get an error at once, and nothing is stored or sent again.
+    /// inside llm-dedup (a panic), or the engine is shut down past its deadline, the inputs'
+    /// flights are dropped with it: their requests get an error at once, and nothing is stored
+    /// or sent again.
     async fn send_call(&self, open: OpenCall) {
-        if AssertUnwindSafe(self.send_merged(open))
-            .catch_unwind()
-            .await
-            .is_err()
-        {
-            tracing::error!(
-                "a merged embeddings call failed inside llm-dedup; its requests get an error"
-            );
+        let sent = AssertUnwindSafe(self.send_merged(open)).catch_unwind();
+        tokio::select! {
+            result = sent => if result.is_err() {
+                tracing::error!(
+                    "a merged embeddings call failed inside llm-dedup; its requests get an error"
+                );
+            },
+            // Shut down past its deadline: dropped like a call that panicked.
+            () = self.stopping.cancelled() => {}
         }
     }
 
