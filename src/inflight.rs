@@ -12,6 +12,9 @@
 //!   the flight leaves the table, so a caller that finds no flight can rely on the leader's
 //!   side effects (the engine stores the answer in memory before completing).
 //! - A waiter can stop waiting at any time (its client hung up); that cancels nothing.
+//! - A table made with [`InFlight::stale_after`] no longer lets callers join a flight that has
+//!   published nothing for that long: the next caller leads a new flight, and the old one
+//!   goes on for its own waiters, out of the table.
 //! - A [`Flight`] dropped without completing (its task was aborted) leaves the table, and its
 //!   waiters get [`Abandoned`]. Whether they try again is theirs to decide; the engine does
 //!   not, so that a flight that keeps failing is not led into call after call.
@@ -19,18 +22,28 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
 /// The table of flights in progress, keyed by `K`, each resolving to a `T`.
 pub struct InFlight<K, T> {
-    flights: Arc<Mutex<HashMap<K, watch::Receiver<Option<T>>>>>,
+    flights: Arc<Mutex<HashMap<K, Entry<T>>>>,
+    /// A flight that has published nothing this long after it began is no longer joined.
+    stale_after: Option<Duration>,
+}
+
+/// A flight in the table: where its outcome comes, and when it began.
+struct Entry<T> {
+    outcome: watch::Receiver<Option<T>>,
+    began: Instant,
 }
 
 impl<K, T> Clone for InFlight<K, T> {
     fn clone(&self) -> Self {
         InFlight {
             flights: self.flights.clone(),
+            stale_after: self.stale_after,
         }
     }
 }
@@ -39,6 +52,7 @@ impl<K: Eq + Hash + Clone, T: Clone> Default for InFlight<K, T> {
     fn default() -> Self {
         InFlight {
             flights: Arc::new(Mutex::new(HashMap::new())),
+            stale_after: None,
         }
     }
 }
@@ -69,16 +83,34 @@ pub struct Waiter<T> {
 pub struct Abandoned;
 
 impl<K: Eq + Hash + Clone, T: Clone> InFlight<K, T> {
-    /// Joins the flight for `key`, or starts one if none is in progress.
+    /// A table whose flights are no longer joined once they have published nothing for
+    /// `stale_after`: a request never waits on a flight longer than a fresh call would take.
+    pub fn stale_after(stale_after: Duration) -> InFlight<K, T> {
+        InFlight {
+            stale_after: Some(stale_after),
+            ..InFlight::default()
+        }
+    }
+
+    /// Joins the flight for `key`, or starts one if none is in progress (or the one in
+    /// progress is stale: it goes on for its own waiters, out of the table).
     pub fn join(&self, key: &K) -> Role<K, T> {
         let mut flights = self.lock();
-        if let Some(outcome) = flights.get(key) {
-            return Role::Follower(Waiter {
-                outcome: outcome.clone(),
-            });
+        if let Some(entry) = flights.get(key) {
+            if !self.is_stale(entry) {
+                return Role::Follower(Waiter {
+                    outcome: entry.outcome.clone(),
+                });
+            }
         }
         let (tx, rx) = watch::channel(None);
-        flights.insert(key.clone(), rx);
+        flights.insert(
+            key.clone(),
+            Entry {
+                outcome: rx,
+                began: Instant::now(),
+            },
+        );
         Role::Leader(Flight {
             key: key.clone(),
             table: self.clone(),
@@ -86,18 +118,34 @@ impl<K: Eq + Hash + Clone, T: Clone> InFlight<K, T> {
         })
     }
 
-    /// A waiter for the flight in progress for `key`, if there is one; never starts a flight.
+    /// Whether a flight has published nothing for longer than the table allows.
+    fn is_stale(&self, entry: &Entry<T>) -> bool {
+        self.stale_after
+            .is_some_and(|after| entry.began.elapsed() > after && entry.outcome.borrow().is_none())
+    }
+
+    /// A waiter for the flight in progress for `key`, if there is one (and it is not stale);
+    /// never starts a flight.
     pub fn in_progress(&self, key: &K) -> Option<Waiter<T>> {
-        self.lock().get(key).map(|outcome| Waiter {
-            outcome: outcome.clone(),
-        })
+        self.lock()
+            .get(key)
+            .filter(|entry| !self.is_stale(entry))
+            .map(|entry| Waiter {
+                outcome: entry.outcome.clone(),
+            })
     }
 
     /// A flight that nobody can join (for a request that must make its own upstream call).
     pub fn detached(key: K) -> Flight<K, T> {
         let table = InFlight::default();
         let (tx, rx) = watch::channel(None);
-        table.lock().insert(key.clone(), rx);
+        table.lock().insert(
+            key.clone(),
+            Entry {
+                outcome: rx,
+                began: Instant::now(),
+            },
+        );
         Flight {
             key,
             table,
@@ -122,13 +170,13 @@ impl<K: Eq + Hash + Clone, T: Clone> InFlight<K, T> {
         let mut flights = self.lock();
         if flights
             .get(key)
-            .is_some_and(|rx| rx.same_channel(&outcome.subscribe()))
+            .is_some_and(|entry| entry.outcome.same_channel(&outcome.subscribe()))
         {
             flights.remove(key);
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<K, watch::Receiver<Option<T>>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<K, Entry<T>>> {
         // The map stays consistent even if a holder panicked: every critical section is a
         // single insert, lookup or remove.
         self.flights.lock().unwrap_or_else(|e| e.into_inner())
@@ -162,7 +210,7 @@ impl<K: Eq + Hash + Clone, T: Clone> Flight<K, T> {
             self.table
                 .lock()
                 .get(&self.key)
-                .is_some_and(|rx| rx.same_channel(&self.outcome.subscribe())),
+                .is_some_and(|entry| entry.outcome.same_channel(&self.outcome.subscribe())),
         );
         self.outcome.receiver_count().saturating_sub(in_table)
     }

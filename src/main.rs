@@ -334,6 +334,20 @@ struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(1..))]
     embed_max_tokens: u64,
 
+    /// How long connecting to the upstream may take.
+    #[arg(long, env = "LLM_DEDUP_UPSTREAM_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_wait)]
+    upstream_connect_timeout: Duration,
+
+    /// How long the upstream may take to begin its answer (status and headers): a
+    /// non-streamed answer of a reasoning model comes whole after minutes of thinking. Keep it
+    /// at most your clients' own timeout (the official SDKs': 10 minutes).
+    #[arg(long, env = "LLM_DEDUP_UPSTREAM_TIMEOUT", default_value = "10m", value_parser = parse_wait)]
+    upstream_timeout: Duration,
+
+    /// The longest silence of the upstream once its answer (a body or a stream) has started.
+    #[arg(long, env = "LLM_DEDUP_UPSTREAM_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_wait)]
+    upstream_idle_timeout: Duration,
+
     /// How long a request's headers may take to arrive (also how long an idle keep-alive
     /// connection stays open); then the connection is closed.
     #[arg(long, env = "LLM_DEDUP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_wait)]
@@ -510,6 +524,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
                 .context("--credential-header")?,
         )
         .max_disk(args.max_disk.map(|b| b.as_u64()))
+        .timeouts(
+            llm_dedup::Timeouts::default()
+                .connect(args.upstream_connect_timeout)
+                .first_byte(args.upstream_timeout)
+                .idle(args.upstream_idle_timeout),
+        )
         .governor(llm_dedup::GovernorSettings {
             rpm: args.rpm,
             tpm: args.tpm,

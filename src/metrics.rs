@@ -37,6 +37,15 @@ struct UpstreamLabels {
     status: &'static str,
 }
 
+/// Which upstream timeout fired: `connect`, `first_byte`, `idle`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct TimeoutLabels {
+    pub kind: &'static str,
+}
+
+/// Upstream timeouts that fired, by kind (`llm_dedup_upstream_timeouts_total`).
+pub(crate) type TimeoutCounters = Family<TimeoutLabels, Counter>;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TokenLabels {
     kind: &'static str,
@@ -98,6 +107,8 @@ pub(crate) struct Metrics {
     store_errors: Counter,
     redis_errors: Counter,
     absorbed_429: Counter,
+    /// Handed to the upstream client, which counts the timeouts that fire.
+    pub(crate) upstream_timeouts: TimeoutCounters,
     retries: Counter,
     queue_wait: Histogram,
     /// The histogram's count and sum, kept again for the live page (the histogram's own are
@@ -189,6 +200,12 @@ impl Metrics {
             "Calls to the fleet's Redis that failed or timed out (the replica went on alone)",
             redis_errors.clone(),
         );
+        let upstream_timeouts = TimeoutCounters::default();
+        registry.register(
+            "upstream_timeouts",
+            "Upstream calls that ran past a timeout, by which (connect, first_byte, idle)",
+            upstream_timeouts.clone(),
+        );
         let absorbed_429 = Counter::default();
         registry.register(
             "upstream_429_absorbed",
@@ -221,6 +238,7 @@ impl Metrics {
             .get_or_create(&TokenLabels { kind: "completion" })
             .clone();
         Metrics {
+            upstream_timeouts,
             outcome_counters: Default::default(),
             saved_prompt,
             saved_completion,

@@ -11,23 +11,74 @@ use http::header::{self, HeaderMap, HeaderName};
 
 use crate::error::{Error, ErrorKind};
 use crate::headers::{HOP_BY_HOP, NAMESPACE_HEADER, TTL_HEADER};
+use crate::metrics::{TimeoutCounters, TimeoutLabels};
 
-/// Timeouts of the upstream client.
-#[derive(Debug, Clone, Copy)]
+/// Timeouts of the upstream calls. A call that runs past one fails like an unreachable
+/// upstream would (retried within the governor's retry budget, then a `504`), and nothing of
+/// it is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Timeouts {
     /// Limit on establishing a connection (TCP and TLS).
     pub connect: Duration,
-    /// Limit on silence while reading an answer; long generations keep sending, so this is a
-    /// bound on a stalled upstream, not on a slow answer.
-    pub read: Duration,
+    /// Limit on the time from sending a request to the first byte of its answer (its status
+    /// and headers). A non-streamed answer of a reasoning model comes whole after minutes of
+    /// thinking, so this is long.
+    pub first_byte: Duration,
+    /// Limit on silence once an answer has started: between two chunks of its body or stream.
+    pub idle: Duration,
 }
 
 impl Default for Timeouts {
-    /// 10 s to connect, 10 min of silence while reading.
+    /// 10 s to connect, 10 min to the first byte (the official SDKs' own timeout), 5 min of
+    /// silence in an answer.
     fn default() -> Self {
         Timeouts {
             connect: Duration::from_secs(10),
-            read: Duration::from_secs(600),
+            first_byte: Duration::from_secs(600),
+            idle: Duration::from_secs(300),
+        }
+    }
+}
+
+impl Timeouts {
+    /// The limit on establishing a connection. By default, 10 s.
+    #[must_use]
+    pub fn connect(mut self, timeout: Duration) -> Self {
+        self.connect = timeout;
+        self
+    }
+
+    /// The limit on the time to an answer's first byte. By default, 10 min.
+    #[must_use]
+    pub fn first_byte(mut self, timeout: Duration) -> Self {
+        self.first_byte = timeout;
+        self
+    }
+
+    /// The limit on silence once an answer has started. By default, 5 min.
+    #[must_use]
+    pub fn idle(mut self, timeout: Duration) -> Self {
+        self.idle = timeout;
+        self
+    }
+}
+
+/// Which of the [`Timeouts`] fired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TimeoutKind {
+    Connect,
+    FirstByte,
+    Idle,
+}
+
+impl TimeoutKind {
+    /// The metric label.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            TimeoutKind::Connect => "connect",
+            TimeoutKind::FirstByte => "first_byte",
+            TimeoutKind::Idle => "idle",
         }
     }
 }
@@ -42,6 +93,9 @@ pub struct Upstream {
     request_base: String,
     /// What logs, keys and errors name (never holds a password).
     shown_base: String,
+    timeouts: Timeouts,
+    /// Timeouts that fired, by kind (the `llm_dedup_upstream_timeouts_total` counter).
+    timed_out: TimeoutCounters,
 }
 
 impl Upstream {
@@ -71,7 +125,6 @@ impl Upstream {
         let _ = shown.set_password(None);
         let client = reqwest::Client::builder()
             .connect_timeout(timeouts.connect)
-            .read_timeout(timeouts.read)
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
             // Follow no redirects: a proxy passes them on.
@@ -83,7 +136,15 @@ impl Upstream {
             base_url: url.clone(),
             request_base: url.as_str().trim_end_matches('/').to_owned(),
             shown_base: shown.as_str().trim_end_matches('/').to_owned(),
+            timeouts,
+            timed_out: TimeoutCounters::default(),
         })
+    }
+
+    /// Counts the timeouts that fire in `counters` (the engine's metric).
+    pub(crate) fn counting_timeouts(mut self, counters: TimeoutCounters) -> Upstream {
+        self.timed_out = counters;
+        self
     }
 
     /// The base URL, without a trailing slash and without any password.
@@ -138,13 +199,84 @@ impl Upstream {
         body: reqwest::Body,
     ) -> Result<reqwest::Response, Error> {
         let url = format!("{}{}", self.request_base, path_and_query);
-        self.client
+        let sent = self
+            .client
             .request(method.clone(), url)
             .headers(request_headers(headers))
             .body(body)
-            .send()
-            .await
-            .map_err(|e| self.error(e))
+            .send();
+        match tokio::time::timeout(self.timeouts.first_byte, sent).await {
+            Ok(sent) => sent.map_err(|e| self.error(e)),
+            Err(_) => Err(self.timed_out(TimeoutKind::FirstByte)),
+        }
+    }
+
+    /// The next chunk of an answer's body (`None` at its end), unless the upstream stays
+    /// silent longer than the idle timeout.
+    pub async fn next_chunk(
+        &self,
+        response: &mut reqwest::Response,
+    ) -> Result<Option<bytes::Bytes>, Error> {
+        match tokio::time::timeout(self.timeouts.idle, response.chunk()).await {
+            Ok(chunk) => chunk.map_err(|e| self.error(e)),
+            Err(_) => Err(self.timed_out(TimeoutKind::Idle)),
+        }
+    }
+
+    /// An answer's body as a stream of chunks, ending with an error if the upstream stays
+    /// silent longer than the idle timeout.
+    pub fn body_stream(
+        &self,
+        response: reqwest::Response,
+    ) -> futures_util::stream::BoxStream<'static, Result<bytes::Bytes, Error>> {
+        use futures_util::StreamExt;
+        let upstream = self.clone();
+        futures_util::stream::unfold(Some(response), move |response| {
+            let upstream = upstream.clone();
+            async move {
+                let mut response = response?;
+                match upstream.next_chunk(&mut response).await {
+                    Ok(Some(chunk)) => Some((Ok(chunk), Some(response))),
+                    Ok(None) => None,
+                    Err(e) => Some((Err(e), None)),
+                }
+            }
+        })
+        .boxed()
+    }
+
+    /// The error of a call that ran past one of its timeouts, counted.
+    fn timed_out(&self, kind: TimeoutKind) -> Error {
+        self.timed_out
+            .get_or_create(&TimeoutLabels {
+                kind: kind.as_str(),
+            })
+            .inc();
+        let (limit, what, flag) = match kind {
+            TimeoutKind::Connect => (
+                self.timeouts.connect,
+                "could not be connected to within",
+                "--upstream-connect-timeout",
+            ),
+            TimeoutKind::FirstByte => (
+                self.timeouts.first_byte,
+                "sent no answer within",
+                "--upstream-timeout",
+            ),
+            TimeoutKind::Idle => (
+                self.timeouts.idle,
+                "went silent in the middle of its answer for",
+                "--upstream-idle-timeout",
+            ),
+        };
+        Error::new(
+            ErrorKind::UpstreamTimeout,
+            format!(
+                "upstream {} {what} {} ({flag}); nothing of it was stored",
+                self.shown_base,
+                humantime::format_duration(limit)
+            ),
+        )
     }
 
     /// Sends a request to another replica of the fleet, at `url` (its advertised address and
@@ -167,6 +299,9 @@ impl Upstream {
 
     /// Classifies a transport error, naming the upstream but never a header.
     pub fn error(&self, e: reqwest::Error) -> Error {
+        if e.is_timeout() && e.is_connect() {
+            return self.timed_out(TimeoutKind::Connect);
+        }
         let kind = if e.is_timeout() {
             ErrorKind::UpstreamTimeout
         } else {

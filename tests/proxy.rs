@@ -533,15 +533,16 @@ async fn upstream_failures_are_clear_and_never_stored() {
     assert_eq!(r.headers["x-should-retry"], "true");
     proxy.stop().await;
 
-    // Slow: past the read timeout.
+    // Slow: past the first-byte timeout.
     let upstream = FakeUpstream::start().await;
     upstream.state.delay_ms.store(2_000, Ordering::SeqCst);
-    let proxy = Proxy::start(upstream.engine().governor(short_retries(0)).timeouts(
-        llm_dedup::Timeouts {
-            connect: Duration::from_secs(1),
-            read: Duration::from_millis(200),
-        },
-    ))
+    let proxy = Proxy::start(
+        upstream.engine().governor(short_retries(0)).timeouts(
+            llm_dedup::Timeouts::default()
+                .connect(Duration::from_secs(1))
+                .first_byte(Duration::from_millis(200)),
+        ),
+    )
     .await;
     let r = post(&c, &proxy.url("/v1/chat/completions"), chat("x"), &[]).await;
     assert_eq!(r.status, 504);

@@ -194,7 +194,8 @@ impl DedupBuilder {
         self
     }
 
-    /// Upstream connect and read timeouts. By default, [`Timeouts::default`].
+    /// Upstream timeouts: to connect, to an answer's first byte, and of silence within an
+    /// answer. By default, [`Timeouts::default`].
     pub fn timeouts(mut self, timeouts: Timeouts) -> Self {
         self.timeouts = timeouts;
         self
@@ -202,7 +203,9 @@ impl DedupBuilder {
 
     /// Opens the database (if any) and builds the engine.
     pub fn build(self) -> Result<Dedup, Error> {
-        let upstream = Upstream::new(&self.upstream, self.timeouts)?;
+        let metrics = Metrics::new();
+        let upstream = Upstream::new(&self.upstream, self.timeouts)?
+            .counting_timeouts(metrics.upstream_timeouts.clone());
         // Answers waiting for the disk count on top of the memory bound: an eighth of it.
         let limits = StoreLimits {
             max_queued_bytes: (self.memory_bytes / 8).max(4 * 1024 * 1024),
@@ -268,7 +271,8 @@ impl DedupBuilder {
                 upstream,
                 memory,
                 disk,
-                flights: InFlight::default(),
+                // A request never waits on a flight longer than a fresh call would take.
+                flights: InFlight::stale_after(self.timeouts.first_byte),
                 salt,
                 credentials: self.credentials,
                 key_headers: self.key_headers,
@@ -280,7 +284,7 @@ impl DedupBuilder {
                 max_stream_bytes: self.max_stream_bytes,
                 key_policy: self.key_policy,
                 known_keys: KnownKeys::new(self.memory_bytes / 16),
-                metrics: Metrics::new(),
+                metrics,
                 governor: Governor::new(self.governor),
                 inputs: InFlight::default(),
                 batcher: embed::Batcher::new(self.embeddings),

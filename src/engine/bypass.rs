@@ -1,6 +1,5 @@
 //! Requests that go around the cache: sent once, paced like everything else, streamed back.
 
-use futures_util::StreamExt;
 use tokio::time::Instant;
 
 use super::Engine;
@@ -65,11 +64,7 @@ impl Engine {
         );
         let mut headers = upstream::response_headers(response.headers());
         headers.insert(CACHE_HEADER, CacheStatus::Bypass.header_value());
-        let upstream = self.upstream.clone();
-        let body = response
-            .bytes_stream()
-            .map(move |chunk| chunk.map_err(|e| upstream.error(e)))
-            .boxed();
+        let body = self.upstream.body_stream(response);
         Ok(Answer {
             status,
             headers,

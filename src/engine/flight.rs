@@ -442,7 +442,7 @@ impl Engine {
         let expected = response.content_length().unwrap_or(0);
         let mut body =
             bytes::BytesMut::with_capacity(usize::try_from(expected).unwrap_or(0).min(bound));
-        while let Some(chunk) = response.chunk().await.map_err(|e| self.upstream.error(e))? {
+        while let Some(chunk) = self.upstream.next_chunk(&mut response).await? {
             body.extend_from_slice(&chunk);
             if body.len() > bound {
                 return Ok(Read::Larger(body.freeze(), response));
@@ -489,10 +489,10 @@ impl Engine {
             if live.subscribers() == 0 {
                 break Ok(());
             }
-            match rest.chunk().await {
+            match self.upstream.next_chunk(&mut rest).await {
                 Ok(Some(chunk)) => live.push(chunk),
                 Ok(None) => break Ok(()),
-                Err(e) => break Err(self.upstream.error(e)),
+                Err(e) => break Err(e),
             }
         };
         live.finish(result);
@@ -602,7 +602,7 @@ impl Engine {
         tracing::info!(key = %meta.key, %peer, "Redis went away mid-stream: reading the rest from the replica receiving it");
         let mut replay = Replayed::new(passed.count, passed.digest.clone());
         let mut split = EventSplitter::bounded(self.max_stream_bytes);
-        let mut body = response.bytes_stream();
+        let mut body = self.upstream.body_stream(response);
         let mut take = |events: Vec<Bytes>| -> Result<(), Error> {
             for event in events {
                 let new = replay

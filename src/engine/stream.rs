@@ -3,8 +3,6 @@
 
 use std::sync::Arc;
 
-use futures_util::StreamExt;
-
 use super::Engine;
 use super::classify::Outbound;
 use super::flight::LeadFlight;
@@ -37,7 +35,7 @@ impl Engine {
         let mut size = 0usize;
         let mut reserved = 0usize;
         let mut overgrown = false;
-        let mut body = response.bytes_stream();
+        let mut response = response;
         let result = loop {
             // Past the bound, only those already taking it get it: with none left, it is not
             // read on (it will not be stored).
@@ -45,8 +43,8 @@ impl Engine {
                 tracing::debug!(key = %meta.key, size, "stream past --max-stream with nobody taking it: no longer read");
                 break Ok(());
             }
-            match body.next().await {
-                Some(Ok(chunk)) => {
+            match self.upstream.next_chunk(&mut response).await {
+                Ok(Some(chunk)) => {
                     for event in split.push(&chunk) {
                         // Past the bound, bytes rather than events: never stored, so not read.
                         if !split.overflowed() {
@@ -76,8 +74,8 @@ impl Engine {
                         self.memory.reserve(meta.key, size as u64).await;
                     }
                 }
-                Some(Err(e)) => break Err(self.upstream.error(e)),
-                None => break Ok(()),
+                Err(e) => break Err(e),
+                Ok(None) => break Ok(()),
             }
         };
         if let Some(rest) = split.rest() {

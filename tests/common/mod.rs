@@ -95,6 +95,10 @@ pub struct FakeState {
     pub unterminated_bytes: AtomicUsize,
     /// Non-streamed chat answers carry a field of this many bytes.
     pub padding_bytes: AtomicUsize,
+    /// This many calls (the first ones) are taken and never answered: no status, no byte.
+    pub hang_calls: AtomicUsize,
+    /// Streams go silent after their first event and stay open, never sending another byte.
+    pub silent_streams: std::sync::atomic::AtomicBool,
 }
 
 /// How the fake ends its streams.
@@ -195,6 +199,14 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
         state.bodies.lock().expect("lock").push(body.clone());
     }
     state.arrived.notify_waiters();
+    if state
+        .hang_calls
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        // Taken, never answered.
+        std::future::pending::<()>().await;
+    }
     // What self-hosted servers (vLLM, Ollama, LiteLLM) answer to anyone, key or no key: a
     // health probe, and a CORS preflight.
     if parts.method == axum::http::Method::OPTIONS {
@@ -778,6 +790,12 @@ fn stream(
         let mut events = events.into_iter();
         if let Some(first) = events.next() {
             let _ = tx.send(Ok(Bytes::from(first))).await;
+        }
+        if state.silent_streams.load(Ordering::SeqCst) {
+            // The connection stays open; nothing more comes.
+            let _keep = tx;
+            std::future::pending::<()>().await;
+            return;
         }
         if state.hold.load(Ordering::SeqCst) {
             state.release.notified().await;
