@@ -141,6 +141,11 @@ impl Upstream {
         })
     }
 
+    /// The timeouts of its calls.
+    pub fn timeouts(&self) -> Timeouts {
+        self.timeouts
+    }
+
     /// Counts the timeouts that fire in `counters` (the engine's metric).
     pub(crate) fn counting_timeouts(mut self, counters: TimeoutCounters) -> Upstream {
         self.timed_out = counters;

@@ -947,3 +947,47 @@ fn rediss_speaks_tls_and_checks_the_servers_certificate() {
     let said = String::from_utf8_lossy(&untrusted.stderr);
     assert!(said.contains("certificate"), "{said}");
 }
+
+/// A lease that shows nothing (no answer, no stream) is waited for no longer than a call of
+/// one's own would take: here one planted in Redis, as by a replica that hangs or by someone
+/// who can write to Redis. The request is answered by a call of its own replica.
+#[tokio::test]
+async fn a_lease_that_shows_nothing_is_waited_for_no_longer_than_a_call() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = FakeUpstream::start().await;
+    let timeouts = llm_dedup::Timeouts::default().first_byte(Duration::from_secs(1));
+    let proxy = Proxy::advertised(upstream.engine().redis(redis.url()).timeouts(timeouts)).await;
+    let url = proxy.url("/v1/chat/completions");
+    let c = client();
+    // The request's key, from the proxy's own refusal under only-if-cached.
+    let probe = post(
+        &c,
+        &url,
+        chat("planted"),
+        &[("cache-control", "only-if-cached")],
+    )
+    .await;
+    assert_eq!(probe.status, 504);
+    let message = probe.body["error"]["message"].as_str().unwrap_or("");
+    let key = message
+        .split_whitespace()
+        .find(|w| w.len() == 64)
+        .unwrap_or_else(|| panic!("no key in {message:?}"));
+    let planted = format!(
+        "SET llm-dedup:v{}:lease:{key} some-other-replica PX 600000",
+        llm_dedup::KEY_VERSION
+    );
+    assert!(redis.command(&planted).starts_with("+OK"));
+    let started = std::time::Instant::now();
+    let seen = post(&c, &url, chat("planted"), &[]).await;
+    assert_eq!(seen.status, 200, "{}", seen.body);
+    assert_eq!(upstream.calls(), 1, "the replica called on its own");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "waited {:?} on a lease that showed nothing",
+        started.elapsed()
+    );
+    proxy.stop().await;
+}

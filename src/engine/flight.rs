@@ -304,7 +304,9 @@ impl Engine {
             }
             return outcome;
         }
-        let lease = match fleet.take_turn(&meta.key, &out.partition).await {
+        // Another replica's call is waited on no longer than a call of this one's would take.
+        let patience = self.upstream.timeouts().first_byte;
+        let lease = match fleet.take_turn(&meta.key, &out.partition, patience).await {
             Turn::Lead(lease) => Some(lease),
             Turn::Alone => None,
             Turn::Found(entry) => {

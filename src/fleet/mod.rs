@@ -38,7 +38,9 @@
 //! upstream: if Redis has the answer, that is the outcome; if no lease is held, it takes the
 //! lease and calls; otherwise it waits for a `done` event (or polls every [`POLL`], in case
 //! the event is missed) and looks again. A leader that dies stops renewing its lease; once it
-//! expires, the next waiter to look takes it over. An error answer reaches waiters of the same
+//! expires, the next waiter to look takes it over. A lease that shows nothing (no answer, no
+//! stream) for longer than the upstream's first-byte timeout is waited for no longer: its
+//! holder hangs (or someone planted it), and the waiter calls on its own. An error answer reaches waiters of the same
 //! partition through `err:`; waiters of another partition take their own turn.
 //!
 //! # Faults
@@ -296,10 +298,18 @@ impl Fleet {
     }
 
     /// Waits for this replica's turn to call the upstream for `key` on behalf of `partition`
-    /// (see the module documentation).
-    pub async fn take_turn(&self, key: &CacheKey, partition: &Partition) -> Turn {
+    /// (see the module documentation). A lease held by another replica that shows nothing
+    /// for `patience` (no answer, no stream: its holder hangs, or the lease was planted) is
+    /// waited for no longer: this replica then calls on its own ([`Turn::Alone`]).
+    pub async fn take_turn(
+        &self,
+        key: &CacheKey,
+        partition: &Partition,
+        patience: Duration,
+    ) -> Turn {
         let notify = self.waiter(key);
         let mut seen_other = false;
+        let since = tokio::time::Instant::now();
         let turn = loop {
             let notified = notify.notified();
             let mut notified = std::pin::pin!(notified);
@@ -322,6 +332,10 @@ impl Fleet {
             }
             if let Some(followed) = self.follow(key).await {
                 break Turn::Live(followed);
+            }
+            if since.elapsed() > patience {
+                tracing::info!(%key, waited = ?since.elapsed(), "another replica's lease showed nothing for longer than the upstream timeout: calling the upstream from here");
+                break Turn::Alone;
             }
             let _ = tokio::time::timeout(POLL, notified).await;
         };
