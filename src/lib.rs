@@ -58,7 +58,7 @@ assert!(answer.headers().contains_key("llm-dedup-cache"));
 //!
 //! [`Dedup`] is cheap to clone; clones share the memory tier, the in-flight table and the
 //! database writer, so one engine serves every task of a program. Two engines never share
-//! anything, unless they are replicas on one Redis ([`fleet`], [`DedupBuilder::redis`]). The
+//! anything, unless they are replicas on one Redis ([`DedupBuilder::redis`]). The
 //! only state outside an engine is a small per-thread table of shortcuts to
 //! answers in memory, each tagged with the engine it belongs to. Dropping the last handle lets
 //! the writer commit what is queued in the background; [`Dedup::close`] waits for in-flight
@@ -87,7 +87,7 @@ mod controls;
 pub mod embeddings;
 mod engine;
 mod entry;
-pub mod fleet;
+mod fleet;
 mod governor;
 mod live;
 mod memory;
@@ -108,6 +108,7 @@ pub use counts::Counts;
 pub use embeddings::EmbedSettings;
 pub use engine::{DEFAULT_VERIFY_WINDOW, Dedup, DedupBuilder};
 pub use error::{Error, ErrorKind, Origin};
+pub use fleet::{Layout as FleetLayout, advertised_url};
 pub use governor::{GovernorSettings, MAX_SETTING_WAIT};
 pub use headers::{CACHE_HEADER, KEY_HEADER, NAMESPACE_HEADER, TTL_HEADER};
 pub use key::{CacheKey, CredentialHeaders, KEY_VERSION, KeyPolicy, Partition};

@@ -247,7 +247,7 @@ struct ServeArgs {
     /// mid-stream [default: the --listen address; for 0.0.0.0, this host's address towards
     /// the Redis]
     #[arg(long, env = "LLM_DEDUP_ADVERTISE", value_name = "URL", requires = "redis",
-          value_parser = llm_dedup::fleet::advertised_url)]
+          value_parser = llm_dedup::advertised_url)]
     advertise: Option<String>,
 
     /// Another request header that identifies a caller (repeatable; the environment variable

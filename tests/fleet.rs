@@ -878,7 +878,7 @@ fn rediss_speaks_tls_and_checks_the_servers_certificate() {
         "ext",
     ]);
     if !made {
-        eprintln!("openssl cannot make a test certificate here: skipping");
+        RedisServer::missing_component("openssl");
         return;
     }
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -912,14 +912,14 @@ fn rediss_speaks_tls_and_checks_the_servers_certificate() {
         .stderr(std::process::Stdio::null())
         .spawn()
     else {
-        eprintln!("redis-server is not installed: skipping");
+        RedisServer::missing_component("redis-server");
         return;
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         if std::time::Instant::now() > deadline || server.try_wait().ok().flatten().is_some() {
             let _ = server.kill();
-            eprintln!("this redis-server does not speak TLS: skipping");
+            RedisServer::missing_component("redis-server (built with TLS)");
             return;
         }
         std::thread::sleep(Duration::from_millis(20));

@@ -88,7 +88,7 @@ async fn get_json(url: String) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_live_page_shows_the_proxy_s_own_figures_and_draws_its_charts() {
     let Some(browser) = chromium() else {
-        eprintln!("chromium is not installed: skipping the browser test");
+        common::RedisServer::missing_component("chromium");
         return;
     };
     let upstream = FakeUpstream::start().await;

@@ -7,7 +7,7 @@ use super::Engine;
 use super::classify::Outbound;
 use super::flight::LeadFlight;
 use crate::entry::{Billing, EntryMeta, StoredAnswer};
-use crate::fleet::Relay;
+use crate::fleet::{Ending, Relay};
 use crate::live::LiveStream;
 use crate::sse::{Completion, EventSplitter, Verdict};
 
@@ -97,7 +97,7 @@ impl Engine {
             // Before the stream is finished and the flight ends: later requests find it.
             self.store(Arc::new(entry)).await;
             if let Some(relay) = relay.take() {
-                relay.end(true);
+                relay.end(Ending::Complete);
             }
         } else {
             tracing::debug!(key = %meta.key, ?verdict, size, cut = result.is_err(), "stream not stored");
@@ -106,7 +106,8 @@ impl Engine {
             }
         }
         if let Some(relay) = relay {
-            relay.end(result.is_ok() && verdict == Verdict::Complete);
+            // Complete streams ended the relay above.
+            relay.end(Ending::Failed);
         }
         live.finish(result);
     }

@@ -61,237 +61,65 @@
 use std::sync::LazyLock;
 use std::time::{Duration, SystemTime};
 
-use super::Fleet;
+use super::{Fleet, Unavailable};
 use crate::entry::unix_ms;
-use crate::governor::Pace;
+use crate::governor::{BudgetReport, Pace, shape};
 use crate::key::Partition;
 
-/// The fleet's budget of one partition. `KEYS`: the pause, what the upstream said is left
-/// (gradual), the GCRA state of the pace, and the window's accounting (a hash: `left`, `end`,
-/// `ahead` reserved past it, `limit`, `period`, the last answer's remaining, reset and end
-/// (`said`, `said_reset`, `said_end`), the spread of the current window's answers (`g_first`
-/// and `g_last` end, `g_most` and `g_least` remaining; `said_first`, the earliest end said of
-/// the last window answers came from), whether the budget is `stepwise`, and how many times
-/// turns already reserved were made void (`rule_changes`), and the `fastest` pace's interval
-/// a replica asked with (turns reserved at a pace at most half as fast as a new record are
-/// void too)). `ARGV[1]` says what to do:
-///
-/// - `turn`, now (ms), the pace's interval (ms, 0 for none), its burst, the longest wait
-///   (ms). Returns `{what, ms, stepwise, changes}`:
-///   `what` 0 the turn is reserved, go after `ms`; 1 paused, ask again after `ms`; 2 the turn
-///   would come only after `ms`, longer than allowed (nothing reserved); `stepwise` 1 if the
-///   fleet knows the budget is a fixed window; `changes` the rule changes so far.
-/// - `learn`, now, what remains, the reset (ms), the limit (0 unknown).
-/// - `confirm`, now, when the reserved turn was to come (ms), the rule changes it was
-///   reserved under. Returns `{what, ms, ..}`: `what` 0 go; 1 wait `ms` (a pause, or the
-///   window the turn is in begins later than foreseen), then confirm again; 2 ask for a turn
-///   again (the rules it was reserved under were made void since).
-static BUDGET: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r#"
-local now = tonumber(ARGV[2])
-local win = KEYS[4]
-local kept = 600000
-local w = redis.call('HMGET', win, 'left', 'end', 'ahead', 'limit', 'period', 'stepwise',
-  'said', 'said_reset', 'said_end', 'rule_changes', 'said_first')
-local wleft, wend, ahead = tonumber(w[1]), tonumber(w[2]), tonumber(w[3] or '0') or 0
-local limit, period = tonumber(w[4]), tonumber(w[5]) or 0
-local stepwise = w[6] == '1'
+/// The fleet's budget of one partition (`lua/budget.lua`, whose head documents its keys, the
+/// fields of its hash and its answers).
+static BUDGET: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("lua/budget.lua")));
 
--- Brings the window's count to the window `now` is in: each window that ended took up to
--- `limit` of the turns reserved past it. The window's end is then foreseen, and no answer
--- from it has been heard yet.
-local function roll()
-  if wend and limit and limit >= 1 and period >= 1 and now >= wend then
-    local passed = math.ceil((now - wend + 1) / period)
-    local taken = math.min(math.max(ahead - (passed - 1) * limit, 0), limit)
-    wleft = limit - taken
-    ahead = math.max(ahead - passed * limit, 0)
-    wend = wend + passed * period
-    redis.call('HDEL', win, 'g_first', 'g_last', 'g_most', 'g_least')
-  end
-end
+/// A pause of the partition's budget, never shortened (`lua/pause.lua`).
+static PAUSE: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("lua/pause.lua")));
 
-local function save()
-  if wleft and wend then
-    redis.call('HSET', win, 'left', wleft, 'end', wend, 'ahead', ahead)
-  end
-  redis.call('PEXPIRE', win, kept)
-end
+/// The script's answer: `{what, ms, stepwise, changes}` (see `lua/budget.lua`).
+struct Answer {
+    what: i64,
+    wait: Duration,
+    stepwise: bool,
+    changes: i64,
+}
 
-if ARGV[1] == 'learn' then
-  local left, reset, said_limit = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-  local said, said_reset, said_end = tonumber(w[7]), tonumber(w[8]), tonumber(w[9])
-  local was_period = period
-  local cur = tonumber(redis.call('GET', KEYS[2]))
-  if (not cur) or left < cur then
-    redis.call('SET', KEYS[2], left, 'PX', reset)
-  end
-  -- What the gradual rules count as left: the least said, less the turns given since.
-  local counted_left = cur and math.min(cur, left) or left
-  if said_limit >= 1 then
-    limit = said_limit
-    redis.call('HSET', win, 'limit', limit)
-  end
-  if reset > period then period = reset end
-  -- (A new window began: its answers are a new group.)
-  roll()
-  local rend = now + reset
-  local slack = period / 2
-  local g = redis.call('HMGET', win, 'g_first', 'g_last', 'g_most', 'g_least')
-  local g_first, g_last = tonumber(g[1]), tonumber(g[2])
-  local g_most, g_least = tonumber(g[3]), tonumber(g[4])
-  -- The period is the longest reset seen, or the distance between the ends of two windows
-  -- one period apart if longer (a reset is said some time into its window, never at its very
-  -- start): a period too short would start the next windows too early.
-  local said_first = tonumber(w[11])
-  if said_first and period >= 1 and rend > said_first + slack then
-    local apart = rend - said_first
-    local windows = math.floor(apart / period + 0.5)
-    if windows >= 1 and apart / windows > period and apart / windows < period * 1.1 then
-      period = math.ceil(apart / windows)
-      slack = period / 2
-    end
-  end
-  if (not wleft) or (not wend) or rend > wend + slack then
-    -- The first answer, or a window later than counted: as it says. Unless the counted
-    -- window, foreseen too short, is part of it: then its turns are counted in it too.
-    if wleft and wend and rend - period < wend then wleft = math.min(wleft, left)
-    else wleft = left end
-    wend = rend
-    g_first, g_last, g_most, g_least = rend, rend, left, left
-  elseif rend >= wend - slack then
-    -- The same window: the least left (turns taken since are counted) and the earliest end
-    -- said (each is late by its answer's delay, never early). An end only foreseen a period
-    -- after the last one gives way to the first one said.
-    wleft = math.min(wleft, left)
-    wend = g_first and math.min(wend, rend) or rend
-    g_first, g_last = math.min(g_first or rend, rend), math.max(g_last or rend, rend)
-    g_most, g_least = math.max(g_most or left, left), math.min(g_least or left, left)
-  end
-  -- Otherwise the answer is from a window already over.
-  if g_first and g_last and g_most and g_least then
-    redis.call('HSET', win, 'g_first', g_first, 'g_last', g_last, 'g_most', g_most,
-      'g_least', g_least, 'said_first', g_first)
-  else
-    g_first, g_last, g_most, g_least = rend, rend, left, left
-  end
-  -- The shape. A budget refilling at its limit per period is whole again 1/rate later for
-  -- each request spent; a window ends when it ends, whatever was spent. So answers of one
-  -- window whose ends agree while what remains falls by two or more show a window. More
-  -- remaining than the answer before, with a clearly shorter reset, in the same window,
-  -- shows a refill.
-  local fell = g_most - g_least
-  if limit and limit >= 1 and period >= 1 and fell >= 2
-      and g_last - g_first < 0.25 * fell * period / limit then
-    stepwise = true
-  elseif stepwise and said and said_reset and said_end and left >= said + 2
-      and reset < said_reset * 0.9 - 5 and rend <= said_end + slack then
-    stepwise = false
-  end
-  if stepwise and w[6] ~= '1' then
-    -- Turns given by the gradual rules whose answers are still to come are in this window.
-    wleft = math.min(wleft, counted_left)
-  end
-  if stepwise ~= (w[6] == '1') or (stepwise and period > was_period * 1.1) then
-    -- Turns reserved by the other shape's rules, or in windows foreseen much shorter than
-    -- they are (two of them could fall in one), are void: those waiting for them ask again.
-    redis.call('HINCRBY', win, 'rule_changes', 1)
-    redis.call('DEL', KEYS[3])
-    ahead = 0
-  end
-  redis.call('HSET', win, 'period', period, 'stepwise', stepwise and '1' or '0',
-    'said', left, 'said_reset', reset, 'said_end', rend)
-  save()
-  return {0, 0, stepwise and 1 or 0, 0}
-end
+impl redis::FromRedisValue for Answer {
+    fn from_redis_value(value: redis::Value) -> Result<Answer, redis::ParsingError> {
+        let (what, ms, shape, changes): (i64, i64, i64, i64) =
+            redis::FromRedisValue::from_redis_value(value)?;
+        Ok(Answer {
+            what,
+            wait: Duration::from_millis(u64::try_from(ms).unwrap_or(0)),
+            stepwise: shape == 1,
+            changes,
+        })
+    }
+}
 
-local shape = stepwise and 1 or 0
-local changes = tonumber(w[10] or '0') or 0
-local pause = redis.call('PTTL', KEYS[1])
+impl Answer {
+    /// The answer to `turn`.
+    fn turn(self) -> BudgetTurn {
+        let turn = match self.what {
+            0 => Budgeted::Go(self.wait),
+            1 => Budgeted::Paused(self.wait),
+            _ => Budgeted::Later(self.wait),
+        };
+        BudgetTurn {
+            turn,
+            stepwise: self.stepwise,
+            changes: self.changes,
+        }
+    }
 
-if ARGV[1] == 'confirm' then
-  -- A reserved turn has come (ARGV[3]: when it was to come; ARGV[4]: the rule changes when
-  -- it was reserved). Reserved by rules since made void: ask again. Else wait out a pause,
-  -- and a window that, as the answers since say, ends later than foreseen.
-  if changes ~= tonumber(ARGV[4]) then return {2, 0, shape, changes} end
-  local wait = math.max(pause, 0)
-  if stepwise and wend and period >= 1 then
-    roll()
-    save()
-    local at = tonumber(ARGV[3])
-    if at > wend - period / 2 and now < wend then wait = math.max(wait, wend - now) end
-  end
-  return {wait > 0 and 1 or 0, math.ceil(wait), shape, changes}
-end
-
-local interval, burst, longest = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-if pause > 0 then return {1, pause, shape, changes} end
-
-if stepwise and wleft and wend and limit and limit >= 1 and period >= 1 then
-  roll()
-  local wait = 0
-  -- Not in the window's last tenth: a request sent then may reach the upstream after the
-  -- window ended, and count against the next one, already given out whole.
-  if wleft >= 1 and now < wend - period / 10 then
-    wleft = wleft - 1
-  else
-    wait = math.ceil(wend + math.floor(ahead / limit) * period - now)
-    if wait > longest then
-      save()
-      return {2, wait, 1, changes}
-    end
-    ahead = ahead + 1
-  end
-  save()
-  return {0, wait, 1, changes}
-end
-
-local left = redis.call('GET', KEYS[2])
-local spent = left and tonumber(left) <= 0
-if interval <= 0 then
-  if spent then
-    local reset = redis.call('PTTL', KEYS[2])
-    if reset > 0 then return {1, reset, shape, changes} end
-  end
-  if left then redis.call('DECR', KEYS[2]) end
-  return {0, 0, shape, changes}
-end
-local tau = interval * (burst - 1)
-local reserved = tonumber(redis.call('GET', KEYS[3]) or '0') or 0
-local fastest = tonumber(redis.call('HGET', win, 'fastest') or '0') or 0
-if fastest <= 0 or interval < fastest then
-  if fastest > 0 and interval * 2 <= fastest and reserved > now + tau + interval then
-    -- Turns reserved ahead at a pace at most half this one (a replica's first guess, made
-    -- from one answer) are void: those waiting for them ask again, at this pace.
-    changes = redis.call('HINCRBY', win, 'rule_changes', 1)
-    reserved = 0
-  end
-  redis.call('HSET', win, 'fastest', interval)
-  redis.call('PEXPIRE', win, kept)
-end
-local tat = math.max(reserved, now)
-if spent then tat = math.max(tat, now + interval + tau) end
-local wait = math.ceil(math.max(tat - tau - now, 0))
-if wait > longest then return {2, wait, shape, changes} end
-redis.call('SET', KEYS[3], tat + interval, 'PX', math.ceil(tat + interval - now) + 1000)
-if left then redis.call('DECR', KEYS[2]) end
-return {0, wait, shape, changes}
-"#,
-    )
-});
-
-/// A pause of the partition's budget, never shortened.
-static PAUSE: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r#"
-if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
-  redis.call('SET', KEYS[1], 1, 'PX', ARGV[1])
-end
-return 0
-"#,
-    )
-});
+    /// The answer to `confirm`.
+    fn confirmed(self) -> Confirmed {
+        match self.what {
+            0 => Confirmed::Go,
+            1 => Confirmed::Wait(self.wait),
+            _ => Confirmed::AskAgain,
+        }
+    }
+}
 
 /// What the fleet's budget said of a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -332,17 +160,6 @@ pub enum Confirmed {
     AskAgain,
 }
 
-/// What an answer said of the budget, as the fleet shares it.
-#[derive(Debug, Clone, Copy)]
-pub struct Said {
-    /// The budget's size, if the answer said it.
-    pub limit: Option<u64>,
-    /// What remains of it.
-    pub remaining: u64,
-    /// How long until it is whole again.
-    pub reset: Duration,
-}
-
 impl Fleet {
     /// Takes a turn for a request of `partition` in the fleet's line (see the module docs),
     /// waiting at most `longest`; `pace` is what this replica knows of the budget. `None` when
@@ -359,9 +176,10 @@ impl Fleet {
             _ => (0.0, 1.0),
         };
         let longest = u64::try_from(longest.as_millis()).unwrap_or(u64::MAX);
-        let (what, ms, shape, changes): (i64, i64, i64, i64) = self
+        let keys = self.inner.layout.budget(partition);
+        let answer: Answer = self
             .run_script("budget", &BUDGET, |s| {
-                s.key(self.budget_names(partition))
+                s.key(&keys[..])
                     .arg("turn")
                     .arg(now)
                     .arg(interval)
@@ -370,17 +188,7 @@ impl Fleet {
             })
             .await
             .ok()?;
-        let wait = Duration::from_millis(u64::try_from(ms).unwrap_or(0));
-        let turn = match what {
-            0 => Budgeted::Go(wait),
-            1 => Budgeted::Paused(wait),
-            _ => Budgeted::Later(wait),
-        };
-        Some(BudgetTurn {
-            turn,
-            stepwise: shape == 1,
-            changes,
-        })
+        Some(answer.turn())
     }
 
     /// Checks a turn reserved for `at` (see [`Budgeted::Go`]) when it comes, or while it is
@@ -393,9 +201,10 @@ impl Fleet {
         changes: i64,
     ) -> Option<Confirmed> {
         let now = unix_ms(SystemTime::now());
-        let (what, ms, _, _): (i64, i64, i64, i64) = self
+        let keys = self.inner.layout.budget(partition);
+        let answer: Answer = self
             .run_script("budget", &BUDGET, |s| {
-                s.key(self.budget_names(partition))
+                s.key(&keys[..])
                     .arg("confirm")
                     .arg(now)
                     .arg(unix_ms(at))
@@ -403,27 +212,37 @@ impl Fleet {
             })
             .await
             .ok()?;
-        Some(match what {
-            0 => Confirmed::Go,
-            1 => Confirmed::Wait(Duration::from_millis(u64::try_from(ms).unwrap_or(0))),
-            _ => Confirmed::AskAgain,
-        })
+        Some(answer.confirmed())
     }
 
-    /// Shares what an upstream answer to `partition` said of its budget.
-    pub(crate) async fn learn_budget(&self, partition: &Partition, said: Said) {
-        let now = unix_ms(SystemTime::now());
-        let reset = u64::try_from(said.reset.as_millis())
+    /// Shares what an upstream answer to `partition` said of its request budget.
+    pub(crate) async fn learn_budget(&self, partition: &Partition, said: BudgetReport) {
+        self.learn_budget_at(partition, said, unix_ms(SystemTime::now()))
+            .await;
+    }
+
+    /// [`Fleet::learn_budget`] as if told at `now` (Unix ms).
+    async fn learn_budget_at(&self, partition: &Partition, said: BudgetReport, now: i64) {
+        let Some(reset) = said.reset else {
+            return;
+        };
+        let reset = u64::try_from(reset.as_millis())
             .unwrap_or(u64::MAX)
             .clamp(1, 60_000);
-        let _: Result<(i64, i64, i64, i64), ()> = self
+        // Finite and non-negative, as the governor read them; counts are far below 2^53.
+        let (remaining, limit) = (said.remaining as u64, said.limit.map_or(0, |l| l as u64));
+        let keys = self.inner.layout.budget(partition);
+        let _: Result<Answer, Unavailable> = self
             .run_script("budget", &BUDGET, |s| {
-                s.key(self.budget_names(partition))
+                s.key(&keys[..])
                     .arg("learn")
                     .arg(now)
-                    .arg(said.remaining)
+                    .arg(remaining)
                     .arg(reset)
-                    .arg(said.limit.unwrap_or(0));
+                    .arg(limit)
+                    .arg(shape::MIN_FALL_SHARE)
+                    .arg(shape::MIN_FALL)
+                    .arg(shape::AGREEMENT);
             })
             .await;
     }
@@ -431,26 +250,12 @@ impl Fleet {
     /// Pauses the fleet's budget of `partition` for `wait` (after a refusal).
     pub async fn pause(&self, partition: &Partition, wait: Duration) {
         let ms = wait.as_millis().clamp(1, 3_600_000) as u64;
-        let key = self.budget_name(partition, "pause");
-        let _: Result<i64, ()> = self
+        let [pause, ..] = self.inner.layout.budget(partition);
+        let _: Result<i64, Unavailable> = self
             .run_script("budget", &PAUSE, |s| {
-                s.key(key).arg(ms);
+                s.key(pause).arg(ms);
             })
             .await;
-    }
-
-    /// The script's keys: the partition's hex written once for all four.
-    fn budget_names(&self, partition: &Partition) -> Vec<String> {
-        let base = self.budget_name(partition, "");
-        ["pause", "left", "rpm", "win"]
-            .iter()
-            .map(|what| format!("{base}{what}"))
-            .collect()
-    }
-
-    fn budget_name(&self, partition: &Partition, what: &str) -> String {
-        let partition = blake3::Hash::from_bytes(*partition.as_bytes()).to_hex();
-        format!("{}budget:{partition}:{what}", self.inner.prefix)
     }
 }
 
@@ -464,8 +269,8 @@ mod tests {
 
     use super::redis_server::RedisServer;
 
-    /// The fleet tier on a `redis-server` of the test's own; `None` (the test skips) when it
-    /// is not installed.
+    /// The fleet tier on a `redis-server` of the test's own; `None` (the test skips, saying
+    /// so) when it is not installed, unless CI requires it (then the test fails).
     fn fleet() -> Option<(RedisServer, Fleet)> {
         let server = RedisServer::start()?;
         let fleet = Fleet::new(&server.url(), None).expect("fleet");
@@ -478,10 +283,10 @@ mod tests {
         let (_server, fleet) = fleet()?;
         let partition = Partition::from_bytes([7; 32]);
         for &(remaining, reset) in answers {
-            let said = Said {
-                limit: Some(10),
-                remaining,
-                reset: Duration::from_millis(reset),
+            let said = BudgetReport {
+                limit: Some(10.0),
+                remaining: remaining as f64,
+                reset: Some(Duration::from_millis(reset)),
             };
             fleet.learn_budget(&partition, said).await;
         }
@@ -492,6 +297,76 @@ mod tests {
         Some(turn.stepwise)
     }
 
+    /// The shape rule's table of cases (`governor/shape.rs`), run against the replica's own
+    /// governor and the fleet's script alike: both must tell a window from a refilling budget
+    /// the same way. Each answer: what remains of 10, the reset (ms), when it comes (ms).
+    #[tokio::test]
+    async fn one_table_of_cases_for_the_governor_and_the_fleet() {
+        // (the case, its answers, whether it is a window)
+        type Case = (&'static str, &'static [(u64, u64, u64)], bool);
+        let cases: [Case; 4] = [
+            // Three answers of one window: their ends agree while what remains falls.
+            ("a window", &[(9, 701, 0), (8, 700, 1), (7, 698, 2)], true),
+            // A bucket refilling at 10 a second: each end 100 ms later than the one before.
+            (
+                "a refilling bucket",
+                &[(9, 100, 0), (8, 200, 1), (7, 300, 2)],
+                false,
+            ),
+            // The first answer comes late in its window (80 ms left), the next ones from the
+            // window after it.
+            (
+                "a first answer late in its window",
+                &[(9, 80, 0), (9, 980, 100), (8, 979, 101), (7, 978, 102)],
+                true,
+            ),
+            // A first slow guess (one spent, whole in a second), then answers of a budget
+            // refilling much faster.
+            (
+                "a faster pace learned later",
+                &[(9, 1000, 0), (8, 150, 300), (7, 200, 301), (6, 250, 302)],
+                false,
+            ),
+        ];
+        let Some((_server, fleet)) = fleet() else {
+            return;
+        };
+        for (n, (case, answers, window)) in cases.into_iter().enumerate() {
+            let timed: Vec<(f64, Duration, Duration)> = answers
+                .iter()
+                .map(|&(left, reset, at)| {
+                    (
+                        left as f64,
+                        Duration::from_millis(reset),
+                        Duration::from_millis(at),
+                    )
+                })
+                .collect();
+            assert_eq!(
+                crate::governor::stepwise_after(10.0, &timed),
+                window,
+                "the governor: {case}"
+            );
+            let partition = Partition::from_bytes([n as u8 + 100; 32]);
+            let start = unix_ms(SystemTime::now());
+            for &(left, reset, at) in answers.iter() {
+                let said = BudgetReport {
+                    limit: Some(10.0),
+                    remaining: left as f64,
+                    reset: Some(Duration::from_millis(reset)),
+                };
+                fleet
+                    .learn_budget_at(&partition, said, start + at as i64)
+                    .await;
+            }
+            let turn = fleet
+                .budget_turn(&partition, None, Duration::from_secs(30))
+                .await
+                .expect("redis answers");
+            assert_eq!(turn.stepwise, window, "the fleet: {case}");
+        }
+    }
+
     /// Three replicas each send one request at once into a fixed window of 10: the answers
     /// say 9, 8 and 7 remain and that the window ends at one instant. A refilling budget of
     /// 10 a second would have moved the second end 200 ms past the first: this is a window,
@@ -499,8 +374,10 @@ mod tests {
     /// 0.7 s: 1.4 a second) reserves turns far ahead.
     #[tokio::test]
     async fn three_answers_of_one_window_show_a_window() {
-        let shown = stepwise_after(&[(9, 701), (8, 700), (7, 700)]).await;
-        assert!(shown.is_none_or(|stepwise| stepwise));
+        let Some(shown) = stepwise_after(&[(9, 701), (8, 700), (7, 700)]).await else {
+            return;
+        };
+        assert!(shown);
     }
 
     /// The same three requests against a bucket refilling at 10 a second: each answer's end
@@ -508,8 +385,10 @@ mod tests {
     /// budget.
     #[tokio::test]
     async fn three_answers_of_a_bucket_do_not() {
-        let shown = stepwise_after(&[(9, 100), (8, 200), (7, 300)]).await;
-        assert!(shown.is_none_or(|stepwise| !stepwise));
+        let Some(shown) = stepwise_after(&[(9, 100), (8, 200), (7, 300)]).await else {
+            return;
+        };
+        assert!(!shown);
     }
 
     /// Turns reserved ahead at a replica's first, slow guess of the pace (one a second) give

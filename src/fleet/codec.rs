@@ -3,8 +3,7 @@
 //! An entry is `LDE2` (magic and format version), the status, the creation and expiry times,
 //! the usage, the route, namespace and model, the replayed header pairs, the body's encoding
 //! (0 as it came, 1 deflated) and the body as the rest of the value; every variable part is
-//! prefixed by its length (`u32`, little-endian). `LDE1`, the same without the encoding byte,
-//! is still read. An error answer shared with followers of the same partition on other
+//! prefixed by its length (`u32`, little-endian). An error answer shared with followers of the same partition on other
 //! replicas (never stored as an entry) is `LDR1`, its status, header pairs and body. Reading
 //! never trusts the bytes: anything short, too long, inflating past [`MAX_INFLATED`] or of
 //! another version is `None`, and the caller treats it as a miss. A change of layout takes a
@@ -27,8 +26,6 @@ use crate::key::CacheKey;
 use crate::route::Route;
 
 const ENTRY_TAG: &[u8; 4] = b"LDE2";
-/// The layout before bodies could be compressed: no encoding byte, the body as it came.
-const ENTRY_TAG_RAW: &[u8; 4] = b"LDE1";
 
 /// Bodies from this size up are deflated when that saves at least an eighth.
 pub const COMPRESS_FROM: usize = 1024;
@@ -195,12 +192,9 @@ fn inflated_within(small: &[u8], most: u64) -> Option<Vec<u8>> {
 /// The entry stored under `key` from its Redis form; `None` if the bytes are not one.
 pub fn decode_entry(key: CacheKey, bytes: &[u8]) -> Option<StoredAnswer> {
     let mut r = Reader(bytes);
-    let tag = r.take(4)?;
-    let encoded = match tag {
-        t if t == ENTRY_TAG => true,
-        t if t == ENTRY_TAG_RAW => false,
-        _ => return None,
-    };
+    if r.take(4)? != ENTRY_TAG {
+        return None;
+    }
     let status = r.u16()?;
     let created_at = i64::from_le_bytes(r.take(8)?.try_into().ok()?);
     let expires_at = i64::from_le_bytes(r.take(8)?.try_into().ok()?);
@@ -220,8 +214,7 @@ pub fn decode_entry(key: CacheKey, bytes: &[u8]) -> Option<StoredAnswer> {
     if !(200..300).contains(&status) {
         return None;
     }
-    let encoding = if encoded { r.take(1)?[0] } else { BODY_RAW };
-    let body = match encoding {
+    let body = match r.take(1)?[0] {
         BODY_RAW => Bytes::copy_from_slice(r.0),
         BODY_DEFLATED => Bytes::from(inflated(r.0)?),
         _ => return None,
@@ -384,17 +377,6 @@ mod tests {
         // A short answer, or one that does not shrink, is written as it came.
         let small = entry();
         assert!(encode_entry(&small).ends_with(&small.body));
-    }
-
-    #[test]
-    fn an_entry_written_before_bodies_were_compressed_still_reads() {
-        let e = entry();
-        let mut bytes = encode_entry(&e);
-        // LDE1: the same layout without the body's encoding byte.
-        bytes.remove(bytes.len() - e.body.len() - 1);
-        bytes[..4].copy_from_slice(ENTRY_TAG_RAW);
-        let back = decode_entry(e.key, &bytes).expect("decodes");
-        assert_eq!((back.body, back.hit_headers), (e.body, e.hit_headers));
     }
 
     #[test]

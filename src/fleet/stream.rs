@@ -4,10 +4,19 @@
 
 use std::time::Instant;
 
-use super::{
-    CONNECT_TIMEOUT, Fleet, OP_TIMEOUT, STREAM_BLOCK, STREAM_KEPT, STREAM_ORPHANED, codec,
-};
+use std::time::Duration;
+
+use super::conn::{CONNECT_TIMEOUT, OP_TIMEOUT};
+use super::events::Says;
+use super::{Fleet, Unavailable, codec};
 use crate::key::CacheKey;
+
+/// How long a shared stream stays readable after its last record.
+pub const STREAM_KEPT: Duration = Duration::from_secs(60);
+/// How long a follower waits for a shared stream's next record before it looks again.
+const STREAM_BLOCK: Duration = Duration::from_secs(1);
+/// How long a shared stream may go silent, its lease gone, before a follower ends it.
+const STREAM_ORPHANED: Duration = Duration::from_secs(15);
 
 impl Fleet {
     /// Starts relaying a streamed answer of `status` and `headers` (only the replayed ones
@@ -25,14 +34,14 @@ impl Fleet {
             head.push(("peer", url.clone().into_bytes()));
         }
         let _ = tx.send(head);
-        let (fleet, name) = (self.clone(), self.stream_name(key));
-        let announce = format!("live {}", key.to_hex());
+        let (fleet, name) = (self.clone(), self.inner.layout.stream(key));
+        let key = *key;
         tokio::spawn(async move {
             let ms = STREAM_KEPT.as_millis() as u64;
             let mut first = true;
             while let Some(record) = rx.recv().await {
                 let name = name.clone();
-                let added: Result<(), ()> = fleet
+                let added: Result<(), Unavailable> = fleet
                     .call("relay", |mut c| async move {
                         let mut pipe = redis::pipe();
                         pipe.cmd("XADD").arg(&name).arg("*");
@@ -54,7 +63,7 @@ impl Fleet {
                 }
                 if first {
                     first = false;
-                    fleet.publish(announce.clone());
+                    fleet.publish(Says::Live(key));
                 }
             }
         });
@@ -68,7 +77,7 @@ impl Fleet {
 
     /// The stream another replica relays for `key`, if there is one, its head read.
     pub(super) async fn follow(&self, key: &CacheKey) -> Option<Followed> {
-        let name = self.stream_name(key);
+        let name = self.inner.layout.stream(key);
         let head: Vec<StreamRecord> = {
             let name = name.clone();
             self.call("follow", |mut c| async move {
@@ -113,10 +122,6 @@ impl Fleet {
             quiet_since: Instant::now(),
         })
     }
-
-    pub(super) fn stream_name(&self, key: &CacheKey) -> String {
-        format!("{}s:{}", self.inner.prefix, key.to_hex())
-    }
 }
 
 /// The leader's side of a stream shared live with other replicas: events are handed to a task
@@ -143,17 +148,17 @@ impl Relay {
         self.sent += event.len();
         if self.sent > self.bound {
             self.cut = true;
-            let _ = self.tx.send(vec![("end", b"cut".to_vec())]);
+            let _ = self.tx.send(vec![("end", Ending::Cut.as_bytes().to_vec())]);
             return;
         }
         let _ = self.tx.send(vec![("e", event.to_vec())]);
     }
 
-    /// Ends the relay: the stream completed (`true`) or failed.
-    pub fn end(self, ok: bool) {
+    /// Ends the relay as the stream ended: [`Ending::Complete`] or [`Ending::Failed`] (a relay
+    /// past its bound said [`Ending::Cut`] already).
+    pub fn end(self, ending: Ending) {
         if !self.cut {
-            let ending = if ok { b"ok".to_vec() } else { b"err".to_vec() };
-            let _ = self.tx.send(vec![("end", ending)]);
+            let _ = self.tx.send(vec![("end", ending.as_bytes().to_vec())]);
         }
     }
 }
@@ -184,6 +189,26 @@ pub enum Ending {
     /// Redis, or the leader's connection to it, went away: the rest is only on the leader
     /// replica, at [`Followed::peer`] if it named where it can be reached.
     Lost,
+}
+
+impl Ending {
+    /// How a relayed stream's end record says it.
+    fn as_bytes(self) -> &'static [u8] {
+        match self {
+            Ending::Complete => b"ok",
+            Ending::Failed => b"err",
+            Ending::Cut | Ending::Lost => b"cut",
+        }
+    }
+
+    /// What an end record says.
+    fn read(said: &[u8]) -> Ending {
+        match said {
+            b"ok" => Ending::Complete,
+            b"err" => Ending::Failed,
+            _ => Ending::Cut,
+        }
+    }
 }
 
 /// A follower's side of a stream another replica relays.
@@ -239,11 +264,7 @@ impl Followed {
                         return Relayed::Events(events);
                     }
                     self.last = id;
-                    return Relayed::End(match value.as_slice() {
-                        b"ok" => Ending::Complete,
-                        b"err" => Ending::Failed,
-                        _ => Ending::Cut,
-                    });
+                    return Relayed::End(Ending::read(value));
                 }
                 self.last = id;
                 for (field, value) in fields {

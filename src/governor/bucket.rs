@@ -24,6 +24,7 @@ use std::time::Duration;
 // tokio's clock, so that tests can pause and advance it.
 use tokio::time::Instant;
 
+use super::shape;
 use super::signals::BudgetReport;
 
 /// The share of a learned refill rate used for pacing (operator-set rates are exact).
@@ -108,13 +109,8 @@ impl Bucket {
         Duration::try_from_secs_f64(missing / self.per_second).unwrap_or(Duration::from_secs(3600))
     }
 
-    /// Whether this answer and the first of its group (since what remains last rose) agree on
-    /// when the budget is whole again, while what remains fell by a tenth of the limit (and at
-    /// least 2, past the headers' rounding). A refilling budget is whole again `fall / rate`
-    /// later once `fall` more are spent (answers' order and delays aside), a window at its
-    /// end whatever was spent: an agreement within a quarter of what a refill would move
-    /// shows a window. Delays would have to differ by that quarter to fool it: for OpenAI's
-    /// per-minute budgets, a tenth of the limit is 6 s of refill.
+    /// Whether this answer and the first of its group (since what remains last rose) show a
+    /// window by the shape rule (`shape.rs`). A fall too small to tell keeps the group going.
     fn ends_agree(
         &mut self,
         limit: f64,
@@ -126,12 +122,18 @@ impl Bucket {
             self.anchor = None;
             return false;
         };
-        let Some((first, first_end)) = self.anchor.filter(|(first, _)| remaining <= *first) else {
+        // A group is one period's answers: more remaining, or an end more than half a reset
+        // past the first one's (a later window), starts a new one.
+        let later = |first_end: Instant| end > first_end + reset / 2;
+        let Some((first, first_end)) = self
+            .anchor
+            .filter(|(first, first_end)| remaining <= *first && !later(*first_end))
+        else {
             self.anchor = Some((remaining, end));
             return false;
         };
         let fall = first - remaining;
-        if fall < (limit / 10.0).max(2.0) {
+        if fall < (limit * shape::MIN_FALL_SHARE).max(shape::MIN_FALL) {
             return false;
         }
         let moved = if end >= first_end {
@@ -139,8 +141,13 @@ impl Bucket {
         } else {
             first_end - end
         };
-        let refill_moves = fall * reset.as_secs_f64() / (limit - remaining).max(1.0);
-        if moved.as_secs_f64() < refill_moves / 4.0 {
+        if shape::shows_window(
+            limit,
+            remaining,
+            reset.as_secs_f64(),
+            fall,
+            moved.as_secs_f64(),
+        ) {
             return true;
         }
         // A budget that refills: the group starts again here.
@@ -244,6 +251,24 @@ pub(super) fn learn(
         // A budget first seen in an answer holds what that answer says remains.
         b.available = remaining.min(b.capacity);
     }
+}
+
+/// Whether a budget of `limit` told these answers, `(remaining, reset, when)` from now on,
+/// counts as a window: the replica's side of the shape rule's table of cases, which the
+/// fleet's script answers too (`fleet/budget.rs`).
+#[cfg(test)]
+pub(crate) fn stepwise_after(limit: f64, answers: &[(f64, Duration, Duration)]) -> bool {
+    let start = Instant::now();
+    let mut bucket = None;
+    for &(remaining, reset, at) in answers {
+        let said = BudgetReport {
+            limit: Some(limit),
+            remaining,
+            reset: Some(reset),
+        };
+        learn(&mut bucket, Some(said), false, start + at);
+    }
+    bucket.is_some_and(|b| b.is_stepwise())
 }
 
 #[cfg(test)]

@@ -25,16 +25,18 @@ use tokio::time::Instant;
 use http::HeaderMap;
 
 use crate::error::{Error, ErrorKind};
-use crate::fleet::Said;
 use crate::key::Partition;
 
 mod bucket;
+pub(crate) mod shape;
 mod signals;
 
+#[cfg(test)]
+pub(crate) use bucket::stepwise_after;
 use bucket::{Bucket, learn};
 use signals::RateLimits;
 pub(crate) use signals::{
-    Disposition, MAX_SERVER_WAIT, backoff, classify, estimate_tokens, retry_after,
+    BudgetReport, Disposition, MAX_SERVER_WAIT, backoff, classify, estimate_tokens, retry_after,
 };
 
 /// The operator's settings for the governor.
@@ -366,16 +368,9 @@ impl Governor {
         partition: &Partition,
         headers: &HeaderMap,
         refused: bool,
-    ) -> Option<Said> {
+    ) -> Option<BudgetReport> {
         let learned = RateLimits::read(headers);
-        // Finite and non-negative, as `read` checks; counts are far below 2^53.
-        let said = learned.requests.and_then(|report| {
-            Some(Said {
-                limit: report.limit.map(|l| l as u64),
-                remaining: report.remaining as u64,
-                reset: report.reset?,
-            })
-        });
+        let said = learned.requests;
         let budget = self.budget(partition);
         let mut s = budget.state.lock().unwrap_or_else(|e| e.into_inner());
         s.probed = true;

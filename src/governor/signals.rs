@@ -12,7 +12,7 @@ use crate::throttle::LogGate;
 
 /// What one answer's rate-limit headers say about one budget.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub(super) struct BudgetReport {
+pub(crate) struct BudgetReport {
     /// The size of the budget; Azure sends only what remains, so it may be unknown.
     pub limit: Option<f64>,
     /// What is left of it.

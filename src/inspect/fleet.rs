@@ -1,20 +1,13 @@
 //! The inspector on a fleet's shared tier in Redis: `stats`, `list`, `show` and `purge` with
-//! `--redis URL`.
+//! `--redis URL`, through the fleet's own access ([`crate::fleet::Admin`]).
 //!
-//! It reads the entries under the fleet's prefix with `SCAN` (never `KEYS`, which blocks the
-//! server), in pages, and decodes them as the replicas wrote them. Redis keeps no hit counts:
-//! those stay in each replica's own figures. A purge deletes the entries and publishes it on
-//! the fleet's channel, so every replica drops its copies (memory and local file) at once.
-
-use redis::Commands;
+//! Redis keeps no hit counts: those stay in each replica's own figures. A purge deletes the
+//! entries and announces it on the fleet's channel, so every replica drops its copies (memory
+//! and local file) at once.
 
 use super::{EntrySummary, ExportedEntry, InspectError, Selection};
 use crate::entry::{StoredAnswer, unix_ms};
-use crate::fleet::decode_entry;
-use crate::key::{CacheKey, KEY_VERSION};
-
-/// Keys asked for in one `SCAN` step.
-const PAGE: usize = 500;
+use crate::fleet::{Admin, AdminError};
 
 /// What the fleet's tier holds.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -44,58 +37,24 @@ pub struct FleetGroup {
 
 /// A connection to a fleet's Redis.
 pub struct FleetInspector {
-    conn: redis::Connection,
-    shown: String,
-    prefix: String,
+    admin: Admin,
 }
 
-fn failed(e: redis::RedisError) -> InspectError {
+fn failed(e: AdminError) -> InspectError {
     InspectError::Redis(e.to_string())
 }
 
 impl FleetInspector {
     /// Connects to the Redis at `url`, with a short timeout.
     pub fn open(url: &str) -> Result<FleetInspector, InspectError> {
-        let client = redis::Client::open(url).map_err(failed)?;
-        let timeout = std::time::Duration::from_secs(5);
-        let conn = client
-            .get_connection_with_timeout(timeout)
-            .map_err(failed)?;
-        conn.set_read_timeout(Some(timeout)).map_err(failed)?;
-        let info = client.get_connection_info();
         Ok(FleetInspector {
-            conn,
-            shown: info.addr().to_string(),
-            prefix: format!("llm-dedup:v{KEY_VERSION}:"),
+            admin: Admin::open(url).map_err(failed)?,
         })
     }
 
-    /// Every entry, read page by page, with the size of its value.
+    /// Every entry, with the size of its value.
     fn entries(&mut self) -> Result<Vec<(StoredAnswer, u64)>, InspectError> {
-        let pattern = format!("{}e:*", self.prefix);
-        let names: Vec<String> = self
-            .conn
-            .scan_match::<_, String>(&pattern)
-            .map_err(failed)?
-            .collect::<Result<_, _>>()
-            .map_err(failed)?;
-        let mut out = Vec::with_capacity(names.len());
-        for page in names.chunks(PAGE) {
-            let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
-                .arg(page)
-                .query(&mut self.conn)
-                .map_err(failed)?;
-            for (name, value) in page.iter().zip(values) {
-                let key = name.rsplit(':').next().and_then(CacheKey::from_hex);
-                let (Some(key), Some(value)) = (key, value) else {
-                    continue;
-                };
-                if let Some(entry) = decode_entry(key, &value) {
-                    out.push((entry, value.len() as u64));
-                }
-            }
-        }
-        Ok(out)
+        self.admin.entries().map_err(failed)
     }
 
     /// What the tier holds, by model and route.
@@ -121,7 +80,7 @@ impl FleetInspector {
             groups
         };
         Ok(FleetStats {
-            redis: self.shown.clone(),
+            redis: self.admin.server().to_owned(),
             entries: entries.len() as u64,
             value_bytes: entries.iter().map(|(_, b)| b).sum(),
             by_model: group(&|e| e.model.clone().unwrap_or_default()),
@@ -194,26 +153,8 @@ impl FleetInspector {
                 });
             }
         }
-        let channel = format!("{}events", self.prefix);
-        for page in chosen.chunks(PAGE) {
-            let names: Vec<String> = page
-                .iter()
-                .map(|(e, _)| format!("{}e:{}", self.prefix, e.key.to_hex()))
-                .collect();
-            let _: i64 = self.conn.del(&names).map_err(failed)?;
-            if !all {
-                for (entry, _) in page {
-                    let message = format!("inspector purge {}", entry.key.to_hex());
-                    let _: i64 = self.conn.publish(&channel, message).map_err(failed)?;
-                }
-            }
-        }
-        if all {
-            let _: i64 = self
-                .conn
-                .publish(&channel, "inspector purge all")
-                .map_err(failed)?;
-        }
+        let keys: Vec<_> = chosen.iter().map(|(e, _)| e.key).collect();
+        self.admin.purge(&keys, all).map_err(failed)?;
         Ok(chosen.iter().map(|(e, b)| summary(e, *b)).collect())
     }
 }

@@ -3,6 +3,24 @@
 
 #![allow(dead_code)]
 
+/// The environment variable CI sets (`.ci/run`): a test that needs a real component fails
+/// without it, instead of skipping.
+pub const REQUIRE: &str = "LLM_DEDUP_REQUIRE_COMPONENTS";
+
+/// Says loudly that `program` is missing and the test skips, or fails the test when CI asks
+/// for every component ([`REQUIRE`]).
+pub fn missing(program: &str) {
+    if std::env::var_os(REQUIRE).is_some_and(|v| !v.is_empty()) {
+        panic!(
+            "{program} is not installed, and {REQUIRE} is set: this test must run (apt-get install {program})"
+        );
+    }
+    eprintln!(
+        "\n*** {program} is not installed: SKIPPING this test (apt-get install {program}; CI \
+         sets {REQUIRE} and fails instead) ***\n"
+    );
+}
+
 /// A real `redis-server` on a free loopback port, persistence off, stopped when dropped.
 pub struct RedisServer {
     child: std::process::Child,
@@ -10,8 +28,14 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
+    /// See [`missing`] (for tests that name only the server type).
+    pub fn missing_component(program: &str) {
+        missing(program);
+    }
+
     /// Starts one, or says why not and returns `None` when `redis-server` is not installed
-    /// (the README's test command runs without it; CI installs it).
+    /// (the README's test command runs without it); with [`REQUIRE`] set (CI), panics
+    /// instead.
     pub fn start() -> Option<RedisServer> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .expect("bind")
@@ -32,7 +56,7 @@ impl RedisServer {
         let child = match spawned {
             Ok(child) => child,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                eprintln!("redis-server is not installed: skipping (apt-get install redis-server)");
+                missing("redis-server");
                 return None;
             }
             Err(e) => panic!("cannot start redis-server: {e}"),

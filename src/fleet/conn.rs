@@ -1,0 +1,128 @@
+//! The fleet's connection to Redis and its fault rule.
+//!
+//! Every call has a short timeout ([`OP_TIMEOUT`]). A failure is counted
+//! (`llm_dedup_redis_errors_total`), logged at most once a minute, and turns Redis off for
+//! [`BACKOFF`]: meanwhile each replica uses its own tiers and flights only, and then tries
+//! again (the connection reconnects by itself). No request fails because Redis did: a call
+//! that cannot be made answers [`Unavailable`], and its caller goes on alone.
+
+use std::future::Future;
+use std::sync::LazyLock;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use super::Fleet;
+
+/// Longest wait for one Redis call.
+pub const OP_TIMEOUT: Duration = Duration::from_millis(250);
+/// Longest wait to connect.
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long Redis is left alone after a failure.
+pub const BACKOFF: Duration = Duration::from_secs(1);
+
+/// Redis cannot be used now: a call failed or timed out (counted and logged), or Redis is
+/// left alone after a failure. The caller goes on with its replica's own tiers and flights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the fleet's Redis cannot be used now")]
+pub struct Unavailable;
+
+impl Fleet {
+    /// Redis calls that failed or timed out.
+    pub fn errors(&self) -> u64 {
+        self.inner.errors.load(Ordering::Relaxed)
+    }
+
+    /// Runs one Redis call with the connection, under [`OP_TIMEOUT`]; a failure is counted,
+    /// logged at most once a minute, and turns Redis off for [`BACKOFF`].
+    pub(super) async fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T, Unavailable>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        // Whoever uses the fleet's tier hears what the other replicas replace or purge.
+        self.subscribe();
+        let conn = self.connection().await?;
+        match tokio::time::timeout(OP_TIMEOUT, f(conn)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => {
+                self.failed(what, &e.to_string());
+                Err(Unavailable)
+            }
+            Err(_) => {
+                self.failed(what, "timed out");
+                Err(Unavailable)
+            }
+        }
+    }
+
+    /// Runs `script` (its hash computed once) with the keys and arguments `fill` adds, as one
+    /// call under the rules of [`Fleet::call`].
+    pub(super) async fn run_script<T: redis::FromRedisValue>(
+        &self,
+        what: &str,
+        script: &'static LazyLock<redis::Script>,
+        fill: impl FnOnce(&mut redis::ScriptInvocation<'static>),
+    ) -> Result<T, Unavailable> {
+        let mut invocation = script.prepare_invoke();
+        fill(&mut invocation);
+        self.call(what, |mut c| async move {
+            invocation.invoke_async(&mut c).await
+        })
+        .await
+    }
+
+    /// The shared connection, made on first use; [`Unavailable`] while Redis is left alone.
+    async fn connection(&self) -> Result<ConnectionManager, Unavailable> {
+        let down = self.inner.down_until.lock().ok().and_then(|d| *d);
+        if down.is_some_and(|until| Instant::now() < until) {
+            return Err(Unavailable);
+        }
+        let mut slot = self.inner.conn.lock().await;
+        if let Some(conn) = slot.as_ref() {
+            return Ok(conn.clone());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(OP_TIMEOUT))
+            .set_number_of_retries(1);
+        let made = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            self.inner.client.get_connection_manager_with_config(config),
+        )
+        .await;
+        match made {
+            Ok(Ok(conn)) => {
+                *slot = Some(conn.clone());
+                Ok(conn)
+            }
+            Ok(Err(e)) => {
+                self.failed("connect", &e.to_string());
+                Err(Unavailable)
+            }
+            Err(_) => {
+                self.failed("connect", "timed out");
+                Err(Unavailable)
+            }
+        }
+    }
+
+    /// Counts a failed call, logs it at most once a minute, and leaves Redis alone for
+    /// [`BACKOFF`].
+    pub(super) fn failed(&self, what: &str, error: &str) {
+        self.inner.errors.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut down) = self.inner.down_until.lock() {
+            *down = Some(Instant::now() + BACKOFF);
+        }
+        if let Some(held) = self.inner.gate.open() {
+            tracing::warn!(
+                call = what,
+                error,
+                failures_since_last_line = held,
+                "Redis call failed; this replica uses its own tiers, flights and budget until \
+                 Redis answers again"
+            );
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! What replicas and the inspector tell each other, on one pub/sub channel
+//! ([`Layout::channel`](super::Layout::channel)), and the local waiters those messages wake.
+//!
+//! [`Message`] is the one wire form: its [`Message::encode`] and [`Message::parse`] are used by
+//! every replica and by the inspector. A replica hears every message, and wakes the local
+//! waiters of a key (`done`, `live`) or hands an [`Event`] to its listener (`replaced`,
+//! `purge`), which drops the copies it holds.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::sync::Notify;
+
+use super::Fleet;
+use super::conn::{BACKOFF, CONNECT_TIMEOUT};
+use crate::key::CacheKey;
+
+/// What another replica (or the inspector) said happened, for the replica's listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The answer under this key was replaced (a `no-cache` refresh): copies held here are old.
+    Replaced(CacheKey),
+    /// The entry under this key was purged.
+    Purged(CacheKey),
+    /// Every entry was purged.
+    PurgedAll,
+}
+
+/// One message on the fleet's channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// Who sent it: a replica's id, or `inspector`.
+    pub from: String,
+    /// What it says.
+    pub says: Says,
+}
+
+/// What a message says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Says {
+    /// The lease on this key ended: its waiters look again.
+    Done(CacheKey),
+    /// A stream for this key began to be relayed: its waiters look again.
+    Live(CacheKey),
+    /// The answer under this key was replaced.
+    Replaced(CacheKey),
+    /// The entry under this key was purged.
+    Purged(CacheKey),
+    /// Every entry was purged.
+    PurgedAll,
+}
+
+impl Message {
+    /// The wire form: `"{from} {what} {key}"`, or `"{from} purge all"`.
+    pub fn encode(&self) -> String {
+        let (what, arg) = match &self.says {
+            Says::Done(key) => ("done", key.to_hex()),
+            Says::Live(key) => ("live", key.to_hex()),
+            Says::Replaced(key) => ("replaced", key.to_hex()),
+            Says::Purged(key) => ("purge", key.to_hex()),
+            Says::PurgedAll => ("purge", "all".to_owned()),
+        };
+        format!("{} {what} {arg}", self.from)
+    }
+
+    /// Reads the wire form; `None` for anything else.
+    pub fn parse(text: &str) -> Option<Message> {
+        let mut words = text.split(' ');
+        let (from, what, arg) = (words.next()?, words.next()?, words.next()?);
+        if words.next().is_some() || from.is_empty() {
+            return None;
+        }
+        let key = CacheKey::from_hex(arg);
+        let says = match (what, arg, key) {
+            ("done", _, Some(key)) => Says::Done(key),
+            ("live", _, Some(key)) => Says::Live(key),
+            ("replaced", _, Some(key)) => Says::Replaced(key),
+            ("purge", "all", _) => Says::PurgedAll,
+            ("purge", _, Some(key)) => Says::Purged(key),
+            _ => return None,
+        };
+        Some(Message {
+            from: from.to_owned(),
+            says,
+        })
+    }
+}
+
+impl Fleet {
+    /// Calls `listener` with every event another replica publishes (from a task of its own).
+    pub fn on_event(&self, listener: impl Fn(Event) + Send + Sync + 'static) {
+        let _ = self.inner.listener.set(Box::new(listener));
+    }
+
+    /// Tells the other replicas that the answer under `key` was replaced.
+    pub fn replaced(&self, key: &CacheKey) {
+        self.publish(Says::Replaced(*key));
+    }
+
+    /// Publishes what this replica `says`, from a task of its own (nothing waits on it).
+    pub(super) fn publish(&self, says: Says) {
+        let fleet = self.clone();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            let channel = fleet.inner.layout.channel();
+            let message = Message {
+                from: fleet.inner.replica.clone(),
+                says,
+            }
+            .encode();
+            let _: Result<i64, _> = fleet
+                .call("publish", |mut c| async move {
+                    redis::cmd("PUBLISH")
+                        .arg(channel)
+                        .arg(message)
+                        .query_async(&mut c)
+                        .await
+                })
+                .await;
+        });
+    }
+
+    /// Starts listening to the fleet's events, once.
+    pub(super) fn subscribe(&self) {
+        if self.inner.subscribed.load(Ordering::Relaxed)
+            || self.inner.subscribed.swap(true, Ordering::SeqCst)
+        {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.inner.subscribed.store(false, Ordering::SeqCst);
+            return;
+        };
+        // Weak: the task ends when the last handle on the fleet is gone.
+        let weak = Arc::downgrade(&self.inner);
+        runtime.spawn(async move {
+            use futures_util::StreamExt;
+            loop {
+                let Some(inner) = weak.upgrade() else { return };
+                let fleet = Fleet { inner };
+                let connected = tokio::time::timeout(CONNECT_TIMEOUT, async {
+                    let mut pubsub = fleet.inner.client.get_async_pubsub().await?;
+                    pubsub.subscribe(fleet.inner.layout.channel()).await?;
+                    Ok::<_, redis::RedisError>(pubsub)
+                })
+                .await;
+                let mut pubsub = match connected {
+                    Ok(Ok(pubsub)) => pubsub,
+                    Ok(Err(e)) => {
+                        fleet.failed("subscribe", &e.to_string());
+                        drop(fleet);
+                        tokio::time::sleep(BACKOFF).await;
+                        continue;
+                    }
+                    Err(_) => {
+                        fleet.failed("subscribe", "timed out");
+                        drop(fleet);
+                        tokio::time::sleep(BACKOFF).await;
+                        continue;
+                    }
+                };
+                let weak_inner = Arc::downgrade(&fleet.inner);
+                drop(fleet);
+                let mut messages = pubsub.on_message();
+                while let Some(message) = messages.next().await {
+                    let Some(inner) = weak_inner.upgrade() else {
+                        return;
+                    };
+                    let payload: String = message.get_payload().unwrap_or_default();
+                    if let Some(message) = Message::parse(&payload) {
+                        Fleet { inner }.heard(message);
+                    }
+                }
+                // The connection dropped: every waiter looks again, then we reconnect.
+                if let Some(inner) = weak.upgrade() {
+                    Fleet { inner }.wake_all();
+                }
+                tokio::time::sleep(BACKOFF).await;
+            }
+        });
+    }
+
+    /// Handles one message.
+    fn heard(&self, message: Message) {
+        let event = match message.says {
+            Says::Done(key) | Says::Live(key) => {
+                let waiter = self
+                    .inner
+                    .waiters
+                    .lock()
+                    .ok()
+                    .and_then(|w| w.get(&key).cloned());
+                if let Some(waiter) = waiter {
+                    waiter.notify_waiters();
+                }
+                return;
+            }
+            // What this replica said, it did already.
+            _ if message.from == self.inner.replica => return,
+            Says::Replaced(key) => Event::Replaced(key),
+            Says::Purged(key) => Event::Purged(key),
+            Says::PurgedAll => Event::PurgedAll,
+        };
+        if let Some(listener) = self.inner.listener.get() {
+            listener(event);
+        }
+    }
+
+    fn wake_all(&self) {
+        if let Ok(waiters) = self.inner.waiters.lock() {
+            for waiter in waiters.values() {
+                waiter.notify_waiters();
+            }
+        }
+    }
+
+    /// The local waiter on another replica's flight of `key` (see `turns.rs`).
+    pub(super) fn waiter(&self, key: &CacheKey) -> Arc<Notify> {
+        let mut waiters = self.inner.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        waiters.entry(*key).or_default().clone()
+    }
+
+    /// Forgets the waiter on `key` once nobody else waits on it.
+    pub(super) fn forget_waiter(&self, key: &CacheKey, notify: &Arc<Notify>) {
+        let mut waiters = self.inner.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        // Two references: the map's and ours; nobody else waits on this key.
+        if waiters.get(key).is_some_and(|n| Arc::ptr_eq(n, notify))
+            && Arc::strong_count(notify) == 2
+        {
+            waiters.remove(key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_message_reads_back_as_written_and_nothing_else_reads() {
+        let key = CacheKey::from_hex(&"ab".repeat(32)).expect("key");
+        for says in [
+            Says::Done(key),
+            Says::Live(key),
+            Says::Replaced(key),
+            Says::Purged(key),
+            Says::PurgedAll,
+        ] {
+            let message = Message {
+                from: "0123456789abcdef".into(),
+                says,
+            };
+            assert_eq!(Message::parse(&message.encode()), Some(message));
+        }
+        for bad in [
+            "",
+            "x",
+            "x purge",
+            "x purge nothex",
+            "x done all",
+            "x shout all",
+            "x purge all extra",
+            " purge all",
+        ] {
+            assert_eq!(Message::parse(bad), None, "{bad:?}");
+        }
+    }
+}
