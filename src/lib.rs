@@ -120,37 +120,121 @@ pub use usage::Usage;
 
 #[cfg(test)]
 mod architecture {
-    /// The leaf modules and their sources. ARCHITECTURE.md's invariant: a leaf imports nothing
-    /// of the crate but other leaves, so the modules everything uses never reach up.
-    const LEAVES: &[(&str, &str)] = &[
-        ("answer", include_str!("answer.rs")),
-        ("counts", include_str!("counts.rs")),
-        ("error", include_str!("error.rs")),
-        ("fuzzing", include_str!("fuzzing.rs")),
-        ("headers", include_str!("headers.rs")),
-        ("inflight", include_str!("inflight.rs")),
-        ("key", include_str!("key.rs")),
-        ("prices", include_str!("prices.rs")),
-        ("route", include_str!("route.rs")),
-        ("series", include_str!("series.rs")),
-        ("sse", include_str!("sse.rs")),
-        ("throttle", include_str!("throttle.rs")),
-        ("usage", include_str!("usage.rs")),
+    //! ARCHITECTURE.md's boundaries, enforced: the leaves import nothing of the crate but each
+    //! other, no two top-level modules import each other (directly or round a circle), and the
+    //! engine imports none of the faces above it.
+
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::path::Path;
+
+    /// The leaf modules: what everything uses, importing nothing above.
+    const LEAVES: &[&str] = &[
+        "answer", "counts", "error", "fuzzing", "headers", "inflight", "key", "prices", "route",
+        "series", "sse", "throttle", "usage",
     ];
+
+    /// The faces over the engine: it imports none of them.
+    const FACES: &[&str] = &["inspect", "middleware", "page", "server"];
+
+    /// Each top-level module of the library and the top-level modules its files name
+    /// (`crate::name`), itself left out. The binary's own files (`main.rs`, `report.rs`,
+    /// `cli/`) are not the library's.
+    fn imports() -> BTreeMap<String, BTreeSet<String>> {
+        fn walk(dir: &Path, found: &mut Vec<std::path::PathBuf>) {
+            for entry in std::fs::read_dir(dir).expect("src readable").flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    walk(&path, found);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    found.push(path);
+                }
+            }
+        }
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        walk(&src, &mut files);
+        let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for file in files {
+            let relative = file.strip_prefix(&src).expect("under src");
+            let first = relative
+                .iter()
+                .next()
+                .and_then(|c| c.to_str())
+                .unwrap_or("");
+            let module = first.trim_end_matches(".rs").to_owned();
+            if matches!(module.as_str(), "lib" | "main" | "report" | "cli") {
+                continue;
+            }
+            let source = std::fs::read_to_string(&file).expect("readable");
+            assert!(
+                !source.contains("crate::{"),
+                "{}: name each module (`crate::a::..`), not `crate::{{..}}`",
+                relative.display()
+            );
+            let named = graph.entry(module.clone()).or_default();
+            for (at, _) in source.match_indices("crate::") {
+                let other: String = source[at + "crate::".len()..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                if !other.is_empty() && other != module {
+                    named.insert(other);
+                }
+            }
+        }
+        graph
+    }
 
     #[test]
     fn leaves_import_nothing_but_leaves() {
-        for (leaf, source) in LEAVES {
-            for (at, _) in source.match_indices("crate::") {
-                let module = source[at + "crate::".len()..]
-                    .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                    .next()
-                    .unwrap_or_default();
-                assert!(
-                    LEAVES.iter().any(|(name, _)| *name == module),
-                    "the leaf `{leaf}` reaches up to `crate::{module}`"
-                );
+        for (module, named) in imports() {
+            if LEAVES.contains(&module.as_str()) {
+                for other in named {
+                    assert!(
+                        LEAVES.contains(&other.as_str()),
+                        "the leaf `{module}` reaches up to `crate::{other}`"
+                    );
+                }
             }
+        }
+    }
+
+    #[test]
+    fn no_two_modules_import_each_other_round_a_circle() {
+        let graph = imports();
+        // Depth-first, keeping the path: a module met again on it closes a circle.
+        fn visit(
+            module: &str,
+            graph: &BTreeMap<String, BTreeSet<String>>,
+            path: &mut Vec<String>,
+            done: &mut BTreeSet<String>,
+        ) {
+            if let Some(at) = path.iter().position(|m| m == module) {
+                panic!("an import circle: {} -> {module}", path[at..].join(" -> "));
+            }
+            if !done.insert(module.to_owned()) {
+                return;
+            }
+            path.push(module.to_owned());
+            for other in graph.get(module).into_iter().flatten() {
+                visit(other, graph, path, done);
+            }
+            path.pop();
+        }
+        let mut done = BTreeSet::new();
+        for module in graph.keys() {
+            visit(module, &graph, &mut Vec::new(), &mut done);
+        }
+    }
+
+    #[test]
+    fn the_engine_imports_no_face_above_it() {
+        let graph = imports();
+        for face in FACES {
+            assert!(
+                !graph["engine"].contains(*face),
+                "the engine reaches up to `crate::{face}`"
+            );
         }
     }
 }

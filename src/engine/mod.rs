@@ -39,6 +39,7 @@ mod bypass;
 mod classify;
 mod count;
 mod embed;
+mod figures;
 mod flight;
 mod govern;
 mod keying;
@@ -58,6 +59,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use builder::DedupBuilder;
+pub use figures::LiveFigures;
 pub use verified::DEFAULT_VERIFY_WINDOW;
 
 use crate::answer::{Answer, CacheStatus};
@@ -65,7 +67,6 @@ use crate::error::Error;
 use crate::fleet::Fleet;
 use crate::governor::Governor;
 use crate::inflight::InFlight;
-use crate::inspect::LiveFigures;
 use crate::key::{CacheKey, CredentialHeaders, KeyHeaders, KeyPolicy};
 use crate::live::HeldBytes;
 use crate::memory::MemoryTier;

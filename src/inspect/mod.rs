@@ -19,6 +19,8 @@ use crate::key::CacheKey;
 use crate::prices::{PriceTable, PricesInfo};
 use crate::store::{self, PurgeRule, StoreError};
 
+pub use crate::engine::LiveFigures;
+
 mod fleet;
 mod transfer;
 
@@ -116,24 +118,6 @@ pub struct Stats {
     /// What the serving proxy is doing right now (only in its own `/_llm-dedup/stats`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub live: Option<LiveFigures>,
-}
-
-/// What a running engine is doing now, beside what its database counts.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct LiveFigures {
-    /// Distinct requests waiting on an upstream call.
-    pub in_flight: u64,
-    /// Bytes the memory tier holds, and its bound (`--memory`).
-    pub memory_bytes: u64,
-    /// The memory tier's bound.
-    pub memory_max_bytes: u64,
-    /// Entries the memory tier holds.
-    pub memory_entries: u64,
-    /// Requests that waited in line for upstream budget (a millisecond or more) since the
-    /// engine started.
-    pub budget_waits: u64,
-    /// Milliseconds they waited, in all.
-    pub budget_wait_ms: u64,
 }
 
 /// One entry, without its body.
