@@ -13,7 +13,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use llm_dedup::Counts;
 use llm_dedup::inspect::{EntrySummary, Group, Selection, SortBy};
 
-use crate::{ExportArgs, ImportArgs, ListArgs, PurgeArgs, ShowArgs, SortArg, StatsArgs};
+use crate::cli::args::{
+    ExportArgs, ImportArgs, ListArgs, PurgeArgs, ShowArgs, SortArg, StatsArgs, read_prices,
+};
 
 /// The time a Unix-ms timestamp from the database stands for.
 fn at(ms: i64) -> SystemTime {
@@ -212,7 +214,7 @@ pub(crate) fn stats(args: &StatsArgs) -> Result<()> {
     }
     let mut s = args.db.open()?.stats()?;
     if let Some(file) = &args.prices {
-        s.prices = crate::read_prices(file)?.info().clone();
+        s.prices = read_prices(file)?.info().clone();
     }
     if args.json {
         return print_json(&s);

@@ -22,6 +22,19 @@ pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long Redis is left alone after a failure.
 pub const BACKOFF: Duration = Duration::from_secs(1);
 
+/// Where a Redis URL (`redis://`, `rediss://`, `unix://`) points, as the client reads it
+/// (nothing is connected): its host and port, or `None` for a Unix socket; an error naming
+/// why for anything that is not a Redis URL.
+pub fn redis_address(url: &str) -> Result<Option<(String, u16)>, String> {
+    let info = redis::IntoConnectionInfo::into_connection_info(url)
+        .map_err(|e| format!("not a Redis URL: {e}"))?;
+    Ok(match info.addr() {
+        redis::ConnectionAddr::Tcp(host, port)
+        | redis::ConnectionAddr::TcpTls { host, port, .. } => Some((host.clone(), *port)),
+        _ => None,
+    })
+}
+
 /// Redis cannot be used now: a call failed or timed out (counted and logged), or Redis is
 /// left alone after a failure. The caller goes on with its replica's own tiers and flights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -40,6 +40,7 @@ use tokio::sync::Notify;
 pub(crate) use admin::{Admin, AdminError};
 pub(crate) use budget::{BudgetTurn, Budgeted, Confirmed};
 pub(crate) use conn::Unavailable;
+pub use conn::redis_address;
 pub(crate) use events::Event;
 pub use layout::Layout;
 pub(crate) use stream::{Ending, Followed, Relay, Relayed};
