@@ -80,7 +80,7 @@ pub struct Price {
 }
 
 impl Price {
-    /// What the provider charges for `usage`, read the way it bills (see [`crate::usage`]):
+    /// What the provider charges for `usage`, read the way it bills (see the `usage` module):
     /// uncached input at the input price, cached input at the cached-input price, cache writes
     /// at the cache-write price, output at the output price. `None` when `usage` reports no
     /// tokens, or tokens of a kind this model has no price for.

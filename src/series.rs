@@ -52,7 +52,7 @@ pub struct SeriesSnapshot {
     pub start_ms: u64,
     /// Milliseconds per point.
     pub step_ms: u64,
-    /// Per outcome ([`OUTCOMES`]), one count per minute, the current (partial) minute last.
+    /// Per outcome (`OUTCOMES`), one count per minute, the current (partial) minute last.
     pub outcomes: Vec<(&'static str, Vec<u64>)>,
 }
 

@@ -172,7 +172,7 @@ impl DedupBuilder {
     }
 
     /// Share answers, flights and purges with the other replicas using the Redis (or Valkey)
-    /// at `url` (`redis://`, `rediss://`); see [`crate::fleet`]. By default, there is none.
+    /// at `url` (`redis://`, `rediss://`): see README, "Several replicas". By default, there is none.
     pub fn redis(mut self, url: impl Into<String>) -> Self {
         self.redis = Some(url.into());
         self

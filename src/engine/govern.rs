@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use super::Engine;
 use super::classify::Outbound;
 use super::count::route_name;
-use super::flight::Read;
+use super::leader::Read;
 use crate::answer::Refusal;
 use crate::entry::EntryMeta;
 use crate::error::{Error, ErrorKind};

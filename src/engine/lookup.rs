@@ -64,13 +64,13 @@ impl Engine {
         young_enough(&entry, max_age).then_some(entry)
     }
 
-    /// The database's entry for `key`, if any (see [`Engine::lookup_disk_many`]).
-    pub(super) async fn lookup_disk(
+    /// The database's entry for `key`, if any (see [`Engine::lookup_shared_then_disk_many`]).
+    pub(super) async fn lookup_shared_then_disk(
         &self,
         key: &CacheKey,
         max_age: Option<Duration>,
     ) -> Option<Arc<StoredAnswer>> {
-        self.lookup_disk_many(vec![*key], max_age)
+        self.lookup_shared_then_disk_many(vec![*key], max_age)
             .await
             .pop()
             .flatten()
@@ -93,7 +93,7 @@ impl Engine {
         }
         if !missing.is_empty() {
             let keys = missing.iter().map(|(_, key)| *key).collect();
-            let read = self.lookup_disk_many(keys, max_age).await;
+            let read = self.lookup_shared_then_disk_many(keys, max_age).await;
             for ((at, _), entry) in missing.into_iter().zip(read) {
                 found[at] = entry;
             }
@@ -104,7 +104,7 @@ impl Engine {
     /// The stored entries for `keys` beyond memory: the fleet's tier first (one trip), then
     /// the database (one trip) for the rest. Each entry found is also put in memory; one older
     /// than `max_age` is not returned. A tier that cannot be read is treated as holding nothing.
-    pub(super) async fn lookup_disk_many(
+    pub(super) async fn lookup_shared_then_disk_many(
         &self,
         keys: Vec<CacheKey>,
         max_age: Option<Duration>,
@@ -139,7 +139,7 @@ impl Engine {
         found
     }
 
-    /// The database's entries for `keys`, read in one trip (see [`Engine::lookup_disk_many`]).
+    /// The database's entries for `keys`, read in one trip (see [`Engine::lookup_shared_then_disk_many`]).
     async fn lookup_database(
         &self,
         keys: Vec<CacheKey>,

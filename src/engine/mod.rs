@@ -6,22 +6,27 @@
 //!
 //! 1. `classify`: the route, the request's cache controls, its body; stateful requests and
 //!    requests on no cacheable route are passed through (`bypass`).
-//! 2. `keying`: the key of the request, remembered per exact request so a byte-identical
-//!    repeat skips parsing; the credential partition.
-//! 3. `lookup`: memory (or this thread's shortcut to it), then the fleet's Redis (with
-//!    `--redis`), then disk; `store` on the way back.
-//! 4. `flight`: join an identical request in flight, or lead one whose task resolves it,
-//!    taking turns with the other replicas of a fleet (`crate::fleet`). With a shared cache,
-//!    `verified` says which callers may be answered with what others fetched.
-//! 5. `govern`: the leader's upstream call, paced and retried under the provider's budget.
-//! 6. `stream`: a streamed answer received event by event and shared live.
-//! 7. `render` and `count`: the answer each waiter gets, and what it adds to the counters.
+//! 2. `lookup` (the shortcut): a repeat this thread answered from memory before, recognised
+//!    by its bytes: no key, no lookup.
+//! 3. `keying`: the key of the request, remembered per exact request so a byte-identical
+//!    repeat skips parsing; the credential partition. Large bodies are keyed off the async
+//!    threads.
+//! 4. `lookup`: the memory tier. (Beyond it, the fleet's Redis with `--redis`, then disk:
+//!    `lookup_shared_then_disk`; `store` on the way back.) With a shared cache, `verified`
+//!    says which callers may be answered with what others fetched.
+//! 5. `flight`: join an identical request in flight, or lead one: a [`leader::Leader`] whose
+//!    task resolves it top down (`leader.rs`: the cache again, the fleet's turn, the call
+//!    through `govern`, then `stream` or store, and completion). A stream another replica
+//!    receives is followed (`follow`), its rest read from that replica if Redis goes away
+//!    (`peer`).
+//! 6. `render` and `count`: the answer each waiter gets, and what it adds to the counters.
 //!
 //! Embeddings take their own path after classification (`embed`): per input, with inputs of
 //! concurrent requests merged into shared upstream calls.
 //!
-//! Every method of the request path is on `Engine`, next to the others of its phase; a
-//! [`Dedup`] is a handle on one `Engine`, and `Dedup::send` only strings the phases together.
+//! The methods of the request path are on `Engine`, next to the others of its phase, and a
+//! leader's on its `Leader`; a [`Dedup`] is a handle on one `Engine`, and `Dedup::send` only
+//! strings the phases together.
 //!
 //! # Architecture invariants kept here
 //!
@@ -41,9 +46,12 @@ mod count;
 mod embed;
 mod figures;
 mod flight;
+mod follow;
 mod govern;
 mod keying;
+mod leader;
 mod lookup;
+mod peer;
 mod render;
 mod stream;
 #[cfg(test)]
@@ -217,7 +225,7 @@ impl Dedup {
                 return Ok(engine.hit(&entry, now));
             }
         }
-        // 3. Everything else: key, memory, disk, flight, upstream.
+        // 3 to 6: key, memory, flight (disk and upstream), render.
         Box::pin(engine.answer_keyed(out, route, controls, exact)).await
     }
 
@@ -370,7 +378,8 @@ impl Engine {
                 return Ok(hit);
             }
         }
-        // 5. Disk, then an identical request in flight, then the upstream.
+        // 5. An identical request in flight, or a flight of its own: beyond memory, the
+        // fleet's Redis and disk, then the upstream.
         let meta = keyed.meta(route, &controls, self.ttl);
         Box::pin(self.beyond_memory(out, meta, &controls)).await
     }

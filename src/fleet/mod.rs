@@ -44,7 +44,7 @@ pub use conn::redis_address;
 pub(crate) use events::Event;
 pub use layout::Layout;
 pub(crate) use stream::{Ending, Followed, Relay, Relayed};
-pub(crate) use turns::Turn;
+pub(crate) use turns::{Lease, Turn};
 
 use crate::key::CacheKey;
 use crate::throttle::LogGate;
