@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{FakeUpstream, Proxy, chat, client, post, start_proxy};
 use nix::sys::signal::Signal;
@@ -126,18 +126,11 @@ async fn a_database_locked_by_another_writer_is_waited_out_and_nothing_is_lost()
         assert_eq!(again.cache, "hit", "from memory");
     }
     // The writer waits out its busy timeout, fails, and counts it.
-    let started = Instant::now();
-    loop {
-        let text = proxy.engine.metrics_text().await;
-        if counter(&text, "llm_dedup_store_errors_total") >= 1.0 {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "no failed write counted"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let failed = "llm_dedup_store_errors_total";
+    common::eventually_async(|| async {
+        counter(&proxy.engine.metrics_text().await, failed) >= 1.0
+    })
+    .await;
     lock.rollback().expect("release");
     drop(other);
 
@@ -169,18 +162,11 @@ async fn a_purge_removes_answers_queued_before_it() {
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .expect("write lock");
     assert_eq!(post(&c, &url, chat("queued"), &[]).await.cache, "miss");
-    let started = Instant::now();
-    while counter(
-        &proxy.engine.metrics_text().await,
-        "llm_dedup_store_errors_total",
-    ) < 1.0
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "no failed write"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let failed = "llm_dedup_store_errors_total";
+    common::eventually_async(|| async {
+        counter(&proxy.engine.metrics_text().await, failed) >= 1.0
+    })
+    .await;
     lock.rollback().expect("release");
     drop(other);
     // The operator purges everything, before the writer tries again.

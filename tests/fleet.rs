@@ -201,16 +201,13 @@ async fn a_refresh_on_one_replica_reaches_the_others() {
     )
     .await;
     assert_ne!(new.body, old.body);
-    let mut seen = None;
-    for _ in 0..50 {
+    // The other replica serves the new answer within a second.
+    common::eventually_async(|| async {
         let now = post(&c, &fleet[1].url("/v1/chat/completions"), chat("news"), &[]).await;
-        if now.body == new.body {
-            seen = Some(now);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let seen = seen.expect("the other replica serves the new answer within a second");
+        now.body == new.body
+    })
+    .await;
+    let seen = post(&c, &fleet[1].url("/v1/chat/completions"), chat("news"), &[]).await;
     assert_eq!(seen.cache, "hit");
     assert_eq!(upstream.calls(), 2);
     stop(fleet).await;
@@ -309,10 +306,11 @@ async fn redis_going_away_fails_no_request_and_sharing_resumes() {
     );
 
     let _restarted = RedisServer::on(port).expect("restart");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let mut shared = false;
-    for attempt in 0..20 {
-        let prompt = chat(&format!("after {attempt}"));
+    // Sharing resumes once Redis is back (after the replicas' backoff).
+    let attempt = std::sync::atomic::AtomicUsize::new(0);
+    common::eventually_async(|| async {
+        let n = attempt.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let prompt = chat(&format!("after {n}"));
         let first = post(
             &c,
             &fleet[0].url("/v1/chat/completions"),
@@ -322,13 +320,9 @@ async fn redis_going_away_fails_no_request_and_sharing_resumes() {
         .await;
         let second = post(&c, &fleet[2].url("/v1/chat/completions"), prompt, &[]).await;
         assert_eq!((first.status, second.status), (200, 200));
-        if second.cache == "hit" {
-            shared = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    assert!(shared, "sharing resumes once Redis is back");
+        second.cache == "hit"
+    })
+    .await;
     stop(fleet).await;
 }
 
@@ -366,8 +360,8 @@ async fn the_inspector_reads_the_shared_tier_and_its_purge_reaches_every_replica
 
     let (code, _, err) = common::run_cli(&["purge", "--redis", &url, "--all", "--yes"]);
     assert_eq!(code, 0, "{err}");
-    let mut all_missed = false;
-    for _ in 0..50 {
+    // Every replica drops the purged answer.
+    common::eventually_async(|| async {
         let mut misses = 0;
         for replica in &fleet {
             let seen = post(
@@ -381,13 +375,9 @@ async fn the_inspector_reads_the_shared_tier_and_its_purge_reaches_every_replica
                 misses += 1;
             }
         }
-        if misses == fleet.len() {
-            all_missed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(all_missed, "every replica dropped the purged answer");
+        misses == fleet.len()
+    })
+    .await;
     let (code, _, err) = common::run_cli(&["export", "--redis", &url]);
     assert_ne!(code, 0);
     assert!(err.contains("database file"), "{err}");
@@ -562,7 +552,6 @@ async fn a_stream_is_shared_live_across_replicas() {
         tokio::spawn(async move { post(&c, &url, body, &[]).await })
     };
     upstream.wait_for_calls(1).await;
-    tokio::time::sleep(Duration::from_millis(250)).await;
     let followers = (1..3).map(|i| {
         let (c, url, body) = (
             c.clone(),
@@ -628,9 +617,10 @@ async fn holding_upstream() -> FakeUpstream {
     upstream
 }
 
-/// Asks `proxy` for a streamed answer about `topic`, in a task of its own; gives what arrived
+/// Asks `proxy` for a streamed answer about `topic`, and returns once its answer has started
+/// (the stream it leads or follows is live), with the task that reads the rest: what arrived
 /// (a stream cut short ends where it was cut, with an error instead of its last chunk).
-fn ask_stream(c: &reqwest::Client, proxy: &Proxy, topic: &str) -> JoinHandle<String> {
+async fn ask_stream(c: &reqwest::Client, proxy: &Proxy, topic: &str) -> JoinHandle<String> {
     let body = serde_json::json!({"model": "gpt-4o-mini", "stream": true,
         "messages": [{"role": "user", "content": topic}]})
     .to_string();
@@ -639,15 +629,20 @@ fn ask_stream(c: &reqwest::Client, proxy: &Proxy, topic: &str) -> JoinHandle<Str
         .header("content-type", "application/json")
         .header("authorization", "Bearer sk-test-key-1")
         .body(body);
+    let mut response = request.send().await.expect("sent");
+    assert_eq!(response.status(), 200);
     tokio::spawn(async move {
-        let mut response = request.send().await.expect("sent");
-        assert_eq!(response.status(), 200);
         let mut raw = Vec::new();
         while let Ok(Some(chunk)) = response.chunk().await {
             raw.extend_from_slice(&chunk);
         }
         String::from_utf8_lossy(&raw).into_owned()
     })
+}
+
+/// Waits until a stream's relay is in the fleet's Redis, so that replicas asked next follow it.
+async fn relay_started(redis: &RedisServer) {
+    common::eventually(|| !redis.command("KEYS *:s:*").starts_with("*0")).await;
 }
 
 async fn stream_through_a_redis_fault(fault: Fault) {
@@ -658,14 +653,12 @@ async fn stream_through_a_redis_fault(fault: Fault) {
     let fleet = replicas(&upstream, &redis).await;
     let c = client();
     let topic = "a story, interrupted";
-    let leader = ask_stream(&c, &fleet[0], topic);
-    upstream.wait_for_calls(1).await;
-    tokio::time::sleep(Duration::from_millis(250)).await;
-    let followers: Vec<_> = fleet[1..]
-        .iter()
-        .map(|proxy| ask_stream(&c, proxy, topic))
-        .collect();
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    let leader = ask_stream(&c, &fleet[0], topic).await;
+    relay_started(&redis).await;
+    let mut followers = Vec::new();
+    for proxy in &fleet[1..] {
+        followers.push(ask_stream(&c, proxy, topic).await);
+    }
     let _stalled = match fault {
         Fault::Killed => {
             redis.kill();
@@ -715,11 +708,9 @@ async fn a_stream_is_never_read_back_from_a_replica_that_only_follows_it() {
     let leader_side = Proxy::start(upstream.engine().redis(redis.url()).advertise(misnamed)).await;
     let c = client();
     let topic = "a story, misdirected";
-    let leader = ask_stream(&c, &leader_side, topic);
-    upstream.wait_for_calls(1).await;
-    tokio::time::sleep(Duration::from_millis(250)).await;
-    let follower = ask_stream(&c, &follower_side, topic);
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    let leader = ask_stream(&c, &leader_side, topic).await;
+    relay_started(&redis).await;
+    let follower = ask_stream(&c, &follower_side, topic).await;
     redis.kill();
     // Before the upstream sends the rest: a follower waiting on itself would never end.
     let cut = tokio::time::timeout(Duration::from_secs(30), follower)
@@ -787,12 +778,10 @@ async fn an_old_failed_stream_is_not_followed_by_the_next_flight() {
     // (and gets its failure), as coalescing intends.
     let key = failed.key.clone().expect("key");
     let lease = format!("EXISTS llm-dedup:v{}:lease:{key}", llm_dedup::KEY_VERSION);
-    for _ in 0..200 {
-        if fleet[0].engine.in_flight() == 0 && redis.command(&lease).starts_with(":0") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    common::eventually(|| {
+        fleet[0].engine.in_flight() == 0 && redis.command(&lease).starts_with(":0")
+    })
+    .await;
     upstream.state.set_stream_end(common::StreamEnd::Complete);
     upstream
         .state
@@ -808,7 +797,6 @@ async fn an_old_failed_stream_is_not_followed_by_the_next_flight() {
         tokio::spawn(async move { post(&c, &url, body, &[]).await })
     };
     upstream.wait_for_calls(calls + 1).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let follower = post(&c, &fleet[1].url("/v1/chat/completions"), streamed, &[]).await;
     let leader = leader.await.expect("leader");
     assert!(!String::from_utf8_lossy(&follower.raw).contains("overloaded_error"));

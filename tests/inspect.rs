@@ -160,22 +160,18 @@ async fn purge_while_the_proxy_serves_takes_effect() {
 
     // The serving proxy notices within a second or so and stops answering from memory.
     let c = client();
-    let mut cache = String::new();
-    for _ in 0..40 {
-        cache = post(
+    // (A purged answer kept being served otherwise.)
+    common::eventually_async(|| async {
+        let seen = post(
             &c,
             &proxy.url("/v1/chat/completions"),
             chat("inspect me"),
             &[],
         )
-        .await
-        .cache;
-        if cache == "miss" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(cache, "miss", "a purged answer kept being served");
+        .await;
+        seen.cache == "miss"
+    })
+    .await;
 
     let (code, out, _) = run_cli(&["purge", "--db", dbs, "--all", "--yes"]);
     assert_eq!(code, 0);
@@ -411,13 +407,11 @@ async fn the_sweep_removes_expired_entries_and_keeps_the_size_bound() {
     // Entries are ~500 bytes: four keepers do not fit in 1,200; the oldest go first. The
     // expiry and the sweep run on the wall clock, so only real time can pass them.
     let mut stats = Value::Null;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    common::eventually(|| {
         stats = cli_json(&["stats", "--db", db_arg(&db), "--json"]);
-        if stats["evicted_expired"] == 1 && stats["evicted_for_size"].as_u64() >= Some(1) {
-            break;
-        }
-    }
+        stats["evicted_expired"] == 1 && stats["evicted_for_size"].as_u64() >= Some(1)
+    })
+    .await;
     assert_eq!(stats["evicted_expired"], 1, "{stats}");
     assert!(
         stats["entry_bytes"].as_u64().expect("bytes") <= 1_200,

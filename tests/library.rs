@@ -147,8 +147,7 @@ async fn dropping_the_last_handle_still_commits_what_was_stored() {
     // The writer commits in the background once the last handle is gone; `close` is the way
     // to wait for it, so here the test polls for the row, within a bound.
     let conn = rusqlite::Connection::open(&db).expect("open");
-    let mut found = false;
-    for _ in 0..100 {
+    common::eventually(|| {
         let n: i64 = conn
             .query_row(
                 "SELECT count(*) FROM entries WHERE key = ?1",
@@ -156,13 +155,9 @@ async fn dropping_the_last_handle_still_commits_what_was_stored() {
                 |r| r.get(0),
             )
             .expect("query");
-        if n == 1 {
-            found = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(found, "the entry reached the database");
+        n == 1
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -330,13 +330,19 @@ async fn only_if_cached_joins_an_answer_in_flight_but_never_starts_one() {
         tokio::spawn(async move { post(&c, &url, body, &[]).await })
     };
     upstream.wait_for_calls(1).await;
-    let joined = {
-        let (c, url, body) = (c.clone(), url.clone(), streamed.clone());
-        tokio::spawn(async move { post(&c, &url, body, &only).await })
-    };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Its answer starts (the stream it joined is live) before the upstream goes on.
+    let joined = c
+        .post(&url)
+        .header("authorization", "Bearer sk-test-key-1")
+        .header("content-type", "application/json")
+        .header(only[0].0, only[0].1)
+        .body(streamed.clone())
+        .send()
+        .await
+        .expect("sent");
     upstream.state.release.notify_waiters();
-    let (leader, joined) = (leader.await.expect("leader"), joined.await.expect("joined"));
+    let joined = common::seen(joined).await;
+    let leader = leader.await.expect("leader");
     assert_eq!((joined.status, joined.cache.as_str()), (200, "coalesced"));
     assert_eq!(
         joined.raw, leader.raw,
@@ -582,13 +588,14 @@ async fn a_leader_that_hangs_up_does_not_fail_its_followers() {
     upstream.wait_for_calls(1).await;
     leader.abort(); // the leader's client hangs up mid-flight
     let _ = leader.await;
+    common::eventually(|| proxy.engine.waiting() == 0).await;
 
     // The upstream still holds the answer, so the flight is in progress: this one follows it.
     let follower = {
         let (c, url) = (c.clone(), url.clone());
         tokio::spawn(async move { post(&c, &url, chat("slow"), &[]).await })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    common::waiting(&proxy.engine, 1).await;
     upstream.state.release.notify_waiters();
     let f = follower.await.expect("follower");
     assert_eq!((f.status, f.cache.as_str()), (200, "coalesced"));

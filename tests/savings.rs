@@ -227,9 +227,8 @@ async fn a_coalesced_answer_saved_what_a_hit_would_have() {
         let (c, url, body) = (c.clone(), url.clone(), body.to_string());
         async move { post(&c, &url, body, &[]).await }
     });
-    // The follower has joined the flight once the engine counts one in flight with it waiting;
-    // give it a moment to arrive, then let the upstream answer.
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // The follower has joined the flight once two requests wait on it.
+    common::waiting(&proxy.engine, 2).await;
     upstream.state.release.notify_waiters();
     let (leader, follower) = (
         leader.await.expect("leader"),

@@ -8,8 +8,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use axum::body::Body;
 use common::{FakeUpstream, Proxy, Seen, chat, client, post, seen};
 use http_body_util::BodyExt;
@@ -78,7 +76,7 @@ async fn a_shared_flight_gives_another_key_only_a_2xx_and_only_the_answers_heade
     upstream.wait_for_calls(calls + 1).await;
     let (c2, u2) = (c.clone(), url.clone());
     let bob = tokio::spawn(async move { post(&c2, &u2, chat("q"), &as_(BOB)).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    common::waiting(&proxy.engine, 2).await;
     release(&upstream);
     let (alice, bob) = (alice.await.expect("alice"), bob.await.expect("bob"));
     assert_eq!((alice.status, bob.status), (200, 200));
@@ -117,7 +115,7 @@ async fn a_shared_flight_gives_another_key_only_a_2xx_and_only_the_answers_heade
     upstream.wait_for_calls(calls + 2).await;
     let (c2, u2) = (c.clone(), url.clone());
     let bob = tokio::spawn(async move { post(&c2, &u2, chat("q2"), &as_(BOB)).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    common::waiting(&proxy.engine, 2).await;
     release(&upstream);
     let (alice, bob) = (alice.await.expect("alice"), bob.await.expect("bob"));
     assert_eq!(alice.status, 401);
@@ -364,7 +362,6 @@ async fn a_shared_live_stream_gives_another_key_only_the_answers_headers() {
     let (c1, u1, b1) = (c.clone(), url.clone(), streamed.clone());
     let alice = tokio::spawn(async move { post(&c1, &u1, b1, &as_(ALICE)).await });
     upstream.wait_for_calls(calls + 1).await;
-    tokio::time::sleep(Duration::from_millis(150)).await;
     let bob = post(&c, &url, streamed, &as_(BOB)).await;
     let alice = alice.await.expect("alice");
     assert_eq!(bob.cache, "coalesced");

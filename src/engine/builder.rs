@@ -290,6 +290,7 @@ impl DedupBuilder {
                 batcher: embed::Batcher::new(self.embeddings),
                 tasks: TaskTracker::new(),
                 stopping: Default::default(),
+                waiting: Default::default(),
                 keying: Arc::new(tokio::sync::Semaphore::new(
                     std::thread::available_parallelism().map_or(2, usize::from),
                 )),

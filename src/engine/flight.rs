@@ -127,7 +127,10 @@ impl Engine {
                 }
                 Role::Follower(waiter) => (waiter, CacheStatus::Coalesced),
             };
-            let led = waiter.wait().await.map_err(|_| abandoned())?;
+            let led = {
+                let _waiting = Waiting::count(&self.waiting);
+                waiter.wait().await.map_err(|_| abandoned())?
+            };
             let own = led.by == out.partition;
             if !own && !led.outcome.shareable() {
                 // Not this caller's answer: try the flight again (callers of this partition
@@ -195,6 +198,23 @@ impl Engine {
         };
         let led = leader.spawn().wait().await.map_err(|_| abandoned())?;
         self.render(led.outcome, CacheStatus::Miss, &meta, true)
+    }
+}
+
+/// One request waiting on a flight, counted in the engine's gauge while it waits (and no
+/// longer once it stopped, however it stopped).
+struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn count(gauge: &'a std::sync::atomic::AtomicUsize) -> Waiting<'a> {
+        gauge.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Waiting(gauge)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -141,6 +141,8 @@ struct Engine {
     tasks: TaskTracker,
     /// Cancelled when a shutdown's deadline passes: the flights still running fail.
     stopping: CancellationToken,
+    /// Requests waiting on a flight in the in-flight table.
+    waiting: std::sync::atomic::AtomicUsize,
     /// Large bodies being keyed off the async threads, at most one a core.
     keying: Arc<tokio::sync::Semaphore>,
     /// Bytes held by the buffers of streams in flight.
@@ -329,6 +331,14 @@ impl Dedup {
     /// many waiters).
     pub fn in_flight(&self) -> usize {
         self.engine.flights.len()
+    }
+
+    /// Number of requests waiting right now on the outcome of an upstream call, their own
+    /// or an identical request's (joined in the in-flight table).
+    pub fn waiting(&self) -> usize {
+        self.engine
+            .waiting
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Bytes and entries held by the memory tier (approximate).

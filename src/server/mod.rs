@@ -308,7 +308,7 @@ pub fn error_response(e: &Error) -> Response {
         json!({"error": {"message": e.to_string(), "type": kind, "param": null, "code": code}});
     let mut response = (status, axum::Json(body)).into_response();
     response.headers_mut().insert(
-        header::HeaderName::from_static("x-should-retry"),
+        crate::headers::SHOULD_RETRY,
         HeaderValue::from_static(if e.is_retryable() { "true" } else { "false" }),
     );
     if let Some(wait) = e.retry_after() {

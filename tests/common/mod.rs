@@ -835,6 +835,28 @@ fn stream(
     response.body(Body::from_stream(body)).expect("response")
 }
 
+/// Waits until `condition` (an async one) holds, looking every 10 ms; fails the test after
+/// 10 s.
+pub async fn eventually_async<F, Fut>(mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the condition did not hold within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until `n` requests wait on flights of `engine` (their own or one they joined).
+pub async fn waiting(engine: &Dedup, n: usize) {
+    eventually(|| engine.waiting() >= n).await;
+}
+
 /// Waits until `condition` holds, looking every 10 ms; fails the test after 10 s.
 pub async fn eventually(mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
