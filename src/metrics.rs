@@ -87,6 +87,31 @@ impl EncodeMetric for UsdCounter {
     }
 }
 
+/// Why the proxy's edge turned a client away.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RefusalLabels {
+    pub reason: &'static str,
+}
+
+/// What the proxy's edge reports, moved by its accept loop as connections open and close and
+/// as request bytes arrive and are given back.
+#[derive(Clone, Default)]
+pub(crate) struct EdgeFigures {
+    /// Client connections open.
+    pub connections: Gauge,
+    /// Bytes of request bodies held.
+    pub bytes_held: Gauge,
+    /// Clients turned away, by reason: `max_connections`, `max_buffered`, `body_timeout`.
+    pub refused: Family<RefusalLabels, Counter>,
+}
+
+impl EdgeFigures {
+    /// Counts a client turned away for `reason`.
+    pub(crate) fn refuse(&self, reason: &'static str) {
+        self.refused.get_or_create(&RefusalLabels { reason }).inc();
+    }
+}
+
 /// The engine's metrics.
 pub(crate) struct Metrics {
     registry: Registry,
@@ -109,6 +134,8 @@ pub(crate) struct Metrics {
     absorbed_429: Counter,
     /// Handed to the upstream client, which counts the timeouts that fire.
     pub(crate) upstream_timeouts: TimeoutCounters,
+    /// Handed to the proxy's edge, if it has one.
+    pub(crate) edge: EdgeFigures,
     retries: Counter,
     queue_wait: Histogram,
     /// The histogram's count and sum, kept again for the live page (the histogram's own are
@@ -206,6 +233,23 @@ impl Metrics {
             "Upstream calls that ran past a timeout, by which (connect, first_byte, idle)",
             upstream_timeouts.clone(),
         );
+        let edge = EdgeFigures::default();
+        registry.register(
+            "connections_open",
+            "Client connections open (bounded by --max-connections)",
+            edge.connections.clone(),
+        );
+        registry.register(
+            "request_bytes_held",
+            "Bytes of request bodies held in memory (bounded by --max-buffered)",
+            edge.bytes_held.clone(),
+        );
+        registry.register(
+            "clients_refused",
+            "Requests and connections the proxy turned away, by reason (max_connections: \
+             answered 503; max_buffered: 503; body_timeout: 408)",
+            edge.refused.clone(),
+        );
         let absorbed_429 = Counter::default();
         registry.register(
             "upstream_429_absorbed",
@@ -239,6 +283,7 @@ impl Metrics {
             .clone();
         Metrics {
             upstream_timeouts,
+            edge,
             outcome_counters: Default::default(),
             saved_prompt,
             saved_completion,

@@ -232,7 +232,7 @@ async fn an_answer_past_the_bound_is_passed_on_to_every_waiter_and_not_stored() 
             async move { post_as(&c2, &u2, chat("big"), &[("authorization", ALICE)]).await },
         );
     // The second joins the flight in progress.
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    common::waiting(&proxy.engine, 2).await;
     release(&upstream);
     let (first, second) = (first.await.expect("first"), second.await.expect("second"));
     for seen in [&first, &second] {
@@ -312,7 +312,7 @@ mod slow_clients {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 
-    use super::common::{FakeUpstream, Proxy, chat};
+    use super::common::{self, FakeUpstream, Proxy, chat};
 
     /// Reads until the peer closes (or `within` passes); returns what was read and whether it
     /// closed.
@@ -485,7 +485,7 @@ mod slow_clients {
                 .expect("sent");
             held.push(conn);
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        common::figure_becomes(&proxy.engine, "llm_dedup_connections_open", 3.0).await;
         let mut extra = TcpStream::connect(proxy.addr).await.expect("connect");
         let body = chat("one too many");
         extra
@@ -500,21 +500,15 @@ mod slow_clients {
         );
         assert!(answer.contains("too_many_connections"), "{answer}");
         assert!(closed);
+        let refused = r#"llm_dedup_clients_refused_total{reason="max_connections"}"#;
+        assert_eq!(common::figure(&proxy.engine, refused).await, 1.0);
         drop(held);
         // Once the others are gone, a new connection is served.
+        common::figure_becomes(&proxy.engine, "llm_dedup_connections_open", 0.0).await;
         let c = super::client();
         let url = proxy.url("/v1/chat/completions");
-        let mut status = 0;
-        for _ in 0..50 {
-            status = super::post_as(&c, &url, chat("later"), &[("authorization", super::ALICE)])
-                .await
-                .status;
-            if status == 200 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert_eq!(status, 200);
+        let later = super::post_as(&c, &url, chat("later"), &[("authorization", super::ALICE)]);
+        assert_eq!(later.await.status, 200);
         proxy.stop().await;
     }
 
@@ -535,7 +529,7 @@ mod slow_clients {
             .write_all(head(100_000).as_bytes())
             .await
             .expect("head");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        common::figure_becomes(&proxy.engine, "llm_dedup_request_bytes_held", 800.0).await;
         let mut second = TcpStream::connect(proxy.addr).await.expect("connect");
         let body = format!("{{\"model\":\"m\",\"pad\":\"{}\"}}", "x".repeat(500));
         second
@@ -549,21 +543,15 @@ mod slow_clients {
             "{answer}"
         );
         assert!(answer.contains("too_many_request_bytes"), "{answer}");
+        let refused = r#"llm_dedup_clients_refused_total{reason="max_buffered"}"#;
+        assert_eq!(common::figure(&proxy.engine, refused).await, 1.0);
         drop((slow, promised));
         // The slow one's bytes are given back with its connection.
+        common::figure_becomes(&proxy.engine, "llm_dedup_request_bytes_held", 0.0).await;
         let c = super::client();
         let url = proxy.url("/v1/chat/completions");
-        let mut status = 0;
-        for _ in 0..50 {
-            status = super::post_as(&c, &url, body.clone(), &[("authorization", super::ALICE)])
-                .await
-                .status;
-            if status == 200 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert_eq!(status, 200);
+        let again = super::post_as(&c, &url, body, &[("authorization", super::ALICE)]);
+        assert_eq!(again.await.status, 200);
         proxy.stop().await;
     }
 }
@@ -642,15 +630,10 @@ fn sigterm_exits_within_the_drain_deadline_whatever_clients_do() {
     let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
     let signalled = Instant::now();
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("signal");
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if signalled.elapsed() > Duration::from_secs(15) {
-            let _ = child.kill();
-            panic!("still running 15 s after SIGTERM with a drain deadline of 2 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let exited = common::poll_blocking(Duration::from_secs(15), || child.try_wait().expect("wait"));
+    let Some(status) = exited else {
+        let _ = child.kill();
+        panic!("still running 15 s after SIGTERM with a drain deadline of 2 s");
     };
     assert!(status.success(), "{status:?}");
     let took = signalled.elapsed();

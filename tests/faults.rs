@@ -6,7 +6,6 @@ mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
 
 use common::{FakeUpstream, Proxy, chat, client, post, start_proxy};
 use nix::sys::signal::Signal;
@@ -49,7 +48,8 @@ async fn sigkill_during_sustained_writes_leaves_a_consistent_database() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // Killed in the middle of sustained writes: once 200 answers were acknowledged.
+    common::eventually(|| acknowledged.load(Ordering::SeqCst) >= 200).await;
     let (code, _) = tokio::task::spawn_blocking(move || proxy.signal(Signal::SIGKILL))
         .await
         .expect("join");
@@ -59,10 +59,6 @@ async fn sigkill_during_sustained_writes_leaves_a_consistent_database() {
     }
     assert_eq!(code, -1, "killed, not exited");
     let acknowledged = acknowledged.load(Ordering::SeqCst);
-    assert!(
-        acknowledged > 100,
-        "only {acknowledged} answers before the kill"
-    );
 
     // The file opens, is intact, and every entry in it is a complete answer.
     let conn = rusqlite::Connection::open(&db).expect("opens after SIGKILL");

@@ -119,13 +119,6 @@ async fn model_names_cannot_grow_the_counters_without_bound() {
     assert_eq!(other, 400 - 256);
 }
 
-/// The value of a gauge in Prometheus text.
-fn gauge(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
-}
-
 #[tokio::test]
 async fn a_stream_past_max_stream_is_passed_on_but_no_longer_held() {
     let upstream = FakeUpstream::start().await;
@@ -156,7 +149,7 @@ async fn a_stream_past_max_stream_is_passed_on_but_no_longer_held() {
     // Well past the limit, the stream is still arriving.
     tokio::time::sleep(Duration::from_millis(900)).await;
     let text = proxy.engine.metrics_text().await;
-    let held = gauge(&text, "llm_dedup_stream_buffer_bytes");
+    let held = common::sample(&text, "llm_dedup_stream_buffer_bytes");
     assert!(
         held <= max_stream as f64,
         "{held} bytes held for one stream"

@@ -333,6 +333,11 @@ impl Dedup {
         self.engine.flights.len()
     }
 
+    /// The figures the proxy's edge moves, registered with this engine's metrics.
+    pub(crate) fn edge_figures(&self) -> crate::metrics::EdgeFigures {
+        self.engine.metrics.edge.clone()
+    }
+
     /// Number of requests waiting right now on the outcome of an upstream call, their own
     /// or an identical request's (joined in the in-flight table).
     pub fn waiting(&self) -> usize {

@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
+use crate::metrics::EdgeFigures;
 use crate::throttle::LogGate;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -128,10 +129,12 @@ const MAX_REFUSING: usize = 256;
 /// Serves `app` on `listener` within `limits` until `shutdown` resolves, then drains: stops
 /// accepting, lets the answers in progress finish, and after the drain deadline closes the
 /// connections still open. Returns, once every connection is closed, when the stop began.
+/// Moves `figures` as connections open and close, bytes are held and clients turned away.
 pub(super) async fn run<F>(
     listener: TcpListener,
     app: Router,
     limits: EdgeLimits,
+    figures: EdgeFigures,
     shutdown: F,
 ) -> tokio::time::Instant
 where
@@ -147,6 +150,7 @@ where
     let buffered = Arc::new(Buffered {
         max: limits.max_buffered,
         held: AtomicU64::new(0),
+        figures: figures.clone(),
     });
     let graceful = GracefulShutdown::new();
     let tasks = TaskTracker::new();
@@ -165,6 +169,7 @@ where
             () = &mut shutdown => break,
         };
         let Ok(permit) = connections.clone().try_acquire_owned() else {
+            figures.refuse("max_connections");
             if let Ok(refusal) = refusing.clone().try_acquire_owned() {
                 tasks.spawn(async move {
                     refuse(stream).await;
@@ -186,11 +191,14 @@ where
         let io = TokioIo::new(Reading::new(stream, limits.body_timeout));
         let conn = graceful.watch(http1.serve_connection(io, service));
         let cut = cut.clone();
+        let open = figures.connections.clone();
+        open.inc();
         tasks.spawn(async move {
             tokio::select! {
                 _ = conn => {}
                 () = cut.cancelled() => {}
             }
+            open.dec();
             drop(permit);
         });
     }
@@ -375,9 +383,11 @@ impl Edge {
             Err(never) => match never {},
         };
         if hold.stalled.load(Ordering::Relaxed) {
+            self.buffered.figures.refuse("body_timeout");
             return Ok(stalled(self.limits.body_timeout));
         }
         if hold.over.load(Ordering::Relaxed) {
+            self.buffered.figures.refuse("max_buffered");
             return Ok(busy());
         }
         // The bytes stay counted while an answer still being made goes out.
@@ -392,6 +402,8 @@ impl Edge {
 struct Buffered {
     max: u64,
     held: AtomicU64,
+    /// Where the bytes held are reported.
+    figures: EdgeFigures,
 }
 
 /// What one request holds of the bound, and what became of its body. The bytes are given back
@@ -415,6 +427,7 @@ impl Hold {
             });
         if taken.is_ok() {
             self.bytes.fetch_add(n, Ordering::Relaxed);
+            self.budget.figures.bytes_held.inc_by(gauge(n));
         }
         taken.is_ok()
     }
@@ -422,10 +435,15 @@ impl Hold {
 
 impl Drop for Hold {
     fn drop(&mut self) {
-        self.budget
-            .held
-            .fetch_sub(*self.bytes.get_mut(), Ordering::AcqRel);
+        let bytes = *self.bytes.get_mut();
+        self.budget.held.fetch_sub(bytes, Ordering::AcqRel);
+        self.budget.figures.bytes_held.dec_by(gauge(bytes));
     }
+}
+
+/// A count of bytes as a gauge's step (never near the limit: bytes held are bounded).
+fn gauge(bytes: u64) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
 }
 
 /// A request body that may not stall longer than `silence` between two frames, and whose

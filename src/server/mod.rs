@@ -342,7 +342,8 @@ where
         Err(_) => access,
     };
     let app = app_with(engine.clone(), access);
-    let stopped = edge::run(listener, app, limits, shutdown).await;
+    let figures = engine.edge_figures();
+    let stopped = edge::run(listener, app, limits, figures, shutdown).await;
     // Upstream calls still running (their clients gone) get what is left of the deadline.
     let left = (stopped + limits.drain()).saturating_duration_since(tokio::time::Instant::now());
     engine.shutdown(left).await.map_err(std::io::Error::other)

@@ -25,7 +25,7 @@ use tokio::task::JoinHandle;
 
 mod redis_server;
 #[allow(unused_imports)] // Only the tests and benches of the fleet start one.
-pub use redis_server::RedisServer;
+pub use redis_server::{RedisServer, poll_blocking};
 
 #[derive(Default)]
 pub struct FakeState {
@@ -855,6 +855,24 @@ where
 /// Waits until `n` requests wait on flights of `engine` (their own or one they joined).
 pub async fn waiting(engine: &Dedup, n: usize) {
     eventually(|| engine.waiting() >= n).await;
+}
+
+/// The value of a sample in Prometheus text: `name` as written, labels included
+/// (`llm_dedup_clients_refused_total{reason="max_connections"}`).
+pub fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+/// The value of a sample in `engine`'s metrics (see [`sample`]).
+pub async fn figure(engine: &Dedup, name: &str) -> f64 {
+    sample(&engine.metrics_text().await, name)
+}
+
+/// Waits until the sample `name` in `engine`'s metrics is `value` (see [`eventually`]).
+pub async fn figure_becomes(engine: &Dedup, name: &str, value: f64) {
+    eventually_async(|| async { figure(engine, name).await == value }).await;
 }
 
 /// Waits until `condition` holds, looking every 10 ms; fails the test after 10 s.

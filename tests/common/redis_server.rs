@@ -21,6 +21,24 @@ pub fn missing(program: &str) {
     );
 }
 
+/// Polls `check` every 20 ms until it gives a value or `limit` has passed (for what happens
+/// outside any runtime: a child process starting or exiting).
+pub fn poll_blocking<T>(
+    limit: std::time::Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> Option<T> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = check() {
+            return Some(value);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// A real `redis-server` on a free loopback port, persistence off, stopped when dropped.
 pub struct RedisServer {
     child: std::process::Child,
@@ -62,22 +80,16 @@ impl RedisServer {
             Err(e) => panic!("cannot start redis-server: {e}"),
         };
         let server = RedisServer { child, port };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            if let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-                use std::io::{Read, Write};
-                let _ = conn.write_all(b"PING\r\n");
-                let mut buf = [0u8; 7];
-                if conn.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n" {
-                    return Some(server);
-                }
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "redis-server did not start"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        let answers = || {
+            use std::io::{Read, Write};
+            let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+            conn.write_all(b"PING\r\n").ok()?;
+            let mut buf = [0u8; 7];
+            (conn.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n").then_some(())
+        };
+        poll_blocking(std::time::Duration::from_secs(10), answers)
+            .expect("redis-server did not start");
+        Some(server)
     }
 
     pub fn url(&self) -> String {
