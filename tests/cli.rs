@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{FakeUpstream, chat, client, llm_dedup, post, start_proxy};
+use common::{Behaviour, FakeUpstream, chat, client, llm_dedup, post, start_proxy};
 
 /// Runs the binary to completion and returns (exit code, stderr).
 fn run(args: &[&str]) -> (i32, String) {
@@ -350,11 +350,11 @@ async fn sigterm_right_after_an_answer_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn each_upstream_refusal_is_logged_once_with_what_was_done() {
-    let upstream = FakeUpstream::start().await;
-    upstream
-        .state
-        .quota_exhausted
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let upstream = FakeUpstream::with(Behaviour {
+        quota_exhausted: true,
+        ..Behaviour::default()
+    })
+    .await;
     let dir = tempfile::tempdir().expect("tempdir");
     let proxy = start_proxy(&dir.path().join("c.db"), &upstream.url());
     let url = format!("http://{}/v1/chat/completions", proxy.addr);

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{FakeUpstream, Proxy, Seen, chat, client, seen};
+use common::{Behaviour, FakeUpstream, Proxy, Seen, chat, client, seen};
 
 const ALICE: &str = "Bearer sk-alice-aaaa";
 const MALLORY: &str = "Bearer sk-mallory-mmmm";
@@ -30,13 +30,11 @@ async fn post_as(c: &reqwest::Client, url: &str, body: String, headers: &[(&str,
 /// anyone, proves nothing: a refused key stays unable to read what others stored.
 #[tokio::test]
 async fn only_a_cacheable_call_of_its_own_verifies_a_credential() {
-    let upstream = FakeUpstream::start().await;
-    upstream
-        .state
-        .refused_keys
-        .lock()
-        .expect("lock")
-        .push(MALLORY.to_owned());
+    let upstream = FakeUpstream::with(Behaviour {
+        refused_keys: vec![MALLORY.to_owned()],
+        ..Behaviour::default()
+    })
+    .await;
     let proxy = Proxy::start(upstream.engine().shared_cache(true)).await;
     let url = proxy.url("/v1/chat/completions");
     let c = client();
@@ -140,10 +138,7 @@ async fn too_many_embedding_inputs_are_refused_before_any_work() {
 
 /// Lets the fake answer what it holds, and answer later calls at once.
 fn release(upstream: &FakeUpstream) {
-    upstream
-        .state
-        .hold
-        .store(false, std::sync::atomic::Ordering::SeqCst);
+    upstream.behave(|b| b.hold = false);
     upstream.state.release.notify_waiters();
 }
 
@@ -155,12 +150,12 @@ async fn an_event_that_never_ends_is_passed_on_not_held() {
     use futures_util::StreamExt;
     const BOUND: usize = 256 * 1024;
     const ENDLESS: usize = 1024 * 1024;
-    let upstream = FakeUpstream::start().await;
-    let state = &upstream.state;
-    state
-        .unterminated_bytes
-        .store(ENDLESS, std::sync::atomic::Ordering::SeqCst);
-    state.hold.store(true, std::sync::atomic::Ordering::SeqCst);
+    let upstream = FakeUpstream::with(Behaviour {
+        unterminated_bytes: ENDLESS,
+        hold: true,
+        ..Behaviour::default()
+    })
+    .await;
     let proxy = Proxy::start(upstream.engine().max_stream_bytes(BOUND)).await;
     let url = proxy.url("/v1/chat/completions");
     let body = serde_json::json!({"model": "gpt-4o-mini", "stream": true,
@@ -211,12 +206,12 @@ async fn an_event_that_never_ends_is_passed_on_not_held() {
 async fn an_answer_past_the_bound_is_passed_on_to_every_waiter_and_not_stored() {
     const BOUND: usize = 64 * 1024;
     const PADDING: usize = 200 * 1024;
-    let upstream = FakeUpstream::start().await;
-    let state = &upstream.state;
-    state
-        .padding_bytes
-        .store(PADDING, std::sync::atomic::Ordering::SeqCst);
-    state.hold.store(true, std::sync::atomic::Ordering::SeqCst);
+    let upstream = FakeUpstream::with(Behaviour {
+        padding_bytes: PADDING,
+        hold: true,
+        ..Behaviour::default()
+    })
+    .await;
     let proxy = Proxy::start(upstream.engine().max_stream_bytes(BOUND)).await;
     let url = proxy.url("/v1/chat/completions");
     let c = client();
@@ -436,14 +431,10 @@ mod slow_clients {
     /// its connection is closed, and the answer is not held for it.
     #[tokio::test]
     async fn a_client_that_stops_reading_is_cut_off() {
-        use std::sync::atomic::Ordering;
         let upstream = FakeUpstream::start().await;
         // About 16 MB of events: more than the sockets between the proxy and the client hold.
-        upstream.state.extra_events.store(500, Ordering::SeqCst);
-        upstream
-            .state
-            .big_event_bytes
-            .store(32 * 1024, Ordering::SeqCst);
+        upstream.behave(|b| b.extra_events = 500);
+        upstream.behave(|b| b.big_event_bytes = 32 * 1024);
         let limits = EdgeLimits::default().body_timeout(Duration::from_secs(1));
         let proxy = Proxy::start_with(upstream.engine(), limits).await;
         let mut conn = TcpStream::connect(proxy.addr).await.expect("connect");
@@ -611,10 +602,7 @@ fn sigterm_exits_within_the_drain_deadline_whatever_clients_do() {
     half.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: 1")
         .expect("sent");
     // And an upstream call that never answers, its client waiting.
-    upstream
-        .state
-        .hold
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    upstream.behave(|b| b.hold = true);
     let mut hung = std::net::TcpStream::connect(&addr).expect("connect");
     let body = chat("never answered");
     write!(

@@ -6,7 +6,9 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{EMBED_MAX_INPUT_TOKENS, FakeUpstream, Proxy, Seen, client, fake_embedding, post};
+use common::{
+    Behaviour, EMBED_MAX_INPUT_TOKENS, FakeUpstream, Proxy, Seen, client, fake_embedding, post,
+};
 use llm_dedup::EmbedSettings;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
@@ -241,8 +243,11 @@ async fn repeated_inputs_in_a_request_are_sent_once() {
 
 #[tokio::test]
 async fn two_hundred_concurrent_single_input_requests_share_a_few_calls() {
-    let upstream = FakeUpstream::start().await;
-    upstream.state.delay_ms.store(20, Ordering::SeqCst);
+    let upstream = FakeUpstream::with(Behaviour {
+        delay: Duration::from_millis(20),
+        ..Behaviour::default()
+    })
+    .await;
     let proxy = Proxy::over(&upstream).await;
     // Ten callers ask for the same sentence as another one.
     let sentences: Vec<String> = (0..200)
@@ -270,8 +275,11 @@ async fn two_hundred_concurrent_single_input_requests_share_a_few_calls() {
 
 #[tokio::test]
 async fn with_merging_off_each_request_makes_its_own_call() {
-    let upstream = FakeUpstream::start().await;
-    upstream.state.delay_ms.store(50, Ordering::SeqCst);
+    let upstream = FakeUpstream::with(Behaviour {
+        delay: Duration::from_millis(50),
+        ..Behaviour::default()
+    })
+    .await;
     let settings = EmbedSettings {
         batch_window: Duration::ZERO,
         ..EmbedSettings::default()
@@ -298,8 +306,11 @@ async fn with_merging_off_each_request_makes_its_own_call() {
 
 #[tokio::test]
 async fn an_error_on_a_merged_call_reaches_exactly_its_callers_and_nothing_is_stored() {
-    let upstream = FakeUpstream::start().await;
-    upstream.state.delay_ms.store(20, Ordering::SeqCst);
+    let upstream = FakeUpstream::with(Behaviour {
+        delay: Duration::from_millis(20),
+        ..Behaviour::default()
+    })
+    .await;
     let proxy = merging_proxy(&upstream).await;
     let c = client();
     let cached = embed(&c, &proxy, json!({"model": MODEL, "input": "cached"})).await;
@@ -343,7 +354,7 @@ async fn an_error_on_a_merged_call_reaches_exactly_its_callers_and_nothing_is_st
 
     // The provider's quota is gone: a 429 that waiting cannot fix is passed on at once, to
     // every caller of the call, and a caller whose inputs are cached does not notice.
-    upstream.state.quota_exhausted.store(true, Ordering::SeqCst);
+    upstream.behave(|b| b.quota_exhausted = true);
     let inputs = ["q1", "q2", "cached"];
     let bodies = inputs
         .iter()
@@ -358,10 +369,7 @@ async fn an_error_on_a_merged_call_reaches_exactly_its_callers_and_nothing_is_st
             assert_eq!(seen.headers["x-should-retry"], "false");
         }
     }
-    upstream
-        .state
-        .quota_exhausted
-        .store(false, Ordering::SeqCst);
+    upstream.behave(|b| b.quota_exhausted = false);
     let calls = upstream.calls();
     let retry = embed(&c, &proxy, json!({"model": MODEL, "input": ["q1", "q2"]})).await;
     assert_eq!(
@@ -507,7 +515,7 @@ async fn a_broken_answer_is_a_502_and_nothing_of_it_is_stored() {
     let upstream = FakeUpstream::start().await;
     let proxy = Proxy::over(&upstream).await;
     let c = client();
-    upstream.state.embed_drop_last.store(true, Ordering::SeqCst);
+    upstream.behave(|b| b.embed_drop_last = true);
     let body = json!({"model": MODEL, "input": ["p", "q"]});
     let broken = embed(&c, &proxy, body.clone()).await;
     assert_eq!(broken.status, 502);
@@ -518,10 +526,7 @@ async fn a_broken_answer_is_a_502_and_nothing_of_it_is_stored() {
             .expect("message")
             .contains("1 embeddings for 2 inputs")
     );
-    upstream
-        .state
-        .embed_drop_last
-        .store(false, Ordering::SeqCst);
+    upstream.behave(|b| b.embed_drop_last = false);
     let fixed = embed(&c, &proxy, body).await;
     assert_eq!((fixed.status, fixed.cache.as_str()), (200, "miss"));
     assert_eq!(
@@ -533,8 +538,11 @@ async fn a_broken_answer_is_a_502_and_nothing_of_it_is_stored() {
 
 #[tokio::test]
 async fn a_caller_that_hangs_up_cancels_nothing_others_wait_on() {
-    let upstream = FakeUpstream::start().await;
-    upstream.state.delay_ms.store(400, Ordering::SeqCst);
+    let upstream = FakeUpstream::with(Behaviour {
+        delay: Duration::from_millis(400),
+        ..Behaviour::default()
+    })
+    .await;
     let proxy = Proxy::over(&upstream).await;
     let impatient = reqwest::Client::builder()
         .timeout(Duration::from_millis(100))

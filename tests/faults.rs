@@ -7,13 +7,16 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use common::{FakeUpstream, Proxy, chat, client, post, start_proxy};
+use common::{Behaviour, FakeUpstream, Proxy, chat, client, post, start_proxy};
 use nix::sys::signal::Signal;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_during_sustained_writes_leaves_a_consistent_database() {
-    let upstream = FakeUpstream::start().await;
-    upstream.state.forget_bodies.store(true, Ordering::SeqCst);
+    let upstream = FakeUpstream::with(Behaviour {
+        forget_bodies: true,
+        ..Behaviour::default()
+    })
+    .await;
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("cache.sqlite3");
     let proxy = start_proxy(&db, &upstream.url());

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
-use common::{FakeUpstream, Proxy, RedisServer, Seen, chat, client, post};
+use common::{Behaviour, FakeUpstream, Proxy, RedisServer, Seen, chat, client, post};
 
 /// Three replicas of the proxy in front of `upstream`, sharing `redis`.
 async fn replicas(upstream: &FakeUpstream, redis: &RedisServer) -> Vec<Proxy> {
@@ -126,11 +126,11 @@ async fn identical_requests_on_three_replicas_make_one_upstream_call() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let upstream = FakeUpstream::start().await;
-    upstream
-        .state
-        .delay_ms
-        .store(500, std::sync::atomic::Ordering::SeqCst);
+    let upstream = FakeUpstream::with(Behaviour {
+        delay: Duration::from_millis(500),
+        ..Behaviour::default()
+    })
+    .await;
     let fleet = replicas(&upstream, &redis).await;
     let calls = launch(&fleet, 60, |_| "the same question".to_owned());
     let answers = answers(calls).await;
@@ -150,16 +150,10 @@ async fn an_error_reaches_followers_on_other_replicas_and_is_not_stored() {
         return;
     };
     let upstream = FakeUpstream::start().await;
-    upstream
-        .state
-        .refused_keys
-        .lock()
-        .expect("lock")
-        .push("Bearer sk-test-key-1".to_owned());
-    upstream
-        .state
-        .delay_ms
-        .store(500, std::sync::atomic::Ordering::SeqCst);
+    upstream.behave(|b| {
+        b.refused_keys.push("Bearer sk-test-key-1".to_owned());
+        b.delay = Duration::from_millis(500);
+    });
     let fleet = replicas(&upstream, &redis).await;
     let c = client();
     let calls = launch(&fleet, 6, |_| "refused".to_owned());
@@ -168,7 +162,7 @@ async fn an_error_reaches_followers_on_other_replicas_and_is_not_stored() {
         assert_eq!(answer.body["error"]["code"], "invalid_api_key");
     }
     assert_eq!(upstream.calls(), 1);
-    upstream.state.refused_keys.lock().expect("lock").clear();
+    upstream.behave(|b| b.refused_keys.clear());
     let later = post(
         &c,
         &fleet[1].url("/v1/chat/completions"),
@@ -392,11 +386,11 @@ async fn replicas_share_the_upstreams_rate_budget() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let upstream = FakeUpstream::start().await;
-    upstream
-        .state
-        .limit_per_sec
-        .store(10, std::sync::atomic::Ordering::SeqCst);
+    let upstream = FakeUpstream::with(Behaviour {
+        limit_per_sec: 10,
+        ..Behaviour::default()
+    })
+    .await;
     let fleet = replicas(&upstream, &redis).await;
     learn_budget(&fleet).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -414,15 +408,12 @@ async fn replicas_share_a_fixed_window_budget() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let upstream = FakeUpstream::start().await;
-    upstream
-        .state
-        .limit_window
-        .store(true, std::sync::atomic::Ordering::SeqCst);
-    upstream
-        .state
-        .limit_per_sec
-        .store(10, std::sync::atomic::Ordering::SeqCst);
+    let upstream = FakeUpstream::with(Behaviour {
+        limit_window: true,
+        limit_per_sec: 10,
+        ..Behaviour::default()
+    })
+    .await;
     let fleet = replicas(&upstream, &redis).await;
     assert_spent_within_budget(&upstream, &fleet, 60, "window", 3).await;
     stop(fleet).await;
@@ -515,11 +506,11 @@ async fn a_dead_redis_mid_flight_fails_no_request() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let upstream = FakeUpstream::start().await;
-    upstream
-        .state
-        .delay_ms
-        .store(800, std::sync::atomic::Ordering::SeqCst);
+    let upstream = FakeUpstream::with(Behaviour {
+        delay: Duration::from_millis(800),
+        ..Behaviour::default()
+    })
+    .await;
     let fleet = replicas(&upstream, &redis).await;
     let c = client();
     let first = {
@@ -555,11 +546,11 @@ async fn a_stream_is_shared_live_across_replicas() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let upstream = FakeUpstream::start().await;
-    upstream
-        .state
-        .chunk_delay_ms
-        .store(150, std::sync::atomic::Ordering::SeqCst);
+    let upstream = FakeUpstream::with(Behaviour {
+        chunk_delay: Duration::from_millis(150),
+        ..Behaviour::default()
+    })
+    .await;
     let fleet = replicas(&upstream, &redis).await;
     let c = client();
     let streamed = serde_json::json!({"model": "gpt-4o-mini", "stream": true,
@@ -631,11 +622,11 @@ enum Fault {
 
 /// A fake upstream whose streams send their first event at once and the rest once released.
 async fn holding_upstream() -> FakeUpstream {
-    let upstream = FakeUpstream::start().await;
-    upstream
-        .state
-        .hold
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let upstream = FakeUpstream::with(Behaviour {
+        hold: true,
+        ..Behaviour::default()
+    })
+    .await;
     upstream
 }
 
@@ -757,11 +748,11 @@ async fn requests_queued_for_the_fleets_budget_survive_redis_going_away() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let upstream = FakeUpstream::start().await;
-    upstream
-        .state
-        .limit_per_sec
-        .store(10, std::sync::atomic::Ordering::SeqCst);
+    let upstream = FakeUpstream::with(Behaviour {
+        limit_per_sec: 10,
+        ..Behaviour::default()
+    })
+    .await;
     let fleet = replicas(&upstream, &redis).await;
     learn_budget(&fleet).await;
     let calls = launch(&fleet, 40, |i| format!("queued {i}"));
@@ -786,7 +777,7 @@ async fn an_old_failed_stream_is_not_followed_by_the_next_flight() {
     let streamed = serde_json::json!({"model": "gpt-4o-mini", "stream": true,
         "messages": [{"role": "user", "content": "again"}]})
     .to_string();
-    upstream.state.set_stream_end(common::StreamEnd::ErrorEvent);
+    upstream.behave(|b| b.stream_end = common::StreamEnd::ErrorEvent);
     let failed = post(
         &c,
         &fleet[0].url("/v1/chat/completions"),
@@ -804,11 +795,8 @@ async fn an_old_failed_stream_is_not_followed_by_the_next_flight() {
         fleet[0].engine.in_flight() == 0 && redis.command(&lease).starts_with(":0")
     })
     .await;
-    upstream.state.set_stream_end(common::StreamEnd::Complete);
-    upstream
-        .state
-        .chunk_delay_ms
-        .store(150, std::sync::atomic::Ordering::SeqCst);
+    upstream.behave(|b| b.stream_end = common::StreamEnd::Complete);
+    upstream.behave(|b| b.chunk_delay = Duration::from_millis(150));
     let calls = upstream.calls();
     let leader = {
         let (c, url, body) = (

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::FakeUpstream;
+use common::{Behaviour, FakeUpstream};
 use http_body_util::Full;
 use llm_dedup::Dedup;
 use proptest::prelude::*;
@@ -43,8 +43,11 @@ fn target() -> &'static Target {
             .expect("runtime");
         let dir = tempfile::tempdir().expect("tempdir");
         let (upstream, engine) = runtime.block_on(async {
-            let upstream = FakeUpstream::start().await;
-            upstream.state.forget_bodies.store(true, Ordering::SeqCst);
+            let upstream = FakeUpstream::with(Behaviour {
+                forget_bodies: true,
+                ..Behaviour::default()
+            })
+            .await;
             let engine = upstream
                 .engine()
                 .database(dir.path().join("fuzz.db"))

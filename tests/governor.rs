@@ -6,14 +6,17 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{FakeUpstream, Proxy, RetryStyle, chat, client, post};
+use common::{Behaviour, FakeUpstream, Proxy, RetryStyle, chat, client, post};
 use llm_dedup::GovernorSettings;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_sixty_succeeds_with_few_upstream_refusals() {
-    let upstream = FakeUpstream::start().await;
-    upstream.state.limit_per_sec.store(10, Ordering::SeqCst);
+    let upstream = FakeUpstream::with(Behaviour {
+        limit_per_sec: 10,
+        ..Behaviour::default()
+    })
+    .await;
     burst_of_sixty(&upstream, 2).await;
 }
 
@@ -22,9 +25,12 @@ async fn a_burst_of_sixty_succeeds_with_few_upstream_refusals() {
 /// before the reset and nothing more, so the upstream refuses at most once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_sixty_against_fixed_windows_draws_at_most_one_refusal() {
-    let upstream = FakeUpstream::start().await;
-    upstream.state.limit_window.store(true, Ordering::SeqCst);
-    upstream.state.limit_per_sec.store(10, Ordering::SeqCst);
+    let upstream = FakeUpstream::with(Behaviour {
+        limit_window: true,
+        limit_per_sec: 10,
+        ..Behaviour::default()
+    })
+    .await;
     burst_of_sixty(&upstream, 1).await;
 }
 
@@ -61,8 +67,11 @@ async fn burst_of_sixty(upstream: &FakeUpstream, refusals: usize) {
 
 #[tokio::test]
 async fn quota_errors_are_passed_on_at_once_and_never_retried() {
-    let upstream = FakeUpstream::start().await;
-    upstream.state.quota_exhausted.store(true, Ordering::SeqCst);
+    let upstream = FakeUpstream::with(Behaviour {
+        quota_exhausted: true,
+        ..Behaviour::default()
+    })
+    .await;
     let proxy = Proxy::over(&upstream).await;
     let r = post(
         &client(),
@@ -85,9 +94,12 @@ async fn refusals_are_waited_out_whatever_form_retry_after_takes() {
         RetryStyle::Seconds,
         RetryStyle::HttpDate,
     ] {
-        let upstream = FakeUpstream::start().await;
-        upstream.state.set_retry_style(style);
-        upstream.state.refuse_next.store(1, Ordering::SeqCst);
+        let upstream = FakeUpstream::with(Behaviour {
+            retry_style: style,
+            refuse_next: 1,
+            ..Behaviour::default()
+        })
+        .await;
         let proxy = Proxy::over(&upstream).await;
         let r = post(
             &client(),
@@ -104,8 +116,11 @@ async fn refusals_are_waited_out_whatever_form_retry_after_takes() {
 
 #[tokio::test]
 async fn the_last_refusal_is_passed_on_when_the_retry_budget_is_spent() {
-    let upstream = FakeUpstream::start().await;
-    upstream.state.refuse_next.store(100, Ordering::SeqCst);
+    let upstream = FakeUpstream::with(Behaviour {
+        refuse_next: 100,
+        ..Behaviour::default()
+    })
+    .await;
     let proxy = Proxy::start(upstream.engine().governor(GovernorSettings {
         retry_budget: Duration::from_millis(700),
         ..GovernorSettings::default()
@@ -165,8 +180,8 @@ async fn hits_never_wait_on_the_governor_even_while_it_is_paused() {
     let url = proxy.url("/v1/chat/completions");
     assert_eq!(post(&c, &url, chat("cached"), &[]).await.cache, "miss");
     // The next distinct request is refused and told to wait a second: the budget pauses.
-    upstream.state.set_retry_style(RetryStyle::Seconds);
-    upstream.state.refuse_next.store(1, Ordering::SeqCst);
+    upstream.behave(|b| b.retry_style = RetryStyle::Seconds);
+    upstream.behave(|b| b.refuse_next = 1);
     let paused = {
         let (c, url) = (c.clone(), url.clone());
         tokio::spawn(async move { post(&c, &url, chat("paused"), &[]).await })
@@ -189,8 +204,11 @@ async fn hits_never_wait_on_the_governor_even_while_it_is_paused() {
 
 #[tokio::test]
 async fn max_concurrency_caps_simultaneous_upstream_calls() {
-    let upstream = FakeUpstream::start().await;
-    upstream.state.delay_ms.store(150, Ordering::SeqCst);
+    let upstream = FakeUpstream::with(Behaviour {
+        delay: Duration::from_millis(150),
+        ..Behaviour::default()
+    })
+    .await;
     let proxy = Proxy::start(upstream.engine().governor(GovernorSettings {
         max_concurrency: Some(2),
         ..GovernorSettings::default()

@@ -4,10 +4,9 @@
 
 mod common;
 
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::{FakeUpstream, Proxy, chat, client, post};
+use common::{Behaviour, FakeUpstream, Proxy, chat, client, post};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -50,8 +49,11 @@ async fn a_ttl_beyond_any_clock_is_refused_before_the_upstream_is_called() {
 
 #[tokio::test]
 async fn an_upstream_asking_for_absurd_waits_neither_crashes_nor_poisons_the_budget() {
-    let upstream = FakeUpstream::start().await;
-    upstream.state.absurd_refusals.store(1, Ordering::SeqCst);
+    let upstream = FakeUpstream::with(Behaviour {
+        absurd_refusals: 1,
+        ..Behaviour::default()
+    })
+    .await;
     let proxy = Proxy::over(&upstream).await;
     let c = client();
     let url = proxy.url("/v1/chat/completions");
@@ -123,12 +125,9 @@ async fn model_names_cannot_grow_the_counters_without_bound() {
 async fn a_stream_past_max_stream_is_passed_on_but_no_longer_held() {
     let upstream = FakeUpstream::start().await;
     // 60 events of 8 KiB, 25 ms apart: about 480 KiB over 1.5 s.
-    upstream.state.extra_events.store(60, Ordering::SeqCst);
-    upstream
-        .state
-        .big_event_bytes
-        .store(8 * 1024, Ordering::SeqCst);
-    upstream.state.chunk_delay_ms.store(25, Ordering::SeqCst);
+    upstream.behave(|b| b.extra_events = 60);
+    upstream.behave(|b| b.big_event_bytes = 8 * 1024);
+    upstream.behave(|b| b.chunk_delay = Duration::from_millis(25));
     let max_stream = 64 * 1024;
     let proxy = Proxy::start(upstream.engine().max_stream_bytes(max_stream)).await;
     let c = client();

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{FakeUpstream, Proxy, chat, client, post};
+use common::{Behaviour, FakeUpstream, Proxy, chat, client, post};
 use http_body_util::Full;
 use llm_dedup::{AnswerBody, CacheStatus, Dedup, ErrorKind, Origin};
 
@@ -78,8 +78,11 @@ async fn a_refresh_replaces_what_repeats_get_next() {
 
 #[tokio::test]
 async fn concurrent_identical_calls_share_one_upstream_call() {
-    let upstream = FakeUpstream::start().await;
-    upstream.state.delay_ms.store(200, Ordering::SeqCst);
+    let upstream = FakeUpstream::with(Behaviour {
+        delay: Duration::from_millis(200),
+        ..Behaviour::default()
+    })
+    .await;
     let engine = upstream.engine().build().expect("engine");
     let tasks: Vec<_> = (0..30)
         .map(|_| {
@@ -281,8 +284,11 @@ mod middleware {
 
     #[tokio::test]
     async fn a_reqwest_client_gains_the_cache_with_one_with() {
-        let upstream = FakeUpstream::start().await;
-        upstream.state.delay_ms.store(100, Ordering::SeqCst);
+        let upstream = FakeUpstream::with(Behaviour {
+            delay: Duration::from_millis(100),
+            ..Behaviour::default()
+        })
+        .await;
         let engine = upstream.engine().build().expect("engine");
         let client = ClientBuilder::new(reqwest::Client::new())
             .with(DedupMiddleware::new(engine.clone()))

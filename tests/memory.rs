@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::atomic::Ordering;
 
-use common::FakeUpstream;
+use common::{Behaviour, FakeUpstream};
 use futures_util::StreamExt;
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 
@@ -32,8 +32,11 @@ fn live(region: &Region<'_, std::alloc::System>) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distinct_answers_fill_the_memory_tier_to_its_bound_and_no_further() {
     const BOUND: u64 = 4 * 1024 * 1024;
-    let upstream = FakeUpstream::start().await;
-    upstream.state.forget_bodies.store(true, Ordering::SeqCst);
+    let upstream = FakeUpstream::with(Behaviour {
+        forget_bodies: true,
+        ..Behaviour::default()
+    })
+    .await;
     let engine = upstream
         .engine()
         .memory_bytes(BOUND)

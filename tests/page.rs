@@ -7,7 +7,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
@@ -103,7 +103,7 @@ async fn the_live_page_shows_the_proxy_s_own_figures_and_draws_its_charts() {
         let seen = post(&c, &url, chat(&format!("question {}", i % 6)), &[]).await;
         assert_eq!(seen.status, 200);
     }
-    upstream.state.delay_ms.store(300, Ordering::SeqCst);
+    upstream.behave(|b| b.delay = Duration::from_millis(300));
     let burst: Vec<_> = (0..5)
         .map(|_| {
             let (c, url) = (c.clone(), url.clone());
@@ -113,14 +113,14 @@ async fn the_live_page_shows_the_proxy_s_own_figures_and_draws_its_charts() {
     for answer in burst {
         assert_eq!(answer.await.expect("joined").status, 200);
     }
-    upstream.state.delay_ms.store(0, Ordering::SeqCst);
+    upstream.behave(|b| b.delay = Duration::ZERO);
     for _ in 0..2 {
         let models = c.get(proxy.url("/v1/models")).send().await.expect("sent");
         assert_eq!(models.status(), 200);
     }
-    upstream.state.fail_status.store(400, Ordering::SeqCst);
+    upstream.behave(|b| b.fail_status = Some(400));
     assert_eq!(post(&c, &url, chat("refused"), &[]).await.status, 400);
-    upstream.state.fail_status.store(0, Ordering::SeqCst);
+    upstream.behave(|b| b.fail_status = None);
     let house = json!({"model": "house-model", "messages": [{"role": "user", "content": "x"}]});
     for _ in 0..2 {
         post(&c, &url, house.to_string(), &[]).await;

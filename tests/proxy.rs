@@ -2,10 +2,9 @@
 
 mod common;
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{FakeUpstream, Proxy, chat, client, post};
+use common::{Behaviour, FakeUpstream, Proxy, chat, client, post};
 use llm_dedup::Dedup;
 use serde_json::json;
 
@@ -54,8 +53,11 @@ async fn a_repeat_is_answered_from_the_cache_on_every_cacheable_route() {
 
 #[tokio::test]
 async fn fifty_identical_concurrent_requests_make_one_upstream_call() {
-    let upstream = FakeUpstream::start().await;
-    upstream.state.delay_ms.store(300, Ordering::SeqCst);
+    let upstream = FakeUpstream::with(Behaviour {
+        delay: Duration::from_millis(300),
+        ..Behaviour::default()
+    })
+    .await;
     let proxy = Proxy::over(&upstream).await;
     let c = client();
     let url = proxy.url("/v1/chat/completions");
@@ -254,7 +256,7 @@ async fn what_is_not_cacheable_passes_through_unstored() {
     assert_eq!(upstream.calls(), 5);
 
     // Non-2xx answers reach the client as sent and are not stored.
-    upstream.state.fail_status.store(400, Ordering::SeqCst);
+    upstream.behave(|b| b.fail_status = Some(400));
     for _ in 0..2 {
         let r = post(&c, &proxy.url("/v1/chat/completions"), chat("bad"), &[]).await;
         assert_eq!(r.status, 400);
@@ -262,7 +264,7 @@ async fn what_is_not_cacheable_passes_through_unstored() {
         assert_eq!(r.cache, "miss");
     }
     assert_eq!(upstream.calls(), 7);
-    upstream.state.fail_status.store(0, Ordering::SeqCst);
+    upstream.behave(|b| b.fail_status = None);
     assert_eq!(
         post(&c, &proxy.url("/v1/chat/completions"), chat("bad"), &[])
             .await
@@ -274,8 +276,11 @@ async fn what_is_not_cacheable_passes_through_unstored() {
 
 #[tokio::test]
 async fn a_streamed_miss_reaches_the_client_event_by_event() {
-    let upstream = FakeUpstream::start().await;
-    upstream.state.hold.store(true, Ordering::SeqCst);
+    let upstream = FakeUpstream::with(Behaviour {
+        hold: true,
+        ..Behaviour::default()
+    })
+    .await;
     let proxy = Proxy::over(&upstream).await;
     let body = json!({"model": "gpt-4o-mini", "stream": true,
                       "messages": [{"role": "user", "content": "hi"}]})
@@ -316,8 +321,11 @@ async fn a_streamed_miss_reaches_the_client_event_by_event() {
 /// its first event), and never starts an upstream call of its own.
 #[tokio::test]
 async fn only_if_cached_joins_an_answer_in_flight_but_never_starts_one() {
-    let upstream = FakeUpstream::start().await;
-    upstream.state.hold.store(true, Ordering::SeqCst);
+    let upstream = FakeUpstream::with(Behaviour {
+        hold: true,
+        ..Behaviour::default()
+    })
+    .await;
     let proxy = Proxy::over(&upstream).await;
     let c = client();
     let url = proxy.url("/v1/chat/completions");
@@ -540,8 +548,11 @@ async fn upstream_failures_are_clear_and_never_stored() {
     proxy.stop().await;
 
     // Slow: past the first-byte timeout.
-    let upstream = FakeUpstream::start().await;
-    upstream.state.delay_ms.store(2_000, Ordering::SeqCst);
+    let upstream = FakeUpstream::with(Behaviour {
+        delay: Duration::from_millis(2_000),
+        ..Behaviour::default()
+    })
+    .await;
     let proxy = Proxy::start(
         upstream.engine().governor(short_retries(0)).timeouts(
             llm_dedup::Timeouts::default()
@@ -557,8 +568,11 @@ async fn upstream_failures_are_clear_and_never_stored() {
 
     // Failing: the 500 is retried within the retry budget, then reaches the client as the
     // upstream sent it, and is not stored.
-    let upstream = FakeUpstream::start().await;
-    upstream.state.fail_status.store(500, Ordering::SeqCst);
+    let upstream = FakeUpstream::with(Behaviour {
+        fail_status: Some(500),
+        ..Behaviour::default()
+    })
+    .await;
     let proxy = Proxy::start(upstream.engine().governor(short_retries(1_200))).await;
     let url = proxy.url("/v1/chat/completions");
     let r = post(&c, &url, chat("x"), &[]).await;
@@ -566,7 +580,7 @@ async fn upstream_failures_are_clear_and_never_stored() {
     assert_eq!(r.body["error"]["type"], "server_error");
     let tried = upstream.calls();
     assert!(tried >= 2, "a 500 is worth retrying ({tried} calls)");
-    upstream.state.fail_status.store(0, Ordering::SeqCst);
+    upstream.behave(|b| b.fail_status = None);
     let r = post(&c, &url, chat("x"), &[]).await;
     assert_eq!((r.status, r.cache.as_str()), (200, "miss"));
     assert_eq!(upstream.calls(), tried + 1);
@@ -575,8 +589,11 @@ async fn upstream_failures_are_clear_and_never_stored() {
 
 #[tokio::test]
 async fn a_leader_that_hangs_up_does_not_fail_its_followers() {
-    let upstream = FakeUpstream::start().await;
-    upstream.state.hold.store(true, Ordering::SeqCst);
+    let upstream = FakeUpstream::with(Behaviour {
+        hold: true,
+        ..Behaviour::default()
+    })
+    .await;
     let proxy = Proxy::over(&upstream).await;
     let c = client();
     let url = proxy.url("/v1/chat/completions");

@@ -69,7 +69,7 @@ async fn each_api_hit_saves_what_the_provider_would_have_charged() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("c.db");
     let proxy = Proxy::start(upstream.engine().database(&db).prices(prices())).await;
-    let set_usage = |usage: Option<Value>| *upstream.state.usage.lock().expect("lock") = usage;
+    let set_usage = |usage: Option<Value>| upstream.behave(|b| b.usage = usage);
     let chat = |content: &str| json!({"model": "test-chat", "messages": [{"role": "user", "content": content}]});
 
     // Chat, no cached input: 9 in at 2, 12 out at 8 per million = 114 microdollars.
@@ -188,7 +188,7 @@ async fn snapshots_and_azure_deployments_are_priced_as_the_model_the_answer_repo
     assert_eq!(saved(&hit).as_deref(), Some(mini));
 
     // An Azure deployment named for nothing the table knows; the answer reports the model.
-    *upstream.state.reported_model.lock().expect("lock") = Some("gpt-4o-mini-2024-07-18".into());
+    upstream.behave(|b| b.reported_model = Some("gpt-4o-mini-2024-07-18".into()));
     let azure = json!({"messages": [{"role": "user", "content": "b"}]});
     let path = "/openai/deployments/support-bot/chat/completions?api-version=2024-10-21";
     let hit = miss_then_hit(&proxy, path, &azure).await;
@@ -209,11 +209,11 @@ async fn snapshots_and_azure_deployments_are_priced_as_the_model_the_answer_repo
 
 #[tokio::test]
 async fn a_coalesced_answer_saved_what_a_hit_would_have() {
-    let upstream = FakeUpstream::start().await;
-    upstream
-        .state
-        .hold
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let upstream = FakeUpstream::with(Behaviour {
+        hold: true,
+        ..Behaviour::default()
+    })
+    .await;
     let proxy = Proxy::start(upstream.engine().prices(prices())).await;
     let body = json!({"model": "test-chat", "messages": [{"role": "user", "content": "burst"}]});
     let url = proxy.url("/v1/chat/completions");

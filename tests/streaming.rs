@@ -3,11 +3,10 @@
 
 mod common;
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{FakeUpstream, Proxy, StreamEnd, client, stream_events};
+use common::{Behaviour, FakeUpstream, Proxy, StreamEnd, client, stream_events};
 use serde_json::{Value, json};
 
 /// A streamed request body for `path`, in that API's shape.
@@ -47,8 +46,11 @@ async fn read_all(c: &reqwest::Client, url: &str, body: String) -> (String, Stri
 
 #[tokio::test]
 async fn each_framing_is_replayed_byte_for_byte() {
-    let upstream = FakeUpstream::start().await;
-    upstream.state.chunk_delay_ms.store(5, Ordering::SeqCst);
+    let upstream = FakeUpstream::with(Behaviour {
+        chunk_delay: Duration::from_millis(5),
+        ..Behaviour::default()
+    })
+    .await;
     let proxy = Proxy::over(&upstream).await;
     let c = client();
     for (i, path) in ["/v1/chat/completions", "/v1/responses", "/v1/messages"]
@@ -100,8 +102,11 @@ async fn each_framing_is_replayed_byte_for_byte() {
 
 #[tokio::test]
 async fn ten_identical_streams_share_one_upstream_call_live() {
-    let upstream = FakeUpstream::start().await;
-    upstream.state.hold.store(true, Ordering::SeqCst);
+    let upstream = FakeUpstream::with(Behaviour {
+        hold: true,
+        ..Behaviour::default()
+    })
+    .await;
     let proxy = Proxy::over(&upstream).await;
     let c = client();
     let url = proxy.url("/v1/chat/completions");
@@ -161,8 +166,11 @@ async fn ten_identical_streams_share_one_upstream_call_live() {
 
 #[tokio::test]
 async fn a_leader_hanging_up_mid_stream_cuts_nothing_for_its_followers() {
-    let upstream = FakeUpstream::start().await;
-    upstream.state.hold.store(true, Ordering::SeqCst);
+    let upstream = FakeUpstream::with(Behaviour {
+        hold: true,
+        ..Behaviour::default()
+    })
+    .await;
     let proxy = Proxy::over(&upstream).await;
     let c = client();
     let url = proxy.url("/v1/messages");
@@ -199,8 +207,11 @@ async fn a_leader_hanging_up_mid_stream_cuts_nothing_for_its_followers() {
 
 #[tokio::test]
 async fn a_cut_stream_is_passed_on_as_it_came_and_never_stored() {
-    let upstream = FakeUpstream::start().await;
-    upstream.state.set_stream_end(StreamEnd::Cut);
+    let upstream = FakeUpstream::with(Behaviour {
+        stream_end: StreamEnd::Cut,
+        ..Behaviour::default()
+    })
+    .await;
     let proxy = Proxy::over(&upstream).await;
     let c = client();
     let url = proxy.url("/v1/chat/completions");
@@ -214,7 +225,7 @@ async fn a_cut_stream_is_passed_on_as_it_came_and_never_stored() {
         resp.bytes().await.is_err(),
         "a cut stream must not look complete"
     );
-    upstream.state.set_stream_end(StreamEnd::Complete);
+    upstream.behave(|b| b.stream_end = StreamEnd::Complete);
     let (cache, _, body) = read_all(&c, &url, streamed("/v1/chat/completions", "cut")).await;
     assert_eq!(cache, "miss", "nothing was stored");
     assert!(body.ends_with(b"data: [DONE]\n\n"));
@@ -224,8 +235,11 @@ async fn a_cut_stream_is_passed_on_as_it_came_and_never_stored() {
 
 #[tokio::test]
 async fn a_stream_with_an_error_event_is_never_stored() {
-    let upstream = FakeUpstream::start().await;
-    upstream.state.set_stream_end(StreamEnd::ErrorEvent);
+    let upstream = FakeUpstream::with(Behaviour {
+        stream_end: StreamEnd::ErrorEvent,
+        ..Behaviour::default()
+    })
+    .await;
     let proxy = Proxy::over(&upstream).await;
     let c = client();
     let url = proxy.url("/v1/responses");

@@ -9,9 +9,10 @@
 mod common;
 
 use axum::body::Body;
-use common::{FakeUpstream, Proxy, Seen, chat, client, post, seen};
+use common::{Behaviour, FakeUpstream, Proxy, Seen, chat, client, post, seen};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
+use std::time::Duration;
 use tower::ServiceExt;
 
 const ALICE: &str = "Bearer sk-alice-aaaa";
@@ -44,10 +45,7 @@ async fn keyless(c: &reqwest::Client, url: &str, body: String) -> Seen {
 
 /// Lets the upstream answer what it holds, and answer later calls at once.
 fn release(upstream: &FakeUpstream) {
-    upstream
-        .state
-        .hold
-        .store(false, std::sync::atomic::Ordering::SeqCst);
+    upstream.behave(|b| b.hold = false);
     upstream.state.release.notify_waiters();
 }
 
@@ -67,10 +65,7 @@ async fn a_shared_flight_gives_another_key_only_a_2xx_and_only_the_answers_heade
     let calls = upstream.calls();
 
     // A 2xx shared across keys.
-    upstream
-        .state
-        .hold
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    upstream.behave(|b| b.hold = true);
     let (c1, u1) = (c.clone(), url.clone());
     let alice = tokio::spawn(async move { post(&c1, &u1, chat("q"), &as_(ALICE)).await });
     upstream.wait_for_calls(calls + 1).await;
@@ -100,16 +95,10 @@ async fn a_shared_flight_gives_another_key_only_a_2xx_and_only_the_answers_heade
     assert_eq!(bob.body, alice.body, "the answer itself is shared");
 
     // Alice's key is revoked; her error must stay hers.
-    upstream
-        .state
-        .refused_keys
-        .lock()
-        .expect("lock")
-        .push(ALICE.to_owned());
-    upstream
-        .state
-        .hold
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    upstream.behave(|b| {
+        b.refused_keys.push(ALICE.to_owned());
+        b.hold = true;
+    });
     let (c1, u1) = (c.clone(), url.clone());
     let alice = tokio::spawn(async move { post(&c1, &u1, chat("q2"), &as_(ALICE)).await });
     upstream.wait_for_calls(calls + 2).await;
@@ -153,12 +142,7 @@ async fn a_shared_cache_answers_no_one_the_upstream_has_not_accepted() {
     assert_eq!(upstream.calls(), calls + 1);
 
     let mallory = "Bearer sk-mallory-mmmm";
-    upstream
-        .state
-        .refused_keys
-        .lock()
-        .expect("lock")
-        .push(mallory.to_owned());
+    upstream.behave(|b| b.refused_keys.push(mallory.to_owned()));
     let wrong = post(&c, &url, chat("secret prompt"), &as_(mallory)).await;
     assert_eq!(wrong.status, 401, "a wrong key gets the upstream's answer");
     assert_ne!(wrong.cache, "hit");
@@ -344,11 +328,11 @@ async fn a_responses_answer_never_carries_another_callers_echoed_fields() {
 /// A shared live stream reaches a caller of another key with only the answer's headers.
 #[tokio::test]
 async fn a_shared_live_stream_gives_another_key_only_the_answers_headers() {
-    let upstream = FakeUpstream::start().await;
-    upstream
-        .state
-        .chunk_delay_ms
-        .store(100, std::sync::atomic::Ordering::SeqCst);
+    let upstream = FakeUpstream::with(Behaviour {
+        chunk_delay: Duration::from_millis(100),
+        ..Behaviour::default()
+    })
+    .await;
     let proxy = Proxy::start(upstream.engine().shared_cache(true)).await;
     let url = proxy.url("/v1/chat/completions");
     let c = client();

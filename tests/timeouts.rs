@@ -4,10 +4,9 @@
 
 mod common;
 
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::{FakeUpstream, Proxy, chat, client, post};
+use common::{Behaviour, FakeUpstream, Proxy, chat, client, post};
 use llm_dedup::{GovernorSettings, Timeouts};
 
 /// Upstream timeouts short enough for a test, and no retry (the retry budget is spent before
@@ -39,8 +38,11 @@ fn counter(text: &str, name: &str) -> f64 {
 /// the flight leaves the table, and the next identical request makes a fresh call.
 #[tokio::test]
 async fn a_call_with_no_answer_fails_its_waiters_and_leaves_the_table() {
-    let upstream = FakeUpstream::start().await;
-    upstream.state.hang_calls.store(1, Ordering::SeqCst);
+    let upstream = FakeUpstream::with(Behaviour {
+        hang_calls: 1,
+        ..Behaviour::default()
+    })
+    .await;
     let proxy = Proxy::start(short(&upstream)).await;
     let url = proxy.url("/v1/chat/completions");
     let c = client();
@@ -83,8 +85,11 @@ async fn a_call_with_no_answer_fails_its_waiters_and_leaves_the_table() {
 /// request gets a whole fresh stream.
 #[tokio::test]
 async fn a_stream_that_goes_silent_is_cut_for_everyone_sharing_it() {
-    let upstream = FakeUpstream::start().await;
-    upstream.state.silent_streams.store(true, Ordering::SeqCst);
+    let upstream = FakeUpstream::with(Behaviour {
+        silent_streams: true,
+        ..Behaviour::default()
+    })
+    .await;
     let proxy = Proxy::start(short(&upstream)).await;
     let url = proxy.url("/v1/chat/completions");
     let body = serde_json::json!({"model": "gpt-4o-mini", "stream": true,
@@ -135,7 +140,7 @@ async fn a_stream_that_goes_silent_is_cut_for_everyone_sharing_it() {
         1.0,
         "{metrics}"
     );
-    upstream.state.silent_streams.store(false, Ordering::SeqCst);
+    upstream.behave(|b| b.silent_streams = false);
     let fresh = post(&c, &url, body.clone(), &[]).await;
     assert_eq!(
         fresh.cache, "miss",
@@ -152,7 +157,7 @@ async fn a_stream_that_goes_silent_is_cut_for_everyone_sharing_it() {
 async fn a_flight_older_than_the_upstream_timeout_is_not_joined() {
     let upstream = FakeUpstream::start().await;
     // Three calls hang; the flight retries them for a while.
-    upstream.state.hang_calls.store(3, Ordering::SeqCst);
+    upstream.behave(|b| b.hang_calls = 3);
     let builder = short(&upstream)
         .timeouts(
             Timeouts::default()
