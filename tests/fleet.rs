@@ -622,12 +622,11 @@ enum Fault {
 
 /// A fake upstream whose streams send their first event at once and the rest once released.
 async fn holding_upstream() -> FakeUpstream {
-    let upstream = FakeUpstream::with(Behaviour {
+    FakeUpstream::with(Behaviour {
         hold: true,
         ..Behaviour::default()
     })
-    .await;
-    upstream
+    .await
 }
 
 /// Asks `proxy` for a streamed answer about `topic`, and returns once its answer has started
