@@ -7,6 +7,10 @@
 
 use http::HeaderName;
 
+/// What every header of llm-dedup's own starts with: a header so named speaks to this proxy,
+/// and is never one that could change an upstream answer.
+pub const OWN_PREFIX: &str = "llm-dedup-";
+
 /// Response header naming how the answer was produced (`hit`, `miss`, `coalesced`, ...).
 pub const CACHE_HEADER: HeaderName = HeaderName::from_static("llm-dedup-cache");
 /// Response header carrying the cache key.

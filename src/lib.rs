@@ -106,7 +106,7 @@ pub use answer::{Answer, AnswerBody, CacheStatus, Refusal};
 pub use controls::MAX_TTL;
 pub use counts::Counts;
 pub use embeddings::EmbedSettings;
-pub use engine::{DEFAULT_VERIFY_WINDOW, Dedup, DedupBuilder};
+pub use engine::{DEFAULT_VERIFY_WINDOW, Dedup, DedupBuilder, LiveFigures};
 pub use error::{Error, ErrorKind, Origin};
 pub use fleet::{Layout as FleetLayout, advertised_url, redis_address};
 pub use governor::{GovernorSettings, MAX_SETTING_WAIT};
@@ -121,8 +121,8 @@ pub use usage::Usage;
 #[cfg(test)]
 mod architecture {
     //! ARCHITECTURE.md's boundaries, enforced: the leaves import nothing of the crate but each
-    //! other, no two top-level modules import each other (directly or round a circle), and the
-    //! engine imports none of the faces above it.
+    //! other, no two top-level modules import each other (directly or round a circle), the
+    //! engine imports none of the faces above it, and only the fleet names the redis crate.
 
     use std::collections::{BTreeMap, BTreeSet};
     use std::path::Path;
@@ -136,25 +136,27 @@ mod architecture {
     /// The faces over the engine: it imports none of them.
     const FACES: &[&str] = &["inspect", "middleware", "page", "server"];
 
+    /// Every Rust file under `dir`.
+    fn files(dir: &Path) -> Vec<std::path::PathBuf> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(dir).expect("src readable").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                found.extend(files(&path));
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                found.push(path);
+            }
+        }
+        found
+    }
+
     /// Each top-level module of the library and the top-level modules its files name
     /// (`crate::name`), itself left out. The binary's own files (`main.rs`, `report.rs`,
     /// `cli/`) are not the library's.
     fn imports() -> BTreeMap<String, BTreeSet<String>> {
-        fn walk(dir: &Path, found: &mut Vec<std::path::PathBuf>) {
-            for entry in std::fs::read_dir(dir).expect("src readable").flatten() {
-                let path = entry.path();
-                if path.is_dir() {
-                    walk(&path, found);
-                } else if path.extension().is_some_and(|e| e == "rs") {
-                    found.push(path);
-                }
-            }
-        }
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-        let mut files = Vec::new();
-        walk(&src, &mut files);
         let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-        for file in files {
+        for file in files(&src) {
             let relative = file.strip_prefix(&src).expect("under src");
             let first = relative
                 .iter()
@@ -224,6 +226,23 @@ mod architecture {
         let mut done = BTreeSet::new();
         for module in graph.keys() {
             visit(module, &graph, &mut Vec::new(), &mut done);
+        }
+    }
+
+    #[test]
+    fn only_the_fleet_talks_to_redis() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let needle = ["redis", "::"].concat();
+        for file in files(&src) {
+            if file.starts_with(src.join("fleet")) {
+                continue;
+            }
+            let source = std::fs::read_to_string(&file).expect("readable");
+            assert!(
+                !source.contains(&needle),
+                "{} names the redis crate: only src/fleet/ talks to Redis",
+                file.display()
+            );
         }
     }
 

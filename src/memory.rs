@@ -85,7 +85,7 @@ const REPORT_AFTER_MS: i64 = 1_000;
 static SLOT_HASHER: LazyLock<foldhash::fast::RandomState> = LazyLock::new(Default::default);
 
 /// A request as received, in the form shortcuts and memos recognise it by: everything that
-/// goes into its cache key, unparsed (see `Dedup::exact_bytes`). Equal exact requests have
+/// goes into its cache key, unparsed (see `Engine::exact_request`). Equal exact requests have
 /// equal keys; the converse need not hold.
 pub struct ExactRequest {
     bytes: Vec<u8>,

@@ -1,4 +1,4 @@
-//! Phase 4, flight: a request that memory could not answer joins an identical request in
+//! Phase 5, flight: a request that memory could not answer joins an identical request in
 //! flight, or leads one ([`Leader`], in `leader.rs`, whose task resolves it).
 //!
 //! The leader's work runs in a task of its own (tracked for `close`), so the request that

@@ -1,6 +1,6 @@
-//! Phase 5, govern: the leader's upstream call, through the governor. It waits in line for
-//! budget, teaches the governor what the answer's headers say, and waits out the refusals
-//! worth waiting out, pausing the whole budget, until the retry budget is spent.
+//! A leader's step 3, call (in phase 5): the upstream call, through the governor. It waits in
+//! line for budget, teaches the governor what the answer's headers say, and waits out the
+//! refusals worth waiting out, pausing the whole budget, until the retry budget is spent.
 
 use std::time::Duration;
 

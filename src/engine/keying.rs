@@ -1,4 +1,4 @@
-//! Phase 2, keying: the name of a request's stored answer, and the partition whose budget it
+//! Phase 3, keying: the name of a request's stored answer, and the partition whose budget it
 //! draws on.
 //!
 //! The engine remembers the key of each exact request it has parsed ([`KnownKeys`]): a

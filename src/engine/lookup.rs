@@ -1,6 +1,7 @@
-//! Phase 3, lookup: the memory tier (or this thread's shortcut into it), then the fleet's
-//! tier in Redis (with `--redis`), then the disk tier; and the store on the way back, memory
-//! at once, Redis before the flight ends, and disk through the writer's queue.
+//! Phases 2 and 4, lookup: this thread's shortcut into the memory tier, the memory tier, then
+//! (in a leader's first step) the fleet's tier in Redis (with `--redis`) and the disk tier;
+//! and the store on the way back: memory at once, Redis before the flight ends, and disk
+//! through the writer's queue.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

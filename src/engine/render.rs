@@ -1,4 +1,4 @@
-//! Phase 7, render: the answer each request gets, from a stored entry (a hit) or from the
+//! Phase 6, render: the answer each request gets, from a stored entry (a hit) or from the
 //! outcome of the flight it waited on, marked with how it was produced.
 
 use std::time::SystemTime;

@@ -1,5 +1,5 @@
-//! Phase 4 of a leader, for a streamed answer: received from the upstream event by event,
-//! shared live with every waiter of its flight, and stored once it completed.
+//! A leader's step 4 (in phase 5), for a streamed answer: received from the upstream event by
+//! event, shared live with every waiter of its flight, and stored once it completed.
 
 use std::sync::Arc;
 

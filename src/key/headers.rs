@@ -38,7 +38,7 @@ impl KeyHeaders {
             let lower = parsed.as_str();
             if crate::headers::HOP_BY_HOP.contains(&lower)
                 || matches!(lower, "host" | "content-length" | "accept-encoding")
-                || lower.starts_with("llm-dedup-")
+                || lower.starts_with(crate::headers::OWN_PREFIX)
             {
                 return Err(format!(
                     "{name:?} cannot change an answer: it is a transport or control header"

@@ -88,7 +88,7 @@ impl CredentialHeaders {
                 && lower != crate::headers::PROXY_AUTHORIZATION;
             if never_forwarded
                 || matches!(lower, "host" | "content-length" | "content-type")
-                || lower.starts_with("llm-dedup-")
+                || lower.starts_with(crate::headers::OWN_PREFIX)
             {
                 return Err(format!(
                     "{name:?} cannot identify a caller: it is a transport or control header"
