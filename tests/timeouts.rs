@@ -26,13 +26,6 @@ fn short(upstream: &FakeUpstream) -> llm_dedup::DedupBuilder {
         })
 }
 
-/// The value of a labelled counter in Prometheus text (0 when absent).
-fn counter(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// An upstream that takes the call and never answers: the caller gets `504` once the upstream
 /// timeout passes, saying which timeout fired; a request that joined the flight gets it too;
 /// the flight leaves the table, and the next identical request makes a fresh call.
@@ -65,7 +58,7 @@ async fn a_call_with_no_answer_fails_its_waiters_and_leaves_the_table() {
     assert_eq!(proxy.engine.in_flight(), 0, "the flight left the table");
     let metrics = proxy.engine.metrics_text().await;
     assert_eq!(
-        counter(
+        common::sample(
             &metrics,
             "llm_dedup_upstream_timeouts_total{kind=\"first_byte\"}"
         ),
@@ -136,7 +129,7 @@ async fn a_stream_that_goes_silent_is_cut_for_everyone_sharing_it() {
     assert_eq!(proxy.engine.in_flight(), 0);
     let metrics = proxy.engine.metrics_text().await;
     assert_eq!(
-        counter(&metrics, "llm_dedup_upstream_timeouts_total{kind=\"idle\"}"),
+        common::sample(&metrics, "llm_dedup_upstream_timeouts_total{kind=\"idle\"}"),
         1.0,
         "{metrics}"
     );
