@@ -13,6 +13,11 @@ pub const OWN_PREFIX: &str = "llm-dedup-";
 
 /// Response header naming how the answer was produced (`hit`, `miss`, `coalesced`, ...).
 pub const CACHE_HEADER: HeaderName = HeaderName::from_static("llm-dedup-cache");
+/// Request header a replica presents to another of its fleet when it asks for the rest of a
+/// stream (`/_llm-dedup/peer/{key}`): a token made with the fleet secret, never a client's
+/// credential.
+pub const PEER_TOKEN_HEADER: &str = "llm-dedup-peer-token";
+
 /// Response header carrying the cache key.
 pub const KEY_HEADER: HeaderName = HeaderName::from_static("llm-dedup-key");
 /// Response header on a hit or a coalesced answer: what the provider would have charged for it,

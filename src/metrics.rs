@@ -87,6 +87,12 @@ impl EncodeMetric for UsdCounter {
     }
 }
 
+/// What kind of value read from Redis was not trusted.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RejectedLabels {
+    kind: &'static str,
+}
+
 /// Why the proxy's edge turned a client away.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct RefusalLabels {
@@ -131,6 +137,7 @@ pub(crate) struct Metrics {
     stream_buffer: Gauge,
     store_errors: Counter,
     redis_errors: Counter,
+    redis_rejected: Family<RejectedLabels, Counter>,
     absorbed_429: Counter,
     /// Handed to the upstream client, which counts the timeouts that fire.
     pub(crate) upstream_timeouts: TimeoutCounters,
@@ -156,6 +163,8 @@ pub(crate) struct Levels {
     pub store_errors: u64,
     /// Redis calls that failed or timed out so far.
     pub redis_errors: u64,
+    /// Values read from Redis and not trusted so far, by kind.
+    pub redis_rejected: Vec<(&'static str, u64)>,
 }
 
 impl Metrics {
@@ -226,6 +235,14 @@ impl Metrics {
             "redis_errors",
             "Calls to the fleet's Redis that failed or timed out (the replica went on alone)",
             redis_errors.clone(),
+        );
+        let redis_rejected = Family::<RejectedLabels, Counter>::default();
+        registry.register(
+            "redis_rejected",
+            "Values read from the fleet's Redis and not trusted, by kind (entry, refusal, lease, \
+             stream, message, peer_token: not sealed with the fleet secret; malformed: not \
+             readable); each is ignored, and Redis stays on",
+            redis_rejected.clone(),
         );
         let upstream_timeouts = TimeoutCounters::default();
         registry.register(
@@ -304,6 +321,7 @@ impl Metrics {
             stream_buffer,
             store_errors,
             redis_errors,
+            redis_rejected,
         }
     }
 
@@ -410,6 +428,10 @@ impl Metrics {
         self.store_errors.inc_by(behind);
         let behind = levels.redis_errors.saturating_sub(self.redis_errors.get());
         self.redis_errors.inc_by(behind);
+        for (kind, n) in levels.redis_rejected {
+            let counter = self.redis_rejected.get_or_create(&RejectedLabels { kind });
+            counter.inc_by(n.saturating_sub(counter.get()));
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);

@@ -12,11 +12,21 @@ use tokio::task::JoinHandle;
 
 use common::{Behaviour, FakeUpstream, Proxy, RedisServer, Seen, chat, client, post};
 
-/// Three replicas of the proxy in front of `upstream`, sharing `redis`.
+/// The fleet tests' own secret.
+const SECRET: &str = "the fleet tests' own secret";
+
+/// A replica of a fleet with a secret (as production should run), in front of `upstream`, on
+/// `redis`.
+fn member(upstream: &FakeUpstream, redis: &RedisServer) -> llm_dedup::DedupBuilder {
+    let secret = llm_dedup::FleetSecret::new(SECRET).expect("secret");
+    upstream.engine().redis(redis.url()).fleet_secret(secret)
+}
+
+/// Three replicas of the proxy in front of `upstream`, sharing `redis` and a fleet secret.
 async fn replicas(upstream: &FakeUpstream, redis: &RedisServer) -> Vec<Proxy> {
     let mut all = Vec::new();
     for _ in 0..3 {
-        all.push(Proxy::advertised(upstream.engine().redis(redis.url())).await);
+        all.push(Proxy::advertised(member(upstream, redis)).await);
     }
     all
 }
@@ -338,21 +348,38 @@ async fn the_inspector_reads_the_shared_tier_and_its_purge_reaches_every_replica
     }
     assert_eq!(upstream.calls(), 2);
     let url = redis.url();
-    let (code, out, err) = common::run_cli(&["stats", "--redis", &url, "--json"]);
+    let (code, out, err) =
+        common::run_cli(&["stats", "--redis", &url, "--fleet-secret", SECRET, "--json"]);
     assert_eq!(code, 0, "{err}");
     let stats: serde_json::Value = serde_json::from_str(&out).expect("json");
     assert_eq!(stats["entries"], 2, "{out}");
     assert_eq!(stats["by_model"][0]["name"], "gpt-4o-mini", "{out}");
-    let (code, out, err) = common::run_cli(&["list", "--redis", &url, "--json"]);
+    let (code, out, err) =
+        common::run_cli(&["list", "--redis", &url, "--fleet-secret", SECRET, "--json"]);
     assert_eq!(code, 0, "{err}");
     let listed: Vec<serde_json::Value> = serde_json::from_str(&out).expect("json");
     assert_eq!(listed.len(), 2);
     let key = listed[0]["key"].as_str().expect("key").to_owned();
-    let (code, out, err) = common::run_cli(&["show", "--redis", &url, &key[..10]]);
+    let (code, out, err) = common::run_cli(&[
+        "show",
+        "--redis",
+        &url,
+        "--fleet-secret",
+        SECRET,
+        &key[..10],
+    ]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("chat.completions"), "{out}");
 
-    let (code, _, err) = common::run_cli(&["purge", "--redis", &url, "--all", "--yes"]);
+    let (code, _, err) = common::run_cli(&[
+        "purge",
+        "--redis",
+        &url,
+        "--fleet-secret",
+        SECRET,
+        "--all",
+        "--yes",
+    ]);
     assert_eq!(code, 0, "{err}");
     // Every replica drops the purged answer.
     common::eventually_async(|| async {
@@ -715,9 +742,9 @@ async fn a_stream_is_never_read_back_from_a_replica_that_only_follows_it() {
         return;
     };
     let upstream = holding_upstream().await;
-    let follower_side = Proxy::advertised(upstream.engine().redis(redis.url())).await;
+    let follower_side = Proxy::advertised(member(&upstream, &redis)).await;
     let misnamed = follower_side.url("");
-    let leader_side = Proxy::start(upstream.engine().redis(redis.url()).advertise(misnamed)).await;
+    let leader_side = Proxy::start(member(&upstream, &redis).advertise(misnamed)).await;
     let c = client();
     let topic = "a story, misdirected";
     let leader = ask_stream(&c, &leader_side, topic).await;

@@ -54,6 +54,36 @@ pub(crate) struct DbArg {
         conflicts_with = "db"
     )]
     pub(crate) redis: Option<String>,
+
+    #[command(flatten)]
+    pub(crate) secret: FleetSecretArgs,
+}
+
+/// The fleet secret, given inline or in a file.
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct FleetSecretArgs {
+    /// With --redis: the secret every replica of the fleet and the inspector share (16 bytes
+    /// or more, e.g. `openssl rand -hex 32`). What a replica writes to Redis is sealed with
+    /// it and only what is sealed with it is trusted; prefer --fleet-secret-file, which keeps
+    /// it out of the process list [default: none: Redis is trusted entirely]
+    #[arg(long, env = "LLM_DEDUP_FLEET_SECRET", hide_env_values = true, requires = "redis",
+          value_parser = parse_secret, conflicts_with = "fleet_secret_file")]
+    pub(crate) fleet_secret: Option<llm_dedup::FleetSecret>,
+
+    /// As --fleet-secret, read from this file (e.g. a mounted Kubernetes secret); a final
+    /// newline is ignored
+    #[arg(long, env = "LLM_DEDUP_FLEET_SECRET_FILE", value_name = "PATH", requires = "redis",
+          value_parser = read_secret_file)]
+    pub(crate) fleet_secret_file: Option<llm_dedup::FleetSecret>,
+}
+
+impl FleetSecretArgs {
+    /// The secret given, if any.
+    pub(crate) fn secret(&self) -> Option<&llm_dedup::FleetSecret> {
+        self.fleet_secret
+            .as_ref()
+            .or(self.fleet_secret_file.as_ref())
+    }
 }
 
 impl DbArg {
@@ -66,9 +96,16 @@ impl DbArg {
 
     /// The fleet's Redis to inspect, if one was named.
     pub(crate) fn fleet(&self) -> Result<Option<llm_dedup::inspect::FleetInspector>> {
+        let secret = self.secret.secret();
+        if self.redis.is_some() && secret.is_none() {
+            eprintln!(
+                "note: no --fleet-secret-file: entries are read unchecked, and replicas that run \
+                 with a fleet secret ignore this inspector's purges"
+            );
+        }
         self.redis
             .as_deref()
-            .map(llm_dedup::inspect::FleetInspector::open)
+            .map(|url| llm_dedup::inspect::FleetInspector::open(url, secret))
             .transpose()
             .map_err(anyhow::Error::from)
     }
@@ -246,6 +283,9 @@ pub(crate) struct ServeArgs {
           value_parser = llm_dedup::advertised_url)]
     pub(crate) advertise: Option<String>,
 
+    #[command(flatten)]
+    pub(crate) secret: FleetSecretArgs,
+
     /// Another request header that identifies a caller (repeatable; the environment variable
     /// takes a comma-separated list). Added to authorization, x-api-key, api-key,
     /// ocp-apim-subscription-key, x-goog-api-key and proxy-authorization, to cookie, which
@@ -407,6 +447,17 @@ fn parse_token(s: &str) -> Result<String, String> {
 fn read_token_file(path: &str) -> Result<String, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
     parse_token(&text).map_err(|why| format!("{path} {why}"))
+}
+
+/// A fleet secret given inline.
+fn parse_secret(s: &str) -> Result<llm_dedup::FleetSecret, String> {
+    llm_dedup::FleetSecret::new(s)
+}
+
+/// The fleet secret in the file at `path`.
+fn read_secret_file(path: &str) -> Result<llm_dedup::FleetSecret, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    llm_dedup::FleetSecret::new(bytes).map_err(|why| format!("{path}: {why}"))
 }
 
 /// A Redis URL the client accepts (checked, not connected).

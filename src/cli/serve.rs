@@ -48,6 +48,15 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
             "telling the fleet where this replica is (see --advertise)"
         );
         builder = builder.advertise(advertise);
+        match args.secret.secret() {
+            Some(secret) => builder = builder.fleet_secret(secret.clone()),
+            None => tracing::warn!(
+                "no --fleet-secret: this replica trusts whatever the fleet's Redis holds and \
+                 says (answers, purges, peers), and reads no stream's rest from another \
+                 replica if Redis goes away; set a secret if anyone but the replicas can \
+                 write to that Redis"
+            ),
+        }
     }
     let engine = builder
         .upstream(&args.upstream)

@@ -9,7 +9,7 @@ use tokio_util::task::TaskTracker;
 use super::{DEFAULT_VERIFY_WINDOW, Dedup, Engine, KnownKeys, Verified, embed};
 use crate::embeddings::EmbedSettings;
 use crate::error::{Error, ErrorKind};
-use crate::fleet::{Event, Fleet};
+use crate::fleet::{Event, Fleet, FleetSecret, FleetSettings, Seal};
 use crate::governor::{Governor, GovernorSettings};
 use crate::inflight::InFlight;
 use crate::key::{CredentialHeaders, KeyHeaders, KeyPolicy};
@@ -40,6 +40,7 @@ pub struct DedupBuilder {
     embeddings: EmbedSettings,
     redis: Option<String>,
     advertise: Option<String>,
+    fleet_secret: Option<FleetSecret>,
     prices: PriceTable,
 }
 
@@ -63,6 +64,7 @@ impl Default for DedupBuilder {
             embeddings: EmbedSettings::default(),
             redis: None,
             advertise: None,
+            fleet_secret: None,
             prices: PriceTable::built_in(),
         }
     }
@@ -188,6 +190,17 @@ impl DedupBuilder {
         self
     }
 
+    /// The secret every replica of the fleet shares, with [`DedupBuilder::redis`]: what this
+    /// engine writes to Redis is sealed with it, and only what holds its seal is trusted
+    /// (answers, error answers, leases, relayed streams, messages); the credential salt is
+    /// derived from it rather than kept in Redis, and a replica reads a stream's rest from
+    /// the replica receiving it (if Redis goes away) with a token made with it. By default
+    /// there is none, and Redis is trusted entirely: see README, "What the fleet trusts".
+    pub fn fleet_secret(mut self, secret: FleetSecret) -> Self {
+        self.fleet_secret = Some(secret);
+        self
+    }
+
     /// The prices that value what the cache saves. By default, [`PriceTable::built_in`].
     pub fn prices(mut self, prices: PriceTable) -> Self {
         self.prices = prices;
@@ -233,10 +246,21 @@ impl DedupBuilder {
                 ));
             }
         };
+        if self.fleet_secret.is_some() && self.redis.is_none() {
+            return Err(Error::new(
+                ErrorKind::Cache,
+                "a fleet secret is for the replicas of a fleet: it needs a Redis",
+            ));
+        }
+        let settings = FleetSettings {
+            advertised,
+            seal: self.fleet_secret.as_ref().map(Seal::new),
+            max_entry: self.max_stream_bytes as u64,
+        };
         let fleet = self
             .redis
             .as_deref()
-            .map(|url| Fleet::new(url, advertised))
+            .map(|url| Fleet::new(url, settings))
             .transpose()
             .map_err(|e| Error::with_source(ErrorKind::Cache, "the Redis URL is not valid", e))?;
         let salt = match &fleet {

@@ -49,8 +49,9 @@ impl Leader {
                         None => Err(Error::new(
                             ErrorKind::UpstreamUnreachable,
                             "the stream shared by another replica could not be followed to its \
-                             end: Redis went away, and that replica named no address to read the \
-                             rest from (--advertise)",
+                             end: Redis went away, and the rest can be read from that replica \
+                             only in a fleet with a secret (--fleet-secret) whose replicas name \
+                             their address (--advertise)",
                         )),
                     };
                 }

@@ -68,6 +68,7 @@ use tokio_util::task::TaskTracker;
 
 pub use builder::DedupBuilder;
 pub use figures::LiveFigures;
+pub(crate) use peer::PeerRefused;
 pub use verified::DEFAULT_VERIFY_WINDOW;
 
 use crate::answer::{Answer, CacheStatus};
@@ -291,6 +292,11 @@ impl Dedup {
                 .load(std::sync::atomic::Ordering::Relaxed),
             store_errors: engine.disk.as_ref().map_or(0, DiskStore::write_errors),
             redis_errors: engine.fleet.as_ref().map_or(0, Fleet::errors),
+            redis_rejected: engine
+                .fleet
+                .as_ref()
+                .map(|f| f.rejections().to_vec())
+                .unwrap_or_default(),
         })
     }
 

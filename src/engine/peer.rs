@@ -1,62 +1,130 @@
 //! The peer read-back: the rest of a followed stream read from the replica that receives
-//! it, when Redis went away mid-stream. Over the proxy's own API: the client's request again,
-//! with `Cache-Control: only-if-cached`, which joins that replica's flight (or finds the answer
-//! it stored) without ever making an upstream call.
+//! it, when Redis went away mid-stream; and the other side, answering such a request.
+//!
+//! Only in a fleet with a secret: the asking replica presents a token made with it for the
+//! key and its caller's partition ([`PEER_TOKEN_HEADER`]), never a client's credential or
+//! request; the address asked is the one named in the stream's sealed head. The replica
+//! asked answers a valid token only, and only with the stream it receives from the upstream
+//! itself (or the answer it stored from it), never one it follows: two followers would wait
+//! on each other.
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
+use http::{HeaderMap, HeaderValue, Method};
 
-use super::flight::is_event_stream;
+use super::Dedup;
+use super::flight::{FlightOutcome, is_event_stream};
 use super::follow::Passed;
 use super::leader::Leader;
+use crate::answer::{Answer, AnswerBody, CacheStatus};
+use crate::entry::replayed_headers;
 use crate::error::{Error, ErrorKind};
-use crate::headers::NAMESPACE_HEADER;
+use crate::headers::PEER_TOKEN_HEADER;
+use crate::key::CacheKey;
 use crate::sse::{EventSplitter, Verdict};
 
 /// How long the replica receiving a stream may take to start answering for the rest of it.
 const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The path another replica asks for the rest of the stream under a key at.
+pub(crate) const PEER_PATH: &str = "/_llm-dedup/peer/";
+
+/// Why a replica does not answer a peer's request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PeerRefused {
+    /// No valid token of this fleet for the key (or no fleet secret here).
+    Forbidden,
+    /// No stream this replica receives, and no answer stored from one, under the key.
+    NotHere,
+}
+
+impl Dedup {
+    /// The stream this replica receives from the upstream under `key` (hex), or the answer it
+    /// stored from it, for another replica of the fleet presenting `token` (see the module
+    /// documentation). Not counted as a request: the asking replica counts its own.
+    pub(crate) async fn peer_stream(&self, key: &str, token: &str) -> Result<Answer, PeerRefused> {
+        let engine = &self.engine;
+        let fleet = engine.fleet.as_ref().ok_or(PeerRefused::Forbidden)?;
+        let key = CacheKey::from_hex(key).ok_or(PeerRefused::Forbidden)?;
+        let partition = fleet
+            .check_peer_token(&key, token)
+            .ok_or(PeerRefused::Forbidden)?;
+        let shown = |status, headers: &HeaderMap, body| Answer {
+            status,
+            headers: replayed_headers(headers),
+            body,
+            cache: CacheStatus::Coalesced,
+            key: Some(key),
+        };
+        if let Some(flight) = engine.flights.in_progress(&key) {
+            if let Ok(led) = flight.wait().await {
+                // Another partition's flight is this caller's only when answers are shared.
+                if led.by != partition && !engine.shared_cache {
+                    return Err(PeerRefused::NotHere);
+                }
+                return match led.outcome {
+                    FlightOutcome::Live(live) if !live.is_relayed() => Ok(shown(
+                        live.status,
+                        &live.headers,
+                        AnswerBody::Stream(live.subscribe()),
+                    )),
+                    FlightOutcome::Stored { entry, .. } => Ok(shown(
+                        http::StatusCode::from_u16(entry.status).unwrap_or_default(),
+                        &entry.hit_headers,
+                        AnswerBody::Full(entry.body.clone()),
+                    )),
+                    _ => Err(PeerRefused::NotHere),
+                };
+            }
+        }
+        match engine.lookup_memory(&key, None).await {
+            Some(entry) => Ok(shown(
+                http::StatusCode::from_u16(entry.status).unwrap_or_default(),
+                &entry.hit_headers,
+                AnswerBody::Full(entry.body.clone()),
+            )),
+            None => Err(PeerRefused::NotHere),
+        }
+    }
+}
 
 /// A replay that differs from the events already passed on: never spliced on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Diverged;
 
 impl Leader {
-    /// Reads the rest of a followed stream from the replica that receives it, at `peer`: the
-    /// client's request again, with `Cache-Control: only-if-cached`, joins that replica's
-    /// flight (or finds the answer it stored) without ever making an upstream call. Its events
-    /// start from the first; those already passed on are skipped, after checking they are the
-    /// same (a different answer is never spliced on).
+    /// Reads the rest of a followed stream from the replica that receives it, at `peer`, with
+    /// a token of the fleet (see the module documentation). Its events start from the first;
+    /// those already passed on are skipped, after checking they are the same (a different
+    /// answer is never spliced on).
     pub(super) async fn read_rest_from(
         &self,
         peer: &str,
         passed: &mut Passed<'_>,
     ) -> Result<(), Error> {
-        let (engine, out, meta) = (&self.engine, &self.out, &self.meta);
+        let (engine, meta) = (&self.engine, &self.meta);
         let lost = |what: &str| {
             Error::new(
                 ErrorKind::UpstreamUnreachable,
                 format!("Redis went away mid-stream, and the replica receiving the stream {what}"),
             )
         };
-        let mut headers = out.headers.clone();
+        let token = engine
+            .fleet
+            .as_ref()
+            .and_then(|fleet| fleet.peer_token(&meta.key, &self.out.partition))
+            .ok_or_else(|| lost("cannot be asked without a fleet secret"))?;
+        let mut headers = HeaderMap::new();
         headers.insert(
-            http::header::CACHE_CONTROL,
-            http::HeaderValue::from_static("only-if-cached"),
+            PEER_TOKEN_HEADER,
+            HeaderValue::from_str(&token).map_err(|_| lost("cannot be asked"))?,
         );
-        if !meta.namespace.is_empty() {
-            let namespace = http::HeaderValue::from_str(&meta.namespace)
-                .map_err(|_| lost("cannot be asked for this namespace"))?;
-            headers.insert(NAMESPACE_HEADER, namespace);
-        }
-        if let Some(credential) = &out.proxy_credential {
-            headers.insert(http::header::PROXY_AUTHORIZATION, credential.clone());
-        }
-        let url = format!("{peer}{}", out.path_and_query);
+        let url = format!("{peer}{PEER_PATH}{}", meta.key.to_hex());
         let sent = engine
             .upstream
-            .send_to_replica(&out.method, &url, headers, out.body.clone());
+            .send_to_replica(&Method::GET, &url, headers, Bytes::new());
         let response = match tokio::time::timeout(PEER_TIMEOUT, sent).await {
             Ok(Ok(response)) => response,
             Ok(Err(_)) => return Err(lost(&format!("cannot be reached at {peer}"))),

@@ -2,12 +2,15 @@
 //! `--redis URL`): blocking, as the command line is.
 //!
 //! Entries are read with `SCAN` (never `KEYS`, which blocks the server) in pages, and decoded
-//! as the replicas wrote them. A purge deletes entries and announces it on the fleet's channel,
-//! so that every replica drops its copies.
+//! as the replicas wrote them; with the fleet secret, entries not sealed with it are left out
+//! and counted ([`Admin::untrusted`]). A purge deletes entries and announces it on the fleet's
+//! channel (sealed with the secret, without which replicas that have one ignore it), so that
+//! every replica drops its copies.
 
 use std::time::Duration;
 
-use super::events::{Message, Says};
+use super::events::{Message, Says, seal_message};
+use super::seal::{FleetSecret, Seal, Sealed};
 use super::{Layout, codec};
 use crate::entry::StoredAnswer;
 use crate::key::CacheKey;
@@ -31,11 +34,14 @@ pub struct Admin {
     conn: redis::Connection,
     layout: Layout,
     shown: String,
+    seal: Option<Seal>,
+    untrusted: u64,
 }
 
 impl Admin {
-    /// Connects to the Redis at `url`, with a short timeout.
-    pub fn open(url: &str) -> Result<Admin, AdminError> {
+    /// Connects to the Redis at `url`, with a short timeout; `secret` is the fleet's, if it
+    /// has one.
+    pub fn open(url: &str, secret: Option<&FleetSecret>) -> Result<Admin, AdminError> {
         let client = redis::Client::open(url)?;
         let timeout = Duration::from_secs(5);
         let conn = client.get_connection_with_timeout(timeout)?;
@@ -44,7 +50,14 @@ impl Admin {
             conn,
             layout: Layout::default(),
             shown: client.get_connection_info().addr().to_string(),
+            seal: secret.map(Seal::new),
+            untrusted: 0,
         })
+    }
+
+    /// Entries read so far that were not sealed with the fleet's secret (left out).
+    pub fn untrusted(&self) -> u64 {
+        self.untrusted
     }
 
     /// The Redis server, without any password.
@@ -65,8 +78,14 @@ impl Admin {
                 let (Some(key), Some(value)) = (self.layout.entry_key(name), value) else {
                     continue;
                 };
-                if let Some(entry) = codec::decode_entry(key, &value) {
-                    out.push((entry, value.len() as u64));
+                let opened = match &self.seal {
+                    Some(seal) => seal.open(Sealed::Entry, name, &value),
+                    None => Some(value.as_slice()),
+                };
+                let entry = opened.and_then(|v| codec::decode_entry(key, v, codec::MAX_INFLATED));
+                match entry {
+                    Some(entry) => out.push((entry, value.len() as u64)),
+                    None => self.untrusted += 1,
                 }
             }
         }
@@ -92,13 +111,18 @@ impl Admin {
     }
 
     fn announce(&mut self, says: Says) -> Result<(), AdminError> {
-        let message = Message {
+        let channel = self.layout.channel();
+        let mut message = Message {
             from: "inspector".to_owned(),
             says,
-        };
+        }
+        .encode();
+        if let Some(seal) = &self.seal {
+            message = seal_message(seal, &channel, &message, std::time::SystemTime::now());
+        }
         let _: i64 = redis::cmd("PUBLISH")
-            .arg(self.layout.channel())
-            .arg(message.encode())
+            .arg(channel)
+            .arg(message)
             .query(&mut self.conn)?;
         Ok(())
     }

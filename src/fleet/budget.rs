@@ -71,6 +71,10 @@ use crate::key::Partition;
 static BUDGET: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("lua/budget.lua")));
 
+/// The longest pause of a budget, as the governor waits at most (`MAX_SERVER_WAIT`); the
+/// script cuts a longer one (planted) to it.
+const MAX_PAUSE_MS: u64 = 3_600_000;
+
 /// A pause of the partition's budget, never shortened (`lua/pause.lua`).
 static PAUSE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("lua/pause.lua")));
@@ -249,7 +253,7 @@ impl Fleet {
 
     /// Pauses the fleet's budget of `partition` for `wait` (after a refusal).
     pub async fn pause(&self, partition: &Partition, wait: Duration) {
-        let ms = wait.as_millis().clamp(1, 3_600_000) as u64;
+        let ms = wait.as_millis().clamp(1, u128::from(MAX_PAUSE_MS)) as u64;
         let [pause, ..] = self.inner.layout.budget(partition);
         let _: Result<i64, Unavailable> = self
             .run_script("budget", &PAUSE, |s| {
@@ -273,8 +277,46 @@ mod tests {
     /// so) when it is not installed, unless CI requires it (then the test fails).
     fn fleet() -> Option<(RedisServer, Fleet)> {
         let server = RedisServer::start()?;
-        let fleet = Fleet::new(&server.url(), None).expect("fleet");
+        let fleet =
+            Fleet::new(&server.url(), super::super::FleetSettings::default()).expect("fleet");
         Some((server, fleet))
+    }
+
+    #[test]
+    fn the_script_cuts_a_pause_to_what_the_governor_waits_at_most() {
+        let script = include_str!("lua/budget.lua");
+        assert!(script.contains(&format!("local MAX_PAUSE_MS = {MAX_PAUSE_MS}\n")));
+        assert_eq!(
+            u128::from(MAX_PAUSE_MS),
+            crate::governor::MAX_SERVER_WAIT.as_millis()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_planted_pause_is_cut_to_an_hour() {
+        let Some((server, fleet)) = fleet() else {
+            return;
+        };
+        let partition = Partition::from_bytes([7; 32]);
+        let [pause, ..] = fleet.inner.layout.budget(&partition);
+        // Ten years, as a hostile writer would set it.
+        let set = server.command(&format!("SET {pause} 1 PX 315360000000"));
+        assert!(set.starts_with("+OK"), "{set}");
+        let turn = fleet
+            .budget_turn(&partition, None, Duration::from_secs(30))
+            .await
+            .expect("redis answers");
+        let Budgeted::Paused(wait) = turn.turn else {
+            panic!("paused: {:?}", turn.turn);
+        };
+        assert!(wait <= Duration::from_secs(3600), "{wait:?}");
+        let left: i64 = server
+            .command(&format!("PTTL {pause}"))
+            .trim_start_matches(':')
+            .trim()
+            .parse()
+            .expect("a number");
+        assert!(left <= 3_600_000, "{left}");
     }
 
     /// Whether the fleet counts a budget as a fixed window once it is told, in turn, of

@@ -3,10 +3,11 @@
 //! An entry is `LDE2` (magic and format version), the status, the creation and expiry times,
 //! the usage, the route, namespace and model, the replayed header pairs, the body's encoding
 //! (0 as it came, 1 deflated) and the body as the rest of the value; every variable part is
-//! prefixed by its length (`u32`, little-endian). An error answer shared with followers of the same partition on other
-//! replicas (never stored as an entry) is `LDR1`, its status, header pairs and body. Reading
-//! never trusts the bytes: anything short, too long, inflating past [`MAX_INFLATED`] or of
-//! another version is `None`, and the caller treats it as a miss. A change of layout takes a
+//! prefixed by its length (`u32`, little-endian). An error answer shared with followers of the
+//! same partition on other replicas (never stored as an entry) is `LDR1`, its status, header
+//! pairs and body. Reading never trusts the bytes: anything short, too long, inflating past
+//! the reader's bound (the largest answer it would store) or of another version is `None`,
+//! and the caller treats it as a miss. A change of layout takes a
 //! new version tag; values of a version no longer read are misses.
 //!
 //! # Compression
@@ -29,8 +30,9 @@ const ENTRY_TAG: &[u8; 4] = b"LDE2";
 
 /// Bodies from this size up are deflated when that saves at least an eighth.
 pub const COMPRESS_FROM: usize = 1024;
-/// Most bytes a deflated body may inflate to: far above any `--max-stream` in use, and a
-/// bound on what a damaged or hostile value can make a replica allocate.
+/// Most bytes a deflated body may inflate to when the reader has no bound of its own (the
+/// inspector): far above any `--max-stream` in use. A replica bounds it by its
+/// `--max-stream`.
 pub const MAX_INFLATED: u64 = 256 << 20;
 
 const BODY_RAW: u8 = 0;
@@ -168,12 +170,8 @@ fn deflated(body: &[u8]) -> Option<Vec<u8>> {
     (small.len() <= body.len() - body.len() / 8).then_some(small)
 }
 
-/// `small` inflated; `None` if it is not deflate data or inflates past [`MAX_INFLATED`].
-fn inflated(small: &[u8]) -> Option<Vec<u8>> {
-    inflated_within(small, MAX_INFLATED)
-}
-
-fn inflated_within(small: &[u8], most: u64) -> Option<Vec<u8>> {
+/// `small` inflated; `None` if it is not deflate data or inflates past `most` bytes.
+fn inflated(small: &[u8], most: u64) -> Option<Vec<u8>> {
     use std::io::Read;
     // A guess at the size, never more than a MiB up front: the bytes decide the rest.
     let mut body = Vec::with_capacity(small.len().saturating_mul(4).min(1 << 20));
@@ -189,8 +187,9 @@ fn inflated_within(small: &[u8], most: u64) -> Option<Vec<u8>> {
     Some(body)
 }
 
-/// The entry stored under `key` from its Redis form; `None` if the bytes are not one.
-pub fn decode_entry(key: CacheKey, bytes: &[u8]) -> Option<StoredAnswer> {
+/// The entry stored under `key` from its Redis form; `None` if the bytes are not one, or if
+/// its body would inflate past `most` bytes (the largest answer the reader would store).
+pub fn decode_entry(key: CacheKey, bytes: &[u8], most: u64) -> Option<StoredAnswer> {
     let mut r = Reader(bytes);
     if r.take(4)? != ENTRY_TAG {
         return None;
@@ -216,7 +215,7 @@ pub fn decode_entry(key: CacheKey, bytes: &[u8]) -> Option<StoredAnswer> {
     }
     let body = match r.take(1)?[0] {
         BODY_RAW => Bytes::copy_from_slice(r.0),
-        BODY_DEFLATED => Bytes::from(inflated(r.0)?),
+        BODY_DEFLATED => Bytes::from(inflated(r.0, most)?),
         _ => return None,
     };
     let headers = StoredAnswer::headers_from_pairs(&pairs);
@@ -313,7 +312,7 @@ mod tests {
     fn an_entry_reads_back_as_it_was_written() {
         let e = entry();
         let bytes = encode_entry(&e);
-        let back = decode_entry(e.key, &bytes).expect("decodes");
+        let back = decode_entry(e.key, &bytes, MAX_INFLATED).expect("decodes");
         assert_eq!(back.body, e.body);
         assert_eq!(back.hit_headers, e.hit_headers);
         assert_eq!(
@@ -327,7 +326,10 @@ mod tests {
         assert!(!back.hit_headers.contains_key("set-cookie"));
         // Every cut of it is refused, never misread.
         for n in 0..bytes.len() - e.body.len() {
-            assert!(decode_entry(e.key, &bytes[..n]).is_none(), "cut at {n}");
+            assert!(
+                decode_entry(e.key, &bytes[..n], MAX_INFLATED).is_none(),
+                "cut at {n}"
+            );
         }
     }
 
@@ -367,12 +369,15 @@ mod tests {
             bytes.len(),
             e.body.len()
         );
-        let back = decode_entry(e.key, &bytes).expect("decodes");
+        let back = decode_entry(e.key, &bytes, MAX_INFLATED).expect("decodes");
         assert_eq!(back.body, e.body);
         assert_eq!(back.billed_model.as_deref(), Some("gpt-4o-mini-2024-07-18"));
         // Deflated data cut short is refused, never served as a shorter body.
         for n in [bytes.len() - 1, bytes.len() - 7, bytes.len() / 2] {
-            assert!(decode_entry(e.key, &bytes[..n]).is_none(), "cut at {n}");
+            assert!(
+                decode_entry(e.key, &bytes[..n], MAX_INFLATED).is_none(),
+                "cut at {n}"
+            );
         }
         // A short answer, or one that does not shrink, is written as it came.
         let small = entry();
@@ -383,12 +388,9 @@ mod tests {
     fn inflating_stops_at_its_bound() {
         let body = vec![b'a'; 64 * 1024];
         let small = deflated(&body).expect("shrinks");
-        assert_eq!(
-            inflated_within(&small, 64 * 1024).as_deref(),
-            Some(&body[..])
-        );
-        assert!(inflated_within(&small, 64 * 1024 - 1).is_none());
-        assert!(inflated(b"not deflate data at all").is_none());
+        assert_eq!(inflated(&small, 64 * 1024).as_deref(), Some(&body[..]));
+        assert!(inflated(&small, 64 * 1024 - 1).is_none());
+        assert!(inflated(b"not deflate data at all", MAX_INFLATED).is_none());
     }
 
     #[test]
@@ -419,7 +421,7 @@ mod tests {
             let key = CacheKey::from_hex(&"cd".repeat(32)).expect("hex");
             let mut value = if tagged { ENTRY_TAG.to_vec() } else { Vec::new() };
             value.extend_from_slice(&bytes);
-            let _ = decode_entry(key, &value);
+            let _ = decode_entry(key, &value, MAX_INFLATED);
             let mut value = if tagged { REFUSAL_TAG.to_vec() } else { Vec::new() };
             value.extend_from_slice(&bytes);
             let _ = decode_refusal(&value);

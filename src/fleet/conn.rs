@@ -124,10 +124,17 @@ impl Fleet {
     /// Counts a failed call, logs it at most once a minute, and leaves Redis alone for
     /// [`BACKOFF`].
     pub(super) fn failed(&self, what: &str, error: &str) {
-        self.inner.errors.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut down) = self.inner.down_until.lock() {
             *down = Some(Instant::now() + BACKOFF);
         }
+        self.count_failure(what, error);
+    }
+
+    /// Counts a failed call and logs it at most once a minute, leaving Redis on: for a call on
+    /// a connection of its own (a followed stream's), whose failure says nothing of the
+    /// shared connection the replica's other requests use.
+    pub(super) fn count_failure(&self, what: &str, error: &str) {
+        self.inner.errors.fetch_add(1, Ordering::Relaxed);
         if let Some(held) = self.inner.gate.open() {
             tracing::warn!(
                 call = what,

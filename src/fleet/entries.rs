@@ -1,17 +1,25 @@
-//! Stored answers in Redis (`e:{key}`, in the compact form of `codec.rs`), and the fleet's
-//! credential salt.
+//! Stored answers in Redis (`e:{key}`, in the compact form of `codec.rs`, sealed with the
+//! fleet secret when there is one), and the fleet's credential salt (in Redis only for a fleet
+//! without a secret).
 
 use std::time::SystemTime;
 
 use super::conn::CONNECT_TIMEOUT;
+use super::seal::{Rejected, Sealed};
 use super::{Fleet, Unavailable, codec};
 use crate::entry::{StoredAnswer, unix_ms};
 use crate::key::CacheKey;
 
 impl Fleet {
-    /// The fleet's credential salt: the one in Redis, or `ours` stored there if there is none
-    /// yet. Blocking, with a short timeout; `None` if Redis cannot be reached.
+    /// The fleet's credential salt: the one the fleet secret gives; without a secret, the one
+    /// in Redis, or `ours` stored there if there is none yet (blocking, with a short timeout).
+    /// `None` if Redis cannot be reached or holds no usable salt.
     pub fn shared_salt(&self, ours: &[u8; 32]) -> Option<[u8; 32]> {
+        if let Some(salt) = self.secret_salt() {
+            // Derived from the secret: nothing to read, and nothing in Redis to test
+            // credentials against.
+            return Some(salt);
+        }
         let inner = &self.inner;
         let read = || -> redis::RedisResult<Vec<u8>> {
             let mut conn = inner.client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
@@ -29,7 +37,7 @@ impl Fleet {
             Ok(bytes) => match <[u8; 32]>::try_from(bytes.as_slice()) {
                 Ok(salt) => Some(salt),
                 Err(_) => {
-                    self.failed("salt", "the fleet's salt in Redis is not 32 bytes");
+                    self.rejected(Rejected::Malformed);
                     None
                 }
             },
@@ -81,7 +89,35 @@ impl Fleet {
             return;
         }
         let name = self.inner.layout.entry(&entry.key);
-        self.set_px(name, codec::encode_entry(entry), ms).await;
+        let value = self.seal_value(Sealed::Entry, &name, codec::encode_entry(entry));
+        self.set_px(name, value, ms).await;
+    }
+
+    /// `value` as this replica writes it under `name`: sealed when the fleet has a secret.
+    pub(super) fn seal_value(&self, kind: Sealed, name: &str, value: Vec<u8>) -> Vec<u8> {
+        match &self.inner.seal {
+            Some(seal) => seal.seal(kind, name, value),
+            None => value,
+        }
+    }
+
+    /// What a value read under `name` holds, if this replica may trust it: its seal holds
+    /// (with a secret), or anything (without one). A value whose seal fails is counted.
+    pub(super) fn opened<'a>(
+        &self,
+        kind: Sealed,
+        rejected: Rejected,
+        name: &str,
+        value: &'a [u8],
+    ) -> Option<&'a [u8]> {
+        let Some(seal) = &self.inner.seal else {
+            return Some(value);
+        };
+        let opened = seal.open(kind, name, value);
+        if opened.is_none() {
+            self.rejected(rejected);
+        }
+        opened
     }
 
     /// `SET name value PX ms`.
@@ -99,14 +135,15 @@ impl Fleet {
             .await;
     }
 
-    /// An entry read from Redis, if it decodes and has not expired.
+    /// An entry read from Redis, if this replica may trust it, it decodes within the bound
+    /// and it has not expired. A value that cannot be used is counted and is a miss; Redis
+    /// stays on (one bad value says nothing of the others).
     fn fresh(&self, key: CacheKey, bytes: &[u8]) -> Option<StoredAnswer> {
-        let entry = codec::decode_entry(key, bytes);
+        let name = self.inner.layout.entry(&key);
+        let value = self.opened(Sealed::Entry, Rejected::Entry, &name, bytes)?;
+        let entry = codec::decode_entry(key, value, self.inner.max_entry);
         if entry.is_none() {
-            self.failed(
-                "decode",
-                "an entry in Redis could not be read; treated as a miss",
-            );
+            self.rejected(Rejected::Malformed);
         }
         entry.filter(|e| e.is_fresh(SystemTime::now()))
     }

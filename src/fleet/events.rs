@@ -5,6 +5,11 @@
 //! every replica and by the inspector. A replica hears every message, and wakes the local
 //! waiters of a key (`done`, `live`) or hands an [`Event`] to its listener (`replaced`,
 //! `purge`), which drops the copies it holds.
+//!
+//! With a fleet secret, a message is sent sealed ([`seal_message`]: the time it was sent
+//! and a seal over the channel, the message and that time), and a message is obeyed only if
+//! its seal holds and it is at most [`MESSAGE_FRESH`] old ([`open_message`]): anyone else
+//! who can publish on the channel is ignored, and so is a sealed message replayed later.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -13,6 +18,8 @@ use tokio::sync::Notify;
 
 use super::Fleet;
 use super::conn::{BACKOFF, CONNECT_TIMEOUT};
+use super::seal::{MESSAGE_FRESH, Rejected, Seal, Sealed};
+use crate::entry::unix_ms;
 use crate::key::CacheKey;
 
 /// What another replica (or the inspector) said happened, for the replica's listener.
@@ -86,6 +93,42 @@ impl Message {
     }
 }
 
+/// `text` (a message's wire form) as sent on `channel` at `now` by a fleet with a secret:
+/// `"{text} {unix ms} {seal}"`.
+pub(super) fn seal_message(
+    seal: &Seal,
+    channel: &str,
+    text: &str,
+    now: std::time::SystemTime,
+) -> String {
+    let ms = unix_ms(now).to_string();
+    let mac = seal.mac(
+        Sealed::Message,
+        &[channel.as_bytes(), text.as_bytes(), ms.as_bytes()],
+    );
+    format!("{text} {ms} {}", mac.to_hex())
+}
+
+/// The wire form inside a payload heard on `channel` at `now`, if it was sealed by this
+/// fleet's secret and sent at most [`MESSAGE_FRESH`] before (or after: clocks differ).
+pub(super) fn open_message<'a>(
+    seal: &Seal,
+    channel: &str,
+    payload: &'a str,
+    now: std::time::SystemTime,
+) -> Option<&'a str> {
+    let (rest, mac) = payload.rsplit_once(' ')?;
+    let (text, ms) = rest.rsplit_once(' ')?;
+    let sent: i64 = ms.parse().ok()?;
+    let mac = blake3::Hash::from_hex(mac).ok()?;
+    let fresh = unix_ms(now).abs_diff(sent) <= MESSAGE_FRESH.as_millis() as u64;
+    let sealed = seal.mac(
+        Sealed::Message,
+        &[channel.as_bytes(), text.as_bytes(), ms.as_bytes()],
+    );
+    (fresh && sealed == mac).then_some(text)
+}
+
 impl Fleet {
     /// Calls `listener` with every event another replica publishes (from a task of its own).
     pub fn on_event(&self, listener: impl Fn(Event) + Send + Sync + 'static) {
@@ -105,11 +148,14 @@ impl Fleet {
         };
         runtime.spawn(async move {
             let channel = fleet.inner.layout.channel();
-            let message = Message {
+            let mut message = Message {
                 from: fleet.inner.replica.clone(),
                 says,
             }
             .encode();
+            if let Some(seal) = &fleet.inner.seal {
+                message = seal_message(seal, &channel, &message, std::time::SystemTime::now());
+            }
             let _: Result<i64, _> = fleet
                 .call("publish", |mut c| async move {
                     redis::cmd("PUBLISH")
@@ -169,8 +215,9 @@ impl Fleet {
                         return;
                     };
                     let payload: String = message.get_payload().unwrap_or_default();
-                    if let Some(message) = Message::parse(&payload) {
-                        Fleet { inner }.heard(message);
+                    let fleet = Fleet { inner };
+                    if let Some(message) = fleet.read_message(&payload) {
+                        fleet.heard(message);
                     }
                 }
                 // The connection dropped: every waiter looks again, then we reconnect.
@@ -180,6 +227,23 @@ impl Fleet {
                 tokio::time::sleep(BACKOFF).await;
             }
         });
+    }
+
+    /// The message a payload heard on the channel carries, if this replica may trust it (see
+    /// the module documentation); one it may not is counted.
+    fn read_message(&self, payload: &str) -> Option<Message> {
+        let text = match &self.inner.seal {
+            None => Some(payload),
+            Some(seal) => {
+                let channel = self.inner.layout.channel();
+                open_message(seal, &channel, payload, std::time::SystemTime::now())
+            }
+        };
+        let message = text.and_then(Message::parse);
+        if message.is_none() {
+            self.rejected(Rejected::Message);
+        }
+        message
     }
 
     /// Handles one message.
@@ -254,6 +318,38 @@ mod tests {
             };
             assert_eq!(Message::parse(&message.encode()), Some(message));
         }
+        let seal = Seal::new(
+            &super::super::FleetSecret::new("a secret of sixteen bytes or more").expect("secret"),
+        );
+        let now = std::time::SystemTime::now();
+        let sealed = seal_message(&seal, "ch", "x purge all", now);
+        assert_eq!(open_message(&seal, "ch", &sealed, now), Some("x purge all"));
+        assert_eq!(
+            open_message(&seal, "other", &sealed, now),
+            None,
+            "another channel"
+        );
+        let later = now + MESSAGE_FRESH + std::time::Duration::from_secs(1);
+        assert_eq!(
+            open_message(&seal, "ch", &sealed, later),
+            None,
+            "replayed later"
+        );
+        let other = Seal::new(
+            &super::super::FleetSecret::new("another fleet's secret, sixteen+").expect("secret"),
+        );
+        assert_eq!(
+            open_message(&other, "ch", &sealed, now),
+            None,
+            "another fleet"
+        );
+        assert_eq!(
+            open_message(&seal, "ch", "x purge all", now),
+            None,
+            "not sealed"
+        );
+        let forged = sealed.replacen("purge all", "purge 00", 1);
+        assert_eq!(open_message(&seal, "ch", &forged, now), None, "changed");
         for bad in [
             "",
             "x",

@@ -12,13 +12,17 @@
 //!   and the local waiters it wakes;
 //! - `budget` (with `lua/budget.lua`): the shared rate budget;
 //! - `codec`: the compact form of entries and error answers;
-//! - `admin`: the inspector's blocking access ([`Admin`]).
+//! - `admin`: the inspector's blocking access ([`Admin`]);
+//! - `seal`: the fleet secret, what it authenticates ([`Seal`]) and what was not trusted
+//!   ([`Rejected`]).
 //!
-//! Only this module names `redis::`. A follower of a relayed stream whose Redis goes away
+//! Only this module names `redis::`. Redis is a boundary: with a fleet secret every record
+//! and message is sealed, and what fails its seal is ignored and counted; without one, a
+//! replica trusts Redis entirely. A follower of a relayed stream whose Redis goes away
 //! mid-stream ([`Ending::Lost`]) has passed on events it cannot take back, and only the leader
-//! replica has the rest: the engine reads it from the `peer` address named in the stream's
-//! head, with the client's request and `Cache-Control: only-if-cached` (the proxy's public
-//! API, which joins a flight but never starts one).
+//! replica has the rest: with a fleet secret, the engine asks the `peer` address named in the
+//! stream's sealed head for it, with a token made with the secret (never the client's
+//! credentials).
 
 mod admin;
 mod budget;
@@ -27,11 +31,12 @@ mod conn;
 mod entries;
 mod events;
 mod layout;
+mod seal;
 mod stream;
 mod turns;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
@@ -43,6 +48,8 @@ pub(crate) use conn::Unavailable;
 pub use conn::redis_address;
 pub(crate) use events::Event;
 pub use layout::Layout;
+pub use seal::FleetSecret;
+pub(crate) use seal::{Rejected, Seal};
 pub(crate) use stream::{Ending, Followed, Relay, Relayed};
 pub(crate) use turns::{Lease, Turn};
 
@@ -70,6 +77,19 @@ pub fn advertised_url(url: &str) -> Result<String, String> {
     Ok(parsed.as_str().trim_end_matches('/').to_owned())
 }
 
+/// What a replica is told of its fleet besides the Redis URL.
+#[derive(Debug, Default)]
+pub struct FleetSettings {
+    /// Where the other replicas reach this one's proxy (`--advertise`): a follower of a stream
+    /// this replica relays reads the rest from there if Redis goes away (with a secret only).
+    pub advertised: Option<String>,
+    /// The fleet secret's keys (`--fleet-secret`): what this replica writes is sealed with
+    /// them, and only what holds its seal is trusted.
+    pub seal: Option<Seal>,
+    /// The largest answer an entry read from Redis may inflate to (`--max-stream`).
+    pub max_entry: u64,
+}
+
 /// A handle on the fleet tier; cheap to clone.
 #[derive(Clone)]
 pub struct Fleet {
@@ -95,15 +115,25 @@ struct Inner {
     /// Where the other replicas reach this one's proxy (`--advertise`), named in the streams
     /// it relays.
     advertised: Option<String>,
+    /// The fleet secret's keys, if the fleet has one.
+    seal: Option<Seal>,
+    /// The largest answer an entry may inflate to.
+    max_entry: u64,
+    /// What was read and not trusted, by [`Rejected::index`].
+    rejected: [AtomicU64; Rejected::ALL.len()],
+    rejected_gate: LogGate,
 }
 
 impl Fleet {
     /// A fleet tier on the Redis at `url` (`redis://`, `rediss://` for TLS, `unix://`). Only
-    /// the URL is checked here; connections are made when first needed. `advertised` is where
-    /// the other replicas reach this one's proxy, if they can: a follower of a stream this
-    /// replica relays reads the rest from there if Redis goes away (see [`Ending::Lost`]).
-    pub fn new(url: &str, advertised: Option<String>) -> Result<Fleet, redis::RedisError> {
+    /// the URL is checked here; connections are made when first needed.
+    pub fn new(url: &str, settings: FleetSettings) -> Result<Fleet, redis::RedisError> {
         let client = redis::Client::open(url)?;
+        let FleetSettings {
+            advertised,
+            seal,
+            max_entry,
+        } = settings;
         Ok(Fleet {
             inner: Arc::new(Inner {
                 client,
@@ -117,8 +147,63 @@ impl Fleet {
                 subscribed: AtomicBool::new(false),
                 listener: OnceLock::new(),
                 advertised,
+                seal,
+                max_entry,
+                rejected: Default::default(),
+                rejected_gate: LogGate::per_minute(),
             }),
         })
+    }
+
+    /// Whether the fleet has a secret: what Redis holds is trusted only when sealed with it.
+    pub fn has_secret(&self) -> bool {
+        self.inner.seal.is_some()
+    }
+
+    /// The credential salt the fleet secret gives, if there is one (then Redis never holds it).
+    pub fn secret_salt(&self) -> Option<[u8; 32]> {
+        self.inner.seal.as_ref().map(Seal::salt)
+    }
+
+    /// A token that lets this replica ask the replica receiving the stream under `key` for
+    /// the rest of it, on behalf of `partition`; `None` without a fleet secret (then no
+    /// replica is asked).
+    pub fn peer_token(&self, key: &CacheKey, partition: &crate::key::Partition) -> Option<String> {
+        let seal = self.inner.seal.as_ref()?;
+        Some(seal.peer_token(key, partition, std::time::SystemTime::now()))
+    }
+
+    /// The partition a peer's token speaks for, if it is a valid token of this fleet for
+    /// `key`; one that is not is counted.
+    pub fn check_peer_token(&self, key: &CacheKey, token: &str) -> Option<crate::key::Partition> {
+        let seal = self.inner.seal.as_ref()?;
+        let partition = seal.check_peer_token(key, token, std::time::SystemTime::now());
+        if partition.is_none() {
+            self.rejected(Rejected::PeerToken);
+        }
+        partition
+    }
+
+    /// What was read from Redis and not trusted so far, by kind.
+    pub fn rejections(&self) -> [(&'static str, u64); Rejected::ALL.len()] {
+        Rejected::ALL.map(|kind| {
+            let n = self.inner.rejected[kind.index()].load(Ordering::Relaxed);
+            (kind.as_str(), n)
+        })
+    }
+
+    /// Counts a record or message not trusted, and logs it at most once a minute. Redis stays
+    /// on: one bad value says nothing of the others.
+    pub(super) fn rejected(&self, kind: Rejected) {
+        self.inner.rejected[kind.index()].fetch_add(1, Ordering::Relaxed);
+        if let Some(held) = self.inner.rejected_gate.open() {
+            tracing::warn!(
+                kind = kind.as_str(),
+                similar_since = held,
+                "ignored a value in Redis this replica cannot trust (not sealed with the fleet \
+                 secret, malformed, or out of bounds)"
+            );
+        }
     }
 }
 

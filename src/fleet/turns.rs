@@ -14,6 +14,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use super::events::Says;
+use super::seal::{Rejected, Sealed};
 use super::stream::Followed;
 use super::{Fleet, Unavailable, codec};
 use crate::answer::Refusal;
@@ -80,8 +81,11 @@ impl Fleet {
             }
             match self.try_lease(key).await {
                 Err(Unavailable) => break Turn::Alone,
-                Ok(true) => break Turn::Lead(Lease::start(self.clone(), *key)),
-                Ok(false) => seen_other = true,
+                Ok(Leased::Taken) => break Turn::Lead(Lease::start(self.clone(), *key)),
+                Ok(Leased::Held) => seen_other = true,
+                // Planted by someone who is not a replica of this fleet: nobody calls for
+                // this key, so this replica does, alone (the lease stays where it is).
+                Ok(Leased::Forged) => break Turn::Alone,
             }
             if let Some(followed) = self.follow(key).await {
                 break Turn::Live(followed);
@@ -100,7 +104,8 @@ impl Fleet {
     pub async fn share_refusal(&self, key: &CacheKey, partition: &Partition, refusal: &Refusal) {
         let ms = REFUSAL_KEPT.as_millis() as u64;
         let name = self.inner.layout.refusal(key, partition);
-        self.set_px(name, codec::encode_refusal(refusal), ms).await;
+        let value = self.seal_value(Sealed::Refusal, &name, codec::encode_refusal(refusal));
+        self.set_px(name, value, ms).await;
     }
 
     async fn refusal(
@@ -109,12 +114,22 @@ impl Fleet {
         partition: &Partition,
     ) -> Result<Option<Refusal>, Unavailable> {
         let name = self.inner.layout.refusal(key, partition);
-        let bytes: Option<Vec<u8>> = self
-            .call("get", |mut c| async move {
+        let bytes: Option<Vec<u8>> = {
+            let name = name.clone();
+            self.call("get", |mut c| async move {
                 redis::cmd("GET").arg(name).query_async(&mut c).await
             })
-            .await?;
-        Ok(bytes.and_then(|b| codec::decode_refusal(&b)))
+            .await?
+        };
+        let Some(bytes) = bytes else { return Ok(None) };
+        let Some(value) = self.opened(Sealed::Refusal, Rejected::Refusal, &name, &bytes) else {
+            return Ok(None);
+        };
+        let refusal = codec::decode_refusal(value);
+        if refusal.is_none() {
+            self.rejected(Rejected::Malformed);
+        }
+        Ok(refusal)
     }
 
     /// Whether anyone holds the lease on `key`.
@@ -126,23 +141,41 @@ impl Fleet {
         .await
     }
 
-    /// Takes the lease on `key` if nobody holds it (see `lua/take_lease.lua`).
-    async fn try_lease(&self, key: &CacheKey) -> Result<bool, Unavailable> {
+    /// Takes the lease on `key` if nobody holds it (see `lua/take_lease.lua`); with a fleet
+    /// secret, a lease held by another tells whether a replica of this fleet took it.
+    async fn try_lease(&self, key: &CacheKey) -> Result<Leased, Unavailable> {
         let layout = &self.inner.layout;
         let (lease, stream) = (layout.lease(key), layout.stream(key));
-        let me = self.inner.replica.clone();
+        let me = self.lease_value(&lease);
         let ms = LEASE.as_millis() as u64;
-        let taken: i64 = self
-            .run_script("lease", &TAKE_LEASE, |s| {
+        let (taken, holder): (i64, Option<Vec<u8>>) = {
+            let lease = lease.clone();
+            self.run_script("lease", &TAKE_LEASE, |s| {
                 s.key(lease).key(stream).arg(me).arg(ms);
             })
-            .await?;
-        Ok(taken == 1)
+            .await?
+        };
+        if taken == 1 {
+            return Ok(Leased::Taken);
+        }
+        let holder = holder.unwrap_or_default();
+        match self.opened(Sealed::Lease, Rejected::Lease, &lease, &holder) {
+            Some(_) => Ok(Leased::Held),
+            None => Ok(Leased::Forged),
+        }
+    }
+
+    /// What this replica writes in a lease it holds: its id, sealed with the lease's name
+    /// when the fleet has a secret.
+    fn lease_value(&self, lease: &str) -> Vec<u8> {
+        let me = self.inner.replica.clone().into_bytes();
+        self.seal_value(Sealed::Lease, lease, me)
     }
 
     /// Runs `script` on the lease of `key` if this replica still holds it.
     async fn on_own_lease(&self, key: &CacheKey, script: &'static LazyLock<redis::Script>) {
-        let (name, me) = (self.inner.layout.lease(key), self.inner.replica.clone());
+        let name = self.inner.layout.lease(key);
+        let me = self.lease_value(&name);
         let ms = LEASE.as_millis() as u64;
         let _: Result<i64, Unavailable> = self
             .run_script("lease", script, |s| {
@@ -150,6 +183,16 @@ impl Fleet {
             })
             .await;
     }
+}
+
+/// What taking a lease came to.
+enum Leased {
+    /// This replica holds it now.
+    Taken,
+    /// Another replica of the fleet holds it.
+    Held,
+    /// Someone holds it whose value does not hold the fleet's seal.
+    Forged,
 }
 
 /// This replica's lease on one key: renewed in the background until [`Lease::finish`] (or

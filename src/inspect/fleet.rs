@@ -7,7 +7,7 @@
 
 use super::{EntrySummary, ExportedEntry, InspectError, Selection};
 use crate::entry::{StoredAnswer, unix_ms};
-use crate::fleet::{Admin, AdminError};
+use crate::fleet::{Admin, AdminError, FleetSecret};
 
 /// What the fleet's tier holds.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -22,6 +22,9 @@ pub struct FleetStats {
     pub by_model: Vec<FleetGroup>,
     /// Entries and bytes by route.
     pub by_route: Vec<FleetGroup>,
+    /// Values under entry names that were left out: not sealed with the fleet secret given,
+    /// or not readable.
+    pub untrusted: u64,
 }
 
 /// Entries of one model or route.
@@ -45,10 +48,12 @@ fn failed(e: AdminError) -> InspectError {
 }
 
 impl FleetInspector {
-    /// Connects to the Redis at `url`, with a short timeout.
-    pub fn open(url: &str) -> Result<FleetInspector, InspectError> {
+    /// Connects to the Redis at `url`, with a short timeout. With the fleet's `secret`,
+    /// entries not sealed with it are left out (and counted in [`FleetStats::untrusted`]),
+    /// and a purge is announced so that replicas holding the secret obey it.
+    pub fn open(url: &str, secret: Option<&FleetSecret>) -> Result<FleetInspector, InspectError> {
         Ok(FleetInspector {
-            admin: Admin::open(url).map_err(failed)?,
+            admin: Admin::open(url, secret).map_err(failed)?,
         })
     }
 
@@ -85,6 +90,7 @@ impl FleetInspector {
             value_bytes: entries.iter().map(|(_, b)| b).sum(),
             by_model: group(&|e| e.model.clone().unwrap_or_default()),
             by_route: group(&|e| e.route.as_str().to_owned()),
+            untrusted: self.admin.untrusted(),
         })
     }
 

@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 use tracing::Instrument;
 
 use crate::answer::AnswerBody;
-use crate::engine::Dedup;
+use crate::engine::{Dedup, PeerRefused};
 use crate::error::{Error, ErrorKind};
 use crate::inspect::Inspector;
 
@@ -91,6 +91,8 @@ pub fn app_with(engine: Dedup, access: OperatorAccess) -> Router {
         ));
     let routes = Router::new()
         .route("/_llm-dedup/health", get(health))
+        // Another replica of the fleet, with a token made with the fleet secret.
+        .route("/_llm-dedup/peer/{key}", get(peer))
         .merge(operator)
         // The operator namespace is llm-dedup's own: nothing under it is ever forwarded.
         .route("/_llm-dedup/{*rest}", any(unknown_operator_path))
@@ -204,6 +206,36 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
+/// The rest of a stream, for another replica of the fleet (see `engine/peer.rs`).
+async fn peer(
+    State(state): State<AppState>,
+    axum::extract::Path(key): axum::extract::Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let token = headers
+        .get(crate::headers::PEER_TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    match state.engine.peer_stream(&key, token).await {
+        Ok(answer) => into_response(answer),
+        Err(refused) => {
+            let (status, message) = match refused {
+                PeerRefused::Forbidden => (
+                    StatusCode::FORBIDDEN,
+                    "this endpoint answers the replicas of a fleet, with a token of its secret",
+                ),
+                PeerRefused::NotHere => (
+                    StatusCode::NOT_FOUND,
+                    "this replica receives no stream under that key",
+                ),
+            };
+            let body = json!({"error": {"message": message, "type": "invalid_request_error",
+                                        "param": null, "code": null}});
+            (status, axum::Json(body)).into_response()
+        }
+    }
+}
+
 async fn unknown_operator_path(uri: axum::http::Uri) -> Response {
     let message = format!("no operator endpoint at {}", uri.path());
     let body = json!({"error": {"message": message, "type": "invalid_request_error",
@@ -239,17 +271,22 @@ async fn answer(engine: Dedup, request: Request, started: Option<std::time::Inst
                     "answered"
                 );
             }
-            let body = match answer.body {
-                AnswerBody::Full(bytes) => Body::from(bytes),
-                AnswerBody::Stream(stream) => Body::from_stream(stream),
-            };
-            let mut response = Response::new(body);
-            *response.status_mut() = answer.status;
-            *response.headers_mut() = answer.headers;
-            response
+            into_response(answer)
         }
         Err(e) => error_response(&e),
     }
+}
+
+/// An engine's answer as an HTTP response.
+fn into_response(answer: crate::answer::Answer) -> Response {
+    let body = match answer.body {
+        AnswerBody::Full(bytes) => Body::from(bytes),
+        AnswerBody::Stream(stream) => Body::from_stream(stream),
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = answer.status;
+    *response.headers_mut() = answer.headers;
+    response
 }
 
 /// The one place where an engine error becomes an HTTP answer, shaped like the provider's

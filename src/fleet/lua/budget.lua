@@ -161,6 +161,13 @@ end
 local shape = stepwise and 1 or 0
 local changes = tonumber(w[10] or '0') or 0
 local pause = redis.call('PTTL', KEYS[1])
+-- No replica pauses longer than the governor ever waits (an hour: MAX_PAUSE_MS in budget.rs);
+-- a longer pause was planted, and is cut to that.
+local MAX_PAUSE_MS = 3600000
+if pause > MAX_PAUSE_MS then
+  redis.call('PEXPIRE', KEYS[1], MAX_PAUSE_MS)
+  pause = MAX_PAUSE_MS
+end
 
 if ARGV[1] == 'confirm' then
   -- A reserved turn has come (ARGV[3]: when it was to come; ARGV[4]: the rule changes when
