@@ -42,11 +42,24 @@ fn slow_app(delay: Duration) -> (Router, Arc<AtomicUsize>) {
 }
 
 async fn replica(upstream: SocketAddr, redis: &str, db: Option<&std::path::Path>) -> SocketAddr {
+    sealed_replica(upstream, redis, db, None).await
+}
+
+/// A replica as [`replica`], with a fleet secret when `secret` is given.
+async fn sealed_replica(
+    upstream: SocketAddr,
+    redis: &str,
+    db: Option<&std::path::Path>,
+    secret: Option<&str>,
+) -> SocketAddr {
     let mut builder = llm_dedup::Dedup::builder()
         .upstream(format!("http://{upstream}"))
         .redis(redis);
     if let Some(db) = db {
         builder = builder.database(db);
+    }
+    if let Some(secret) = secret {
+        builder = builder.fleet_secret(llm_dedup::FleetSecret::new(secret).expect("secret"));
     }
     support::serve(llm_dedup::server::app(builder.build().expect("engine"))).await
 }
@@ -125,37 +138,81 @@ async fn sequential(client: &reqwest::Client, url: &str, bodies: &[String]) -> V
     took
 }
 
-#[tokio::main]
-async fn main() {
-    let Some(redis) = support::RedisServer::start() else {
-        return;
+/// Parts (a) to (c) against the fleet's Redis at `url` (one node or a cluster), each line
+/// labelled `label`; (c), run first on a fresh Redis, times SQLite too when `disk`. Returns the fast upstream (c) used.
+async fn parts_a_to_c(client: &reqwest::Client, url: &str, label: &str, disk: bool) -> SocketAddr {
+    // (c) Hit latency by tier: memory, Redis with memory cold, and SQLite with memory cold
+    // (a fresh engine on the file the first replica wrote). First, so that the fleet's salt
+    // is the writer's file's.
+    let (app, _) = slow_app(Duration::ZERO);
+    let fast = support::serve(app).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("bench.db");
+    let writer = replica(fast, url, disk.then_some(db.as_path())).await;
+    let bodies: Vec<String> = (0..1000)
+        .map(|i| request(&format!("hit {label} {i}")))
+        .collect();
+    let writer_url = format!("http://{writer}/v1/chat/completions");
+    store_all(client, &writer_url, &bodies).await;
+    let memory = sequential(client, &writer_url, &bodies).await;
+    let cold = replica(fast, url, None).await;
+    let from_redis = sequential(
+        client,
+        &format!("http://{cold}/v1/chat/completions"),
+        &bodies,
+    )
+    .await;
+    let us = |l: &[f64]| percentile(l, 0.5) * 1e6;
+    let disk_figure = if disk {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let local = llm_dedup::Dedup::builder()
+            .upstream(format!("http://{fast}"))
+            .database(&db)
+            .build()
+            .expect("engine");
+        let local = support::serve(llm_dedup::server::app(local)).await;
+        let from_disk = sequential(
+            client,
+            &format!("http://{local}/v1/chat/completions"),
+            &bodies,
+        )
+        .await;
+        format!(
+            ", SQLite (memory cold) {:.0} µs ({:.2} x memory)",
+            us(&from_disk),
+            us(&from_disk) / us(&memory)
+        )
+    } else {
+        String::new()
     };
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(400)
-        .build()
-        .expect("client");
-
+    println!(
+        "{label} (c) hit latency p50 over 1000 sequential requests: memory {:.0} µs, Redis \
+         (memory cold) {:.0} µs ({:.2} x memory){disk_figure}",
+        us(&memory),
+        us(&from_redis),
+        us(&from_redis) / us(&memory),
+    );
     // (a) One call for the fleet.
     let (app, calls) = slow_app(Duration::from_millis(500));
     let upstream = support::serve(app).await;
     let direct = fire(
-        &client,
+        client,
         &[format!("http://{upstream}/v1/chat/completions")],
         "sk-bench",
-        vec![request("the same question"); 300],
+        vec![request(&format!("the same question {label}")); 300],
     )
     .await;
     let direct_calls = calls.swap(0, Ordering::SeqCst);
     let mut urls = Vec::new();
     for _ in 0..3 {
-        let r = replica(upstream, &redis.url(), None).await;
+        let r = replica(upstream, url, None).await;
         urls.push(format!("http://{r}/v1/chat/completions"));
     }
     let fleet = fire(
-        &client,
+        client,
         &urls,
         "sk-bench",
-        vec![request("the same question"); 300],
+        vec![request(&format!("the same question {label}")); 300],
     )
     .await;
     let latencies = |seen: &[(u16, f64)]| {
@@ -165,7 +222,7 @@ async fn main() {
     };
     let ((dp50, dmax), (fp50, fmax)) = (latencies(&direct), latencies(&fleet));
     println!(
-        "(a) 300 identical at once over 3 replicas: {} upstream call(s) (straight: {direct_calls}); \
+        "{label} (a) 300 identical at once over 3 replicas: {} upstream call(s) (straight: {direct_calls}); \
          {} of 300 succeeded; latency p50 {fp50:.0} ms, max {fmax:.0} ms (straight: p50 {dp50:.0} \
          ms, max {dmax:.0} ms; ratio p50 {:.2})",
         calls.load(Ordering::SeqCst),
@@ -181,22 +238,22 @@ async fn main() {
         let limited = support::serve(app).await;
         let mut urls = Vec::new();
         for _ in 0..3 {
-            let r = replica(limited, &redis.url(), None).await;
+            let r = replica(limited, url, None).await;
             urls.push(format!("http://{r}/v1/chat/completions"));
         }
         let started = Instant::now();
         let seen = fire(
-            &client,
+            client,
             &urls,
-            &format!("sk-bench-{limit:?}"),
+            &format!("sk-bench-{label}-{limit:?}"),
             (0..60)
-                .map(|i| request(&format!("distinct {limit:?} {i}")))
+                .map(|i| request(&format!("distinct {label} {limit:?} {i}")))
                 .collect(),
         )
         .await;
         let secs = started.elapsed().as_secs_f64();
         println!(
-            "(b) 60 distinct at once over 3 replicas, upstream allowing 10/s ({limit:?}): {}/60 \
+            "{label} (b) 60 distinct at once over 3 replicas, upstream allowing 10/s ({limit:?}): {}/60 \
              succeeded, {} client 429s, {} upstream 429s in {} calls, {secs:.2} s (ideal 6 s: \
              ratio {:.2})",
             seen.iter().filter(|(s, _)| *s == 200).count(),
@@ -207,52 +264,27 @@ async fn main() {
         );
     }
 
-    // (c) Hit latency by tier, on a Redis of its own: the first replica there is the one with
-    // the database, so the fleet's salt is its file's and the file's keys match.
-    drop(redis);
+    fast
+}
+
+#[tokio::main]
+async fn main() {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(400)
+        .build()
+        .expect("client");
+    // (a) to (c) on one node, then on a three-master cluster, in this one run.
     let Some(redis) = support::RedisServer::start() else {
         return;
     };
-    let (app, _) = slow_app(Duration::ZERO);
-    let fast = support::serve(app).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = dir.path().join("bench.db");
-    let writer = replica(fast, &redis.url(), Some(&db)).await;
-    let bodies: Vec<String> = (0..1000).map(|i| request(&format!("hit {i}"))).collect();
+    let fast = parts_a_to_c(&client, &redis.url(), "single node", true).await;
+    if let Some(cluster) = support::RedisCluster::start() {
+        parts_a_to_c(&client, &cluster.url(), "cluster", false).await;
+    }
+    // The file the (fresh) single node's writer filled, for (d).
+    let writer = replica(fast, &redis.url(), None).await;
     let writer_url = format!("http://{writer}/v1/chat/completions");
-    store_all(&client, &writer_url, &bodies).await;
-    let memory = sequential(&client, &writer_url, &bodies).await;
-    let cold = replica(fast, &redis.url(), None).await;
-    let from_redis = sequential(
-        &client,
-        &format!("http://{cold}/v1/chat/completions"),
-        &bodies,
-    )
-    .await;
-    // SQLite, memory cold and no Redis: a fresh engine on the writer's file.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let local = llm_dedup::Dedup::builder()
-        .upstream(format!("http://{fast}"))
-        .database(&db)
-        .build()
-        .expect("engine");
-    let local = support::serve(llm_dedup::server::app(local)).await;
-    let from_disk = sequential(
-        &client,
-        &format!("http://{local}/v1/chat/completions"),
-        &bodies,
-    )
-    .await;
     let us = |l: &[f64]| percentile(l, 0.5) * 1e6;
-    println!(
-        "(c) hit latency p50 over 1000 sequential requests: memory {:.0} µs, Redis (memory cold) \
-         {:.0} µs ({:.2} x memory), SQLite (memory cold) {:.0} µs ({:.2} x memory)",
-        us(&memory),
-        us(&from_redis),
-        us(&from_redis) / us(&memory),
-        us(&from_disk),
-        us(&from_disk) / us(&memory)
-    );
 
     // (d) Redis memory per answer: chat answers (short: written as they came) and streamed
     // answers (deflated), each against its body and against what deflate makes of it.
@@ -333,5 +365,54 @@ async fn main() {
         sse.len(),
         sse.len() as f64 / entry,
         deflate_ratio(&sse),
+    );
+
+    drop(redis);
+
+    // (e) What sealing costs (issue "Fleet trust"): the Redis hit's p50 and Redis memory per
+    // entry with a fleet secret and without, rounds alternating on a fresh Redis each, in
+    // this one run.
+    let mut figures: [Vec<(f64, f64)>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..4 {
+        let sealed = round % 2 == 1;
+        let secret = sealed.then_some("the fleet bench's own secret");
+        let Some(redis) = support::RedisServer::start() else {
+            return;
+        };
+        let writer = sealed_replica(fast, &redis.url(), None, secret).await;
+        let bodies: Vec<String> = (0..1000)
+            .map(|i| request(&format!("sealed {round} {i}")))
+            .collect();
+        let before = used(redis.command("INFO memory"));
+        store_all(
+            &client,
+            &format!("http://{writer}/v1/chat/completions"),
+            &bodies,
+        )
+        .await;
+        let per_entry = (used(redis.command("INFO memory")) - before) / 1000.0;
+        let cold = sealed_replica(fast, &redis.url(), None, secret).await;
+        let hits = sequential(
+            &client,
+            &format!("http://{cold}/v1/chat/completions"),
+            &bodies,
+        )
+        .await;
+        figures[usize::from(sealed)].push((us(&hits), per_entry));
+    }
+    let mean =
+        |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| v.iter().map(f).sum::<f64>() / v.len() as f64;
+    let (plain, sealed) = (&figures[0], &figures[1]);
+    println!(
+        "(e) sealing: Redis hit p50 {:.0} µs sealed vs {:.0} µs unsealed ({:.2} x; rounds {:?} vs \
+         {:?}); Redis memory per entry {:.0} vs {:.0} bytes ({:.2} x)",
+        mean(sealed, |f| f.0),
+        mean(plain, |f| f.0),
+        mean(sealed, |f| f.0) / mean(plain, |f| f.0),
+        sealed.iter().map(|f| f.0.round()).collect::<Vec<_>>(),
+        plain.iter().map(|f| f.0.round()).collect::<Vec<_>>(),
+        mean(sealed, |f| f.1),
+        mean(plain, |f| f.1),
+        mean(sealed, |f| f.1) / mean(plain, |f| f.1),
     );
 }

@@ -108,7 +108,7 @@ pub use counts::Counts;
 pub use embeddings::EmbedSettings;
 pub use engine::{DEFAULT_VERIFY_WINDOW, Dedup, DedupBuilder, LiveFigures};
 pub use error::{Error, ErrorKind, Origin};
-pub use fleet::{FleetSecret, Layout as FleetLayout, advertised_url, redis_address};
+pub use fleet::{FleetSecret, Layout as FleetLayout, RedisMode, advertised_url, redis_address};
 pub use governor::{GovernorSettings, MAX_SETTING_WAIT};
 pub use headers::{CACHE_HEADER, KEY_HEADER, NAMESPACE_HEADER, TTL_HEADER};
 pub use key::{CacheKey, CredentialHeaders, KEY_VERSION, KeyPolicy, Partition};

@@ -183,10 +183,25 @@ fn fleet_stats(mut fleet: llm_dedup::inspect::FleetInspector, json: bool) -> Res
         return print_json(&s);
     }
     let mut t = table(&["redis", &shown(&s.redis)]);
+    if s.masters > 1 {
+        t.add_row(vec![
+            "cluster".into(),
+            format!("{} masters read", s.masters),
+        ]);
+    }
     t.add_row(vec![
         "entries".into(),
         format!("{} ({} in Redis)", s.entries, size(s.value_bytes)),
     ]);
+    if s.untrusted > 0 {
+        t.add_row(vec![
+            "left out".into(),
+            format!(
+                "{} (not sealed with the fleet secret given, or unreadable)",
+                s.untrusted
+            ),
+        ]);
+    }
     println!("{t}");
     for (title, groups) in [("model", &s.by_model), ("route", &s.by_route)] {
         if groups.is_empty() {

@@ -10,96 +10,15 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
-use common::{Behaviour, FakeUpstream, Proxy, RedisServer, Seen, chat, client, post};
+use common::fleet::{
+    self, answers, assert_spent_within_budget, launch, learn_budget, member, replicas, stop,
+};
+use common::{Behaviour, FakeUpstream, Proxy, RedisServer, chat, client, post};
 
-/// The fleet tests' own secret.
-const SECRET: &str = "the fleet tests' own secret";
-
-/// A replica of a fleet with a secret (as production should run), in front of `upstream`, on
-/// `redis`.
-fn member(upstream: &FakeUpstream, redis: &RedisServer) -> llm_dedup::DedupBuilder {
-    let secret = llm_dedup::FleetSecret::new(SECRET).expect("secret");
-    upstream.engine().redis(redis.url()).fleet_secret(secret)
-}
-
-/// Three replicas of the proxy in front of `upstream`, sharing `redis` and a fleet secret.
-async fn replicas(upstream: &FakeUpstream, redis: &RedisServer) -> Vec<Proxy> {
-    let mut all = Vec::new();
-    for _ in 0..3 {
-        all.push(Proxy::advertised(member(upstream, redis)).await);
-    }
-    all
-}
-
-async fn stop(replicas: Vec<Proxy>) {
-    for proxy in replicas {
-        proxy.stop().await;
-    }
-}
-
-/// Sends `n` chat requests at once, round-robin over the replicas, the `i`th asking
-/// `prompt(i)`; each runs in a task of its own.
-fn launch(
-    fleet: &[Proxy],
-    n: usize,
-    prompt: impl Fn(usize) -> String,
-) -> Vec<tokio::task::JoinHandle<Seen>> {
-    let c = client();
-    (0..n)
-        .map(|i| {
-            let (c, url, body) = (
-                c.clone(),
-                fleet[i % fleet.len()].url("/v1/chat/completions"),
-                chat(&prompt(i)),
-            );
-            tokio::spawn(async move { post(&c, &url, body, &[]).await })
-        })
-        .collect()
-}
-
-/// The answers of requests [`launch`]ed, in order.
-async fn answers(launched: Vec<tokio::task::JoinHandle<Seen>>) -> Vec<Seen> {
-    let mut out = Vec::with_capacity(launched.len());
-    for request in launched {
-        out.push(request.await.expect("request"));
-    }
-    out
-}
-
-/// Each replica learns the upstream's budget with one answer.
-async fn learn_budget(fleet: &[Proxy]) {
-    let c = client();
-    for (i, replica) in fleet.iter().enumerate() {
-        let url = replica.url("/v1/chat/completions");
-        let seen = post(&c, &url, chat(&format!("learn {i}")), &[]).await;
-        assert_eq!(seen.status, 200);
-    }
-}
-
-/// Sends `n` distinct requests at once over the fleet: every one succeeds, and the upstream
-/// refuses at most `most` of the calls the fleet makes for them.
-async fn assert_spent_within_budget(
-    upstream: &FakeUpstream,
-    fleet: &[Proxy],
-    n: usize,
-    what: &str,
-    most: usize,
-) {
-    let refusals = || {
-        upstream
-            .state
-            .refusals
-            .load(std::sync::atomic::Ordering::SeqCst)
-    };
-    let before = refusals();
-    let answers = answers(launch(fleet, n, |i| format!("{what} {i}"))).await;
-    let ok = answers.iter().filter(|a| a.status == 200).count();
-    let refused = refusals() - before;
-    assert_eq!(ok, n, "every request succeeds");
-    assert!(
-        refused <= most,
-        "the upstream refused {refused} calls of the fleet"
-    );
+/// The name of the lease on the cache key `key` (64 hex digits) in the fleet's Redis.
+fn lease_of(key: &str) -> String {
+    let key = llm_dedup::CacheKey::from_hex(key).expect("a cache key");
+    llm_dedup::FleetLayout::default().lease(&key)
 }
 
 /// The value of a counter in Prometheus text.
@@ -116,19 +35,7 @@ async fn an_answer_from_one_replica_is_a_hit_on_another() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let upstream = FakeUpstream::start().await;
-    let fleet = replicas(&upstream, &redis).await;
-    let c = client();
-    let first = post(&c, &fleet[0].url("/v1/chat/completions"), chat("q"), &[]).await;
-    assert_eq!(first.cache, "miss");
-    for replica in &fleet[1..] {
-        let seen = post(&c, &replica.url("/v1/chat/completions"), chat("q"), &[]).await;
-        assert_eq!(seen.cache, "hit", "memory cold, answered from Redis");
-        assert_eq!(seen.body, first.body);
-        assert_eq!(seen.key, first.key, "every replica computes the same key");
-    }
-    assert_eq!(upstream.calls(), 1);
-    stop(fleet).await;
+    fleet::an_answer_is_a_hit_everywhere(&redis.url()).await;
 }
 
 #[tokio::test]
@@ -136,20 +43,7 @@ async fn identical_requests_on_three_replicas_make_one_upstream_call() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let upstream = FakeUpstream::with(Behaviour {
-        delay: Duration::from_millis(500),
-        ..Behaviour::default()
-    })
-    .await;
-    let fleet = replicas(&upstream, &redis).await;
-    let calls = launch(&fleet, 60, |_| "the same question".to_owned());
-    let answers = answers(calls).await;
-    assert_eq!(upstream.calls(), 1, "one upstream call for the whole fleet");
-    for answer in &answers {
-        assert_eq!(answer.status, 200);
-        assert_eq!(answer.body, answers[0].body);
-    }
-    stop(fleet).await;
+    fleet::identical_requests_make_one_call(&redis.url()).await;
 }
 
 /// An error answer reaches the followers of the same credential on other replicas, and is
@@ -164,7 +58,7 @@ async fn an_error_reaches_followers_on_other_replicas_and_is_not_stored() {
         b.refused_keys.push("Bearer sk-test-key-1".to_owned());
         b.delay = Duration::from_millis(500);
     });
-    let fleet = replicas(&upstream, &redis).await;
+    let fleet = replicas(&upstream, &redis.url()).await;
     let c = client();
     let calls = launch(&fleet, 6, |_| "refused".to_owned());
     for answer in answers(calls).await {
@@ -192,7 +86,7 @@ async fn a_refresh_on_one_replica_reaches_the_others() {
         return;
     };
     let upstream = FakeUpstream::start().await;
-    let fleet = replicas(&upstream, &redis).await;
+    let fleet = replicas(&upstream, &redis.url()).await;
     let c = client();
     let old = post(&c, &fleet[0].url("/v1/chat/completions"), chat("news"), &[]).await;
     let held = post(&c, &fleet[1].url("/v1/chat/completions"), chat("news"), &[]).await;
@@ -237,10 +131,7 @@ async fn a_lease_left_by_a_dead_leader_is_taken_over() {
     let warm = post(&c, &replica.url("/v1/chat/completions"), chat("warm"), &[]).await;
     assert_eq!(warm.status, 200);
     let calls = upstream.calls();
-    let reply = redis.command(&format!(
-        "SET llm-dedup:v{}:lease:{key} ghost PX 1500",
-        llm_dedup::KEY_VERSION
-    ));
+    let reply = redis.command(&format!("SET {} ghost PX 1500", lease_of(&key)));
     assert!(reply.starts_with("+OK"), "{reply}");
     let seen = post(
         &c,
@@ -255,10 +146,7 @@ async fn a_lease_left_by_a_dead_leader_is_taken_over() {
         calls + 1,
         "the waiter made the call itself"
     );
-    let left = redis.command(&format!(
-        "EXISTS llm-dedup:v{}:lease:{key}",
-        llm_dedup::KEY_VERSION
-    ));
+    let left = redis.command(&format!("EXISTS {}", lease_of(&key)));
     assert!(
         left.starts_with(":0"),
         "the lease ends with the call: {left}"
@@ -275,7 +163,7 @@ async fn redis_going_away_fails_no_request_and_sharing_resumes() {
     };
     let port = redis.port;
     let upstream = FakeUpstream::start().await;
-    let fleet = replicas(&upstream, &redis).await;
+    let fleet = replicas(&upstream, &redis.url()).await;
     let c = client();
     assert_eq!(
         post(&c, &fleet[0].url("/v1/chat/completions"), chat("a"), &[])
@@ -337,72 +225,7 @@ async fn the_inspector_reads_the_shared_tier_and_its_purge_reaches_every_replica
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let upstream = FakeUpstream::start().await;
-    let fleet = replicas(&upstream, &redis).await;
-    let c = client();
-    for prompt in ["one", "two"] {
-        for replica in &fleet {
-            let seen = post(&c, &replica.url("/v1/chat/completions"), chat(prompt), &[]).await;
-            assert_eq!(seen.status, 200);
-        }
-    }
-    assert_eq!(upstream.calls(), 2);
-    let url = redis.url();
-    let (code, out, err) =
-        common::run_cli(&["stats", "--redis", &url, "--fleet-secret", SECRET, "--json"]);
-    assert_eq!(code, 0, "{err}");
-    let stats: serde_json::Value = serde_json::from_str(&out).expect("json");
-    assert_eq!(stats["entries"], 2, "{out}");
-    assert_eq!(stats["by_model"][0]["name"], "gpt-4o-mini", "{out}");
-    let (code, out, err) =
-        common::run_cli(&["list", "--redis", &url, "--fleet-secret", SECRET, "--json"]);
-    assert_eq!(code, 0, "{err}");
-    let listed: Vec<serde_json::Value> = serde_json::from_str(&out).expect("json");
-    assert_eq!(listed.len(), 2);
-    let key = listed[0]["key"].as_str().expect("key").to_owned();
-    let (code, out, err) = common::run_cli(&[
-        "show",
-        "--redis",
-        &url,
-        "--fleet-secret",
-        SECRET,
-        &key[..10],
-    ]);
-    assert_eq!(code, 0, "{err}");
-    assert!(out.contains("chat.completions"), "{out}");
-
-    let (code, _, err) = common::run_cli(&[
-        "purge",
-        "--redis",
-        &url,
-        "--fleet-secret",
-        SECRET,
-        "--all",
-        "--yes",
-    ]);
-    assert_eq!(code, 0, "{err}");
-    // Every replica drops the purged answer.
-    common::eventually_async(|| async {
-        let mut misses = 0;
-        for replica in &fleet {
-            let seen = post(
-                &c,
-                &replica.url("/v1/chat/completions"),
-                chat("one"),
-                &[("cache-control", "only-if-cached")],
-            )
-            .await;
-            if seen.status == 504 {
-                misses += 1;
-            }
-        }
-        misses == fleet.len()
-    })
-    .await;
-    let (code, _, err) = common::run_cli(&["export", "--redis", &url]);
-    assert_ne!(code, 0);
-    assert!(err.contains("database file"), "{err}");
-    stop(fleet).await;
+    fleet::the_inspector_reads_and_purges_every_replica(&redis.url()).await;
 }
 
 /// Three replicas facing an upstream that allows 10 requests a second and says truthfully how
@@ -418,7 +241,7 @@ async fn replicas_share_the_upstreams_rate_budget() {
         ..Behaviour::default()
     })
     .await;
-    let fleet = replicas(&upstream, &redis).await;
+    let fleet = replicas(&upstream, &redis.url()).await;
     learn_budget(&fleet).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_spent_within_budget(&upstream, &fleet, 30, "distinct", 3).await;
@@ -435,15 +258,7 @@ async fn replicas_share_a_fixed_window_budget() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let upstream = FakeUpstream::with(Behaviour {
-        limit_window: true,
-        limit_per_sec: 10,
-        ..Behaviour::default()
-    })
-    .await;
-    let fleet = replicas(&upstream, &redis).await;
-    assert_spent_within_budget(&upstream, &fleet, 60, "window", 3).await;
-    stop(fleet).await;
+    fleet::replicas_share_a_window_budget(&redis.url()).await;
 }
 
 /// The fleet's pace (when its next turn comes), as the fleet's Redis holds it: it moves on
@@ -515,7 +330,7 @@ async fn a_slow_redis_fails_no_request() {
         return;
     };
     let upstream = FakeUpstream::start().await;
-    let fleet = replicas(&upstream, &redis).await;
+    let fleet = replicas(&upstream, &redis.url()).await;
     let paused = redis.command("CLIENT PAUSE 3000 ALL");
     assert!(paused.starts_with("+OK"), "{paused}");
     let calls = launch(&fleet, 6, |_| "while slow".to_owned());
@@ -538,7 +353,7 @@ async fn a_dead_redis_mid_flight_fails_no_request() {
         ..Behaviour::default()
     })
     .await;
-    let fleet = replicas(&upstream, &redis).await;
+    let fleet = replicas(&upstream, &redis.url()).await;
     let c = client();
     let first = {
         let (c, url) = (c.clone(), fleet[0].url("/v1/chat/completions"));
@@ -573,52 +388,7 @@ async fn a_stream_is_shared_live_across_replicas() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let upstream = FakeUpstream::with(Behaviour {
-        chunk_delay: Duration::from_millis(150),
-        ..Behaviour::default()
-    })
-    .await;
-    let fleet = replicas(&upstream, &redis).await;
-    let c = client();
-    let streamed = serde_json::json!({"model": "gpt-4o-mini", "stream": true,
-        "messages": [{"role": "user", "content": "tell me a story"}]})
-    .to_string();
-    let leader = {
-        let (c, url, body) = (
-            c.clone(),
-            fleet[0].url("/v1/chat/completions"),
-            streamed.clone(),
-        );
-        tokio::spawn(async move { post(&c, &url, body, &[]).await })
-    };
-    upstream.wait_for_calls(1).await;
-    let followers = (1..3).map(|i| {
-        let (c, url, body) = (
-            c.clone(),
-            fleet[i].url("/v1/chat/completions"),
-            streamed.clone(),
-        );
-        tokio::spawn(async move { post(&c, &url, body, &[]).await })
-    });
-    let followers: Vec<_> = followers.collect();
-    let leader = leader.await.expect("leader");
-    assert_eq!(leader.status, 200);
-    for follower in followers {
-        let follower = follower.await.expect("follower");
-        assert_eq!(follower.status, 200);
-        assert_eq!(follower.raw, leader.raw, "the same events, byte for byte");
-        assert_ne!(
-            follower.cache, "hit",
-            "joined live, not replayed once stored"
-        );
-        assert!(!follower.headers.contains_key("set-cookie"));
-        assert!(!follower.headers.contains_key("x-request-id"));
-    }
-    assert_eq!(upstream.calls(), 1, "one upstream stream for the fleet");
-    // Stored once complete: a later request anywhere replays it.
-    let later = post(&c, &fleet[2].url("/v1/chat/completions"), streamed, &[]).await;
-    assert_eq!((later.cache.as_str(), &later.raw), ("hit", &leader.raw));
-    stop(fleet).await;
+    fleet::a_stream_is_shared_live(&redis.url()).await;
 }
 
 /// Redis killed while followers on other replicas receive a stream through it: the leader's
@@ -689,7 +459,7 @@ async fn stream_through_a_redis_fault(fault: Fault) {
         return;
     };
     let upstream = holding_upstream().await;
-    let fleet = replicas(&upstream, &redis).await;
+    let fleet = replicas(&upstream, &redis.url()).await;
     let c = client();
     let topic = "a story, interrupted";
     let leader = ask_stream(&c, &fleet[0], topic).await;
@@ -742,9 +512,9 @@ async fn a_stream_is_never_read_back_from_a_replica_that_only_follows_it() {
         return;
     };
     let upstream = holding_upstream().await;
-    let follower_side = Proxy::advertised(member(&upstream, &redis)).await;
+    let follower_side = Proxy::advertised(member(&upstream, &redis.url())).await;
     let misnamed = follower_side.url("");
-    let leader_side = Proxy::start(member(&upstream, &redis).advertise(misnamed)).await;
+    let leader_side = Proxy::start(member(&upstream, &redis.url()).advertise(misnamed)).await;
     let c = client();
     let topic = "a story, misdirected";
     let leader = ask_stream(&c, &leader_side, topic).await;
@@ -779,7 +549,7 @@ async fn requests_queued_for_the_fleets_budget_survive_redis_going_away() {
         ..Behaviour::default()
     })
     .await;
-    let fleet = replicas(&upstream, &redis).await;
+    let fleet = replicas(&upstream, &redis.url()).await;
     learn_budget(&fleet).await;
     let calls = launch(&fleet, 40, |i| format!("queued {i}"));
     common::eventually(|| fleet.iter().map(|p| p.engine.waiting()).sum::<usize>() == 40).await;
@@ -798,7 +568,7 @@ async fn an_old_failed_stream_is_not_followed_by_the_next_flight() {
         return;
     };
     let upstream = FakeUpstream::start().await;
-    let fleet = replicas(&upstream, &redis).await;
+    let fleet = replicas(&upstream, &redis.url()).await;
     let c = client();
     let streamed = serde_json::json!({"model": "gpt-4o-mini", "stream": true,
         "messages": [{"role": "user", "content": "again"}]})
@@ -816,7 +586,7 @@ async fn an_old_failed_stream_is_not_followed_by_the_next_flight() {
     // The failed flight must be over, lease and all: a request arriving before that joins it
     // (and gets its failure), as coalescing intends.
     let key = failed.key.clone().expect("key");
-    let lease = format!("EXISTS llm-dedup:v{}:lease:{key}", llm_dedup::KEY_VERSION);
+    let lease = format!("EXISTS {}", lease_of(&key));
     common::eventually(|| {
         fleet[0].engine.in_flight() == 0 && redis.command(&lease).starts_with(":0")
     })
@@ -1003,10 +773,7 @@ async fn a_lease_that_shows_nothing_is_waited_for_no_longer_than_a_call() {
         .split_whitespace()
         .find(|w| w.len() == 64)
         .unwrap_or_else(|| panic!("no key in {message:?}"));
-    let planted = format!(
-        "SET llm-dedup:v{}:lease:{key} some-other-replica PX 600000",
-        llm_dedup::KEY_VERSION
-    );
+    let planted = format!("SET {} some-other-replica PX 600000", lease_of(key));
     assert!(redis.command(&planted).starts_with("+OK"));
     let started = std::time::Instant::now();
     let seen = post(&c, &url, chat("planted"), &[]).await;

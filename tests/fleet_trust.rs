@@ -375,7 +375,9 @@ async fn messages_from_outside_the_fleet_change_nothing() {
         assert_eq!(seen.cache, "hit", "kept by every replica");
         assert_eq!(seen.body["id"], first.body["id"]);
     }
-    // The fleet's own inspector is obeyed.
+    // The fleet's own inspector is obeyed, once: the same message published again by whoever
+    // heard it changes nothing.
+    let heard = overhear(&redis, &channel);
     let mut own =
         llm_dedup::inspect::FleetInspector::open(&redis.url(), Some(&ours())).expect("inspector");
     own.purge(&all, true).expect("purge");
@@ -384,8 +386,55 @@ async fn messages_from_outside_the_fleet_change_nothing() {
         seen.cache == "miss"
     })
     .await;
+    let sealed = heard.join().expect("overheard");
+    // The request that found it purged stored a new answer.
+    let second = post(&c, &a.url("/v1/chat/completions"), chat("kept"), &[]).await;
+    assert_eq!(second.cache, "hit");
+    assert_ne!(second.body["id"], first.body["id"]);
+    let replayed = redis.command(&format!("PUBLISH {channel} \"{sealed}\""));
+    assert!(replayed.starts_with(':'), "{replayed}");
+    let messages = r#"llm_dedup_redis_rejected_total{kind="message"}"#;
+    common::eventually_async(|| async { common::figure(&a.engine, messages).await >= 6.0 }).await;
+    for proxy in [&a, &b] {
+        let seen = post(&c, &proxy.url("/v1/chat/completions"), chat("kept"), &[]).await;
+        assert_eq!(seen.cache, "hit", "kept after a replayed purge");
+        assert_eq!(seen.body["id"], second.body["id"]);
+    }
     a.stop().await;
     b.stop().await;
+}
+
+/// The first message published on `channel` from now on, as a Redis client that only
+/// listens would hear it (a thread of its own, subscribed before this returns).
+fn overhear(redis: &RedisServer, channel: &str) -> std::thread::JoinHandle<String> {
+    use std::io::{Read, Write};
+    let mut conn =
+        std::net::TcpStream::connect(redis.url().trim_start_matches("redis://")).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    conn.write_all(format!("SUBSCRIBE {channel}\r\n").as_bytes())
+        .expect("subscribe");
+    let mut said = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The subscription is confirmed before anything is published.
+    while !String::from_utf8_lossy(&said).contains(":1\r\n") {
+        let n = conn.read(&mut buf).expect("confirmation");
+        said.extend_from_slice(&buf[..n]);
+    }
+    std::thread::spawn(move || {
+        let mut said = Vec::new();
+        loop {
+            let text = String::from_utf8_lossy(&said).into_owned();
+            let lines: Vec<&str> = text.split("\r\n").collect();
+            if let Some(at) = lines.iter().position(|l| *l == "message")
+                && lines.len() > at + 5
+            {
+                return lines[at + 4].to_owned();
+            }
+            let n = conn.read(&mut buf).expect("a message");
+            said.extend_from_slice(&buf[..n]);
+        }
+    })
 }
 
 /// Under one key's name, a hostile writer plants another key's sealed entry, or an entry
@@ -439,8 +488,9 @@ async fn a_forged_entry_is_not_served() {
     b.stop().await;
 }
 
-/// A malformed value under a hot key is a miss for that key only: Redis stays on, and the
-/// replica's other requests still find their answers there.
+/// A malformed value under a hot key (bytes that are no entry, a value of another type under
+/// its entry or its lease) is a miss for that key only: Redis stays on, and the replica's
+/// other requests still find their answers there.
 #[tokio::test]
 async fn a_malformed_value_under_a_hot_key_leaves_redis_on() {
     let Some(redis) = RedisServer::start() else {
@@ -452,22 +502,33 @@ async fn a_malformed_value_under_a_hot_key_leaves_redis_on() {
     let hot = post(&c, &a.url("/v1/chat/completions"), chat("hot"), &[]).await;
     let cold = post(&c, &a.url("/v1/chat/completions"), chat("cold"), &[]).await;
     let key = llm_dedup::CacheKey::from_hex(hot.key.as_deref().expect("key")).expect("key");
-    let name = llm_dedup::FleetLayout::default().entry(&key);
-    let set = redis.command(&format!("SET {name} garbage"));
-    assert!(set.starts_with("+OK"), "{set}");
-    // A replica that holds nothing of its own yet reads the hot key: a miss, not a fault.
-    let b = replica(&upstream, &redis, None).await;
-    let seen = post(&c, &b.url("/v1/chat/completions"), chat("hot"), &[]).await;
-    assert_eq!((seen.status, seen.cache.as_str()), (200, "miss"));
-    let malformed = r#"llm_dedup_redis_rejected_total{kind="malformed"}"#;
-    assert!(common::figure(&b.engine, malformed).await >= 1.0);
-    let seen = post(&c, &b.url("/v1/chat/completions"), chat("cold"), &[]).await;
-    assert_eq!(seen.cache, "hit", "Redis is still on for other keys");
-    assert_eq!(seen.body["id"], cold.body["id"]);
-    let errors = common::figure(&b.engine, "llm_dedup_redis_errors_total").await;
-    assert_eq!(errors, 0.0);
+    let layout = llm_dedup::FleetLayout::default();
+    let (entry, lease) = (layout.entry(&key), layout.lease(&key));
+    for plant in [
+        format!("SET {entry} garbage"),
+        format!("HSET {entry} field value"),
+        format!("HSET {lease} field value"),
+    ] {
+        let _ = redis.command(&format!("DEL {entry} {lease}"));
+        let planted = redis.command(&plant);
+        assert!(!planted.starts_with('-'), "{plant}: {planted}");
+        // A replica that holds nothing of its own yet reads the hot key: a miss, not a fault.
+        let b = replica(&upstream, &redis, None).await;
+        let seen = post(&c, &b.url("/v1/chat/completions"), chat("hot"), &[]).await;
+        assert_eq!((seen.status, seen.cache.as_str()), (200, "miss"), "{plant}");
+        let malformed = r#"llm_dedup_redis_rejected_total{kind="malformed"}"#;
+        assert!(common::figure(&b.engine, malformed).await >= 1.0, "{plant}");
+        let seen = post(&c, &b.url("/v1/chat/completions"), chat("cold"), &[]).await;
+        assert_eq!(
+            seen.cache, "hit",
+            "{plant}: Redis is still on for other keys"
+        );
+        assert_eq!(seen.body["id"], cold.body["id"]);
+        let errors = common::figure(&b.engine, "llm_dedup_redis_errors_total").await;
+        assert_eq!(errors, 0.0, "{plant}");
+        b.stop().await;
+    }
     a.stop().await;
-    b.stop().await;
 }
 
 /// A lease planted under a key (nobody of the fleet calls): a replica with the secret calls at

@@ -10,9 +10,12 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+#[path = "../../tests/common/redis_cluster.rs"]
+mod redis_cluster;
 #[path = "../../tests/common/redis_server.rs"]
 mod redis_server;
 #[allow(unused_imports)] // Only the tests and benches of the fleet start one.
+pub use redis_cluster::RedisCluster;
 pub use redis_server::RedisServer;
 
 use axum::Router;

@@ -56,18 +56,25 @@ pub(crate) struct DbArg {
     pub(crate) redis: Option<String>,
 
     #[command(flatten)]
-    pub(crate) secret: FleetSecretArgs,
+    pub(crate) fleet: FleetArgs,
 }
 
-/// The fleet secret, given inline or in a file.
+/// How to speak to the fleet's Redis: its mode, and the fleet secret given inline or in a
+/// file.
 #[derive(clap::Args, Debug, Clone)]
-pub(crate) struct FleetSecretArgs {
+pub(crate) struct FleetArgs {
+    /// With --redis: whether the URL names a single node or any node of a Redis Cluster or
+    /// Valkey cluster (auto asks the node with INFO cluster)
+    #[arg(long, env = "LLM_DEDUP_REDIS_MODE", value_name = "MODE", default_value = "auto",
+          value_parser = parse_redis_mode)]
+    pub(crate) redis_mode: llm_dedup::RedisMode,
+
     /// With --redis: the secret every replica of the fleet and the inspector share (16 bytes
     /// or more, e.g. `openssl rand -hex 32`). What a replica writes to Redis is sealed with
     /// it and only what is sealed with it is trusted; prefer --fleet-secret-file, which keeps
     /// it out of the process list [default: none: Redis is trusted entirely]
     #[arg(long, env = "LLM_DEDUP_FLEET_SECRET", hide_env_values = true, requires = "redis",
-          value_parser = parse_secret, conflicts_with = "fleet_secret_file")]
+          value_parser = SecretParser, conflicts_with = "fleet_secret_file")]
     pub(crate) fleet_secret: Option<llm_dedup::FleetSecret>,
 
     /// As --fleet-secret, read from this file (e.g. a mounted Kubernetes secret); a final
@@ -77,7 +84,7 @@ pub(crate) struct FleetSecretArgs {
     pub(crate) fleet_secret_file: Option<llm_dedup::FleetSecret>,
 }
 
-impl FleetSecretArgs {
+impl FleetArgs {
     /// The secret given, if any.
     pub(crate) fn secret(&self) -> Option<&llm_dedup::FleetSecret> {
         self.fleet_secret
@@ -96,7 +103,7 @@ impl DbArg {
 
     /// The fleet's Redis to inspect, if one was named.
     pub(crate) fn fleet(&self) -> Result<Option<llm_dedup::inspect::FleetInspector>> {
-        let secret = self.secret.secret();
+        let secret = self.fleet.secret();
         if self.redis.is_some() && secret.is_none() {
             eprintln!(
                 "note: no --fleet-secret-file: entries are read unchecked, and replicas that run \
@@ -105,7 +112,9 @@ impl DbArg {
         }
         self.redis
             .as_deref()
-            .map(|url| llm_dedup::inspect::FleetInspector::open(url, secret))
+            .map(|url| {
+                llm_dedup::inspect::FleetInspector::open_as(url, secret, self.fleet.redis_mode)
+            })
             .transpose()
             .map_err(anyhow::Error::from)
     }
@@ -284,7 +293,7 @@ pub(crate) struct ServeArgs {
     pub(crate) advertise: Option<String>,
 
     #[command(flatten)]
-    pub(crate) secret: FleetSecretArgs,
+    pub(crate) fleet: FleetArgs,
 
     /// Another request header that identifies a caller (repeatable; the environment variable
     /// takes a comma-separated list). Added to authorization, x-api-key, api-key,
@@ -450,14 +459,40 @@ fn read_token_file(path: &str) -> Result<String, String> {
 }
 
 /// A fleet secret given inline.
-fn parse_secret(s: &str) -> Result<llm_dedup::FleetSecret, String> {
-    llm_dedup::FleetSecret::new(s)
+/// Reads a fleet secret given inline; a bad one is refused without showing it (clap's own
+/// error for a value would print it to the terminal and to whatever collects its output).
+#[derive(Clone)]
+struct SecretParser;
+
+impl clap::builder::TypedValueParser for SecretParser {
+    type Value = llm_dedup::FleetSecret;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Self::Value, clap::Error> {
+        llm_dedup::FleetSecret::new(value.as_encoded_bytes()).map_err(|why| {
+            let name = arg.map(|a| a.to_string()).unwrap_or_default();
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("invalid value for '{name}' (not shown): {why}\n"),
+            )
+            .with_cmd(cmd)
+        })
+    }
 }
 
 /// The fleet secret in the file at `path`.
 fn read_secret_file(path: &str) -> Result<llm_dedup::FleetSecret, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
     llm_dedup::FleetSecret::new(bytes).map_err(|why| format!("{path}: {why}"))
+}
+
+/// A Redis mode: auto, single or cluster.
+fn parse_redis_mode(s: &str) -> Result<llm_dedup::RedisMode, String> {
+    s.parse()
 }
 
 /// A Redis URL the client accepts (checked, not connected).

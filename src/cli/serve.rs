@@ -48,7 +48,8 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
             "telling the fleet where this replica is (see --advertise)"
         );
         builder = builder.advertise(advertise);
-        match args.secret.secret() {
+        builder = builder.redis_mode(args.fleet.redis_mode);
+        match args.fleet.secret() {
             Some(secret) => builder = builder.fleet_secret(secret.clone()),
             None => tracing::warn!(
                 "no --fleet-secret: this replica trusts whatever the fleet's Redis holds and \

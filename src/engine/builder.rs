@@ -9,7 +9,7 @@ use tokio_util::task::TaskTracker;
 use super::{DEFAULT_VERIFY_WINDOW, Dedup, Engine, KnownKeys, Verified, embed};
 use crate::embeddings::EmbedSettings;
 use crate::error::{Error, ErrorKind};
-use crate::fleet::{Event, Fleet, FleetSecret, FleetSettings, Seal};
+use crate::fleet::{Event, Fleet, FleetSecret, FleetSettings, RedisMode, Seal};
 use crate::governor::{Governor, GovernorSettings};
 use crate::inflight::InFlight;
 use crate::key::{CredentialHeaders, KeyHeaders, KeyPolicy};
@@ -41,6 +41,7 @@ pub struct DedupBuilder {
     redis: Option<String>,
     advertise: Option<String>,
     fleet_secret: Option<FleetSecret>,
+    redis_mode: RedisMode,
     prices: PriceTable,
 }
 
@@ -65,6 +66,7 @@ impl Default for DedupBuilder {
             redis: None,
             advertise: None,
             fleet_secret: None,
+            redis_mode: RedisMode::Auto,
             prices: PriceTable::built_in(),
         }
     }
@@ -181,10 +183,10 @@ impl DedupBuilder {
     }
 
     /// Where the other replicas of the fleet reach this engine's proxy (`http://10.0.0.5:8080`),
-    /// with [`DedupBuilder::redis`]. A replica following a stream this one receives, relayed
-    /// through Redis, reads the rest of it from there if Redis goes away mid-stream, with the
-    /// client's own request and `Cache-Control: only-if-cached`. By default, none: such a
-    /// stream is cut for those followers.
+    /// with [`DedupBuilder::redis`] and [`DedupBuilder::fleet_secret`]. A replica following a
+    /// stream this one receives, relayed through Redis, reads the rest of it from there if
+    /// Redis goes away mid-stream, with a token made with the fleet secret (never the
+    /// client's request). By default, none: such a stream is cut for those followers.
     pub fn advertise(mut self, url: impl Into<String>) -> Self {
         self.advertise = Some(url.into());
         self
@@ -198,6 +200,14 @@ impl DedupBuilder {
     /// there is none, and Redis is trusted entirely: see README, "What the fleet trusts".
     pub fn fleet_secret(mut self, secret: FleetSecret) -> Self {
         self.fleet_secret = Some(secret);
+        self
+    }
+
+    /// Whether the Redis of [`DedupBuilder::redis`] is a single node or a node of a cluster
+    /// (Redis Cluster, Valkey cluster). By default [`RedisMode::Auto`]: the node is asked at
+    /// the first connection (`INFO cluster`).
+    pub fn redis_mode(mut self, mode: RedisMode) -> Self {
+        self.redis_mode = mode;
         self
     }
 
@@ -256,6 +266,7 @@ impl DedupBuilder {
             advertised,
             seal: self.fleet_secret.as_ref().map(Seal::new),
             max_entry: self.max_stream_bytes as u64,
+            mode: self.redis_mode,
         };
         let fleet = self
             .redis
@@ -276,6 +287,12 @@ impl DedupBuilder {
                 local_salt
             }),
         };
+        if let (Some(fleet), Ok(runtime)) = (&fleet, tokio::runtime::Handle::try_current()) {
+            // Connect now, so that whether the Redis is one node or a cluster is known (and
+            // logged) before the first request; a failure is the fault rule's, as any.
+            let fleet = fleet.clone();
+            runtime.spawn(async move { fleet.connect().await });
+        }
         let memory = MemoryTier::new(self.memory_bytes);
         if let Some(fleet) = &fleet {
             // Another replica replaced or purged entries: copies held here are old.

@@ -27,9 +27,26 @@ impl Leader {
             outcome: FlightOutcome::Live(live.clone()),
         });
         let mut passed = Passed::new(self, &live);
+        // The replica receiving the stream ends it after this much silence from the upstream;
+        // a relay silent longer (its leader hangs, or the records are not the fleet's) is
+        // waited for no longer.
+        let idle = self.engine.upstream.timeouts().idle;
+        let mut heard = tokio::time::Instant::now();
         let result = loop {
             match followed.next().await {
-                Relayed::Events(events) => events.into_iter().for_each(|e| passed.push(e)),
+                Relayed::Events(events) if events.is_empty() && heard.elapsed() > idle => {
+                    break Err(Error::new(
+                        ErrorKind::UpstreamTimeout,
+                        "the stream another replica receives was silent for longer than \
+                         --upstream-idle-timeout",
+                    ));
+                }
+                Relayed::Events(events) => {
+                    if !events.is_empty() {
+                        heard = tokio::time::Instant::now();
+                    }
+                    events.into_iter().for_each(|e| passed.push(e));
+                }
                 Relayed::End(Ending::Complete) => break Ok(()),
                 Relayed::End(Ending::Failed) => {
                     break Err(Error::new(

@@ -93,7 +93,9 @@ impl redis::FromRedisValue for Answer {
             redis::FromRedisValue::from_redis_value(value)?;
         Ok(Answer {
             what,
-            wait: Duration::from_millis(u64::try_from(ms).unwrap_or(0)),
+            // Whatever Redis holds (a window's end or a count's reset planted years ahead),
+            // no wait read from it is longer than the governor itself would wait.
+            wait: Duration::from_millis(u64::try_from(ms).unwrap_or(0).min(MAX_PAUSE_MS)),
             stepwise: shape == 1,
             changes,
         })
@@ -264,14 +266,10 @@ impl Fleet {
 }
 
 #[cfg(test)]
-#[path = "../../tests/common/redis_server.rs"]
-mod redis_server;
-
-#[cfg(test)]
 mod tests {
     use super::*;
 
-    use super::redis_server::RedisServer;
+    use crate::fleet::redis_server::RedisServer;
 
     /// The fleet tier on a `redis-server` of the test's own; `None` (the test skips, saying
     /// so) when it is not installed, unless CI requires it (then the test fails).
@@ -293,7 +291,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_planted_pause_is_cut_to_an_hour() {
+    async fn planted_budget_values_refuse_for_an_hour_at_most() {
         let Some((server, fleet)) = fleet() else {
             return;
         };
@@ -317,6 +315,27 @@ mod tests {
             .parse()
             .expect("a number");
         assert!(left <= 3_600_000, "{left}");
+
+        // A spent count planted to reset in ten years, and a count that is not a number.
+        let [pause, left, ..] = fleet.inner.layout.budget(&partition);
+        let _ = server.command(&format!("DEL {pause}"));
+        let set = server.command(&format!("SET {left} 0 PX 315360000000"));
+        assert!(set.starts_with("+OK"), "{set}");
+        let turn = fleet
+            .budget_turn(&partition, None, Duration::from_secs(30))
+            .await
+            .expect("redis answers");
+        let Budgeted::Paused(wait) = turn.turn else {
+            panic!("paused: {:?}", turn.turn);
+        };
+        assert!(wait <= Duration::from_secs(3600), "{wait:?}");
+        let set = server.command(&format!("SET {left} lots"));
+        assert!(set.starts_with("+OK"), "{set}");
+        let turn = fleet
+            .budget_turn(&partition, None, Duration::from_secs(30))
+            .await
+            .expect("a value that is no number is no fault of Redis");
+        assert!(matches!(turn.turn, Budgeted::Go(_)), "{:?}", turn.turn);
     }
 
     /// Whether the fleet counts a budget as a fixed window once it is told, in turn, of

@@ -176,7 +176,7 @@ fn inflated(small: &[u8], most: u64) -> Option<Vec<u8>> {
     // A guess at the size, never more than a MiB up front: the bytes decide the rest.
     let mut body = Vec::with_capacity(small.len().saturating_mul(4).min(1 << 20));
     flate2::read::DeflateDecoder::new(small)
-        .take(most + 1)
+        .take(most.saturating_add(1))
         .read_to_end(&mut body)
         .ok()?;
     if body.len() as u64 > most {

@@ -11,9 +11,8 @@ use std::sync::LazyLock;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-
 use super::Fleet;
+use super::topology::{self, Conn};
 
 /// Longest wait for one Redis call.
 pub const OP_TIMEOUT: Duration = Duration::from_millis(250);
@@ -35,6 +34,21 @@ pub fn redis_address(url: &str) -> Result<Option<(String, u16)>, String> {
     })
 }
 
+/// Whether `error` is Redis's answer about a value it holds (of another type than the fleet
+/// writes there, or one a script could not read), rather than a fault of Redis or of the
+/// way to it: a value someone else wrote, which must not turn Redis off for the replica.
+fn about_a_value(error: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    match error.kind() {
+        // WRONGTYPE, and any other error code the client library has no name for.
+        ErrorKind::Extension => error.code().is_some_and(|code| code == "WRONGTYPE"),
+        // A script's own error (`ERR user_script:…`), or a reply of another shape.
+        ErrorKind::Server(ServerErrorKind::ResponseError) => error.to_string().contains("script"),
+        ErrorKind::UnexpectedReturnType | ErrorKind::Parse => true,
+        _ => false,
+    }
+}
+
 /// Redis cannot be used now: a call failed or timed out (counted and logged), or Redis is
 /// left alone after a failure. The caller goes on with its replica's own tiers and flights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -51,7 +65,7 @@ impl Fleet {
     /// logged at most once a minute, and turns Redis off for [`BACKOFF`].
     pub(super) async fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T, Unavailable>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         // Whoever uses the fleet's tier hears what the other replicas replace or purge.
@@ -59,6 +73,14 @@ impl Fleet {
         let conn = self.connection().await?;
         match tokio::time::timeout(OP_TIMEOUT, f(conn)).await {
             Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) if about_a_value(&e) => {
+                // Redis answered: what it holds under this key is not what a replica wrote
+                // there (a value of another type, a number that is not one). This call goes
+                // without Redis; the replica's other requests keep it.
+                tracing::debug!(call = what, error = %e, "a value in Redis is not the fleet's");
+                self.rejected(super::seal::Rejected::Malformed);
+                Err(Unavailable)
+            }
             Ok(Err(e)) => {
                 self.failed(what, &e.to_string());
                 Err(Unavailable)
@@ -87,7 +109,7 @@ impl Fleet {
     }
 
     /// The shared connection, made on first use; [`Unavailable`] while Redis is left alone.
-    async fn connection(&self) -> Result<ConnectionManager, Unavailable> {
+    pub(super) async fn connection(&self) -> Result<Conn, Unavailable> {
         let down = self.inner.down_until.lock().ok().and_then(|d| *d);
         if down.is_some_and(|until| Instant::now() < until) {
             return Err(Unavailable);
@@ -96,14 +118,10 @@ impl Fleet {
         if let Some(conn) = slot.as_ref() {
             return Ok(conn.clone());
         }
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(OP_TIMEOUT))
-            .set_number_of_retries(1);
-        let made = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            self.inner.client.get_connection_manager_with_config(config),
-        )
+        let made = tokio::time::timeout(CONNECT_TIMEOUT * 2, async {
+            let cluster = self.cluster().await?;
+            Conn::open(&self.inner.client, cluster).await
+        })
         .await;
         match made {
             Ok(Ok(conn)) => {
@@ -119,6 +137,44 @@ impl Fleet {
                 Err(Unavailable)
             }
         }
+    }
+
+    /// Whether the fleet's Redis is a cluster: as `--redis-mode` says, or as its node says
+    /// the first time it is asked (then logged, once).
+    pub(super) async fn cluster(&self) -> redis::RedisResult<bool> {
+        if let Some(cluster) = self.inner.cluster.get() {
+            return Ok(*cluster);
+        }
+        let cluster = topology::is_cluster(&self.inner.client, self.inner.mode).await?;
+        self.learned(cluster);
+        Ok(cluster)
+    }
+
+    /// As [`Fleet::cluster`], blocking.
+    pub(super) fn cluster_blocking(&self) -> redis::RedisResult<bool> {
+        if let Some(cluster) = self.inner.cluster.get() {
+            return Ok(*cluster);
+        }
+        let cluster = topology::is_cluster_blocking(&self.inner.client, self.inner.mode)?;
+        self.learned(cluster);
+        Ok(cluster)
+    }
+
+    fn learned(&self, cluster: bool) {
+        if self.inner.cluster.set(cluster).is_ok() {
+            tracing::info!(
+                redis = %self.inner.shown,
+                mode = if cluster { "cluster" } else { "single node" },
+                asked = self.inner.mode.as_str(),
+                "the fleet's Redis"
+            );
+        }
+    }
+
+    /// Connects now (at start-up, so the mode is known and logged before the first request),
+    /// under the fault rule.
+    pub async fn connect(&self) -> Result<(), Unavailable> {
+        self.connection().await.map(|_| ())
     }
 
     /// Counts a failed call, logs it at most once a minute, and leaves Redis alone for

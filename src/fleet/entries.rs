@@ -6,9 +6,29 @@ use std::time::SystemTime;
 
 use super::conn::CONNECT_TIMEOUT;
 use super::seal::{Rejected, Sealed};
+use super::topology;
 use super::{Fleet, Unavailable, codec};
 use crate::entry::{StoredAnswer, unix_ms};
 use crate::key::CacheKey;
+
+/// Room beyond `--max-stream` for what an entry holds besides its body (its headers, times,
+/// the seal): a value longer than the bound and this is never a replica's.
+const ENTRY_SLACK: u64 = 1 << 20;
+
+/// `GETRANGE name 0 most`: the value under `name`, never more than one byte past `most` (a
+/// longer one is known to be too long without reading it whole); empty when there is none.
+async fn bounded_get<C: redis::aio::ConnectionLike>(
+    c: &mut C,
+    name: String,
+    most: u64,
+) -> redis::RedisResult<Vec<u8>> {
+    redis::cmd("GETRANGE")
+        .arg(name)
+        .arg(0)
+        .arg(most)
+        .query_async(c)
+        .await
+}
 
 impl Fleet {
     /// The fleet's credential salt: the one the fleet secret gives; without a secret, the one
@@ -22,16 +42,16 @@ impl Fleet {
         }
         let inner = &self.inner;
         let read = || -> redis::RedisResult<Vec<u8>> {
-            let mut conn = inner.client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
-            conn.set_read_timeout(Some(CONNECT_TIMEOUT))?;
-            conn.set_write_timeout(Some(CONNECT_TIMEOUT))?;
+            let mut conn =
+                topology::blocking(&inner.client, self.cluster_blocking()?, CONNECT_TIMEOUT)?;
+            let conn = conn.as_mut();
             let key = inner.layout.salt();
             let _: Option<String> = redis::cmd("SET")
                 .arg(&key)
                 .arg(&ours[..])
                 .arg("NX")
-                .query(&mut conn)?;
-            redis::cmd("GET").arg(&key).query(&mut conn)
+                .query(conn)?;
+            redis::cmd("GET").arg(&key).query(conn)
         };
         match read() {
             Ok(bytes) => match <[u8; 32]>::try_from(bytes.as_slice()) {
@@ -51,12 +71,19 @@ impl Fleet {
     /// The stored answer under `key`, if Redis has one that has not expired.
     pub async fn get(&self, key: &CacheKey) -> Result<Option<StoredAnswer>, Unavailable> {
         let name = self.inner.layout.entry(key);
-        let bytes: Option<Vec<u8>> = self
+        let most = self.read_bound();
+        let bytes: Vec<u8> = self
             .call("get", |mut c| async move {
-                redis::cmd("GET").arg(name).query_async(&mut c).await
+                bounded_get(&mut c, name, most).await
             })
             .await?;
-        Ok(bytes.and_then(|b| self.fresh(*key, &b)))
+        Ok(self.fresh(*key, &bytes))
+    }
+
+    /// The most bytes read of a value (an entry's bound, with room for its headers and seal):
+    /// a larger value was not written by a replica, and is never read whole.
+    fn read_bound(&self) -> u64 {
+        self.inner.max_entry.saturating_add(ENTRY_SLACK)
     }
 
     /// The stored answers under `keys`, in one trip; `None` for each one missing (all of them
@@ -66,16 +93,23 @@ impl Fleet {
             return Vec::new();
         }
         let names: Vec<String> = keys.iter().map(|k| self.inner.layout.entry(k)).collect();
-        let read: Result<Vec<Option<Vec<u8>>>, Unavailable> = self
-            .call("mget", |mut c| async move {
-                redis::cmd("MGET").arg(&names).query_async(&mut c).await
+        let most = self.read_bound();
+        // One bounded read a key, sent together on the multiplexed connection (one trip, and
+        // no command naming keys of several cluster slots).
+        let read: Result<Vec<Vec<u8>>, Unavailable> = self
+            .call("mget", |c| async move {
+                let reads = names.into_iter().map(|name| {
+                    let mut c = c.clone();
+                    async move { bounded_get(&mut c, name, most).await }
+                });
+                futures_util::future::try_join_all(reads).await
             })
             .await;
         match read {
             Ok(values) if values.len() == keys.len() => keys
                 .iter()
                 .zip(values)
-                .map(|(key, v)| v.and_then(|b| self.fresh(*key, &b)))
+                .map(|(key, v)| self.fresh(*key, &v))
                 .collect(),
             _ => vec![None; keys.len()],
         }
@@ -89,14 +123,26 @@ impl Fleet {
             return;
         }
         let name = self.inner.layout.entry(&entry.key);
-        let value = self.seal_value(Sealed::Entry, &name, codec::encode_entry(entry));
+        let value = self.seal_value(
+            Sealed::Entry,
+            &name,
+            codec::encode_entry(entry),
+            entry.expires_at,
+        );
         self.set_px(name, value, ms).await;
     }
 
-    /// `value` as this replica writes it under `name`: sealed when the fleet has a secret.
-    pub(super) fn seal_value(&self, kind: Sealed, name: &str, value: Vec<u8>) -> Vec<u8> {
+    /// `value` as this replica writes it under `name`: sealed, good until `until` (unix ms),
+    /// when the fleet has a secret.
+    pub(super) fn seal_value(
+        &self,
+        kind: Sealed,
+        name: &str,
+        value: Vec<u8>,
+        until: i64,
+    ) -> Vec<u8> {
         match &self.inner.seal {
-            Some(seal) => seal.seal(kind, name, value),
+            Some(seal) => seal.seal(kind, name, &value, until),
             None => value,
         }
     }
@@ -113,7 +159,7 @@ impl Fleet {
         let Some(seal) = &self.inner.seal else {
             return Some(value);
         };
-        let opened = seal.open(kind, name, value);
+        let opened = seal.open(kind, name, value, unix_ms(SystemTime::now()));
         if opened.is_none() {
             self.rejected(rejected);
         }
@@ -139,6 +185,13 @@ impl Fleet {
     /// and it has not expired. A value that cannot be used is counted and is a miss; Redis
     /// stays on (one bad value says nothing of the others).
     fn fresh(&self, key: CacheKey, bytes: &[u8]) -> Option<StoredAnswer> {
+        if bytes.is_empty() {
+            return None;
+        }
+        if bytes.len() as u64 > self.read_bound() {
+            self.rejected(Rejected::Malformed);
+            return None;
+        }
         let name = self.inner.layout.entry(&key);
         let value = self.opened(Sealed::Entry, Rejected::Entry, &name, bytes)?;
         let entry = codec::decode_entry(key, value, self.inner.max_entry);

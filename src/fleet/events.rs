@@ -186,22 +186,11 @@ impl Fleet {
             loop {
                 let Some(inner) = weak.upgrade() else { return };
                 let fleet = Fleet { inner };
-                let connected = tokio::time::timeout(CONNECT_TIMEOUT, async {
-                    let mut pubsub = fleet.inner.client.get_async_pubsub().await?;
-                    pubsub.subscribe(fleet.inner.layout.channel()).await?;
-                    Ok::<_, redis::RedisError>(pubsub)
-                })
-                .await;
+                let connected = fleet.listen().await;
                 let mut pubsub = match connected {
-                    Ok(Ok(pubsub)) => pubsub,
-                    Ok(Err(e)) => {
-                        fleet.failed("subscribe", &e.to_string());
-                        drop(fleet);
-                        tokio::time::sleep(BACKOFF).await;
-                        continue;
-                    }
-                    Err(_) => {
-                        fleet.failed("subscribe", "timed out");
+                    Ok(pubsub) => pubsub,
+                    Err(e) => {
+                        fleet.failed("subscribe", &e);
                         drop(fleet);
                         tokio::time::sleep(BACKOFF).await;
                         continue;
@@ -229,6 +218,31 @@ impl Fleet {
         });
     }
 
+    /// A subscription to the fleet's channel: on the node `--redis` names or, in a cluster
+    /// whose node that is went away, on another (plain pub/sub: a cluster carries what is
+    /// published on any node to every node, so any node hears every replica).
+    async fn listen(&self) -> Result<redis::aio::PubSub, String> {
+        let nodes = match self.connection().await {
+            Ok(mut conn) => conn.nodes(&self.inner.client).await,
+            Err(_) => vec![self.inner.client.clone()],
+        };
+        let mut last = String::from("no node to listen on");
+        for node in nodes {
+            let subscribed = tokio::time::timeout(CONNECT_TIMEOUT, async {
+                let mut pubsub = node.get_async_pubsub().await?;
+                pubsub.subscribe(self.inner.layout.channel()).await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            })
+            .await;
+            match subscribed {
+                Ok(Ok(pubsub)) => return Ok(pubsub),
+                Ok(Err(e)) => last = e.to_string(),
+                Err(_) => last = "timed out".to_owned(),
+            }
+        }
+        Err(last)
+    }
+
     /// The message a payload heard on the channel carries, if this replica may trust it (see
     /// the module documentation); one it may not is counted.
     fn read_message(&self, payload: &str) -> Option<Message> {
@@ -237,6 +251,7 @@ impl Fleet {
             Some(seal) => {
                 let channel = self.inner.layout.channel();
                 open_message(seal, &channel, payload, std::time::SystemTime::now())
+                    .filter(|_| self.first_hearing(payload))
             }
         };
         let message = text.and_then(Message::parse);
@@ -244,6 +259,30 @@ impl Fleet {
             self.rejected(Rejected::Message);
         }
         message
+    }
+
+    /// Whether the sealed message `payload` is heard for the first time within
+    /// [`MESSAGE_FRESH`] (a message published again by someone who saw it is not obeyed
+    /// twice); past that, its time is stale anyway.
+    fn first_hearing(&self, payload: &str) -> bool {
+        let Some((_, mac)) = payload.rsplit_once(' ') else {
+            return false;
+        };
+        let Ok(mac) = blake3::Hash::from_hex(mac) else {
+            return false;
+        };
+        let Ok(mut heard) = self.inner.heard.lock() else {
+            return false;
+        };
+        let now = std::time::Instant::now();
+        if heard.at.len() >= heard.clear_at {
+            // Forgotten once stale on both sides of the clocks' disagreement.
+            heard
+                .at
+                .retain(|_, at| now.duration_since(*at) <= MESSAGE_FRESH * 2);
+            heard.clear_at = (heard.at.len() * 2).max(1024);
+        }
+        heard.at.insert(mac, now).is_none()
     }
 
     /// Handles one message.

@@ -4,6 +4,7 @@
 //! failed request. The rooms, one subject each:
 //!
 //! - `conn`: the connection and its fault rule ([`Unavailable`]);
+//! - `topology`: one node or a cluster ([`RedisMode`]), and the connection each takes;
 //! - `layout`: every key name and the events channel ([`Layout`]);
 //! - `entries`: stored answers and the fleet's credential salt;
 //! - `turns`: cross-replica flights, leases and turns ([`Turn`], [`Lease`]);
@@ -24,6 +25,11 @@
 //! stream's sealed head for it, with a token made with the secret (never the client's
 //! credentials).
 
+/// A `redis-server` of a test's own, for the fleet's unit tests.
+#[cfg(test)]
+#[path = "../../tests/common/redis_server.rs"]
+mod redis_server;
+
 mod admin;
 mod budget;
 mod codec;
@@ -33,6 +39,7 @@ mod events;
 mod layout;
 mod seal;
 mod stream;
+mod topology;
 mod turns;
 
 use std::collections::HashMap;
@@ -51,6 +58,7 @@ pub use layout::Layout;
 pub use seal::FleetSecret;
 pub(crate) use seal::{Rejected, Seal};
 pub(crate) use stream::{Ending, Followed, Relay, Relayed};
+pub use topology::RedisMode;
 pub(crate) use turns::{Lease, Turn};
 
 use crate::key::CacheKey;
@@ -88,6 +96,8 @@ pub struct FleetSettings {
     pub seal: Option<Seal>,
     /// The largest answer an entry read from Redis may inflate to (`--max-stream`).
     pub max_entry: u64,
+    /// Whether `--redis` names a single node or a cluster's, or to ask it (`--redis-mode`).
+    pub mode: RedisMode,
 }
 
 /// A handle on the fleet tier; cheap to clone.
@@ -98,9 +108,23 @@ pub struct Fleet {
 
 type Listener = Box<dyn Fn(Event) + Send + Sync>;
 
+/// The seals of sealed messages heard lately, and when; cleared of stale ones whenever it
+/// has doubled since the last time (so each message costs O(1) on average).
+#[derive(Default)]
+struct Heard {
+    at: HashMap<blake3::Hash, Instant>,
+    clear_at: usize,
+}
+
 struct Inner {
     client: redis::Client,
-    conn: tokio::sync::Mutex<Option<redis::aio::ConnectionManager>>,
+    /// The server, without any password (for logs).
+    shown: String,
+    /// What `--redis-mode` asked.
+    mode: RedisMode,
+    /// Whether the fleet's Redis is a cluster, once known.
+    cluster: OnceLock<bool>,
+    conn: tokio::sync::Mutex<Option<topology::Conn>>,
     layout: Layout,
     /// This replica's id, in its leases and messages.
     replica: String,
@@ -122,6 +146,9 @@ struct Inner {
     /// What was read and not trusted, by [`Rejected::index`].
     rejected: [AtomicU64; Rejected::ALL.len()],
     rejected_gate: LogGate,
+    /// The seals of the sealed messages obeyed lately, and when: a message sent again is
+    /// obeyed once.
+    heard: Mutex<Heard>,
 }
 
 impl Fleet {
@@ -133,10 +160,14 @@ impl Fleet {
             advertised,
             seal,
             max_entry,
+            mode,
         } = settings;
         Ok(Fleet {
             inner: Arc::new(Inner {
+                shown: client.get_connection_info().addr().to_string(),
                 client,
+                mode,
+                cluster: OnceLock::new(),
                 conn: tokio::sync::Mutex::new(None),
                 layout: Layout::default(),
                 replica: format!("{:016x}", rand::random::<u64>()),
@@ -151,6 +182,7 @@ impl Fleet {
                 max_entry,
                 rejected: Default::default(),
                 rejected_gate: LogGate::per_minute(),
+                heard: Mutex::new(Heard::default()),
             }),
         })
     }

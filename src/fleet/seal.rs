@@ -19,6 +19,17 @@ use crate::key::{CacheKey, Partition};
 /// Bytes of a seal (a blake3 hash, compared in constant time).
 pub const SEAL_LEN: usize = 32;
 
+/// What a sealed value starts with (never the start of an unsealed one: `codec.rs` writes
+/// `LDE`/`LDR` tags, a lease is a replica's id).
+pub const SEALED_TAG: &[u8] = b"LDS1\0";
+
+/// Bytes a seal adds to a value: the tag, the deadline and the seal itself.
+pub const SEALED_OVERHEAD: usize = SEALED_TAG.len() + 8 + SEAL_LEN;
+
+/// How far replicas' clocks may disagree: a sealed value is taken this long past its
+/// deadline.
+pub const CLOCK_SKEW: Duration = Duration::from_secs(5);
+
 /// How long a message on the events channel is obeyed after it was sent (a replayed purge
 /// is stale once this passed).
 pub const MESSAGE_FRESH: Duration = Duration::from_secs(30);
@@ -172,19 +183,40 @@ impl Seal {
         hasher.finalize()
     }
 
-    /// `value` with its seal appended, as a record of `kind` stored under `name`.
-    pub fn seal(&self, kind: Sealed, name: &str, mut value: Vec<u8>) -> Vec<u8> {
-        let mac = self.mac(kind, &[name.as_bytes(), &value]);
-        value.extend_from_slice(mac.as_bytes());
-        value
+    /// `value` sealed as a record of `kind` stored under `name`, good until `until` (unix ms):
+    /// [`SEALED_TAG`], the deadline, the value, the seal. The tag makes a sealed value
+    /// unreadable as an unsealed one, so a replica without the secret skips it (counted as
+    /// malformed) instead of serving the seal as part of a body.
+    pub fn seal(&self, kind: Sealed, name: &str, value: &[u8], until: i64) -> Vec<u8> {
+        let deadline = until.to_le_bytes();
+        let mac = self.mac(kind, &[name.as_bytes(), &deadline, value]);
+        let mut sealed = Vec::with_capacity(SEALED_OVERHEAD + value.len());
+        sealed.extend_from_slice(SEALED_TAG);
+        sealed.extend_from_slice(&deadline);
+        sealed.extend_from_slice(value);
+        sealed.extend_from_slice(mac.as_bytes());
+        sealed
     }
 
-    /// The value of a record sealed by [`Seal::seal`], if its seal holds.
-    pub fn open<'a>(&self, kind: Sealed, name: &str, sealed: &'a [u8]) -> Option<&'a [u8]> {
-        let at = sealed.len().checked_sub(SEAL_LEN)?;
-        let (value, mac) = sealed.split_at(at);
-        let mac = <[u8; SEAL_LEN]>::try_from(mac).ok()?;
-        (self.mac(kind, &[name.as_bytes(), value]) == blake3::Hash::from(mac)).then_some(value)
+    /// The value of a record sealed by [`Seal::seal`], if its seal holds and its deadline
+    /// had not passed at `now` (unix ms; replicas' clocks may differ by [`CLOCK_SKEW`]): a
+    /// sealed value copied back after its time is as good as a forged one.
+    pub fn open<'a>(
+        &self,
+        kind: Sealed,
+        name: &str,
+        sealed: &'a [u8],
+        now: i64,
+    ) -> Option<&'a [u8]> {
+        let rest = sealed.strip_prefix(SEALED_TAG)?;
+        let (deadline, rest) = rest.split_first_chunk::<8>()?;
+        let (value, mac) = rest.split_last_chunk::<SEAL_LEN>()?;
+        let until = i64::from_le_bytes(*deadline);
+        if now > until.saturating_add(CLOCK_SKEW.as_millis() as i64) {
+            return None;
+        }
+        let mac = blake3::Hash::from(*mac);
+        (self.mac(kind, &[name.as_bytes(), deadline, value]) == mac).then_some(value)
     }
 
     /// A token that lets this replica ask another for the rest of the stream under `key`, on
@@ -262,28 +294,51 @@ mod tests {
     #[test]
     fn a_sealed_value_opens_only_as_what_and_where_it_was_sealed() {
         let seal = sealing("a secret of sixteen bytes or more");
-        let sealed = seal.seal(Sealed::Entry, "e:1", b"value".to_vec());
+        let now = 1_000_000;
+        let sealed = seal.seal(Sealed::Entry, "e:1", b"value", now + 10_000);
         assert_eq!(
-            seal.open(Sealed::Entry, "e:1", &sealed),
+            seal.open(Sealed::Entry, "e:1", &sealed, now),
             Some(&b"value"[..])
         );
-        assert_eq!(seal.open(Sealed::Entry, "e:2", &sealed), None, "moved");
+        assert_eq!(seal.open(Sealed::Entry, "e:2", &sealed, now), None, "moved");
         assert_eq!(
-            seal.open(Sealed::Refusal, "e:1", &sealed),
+            seal.open(Sealed::Refusal, "e:1", &sealed, now),
             None,
             "another kind"
         );
         let other = sealing("another fleet's secret, sixteen+");
         assert_eq!(
-            other.open(Sealed::Entry, "e:1", &sealed),
+            other.open(Sealed::Entry, "e:1", &sealed, now),
             None,
             "another fleet"
         );
-        let mut forged = sealed.clone();
-        forged[0] ^= 1;
-        assert_eq!(seal.open(Sealed::Entry, "e:1", &forged), None, "changed");
-        assert_eq!(seal.open(Sealed::Entry, "e:1", b"short"), None);
-        assert_eq!(seal.open(Sealed::Entry, "e:1", b""), None);
+        let late = now + 10_000 + CLOCK_SKEW.as_millis() as i64 + 1;
+        assert_eq!(
+            seal.open(Sealed::Entry, "e:1", &sealed, late),
+            None,
+            "replayed late"
+        );
+        for at in 0..sealed.len() {
+            let mut forged = sealed.clone();
+            forged[at] ^= 1;
+            assert_eq!(
+                seal.open(Sealed::Entry, "e:1", &forged, now),
+                None,
+                "byte {at}"
+            );
+        }
+        // A later deadline written over the real one breaks the seal.
+        let mut extended = sealed.clone();
+        extended[SEALED_TAG.len()..SEALED_TAG.len() + 8]
+            .copy_from_slice(&(now + 1_000_000).to_le_bytes());
+        assert_eq!(seal.open(Sealed::Entry, "e:1", &extended, late), None);
+        for short in [&sealed[..SEALED_OVERHEAD - 1], b"short", b""] {
+            assert_eq!(seal.open(Sealed::Entry, "e:1", short, now), None);
+        }
+        assert!(
+            crate::fleet::codec::decode_entry(key(1), &sealed, 1 << 20).is_none(),
+            "a replica without the secret cannot read a sealed value as an entry"
+        );
     }
 
     #[test]

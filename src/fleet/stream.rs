@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use redis::AsyncConnectionConfig;
+use super::topology::Conn;
 
 use super::conn::{CONNECT_TIMEOUT, OP_TIMEOUT};
 use super::events::Says;
@@ -23,6 +23,9 @@ use crate::key::CacheKey;
 pub const STREAM_KEPT: Duration = Duration::from_secs(60);
 /// How long a follower waits for a shared stream's next record before it looks again.
 const STREAM_BLOCK: Duration = Duration::from_secs(1);
+/// How long a follower waits for one blocking read: the block and a slow round trip on
+/// either side of it. A read that takes longer is a fault of Redis or of the way to it.
+const FOLLOW_READ: Duration = STREAM_BLOCK.saturating_add(OP_TIMEOUT.saturating_mul(4));
 /// How long a shared stream may go silent, its lease gone, before a follower ends it.
 const STREAM_ORPHANED: Duration = Duration::from_secs(15);
 
@@ -129,14 +132,10 @@ impl Fleet {
             .and_then(|url| super::advertised_url(url).ok());
         // A connection of its own (a blocking read would hold up everything else on a shared
         // one), whose answers may take as long as the read blocks.
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(STREAM_BLOCK + 2 * OP_TIMEOUT));
+        let cluster = self.cluster().await.ok()?;
         let conn = tokio::time::timeout(
             CONNECT_TIMEOUT,
-            self.inner
-                .client
-                .get_multiplexed_async_connection_with_config(&config),
+            Conn::own(&self.inner.client, cluster, FOLLOW_READ),
         )
         .await
         .ok()?
@@ -324,7 +323,7 @@ impl Ending {
 
 /// A follower's side of a stream another replica relays.
 pub struct Followed {
-    conn: redis::aio::MultiplexedConnection,
+    conn: Conn,
     key: CacheKey,
     name: String,
     last: String,
@@ -345,7 +344,7 @@ impl Followed {
     pub async fn next(&mut self) -> Relayed {
         type Records = Vec<(String, Vec<StreamRecord>)>;
         let read = tokio::time::timeout(
-            STREAM_BLOCK + OP_TIMEOUT,
+            FOLLOW_READ + OP_TIMEOUT,
             redis::cmd("XREAD")
                 .arg("COUNT")
                 .arg(256)
@@ -397,7 +396,7 @@ impl Followed {
         if !events.is_empty() {
             self.quiet_since = Instant::now();
         } else if self.quiet_since.elapsed() > STREAM_ORPHANED
-            && !matches!(fleet.lease_exists(&self.key).await, Ok(true))
+            && !matches!(fleet.lease_held(&self.key).await, Ok(true))
         {
             // Silent, and nobody leads it any more: its leader died, or lost Redis.
             return Relayed::End(Ending::Lost);

@@ -10,15 +10,15 @@
 //! its own. An error answer reaches waiters of the same partition through `err:`; waiters of
 //! another partition take their own turn.
 
-use std::sync::LazyLock;
-use std::time::Duration;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, SystemTime};
 
 use super::events::Says;
 use super::seal::{Rejected, Sealed};
 use super::stream::Followed;
 use super::{Fleet, Unavailable, codec};
 use crate::answer::Refusal;
-use crate::entry::StoredAnswer;
+use crate::entry::{StoredAnswer, unix_ms};
 use crate::key::{CacheKey, Partition};
 
 /// How long a lease lasts unless renewed.
@@ -81,7 +81,9 @@ impl Fleet {
             }
             match self.try_lease(key).await {
                 Err(Unavailable) => break Turn::Alone,
-                Ok(Leased::Taken) => break Turn::Lead(Lease::start(self.clone(), *key)),
+                Ok(Leased::Taken(held)) => {
+                    break Turn::Lead(Lease::start(self.clone(), *key, held));
+                }
                 Ok(Leased::Held) => seen_other = true,
                 // Planted by someone who is not a replica of this fleet: nobody calls for
                 // this key, so this replica does, alone (the lease stays where it is).
@@ -104,7 +106,13 @@ impl Fleet {
     pub async fn share_refusal(&self, key: &CacheKey, partition: &Partition, refusal: &Refusal) {
         let ms = REFUSAL_KEPT.as_millis() as u64;
         let name = self.inner.layout.refusal(key, partition);
-        let value = self.seal_value(Sealed::Refusal, &name, codec::encode_refusal(refusal));
+        let until = unix_ms(SystemTime::now()).saturating_add(ms as i64);
+        let value = self.seal_value(
+            Sealed::Refusal,
+            &name,
+            codec::encode_refusal(refusal),
+            until,
+        );
         self.set_px(name, value, ms).await;
     }
 
@@ -132,31 +140,39 @@ impl Fleet {
         Ok(refusal)
     }
 
-    /// Whether anyone holds the lease on `key`.
-    pub(super) async fn lease_exists(&self, key: &CacheKey) -> Result<bool, Unavailable> {
+    /// Whether a replica of the fleet holds the lease on `key` (with a secret, a lease whose
+    /// value is not sealed, or whose time has passed, is nobody's).
+    pub(super) async fn lease_held(&self, key: &CacheKey) -> Result<bool, Unavailable> {
         let name = self.inner.layout.lease(key);
-        self.call("lease", |mut c| async move {
-            redis::cmd("EXISTS").arg(name).query_async(&mut c).await
-        })
-        .await
+        let holder: Option<Vec<u8>> = {
+            let name = name.clone();
+            self.call("lease", |mut c| async move {
+                redis::cmd("GET").arg(name).query_async(&mut c).await
+            })
+            .await?
+        };
+        Ok(holder.is_some_and(|h| {
+            self.opened(Sealed::Lease, Rejected::Lease, &name, &h)
+                .is_some()
+        }))
     }
 
     /// Takes the lease on `key` if nobody holds it (see `lua/take_lease.lua`); with a fleet
-    /// secret, a lease held by another tells whether a replica of this fleet took it.
+    /// secret, a lease held by another tells whether a replica of this fleet took it lately.
     async fn try_lease(&self, key: &CacheKey) -> Result<Leased, Unavailable> {
         let layout = &self.inner.layout;
         let (lease, stream) = (layout.lease(key), layout.stream(key));
         let me = self.lease_value(&lease);
         let ms = LEASE.as_millis() as u64;
         let (taken, holder): (i64, Option<Vec<u8>>) = {
-            let lease = lease.clone();
+            let (lease, me) = (lease.clone(), me.clone());
             self.run_script("lease", &TAKE_LEASE, |s| {
                 s.key(lease).key(stream).arg(me).arg(ms);
             })
             .await?
         };
         if taken == 1 {
-            return Ok(Leased::Taken);
+            return Ok(Leased::Taken(me));
         }
         let holder = holder.unwrap_or_default();
         match self.opened(Sealed::Lease, Rejected::Lease, &lease, &holder) {
@@ -165,21 +181,40 @@ impl Fleet {
         }
     }
 
-    /// What this replica writes in a lease it holds: its id, sealed with the lease's name
-    /// when the fleet has a secret.
+    /// What this replica writes in a lease it holds: its id; with a fleet secret, sealed with
+    /// the lease's name and good for the lease's lifetime (each renewal writes a new one, so
+    /// a lease value copied back later is stale).
     fn lease_value(&self, lease: &str) -> Vec<u8> {
         let me = self.inner.replica.clone().into_bytes();
-        self.seal_value(Sealed::Lease, lease, me)
+        let until = unix_ms(SystemTime::now()).saturating_add(LEASE.as_millis() as i64);
+        self.seal_value(Sealed::Lease, lease, me, until)
     }
 
-    /// Runs `script` on the lease of `key` if this replica still holds it.
-    async fn on_own_lease(&self, key: &CacheKey, script: &'static LazyLock<redis::Script>) {
+    /// Renews this replica's lease on `key` if it still holds it as `held`: the value it
+    /// holds it with now.
+    async fn renew(&self, key: &CacheKey, held: Vec<u8>) -> Vec<u8> {
         let name = self.inner.layout.lease(key);
-        let me = self.lease_value(&name);
+        let next = self.lease_value(&name);
         let ms = LEASE.as_millis() as u64;
+        let renewed: Result<i64, Unavailable> = {
+            let (held, next) = (held.clone(), next.clone());
+            self.run_script("lease", &RENEW, |s| {
+                s.key(name).arg(held).arg(ms).arg(next);
+            })
+            .await
+        };
+        match renewed {
+            Ok(1) => next,
+            _ => held,
+        }
+    }
+
+    /// Deletes this replica's lease on `key` if it still holds it as `held`.
+    async fn release(&self, key: &CacheKey, held: Vec<u8>) {
+        let name = self.inner.layout.lease(key);
         let _: Result<i64, Unavailable> = self
-            .run_script("lease", script, |s| {
-                s.key(name).arg(me).arg(ms);
+            .run_script("lease", &RELEASE, |s| {
+                s.key(name).arg(held);
             })
             .await;
     }
@@ -187,8 +222,8 @@ impl Fleet {
 
 /// What taking a lease came to.
 enum Leased {
-    /// This replica holds it now.
-    Taken,
+    /// This replica holds it now, with this value.
+    Taken(Vec<u8>),
     /// Another replica of the fleet holds it.
     Held,
     /// Someone holds it whose value does not hold the fleet's seal.
@@ -201,21 +236,30 @@ enum Leased {
 pub struct Lease {
     fleet: Fleet,
     key: CacheKey,
+    /// What this replica holds the lease with now (renewals change it).
+    held: Arc<Mutex<Vec<u8>>>,
     renewer: tokio::task::JoinHandle<()>,
 }
 
 impl Lease {
-    fn start(fleet: Fleet, key: CacheKey) -> Lease {
+    fn start(fleet: Fleet, key: CacheKey, held: Vec<u8>) -> Lease {
+        let held = Arc::new(Mutex::new(held));
         let renewing = fleet.clone();
+        let renewed = Arc::clone(&held);
         let renewer = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(LEASE / 3).await;
-                renewing.on_own_lease(&key, &RENEW).await;
+                let now = renewed.lock().map(|h| h.clone()).unwrap_or_default();
+                let next = renewing.renew(&key, now).await;
+                if let Ok(mut h) = renewed.lock() {
+                    *h = next;
+                }
             }
         });
         Lease {
             fleet,
             key,
+            held,
             renewer,
         }
     }
@@ -223,7 +267,8 @@ impl Lease {
     /// Ends the lease and tells the waiters on other replicas to look.
     pub async fn finish(self) {
         self.renewer.abort();
-        self.fleet.on_own_lease(&self.key, &RELEASE).await;
+        let held = self.held.lock().map(|h| h.clone()).unwrap_or_default();
+        self.fleet.release(&self.key, held).await;
         self.fleet.publish(Says::Done(self.key));
     }
 }
@@ -231,5 +276,57 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.renewer.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::redis_server::RedisServer;
+    use crate::fleet::seal::{FleetSecret, Seal};
+
+    /// A lease written by a replica of the fleet is held while its time runs; the same value
+    /// copied back later (by whoever saw it in Redis) holds nobody.
+    #[tokio::test]
+    async fn a_lease_copied_back_after_its_time_holds_no_one() {
+        let Some(server) = RedisServer::start() else {
+            return;
+        };
+        let secret = FleetSecret::new("the turns tests' own secret").expect("secret");
+        let settings = super::super::FleetSettings {
+            seal: Some(Seal::new(&secret)),
+            ..Default::default()
+        };
+        let fleet = Fleet::new(&server.url(), settings).expect("fleet");
+        let key = CacheKey::from_hex(&"ab".repeat(32)).expect("key");
+        let name = fleet.inner.layout.lease(&key);
+        let seal = Seal::new(&secret);
+        let mut conn = redis::Client::open(server.url().as_str())
+            .expect("client")
+            .get_connection()
+            .expect("connect");
+        let now = unix_ms(SystemTime::now());
+        for (until, held) in [(now + 10_000, true), (now - 60_000, false)] {
+            let value = seal.seal(Sealed::Lease, &name, b"0123456789abcdef", until);
+            let _: () = redis::cmd("SET")
+                .arg(&name)
+                .arg(value)
+                .arg("PX")
+                .arg(600_000)
+                .query(&mut conn)
+                .expect("set");
+            let leased = fleet.try_lease(&key).await.expect("redis answers");
+            assert_eq!(matches!(leased, Leased::Held), held, "until {until}");
+            assert_eq!(fleet.lease_held(&key).await, Ok(held));
+        }
+        // And a waiter on the stale one calls at once.
+        let partition = Partition::from_bytes([3; 32]);
+        let turn = tokio::time::timeout(
+            Duration::from_secs(5),
+            fleet.take_turn(&key, &partition, Duration::from_secs(600)),
+        )
+        .await
+        .expect("not held");
+        assert!(matches!(turn, Turn::Alone));
     }
 }

@@ -7,13 +7,15 @@
 
 use super::{EntrySummary, ExportedEntry, InspectError, Selection};
 use crate::entry::{StoredAnswer, unix_ms};
-use crate::fleet::{Admin, AdminError, FleetSecret};
+use crate::fleet::{Admin, AdminError, FleetSecret, RedisMode};
 
 /// What the fleet's tier holds.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FleetStats {
     /// The Redis server (without any password).
     pub redis: String,
+    /// Masters read: 1 for a single node, every master of a cluster.
+    pub masters: usize,
     /// Entries stored.
     pub entries: u64,
     /// Bytes of their values in Redis.
@@ -51,9 +53,19 @@ impl FleetInspector {
     /// Connects to the Redis at `url`, with a short timeout. With the fleet's `secret`,
     /// entries not sealed with it are left out (and counted in [`FleetStats::untrusted`]),
     /// and a purge is announced so that replicas holding the secret obey it.
+    /// The node is asked whether it is one of a cluster; then every master is read.
     pub fn open(url: &str, secret: Option<&FleetSecret>) -> Result<FleetInspector, InspectError> {
+        FleetInspector::open_as(url, secret, RedisMode::Auto)
+    }
+
+    /// As [`FleetInspector::open`], with the Redis taken as `mode` says (`--redis-mode`).
+    pub fn open_as(
+        url: &str,
+        secret: Option<&FleetSecret>,
+        mode: RedisMode,
+    ) -> Result<FleetInspector, InspectError> {
         Ok(FleetInspector {
-            admin: Admin::open(url, secret).map_err(failed)?,
+            admin: Admin::open(url, secret, mode).map_err(failed)?,
         })
     }
 
@@ -86,6 +98,7 @@ impl FleetInspector {
         };
         Ok(FleetStats {
             redis: self.admin.server().to_owned(),
+            masters: self.admin.masters(),
             entries: entries.len() as u64,
             value_bytes: entries.iter().map(|(_, b)| b).sum(),
             by_model: group(&|e| e.model.clone().unwrap_or_default()),

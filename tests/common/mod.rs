@@ -16,6 +16,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 mod fake;
+pub mod fleet;
+mod redis_cluster;
 mod redis_server;
 #[allow(unused_imports)] // Each test uses some.
 pub use fake::{
@@ -23,6 +25,8 @@ pub use fake::{
     RetryStyle, StreamEnd, caller_headers, fake_embedding, fake_tokens, stream_events,
 };
 #[allow(unused_imports)] // Only the tests and benches of the fleet start one.
+pub use redis_cluster::RedisCluster;
+#[allow(unused_imports)]
 pub use redis_server::{RedisServer, poll_blocking};
 
 /// Waits until `condition` (an async one) holds, looking every 10 ms; fails the test after

@@ -207,13 +207,14 @@ if stepwise and wleft and wend and limit and limit >= 1 and period >= 1 then
 end
 
 local left = redis.call('GET', KEYS[2])
-local spent = left and tonumber(left) <= 0
+-- A count that is not a number was not written by a replica: read as not spent.
+local spent = left and (tonumber(left) or 1) <= 0
 if interval <= 0 then
   if spent then
     local reset = redis.call('PTTL', KEYS[2])
     if reset > 0 then return {1, reset, shape, changes} end
   end
-  if left then redis.call('DECR', KEYS[2]) end
+  if left and tonumber(left) then redis.call('DECR', KEYS[2]) end
   return {0, 0, shape, changes}
 end
 local tau = interval * (burst - 1)
@@ -234,5 +235,5 @@ if spent then tat = math.max(tat, now + interval + tau) end
 local wait = math.ceil(math.max(tat - tau - now, 0))
 if wait > longest then return {2, wait, shape, changes} end
 redis.call('SET', KEYS[3], tat + interval, 'PX', math.ceil(tat + interval - now) + 1000)
-if left then redis.call('DECR', KEYS[2]) end
+if left and tonumber(left) then redis.call('DECR', KEYS[2]) end
 return {0, wait, shape, changes}
