@@ -1,10 +1,13 @@
-//! Cache-key computation: parse, canonicalize and hash a chat request of 1 KiB and 32 KiB.
+//! Cache-key computation: parse, canonicalize and hash a chat request of 1 KiB, 32 KiB and
+//! 256 KiB; and the same with the digests of the prefixes the provider caches
+//! (`llm_dedup::prefix`), which the engine computes beside the key.
 
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use llm_dedup::Route;
-use llm_dedup::key::{CanonicalBody, CredentialFingerprint, KeyParts, KeyPolicy};
+use llm_dedup::key::{CanonicalBody, CredentialFingerprint, KeyParts, KeyPolicy, Partition};
+use llm_dedup::prefix::Prefixes;
 use serde_json::{Value, json};
 
 /// A chat request of about `size` bytes: a system prompt, then user/assistant turns.
@@ -26,7 +29,22 @@ fn chat_request(size: usize) -> Vec<u8> {
 
 fn key_of(bytes: &[u8], policy: &KeyPolicy) -> llm_dedup::CacheKey {
     let value: Value = serde_json::from_slice(bytes).expect("valid JSON");
-    let body = CanonicalBody::new(Route::ChatCompletions, &value, policy);
+    key_of_value(&value, policy)
+}
+
+/// The key and the prefix digests of one request, from one parse.
+fn key_and_prefixes(
+    bytes: &[u8],
+    policy: &KeyPolicy,
+    partition: &Partition,
+) -> (llm_dedup::CacheKey, Prefixes) {
+    let value: Value = serde_json::from_slice(bytes).expect("valid JSON");
+    let prefixes = Prefixes::of(Route::ChatCompletions, &value, bytes.len(), partition);
+    (key_of_value(&value, policy), prefixes)
+}
+
+fn key_of_value(value: &Value, policy: &KeyPolicy) -> llm_dedup::CacheKey {
+    let body = CanonicalBody::new(Route::ChatCompletions, value, policy);
     KeyParts {
         namespace: "",
         upstream: "https://api.openai.com",
@@ -43,11 +61,17 @@ fn key_of(bytes: &[u8], policy: &KeyPolicy) -> llm_dedup::CacheKey {
 fn bench(c: &mut Criterion) {
     let policy = KeyPolicy::default();
     let mut group = c.benchmark_group("key");
-    for (name, size) in [("1KiB", 1024), ("32KiB", 32 * 1024)] {
+    let partition = Partition::from_bytes([7; 32]);
+    for (name, size) in [("1KiB", 1024), ("32KiB", 32 * 1024), ("256KiB", 256 * 1024)] {
         let request = chat_request(size);
         group.throughput(Throughput::Bytes(request.len() as u64));
         group.bench_function(format!("parse+canonicalize+hash/{name}"), |b| {
             b.iter(|| key_of(black_box(&request), &policy))
+        });
+        // What the engine does for a request seen the first time: the key, and the prefix
+        // digests from the same parsed body.
+        group.bench_function(format!("parse+canonicalize+hash+prefixes/{name}"), |b| {
+            b.iter(|| key_and_prefixes(black_box(&request), &policy, &partition))
         });
         // Baseline in the same run: parsing alone, which any JSON-aware proxy must do.
         group.bench_function(format!("parse-only baseline/{name}"), |b| {

@@ -9,12 +9,13 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderName};
 
-use crate::headers::{NAMESPACE_HEADER, TTL_HEADER};
+use crate::headers::{NAMESPACE_HEADER, PREFIX_HEADER, TTL_HEADER};
 
 // Comparing with a `HeaderName` skips parsing the name on every request; a `static` (not a
 // `const`) is not built and dropped on every use.
 static TTL: HeaderName = HeaderName::from_static(TTL_HEADER);
 static NAMESPACE: HeaderName = HeaderName::from_static(NAMESPACE_HEADER);
+static PREFIX: HeaderName = HeaderName::from_static(PREFIX_HEADER);
 
 /// Longest namespace accepted.
 const MAX_NAMESPACE_LEN: usize = 128;
@@ -50,6 +51,8 @@ pub struct CacheControls {
     pub ttl: Option<Duration>,
     /// `llm-dedup-namespace`: a separate key space; empty when not given.
     pub namespace: String,
+    /// `llm-dedup-prefix: off`: never held while another request writes a prefix it shares.
+    pub no_prefix_hold: bool,
 }
 
 impl CacheControls {
@@ -73,6 +76,14 @@ impl CacheControls {
             }
             if *name == NAMESPACE {
                 namespace = namespace.or(Some(value));
+                continue;
+            }
+            if *name == PREFIX {
+                c.no_prefix_hold = match value.to_str().map(|v| v.trim().to_ascii_lowercase()) {
+                    Ok(v) if v == "off" => true,
+                    Ok(v) if v == "on" => false,
+                    _ => return Err(format!("{PREFIX_HEADER} must be on or off")),
+                };
                 continue;
             }
             if *name != http::header::CACHE_CONTROL {

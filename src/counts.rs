@@ -92,10 +92,21 @@ counters! {
     /// Embedding inputs that did not go upstream: cached, shared with an identical input in
     /// flight, or repeated within their request.
     inputs_saved,
+    /// Prompt tokens of upstream calls the provider read from its own prompt cache.
+    provider_cache_read_tokens,
+    /// Prompt tokens of upstream calls the provider wrote to its own prompt cache.
+    provider_cache_write_tokens,
+    /// What the provider's own cache saved on those calls against the plain input price, in
+    /// nanodollars (writes cost more than plain input: below zero when they outweigh reads).
+    provider_cache_saved_nanodollars,
+    /// Upstream calls that waited while another request wrote a prefix they share.
+    prefix_holds,
+    /// Milliseconds they waited, in all.
+    prefix_held_ms,
 }
 
 /// How many counters there are.
-pub const COUNTERS: usize = 14;
+pub const COUNTERS: usize = 19;
 
 #[cfg(test)]
 mod tests {

@@ -27,6 +27,12 @@ pub const SAVED_HEADER: HeaderName = HeaderName::from_static("llm-dedup-saved-us
 pub const TTL_HEADER: &str = "llm-dedup-ttl";
 /// Request header that selects a separate key space.
 pub const NAMESPACE_HEADER: &str = "llm-dedup-namespace";
+/// Request header that turns prefix holds off (`off`) or on (`on`, the default) for one
+/// request.
+pub const PREFIX_HEADER: &str = "llm-dedup-prefix";
+/// Response header: how long the request waited while another wrote a prefix it shares, in
+/// milliseconds.
+pub const PREFIX_WAIT_HEADER: HeaderName = HeaderName::from_static("llm-dedup-prefix-wait");
 
 /// Tells the official SDKs whether to retry an answer (`true` / `false`).
 pub const SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");

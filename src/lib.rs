@@ -75,6 +75,7 @@ mod fuzzing;
 pub mod headers;
 mod inflight;
 pub mod key;
+pub mod prefix;
 pub mod prices;
 mod route;
 mod series;
@@ -106,7 +107,7 @@ pub use answer::{Answer, AnswerBody, CacheStatus, Refusal};
 pub use controls::MAX_TTL;
 pub use counts::Counts;
 pub use embeddings::EmbedSettings;
-pub use engine::{DEFAULT_VERIFY_WINDOW, Dedup, DedupBuilder, LiveFigures};
+pub use engine::{DEFAULT_PREFIX_WAIT, DEFAULT_VERIFY_WINDOW, Dedup, DedupBuilder, LiveFigures};
 pub use error::{Error, ErrorKind, Origin};
 pub use fleet::{FleetSecret, Layout as FleetLayout, RedisMode, advertised_url, redis_address};
 pub use governor::{GovernorSettings, MAX_SETTING_WAIT};
@@ -129,8 +130,8 @@ mod architecture {
 
     /// The leaf modules: what everything uses, importing nothing above.
     const LEAVES: &[&str] = &[
-        "answer", "counts", "error", "fuzzing", "headers", "inflight", "key", "prices", "route",
-        "series", "sse", "throttle", "usage",
+        "answer", "counts", "error", "fuzzing", "headers", "inflight", "key", "prefix", "prices",
+        "route", "series", "sse", "throttle", "usage",
     ];
 
     /// The faces over the engine: it imports none of them.

@@ -145,6 +145,10 @@ pub(crate) struct Metrics {
     pub(crate) edge: EdgeFigures,
     retries: Counter,
     queue_wait: Histogram,
+    prefix_hold: Histogram,
+    provider_cache_read: Counter,
+    provider_cache_write: Counter,
+    provider_cache_saved: Family<ModelLabels, Gauge<f64, AtomicU64>>,
     /// The histogram's count and sum, kept again for the live page (the histogram's own are
     /// not readable): requests that waited for budget (a millisecond or more), and
     /// microseconds waited in all.
@@ -292,6 +296,35 @@ impl Metrics {
             "Time requests waited for upstream budget (governor)",
             queue_wait.clone(),
         );
+        let prefix_hold = Histogram::new([0.01, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0]);
+        registry.register(
+            "prefix_hold_seconds",
+            "Time upstream calls waited while another request wrote a prompt prefix they share \
+             in the provider's cache (--prefix-wait)",
+            prefix_hold.clone(),
+        );
+        let provider_cache = Family::<TokenLabels, Counter>::default();
+        registry.register(
+            "provider_cache_tokens",
+            "Prompt tokens of upstream calls the provider read from its own prompt cache, or \
+             wrote to it (kind: read, write), as its answers report them",
+            provider_cache.clone(),
+        );
+        let provider_cache_saved = Family::<ModelLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "provider_cache_saved_usd",
+            "What the provider's own prompt cache saved on upstream calls against the plain \
+             input price, in US dollars, by the model they are priced as (writes cost more than \
+             plain input, so this can fall)",
+            provider_cache_saved.clone(),
+        );
+        // Each in a statement of its own: the family's read guard lives to the end of one.
+        let provider_cache_read = provider_cache
+            .get_or_create(&TokenLabels { kind: "read" })
+            .clone();
+        let provider_cache_write = provider_cache
+            .get_or_create(&TokenLabels { kind: "write" })
+            .clone();
         let saved_prompt = tokens_saved
             .get_or_create(&TokenLabels { kind: "prompt" })
             .clone();
@@ -308,6 +341,10 @@ impl Metrics {
             absorbed_429,
             retries,
             queue_wait,
+            prefix_hold,
+            provider_cache_read,
+            provider_cache_write,
+            provider_cache_saved,
             waits: AtomicU64::new(0),
             waited_us: AtomicU64::new(0),
             registry,
@@ -381,6 +418,25 @@ impl Metrics {
             self.waits.fetch_add(1, Ordering::Relaxed);
             let us = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
             self.waited_us.fetch_add(us, Ordering::Relaxed);
+        }
+    }
+
+    /// Records how long an upstream call waited while another request wrote a prefix.
+    pub(crate) fn prefix_held(&self, held: std::time::Duration) {
+        self.prefix_hold.observe(held.as_secs_f64());
+    }
+
+    /// Counts what the provider's own prompt cache did for one upstream call: tokens read
+    /// and written, and what it saved for the model priced as `saved.0` (nanodollars).
+    pub(crate) fn provider_cache(&self, read: u64, written: u64, saved: Option<(&str, i64)>) {
+        self.provider_cache_read.inc_by(read);
+        self.provider_cache_write.inc_by(written);
+        if let Some((model, nanos)) = saved {
+            self.provider_cache_saved
+                .get_or_create(&ModelLabels {
+                    model: model.to_owned(),
+                })
+                .inc_by(nanos as f64 / 1e9);
         }
     }
 

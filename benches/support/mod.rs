@@ -14,8 +14,9 @@ use tokio::net::TcpStream;
 mod redis_cluster;
 #[path = "../../tests/common/redis_server.rs"]
 mod redis_server;
-#[allow(unused_imports)] // Only the tests and benches of the fleet start one.
+#[allow(unused_imports)] // Only the fleet's bench starts one.
 pub use redis_cluster::RedisCluster;
+#[allow(unused_imports)] // Only the benches of the fleet start one.
 pub use redis_server::RedisServer;
 
 use axum::Router;

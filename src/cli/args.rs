@@ -279,6 +279,12 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "LLM_DEDUP_VERIFY_WINDOW", default_value = "10m", value_parser = parse_wait)]
     pub(crate) verify_window: Duration,
 
+    /// The longest an upstream call waits while another request in flight writes a long prompt
+    /// prefix it shares in the provider's cache, so that it reads the prefix instead of paying
+    /// to write it again (0 turns it off; at most 1m)
+    #[arg(long, env = "LLM_DEDUP_PREFIX_WAIT", default_value = "2s", value_parser = parse_prefix_wait)]
+    pub(crate) prefix_wait: Duration,
+
     /// Share answers, in-flight requests and purges with the other replicas through this
     /// Redis or Valkey (redis://HOST:PORT, rediss:// for TLS) [default: no sharing]
     #[arg(long, env = "LLM_DEDUP_REDIS", value_name = "URL", value_parser = parse_redis_url)]
@@ -511,6 +517,11 @@ fn parse_key_header(s: &str) -> Result<String, String> {
 fn parse_credential_header(s: &str) -> Result<String, String> {
     llm_dedup::CredentialHeaders::with_extra([s])?;
     Ok(s.trim().to_ascii_lowercase())
+}
+
+/// A prefix wait: zero (off) up to a minute.
+fn parse_prefix_wait(s: &str) -> Result<Duration, String> {
+    at_most(parse_duration(s)?, Duration::from_secs(60), "1m")
 }
 
 /// A merging window: zero (off) up to one second.

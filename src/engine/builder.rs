@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use tokio_util::task::TaskTracker;
 
-use super::{DEFAULT_VERIFY_WINDOW, Dedup, Engine, KnownKeys, Verified, embed};
+use super::{
+    DEFAULT_PREFIX_WAIT, DEFAULT_VERIFY_WINDOW, Dedup, Engine, KnownKeys, Verified, embed,
+};
 use crate::embeddings::EmbedSettings;
 use crate::error::{Error, ErrorKind};
 use crate::fleet::{Event, Fleet, FleetSecret, FleetSettings, RedisMode, Seal};
@@ -42,6 +44,7 @@ pub struct DedupBuilder {
     advertise: Option<String>,
     fleet_secret: Option<FleetSecret>,
     redis_mode: RedisMode,
+    prefix_wait: Duration,
     prices: PriceTable,
 }
 
@@ -67,6 +70,7 @@ impl Default for DedupBuilder {
             advertise: None,
             fleet_secret: None,
             redis_mode: RedisMode::Auto,
+            prefix_wait: DEFAULT_PREFIX_WAIT,
             prices: PriceTable::built_in(),
         }
     }
@@ -124,6 +128,15 @@ impl DedupBuilder {
     /// default, [`DEFAULT_VERIFY_WINDOW`] (10 minutes).
     pub fn verify_window(mut self, window: Duration) -> Self {
         self.verify_window = window;
+        self
+    }
+
+    /// The longest an upstream call waits while another request in flight writes a prompt
+    /// prefix it shares in the provider's cache (until that request's answer starts, or it
+    /// fails): see README, "Prefixes the provider caches". Zero turns the waits off. By
+    /// default, [`DEFAULT_PREFIX_WAIT`] (2 seconds).
+    pub fn prefix_wait(mut self, wait: Duration) -> Self {
+        self.prefix_wait = wait;
         self
     }
 
@@ -338,6 +351,8 @@ impl DedupBuilder {
                 stream_bytes: Default::default(),
                 prices: self.prices,
                 series: Default::default(),
+                prefixes: Default::default(),
+                prefix_wait: self.prefix_wait,
                 #[cfg(test)]
                 faults: Default::default(),
             }),

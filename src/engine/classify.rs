@@ -18,6 +18,7 @@ use crate::controls::CacheControls;
 use crate::embeddings::{self, InputKind};
 use crate::error::{Error, ErrorKind};
 use crate::key::Partition;
+use crate::prefix::Prefixes;
 use crate::route::{self, BypassReason, Route};
 use crate::upstream;
 
@@ -51,6 +52,8 @@ pub(super) struct Outbound {
     pub partition: Partition,
     /// Tokens the provider will charge up front, roughly. Known once the request is keyed.
     pub estimate: u32,
+    /// The prefixes the provider caches of it. Known once the request is keyed.
+    pub prefixes: Prefixes,
 }
 
 impl Outbound {
@@ -67,6 +70,7 @@ impl Outbound {
             body,
             partition: Partition::from_bytes([0; 32]),
             estimate: 0,
+            prefixes: Prefixes::default(),
         }
     }
 }

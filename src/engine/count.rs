@@ -55,6 +55,50 @@ impl Engine {
         self.persist_counts(route, model, &counts);
     }
 
+    /// Counts what the provider's own prompt cache did for the answer to an upstream call on
+    /// `route` for `model`: tokens read from it and written to it, and what that saved against
+    /// the plain input price (beside what llm-dedup's own cache saved, never mixed with it).
+    pub(super) fn provider_cache(&self, route: Route, model: Option<&str>, usage: &Usage) {
+        let (read, written) = (
+            usage.cached_tokens.unwrap_or(0),
+            usage.cache_write_tokens.unwrap_or(0),
+        );
+        if read == 0 && written == 0 {
+            return;
+        }
+        let plain = Usage {
+            cached_tokens: None,
+            cache_write_tokens: None,
+            ..*usage
+        };
+        let saved = model.and_then(|model| {
+            let (name, paid) = self.prices.cost(model, usage)?;
+            let (_, full) = self.prices.cost(model, &plain)?;
+            let saved = i128::from(full.nanos()) - i128::from(paid.nanos());
+            Some((name, i64::try_from(saved).unwrap_or(0)))
+        });
+        self.metrics.provider_cache(read, written, saved);
+        let tokens = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let counts = Counts {
+            provider_cache_read_tokens: tokens(read),
+            provider_cache_write_tokens: tokens(written),
+            provider_cache_saved_nanodollars: saved.map_or(0, |(_, nanos)| nanos),
+            ..Counts::default()
+        };
+        self.persist_counts(route.as_str(), model, &counts);
+    }
+
+    /// Counts an upstream call held `held` while another request wrote a prefix it shares.
+    pub(super) fn prefix_held(&self, route: Route, model: Option<&str>, held: std::time::Duration) {
+        self.metrics.prefix_held(held);
+        let counts = Counts {
+            prefix_holds: 1,
+            prefix_held_ms: i64::try_from(held.as_millis()).unwrap_or(i64::MAX),
+            ..Counts::default()
+        };
+        self.persist_counts(route.as_str(), model, &counts);
+    }
+
     /// Counts a refusal that will be waited out and retried.
     pub(super) fn refusal_absorbed(
         &self,

@@ -18,6 +18,7 @@ use crate::answer::{Answer, CacheStatus, Refusal};
 use crate::controls::CacheControls;
 use crate::entry::{EntryMeta, StoredAnswer};
 use crate::error::{Error, ErrorKind};
+use crate::headers::PREFIX_WAIT_HEADER;
 use crate::inflight::{Flight, InFlight, Role};
 use crate::key::{CacheKey, Partition};
 use crate::live::LiveStream;
@@ -54,6 +55,8 @@ impl FlightOutcome {
 pub(super) struct Led {
     pub by: Partition,
     pub outcome: FlightOutcome,
+    /// How long the leader's call waited while another request wrote a prefix it shares.
+    pub held: std::time::Duration,
 }
 
 /// Whether a fetch may take the answer of another replica's call.
@@ -122,6 +125,8 @@ impl Engine {
                         flight,
                         fresh: Fresh::Shared,
                         max_age: controls.max_age,
+                        hold_prefix: !controls.no_prefix_hold,
+                        held: Default::default(),
                     };
                     (leader.spawn(), CacheStatus::Miss)
                 }
@@ -152,7 +157,8 @@ impl Engine {
                     return self.refresh(out, meta, Fresh::Own).await;
                 }
             }
-            return self.render(led.outcome, role, &meta, own);
+            let held = led.held;
+            return said_held(self.render(led.outcome, role, &meta, own), held);
         }
     }
 
@@ -176,7 +182,13 @@ impl Engine {
             FlightOutcome::Refused(_) | FlightOutcome::Failed(_) => false,
         };
         let own = led.by == out.partition;
-        usable.then(|| self.render(led.outcome, CacheStatus::Coalesced, meta, own))
+        let held = led.held;
+        usable.then(|| {
+            said_held(
+                self.render(led.outcome, CacheStatus::Coalesced, meta, own),
+                held,
+            )
+        })
     }
 
     /// Fetches a fresh answer outside the in-flight table and stores it (`fresh` is `Own` or
@@ -195,10 +207,30 @@ impl Engine {
             meta: meta.clone(),
             fresh,
             max_age: None,
+            hold_prefix: true,
+            held: Default::default(),
         };
         let led = leader.spawn().wait().await.map_err(|_| abandoned())?;
-        self.render(led.outcome, CacheStatus::Miss, &meta, true)
+        let held = led.held;
+        said_held(
+            self.render(led.outcome, CacheStatus::Miss, &meta, true),
+            held,
+        )
     }
+}
+
+/// `answer`, saying in `llm-dedup-prefix-wait` how long its call waited while another request
+/// wrote a prefix it shares, if it did.
+fn said_held(answer: Result<Answer, Error>, held: std::time::Duration) -> Result<Answer, Error> {
+    answer.map(|mut answer| {
+        if !held.is_zero() {
+            answer.headers.insert(
+                PREFIX_WAIT_HEADER,
+                http::HeaderValue::from(held.as_millis() as u64),
+            );
+        }
+        answer
+    })
 }
 
 /// One request waiting on a flight, counted in the engine's gauge while it waits (and no

@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 
-use super::flight::{FlightOutcome, Led};
+use super::flight::FlightOutcome;
 use super::leader::Leader;
 use super::stream::StreamBound;
 use crate::error::{Error, ErrorKind};
@@ -22,10 +22,8 @@ impl Leader {
             std::mem::take(&mut followed.headers),
             self.engine.stream_bytes.clone(),
         );
-        self.flight.publish(Led {
-            by: self.out.partition,
-            outcome: FlightOutcome::Live(live.clone()),
-        });
+        self.flight
+            .publish(self.led(FlightOutcome::Live(live.clone())));
         let mut passed = Passed::new(self, &live);
         // The replica receiving the stream ends it after this much silence from the upstream;
         // a relay silent longer (its leader hangs, or the records are not the fleet's) is

@@ -23,6 +23,7 @@ use crate::key::{
     self, CacheKey, CanonicalBody, CredentialFingerprint, KeyParts, Partition, Traits,
 };
 use crate::memory::ExactRequest;
+use crate::prefix::Prefixes;
 use crate::route::{self, Route};
 
 /// What the engine knows about a cacheable request once it is keyed.
@@ -37,6 +38,8 @@ pub(super) struct Keyed {
     /// Its answer follows state the provider can change ([`Traits::mutable`]): cached only
     /// when the caller asks for a lifetime.
     pub mutable: bool,
+    /// The prefixes the provider caches of it (`crate::prefix`).
+    pub prefixes: Prefixes,
 }
 
 impl Keyed {
@@ -72,7 +75,10 @@ impl KnownKeys {
                 .max_capacity(max_bytes)
                 .weigher(|_, keyed: &Arc<Keyed>| {
                     let model = keyed.model.as_ref().map_or(0, String::len);
-                    KNOWN_KEY_BYTES.saturating_add(u32::try_from(model).unwrap_or(u32::MAX))
+                    // Each prefix digest with its lifetime, and its slice's share.
+                    let prefixes = keyed.prefixes.len() * 48;
+                    KNOWN_KEY_BYTES
+                        .saturating_add(u32::try_from(model + prefixes).unwrap_or(u32::MAX))
                 })
                 .build(),
         )
@@ -219,6 +225,7 @@ impl Engine {
             estimate: governor::estimate_tokens(out.body.len(), body),
             partition: out.partition,
             mutable: traits.mutable,
+            prefixes: Prefixes::of(route, body, out.body.len(), &out.partition),
         });
         self.known_keys.remember(exact, keyed.clone());
         keyed

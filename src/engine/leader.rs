@@ -15,6 +15,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,6 +27,7 @@ use super::Engine;
 use super::classify::Outbound;
 use super::flight::{FlightOutcome, Fresh, LeadFlight, Led, is_event_stream};
 use super::govern::Upstreamed;
+use super::prefixes::{Hold, Writer};
 use crate::answer::Refusal;
 use crate::entry::{Billing, EntryMeta, StoredAnswer};
 use crate::error::{Error, ErrorKind};
@@ -51,6 +53,10 @@ pub(super) struct Leader {
     pub(super) fresh: Fresh,
     /// The oldest stored answer the request accepts (`max-age`).
     pub(super) max_age: Option<Duration>,
+    /// Whether the call may wait while another writes a prefix it shares (`prefixes.rs`).
+    pub(super) hold_prefix: bool,
+    /// How long it waited for that, in milliseconds (said in `llm-dedup-prefix-wait`).
+    pub(super) held: AtomicU64,
 }
 
 /// Where a leader stands after taking its turn with the fleet.
@@ -64,6 +70,15 @@ enum Leading {
 }
 
 impl Leader {
+    /// The flight's outcome as its waiters get it.
+    pub(super) fn led(&self, outcome: FlightOutcome) -> Led {
+        Led {
+            by: self.out.partition,
+            outcome,
+            held: Duration::from_millis(self.held.load(Ordering::Relaxed)),
+        }
+    }
+
     /// Runs the flight in a task of its own (tracked for `close`), so that the request that
     /// started it can go away without cancelling what others wait on; returns the waiter of
     /// its outcome.
@@ -72,8 +87,8 @@ impl Leader {
         let tasks = self.engine.tasks.clone();
         tasks.spawn(async move {
             let outcome = self.guarded().await;
-            let by = self.out.partition;
-            self.flight.complete(Led { by, outcome });
+            let led = self.led(outcome);
+            self.flight.complete(led);
         });
         waiter
     }
@@ -203,6 +218,9 @@ impl Leader {
     /// whole answer is stored if it is a complete 2xx JSON document.
     async fn call(&self, relaying: Option<&Fleet>) -> FlightOutcome {
         let engine = &self.engine;
+        // Another request writing a prefix this one shares is waited for first (and a
+        // request writing one is told when its answer starts).
+        let writer = self.hold_for_prefix().await;
         let response = match engine.send_governed(&self.out, &self.meta).await {
             Ok(Upstreamed::Success(r)) => r,
             Ok(Upstreamed::Refused(refusal)) => {
@@ -217,17 +235,15 @@ impl Leader {
         let headers = upstream::response_headers(response.headers());
         if status.is_success() && is_event_stream(&headers) {
             let live = LiveStream::new(status, headers, engine.stream_bytes.clone());
-            self.flight.publish(Led {
-                by: self.out.partition,
-                outcome: FlightOutcome::Live(live.clone()),
-            });
+            self.flight
+                .publish(self.led(FlightOutcome::Live(live.clone())));
             // Shared live with the followers on other replicas, too.
             let relay: Option<Relay> = relaying.map(|fleet| {
                 fleet
                     .relay(&self.meta.key, status, &live.headers)
                     .bounded(engine.max_stream_bytes)
             });
-            self.pump(response, &live, relay).await;
+            self.pump(response, &live, relay, writer).await;
             return FlightOutcome::Live(live);
         }
         // Read within the bound of what may be stored: a larger answer is passed on to its
@@ -248,7 +264,49 @@ impl Leader {
             }
             Err(e) => return FlightOutcome::Failed(e),
         };
+        if status.is_success() {
+            self.prefixes_written(writer);
+        }
         self.store_whole(status, headers, body).await
+    }
+
+    /// Waits, if another request is writing the longest prefix this one shares with it, for
+    /// that request's first byte, its failure, or `--prefix-wait`; then this one goes,
+    /// writing what longer prefixes it has that are still cold (the `Writer` returned).
+    async fn hold_for_prefix(&self) -> Option<Writer> {
+        let engine = &self.engine;
+        if !self.hold_prefix || engine.prefix_wait.is_zero() {
+            return None;
+        }
+        let prefixes = &self.out.prefixes;
+        match engine.prefixes.begin(prefixes, true) {
+            Hold::Go => None,
+            Hold::Write(writer) => Some(writer),
+            Hold::Follow(mut written) => {
+                let started = tokio::time::Instant::now();
+                let _ =
+                    tokio::time::timeout(engine.prefix_wait, written.wait_for(|done| *done)).await;
+                let held = started.elapsed();
+                self.held.store(
+                    u64::try_from(held.as_millis()).unwrap_or(u64::MAX),
+                    Ordering::Relaxed,
+                );
+                engine.prefix_held(self.meta.route, self.meta.model.as_deref(), held);
+                match engine.prefixes.begin(prefixes, false) {
+                    Hold::Write(writer) => Some(writer),
+                    _ => None,
+                }
+            }
+        }
+    }
+
+    /// The answer started: this request's prefixes are in the provider's cache now, and
+    /// whoever waits for them goes.
+    pub(super) fn prefixes_written(&self, writer: Option<Writer>) {
+        self.engine.prefixes.warm(&self.out.prefixes);
+        if let Some(writer) = writer {
+            writer.written();
+        }
     }
 
     /// Stores a whole answer if it is a complete 2xx JSON document; anything else is passed
@@ -279,6 +337,8 @@ impl Leader {
             }));
         };
         let billing = Billing::of_answer(&answer);
+        let model = billing.model.as_deref().or(self.meta.model.as_deref());
+        engine.provider_cache(self.meta.route, model, &billing.usage);
         let tokens = billing.usage.total_tokens;
         // A copy: `body` is a slice of the buffer the answer was read into.
         let exact = Bytes::copy_from_slice(&body);
@@ -311,10 +371,7 @@ impl Leader {
         let live = LiveStream::new(status, headers, engine.stream_bytes.clone());
         live.push(head);
         let waiting = flight.waiting();
-        flight.publish(Led {
-            by: self.out.partition,
-            outcome: FlightOutcome::Live(live.clone()),
-        });
+        flight.publish(self.led(FlightOutcome::Live(live.clone())));
         flight.leave();
         // Those waiting subscribe as they take it: until they have (or a moment has passed),
         // nothing is read on, so nothing is dropped before them.

@@ -52,6 +52,7 @@ mod keying;
 mod leader;
 mod lookup;
 mod peer;
+pub(crate) mod prefixes;
 mod render;
 mod stream;
 #[cfg(test)]
@@ -69,6 +70,7 @@ use tokio_util::task::TaskTracker;
 pub use builder::DedupBuilder;
 pub use figures::LiveFigures;
 pub(crate) use peer::PeerRefused;
+pub use prefixes::DEFAULT_PREFIX_WAIT;
 pub use verified::DEFAULT_VERIFY_WINDOW;
 
 use crate::answer::{Answer, CacheStatus};
@@ -152,6 +154,11 @@ struct Engine {
     prices: PriceTable,
     /// Requests per minute by outcome, for the live page.
     series: Series,
+    /// The prefixes requests write in the provider's cache, and those written.
+    prefixes: prefixes::PrefixTable,
+    /// The longest a request waits while another writes a prefix it shares (`--prefix-wait`;
+    /// zero: never).
+    prefix_wait: std::time::Duration,
     /// Failures injected by tests.
     #[cfg(test)]
     faults: tests::Faults,
@@ -386,6 +393,7 @@ impl Engine {
         };
         out.partition = keyed.partition;
         out.estimate = keyed.estimate;
+        out.prefixes = keyed.prefixes.clone();
         // An answer that follows state the provider can change is cached only when the
         // caller asked for a lifetime.
         if keyed.mutable && !controls.asks_lifetime() {

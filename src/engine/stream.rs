@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use super::leader::Leader;
+use super::prefixes::Writer;
 use crate::entry::{Billing, StoredAnswer};
 use crate::fleet::{Ending, Relay};
 use crate::live::LiveStream;
@@ -67,8 +68,10 @@ impl Leader {
         mut response: reqwest::Response,
         live: &LiveStream,
         mut relay: Option<Relay>,
+        mut writer: Option<Writer>,
     ) {
         let (engine, meta, out) = (&self.engine, &self.meta, &self.out);
+        let mut first = true;
         let mut split = EventSplitter::bounded(engine.max_stream_bytes);
         let mut completion = Completion::new(meta.route);
         let mut bound = StreamBound::new(engine.max_stream_bytes);
@@ -80,6 +83,10 @@ impl Leader {
             }
             match engine.upstream.next_chunk(&mut response).await {
                 Ok(Some(chunk)) => {
+                    if std::mem::take(&mut first) {
+                        // The answer started: the prompt's prefixes are readable now.
+                        self.prefixes_written(writer.take());
+                    }
                     let mut grew = false;
                     for event in split.push(&chunk) {
                         // Past the bound, bytes rather than events: never stored, so not read.
@@ -120,6 +127,9 @@ impl Leader {
             live.push(rest);
         }
         let verdict = completion.verdict();
+        let billing = Billing::of_stream(&completion);
+        let model = billing.model.as_deref().or(meta.model.as_deref());
+        engine.provider_cache(meta.route, model, &billing.usage);
         engine.governor.settle(
             &out.partition,
             out.estimate,
@@ -127,7 +137,6 @@ impl Leader {
         );
         let complete = result.is_ok() && verdict == Verdict::Complete;
         if complete && !bound.outgrown() {
-            let billing = Billing::of_stream(&completion);
             let entry = StoredAnswer::new(meta, live.status, &live.headers, live.body(), billing);
             // Before the stream is finished and the flight ends: later requests find it.
             engine.store(Arc::new(entry)).await;

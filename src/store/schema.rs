@@ -21,6 +21,7 @@ fn migrations() -> Migrations<'static> {
         M::up(include_str!("../../migrations/0003_embedding_inputs.sql")),
         M::up(include_str!("../../migrations/0004_saved_money.sql")),
         M::up(include_str!("../../migrations/0005_purges.sql")),
+        M::up(include_str!("../../migrations/0006_provider_cache.sql")),
     ])
 }
 

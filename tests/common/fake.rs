@@ -73,6 +73,12 @@ pub struct Behaviour {
     pub padding_bytes: usize,
     /// Streams go silent after their first event and stay open, never sending another byte.
     pub silent_streams: bool,
+    /// Simulates the provider's own prompt cache on chat completions, as OpenAI's works: the
+    /// first message (a system prompt) of 1,024 tokens or more (four bytes a token) is a
+    /// prefix of its caller's organization (`Authorization`), readable once the first byte of
+    /// an answer that wrote it is out; reading it is counted in `cached_tokens` (in 128-token
+    /// steps). Prefill takes this long per 1,000 prompt tokens, a tenth of it for cached ones.
+    pub prefill_per_ktok: Option<Duration>,
 }
 
 /// How the fake ends its streams.
@@ -124,6 +130,12 @@ pub struct FakeState {
     pub embed_inputs: AtomicUsize,
     /// The rate limiter's bucket: (tokens, last refill).
     limiter: Mutex<Option<(f64, std::time::Instant)>>,
+    /// With [`Behaviour::prefill_per_ktok`]: the prefixes readable from the simulated prompt
+    /// cache, by organization and prefix digest; and the prompt tokens of the calls so far,
+    /// and of those the ones read from it.
+    readable: Mutex<std::collections::HashSet<(String, [u8; 32])>>,
+    pub prompt_tokens: AtomicUsize,
+    pub cached_tokens: AtomicUsize,
     /// The rate limiter's window: (used in it, its number in seconds since the epoch).
     window: Mutex<Option<(f64, f64)>>,
 }
@@ -389,6 +401,7 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
             .into_response();
     }
 
+    let cached = prefill(&state, &key, &body, &request, &parts.uri).await;
     let reported = state.now(|b| b.reported_model.clone());
     let model = reported.unwrap_or_else(|| {
         request
@@ -471,6 +484,9 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
     let padding = state.now(|b| b.padding_bytes);
     if padding > 0 && body.get("choices").is_some() {
         body["padding"] = Value::String("p".repeat(padding));
+    }
+    if state.now(|b| b.prefill_per_ktok.is_some()) && body.get("usage").is_some() {
+        body["usage"]["prompt_tokens_details"] = json!({"cached_tokens": cached});
     }
     if let Some(usage) = state.now(|b| b.usage.clone()) {
         if body.get("usage").is_some() {
@@ -566,6 +582,44 @@ fn invalid(status: StatusCode, message: &str, code: Value) -> Response {
 }
 
 /// Answers an embeddings request as OpenAI does: one embedding per input at its `index`,
+/// The simulated prompt cache ([`Behaviour::prefill_per_ktok`]): waits out the prefill of a
+/// chat request by organization `key`, then makes its prefix readable (its first byte is about
+/// to go out) and gives the tokens read from the cache.
+async fn prefill(
+    state: &FakeState,
+    key: &str,
+    body: &[u8],
+    request: &Value,
+    uri: &axum::http::Uri,
+) -> usize {
+    let Some(per_ktok) = state.now(|b| b.prefill_per_ktok) else {
+        return 0;
+    };
+    if !uri.path().ends_with("/chat/completions") {
+        return 0;
+    }
+    let prompt = body.len() / 4;
+    let system = request
+        .pointer("/messages/0")
+        .map(Value::to_string)
+        .unwrap_or_default();
+    let prefix_tokens = system.len() / 4;
+    let cacheable = prefix_tokens >= 1024;
+    let digest = *blake3::hash(system.as_bytes()).as_bytes();
+    let entry = (key.to_owned(), digest);
+    let hit = cacheable && state.readable.lock().expect("lock").contains(&entry);
+    let cached = if hit { prefix_tokens / 128 * 128 } else { 0 };
+    let work = per_ktok.mul_f64((prompt - cached) as f64 / 1000.0)
+        + per_ktok.mul_f64(cached as f64 / 10_000.0);
+    tokio::time::sleep(work).await;
+    if cacheable {
+        state.readable.lock().expect("lock").insert(entry);
+    }
+    state.prompt_tokens.fetch_add(prompt, Ordering::SeqCst);
+    state.cached_tokens.fetch_add(cached, Ordering::SeqCst);
+    cached
+}
+
 /// `usage` summing the inputs' tokens, and its errors for inputs it does not accept.
 fn embeddings(
     state: &FakeState,

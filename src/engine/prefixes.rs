@@ -1,0 +1,248 @@
+//! Holding a request while a prefix it shares is being written (in phase 5, before a leader's
+//! call; see `crate::prefix` for what a prefix is).
+//!
+//! The table knows, per prefix digest, whether a request in flight is writing it (sent
+//! upstream, no byte of its answer yet) or whether it is warm (some request sharing it got its
+//! answer within the provider's lifetime). A request about to go upstream looks up its
+//! prefixes, longest first:
+//!
+//! - the longest one known is **warm**: it goes at once (a warm prefix is never held);
+//! - the longest one known is being **written** by another: it waits for that request's
+//!   first byte (streamed) or answer, its failure, or `--prefix-wait`, whichever comes first,
+//!   then goes as it came (writing whatever longer prefixes it has that are still cold);
+//! - none is known: it goes, and is the writer of its prefixes.
+//!
+//! Bounded: at most [`MAX_PREFIXES`] digests; past that, expired ones are swept, and if none
+//! expired, new prefixes are not tracked (their requests go at once).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::prefix::{PrefixDigest, Prefixes};
+
+/// How long a call waits by default while another writes a prefix it shares: about what a
+/// provider takes to prefill a long prompt, so a hold rarely runs out before the writer's
+/// first byte, and never costs more than that.
+pub const DEFAULT_PREFIX_WAIT: Duration = Duration::from_secs(2);
+
+/// The most prefix digests tracked at once (about 100 bytes each).
+pub(super) const MAX_PREFIXES: usize = 100_000;
+
+enum State {
+    /// A request in flight is writing it; the sender says `true` once it is done (written or
+    /// failed).
+    Writing(Arc<watch::Sender<bool>>),
+    /// Readable from the provider's cache until then.
+    Warm(Instant),
+}
+
+/// The prefixes written and being written, by digest.
+#[derive(Default)]
+pub(super) struct PrefixTable {
+    states: Arc<Mutex<HashMap<PrefixDigest, State>>>,
+}
+
+/// What a request about to go upstream does about its prefixes.
+pub(super) enum Hold {
+    /// Go now (nothing to write, the longest prefix is warm, or none is tracked).
+    Go,
+    /// Go now, writing these prefixes: others sharing them wait for this one.
+    Write(Writer),
+    /// Another request is writing the longest prefix this one shares: wait for it.
+    Follow(watch::Receiver<bool>),
+}
+
+/// A request writing prefixes: once its answer starts, [`Writer::written`]; dropped before
+/// that (the call failed), the prefixes are cold again and those waiting go.
+pub(super) struct Writer {
+    states: Arc<Mutex<HashMap<PrefixDigest, State>>>,
+    writing: Vec<(PrefixDigest, Duration)>,
+    done: Arc<watch::Sender<bool>>,
+}
+
+impl PrefixTable {
+    /// What a request with `prefixes` does now. `follow`: whether it may wait for another
+    /// writer (not once it has waited).
+    pub(super) fn begin(&self, prefixes: &Prefixes, follow: bool) -> Hold {
+        if prefixes.is_empty() {
+            return Hold::Go;
+        }
+        let Ok(mut states) = self.states.lock() else {
+            return Hold::Go;
+        };
+        let now = Instant::now();
+        // The longest prefix known decides; those longer than it are cold.
+        let mut cold = Vec::new();
+        for (digest, life) in prefixes.iter().rev() {
+            match states.get(digest) {
+                Some(State::Warm(until)) if *until > now => break,
+                Some(State::Writing(done)) if !*done.borrow() => {
+                    if follow {
+                        return Hold::Follow(done.subscribe());
+                    }
+                    break;
+                }
+                _ => cold.push((*digest, *life)),
+            }
+        }
+        if cold.is_empty() {
+            return Hold::Go;
+        }
+        if states.len() + cold.len() > MAX_PREFIXES {
+            states.retain(|_, state| match state {
+                State::Warm(until) => *until > now,
+                State::Writing(done) => !*done.borrow(),
+            });
+            if states.len() + cold.len() > MAX_PREFIXES {
+                return Hold::Go;
+            }
+        }
+        let (done, _) = watch::channel(false);
+        let done = Arc::new(done);
+        for (digest, _) in &cold {
+            states.insert(*digest, State::Writing(done.clone()));
+        }
+        Hold::Write(Writer {
+            states: self.states.clone(),
+            writing: cold,
+            done,
+        })
+    }
+
+    /// Marks `prefixes` warm: a request carrying them got its answer (refreshing each one's
+    /// lifetime, as the provider does on each read).
+    pub(super) fn warm(&self, prefixes: &Prefixes) {
+        if prefixes.is_empty() {
+            return;
+        }
+        let Ok(mut states) = self.states.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        for (digest, life) in prefixes.iter() {
+            // Another's write in progress stays its own to finish.
+            if let Some(State::Writing(done)) = states.get(digest)
+                && !*done.borrow()
+            {
+                continue;
+            }
+            if states.len() < MAX_PREFIXES || states.contains_key(digest) {
+                states.insert(*digest, State::Warm(now + *life));
+            }
+        }
+    }
+
+    /// Prefix digests tracked now.
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.states.lock().map_or(0, |s| s.len())
+    }
+}
+
+impl Writer {
+    /// The answer started: the prefixes are readable from the provider's cache, and those
+    /// waiting for them go.
+    pub(super) fn written(self) {
+        let now = Instant::now();
+        if let Ok(mut states) = self.states.lock() {
+            for (digest, life) in &self.writing {
+                states.insert(*digest, State::Warm(now + *life));
+            }
+        }
+        // Drop, below, tells those waiting.
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if let Ok(mut states) = self.states.lock() {
+            // Not written (the call failed): cold again, unless written meanwhile.
+            for (digest, _) in &self.writing {
+                if let Some(State::Writing(done)) = states.get(digest)
+                    && Arc::ptr_eq(done, &self.done)
+                {
+                    states.remove(digest);
+                }
+            }
+        }
+        self.done.send_replace(true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::Partition;
+    use crate::route::Route;
+    use serde_json::json;
+
+    fn prefixes(question: &str) -> Prefixes {
+        let body = json!({"model": "gpt-4o", "messages": [
+            {"role": "system", "content": "word ".repeat(2000)},
+            {"role": "user", "content": question}]});
+        Prefixes::of(
+            Route::ChatCompletions,
+            &body,
+            body.to_string().len(),
+            &Partition::from_bytes([1; 32]),
+        )
+    }
+
+    #[tokio::test]
+    async fn the_first_writes_the_next_wait_for_its_first_byte_then_none_waits() {
+        let table = PrefixTable::default();
+        let Hold::Write(writer) = table.begin(&prefixes("one"), true) else {
+            panic!("the first request writes");
+        };
+        let Hold::Follow(mut waiting) = table.begin(&prefixes("two"), true) else {
+            panic!("the second shares the system prompt being written");
+        };
+        assert!(!*waiting.borrow());
+        writer.written();
+        assert!(*waiting.wait_for(|done| *done).await.expect("told"));
+        // Warm now: nobody waits, nobody writes the shared part again.
+        assert!(matches!(table.begin(&prefixes("one"), true), Hold::Go));
+        let Hold::Write(third) = table.begin(&prefixes("three"), true) else {
+            panic!("only its own longer prefix is cold");
+        };
+        assert_eq!(third.writing.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_writer_lets_those_waiting_go_and_leaves_the_prefix_cold() {
+        let table = PrefixTable::default();
+        let Hold::Write(writer) = table.begin(&prefixes("one"), true) else {
+            panic!("writes");
+        };
+        let Hold::Follow(mut waiting) = table.begin(&prefixes("two"), true) else {
+            panic!("follows");
+        };
+        drop(writer);
+        assert!(*waiting.wait_for(|done| *done).await.expect("told"));
+        assert!(matches!(
+            table.begin(&prefixes("two"), true),
+            Hold::Write(_)
+        ));
+    }
+
+    #[test]
+    fn one_that_waited_does_not_wait_again() {
+        let table = PrefixTable::default();
+        let _writer = table.begin(&prefixes("one"), true);
+        assert!(matches!(
+            table.begin(&prefixes("two"), false),
+            Hold::Write(_)
+        ));
+    }
+
+    #[test]
+    fn requests_of_no_prefix_go() {
+        let table = PrefixTable::default();
+        assert!(matches!(table.begin(&Prefixes::default(), true), Hold::Go));
+        assert_eq!(table.len(), 0);
+    }
+}
