@@ -18,7 +18,6 @@ use crate::controls::CacheControls;
 use crate::embeddings::{self, InputKind};
 use crate::error::{Error, ErrorKind};
 use crate::key::Partition;
-use crate::prefix::Prefixes;
 use crate::route::{self, BypassReason, Route};
 use crate::upstream;
 
@@ -52,8 +51,6 @@ pub(super) struct Outbound {
     pub partition: Partition,
     /// Tokens the provider will charge up front, roughly. Known once the request is keyed.
     pub estimate: u32,
-    /// The prefixes the provider caches of it. Known once the request is keyed.
-    pub prefixes: Prefixes,
 }
 
 impl Outbound {
@@ -70,7 +67,6 @@ impl Outbound {
             body,
             partition: Partition::from_bytes([0; 32]),
             estimate: 0,
-            prefixes: Prefixes::default(),
         }
     }
 }

@@ -127,6 +127,7 @@ impl Engine {
                         max_age: controls.max_age,
                         hold_prefix: !controls.no_prefix_hold,
                         held: Default::default(),
+                        prefixes: Default::default(),
                     };
                     (leader.spawn(), CacheStatus::Miss)
                 }
@@ -209,6 +210,7 @@ impl Engine {
             max_age: None,
             hold_prefix: true,
             held: Default::default(),
+            prefixes: Default::default(),
         };
         let led = leader.spawn().wait().await.map_err(|_| abandoned())?;
         let held = led.held;

@@ -23,7 +23,6 @@ use crate::key::{
     self, CacheKey, CanonicalBody, CredentialFingerprint, KeyParts, Partition, Traits,
 };
 use crate::memory::ExactRequest;
-use crate::prefix::Prefixes;
 use crate::route::{self, Route};
 
 /// What the engine knows about a cacheable request once it is keyed.
@@ -38,8 +37,6 @@ pub(super) struct Keyed {
     /// Its answer follows state the provider can change ([`Traits::mutable`]): cached only
     /// when the caller asks for a lifetime.
     pub mutable: bool,
-    /// The prefixes the provider caches of it (`crate::prefix`).
-    pub prefixes: Prefixes,
 }
 
 impl Keyed {
@@ -75,10 +72,7 @@ impl KnownKeys {
                 .max_capacity(max_bytes)
                 .weigher(|_, keyed: &Arc<Keyed>| {
                     let model = keyed.model.as_ref().map_or(0, String::len);
-                    // Each prefix digest with its lifetime, and its slice's share.
-                    let prefixes = keyed.prefixes.len() * 48;
-                    KNOWN_KEY_BYTES
-                        .saturating_add(u32::try_from(model + prefixes).unwrap_or(u32::MAX))
+                    KNOWN_KEY_BYTES.saturating_add(u32::try_from(model).unwrap_or(u32::MAX))
                 })
                 .build(),
         )
@@ -104,9 +98,10 @@ pub(super) enum Prepared {
     Bypass(Bypassed),
 }
 
-/// Bodies at least this large are parsed and keyed on a blocking thread: a few megabytes of
+/// Bodies at least this large are parsed and keyed (and their prefixes taken) on a blocking
+/// thread: a few megabytes of
 /// JSON take milliseconds, which must not hold up the async threads that answer hits.
-const KEY_OFF_THREAD: usize = 64 * 1024;
+pub(super) const KEY_OFF_THREAD: usize = 64 * 1024;
 
 impl Engine {
     /// Everything that goes into a request's cache key, as received (headers in the order
@@ -225,7 +220,6 @@ impl Engine {
             estimate: governor::estimate_tokens(out.body.len(), body),
             partition: out.partition,
             mutable: traits.mutable,
-            prefixes: Prefixes::of(route, body, out.body.len(), &out.partition),
         });
         self.known_keys.remember(exact, keyed.clone());
         keyed

@@ -14,8 +14,8 @@
 //! an error (`guarded`).
 
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -34,6 +34,7 @@ use crate::error::{Error, ErrorKind};
 use crate::fleet::{Fleet, Relay, Turn};
 use crate::inflight::Waiter;
 use crate::live::LiveStream;
+use crate::prefix::Prefixes;
 use crate::upstream;
 
 /// How long the waiters of an answer too large to keep have to take it before the bytes they
@@ -57,6 +58,8 @@ pub(super) struct Leader {
     pub(super) hold_prefix: bool,
     /// How long it waited for that, in milliseconds (said in `llm-dedup-prefix-wait`).
     pub(super) held: AtomicU64,
+    /// The prefixes of its request the provider caches, once taken (before its call).
+    pub(super) prefixes: OnceLock<Prefixes>,
 }
 
 /// Where a leader stands after taking its turn with the fleet.
@@ -278,7 +281,10 @@ impl Leader {
         if !self.hold_prefix || engine.prefix_wait.is_zero() {
             return None;
         }
-        let prefixes = &self.out.prefixes;
+        let prefixes = match engine.prefixes_of(&self.out, self.meta.route).await {
+            Some(prefixes) => self.prefixes.get_or_init(|| prefixes),
+            None => return None,
+        };
         match engine.prefixes.begin(prefixes, true) {
             Hold::Go => None,
             Hold::Write(writer) => Some(writer),
@@ -303,7 +309,9 @@ impl Leader {
     /// The answer started: this request's prefixes are in the provider's cache now, and
     /// whoever waits for them goes.
     pub(super) fn prefixes_written(&self, writer: Option<Writer>) {
-        self.engine.prefixes.warm(&self.out.prefixes);
+        if let Some(prefixes) = self.prefixes.get() {
+            self.engine.prefixes.warm(prefixes);
+        }
         if let Some(writer) = writer {
             writer.written();
         }

@@ -393,7 +393,6 @@ impl Engine {
         };
         out.partition = keyed.partition;
         out.estimate = keyed.estimate;
-        out.prefixes = keyed.prefixes.clone();
         // An answer that follows state the provider can change is cached only when the
         // caller asked for a lifetime.
         if keyed.mutable && !controls.asks_lifetime() {

@@ -22,7 +22,11 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::prefix::{PrefixDigest, Prefixes};
+use super::Engine;
+use super::classify::Outbound;
+use super::keying::KEY_OFF_THREAD;
+use crate::prefix::{OPENAI_MIN_TOKENS, PrefixDigest, Prefixes};
+use crate::route::Route;
 
 /// How long a call waits by default while another writes a prefix it shares: about what a
 /// provider takes to prefill a long prompt, so a hold rarely runs out before the writer's
@@ -140,6 +144,32 @@ impl PrefixTable {
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {
         self.states.lock().map_or(0, |s| s.len())
+    }
+}
+
+impl Engine {
+    /// The prefixes of `out`, a request on `route` about to go upstream, that the provider
+    /// caches; `None` when it has none. Taken on the way upstream only (a hit never pays for
+    /// them), from the body parsed again: a large body on a blocking thread, as keying does.
+    pub(super) async fn prefixes_of(&self, out: &Outbound, route: Route) -> Option<Prefixes> {
+        if !matches!(
+            route,
+            Route::ChatCompletions | Route::Responses | Route::AnthropicMessages
+        ) || (out.body.len() as u64) / 4 < OPENAI_MIN_TOKENS
+        {
+            return None;
+        }
+        let (body, partition) = (out.body.clone(), out.partition);
+        let take = move || {
+            let value: serde_json::Value = serde_json::from_slice(&body).ok()?;
+            Some(Prefixes::of(route, &value, body.len(), &partition))
+        };
+        let prefixes = if out.body.len() < KEY_OFF_THREAD {
+            take()
+        } else {
+            tokio::task::spawn_blocking(take).await.ok().flatten()
+        };
+        prefixes.filter(|p| !p.is_empty())
     }
 }
 

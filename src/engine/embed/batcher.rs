@@ -239,7 +239,6 @@ mod tests {
                 body: Bytes::new(),
                 partition: Partition::from_bytes([0; 32]),
                 estimate: 0,
-                prefixes: Default::default(),
             },
             fields: Map::new(),
             namespace: String::new(),
