@@ -109,6 +109,14 @@ impl Prefixes {
     }
 }
 
+/// Drops the shortest digests once there are twice as many as are kept: a request of millions
+/// of tiny messages holds at most `2 × MAX_DIGESTS` at a time.
+fn keep_longest(found: &mut Vec<(PrefixDigest, Duration)>) {
+    if found.len() >= 2 * MAX_DIGESTS {
+        found.drain(..found.len() - MAX_DIGESTS);
+    }
+}
+
 /// A blake3 hasher that counts what is written into it (the estimate of tokens).
 struct Counting {
     hasher: blake3::Hasher,
@@ -193,6 +201,11 @@ fn openai<'a>(
         _ => SHORT_LIFE,
     };
     let mut prefix = Counting::new(route, body, partition, "prompt_cache_key");
+    // A Responses request continuing a stored response or conversation has that before
+    // everything it sends.
+    for field in ["previous_response_id", "conversation"] {
+        prefix.add(body.get(field).unwrap_or(&Value::Null));
+    }
     for value in first.into_iter().flatten() {
         prefix.add(value);
     }
@@ -200,6 +213,7 @@ fn openai<'a>(
         prefix.add(value);
         if prefix.tokens() >= OPENAI_MIN_TOKENS {
             found.push((prefix.digest(), life));
+            keep_longest(found);
         }
     }
 }
@@ -255,6 +269,7 @@ fn anthropic(body: &Value, partition: &Partition, found: &mut Vec<(PrefixDigest,
                 _ => SHORT_LIFE,
             };
             found.push((prefix.digest(), life));
+            keep_longest(found);
         }
     };
     for tool in tools.into_iter().flatten() {

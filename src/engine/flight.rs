@@ -112,7 +112,7 @@ impl Engine {
             } else {
                 Fresh::Own
             };
-            return self.refresh(out, meta, fresh).await;
+            return self.refresh(out, meta, fresh, controls).await;
         }
         let mut foreign = 0;
         loop {
@@ -145,7 +145,7 @@ impl Engine {
                 if foreign < MAX_FOREIGN_FLIGHTS {
                     continue;
                 }
-                return self.refresh(out, meta, Fresh::Own).await;
+                return self.refresh(out, meta, Fresh::Own, controls).await;
             }
             if let FlightOutcome::Stored {
                 entry,
@@ -155,7 +155,7 @@ impl Engine {
                 // The flight found the answer in the cache; a follower with a stricter max-age
                 // than the leader's may need a fresher one.
                 if !young_enough(entry, controls.max_age) {
-                    return self.refresh(out, meta, Fresh::Own).await;
+                    return self.refresh(out, meta, Fresh::Own, controls).await;
                 }
             }
             let held = led.held;
@@ -199,6 +199,7 @@ impl Engine {
         out: Outbound,
         meta: EntryMeta,
         fresh: Fresh,
+        controls: &CacheControls,
     ) -> Result<Answer, Error> {
         // A flight of its own, outside the shared table: nobody joins a refresh.
         let leader = Leader {
@@ -208,7 +209,7 @@ impl Engine {
             meta: meta.clone(),
             fresh,
             max_age: None,
-            hold_prefix: true,
+            hold_prefix: !controls.no_prefix_hold,
             held: Default::default(),
             prefixes: Default::default(),
         };

@@ -223,7 +223,7 @@ impl Leader {
         let engine = &self.engine;
         // Another request writing a prefix this one shares is waited for first (and a
         // request writing one is told when its answer starts).
-        let writer = self.hold_for_prefix().await;
+        let mut writer = self.hold_for_prefix().await;
         let response = match engine.send_governed(&self.out, &self.meta).await {
             Ok(Upstreamed::Success(r)) => r,
             Ok(Upstreamed::Refused(refusal)) => {
@@ -254,6 +254,8 @@ impl Leader {
         let body = match engine.read_within(response, engine.max_stream_bytes).await {
             Ok(Read::Whole(body)) => body,
             Ok(Read::Larger(head, rest)) if status.is_success() => {
+                // Its answer has started: whoever waits for its prefixes goes now.
+                self.prefixes_written(writer.take());
                 return self.pass_on_larger(status, headers, head, rest).await;
             }
             Ok(Read::Larger(..)) => {
@@ -281,7 +283,8 @@ impl Leader {
         if !self.hold_prefix || engine.prefix_wait.is_zero() {
             return None;
         }
-        let prefixes = match engine.prefixes_of(&self.out, self.meta.route).await {
+        let model = self.meta.model.as_deref();
+        let prefixes = match engine.prefixes_of(&self.out, self.meta.route, model).await {
             Some(prefixes) => self.prefixes.get_or_init(|| prefixes),
             None => return None,
         };

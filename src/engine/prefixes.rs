@@ -48,6 +48,8 @@ enum State {
 #[derive(Default)]
 pub(super) struct PrefixTable {
     states: Arc<Mutex<HashMap<PrefixDigest, State>>>,
+    /// When the table, full, was last swept of what expired (at most once a second).
+    swept: Mutex<Option<Instant>>,
 }
 
 /// What a request about to go upstream does about its prefixes.
@@ -97,10 +99,21 @@ impl PrefixTable {
             return Hold::Go;
         }
         if states.len() + cold.len() > MAX_PREFIXES {
-            states.retain(|_, state| match state {
-                State::Warm(until) => *until > now,
-                State::Writing(done) => !*done.borrow(),
+            // Full: swept of what expired at most once a second (a sweep reads every entry
+            // under the lock); meanwhile new prefixes are not tracked.
+            let due = self.swept.lock().is_ok_and(|mut swept| {
+                let due = swept.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1));
+                if due {
+                    *swept = Some(now);
+                }
+                due
             });
+            if due {
+                states.retain(|_, state| match state {
+                    State::Warm(until) => *until > now,
+                    State::Writing(done) => !*done.borrow(),
+                });
+            }
             if states.len() + cold.len() > MAX_PREFIXES {
                 return Hold::Go;
             }
@@ -151,7 +164,12 @@ impl Engine {
     /// The prefixes of `out`, a request on `route` about to go upstream, that the provider
     /// caches; `None` when it has none. Taken on the way upstream only (a hit never pays for
     /// them), from the body parsed again: a large body on a blocking thread, as keying does.
-    pub(super) async fn prefixes_of(&self, out: &Outbound, route: Route) -> Option<Prefixes> {
+    pub(super) async fn prefixes_of(
+        &self,
+        out: &Outbound,
+        route: Route,
+        model: Option<&str>,
+    ) -> Option<Prefixes> {
         if !matches!(
             route,
             Route::ChatCompletions | Route::Responses | Route::AnthropicMessages
@@ -160,8 +178,15 @@ impl Engine {
             return None;
         }
         let (body, partition) = (out.body.clone(), out.partition);
+        // The model as the request names it, in its body or (Azure) its path.
+        let model = model.map(str::to_owned);
         let take = move || {
-            let value: serde_json::Value = serde_json::from_slice(&body).ok()?;
+            let mut value: serde_json::Value = serde_json::from_slice(&body).ok()?;
+            if let (Some(model), Some(fields)) = (model, value.as_object_mut()) {
+                fields
+                    .entry("model")
+                    .or_insert(serde_json::Value::String(model));
+            }
             Some(Prefixes::of(route, &value, body.len(), &partition))
         };
         let prefixes = if out.body.len() < KEY_OFF_THREAD {

@@ -143,6 +143,19 @@ impl Admin {
     /// Deletes the stored answers under `keys` and tells every replica (each key, or
     /// everything when `all`).
     pub fn purge(&mut self, keys: &[CacheKey], all: bool) -> Result<(), AdminError> {
+        if self.cluster {
+            // A master that is down keeps its entries, and they would come back with it.
+            let info: String = redis::cmd("CLUSTER")
+                .arg("INFO")
+                .query(self.conn.as_mut())?;
+            if !info.lines().any(|l| l.trim() == "cluster_state:ok") {
+                return Err(AdminError(
+                    "the cluster is not whole (cluster_state is not ok): a master that is down \
+                     would keep its entries; purge once it is back"
+                        .into(),
+                ));
+            }
+        }
         for page in keys.chunks(PAGE) {
             let names: Vec<String> = page.iter().map(|k| self.layout.entry(k)).collect();
             if self.cluster {

@@ -118,6 +118,12 @@ impl Fleet {
         if let Some(conn) = slot.as_ref() {
             return Ok(conn.clone());
         }
+        // Another caller's attempt, made while this one queued for the lock, may have failed:
+        // each queued caller must not try again in turn.
+        let down = self.inner.down_until.lock().ok().and_then(|d| *d);
+        if down.is_some_and(|until| Instant::now() < until) {
+            return Err(Unavailable);
+        }
         let made = tokio::time::timeout(CONNECT_TIMEOUT * 2, async {
             let cluster = self.cluster().await?;
             Conn::open(&self.inner.client, cluster).await

@@ -581,7 +581,6 @@ fn invalid(status: StatusCode, message: &str, code: Value) -> Response {
     )
 }
 
-/// Answers an embeddings request as OpenAI does: one embedding per input at its `index`,
 /// The simulated prompt cache ([`Behaviour::prefill_per_ktok`]): waits out the prefill of a
 /// chat request by organization `key`, then makes its prefix readable (its first byte is about
 /// to go out) and gives the tokens read from the cache.
@@ -609,7 +608,7 @@ async fn prefill(
     let entry = (key.to_owned(), digest);
     let hit = cacheable && state.readable.lock().expect("lock").contains(&entry);
     let cached = if hit { prefix_tokens / 128 * 128 } else { 0 };
-    let work = per_ktok.mul_f64((prompt - cached) as f64 / 1000.0)
+    let work = per_ktok.mul_f64(prompt.saturating_sub(cached) as f64 / 1000.0)
         + per_ktok.mul_f64(cached as f64 / 10_000.0);
     tokio::time::sleep(work).await;
     if cacheable {
@@ -620,6 +619,7 @@ async fn prefill(
     cached
 }
 
+/// Answers an embeddings request as OpenAI does: one embedding per input at its `index`,
 /// `usage` summing the inputs' tokens, and its errors for inputs it does not accept.
 fn embeddings(
     state: &FakeState,
