@@ -594,14 +594,8 @@ async fn an_old_failed_stream_is_not_followed_by_the_next_flight() {
     upstream.behave(|b| b.stream_end = common::StreamEnd::Complete);
     upstream.behave(|b| b.chunk_delay = Duration::from_millis(150));
     let calls = upstream.calls();
-    let leader = {
-        let (c, url, body) = (
-            c.clone(),
-            fleet[0].url("/v1/chat/completions"),
-            streamed.clone(),
-        );
-        tokio::spawn(async move { post(&c, &url, body, &[]).await })
-    };
+    let leader =
+        fleet::post_in_background(&c, fleet[0].url("/v1/chat/completions"), streamed.clone());
     upstream.wait_for_calls(calls + 1).await;
     let follower = post(&c, &fleet[1].url("/v1/chat/completions"), streamed, &[]).await;
     let leader = leader.await.expect("leader");

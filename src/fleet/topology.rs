@@ -47,6 +47,15 @@ impl std::str::FromStr for RedisMode {
 }
 
 impl RedisMode {
+    /// Whether the mode says the node is a cluster's; `None` when the node must be asked.
+    fn said(self) -> Option<bool> {
+        match self {
+            RedisMode::Auto => None,
+            RedisMode::Single => Some(false),
+            RedisMode::Cluster => Some(true),
+        }
+    }
+
     /// How the mode is named in logs and flags.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -67,23 +76,20 @@ pub(super) async fn is_cluster(
     client: &redis::Client,
     mode: RedisMode,
 ) -> redis::RedisResult<bool> {
-    match mode {
-        RedisMode::Single => Ok(false),
-        RedisMode::Cluster => Ok(true),
-        RedisMode::Auto => {
-            let config = redis::AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(CONNECT_TIMEOUT))
-                .set_response_timeout(Some(CONNECT_TIMEOUT));
-            let mut conn = client
-                .get_multiplexed_async_connection_with_config(&config)
-                .await?;
-            let info: String = redis::cmd("INFO")
-                .arg("cluster")
-                .query_async(&mut conn)
-                .await?;
-            Ok(says_cluster(&info))
-        }
+    if let Some(cluster) = mode.said() {
+        return Ok(cluster);
     }
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(CONNECT_TIMEOUT));
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?;
+    let info: String = redis::cmd("INFO")
+        .arg("cluster")
+        .query_async(&mut conn)
+        .await?;
+    Ok(says_cluster(&info))
 }
 
 /// As [`is_cluster`], blocking (for the build and the inspector).
@@ -91,17 +97,14 @@ pub(super) fn is_cluster_blocking(
     client: &redis::Client,
     mode: RedisMode,
 ) -> redis::RedisResult<bool> {
-    match mode {
-        RedisMode::Single => Ok(false),
-        RedisMode::Cluster => Ok(true),
-        RedisMode::Auto => {
-            let mut conn = client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
-            conn.set_read_timeout(Some(CONNECT_TIMEOUT))?;
-            conn.set_write_timeout(Some(CONNECT_TIMEOUT))?;
-            let info: String = redis::cmd("INFO").arg("cluster").query(&mut conn)?;
-            Ok(says_cluster(&info))
-        }
+    if let Some(cluster) = mode.said() {
+        return Ok(cluster);
     }
+    let mut conn = client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
+    conn.set_read_timeout(Some(CONNECT_TIMEOUT))?;
+    conn.set_write_timeout(Some(CONNECT_TIMEOUT))?;
+    let info: String = redis::cmd("INFO").arg("cluster").query(&mut conn)?;
+    Ok(says_cluster(&info))
 }
 
 /// A cluster client that starts from the node `client` names (with its password, user and

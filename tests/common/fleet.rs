@@ -6,6 +6,8 @@
 
 use std::time::Duration;
 
+use tokio::task::JoinHandle;
+
 use super::{Behaviour, FakeUpstream, Proxy, Seen, chat, client, post};
 
 /// The fleet tests' own secret.
@@ -35,6 +37,12 @@ pub async fn stop_clean(replicas: Vec<Proxy>) {
         assert_eq!(errors, 0.0, "Redis calls failed on {}", proxy.addr);
     }
     stop(replicas).await;
+}
+
+/// Posts `body` to `url` in a task of its own.
+pub fn post_in_background(c: &reqwest::Client, url: String, body: String) -> JoinHandle<Seen> {
+    let c = c.clone();
+    tokio::spawn(async move { post(&c, &url, body, &[]).await })
 }
 
 pub async fn stop(replicas: Vec<Proxy>) {
@@ -235,23 +243,10 @@ pub async fn a_stream_is_shared_live(url: &str) {
     let streamed = serde_json::json!({"model": "gpt-4o-mini", "stream": true,
         "messages": [{"role": "user", "content": "tell me a story"}]})
     .to_string();
-    let leader = {
-        let (c, url, body) = (
-            c.clone(),
-            fleet[0].url("/v1/chat/completions"),
-            streamed.clone(),
-        );
-        tokio::spawn(async move { post(&c, &url, body, &[]).await })
-    };
+    let leader = post_in_background(&c, fleet[0].url("/v1/chat/completions"), streamed.clone());
     upstream.wait_for_calls(1).await;
-    let followers = (1..3).map(|i| {
-        let (c, url, body) = (
-            c.clone(),
-            fleet[i].url("/v1/chat/completions"),
-            streamed.clone(),
-        );
-        tokio::spawn(async move { post(&c, &url, body, &[]).await })
-    });
+    let followers = (1..3)
+        .map(|i| post_in_background(&c, fleet[i].url("/v1/chat/completions"), streamed.clone()));
     let followers: Vec<_> = followers.collect();
     let leader = leader.await.expect("leader");
     assert_eq!(leader.status, 200);
