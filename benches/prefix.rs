@@ -181,4 +181,41 @@ async fn main() {
             h_time.as_secs_f64() / d_time.as_secs_f64(),
         );
     }
+
+    // Anthropic: 12 parallel calls with one cache_control breakpoint on the system prompt.
+    let message = |i: usize| {
+        serde_json::json!({"model": "claude-sonnet-4-5", "max_tokens": 64,
+            "system": [{"type": "text", "text": system(), "cache_control": {"type": "ephemeral"}}],
+            "messages": [{"role": "user", "content": format!("question {i}?")}]})
+        .to_string()
+    };
+    let writes = |upstream: &FakeUpstream| upstream.state.written_tokens.load(Ordering::SeqCst);
+    let mut line = Vec::new();
+    for (base, key) in [(&direct, "sk-ant-direct"), (&held, "sk-ant-held")] {
+        if base == &held {
+            learn(&client, base, key).await;
+        }
+        let before = writes(&upstream);
+        let asked: Vec<_> = (0..12)
+            .map(|i| {
+                let request = client
+                    .post(format!("{base}/v1/messages"))
+                    .header("content-type", "application/json")
+                    .header("authorization", format!("Bearer {key}"))
+                    .body(message(i));
+                tokio::spawn(async move { request.send().await.expect("sent").bytes().await })
+            })
+            .collect();
+        for one in asked {
+            one.await.expect("request").expect("read");
+        }
+        line.push(writes(&upstream) - before);
+    }
+    let per = line[0] as f64 / 12.0;
+    println!(
+        "Anthropic, 12 parallel calls with one breakpoint: the breakpoint written {:.0} times \
+         straight, {:.0} through the proxy",
+        line[0] as f64 / per,
+        line[1] as f64 / per
+    );
 }

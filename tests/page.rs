@@ -168,6 +168,14 @@ async fn the_live_page_shows_the_proxy_s_own_figures_and_draws_its_charts() {
         figure(&dom, "absorbed_429").0,
         t["upstream_429s"].to_string()
     );
+    // The provider's own cache, beside llm-dedup's (the fake reports none here).
+    assert_eq!(
+        figure(&dom, "provider_read"),
+        (
+            format!("{} tokens read", t["provider_cache_read_tokens"]).as_str(),
+            Some(t["provider_cache_read_tokens"].to_string().as_str())
+        )
+    );
     assert_eq!(figure(&dom, "in_flight").0, "0");
     let live = &stats["live"];
     assert_eq!(

@@ -257,3 +257,87 @@ async fn streamed_requests_wait_for_the_writers_first_event() {
     assert!(share > 0.75, "5 of 6 read the system prompt: {share}");
     proxy.stop().await;
 }
+
+/// Across a fleet: requests sharing a cold prefix on two replicas wait for the one writer of
+/// the whole fleet, not one writer a replica.
+#[tokio::test]
+async fn one_replica_writes_a_prefix_for_the_whole_fleet() {
+    let Some(redis) = common::RedisServer::start() else {
+        return;
+    };
+    let upstream = provider().await;
+    let replica = || {
+        let secret = llm_dedup::FleetSecret::new("the prefix tests' own secret").expect("secret");
+        Proxy::start(upstream.engine().redis(redis.url()).fleet_secret(secret))
+    };
+    let (a, b) = (replica().await, replica().await);
+    learn_budget(&a).await;
+    learn_budget(&b).await;
+    let before = tokens(&upstream);
+    let (url_a, url_b) = (a.url("/v1/chat/completions"), b.url("/v1/chat/completions"));
+    let (on_a, on_b) = tokio::join!(
+        together(&url_a, 4, "fleet a", &[]),
+        together(&url_b, 4, "fleet b", &[]),
+    );
+    let seen: Vec<&Seen> = on_a.iter().chain(&on_b).collect();
+    assert!(seen.iter().all(|s| s.status == 200));
+    let waited = seen.iter().filter(|s| held(s).is_some()).count();
+    assert_eq!(waited, 7, "one writer for the fleet");
+    let share = cached_share(&upstream, before);
+    assert!(share > 0.8, "7 of 8 read the system prompt: {share}");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Anthropic: parallel requests with one `cache_control` breakpoint write it once through the
+/// proxy (each wrote it, at 1.25 × the input price, sent straight).
+#[tokio::test]
+async fn an_anthropic_breakpoint_is_written_once() {
+    let upstream = provider().await;
+    let message = |i: usize| {
+        serde_json::json!({"model": "claude-sonnet-4-5", "max_tokens": 64,
+            "system": [{"type": "text", "text": system(), "cache_control": {"type": "ephemeral"}}],
+            "messages": [{"role": "user", "content": format!("question {i}?")}]})
+        .to_string()
+    };
+    let send = |base: String, key: &'static str| {
+        let c = client();
+        let asked: Vec<_> = (0..6)
+            .map(|i| {
+                let (c, url, body) = (c.clone(), format!("{base}/v1/messages"), message(i));
+                tokio::spawn(async move { post(&c, &url, body, &[("authorization", key)]).await })
+            })
+            .collect();
+        async move {
+            let mut seen = Vec::new();
+            for one in asked {
+                seen.push(one.await.expect("request"));
+            }
+            seen
+        }
+    };
+    let written = || upstream.state.written_tokens.load(Ordering::SeqCst);
+    let before = written();
+    let straight = send(upstream.url(), "Bearer sk-ant-direct").await;
+    assert!(straight.iter().all(|s| s.status == 200));
+    let per_write = (written() - before) / 6;
+    assert!(per_write > 1024, "each wrote the breakpoint");
+
+    let proxy = Proxy::start(upstream.engine()).await;
+    // The governor learns the budget first (see learn_budget), with a short message.
+    let short = r#"{"model":"claude-sonnet-4-5","max_tokens":8,"messages":[{"role":"user","content":"hi"}]}"#;
+    let url = proxy.url("/v1/messages");
+    assert_eq!(post(&client(), &url, short, &[]).await.status, 200);
+    let before = written();
+    let seen = send(proxy.url(""), "Bearer sk-test-key-1").await;
+    assert!(seen.iter().all(|s| s.status == 200));
+    assert_eq!(written() - before, per_write, "written once");
+    assert_eq!(seen.iter().filter(|s| held(s).is_some()).count(), 5);
+    let written_counted = common::figure(
+        &proxy.engine,
+        r#"llm_dedup_provider_cache_tokens_total{kind="write"}"#,
+    )
+    .await;
+    assert_eq!(written_counted as usize, per_write);
+    proxy.stop().await;
+}

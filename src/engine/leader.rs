@@ -288,25 +288,34 @@ impl Leader {
             Some(prefixes) => self.prefixes.get_or_init(|| prefixes),
             None => return None,
         };
-        match engine.prefixes.begin(prefixes, true) {
+        let started = tokio::time::Instant::now();
+        let mut held = Duration::ZERO;
+        let mut writer = match engine.prefixes.begin(prefixes, true) {
             Hold::Go => None,
             Hold::Write(writer) => Some(writer),
             Hold::Follow(mut written) => {
-                let started = tokio::time::Instant::now();
                 let _ =
                     tokio::time::timeout(engine.prefix_wait, written.wait_for(|done| *done)).await;
-                let held = started.elapsed();
-                self.held.store(
-                    u64::try_from(held.as_millis()).unwrap_or(u64::MAX),
-                    Ordering::Relaxed,
-                );
-                engine.prefix_held(self.meta.route, self.meta.model.as_deref(), held);
+                held = started.elapsed();
                 match engine.prefixes.begin(prefixes, false) {
                     Hold::Write(writer) => Some(writer),
                     _ => None,
                 }
             }
+        };
+        // One writer for the whole fleet: another replica may be writing it.
+        if let (Some(writer), Some(fleet)) = (writer.as_mut(), &engine.fleet) {
+            let left = engine.prefix_wait.saturating_sub(started.elapsed());
+            held += writer.across(fleet, left).await;
         }
+        if !held.is_zero() {
+            self.held.store(
+                u64::try_from(held.as_millis()).unwrap_or(u64::MAX).max(1),
+                Ordering::Relaxed,
+            );
+            engine.prefix_held(self.meta.route, self.meta.model.as_deref(), held);
+        }
+        writer
     }
 
     /// The answer started: this request's prefixes are in the provider's cache now, and

@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use super::Engine;
 use super::classify::Outbound;
 use super::keying::KEY_OFF_THREAD;
+use crate::fleet::{Fleet, PrefixMark};
 use crate::prefix::{OPENAI_MIN_TOKENS, PrefixDigest, Prefixes};
 use crate::route::Route;
 
@@ -66,8 +67,11 @@ pub(super) enum Hold {
 /// that (the call failed), the prefixes are cold again and those waiting go.
 pub(super) struct Writer {
     states: Arc<Mutex<HashMap<PrefixDigest, State>>>,
+    /// The prefixes it writes, longest first.
     writing: Vec<(PrefixDigest, Duration)>,
     done: Arc<watch::Sender<bool>>,
+    /// With `--redis`: this replica's marks on those it writes for the whole fleet.
+    fleet: Option<(Fleet, Vec<PrefixMark>)>,
 }
 
 impl PrefixTable {
@@ -127,6 +131,7 @@ impl PrefixTable {
             states: self.states.clone(),
             writing: cold,
             done,
+            fleet: None,
         })
     }
 
@@ -199,16 +204,37 @@ impl Engine {
 }
 
 impl Writer {
+    /// Takes the fleet's turn for the prefixes this one writes (with `--redis`): it writes
+    /// for the fleet those no replica writes; if another replica writes one of them, it waits
+    /// for that (at most `wait`), and says how long it waited. Redis down: no wait.
+    pub(super) async fn across(&mut self, fleet: &Fleet, wait: Duration) -> Duration {
+        let digests: Vec<([u8; 32], Duration)> =
+            self.writing.iter().map(|(d, life)| (d.0, *life)).collect();
+        let Ok(turn) = fleet.prefix_turn(&digests, wait).await else {
+            return Duration::ZERO;
+        };
+        self.fleet = Some((fleet.clone(), turn.marks));
+        let Some(other) = turn.other else {
+            return Duration::ZERO;
+        };
+        let started = Instant::now();
+        fleet.prefix_written(&other, wait).await;
+        started.elapsed()
+    }
+
     /// The answer started: the prefixes are readable from the provider's cache, and those
-    /// waiting for them go.
-    pub(super) fn written(self) {
+    /// waiting for them go, on this replica and on the others.
+    pub(super) fn written(mut self) {
         let now = Instant::now();
         if let Ok(mut states) = self.states.lock() {
             for (digest, life) in &self.writing {
                 states.insert(*digest, State::Warm(now + *life));
             }
         }
-        // Drop, below, tells those waiting.
+        if let Some((fleet, marks)) = self.fleet.take().filter(|(_, m)| !m.is_empty()) {
+            tokio::spawn(async move { fleet.prefix_warm(marks).await });
+        }
+        // Drop, below, tells those waiting here.
     }
 }
 
@@ -225,6 +251,13 @@ impl Drop for Writer {
             }
         }
         self.done.send_replace(true);
+        if let (Some((fleet, marks)), Ok(runtime)) = (
+            self.fleet.take().filter(|(_, m)| !m.is_empty()),
+            tokio::runtime::Handle::try_current(),
+        ) {
+            // Not written: the other replicas' requests need not wait for it any more.
+            runtime.spawn(async move { fleet.prefix_failed(marks).await });
+        }
     }
 }
 

@@ -10,6 +10,7 @@
 //! | `s:{key}` | a streamed answer relayed live (a Redis Stream), kept a minute after its end |
 //! | `err:{key}:partition` | an error answer for waiters of one partition, kept 10 s |
 //! | `budget:{partition}:{pause,left,rpm,win}` | the partition's shared rate budget |
+//! | `p:{digest}` | a prompt prefix one replica writes in the provider's cache, or `warm` |
 //! | `salt` | the fleet's credential salt |
 //! | channel `events` | what replicas and the inspector tell each other (`events.rs`) |
 //!
@@ -78,6 +79,11 @@ impl Layout {
     pub fn budget(&self, partition: &Partition) -> [String; 4] {
         let base = format!("{}budget:{{{}}}:", self.prefix, hex(partition.as_bytes()));
         ["pause", "left", "rpm", "win"].map(|what| format!("{base}{what}"))
+    }
+
+    /// The prompt prefix `digest`: who writes it in the provider's cache, or that it is warm.
+    pub fn prefix(&self, digest: &[u8; 32]) -> String {
+        format!("{}p:{{{}}}", self.prefix, hex(digest))
     }
 
     /// The fleet's credential salt.

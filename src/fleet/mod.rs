@@ -12,6 +12,7 @@
 //! - `events`: what replicas and the inspector tell each other ([`Message`](events::Message)),
 //!   and the local waiters it wakes;
 //! - `budget` (with `lua/budget.lua`): the shared rate budget;
+//! - `prefixes`: prompt prefixes one replica writes in the provider's cache for the fleet;
 //! - `codec`: the compact form of entries and error answers;
 //! - `admin`: the inspector's blocking access ([`Admin`]);
 //! - `seal`: the fleet secret, what it authenticates ([`Seal`]) and what was not trusted
@@ -37,6 +38,7 @@ mod conn;
 mod entries;
 mod events;
 mod layout;
+mod prefixes;
 mod seal;
 mod stream;
 mod topology;
@@ -55,6 +57,7 @@ pub(crate) use conn::Unavailable;
 pub use conn::redis_address;
 pub(crate) use events::Event;
 pub use layout::Layout;
+pub(crate) use prefixes::PrefixMark;
 pub use seal::FleetSecret;
 pub(crate) use seal::{Rejected, Seal};
 pub(crate) use stream::{Ending, Followed, Relay, Relayed};

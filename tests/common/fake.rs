@@ -136,6 +136,8 @@ pub struct FakeState {
     readable: Mutex<std::collections::HashSet<(String, [u8; 32])>>,
     pub prompt_tokens: AtomicUsize,
     pub cached_tokens: AtomicUsize,
+    /// Prompt tokens written to the simulated cache (Anthropic's explicit writes).
+    pub written_tokens: AtomicUsize,
     /// The rate limiter's window: (used in it, its number in seconds since the epoch).
     window: Mutex<Option<(f64, f64)>>,
 }
@@ -401,7 +403,7 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
             .into_response();
     }
 
-    let cached = prefill(&state, &key, &body, &request, &parts.uri).await;
+    let (cached, written) = prefill(&state, &key, &body, &request, &parts.uri).await;
     let reported = state.now(|b| b.reported_model.clone());
     let model = reported.unwrap_or_else(|| {
         request
@@ -486,7 +488,12 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
         body["padding"] = Value::String("p".repeat(padding));
     }
     if state.now(|b| b.prefill_per_ktok.is_some()) && body.get("usage").is_some() {
-        body["usage"]["prompt_tokens_details"] = json!({"cached_tokens": cached});
+        if path.ends_with("/messages") {
+            body["usage"]["cache_read_input_tokens"] = json!(cached);
+            body["usage"]["cache_creation_input_tokens"] = json!(written);
+        } else {
+            body["usage"]["prompt_tokens_details"] = json!({"cached_tokens": cached});
+        }
     }
     if let Some(usage) = state.now(|b| b.usage.clone()) {
         if body.get("usage").is_some() {
@@ -582,32 +589,50 @@ fn invalid(status: StatusCode, message: &str, code: Value) -> Response {
 }
 
 /// The simulated prompt cache ([`Behaviour::prefill_per_ktok`]): waits out the prefill of a
-/// chat request by organization `key`, then makes its prefix readable (its first byte is about
-/// to go out) and gives the tokens read from the cache.
+/// request by organization `key`, then makes its prefix readable (its first byte is about to
+/// go out), and gives the tokens read from the cache and written to it. Chat completions as
+/// OpenAI caches them (the first message, automatically); Anthropic messages at a
+/// `cache_control` breakpoint on the last system block (a write is reported as such).
 async fn prefill(
     state: &FakeState,
     key: &str,
     body: &[u8],
     request: &Value,
     uri: &axum::http::Uri,
-) -> usize {
+) -> (usize, usize) {
     let Some(per_ktok) = state.now(|b| b.prefill_per_ktok) else {
-        return 0;
+        return (0, 0);
     };
-    if !uri.path().ends_with("/chat/completions") {
-        return 0;
-    }
+    let path = uri.path();
+    let (prefix, explicit) = if path.ends_with("/chat/completions") {
+        (request.pointer("/messages/0"), false)
+    } else if path.ends_with("/messages") {
+        let marked = request
+            .get("system")
+            .and_then(Value::as_array)
+            .and_then(|blocks| blocks.last())
+            .is_some_and(|block| block.get("cache_control").is_some());
+        (request.get("system").filter(|_| marked), true)
+    } else {
+        return (0, 0);
+    };
     let prompt = body.len() / 4;
-    let system = request
-        .pointer("/messages/0")
-        .map(Value::to_string)
-        .unwrap_or_default();
-    let prefix_tokens = system.len() / 4;
+    let prefix = prefix.map(Value::to_string).unwrap_or_default();
+    let prefix_tokens = prefix.len() / 4;
     let cacheable = prefix_tokens >= 1024;
-    let digest = *blake3::hash(system.as_bytes()).as_bytes();
+    let digest = *blake3::hash(prefix.as_bytes()).as_bytes();
     let entry = (key.to_owned(), digest);
     let hit = cacheable && state.readable.lock().expect("lock").contains(&entry);
-    let cached = if hit { prefix_tokens / 128 * 128 } else { 0 };
+    let cached = match (hit, explicit) {
+        (false, _) => 0,
+        (true, false) => prefix_tokens / 128 * 128,
+        (true, true) => prefix_tokens,
+    };
+    let written = if cacheable && !hit && explicit {
+        prefix_tokens
+    } else {
+        0
+    };
     let work = per_ktok.mul_f64(prompt.saturating_sub(cached) as f64 / 1000.0)
         + per_ktok.mul_f64(cached as f64 / 10_000.0);
     tokio::time::sleep(work).await;
@@ -616,7 +641,8 @@ async fn prefill(
     }
     state.prompt_tokens.fetch_add(prompt, Ordering::SeqCst);
     state.cached_tokens.fetch_add(cached, Ordering::SeqCst);
-    cached
+    state.written_tokens.fetch_add(written, Ordering::SeqCst);
+    (cached, written)
 }
 
 /// Answers an embeddings request as OpenAI does: one embedding per input at its `index`,
