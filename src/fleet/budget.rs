@@ -296,46 +296,40 @@ mod tests {
             return;
         };
         let partition = Partition::from_bytes([7; 32]);
-        let [pause, ..] = fleet.inner.layout.budget(&partition);
-        // Ten years, as a hostile writer would set it.
-        let set = server.command(&format!("SET {pause} 1 PX 315360000000"));
-        assert!(set.starts_with("+OK"), "{set}");
-        let turn = fleet
-            .budget_turn(&partition, None, Duration::from_secs(30))
-            .await
-            .expect("redis answers");
-        let Budgeted::Paused(wait) = turn.turn else {
-            panic!("paused: {:?}", turn.turn);
+        let [pause, left, ..] = fleet.inner.layout.budget(&partition);
+        // Plants `value` (ten years' worth, as a hostile writer would), then takes a turn.
+        let planted = |command: String| {
+            let (fleet, server) = (&fleet, &server);
+            async move {
+                let set = server.command(&command);
+                assert!(set.starts_with("+OK"), "{command}: {set}");
+                fleet
+                    .budget_turn(&partition, None, Duration::from_secs(30))
+                    .await
+                    .expect("a value in Redis is no fault of Redis")
+                    .turn
+            }
         };
+        let paused_for = |turn: Budgeted| match turn {
+            Budgeted::Paused(wait) => wait,
+            other => panic!("paused: {other:?}"),
+        };
+        let wait = paused_for(planted(format!("SET {pause} 1 PX 315360000000")).await);
         assert!(wait <= Duration::from_secs(3600), "{wait:?}");
-        let left: i64 = server
+        let ttl: i64 = server
             .command(&format!("PTTL {pause}"))
             .trim_start_matches(':')
             .trim()
             .parse()
             .expect("a number");
-        assert!(left <= 3_600_000, "{left}");
+        assert!(ttl <= 3_600_000, "{ttl}");
 
         // A spent count planted to reset in ten years, and a count that is not a number.
-        let [pause, left, ..] = fleet.inner.layout.budget(&partition);
         let _ = server.command(&format!("DEL {pause}"));
-        let set = server.command(&format!("SET {left} 0 PX 315360000000"));
-        assert!(set.starts_with("+OK"), "{set}");
-        let turn = fleet
-            .budget_turn(&partition, None, Duration::from_secs(30))
-            .await
-            .expect("redis answers");
-        let Budgeted::Paused(wait) = turn.turn else {
-            panic!("paused: {:?}", turn.turn);
-        };
+        let wait = paused_for(planted(format!("SET {left} 0 PX 315360000000")).await);
         assert!(wait <= Duration::from_secs(3600), "{wait:?}");
-        let set = server.command(&format!("SET {left} lots"));
-        assert!(set.starts_with("+OK"), "{set}");
-        let turn = fleet
-            .budget_turn(&partition, None, Duration::from_secs(30))
-            .await
-            .expect("a value that is no number is no fault of Redis");
-        assert!(matches!(turn.turn, Budgeted::Go(_)), "{:?}", turn.turn);
+        let turn = planted(format!("SET {left} lots")).await;
+        assert!(matches!(turn, Budgeted::Go(_)), "{turn:?}");
     }
 
     /// Whether the fleet counts a budget as a fixed window once it is told, in turn, of
