@@ -96,12 +96,12 @@ impl<K: Eq + Hash + Clone, T: Clone> InFlight<K, T> {
     /// progress is stale: it goes on for its own waiters, out of the table).
     pub fn join(&self, key: &K) -> Role<K, T> {
         let mut flights = self.lock();
-        if let Some(entry) = flights.get(key) {
-            if !self.is_stale(entry) {
-                return Role::Follower(Waiter {
-                    outcome: entry.outcome.clone(),
-                });
-            }
+        if let Some(entry) = flights.get(key)
+            && !self.is_stale(entry)
+        {
+            return Role::Follower(Waiter {
+                outcome: entry.outcome.clone(),
+            });
         }
         let (tx, rx) = watch::channel(None);
         flights.insert(

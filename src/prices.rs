@@ -215,10 +215,10 @@ impl PriceTable {
         let mut models = HashMap::with_capacity(file.models.len());
         for (name, m) in file.models {
             let at = |what: &str, e: String| format!("models.{name}.{what}: {e}");
-            if let Some(source) = m.source.as_deref() {
-                if !file.sources.contains_key(source) {
-                    return Err(at("source", format!("{source:?} is not in \"sources\"")));
-                }
+            if let Some(source) = m.source.as_deref()
+                && !file.sources.contains_key(source)
+            {
+                return Err(at("source", format!("{source:?} is not in \"sources\"")));
             }
             let optional = |what: &str, v: Option<Value>| {
                 v.map(|v| per_token(&v).map_err(|e| at(what, e)))

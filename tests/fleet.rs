@@ -8,12 +8,13 @@ mod common;
 
 use std::time::Duration;
 
-use tokio::task::JoinHandle;
-
 use common::fleet::{
     self, answers, assert_spent_within_budget, launch, learn_budget, member, replicas, stop,
 };
 use common::{Behaviour, FakeUpstream, Proxy, RedisServer, chat, client, post};
+
+/// The credential the tests' requests carry (as `common::post` sends it).
+const KEY: &str = "Bearer sk-test-key-1";
 
 /// The name of the lease on the cache key `key` (64 hex digits) in the fleet's Redis.
 fn lease_of(key: &str) -> String {
@@ -426,29 +427,6 @@ async fn holding_upstream() -> FakeUpstream {
     .await
 }
 
-/// Asks `proxy` for a streamed answer about `topic`, and returns once its answer has started
-/// (the stream it leads or follows is live), with the task that reads the rest: what arrived
-/// (a stream cut short ends where it was cut, with an error instead of its last chunk).
-async fn ask_stream(c: &reqwest::Client, proxy: &Proxy, topic: &str) -> JoinHandle<String> {
-    let body = serde_json::json!({"model": "gpt-4o-mini", "stream": true,
-        "messages": [{"role": "user", "content": topic}]})
-    .to_string();
-    let request = c
-        .post(proxy.url("/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .header("authorization", "Bearer sk-test-key-1")
-        .body(body);
-    let mut response = request.send().await.expect("sent");
-    assert_eq!(response.status(), 200);
-    tokio::spawn(async move {
-        let mut raw = Vec::new();
-        while let Ok(Some(chunk)) = response.chunk().await {
-            raw.extend_from_slice(&chunk);
-        }
-        String::from_utf8_lossy(&raw).into_owned()
-    })
-}
-
 /// Waits until a stream's relay is in the fleet's Redis, so that replicas asked next follow it.
 async fn relay_started(redis: &RedisServer) {
     common::eventually(|| !redis.command("KEYS *:s:*").starts_with("*0")).await;
@@ -460,13 +438,12 @@ async fn stream_through_a_redis_fault(fault: Fault) {
     };
     let upstream = holding_upstream().await;
     let fleet = replicas(&upstream, &redis.url()).await;
-    let c = client();
     let topic = "a story, interrupted";
-    let leader = ask_stream(&c, &fleet[0], topic).await;
+    let leader = fleet::ask_stream(&fleet[0], topic, KEY).await;
     relay_started(&redis).await;
     let mut followers = Vec::new();
     for proxy in &fleet[1..] {
-        followers.push(ask_stream(&c, proxy, topic).await);
+        followers.push(fleet::ask_stream(proxy, topic, KEY).await);
     }
     let _stalled = match fault {
         Fault::Killed => {
@@ -515,11 +492,10 @@ async fn a_stream_is_never_read_back_from_a_replica_that_only_follows_it() {
     let follower_side = Proxy::advertised(member(&upstream, &redis.url())).await;
     let misnamed = follower_side.url("");
     let leader_side = Proxy::start(member(&upstream, &redis.url()).advertise(misnamed)).await;
-    let c = client();
     let topic = "a story, misdirected";
-    let leader = ask_stream(&c, &leader_side, topic).await;
+    let leader = fleet::ask_stream(&leader_side, topic, KEY).await;
     relay_started(&redis).await;
-    let follower = ask_stream(&c, &follower_side, topic).await;
+    let follower = fleet::ask_stream(&follower_side, topic, KEY).await;
     redis.kill();
     // Before the upstream sends the rest: a follower waiting on itself would never end.
     let cut = tokio::time::timeout(Duration::from_secs(30), follower)

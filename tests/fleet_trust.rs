@@ -42,28 +42,6 @@ fn streamed(topic: &str) -> String {
     .to_string()
 }
 
-/// Sends a streamed request to `proxy` as the holder of `key`, and returns once its answer
-/// started, with the task reading the rest (what arrived).
-async fn ask_stream(proxy: &Proxy, topic: &str, key: &str) -> tokio::task::JoinHandle<String> {
-    let response = client()
-        .post(proxy.url("/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .header("authorization", key)
-        .body(streamed(topic))
-        .send()
-        .await
-        .expect("sent");
-    assert_eq!(response.status(), 200);
-    let mut response = response;
-    tokio::spawn(async move {
-        let mut raw = Vec::new();
-        while let Ok(Some(chunk)) = response.chunk().await {
-            raw.extend_from_slice(&chunk);
-        }
-        String::from_utf8_lossy(&raw).into_owned()
-    })
-}
-
 /// A listener that records every request it receives and answers `404`.
 struct Capture {
     url: String,
@@ -155,7 +133,7 @@ async fn a_planted_peer_address_never_receives_a_client_credential() {
         let leader = replica(&upstream, &redis, secret.clone()).await;
         let follower = replica(&upstream, &redis, secret).await;
         let topic = "a prompt only alice may read";
-        let first = ask_stream(&leader, topic, ALICE).await;
+        let first = common::fleet::ask_stream(&leader, topic, ALICE).await;
         let name = relayed_stream(&redis).await;
         plant_peer(&redis, &name, &capture.url);
         if sealed {
@@ -184,8 +162,9 @@ async fn a_planted_peer_address_never_receives_a_client_credential() {
             let answer = second.await.expect("follower");
             assert!(answer.ends_with("data: [DONE]\n\n"), "{answer}");
         } else {
-            // The follower follows the planted head; Redis going away ends its read there.
-            let second = ask_stream(&follower, topic, ALICE).await;
+            // The follower follows the planted head (which relays nothing); Redis going away
+            // ends its read there.
+            let second = common::fleet::ask_stream_headers(&follower, topic, ALICE).await;
             redis.kill();
             upstream.state.release.notify_one();
             let cut = second.await.expect("follower");
@@ -229,9 +208,9 @@ async fn the_peer_read_back_carries_a_fleet_token_and_nothing_of_the_client() {
     .await;
     let follower = replica(&upstream, &redis, Some(ours())).await;
     let topic = "another prompt only alice may read";
-    let first = ask_stream(&leader, topic, ALICE).await;
+    let first = common::fleet::ask_stream(&leader, topic, ALICE).await;
     relayed_stream(&redis).await;
-    let second = ask_stream(&follower, topic, ALICE).await;
+    let second = common::fleet::ask_stream(&follower, topic, ALICE).await;
     redis.kill();
     let cut = second.await.expect("follower");
     assert!(
@@ -302,9 +281,9 @@ async fn a_slow_stream_is_followed_through_a_healthy_redis() {
     let leader = replica(&upstream, &redis, Some(ours())).await;
     let follower = replica(&upstream, &redis, Some(ours())).await;
     let topic = "think slowly";
-    let first = ask_stream(&leader, topic, ALICE).await;
+    let first = common::fleet::ask_stream(&leader, topic, ALICE).await;
     relayed_stream(&redis).await;
-    let second = ask_stream(&follower, topic, ALICE).await;
+    let second = common::fleet::ask_stream(&follower, topic, ALICE).await;
     let (first, second) = (
         first.await.expect("leader"),
         second.await.expect("follower"),

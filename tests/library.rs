@@ -250,8 +250,7 @@ async fn errors_say_whose_fault_they_are() {
     let e = Dedup::builder()
         .upstream("not a url")
         .build()
-        .err()
-        .expect("bad upstream");
+        .expect_err("bad upstream");
     assert_eq!(e.origin(), Origin::Cache);
 }
 

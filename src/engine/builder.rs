@@ -21,8 +21,9 @@ use crate::prices::PriceTable;
 use crate::store::{DiskStore, StoreLimits};
 use crate::upstream::{Timeouts, Upstream};
 
-/// Builds a [`Dedup`] engine.
-#[derive(Debug, Clone)]
+/// Builds a [`Dedup`] engine. Its `Debug` form names the upstream and Redis without any
+/// user or password in their URLs, and never the fleet secret.
+#[derive(Clone)]
 #[must_use]
 pub struct DedupBuilder {
     upstream: String,
@@ -46,6 +47,44 @@ pub struct DedupBuilder {
     redis_mode: RedisMode,
     prefix_wait: Duration,
     prices: PriceTable,
+}
+
+/// `url` without the user and password it may hold (as logs and debug output may show it);
+/// a text that is no URL is not shown at all.
+fn without_credentials(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) => {
+            let _ = parsed.set_username("");
+            let _ = parsed.set_password(None);
+            parsed.to_string()
+        }
+        Err(_) => "(not a URL)".to_owned(),
+    }
+}
+
+impl std::fmt::Debug for DedupBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DedupBuilder")
+            .field("upstream", &without_credentials(&self.upstream))
+            .field("database", &self.database)
+            .field("memory_bytes", &self.memory_bytes)
+            .field("ttl", &self.ttl)
+            .field("max_body", &self.max_body)
+            .field("max_stream_bytes", &self.max_stream_bytes)
+            .field("shared_cache", &self.shared_cache)
+            .field("credentials", &self.credentials)
+            .field("key_headers", &self.key_headers)
+            .field("verify_window", &self.verify_window)
+            .field("timeouts", &self.timeouts)
+            .field("governor", &self.governor)
+            .field("embeddings", &self.embeddings)
+            .field("redis", &self.redis.as_deref().map(without_credentials))
+            .field("advertise", &self.advertise)
+            .field("fleet_secret", &self.fleet_secret.as_ref().map(|_| "(set)"))
+            .field("redis_mode", &self.redis_mode)
+            .field("prefix_wait", &self.prefix_wait)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for DedupBuilder {
@@ -373,9 +412,32 @@ fn forget(memory: &MemoryTier, disk: Option<&DiskStore>, event: Event) {
             None
         }
     };
-    if let Some(disk) = disk {
-        if let Err(e) = disk.remove(keys) {
-            tracing::warn!(error = %e, "cannot remove entries another replica replaced or purged");
+    if let Some(disk) = disk
+        && let Err(e) = disk.remove(keys)
+    {
+        tracing::warn!(error = %e, "cannot remove entries another replica replaced or purged");
+    }
+}
+
+#[cfg(test)]
+mod debug_tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_shows_no_password_nor_the_fleet_secret() {
+        let builder = DedupBuilder::default()
+            .upstream("https://gateway-user:upstream-pass-123@gateway.internal/v1")
+            .redis("rediss://default:redis-pass-456@cache.internal:6380")
+            .fleet_secret(FleetSecret::new("fleet-secret-789-sixteen").expect("secret"));
+        let shown = format!("{builder:?}");
+        for secret in [
+            "upstream-pass-123",
+            "gateway-user",
+            "redis-pass-456",
+            "fleet-secret-789",
+        ] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
         }
+        assert!(shown.contains("gateway.internal") && shown.contains("cache.internal:6380"));
     }
 }

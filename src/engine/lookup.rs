@@ -181,12 +181,11 @@ impl Engine {
             // Before the flight ends: the other replicas look for it when its lease ends.
             fleet.put(&entry).await;
         }
-        if let Some(disk) = &self.disk {
-            if let Err(e) = disk.put(entry) {
-                if let Some(held) = NOT_QUEUED.open() {
-                    tracing::warn!(error = %crate::error::describe_chain(&e), similar_since = held, "answer kept in memory only");
-                }
-            }
+        if let Some(disk) = &self.disk
+            && let Err(e) = disk.put(entry)
+            && let Some(held) = NOT_QUEUED.open()
+        {
+            tracing::warn!(error = %crate::error::describe_chain(&e), similar_since = held, "answer kept in memory only");
         }
     }
 }

@@ -164,6 +164,17 @@ struct Engine {
     faults: tests::Faults,
 }
 
+impl std::fmt::Debug for Dedup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dedup")
+            .field("upstream", &self.engine.upstream.base())
+            .field("database", &self.engine.disk.is_some())
+            .field("fleet", &self.engine.fleet.is_some())
+            .field("in_flight", &self.in_flight())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Dedup {
     /// A builder with every setting at its default.
     pub fn builder() -> DedupBuilder {
@@ -230,10 +241,10 @@ impl Dedup {
         // 2. A repeat this thread answered from memory before: no key, no lookup. (Not with a
         // shared cache: whether the caller may be answered depends on its partition.)
         let now = SystemTime::now();
-        if !engine.shared_cache {
-            if let Some(entry) = engine.recall(&exact, &controls, now) {
-                return Ok(engine.hit(&entry, now));
-            }
+        if !engine.shared_cache
+            && let Some(entry) = engine.recall(&exact, &controls, now)
+        {
+            return Ok(engine.hit(&entry, now));
         }
         // 3 to 6: key, memory, flight (disk and upstream), render.
         Box::pin(engine.answer_keyed(out, route, controls, exact)).await
@@ -401,10 +412,10 @@ impl Engine {
             return Box::pin(self.pass_through(bypassed)).await;
         }
         // 4. Memory, for callers the cache may answer.
-        if self.may_share(&out.partition) {
-            if let Some(hit) = self.memory_hit(&exact, &keyed.key, &controls).await {
-                return Ok(hit);
-            }
+        if self.may_share(&out.partition)
+            && let Some(hit) = self.memory_hit(&exact, &keyed.key, &controls).await
+        {
+            return Ok(hit);
         }
         // 5. An identical request in flight, or a flight of its own: beyond memory, the
         // fleet's Redis and disk, then the upstream.

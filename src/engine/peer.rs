@@ -58,26 +58,26 @@ impl Dedup {
             cache: CacheStatus::Coalesced,
             key: Some(key),
         };
-        if let Some(flight) = engine.flights.in_progress(&key) {
-            if let Ok(led) = flight.wait().await {
-                // Another partition's flight is this caller's only when answers are shared.
-                if led.by != partition && !engine.shared_cache {
-                    return Err(PeerRefused::NotHere);
-                }
-                return match led.outcome {
-                    FlightOutcome::Live(live) if !live.is_relayed() => Ok(shown(
-                        live.status,
-                        &live.headers,
-                        AnswerBody::Stream(live.subscribe()),
-                    )),
-                    FlightOutcome::Stored { entry, .. } => Ok(shown(
-                        http::StatusCode::from_u16(entry.status).unwrap_or_default(),
-                        &entry.hit_headers,
-                        AnswerBody::Full(entry.body.clone()),
-                    )),
-                    _ => Err(PeerRefused::NotHere),
-                };
+        if let Some(flight) = engine.flights.in_progress(&key)
+            && let Ok(led) = flight.wait().await
+        {
+            // Another partition's flight is this caller's only when answers are shared.
+            if led.by != partition && !engine.shared_cache {
+                return Err(PeerRefused::NotHere);
             }
+            return match led.outcome {
+                FlightOutcome::Live(live) if !live.is_relayed() => Ok(shown(
+                    live.status,
+                    &live.headers,
+                    AnswerBody::Stream(live.subscribe()),
+                )),
+                FlightOutcome::Stored { entry, .. } => Ok(shown(
+                    http::StatusCode::from_u16(entry.status).unwrap_or_default(),
+                    &entry.hit_headers,
+                    AnswerBody::Full(entry.body.clone()),
+                )),
+                _ => Err(PeerRefused::NotHere),
+            };
         }
         match engine.lookup_memory(&key, None).await {
             Some(entry) => Ok(shown(

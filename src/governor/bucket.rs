@@ -99,10 +99,10 @@ impl Bucket {
         if missing <= 0.0 || self.per_second <= 0.0 {
             return Duration::ZERO;
         }
-        if self.stepwise {
-            if let Some(at) = self.full_at {
-                return at.saturating_duration_since(self.at);
-            }
+        if self.stepwise
+            && let Some(at) = self.full_at
+        {
+            return at.saturating_duration_since(self.at);
         }
         // Finite and positive, as every number a bucket learns is; a wait too long to hold is
         // read as an hour, and the queue deadline decides.

@@ -164,13 +164,14 @@ impl FleetInspector {
             .into_iter()
             .filter(|(e, _)| all || selected(e, selection))
             .collect();
-        if let Some(prefix) = &selection.key {
-            if chosen.len() > 1 && !all {
-                return Err(InspectError::AmbiguousKey {
-                    prefix: prefix.clone(),
-                    matches: chosen.iter().take(5).map(|(e, _)| e.key.to_hex()).collect(),
-                });
-            }
+        if let Some(prefix) = &selection.key
+            && chosen.len() > 1
+            && !all
+        {
+            return Err(InspectError::AmbiguousKey {
+                prefix: prefix.clone(),
+                matches: chosen.iter().take(5).map(|(e, _)| e.key.to_hex()).collect(),
+            });
         }
         let keys: Vec<_> = chosen.iter().map(|(e, _)| e.key).collect();
         self.admin.purge(&keys, all).map_err(failed)?;

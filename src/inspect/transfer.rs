@@ -139,23 +139,23 @@ fn import_line(
     if line.trim().is_empty() {
         return Ok(());
     }
-    if number == 1 {
-        if let Ok(header) = serde_json::from_str::<ExportHeader>(line) {
-            let salt = unhex(&header.salt).filter(|s| s.len() == 32);
-            let Some(salt) = salt.filter(|_| header.format == EXPORT_FORMAT) else {
-                return Err(bad("not an llm-dedup export header".into()));
-            };
-            if was_empty {
-                // A new database adopts the salt its entries' keys were made with.
-                tx.execute(
-                    "INSERT OR REPLACE INTO meta (name, value) VALUES ('salt', ?1)",
-                    [&salt],
-                )?;
-            } else {
-                report.salt_mismatch = store::load_or_create_salt(tx)?[..] != salt[..];
-            }
-            return Ok(());
+    if number == 1
+        && let Ok(header) = serde_json::from_str::<ExportHeader>(line)
+    {
+        let salt = unhex(&header.salt).filter(|s| s.len() == 32);
+        let Some(salt) = salt.filter(|_| header.format == EXPORT_FORMAT) else {
+            return Err(bad("not an llm-dedup export header".into()));
+        };
+        if was_empty {
+            // A new database adopts the salt its entries' keys were made with.
+            tx.execute(
+                "INSERT OR REPLACE INTO meta (name, value) VALUES ('salt', ?1)",
+                [&salt],
+            )?;
+        } else {
+            report.salt_mismatch = store::load_or_create_salt(tx)?[..] != salt[..];
         }
+        return Ok(());
     }
     let mut entry = parse_exported(line).map_err(bad)?;
     let body = match (&entry.body, &entry.body_hex) {
@@ -244,10 +244,10 @@ fn in_range(entry: &mut ExportedEntry, now: i64) -> Result<(), &'static str> {
     {
         s.last_hit_at = None;
     }
-    if let Some(model) = &mut s.model {
-        if let Some((cut, _)) = model.char_indices().nth(MAX_MODEL_CHARS) {
-            model.truncate(cut);
-        }
+    if let Some(model) = &mut s.model
+        && let Some((cut, _)) = model.char_indices().nth(MAX_MODEL_CHARS)
+    {
+        model.truncate(cut);
     }
     Ok(())
 }
@@ -271,7 +271,7 @@ pub(super) fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return None;
     }
     (0..text.len())

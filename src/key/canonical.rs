@@ -107,12 +107,12 @@ impl Traits {
             self.private = true;
         }
         // A stored prompt (Responses): its organization's; unversioned, it follows the latest.
-        if let Some(prompt) = map.get("prompt").and_then(Value::as_object) {
-            if prompt.contains_key("id") {
-                self.private = true;
-                if matches!(prompt.get("version"), None | Some(Value::Null)) {
-                    self.mutable = true;
-                }
+        if let Some(prompt) = map.get("prompt").and_then(Value::as_object)
+            && prompt.contains_key("id")
+        {
+            self.private = true;
+            if matches!(prompt.get("version"), None | Some(Value::Null)) {
+                self.mutable = true;
             }
         }
         // Azure On Your Data and Anthropic's remote MCP servers: the caller's own indexes and
@@ -140,15 +140,13 @@ impl Traits {
             }
         }
         // A Responses input item stored by an earlier call.
-        if route == Route::Responses {
-            if let Some(items) = map.get("input").and_then(Value::as_array) {
-                if items
-                    .iter()
-                    .any(|item| item.get("type").and_then(Value::as_str) == Some("item_reference"))
-                {
-                    self.private = true;
-                }
-            }
+        if route == Route::Responses
+            && let Some(items) = map.get("input").and_then(Value::as_array)
+            && items
+                .iter()
+                .any(|item| item.get("type").and_then(Value::as_str) == Some("item_reference"))
+        {
+            self.private = true;
         }
     }
 }

@@ -477,11 +477,11 @@ impl http_body::Body for Guarded {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 this.stall = None;
-                if let Some(data) = frame.data_ref() {
-                    if !this.hold.grow(data.len() as u64) {
-                        this.hold.over.store(true, Ordering::Relaxed);
-                        return Poll::Ready(Some(Err(Cut::OverBound.into())));
-                    }
+                if let Some(data) = frame.data_ref()
+                    && !this.hold.grow(data.len() as u64)
+                {
+                    this.hold.over.store(true, Ordering::Relaxed);
+                    return Poll::Ready(Some(Err(Cut::OverBound.into())));
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

@@ -126,10 +126,10 @@ async fn stats(State(state): State<AppState>) -> Response {
         return error_response(&e);
     };
     let mut cache = state.operator.stats.lock().await;
-    if let Some((at, json)) = &cache.read {
-        if at.elapsed() < STATS_MAX_AGE {
-            return json_bytes(json.clone());
-        }
+    if let Some((at, json)) = &cache.read
+        && at.elapsed() < STATS_MAX_AGE
+    {
+        return json_bytes(json.clone());
     }
     let inspector = cache.inspector.take();
     let prices = state.engine.prices().clone();

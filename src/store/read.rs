@@ -54,10 +54,10 @@ impl ReaderPool {
             }
         };
         let result = f(&conn);
-        if let Ok(mut pool) = self.idle.lock() {
-            if pool.len() < MAX_IDLE_READERS {
-                pool.push(conn);
-            }
+        if let Ok(mut pool) = self.idle.lock()
+            && pool.len() < MAX_IDLE_READERS
+        {
+            pool.push(conn);
         }
         result
     }

@@ -27,13 +27,13 @@ fn migrations() -> Migrations<'static> {
 
 /// Opens (creating if needed) and migrates the database at `path` for writing.
 pub(crate) fn open_for_writing(path: &Path) -> Result<Connection, StoreError> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if !dir.is_dir() {
-            return Err(StoreError::MissingDirectory {
-                path: path.to_owned(),
-                dir: dir.to_owned(),
-            });
-        }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.is_dir()
+    {
+        return Err(StoreError::MissingDirectory {
+            path: path.to_owned(),
+            dir: dir.to_owned(),
+        });
     }
     let open_err = |source| StoreError::Open {
         path: path.to_owned(),

@@ -65,14 +65,14 @@ impl Upkeep {
             return;
         }
         self.last_check = Instant::now();
-        if let Ok(generation) = purge_generation(conn) {
-            if generation != self.generation {
-                self.generation = generation;
-                if let Ok(listener) = self.listener.lock() {
-                    if let Some(listener) = listener.as_ref() {
-                        listener();
-                    }
-                }
+        if let Ok(generation) = purge_generation(conn)
+            && generation != self.generation
+        {
+            self.generation = generation;
+            if let Ok(listener) = self.listener.lock()
+                && let Some(listener) = listener.as_ref()
+            {
+                listener();
             }
         }
         if self.trim.is_none() && self.last_sweep.elapsed() >= self.limits.sweep_interval {

@@ -495,10 +495,10 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
             body["usage"]["prompt_tokens_details"] = json!({"cached_tokens": cached});
         }
     }
-    if let Some(usage) = state.now(|b| b.usage.clone()) {
-        if body.get("usage").is_some() {
-            body["usage"] = usage;
-        }
+    if let Some(usage) = state.now(|b| b.usage.clone())
+        && body.get("usage").is_some()
+    {
+        body["usage"] = usage;
     }
     rate_headers.extend([
         ("x-request-id", format!("req_{n}")),

@@ -39,6 +39,47 @@ pub async fn stop_clean(replicas: Vec<Proxy>) {
     stop(replicas).await;
 }
 
+/// Asks `proxy` for a streamed chat answer about `topic` as the holder of `key`
+/// (`Authorization`), and returns once its first event has arrived (the stream it leads or
+/// follows is live and passing events on), with the task that reads the rest: all that
+/// arrived (a stream cut short ends where it was cut). Waiting for the first event matters:
+/// a follower's answer starts (its headers) before it has read anything from Redis, and a
+/// fault made then would find nothing passed on yet.
+pub async fn ask_stream(proxy: &Proxy, topic: &str, key: &str) -> JoinHandle<String> {
+    stream_from(proxy, topic, key, true).await
+}
+
+/// As [`ask_stream`], returning as soon as the answer's headers are in (for a stream whose
+/// events come only after what the test does next).
+pub async fn ask_stream_headers(proxy: &Proxy, topic: &str, key: &str) -> JoinHandle<String> {
+    stream_from(proxy, topic, key, false).await
+}
+
+async fn stream_from(proxy: &Proxy, topic: &str, key: &str, first: bool) -> JoinHandle<String> {
+    let body = serde_json::json!({"model": "gpt-4o-mini", "stream": true,
+        "messages": [{"role": "user", "content": topic}]})
+    .to_string();
+    let mut response = client()
+        .post(proxy.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .header("authorization", key)
+        .body(body)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), 200);
+    let mut raw = Vec::new();
+    if first && let Ok(Some(chunk)) = response.chunk().await {
+        raw.extend_from_slice(&chunk);
+    }
+    tokio::spawn(async move {
+        while let Ok(Some(chunk)) = response.chunk().await {
+            raw.extend_from_slice(&chunk);
+        }
+        String::from_utf8_lossy(&raw).into_owned()
+    })
+}
+
 /// Posts `body` to `url` in a task of its own.
 pub fn post_in_background(c: &reqwest::Client, url: String, body: String) -> JoinHandle<Seen> {
     let c = c.clone();
