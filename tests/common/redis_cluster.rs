@@ -28,15 +28,26 @@ pub struct RedisCluster {
     _dirs: tempfile::TempDir,
 }
 
-/// A free loopback port whose bus port (+ 10000) is free too.
+/// Ports handed out in this process so far (see [`free_port_pair`]).
+static HANDED_OUT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// A free loopback port whose bus port (+ 10000) is free too, both below the ephemeral range
+/// (32768 and up on Linux) that every other test's `bind(0)` draws from, so that no port
+/// chosen here is taken meanwhile by a port the system hands out. Candidates walk a range
+/// from a point that depends on the process, so parallel tests and processes rarely try the
+/// same one; a node that still cannot bind its port is started again on another
+/// ([`RedisCluster::start`]).
 fn free_port_pair() -> u16 {
     loop {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        if port > 55_000 {
-            continue;
-        }
-        if std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+        let n = HANDED_OUT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let offset = (std::process::id()
+            .wrapping_mul(7919)
+            .wrapping_add(n.wrapping_mul(37)))
+            % 2700;
+        let port = 20_000 + offset as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
+        {
             return port;
         }
     }
@@ -84,17 +95,33 @@ impl RedisCluster {
         let dirs = tempfile::tempdir().expect("tempdir");
         let mut nodes = Vec::new();
         for i in 0..3 {
-            let port = free_port_pair();
             let dir = dirs.path().join(format!("node-{i}"));
             std::fs::create_dir_all(&dir).expect("node dir");
-            let child = match spawn(port, &dir) {
-                Ok(child) => child,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    missing("redis-server");
-                    return None;
+            let mut started = None;
+            for _ in 0..10 {
+                let port = free_port_pair();
+                let mut child = match spawn(port, &dir) {
+                    Ok(child) => child,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        missing("redis-server");
+                        return None;
+                    }
+                    Err(e) => panic!("cannot start redis-server: {e}"),
+                };
+                // Up, and ours: a node that could not bind its port has exited (another
+                // process's node may answer there).
+                let up = poll_blocking(Duration::from_secs(10), || {
+                    answers_ping(port)?;
+                    child.try_wait().ok().flatten().is_none().then_some(())
+                });
+                if up.is_some() && child.try_wait().ok().flatten().is_none() {
+                    started = Some((child, port));
+                    break;
                 }
-                Err(e) => panic!("cannot start redis-server: {e}"),
-            };
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            let (child, port) = started.expect("a cluster node did not start on 10 ports");
             nodes.push(Node {
                 child: Some(child),
                 port,
@@ -102,10 +129,6 @@ impl RedisCluster {
             });
         }
         let cluster = RedisCluster { nodes, _dirs: dirs };
-        for node in &cluster.nodes {
-            poll_blocking(Duration::from_secs(10), || answers_ping(node.port))
-                .expect("a cluster node did not start");
-        }
         let addresses: Vec<String> = cluster
             .nodes
             .iter()
