@@ -166,6 +166,19 @@ impl Fleet {
         opened
     }
 
+    /// `GET name`: the value under `name`, if any, as one call under the fault rule.
+    pub(super) async fn value_at(
+        &self,
+        what: &str,
+        name: &str,
+    ) -> Result<Option<Vec<u8>>, Unavailable> {
+        let name = name.to_owned();
+        self.call(what, |mut c| async move {
+            redis::cmd("GET").arg(name).query_async(&mut c).await
+        })
+        .await
+    }
+
     /// `SET name value PX ms`.
     pub(super) async fn set_px(&self, name: String, value: Vec<u8>, ms: u64) {
         let _: Result<(), Unavailable> = self

@@ -9,11 +9,10 @@
 //! every replica holds on its own.
 
 use std::sync::LazyLock;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use super::seal::{Rejected, Sealed};
 use super::{Fleet, Unavailable};
-use crate::entry::unix_ms;
 
 /// The value of a warm prefix.
 const WARM: &[u8] = b"warm";
@@ -49,14 +48,12 @@ impl Fleet {
         digests: &[([u8; 32], Duration)],
         wait: Duration,
     ) -> Result<PrefixTurn, Unavailable> {
-        let until = unix_ms(SystemTime::now()).saturating_add(wait.as_millis() as i64);
         let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
         let marks: Vec<PrefixMark> = digests
             .iter()
             .map(|(digest, life)| {
                 let name = self.inner.layout.prefix(digest);
-                let me = self.inner.replica.clone().into_bytes();
-                let value = self.seal_value(Sealed::Lease, &name, me, until);
+                let value = self.replica_mark(&name, wait);
                 PrefixMark {
                     name,
                     value,
@@ -151,14 +148,7 @@ impl Fleet {
     /// What the prefix under `name` is now: warm, written by a replica of the fleet, or
     /// nothing (a mark this replica cannot trust counts as nothing).
     async fn prefix_state(&self, name: &str) -> Result<Option<Held>, Unavailable> {
-        let value: Option<Vec<u8>> = {
-            let name = name.to_owned();
-            self.call("prefix", |mut c| async move {
-                redis::cmd("GET").arg(name).query_async(&mut c).await
-            })
-            .await?
-        };
-        Ok(match value {
+        Ok(match self.value_at("prefix", name).await? {
             None => None,
             Some(v) if v == WARM => Some(Held::Warm),
             Some(v) => self

@@ -122,14 +122,9 @@ impl Fleet {
         partition: &Partition,
     ) -> Result<Option<Refusal>, Unavailable> {
         let name = self.inner.layout.refusal(key, partition);
-        let bytes: Option<Vec<u8>> = {
-            let name = name.clone();
-            self.call("get", |mut c| async move {
-                redis::cmd("GET").arg(name).query_async(&mut c).await
-            })
-            .await?
+        let Some(bytes) = self.value_at("get", &name).await? else {
+            return Ok(None);
         };
-        let Some(bytes) = bytes else { return Ok(None) };
         let Some(value) = self.opened(Sealed::Refusal, Rejected::Refusal, &name, &bytes) else {
             return Ok(None);
         };
@@ -144,13 +139,7 @@ impl Fleet {
     /// value is not sealed, or whose time has passed, is nobody's).
     pub(super) async fn lease_held(&self, key: &CacheKey) -> Result<bool, Unavailable> {
         let name = self.inner.layout.lease(key);
-        let holder: Option<Vec<u8>> = {
-            let name = name.clone();
-            self.call("lease", |mut c| async move {
-                redis::cmd("GET").arg(name).query_async(&mut c).await
-            })
-            .await?
-        };
+        let holder = self.value_at("lease", &name).await?;
         Ok(holder.is_some_and(|h| {
             self.opened(Sealed::Lease, Rejected::Lease, &name, &h)
                 .is_some()
@@ -185,9 +174,15 @@ impl Fleet {
     /// the lease's name and good for the lease's lifetime (each renewal writes a new one, so
     /// a lease value copied back later is stale).
     fn lease_value(&self, lease: &str) -> Vec<u8> {
+        self.replica_mark(lease, LEASE)
+    }
+
+    /// This replica's id as it marks what it holds under `name` (a lease, a prefix it
+    /// writes): with a fleet secret, sealed with the name and good for `life` from now.
+    pub(super) fn replica_mark(&self, name: &str, life: Duration) -> Vec<u8> {
         let me = self.inner.replica.clone().into_bytes();
-        let until = unix_ms(SystemTime::now()).saturating_add(LEASE.as_millis() as i64);
-        self.seal_value(Sealed::Lease, lease, me, until)
+        let until = unix_ms(SystemTime::now()).saturating_add(life.as_millis() as i64);
+        self.seal_value(Sealed::Lease, name, me, until)
     }
 
     /// Renews this replica's lease on `key` if it still holds it as `held`: the value it
