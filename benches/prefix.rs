@@ -32,24 +32,31 @@ fn body(question: &str, stream: bool) -> String {
     .to_string()
 }
 
-/// Sends `n` distinct questions at once to `base` as `key`; returns the wall time until the
-/// last answer was read whole.
+/// `n` distinct chat questions about `topic` sharing the system prompt.
+fn questions(n: usize, stream: bool, topic: &str) -> Vec<String> {
+    (0..n)
+        .map(|i| body(&format!("{topic} question {i}?"), stream))
+        .collect()
+}
+
+/// Sends `bodies` at once to `path` of `base` as `key`; returns the wall time until the last
+/// answer was read whole.
 async fn burst(
     client: &reqwest::Client,
     base: &str,
     key: &str,
-    n: usize,
-    stream: bool,
-    topic: &str,
+    path: &str,
+    bodies: Vec<String>,
 ) -> Duration {
     let started = Instant::now();
-    let asked: Vec<_> = (0..n)
-        .map(|i| {
+    let asked: Vec<_> = bodies
+        .into_iter()
+        .map(|body| {
             let request = client
-                .post(format!("{base}/v1/chat/completions"))
+                .post(format!("{base}{path}"))
                 .header("content-type", "application/json")
                 .header("authorization", format!("Bearer {key}"))
-                .body(body(&format!("{topic} question {i}?"), stream));
+                .body(body);
             tokio::spawn(async move {
                 let response = request.send().await.expect("sent");
                 assert_eq!(response.status(), 200);
@@ -114,6 +121,9 @@ async fn learn(client: &reqwest::Client, base: &str, key: &str) {
     assert_eq!(r.status(), 200);
 }
 
+/// Where chat completions go.
+const CHAT: &str = "/v1/chat/completions";
+
 #[tokio::main]
 async fn main() {
     let upstream = FakeUpstream::with(Behaviour {
@@ -139,17 +149,35 @@ async fn main() {
         }
         let (d_share, d_time) = measured(
             &upstream,
-            burst(&client, &direct, &tag("direct"), 16, stream, "cold"),
+            burst(
+                &client,
+                &direct,
+                &tag("direct"),
+                CHAT,
+                questions(16, stream, "cold"),
+            ),
         )
         .await;
         let (h_share, h_time) = measured(
             &upstream,
-            burst(&client, &held, &tag("held"), 16, stream, "cold"),
+            burst(
+                &client,
+                &held,
+                &tag("held"),
+                CHAT,
+                questions(16, stream, "cold"),
+            ),
         )
         .await;
         let (u_share, u_time) = measured(
             &upstream,
-            burst(&client, &unheld, &tag("unheld"), 16, stream, "cold"),
+            burst(
+                &client,
+                &unheld,
+                &tag("unheld"),
+                CHAT,
+                questions(16, stream, "cold"),
+            ),
         )
         .await;
         println!(
@@ -165,12 +193,24 @@ async fn main() {
         // The prefix is warm in each organization now.
         let (d_share, d_time) = measured(
             &upstream,
-            burst(&client, &direct, &tag("direct"), 16, stream, "warm"),
+            burst(
+                &client,
+                &direct,
+                &tag("direct"),
+                CHAT,
+                questions(16, stream, "warm"),
+            ),
         )
         .await;
         let (h_share, h_time) = measured(
             &upstream,
-            burst(&client, &held, &tag("held"), 16, stream, "warm"),
+            burst(
+                &client,
+                &held,
+                &tag("held"),
+                CHAT,
+                questions(16, stream, "warm"),
+            ),
         )
         .await;
         println!(
@@ -196,19 +236,14 @@ async fn main() {
             learn(&client, base, key).await;
         }
         let before = writes(&upstream);
-        let asked: Vec<_> = (0..12)
-            .map(|i| {
-                let request = client
-                    .post(format!("{base}/v1/messages"))
-                    .header("content-type", "application/json")
-                    .header("authorization", format!("Bearer {key}"))
-                    .body(message(i));
-                tokio::spawn(async move { request.send().await.expect("sent").bytes().await })
-            })
-            .collect();
-        for one in asked {
-            one.await.expect("request").expect("read");
-        }
+        burst(
+            &client,
+            base,
+            key,
+            "/v1/messages",
+            (0..12).map(message).collect(),
+        )
+        .await;
         line.push(writes(&upstream) - before);
     }
     let per = line[0] as f64 / 12.0;
