@@ -37,10 +37,17 @@ async fn provider() -> FakeUpstream {
 
 /// Sends `n` distinct questions at once to `url` with `headers`, and returns their answers.
 async fn together(url: &str, n: usize, topic: &str, headers: &[(&str, &str)]) -> Vec<Seen> {
+    let bodies = (0..n).map(|i| ask(&format!("{topic} {i}?")));
+    all_at_once(url, bodies.map(|body| (body, headers.to_vec())).collect()).await
+}
+
+/// Sends each `(body, headers)` to `url` at once, and returns their answers in order.
+async fn all_at_once(url: &str, requests: Vec<(String, Vec<(&str, &str)>)>) -> Vec<Seen> {
     let c = client();
-    let asked: Vec<_> = (0..n)
-        .map(|i| {
-            let (c, url, body) = (c.clone(), url.to_owned(), ask(&format!("{topic} {i}?")));
+    let asked: Vec<_> = requests
+        .into_iter()
+        .map(|(body, headers)| {
+            let (c, url) = (c.clone(), url.to_owned());
             let headers: Vec<(String, String)> = headers
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -209,18 +216,12 @@ async fn other_organizations_never_wait_for_each_other() {
     let upstream = provider().await;
     let proxy = Proxy::start(upstream.engine()).await;
     let url = proxy.url("/v1/chat/completions");
-    let c = client();
-    let asked: Vec<_> = (0..4)
-        .map(|i| {
-            let (c, url) = (c.clone(), url.clone());
-            tokio::spawn(async move {
-                let key = format!("Bearer sk-org-{i}");
-                post(&c, &url, ask("same question?"), &[("authorization", &key)]).await
-            })
-        })
+    let keys: Vec<String> = (0..4).map(|i| format!("Bearer sk-org-{i}")).collect();
+    let requests = keys
+        .iter()
+        .map(|key| (ask("same question?"), vec![("authorization", key.as_str())]))
         .collect();
-    for one in asked {
-        let seen = one.await.expect("request");
+    for seen in all_at_once(&url, requests).await {
         assert_eq!(seen.status, 200);
         assert!(held(&seen).is_none(), "waited for another organization");
     }
@@ -234,20 +235,17 @@ async fn streamed_requests_wait_for_the_writers_first_event() {
     let proxy = Proxy::start(upstream.engine()).await;
     learn_budget(&proxy).await;
     let url = proxy.url("/v1/chat/completions");
-    let c = client();
     let before = tokens(&upstream);
-    let asked: Vec<_> = (0..6)
+    let requests = (0..6)
         .map(|i| {
-            let (c, url) = (c.clone(), url.clone());
             let mut body: serde_json::Value =
                 serde_json::from_str(&ask(&format!("streamed {i}?"))).expect("json");
             body["stream"] = serde_json::Value::Bool(true);
-            tokio::spawn(async move { post(&c, &url, body.to_string(), &[]).await })
+            (body.to_string(), Vec::new())
         })
         .collect();
     let mut waited = 0;
-    for one in asked {
-        let seen = one.await.expect("request");
+    for seen in all_at_once(&url, requests).await {
         assert_eq!(seen.status, 200);
         assert!(seen.raw.ends_with(b"data: [DONE]\n\n"));
         waited += usize::from(held(&seen).is_some());
@@ -300,21 +298,11 @@ async fn an_anthropic_breakpoint_is_written_once() {
             "messages": [{"role": "user", "content": format!("question {i}?")}]})
         .to_string()
     };
-    let send = |base: String, key: &'static str| {
-        let c = client();
-        let asked: Vec<_> = (0..6)
-            .map(|i| {
-                let (c, url, body) = (c.clone(), format!("{base}/v1/messages"), message(i));
-                tokio::spawn(async move { post(&c, &url, body, &[("authorization", key)]).await })
-            })
+    let send = |base: String, key: &'static str| async move {
+        let requests = (0..6)
+            .map(|i| (message(i), vec![("authorization", key)]))
             .collect();
-        async move {
-            let mut seen = Vec::new();
-            for one in asked {
-                seen.push(one.await.expect("request"));
-            }
-            seen
-        }
+        all_at_once(&format!("{base}/v1/messages"), requests).await
     };
     let written = || upstream.state.written_tokens.load(Ordering::SeqCst);
     let before = written();
