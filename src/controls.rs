@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderName};
 
-use crate::headers::{NAMESPACE_HEADER, PREFIX_HEADER, TTL_HEADER};
+use crate::headers::{BUCKET_HEADER, NAMESPACE_HEADER, PREFIX_HEADER, TTL_HEADER};
+use crate::key::MAX_BUCKET;
 
 // Comparing with a `HeaderName` skips parsing the name on every request; a `static` (not a
 // `const`) is not built and dropped on every use.
@@ -53,6 +54,9 @@ pub struct CacheControls {
     pub namespace: String,
     /// `llm-dedup-prefix: off`: never held while another request writes a prefix it shares.
     pub no_prefix_hold: bool,
+    /// `llm-dedup-bucket: N`: keep up to N answers under the request's key, then serve one of
+    /// them at random.
+    pub bucket: Option<u8>,
 }
 
 impl CacheControls {
@@ -84,6 +88,21 @@ impl CacheControls {
                     Ok(v) if v == "on" => false,
                     _ => return Err(format!("{PREFIX_HEADER} must be on or off")),
                 };
+                continue;
+            }
+            if *name == BUCKET_HEADER {
+                let size = value
+                    .to_str()
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u8>().ok())
+                    .filter(|n| (1..=MAX_BUCKET).contains(n))
+                    .ok_or_else(|| {
+                        format!(
+                            "{} must be a whole number of answers from 1 to {MAX_BUCKET}",
+                            BUCKET_HEADER.as_str()
+                        )
+                    })?;
+                c.bucket = c.bucket.or(Some(size));
                 continue;
             }
             if *name != http::header::CACHE_CONTROL {
@@ -192,6 +211,12 @@ mod tests {
         assert!(e.contains("llm-dedup-ttl"));
         assert!(parse(&[("llm-dedup-ttl", "0")]).is_err());
         assert!(parse(&[("llm-dedup-namespace", "two words")]).is_err());
+        for bad in ["0", "21", "-1", "3.0", "three", "", "300"] {
+            let e = parse(&[("llm-dedup-bucket", bad)]).expect_err(bad);
+            assert!(e.contains("llm-dedup-bucket"), "{e}");
+        }
+        let c = parse(&[("llm-dedup-bucket", " 20 ")]).expect("valid");
+        assert_eq!(c.bucket, Some(20));
         assert!(parse(&[("cache-control", "max-age=+5")]).is_err());
         assert!(parse(&[("cache-control", "max-age=")]).is_err());
         for huge in ["18446744073709551615", "18446744073709551616", "315360001"] {

@@ -23,6 +23,31 @@ pub fn unix_ms(t: SystemTime) -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// An answer beyond the first of a bucket (several answers kept under one key for sampled
+/// requests): the key of its bucket, and its place in it. It is stored under
+/// [`CacheKey::slot`] of that key; the first answer of a bucket is stored under the key itself
+/// and has no `Slot`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    /// The key of the bucket (of its first answer).
+    pub of: CacheKey,
+    /// Its place, 1 to [`crate::key::MAX_BUCKET`] - 1.
+    pub index: u8,
+}
+
+impl Slot {
+    /// Where the answer stored under `key`'s bucket at `index` lies: `None` for the first.
+    pub fn at(key: CacheKey, index: u8) -> Option<Slot> {
+        (index > 0).then_some(Slot { of: key, index })
+    }
+
+    /// Whether `key` is the key this answer is stored under (a file or a Redis value may say
+    /// anything: a slot whose key is not derived from its bucket's is not one).
+    pub fn names(&self, key: &CacheKey) -> bool {
+        self.index > 0 && self.index < crate::key::MAX_BUCKET && self.of.slot(self.index) == *key
+    }
+}
+
 /// What the request side knows about an entry before the answer arrives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EntryMeta {
@@ -36,6 +61,8 @@ pub struct EntryMeta {
     pub model: Option<String>,
     /// How long the answer lives.
     pub ttl: Duration,
+    /// Its place in a bucket, when it is not the first answer of its key.
+    pub bucket: Option<Slot>,
 }
 
 /// A complete 2xx answer, as stored.
@@ -67,6 +94,8 @@ pub struct StoredAnswer {
     /// The model the answer reports, when it differs from the request's (a dated snapshot,
     /// or the model behind an Azure deployment): what the provider billed.
     pub billed_model: Option<String>,
+    /// Its place in a bucket, when it is not the first answer of its key.
+    pub bucket: Option<Slot>,
 }
 
 /// What an answer says of its own cost: its token usage and the model it reports.
@@ -225,6 +254,7 @@ impl StoredAnswer {
             body,
             created_at,
             expires_at: created_at.saturating_add(ttl_ms),
+            bucket: meta.bucket,
         }
     }
 
@@ -328,6 +358,7 @@ mod tests {
             route: Route::Embeddings,
             model: None,
             ttl: Duration::from_secs(60),
+            bucket: None,
         };
         let e = StoredAnswer::from_upstream(&meta, StatusCode::OK, &h, Bytes::from_static(b"{}"));
         assert_eq!(e.header_pairs(), vec![("content-type", "application/json")]);

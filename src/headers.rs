@@ -34,6 +34,10 @@ pub const PREFIX_HEADER: &str = "llm-dedup-prefix";
 /// milliseconds.
 pub const PREFIX_WAIT_HEADER: HeaderName = HeaderName::from_static("llm-dedup-prefix-wait");
 
+/// Request header asking for a bucket of up to N answers under the request's key (1 to 20);
+/// response header saying which answer of how many was served (`2/3`).
+pub const BUCKET_HEADER: HeaderName = HeaderName::from_static("llm-dedup-bucket");
+
 /// Tells the official SDKs whether to retry an answer (`true` / `false`).
 pub const SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 /// A wait in milliseconds, sent by OpenAI and Azure on 429s (`retry-after` is `http::header`'s).

@@ -118,6 +118,15 @@ impl<K: Eq + Hash + Clone, T: Clone> InFlight<K, T> {
         })
     }
 
+    /// Starts a flight for `key` if none is in progress (or the one in progress is stale);
+    /// `None` if one is.
+    pub fn lead(&self, key: &K) -> Option<Flight<K, T>> {
+        match self.join(key) {
+            Role::Leader(flight) => Some(flight),
+            Role::Follower(_) => None,
+        }
+    }
+
     /// Whether a flight has published nothing for longer than the table allows.
     fn is_stale(&self, entry: &Entry<T>) -> bool {
         self.stale_after

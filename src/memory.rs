@@ -347,6 +347,7 @@ mod tests {
             route: Route::Embeddings,
             model: None,
             ttl,
+            bucket: None,
         };
         Arc::new(StoredAnswer::from_upstream(
             &meta,

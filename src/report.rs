@@ -11,7 +11,7 @@ use bytesize::ByteSize;
 use comfy_table::{CellAlignment, Table, presets::UTF8_FULL_CONDENSED};
 use indicatif::{ProgressBar, ProgressStyle};
 use llm_dedup::Counts;
-use llm_dedup::inspect::{EntrySummary, Group, Selection, SortBy};
+use llm_dedup::inspect::{EntrySummary, ExportedEntry, Group, Selection, SortBy};
 
 use crate::cli::args::{
     ExportArgs, ImportArgs, ListArgs, PurgeArgs, ShowArgs, SortArg, StatsArgs, read_prices,
@@ -296,7 +296,9 @@ pub(crate) fn stats(args: &StatsArgs) -> Result<()> {
 }
 
 fn entries_table(entries: &[EntrySummary]) -> Table {
-    let mut t = table(&["key", "route", "model", "size", "hits", "age", "expires"]);
+    let mut t = table(&[
+        "key", "route", "model", "answers", "size", "hits", "age", "expires",
+    ]);
     for e in entries {
         t.add_row(vec![
             shown(e.key.get(..12).unwrap_or(&e.key)).into_owned(),
@@ -304,6 +306,7 @@ fn entries_table(entries: &[EntrySummary]) -> Table {
             e.model
                 .as_deref()
                 .map_or_else(|| "-".into(), |m| shown(m).into_owned()),
+            e.answers.to_string(),
             size(e.size),
             e.hit_count.to_string(),
             ago(e.created_at).trim_end_matches(" ago").to_owned(),
@@ -347,6 +350,29 @@ pub(crate) fn show(args: &ShowArgs) -> Result<()> {
     if args.json {
         return print_json(&e);
     }
+    let answers = 1 + e.other_answers.len();
+    let mut all: Vec<&ExportedEntry> = std::iter::once(&e).chain(&e.other_answers).collect();
+    all.sort_by_key(|a| a.summary.slot);
+    for (i, answer) in all.into_iter().enumerate() {
+        if answers > 1 {
+            let this = if answer.summary.key == e.summary.key {
+                " (the key asked)"
+            } else {
+                ""
+            };
+            println!(
+                "{}answer     {} of {answers} in its bucket{this}",
+                if i > 0 { "\n" } else { "" },
+                i + 1
+            );
+        }
+        print_answer(answer)?;
+    }
+    Ok(())
+}
+
+/// One stored answer, for `show`.
+fn print_answer(e: &ExportedEntry) -> Result<()> {
     let s = &e.summary;
     println!("key        {}", shown(&s.key));
     println!("route      {}", shown(&s.route));

@@ -285,6 +285,14 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "LLM_DEDUP_PREFIX_WAIT", default_value = "2s", value_parser = parse_prefix_wait)]
     pub(crate) prefix_wait: Duration,
 
+    /// Answers kept under one key for sampled requests (temperature absent or above 0, top_p
+    /// below 1, or n above 1): while a key holds fewer, a repeat goes upstream and its answer
+    /// is added; then repeats get one of them at random. A request's llm-dedup-bucket header
+    /// overrides it (1 to 20)
+    #[arg(long, env = "LLM_DEDUP_BUCKET", default_value_t = 1, value_name = "N",
+          value_parser = clap::value_parser!(u8).range(1..=20))]
+    pub(crate) bucket: u8,
+
     /// Share answers, in-flight requests and purges with the other replicas through this
     /// Redis or Valkey (redis://HOST:PORT, rediss:// for TLS) [default: no sharing]
     #[arg(long, env = "LLM_DEDUP_REDIS", value_name = "URL", value_parser = parse_redis_url)]

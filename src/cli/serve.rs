@@ -69,6 +69,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
         .shared_cache(args.shared_cache)
         .verify_window(args.verify_window)
         .prefix_wait(args.prefix_wait)
+        .bucket(args.bucket)
         .key_headers(
             llm_dedup::key::KeyHeaders::with_extra(&args.key_headers)
                 .map_err(anyhow::Error::msg)

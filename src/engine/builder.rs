@@ -7,14 +7,14 @@ use std::time::Duration;
 use tokio_util::task::TaskTracker;
 
 use super::{
-    DEFAULT_PREFIX_WAIT, DEFAULT_VERIFY_WINDOW, Dedup, Engine, KnownKeys, Verified, embed,
+    DEFAULT_PREFIX_WAIT, DEFAULT_VERIFY_WINDOW, Dedup, Engine, KnownKeys, Verified, bucket, embed,
 };
 use crate::embeddings::EmbedSettings;
 use crate::error::{Error, ErrorKind};
 use crate::fleet::{Event, Fleet, FleetSecret, FleetSettings, RedisMode, Seal};
 use crate::governor::{Governor, GovernorSettings};
 use crate::inflight::InFlight;
-use crate::key::{CredentialHeaders, KeyHeaders, KeyPolicy};
+use crate::key::{CredentialHeaders, KeyHeaders, KeyPolicy, MAX_BUCKET};
 use crate::memory::MemoryTier;
 use crate::metrics::Metrics;
 use crate::prices::PriceTable;
@@ -46,6 +46,7 @@ pub struct DedupBuilder {
     fleet_secret: Option<FleetSecret>,
     redis_mode: RedisMode,
     prefix_wait: Duration,
+    bucket: u8,
     prices: PriceTable,
 }
 
@@ -83,6 +84,7 @@ impl std::fmt::Debug for DedupBuilder {
             .field("fleet_secret", &self.fleet_secret.as_ref().map(|_| "(set)"))
             .field("redis_mode", &self.redis_mode)
             .field("prefix_wait", &self.prefix_wait)
+            .field("bucket", &self.bucket)
             .finish_non_exhaustive()
     }
 }
@@ -110,6 +112,7 @@ impl Default for DedupBuilder {
             fleet_secret: None,
             redis_mode: RedisMode::Auto,
             prefix_wait: DEFAULT_PREFIX_WAIT,
+            bucket: 1,
             prices: PriceTable::built_in(),
         }
     }
@@ -176,6 +179,16 @@ impl DedupBuilder {
     /// default, [`DEFAULT_PREFIX_WAIT`] (2 seconds).
     pub fn prefix_wait(mut self, wait: Duration) -> Self {
         self.prefix_wait = wait;
+        self
+    }
+
+    /// How many answers to keep under one key for *sampled* requests (a `temperature` absent
+    /// or above 0, a `top_p` below 1, or `n` above 1), 1 to [`MAX_BUCKET`]: while a key holds
+    /// fewer, a request goes upstream and its answer is added; once it holds that many, a
+    /// request is answered with one of them at random. A request's `llm-dedup-bucket` header
+    /// overrides it. By default 1: one answer per key, whatever the request.
+    pub fn bucket(mut self, answers: u8) -> Self {
+        self.bucket = answers;
         self
     }
 
@@ -278,6 +291,15 @@ impl DedupBuilder {
 
     /// Opens the database (if any) and builds the engine.
     pub fn build(self) -> Result<Dedup, Error> {
+        if !(1..=MAX_BUCKET).contains(&self.bucket) {
+            return Err(Error::new(
+                ErrorKind::Cache,
+                format!(
+                    "a bucket holds 1 to {MAX_BUCKET} answers, not {}",
+                    self.bucket
+                ),
+            ));
+        }
         let metrics = Metrics::new();
         let upstream = Upstream::new(&self.upstream, self.timeouts)?
             .counting_timeouts(metrics.upstream_timeouts.clone());
@@ -392,6 +414,8 @@ impl DedupBuilder {
                 series: Default::default(),
                 prefixes: Default::default(),
                 prefix_wait: self.prefix_wait,
+                bucket: self.bucket,
+                served: bucket::Served::default(),
                 #[cfg(test)]
                 faults: Default::default(),
             }),
@@ -402,16 +426,22 @@ impl DedupBuilder {
 /// Drops what this replica holds of entries another replica replaced or purged.
 fn forget(memory: &MemoryTier, disk: Option<&DiskStore>, event: Event) {
     let keys = match event {
-        Event::Replaced(key) | Event::Purged(key) => {
-            let memory = memory.clone();
-            tokio::spawn(async move { memory.remove(&key).await });
-            Some(vec![key])
-        }
+        Event::Replaced(key) => Some(vec![key]),
+        // A purge of a key removes every answer of its bucket.
+        Event::Purged(key) => Some(key.bucket_keys().collect()),
         Event::PurgedAll => {
             memory.clear();
             None
         }
     };
+    if let Some(keys) = &keys {
+        let (memory, keys) = (memory.clone(), keys.clone());
+        tokio::spawn(async move {
+            for key in &keys {
+                memory.remove(key).await;
+            }
+        });
+    }
     if let Some(disk) = disk
         && let Err(e) = disk.remove(keys)
     {

@@ -114,9 +114,26 @@ impl Engine {
             };
             return self.refresh(out, meta, fresh, controls).await;
         }
+        self.fly(out, meta, controls, None).await
+    }
+
+    /// Joins the flight for `meta.key`, or leads it (`lead`: one this request already holds),
+    /// and renders its outcome for this request.
+    pub(super) async fn fly(
+        self: &Arc<Self>,
+        out: Outbound,
+        meta: EntryMeta,
+        controls: &CacheControls,
+        mut lead: Option<LeadFlight>,
+    ) -> Result<Answer, Error> {
+        let key = meta.key;
         let mut foreign = 0;
         loop {
-            let (waiter, role) = match self.flights.join(&key) {
+            let role = match lead.take() {
+                Some(flight) => Role::Leader(flight),
+                None => self.flights.join(&key),
+            };
+            let (waiter, role) = match role {
                 Role::Leader(flight) => {
                     let leader = Leader {
                         engine: self.clone(),

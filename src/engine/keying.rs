@@ -37,6 +37,8 @@ pub(super) struct Keyed {
     /// Its answer follows state the provider can change ([`Traits::mutable`]): cached only
     /// when the caller asks for a lifetime.
     pub mutable: bool,
+    /// It asks for a sample ([`key::is_sampled`]): `--bucket` applies to it.
+    pub sampled: bool,
 }
 
 impl Keyed {
@@ -48,6 +50,7 @@ impl Keyed {
             route,
             model: self.model.clone(),
             ttl: controls.ttl.unwrap_or(ttl),
+            bucket: None,
         }
     }
 }
@@ -220,6 +223,7 @@ impl Engine {
             estimate: governor::estimate_tokens(out.body.len(), body),
             partition: out.partition,
             mutable: traits.mutable,
+            sampled: key::is_sampled(route, body),
         });
         self.known_keys.remember(exact, keyed.clone());
         keyed

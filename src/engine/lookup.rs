@@ -40,18 +40,21 @@ impl Engine {
         young_enough(&entry, controls.max_age).then_some(entry)
     }
 
-    /// A hit from the memory tier, leaving a shortcut for the next repeat of `exact` on this
-    /// thread.
+    /// A hit from the memory tier, leaving a shortcut for the next repeat of `exact` (when
+    /// given) on this thread.
     pub(super) async fn memory_hit(
         &self,
-        exact: &ExactRequest,
+        exact: Option<&ExactRequest>,
         key: &CacheKey,
         controls: &CacheControls,
     ) -> Option<Answer> {
         if controls.no_cache {
             return None;
         }
-        let entry = self.memory.get_via(exact, key).await?;
+        let entry = match exact {
+            Some(exact) => self.memory.get_via(exact, key).await?,
+            None => self.memory.get(key).await?,
+        };
         young_enough(&entry, controls.max_age).then(|| self.hit(&entry, SystemTime::now()))
     }
 

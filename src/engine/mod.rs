@@ -39,6 +39,7 @@
 //! - No request header is ever stored or logged; credentials only enter the key through a
 //!   salted hash.
 
+mod bucket;
 mod builder;
 mod bypass;
 mod classify;
@@ -159,6 +160,10 @@ struct Engine {
     /// The longest a request waits while another writes a prefix it shares (`--prefix-wait`;
     /// zero: never).
     prefix_wait: std::time::Duration,
+    /// Answers kept under one key for sampled requests (`--bucket`; 1: one per key).
+    bucket: u8,
+    /// Which answer of each bucket was served last.
+    served: bucket::Served,
     /// Failures injected by tests.
     #[cfg(test)]
     faults: tests::Faults,
@@ -242,6 +247,7 @@ impl Dedup {
         // shared cache: whether the caller may be answered depends on its partition.)
         let now = SystemTime::now();
         if !engine.shared_cache
+            && controls.bucket.is_none_or(|n| n <= 1)
             && let Some(entry) = engine.recall(&exact, &controls, now)
         {
             return Ok(engine.hit(&entry, now));
@@ -411,15 +417,24 @@ impl Engine {
             let bypassed = out.bypassed(Some(route), model, BypassReason::Mutable);
             return Box::pin(self.pass_through(bypassed)).await;
         }
-        // 4. Memory, for callers the cache may answer.
+        let meta = keyed.meta(route, &controls, self.ttl);
+        // A sampled request may ask for several answers under its key (`bucket.rs`).
+        let bucket = self.bucket_size(&controls, keyed.sampled);
+        if bucket > 1 {
+            return Box::pin(self.from_bucket(out, meta, &controls, bucket)).await;
+        }
+        // 4. Memory, for callers the cache may answer. (No shortcut for these bytes when a
+        // header turned `--bucket` off for them: without it, they would ask for a bucket.)
+        let shortcut = controls.bucket.is_none() || self.bucket == 1 || !keyed.sampled;
         if self.may_share(&out.partition)
-            && let Some(hit) = self.memory_hit(&exact, &keyed.key, &controls).await
+            && let Some(hit) = self
+                .memory_hit(shortcut.then_some(&exact), &keyed.key, &controls)
+                .await
         {
             return Ok(hit);
         }
         // 5. An identical request in flight, or a flight of its own: beyond memory, the
         // fleet's Redis and disk, then the upstream.
-        let meta = keyed.meta(route, &controls, self.ttl);
         Box::pin(self.beyond_memory(out, meta, &controls)).await
     }
 }

@@ -22,11 +22,15 @@ use bytes::Bytes;
 use http::StatusCode;
 
 use crate::answer::Refusal;
-use crate::entry::{Billing, StoredAnswer, billed_model, hit_headers};
+use crate::entry::{Billing, Slot, StoredAnswer, billed_model, hit_headers};
 use crate::key::CacheKey;
 use crate::route::Route;
 
 const ENTRY_TAG: &[u8; 4] = b"LDE2";
+/// An answer beyond the first of a bucket: `LDE3`, the bucket's key (32 bytes) and the
+/// answer's place (one byte), then an entry as `LDE2` writes it after its tag. The first
+/// answer of a key keeps `LDE2`, which replicas of an earlier version read.
+const SLOT_TAG: &[u8; 4] = b"LDE3";
 
 /// Bodies from this size up are deflated when that saves at least an eighth.
 pub const COMPRESS_FROM: usize = 1024;
@@ -124,8 +128,15 @@ impl<'a> Reader<'a> {
 
 /// The Redis form of `entry`.
 pub fn encode_entry(entry: &StoredAnswer) -> Vec<u8> {
-    let mut w = Writer(Vec::with_capacity(entry.body.len() + 160));
-    w.0.extend_from_slice(ENTRY_TAG);
+    let mut w = Writer(Vec::with_capacity(entry.body.len() + 200));
+    match &entry.bucket {
+        None => w.0.extend_from_slice(ENTRY_TAG),
+        Some(slot) => {
+            w.0.extend_from_slice(SLOT_TAG);
+            w.0.extend_from_slice(slot.of.as_bytes());
+            w.0.push(slot.index);
+        }
+    }
     w.0.extend_from_slice(&entry.status.to_le_bytes());
     w.0.extend_from_slice(&entry.created_at.to_le_bytes());
     w.0.extend_from_slice(&entry.expires_at.to_le_bytes());
@@ -191,9 +202,22 @@ fn inflated(small: &[u8], most: u64) -> Option<Vec<u8>> {
 /// its body would inflate past `most` bytes (the largest answer the reader would store).
 pub fn decode_entry(key: CacheKey, bytes: &[u8], most: u64) -> Option<StoredAnswer> {
     let mut r = Reader(bytes);
-    if r.take(4)? != ENTRY_TAG {
-        return None;
-    }
+    let bucket = match r.take(4)? {
+        tag if tag == ENTRY_TAG => None,
+        tag if tag == SLOT_TAG => {
+            let of = CacheKey::from_bytes(r.take(32)?.try_into().ok()?);
+            let slot = Slot {
+                of,
+                index: r.take(1)?[0],
+            };
+            // A value that says it is another key's answer is not this key's.
+            if !slot.names(&key) {
+                return None;
+            }
+            Some(slot)
+        }
+        _ => return None,
+    };
     let status = r.u16()?;
     let created_at = i64::from_le_bytes(r.take(8)?.try_into().ok()?);
     let expires_at = i64::from_le_bytes(r.take(8)?.try_into().ok()?);
@@ -232,6 +256,7 @@ pub fn decode_entry(key: CacheKey, bytes: &[u8], most: u64) -> Option<StoredAnsw
         created_at,
         expires_at,
         usage: billing.usage,
+        bucket,
     })
 }
 
@@ -299,6 +324,7 @@ mod tests {
             route: Route::ChatCompletions,
             model: Some("gpt-4o-mini".into()),
             ttl: std::time::Duration::from_secs(60),
+            bucket: None,
         };
         let mut headers = http::HeaderMap::new();
         headers.insert("content-type", "application/json".parse().expect("value"));
@@ -333,6 +359,23 @@ mod tests {
         }
     }
 
+    #[test]
+    fn an_answer_of_a_bucket_reads_back_with_its_place_and_only_under_its_key() {
+        let mut e = entry();
+        let base = e.key;
+        e.key = base.slot(3);
+        e.bucket = Slot::at(base, 3);
+        let bytes = encode_entry(&e);
+        let back = decode_entry(e.key, &bytes, MAX_INFLATED).expect("decodes");
+        assert_eq!(back.bucket, e.bucket);
+        assert_eq!(back.body, e.body);
+        // Moved under another key (the bucket's own, or another place), it is no answer.
+        assert!(decode_entry(base, &bytes, MAX_INFLATED).is_none());
+        assert!(decode_entry(base.slot(4), &bytes, MAX_INFLATED).is_none());
+        // The first answer keeps the earlier form.
+        assert_eq!(&encode_entry(&entry())[..4], ENTRY_TAG);
+    }
+
     /// A streamed answer: the same framing, id and model in every event.
     fn streamed(events: usize) -> StoredAnswer {
         let key = CacheKey::from_hex(&"ef".repeat(32)).expect("hex");
@@ -342,6 +385,7 @@ mod tests {
             route: Route::ChatCompletions,
             model: Some("gpt-4o-mini".into()),
             ttl: std::time::Duration::from_secs(60),
+            bucket: None,
         };
         let mut body = String::new();
         for i in 0..events {

@@ -8,6 +8,7 @@
 use super::{EntrySummary, ExportedEntry, InspectError, Selection};
 use crate::entry::{StoredAnswer, unix_ms};
 use crate::fleet::{Admin, AdminError, FleetSecret, RedisMode};
+use crate::key::CacheKey;
 
 /// What the fleet's tier holds.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -113,12 +114,29 @@ impl FleetInspector {
         selection: &Selection,
         limit: Option<usize>,
     ) -> Result<Vec<EntrySummary>, InspectError> {
-        let mut found: Vec<EntrySummary> = self
-            .entries()?
-            .into_iter()
-            .filter(|(e, _)| selected(e, selection))
-            .map(|(e, bytes)| summary(&e, bytes))
-            .collect();
+        // One row a key: the answers of a bucket counted together.
+        let mut buckets: std::collections::HashMap<CacheKey, EntrySummary> = Default::default();
+        for (e, bytes) in self.entries()? {
+            if !selected(&e, selection) {
+                continue;
+            }
+            let key = bucket_of(&e);
+            match buckets.entry(key) {
+                std::collections::hash_map::Entry::Vacant(place) => {
+                    let mut row = summary(&e, bytes);
+                    (row.key, row.bucket_of, row.slot) = (key.to_hex(), None, 0);
+                    place.insert(row);
+                }
+                std::collections::hash_map::Entry::Occupied(mut place) => {
+                    let row = place.get_mut();
+                    row.answers += 1;
+                    row.size += bytes;
+                    row.created_at = row.created_at.min(e.created_at);
+                    row.expires_at = row.expires_at.max(e.expires_at);
+                }
+            }
+        }
+        let mut found: Vec<EntrySummary> = buckets.into_values().collect();
         found.sort_by_key(|e| std::cmp::Reverse(e.created_at));
         found.truncate(limit.unwrap_or(usize::MAX));
         Ok(found)
@@ -139,7 +157,16 @@ impl FleetInspector {
             0 => Err(InspectError::UnknownKey(prefix)),
             1 => {
                 let (entry, bytes) = matching.remove(0);
-                Ok(exported(&entry, bytes))
+                let mut shown = exported(&entry, bytes);
+                let bucket = bucket_of(&entry);
+                let mut others: Vec<(StoredAnswer, u64)> = self
+                    .entries()?
+                    .into_iter()
+                    .filter(|(e, _)| bucket_of(e) == bucket && e.key != entry.key)
+                    .collect();
+                others.sort_by_key(|(e, _)| e.bucket.map_or(0, |slot| slot.index));
+                shown.other_answers = others.iter().map(|(e, b)| exported(e, *b)).collect();
+                Ok(shown)
             }
             _ => Err(InspectError::AmbiguousKey {
                 prefix,
@@ -164,8 +191,10 @@ impl FleetInspector {
             .into_iter()
             .filter(|(e, _)| all || selected(e, selection))
             .collect();
+        let buckets: std::collections::HashSet<CacheKey> =
+            chosen.iter().map(|(e, _)| bucket_of(e)).collect();
         if let Some(prefix) = &selection.key
-            && chosen.len() > 1
+            && buckets.len() > 1
             && !all
         {
             return Err(InspectError::AmbiguousKey {
@@ -183,14 +212,21 @@ fn selected(e: &StoredAnswer, s: &Selection) -> bool {
     let now = unix_ms(std::time::SystemTime::now());
     s.model.as_ref().is_none_or(|m| e.model.as_ref() == Some(m))
         && s.route.as_ref().is_none_or(|r| e.route.as_str() == r)
-        && s.key
-            .as_ref()
-            .is_none_or(|k| e.key.to_hex().starts_with(&k.to_ascii_lowercase()))
+        && s.key.as_ref().is_none_or(|k| {
+            // A key selects every answer of its bucket.
+            let k = k.to_ascii_lowercase();
+            e.key.to_hex().starts_with(&k) || bucket_of(e).to_hex().starts_with(&k)
+        })
         && s.older_than.is_none_or(|age| {
             let ms = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
             e.created_at <= now.saturating_sub(ms)
         })
         && (!s.expired || e.expires_at <= now)
+}
+
+/// The key of the bucket an answer belongs to: its own, unless it is a later answer.
+fn bucket_of(e: &StoredAnswer) -> CacheKey {
+    e.bucket.map_or(e.key, |slot| slot.of)
 }
 
 fn summary(e: &StoredAnswer, bytes: u64) -> EntrySummary {
@@ -204,6 +240,9 @@ fn summary(e: &StoredAnswer, bytes: u64) -> EntrySummary {
         created_at: e.created_at,
         expires_at: e.expires_at,
         last_hit_at: None,
+        bucket_of: e.bucket.map(|slot| slot.of.to_hex()),
+        slot: e.bucket.map_or(0, |slot| slot.index),
+        answers: 1,
     }
 }
 
@@ -225,5 +264,6 @@ fn exported(e: &StoredAnswer, bytes: u64) -> ExportedEntry {
         prompt_tokens: e.usage.prompt_tokens,
         completion_tokens: e.usage.completion_tokens,
         total_tokens: e.usage.total_tokens,
+        other_answers: Vec::new(),
     }
 }

@@ -141,6 +141,28 @@ pub struct EntrySummary {
     pub expires_at: i64,
     /// When it was last served (Unix ms).
     pub last_hit_at: Option<i64>,
+    /// When this is one answer beyond the first of a bucket: the bucket's key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bucket_of: Option<String>,
+    /// Its place in that bucket (1 to 19; 0, left out, for the first answer of a key).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub slot: u8,
+    /// How many answers its key holds (more than one for a bucket of sampled answers), in
+    /// `list`; sizes, hits and times are then the bucket's whole.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub answers: u64,
+}
+
+fn is_zero(n: &u8) -> bool {
+    *n == 0
+}
+
+fn one() -> u64 {
+    1
+}
+
+fn is_one(n: &u64) -> bool {
+    *n == 1
 }
 
 /// One entry in full: the form of `show --json` and of each line of `export`.
@@ -165,6 +187,10 @@ pub struct ExportedEntry {
     pub completion_tokens: Option<u64>,
     /// Total tokens of the answer.
     pub total_tokens: Option<u64>,
+    /// In `show`: the other answers of its bucket, in their places (an export has a line
+    /// each).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub other_answers: Vec<ExportedEntry>,
 }
 
 /// The order of `list`.
@@ -200,8 +226,16 @@ pub struct Inspector {
     path: PathBuf,
 }
 
-const SUMMARY_COLUMNS: &str =
-    "key, namespace, route, model, size, hit_count, created_at, expires_at, last_hit_at";
+const SUMMARY_COLUMNS: &str = "key, namespace, route, model, size, hit_count, created_at, \
+     expires_at, last_hit_at, bucket_of, bucket_slot, 1";
+
+/// [`SUMMARY_COLUMNS`] of a whole bucket, grouped by `coalesce(bucket_of, key)`.
+const BUCKET_COLUMNS: &str = "coalesce(bucket_of, key), min(namespace), min(route), min(model), \
+     sum(size), sum(hit_count), min(created_at), max(expires_at), max(last_hit_at), NULL, 0, \
+     count(*)";
+
+/// The columns of a whole entry after its summary's.
+const ENTRY_COLUMNS: &str = "status, headers, body, prompt_tokens, completion_tokens, total_tokens";
 
 fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<EntrySummary> {
     Ok(EntrySummary {
@@ -214,6 +248,34 @@ fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<EntrySummary> {
         created_at: r.get(6)?,
         expires_at: r.get(7)?,
         last_hit_at: r.get(8)?,
+        bucket_of: r.get(9)?,
+        slot: r.get::<_, i64>(10)?.try_into().unwrap_or(0),
+        answers: r.get::<_, i64>(11)?.try_into().unwrap_or(1),
+    })
+}
+
+/// A whole entry: its summary, then [`ENTRY_COLUMNS`].
+fn whole(r: &rusqlite::Row<'_>) -> rusqlite::Result<ExportedEntry> {
+    let headers: String = r.get(13)?;
+    let body: Vec<u8> = r.get(14)?;
+    let tokens = |i: usize| -> rusqlite::Result<Option<u64>> {
+        Ok(r.get::<_, Option<i64>>(i)?
+            .and_then(|n| u64::try_from(n).ok()))
+    };
+    let (body, body_hex) = match String::from_utf8(body) {
+        Ok(text) => (Some(text), None),
+        Err(e) => (None, Some(hex(e.as_bytes()))),
+    };
+    Ok(ExportedEntry {
+        summary: summary(r)?,
+        status: r.get(12)?,
+        headers: serde_json::from_str(&headers).unwrap_or_default(),
+        body,
+        body_hex,
+        prompt_tokens: tokens(15)?,
+        completion_tokens: tokens(16)?,
+        total_tokens: tokens(17)?,
+        other_answers: Vec::new(),
     })
 }
 
@@ -333,7 +395,8 @@ impl Inspector {
         })
     }
 
-    /// Entries matching `selection`, in `order`, at most `limit`.
+    /// Entries matching `selection`, in `order`, at most `limit`: one row a key, the answers
+    /// of a bucket counted together.
     pub fn list(
         &self,
         selection: &Selection,
@@ -346,50 +409,45 @@ impl Inspector {
             ..
         } = self.condition(selection)?;
         let order = match order {
-            SortBy::Recent => "coalesce(last_hit_at, created_at) DESC",
-            SortBy::Hits => "hit_count DESC, coalesce(last_hit_at, created_at) DESC",
-            SortBy::Size => "size DESC",
+            SortBy::Recent => "max(coalesce(last_hit_at, created_at)) DESC",
+            SortBy::Hits => "sum(hit_count) DESC, max(coalesce(last_hit_at, created_at)) DESC",
+            SortBy::Size => "sum(size) DESC",
         };
         let limit = limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
         let sql = format!(
-            "SELECT {SUMMARY_COLUMNS} FROM entries WHERE {condition} ORDER BY {order} LIMIT {limit}"
+            "SELECT {BUCKET_COLUMNS} FROM entries WHERE {condition}
+             GROUP BY coalesce(bucket_of, key) ORDER BY {order} LIMIT {limit}"
         );
         let mut stmt = self.conn.prepare(&sql)?;
         let rows = stmt.query_map(params_from_iter(args.iter()), summary)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// The entry whose key is, or uniquely starts with, `prefix` (at least 4 hex digits).
+    /// The entry whose key is, or uniquely starts with, `prefix` (at least 4 hex digits), with
+    /// the other answers of its bucket.
     pub fn show(&self, prefix: &str) -> Result<ExportedEntry, InspectError> {
-        let key = self.resolve(prefix)?;
+        let mut entry = self.entry(&self.resolve(prefix)?)?;
+        let bucket = entry
+            .summary
+            .bucket_of
+            .clone()
+            .unwrap_or_else(|| entry.summary.key.clone());
         let mut stmt = self.conn.prepare(&format!(
-            "SELECT {SUMMARY_COLUMNS}, status, headers, body, prompt_tokens, completion_tokens,
-                    total_tokens
-             FROM entries WHERE key = ?1"
+            "SELECT {SUMMARY_COLUMNS}, {ENTRY_COLUMNS} FROM entries
+             WHERE (key = ?1 OR bucket_of = ?1) AND key != ?2 ORDER BY bucket_slot"
         ))?;
-        stmt.query_row([&key], |r| {
-            let headers: String = r.get(10)?;
-            let body: Vec<u8> = r.get(11)?;
-            let tokens = |i: usize| -> rusqlite::Result<Option<u64>> {
-                Ok(r.get::<_, Option<i64>>(i)?
-                    .and_then(|n| u64::try_from(n).ok()))
-            };
-            let (body, body_hex) = match String::from_utf8(body) {
-                Ok(text) => (Some(text), None),
-                Err(e) => (None, Some(hex(e.as_bytes()))),
-            };
-            Ok(ExportedEntry {
-                summary: summary(r)?,
-                status: r.get(9)?,
-                headers: serde_json::from_str(&headers).unwrap_or_default(),
-                body,
-                body_hex,
-                prompt_tokens: tokens(12)?,
-                completion_tokens: tokens(13)?,
-                total_tokens: tokens(14)?,
-            })
-        })
-        .map_err(InspectError::from)
+        entry.other_answers = stmt
+            .query_map([&bucket, &entry.summary.key], whole)?
+            .collect::<Result<_, _>>()?;
+        Ok(entry)
+    }
+
+    /// The entry stored under `key` (64 hex digits), alone.
+    fn entry(&self, key: &str) -> Result<ExportedEntry, InspectError> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {SUMMARY_COLUMNS}, {ENTRY_COLUMNS} FROM entries WHERE key = ?1"
+        ))?;
+        stmt.query_row([key], whole).map_err(InspectError::from)
     }
 
     /// Removes the entries matching `selection` and returns them. An empty selection removes
@@ -487,7 +545,9 @@ impl Inspector {
             add("expires_at", "<=", Box::new(now));
         }
         if let Some(key) = &rule.key {
-            add("key", "=", Box::new(key.clone()));
+            // Every answer of its bucket.
+            args.push(Box::new(key.clone()));
+            parts.push(format!("(key = ?{0} OR bucket_of = ?{0})", args.len()));
         }
         Ok(Condition {
             sql: parts.join(" AND "),

@@ -13,7 +13,7 @@ use std::time::SystemTime;
 
 use super::{ExportedEntry, InspectError, Inspector};
 use crate::controls::MAX_TTL;
-use crate::entry::unix_ms;
+use crate::entry::{Slot, unix_ms};
 use crate::headers::REPLAYED_HEADERS;
 use crate::key::CacheKey;
 use crate::route::{MAX_MODEL_CHARS, Route};
@@ -70,7 +70,7 @@ impl Inspector {
         let mut n = 0;
         for key in keys {
             // An entry purged meanwhile is simply not exported.
-            let entry = match self.show(&key) {
+            let entry = match self.entry(&key) {
                 Ok(e) => e,
                 Err(InspectError::Sqlite(rusqlite::Error::QueryReturnedNoRows)) => continue,
                 Err(e) => return Err(e),
@@ -183,7 +183,7 @@ fn import_line(
         n.map(|n| n.min(MAX_TOKENS))
             .and_then(|n| i64::try_from(n).ok())
     };
-    let args: [&dyn ToSql; 15] = [
+    let args: [&dyn ToSql; 17] = [
         &s.key,
         &s.namespace,
         &s.route,
@@ -199,13 +199,15 @@ fn import_line(
         &tokens(entry.completion_tokens),
         &tokens(entry.total_tokens),
         &i64::try_from(size).unwrap_or(i64::MAX),
+        &s.bucket_of,
+        &s.slot,
     ];
     let inserted = tx
         .prepare_cached(
             "INSERT OR IGNORE INTO entries (key, namespace, route, model, status, headers, body,
                 created_at, expires_at, last_hit_at, hit_count, prompt_tokens,
-                completion_tokens, total_tokens, size)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                completion_tokens, total_tokens, size, bucket_of, bucket_slot)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
         )?
         .execute(&args[..])?;
     if inserted == 1 {
@@ -253,9 +255,26 @@ fn in_range(entry: &mut ExportedEntry, now: i64) -> Result<(), &'static str> {
 }
 
 fn parse_exported(line: &str) -> Result<ExportedEntry, String> {
-    let entry: ExportedEntry = serde_json::from_str(line).map_err(|e| e.to_string())?;
+    let mut entry: ExportedEntry = serde_json::from_str(line).map_err(|e| e.to_string())?;
     if CacheKey::from_hex(&entry.summary.key).is_none() || entry.summary.key.len() != 64 {
         return Err(format!("{:?} is not a cache key", entry.summary.key));
+    }
+    let key = CacheKey::from_hex(&entry.summary.key);
+    match (&entry.summary.bucket_of, entry.summary.slot) {
+        (None, 0) => {}
+        (Some(of), index) => {
+            // An answer of a bucket is stored under the key derived for its place, and only
+            // there would a request find it.
+            let slot = CacheKey::from_hex(of).map(|of| Slot { of, index });
+            if !slot.zip(key).is_some_and(|(slot, key)| slot.names(&key)) {
+                return Err(format!(
+                    "{:?} is not the key of answer {index} of bucket {of:?}",
+                    entry.summary.key
+                ));
+            }
+            entry.summary.bucket_of = Some(of.to_ascii_lowercase());
+        }
+        (None, index) => return Err(format!("answer {index} of no bucket")),
     }
     if Route::from_name(&entry.summary.route).is_none() {
         return Err(format!("unknown route {:?}", entry.summary.route));

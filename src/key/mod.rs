@@ -88,6 +88,29 @@ pub use crate::headers::{
     BEHAVIOUR_HEADERS, CONTEXT_HEADERS, CREDENTIAL_HEADERS, FALLBACK_CREDENTIAL_HEADERS,
 };
 
+/// Most answers kept under one key for sampled requests (`llm-dedup-bucket`, `--bucket`).
+pub const MAX_BUCKET: u8 = 20;
+
+/// Whether a request on `route` asks for a sample, whose repeats may rightly differ: a
+/// `temperature` absent (every provider's default is 1) or above 0, a `top_p` below 1, or
+/// more than one choice (`n`). Only the generating routes sample; an embedding or a
+/// moderation is a function of its input.
+pub fn is_sampled(route: Route, body: &Value) -> bool {
+    let generates = matches!(
+        route,
+        Route::ChatCompletions | Route::Completions | Route::Responses | Route::AnthropicMessages
+    );
+    if !generates {
+        return false;
+    }
+    let number = |field: &str| body.get(field).and_then(Value::as_f64);
+    let temperature = body.get("temperature").filter(|v| !v.is_null());
+    temperature.is_none()
+        || number("temperature").is_some_and(|t| t > 0.0)
+        || number("top_p").is_some_and(|p| p < 1.0)
+        || number("n").is_some_and(|n| n > 1.0)
+}
+
 /// Top-level request fields dropped from every cacheable route by default.
 pub const DEFAULT_IGNORED_FIELDS: &[&str] = &[
     "user",
@@ -148,6 +171,31 @@ impl CacheKey {
         put(&mut preimage, &template.0);
         put(&mut preimage, &canonical);
         CacheKey(*blake3::hash(&preimage).as_bytes())
+    }
+
+    /// The key answer `index` (from 0) of this key's bucket is stored under: the key itself
+    /// for the first, a key derived from it for each other. A bucket's size is not part of
+    /// any key: a larger bucket adds answers beside those already stored.
+    pub fn slot(&self, index: u8) -> CacheKey {
+        if index == 0 {
+            return *self;
+        }
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"llm-dedup bucket answer");
+        hasher.update(&self.0);
+        hasher.update(&[index]);
+        CacheKey(*hasher.finalize().as_bytes())
+    }
+
+    /// Every key an answer of this key's bucket can be stored under, the key itself first
+    /// ([`MAX_BUCKET`] of them): what removing "the answers of a key" removes.
+    pub fn bucket_keys(&self) -> impl Iterator<Item = CacheKey> + '_ {
+        (0..MAX_BUCKET).map(|index| self.slot(index))
+    }
+
+    /// The key of these raw bytes.
+    pub fn from_bytes(bytes: [u8; 32]) -> CacheKey {
+        CacheKey(bytes)
     }
 
     /// Parses 64 hex characters (either case); `None` for anything else.
@@ -514,6 +562,43 @@ mod tests {
         );
         assert_eq!(CacheKey::from_hex(&hex), Some(k));
         assert_eq!(CacheKey::from_hex("xyz"), None);
+    }
+
+    #[test]
+    fn a_bucket_has_twenty_distinct_keys_the_first_its_own() {
+        let k = key_of(&json!({"model": "m"}));
+        let keys: Vec<CacheKey> = k.bucket_keys().collect();
+        assert_eq!(keys.len(), usize::from(MAX_BUCKET));
+        assert_eq!(keys[0], k);
+        assert_eq!(keys[2], k.slot(2));
+        let distinct: std::collections::HashSet<_> = keys.iter().collect();
+        assert_eq!(distinct.len(), keys.len());
+        // Another key's bucket shares none of them.
+        let other = key_of(&json!({"model": "n"}));
+        assert!(other.bucket_keys().all(|o| !distinct.contains(&o)));
+    }
+
+    #[test]
+    fn sampled_requests_are_those_that_may_differ() {
+        let chat = Route::ChatCompletions;
+        for sampled in [
+            json!({"model": "m"}),
+            json!({"temperature": 0.7}),
+            json!({"temperature": null}),
+            json!({"temperature": 0, "top_p": 0.9}),
+            json!({"temperature": 0, "n": 3}),
+        ] {
+            assert!(is_sampled(chat, &sampled), "{sampled}");
+            assert!(is_sampled(Route::AnthropicMessages, &sampled), "{sampled}");
+        }
+        for fixed in [
+            json!({"temperature": 0}),
+            json!({"temperature": 0.0, "top_p": 1, "n": 1}),
+        ] {
+            assert!(!is_sampled(chat, &fixed), "{fixed}");
+        }
+        assert!(!is_sampled(Route::Embeddings, &json!({"input": "x"})));
+        assert!(!is_sampled(Route::Moderations, &json!({"input": "x"})));
     }
 
     #[test]

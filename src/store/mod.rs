@@ -359,6 +359,7 @@ mod tests {
             route: Route::ChatCompletions,
             model: Some("gpt-4o-mini".into()),
             ttl,
+            bucket: None,
         };
         let mut h = HeaderMap::new();
         h.insert("content-type", "application/json".parse().expect("value"));

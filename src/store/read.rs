@@ -9,7 +9,7 @@ use bytes::Bytes;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use super::{BUSY_TIMEOUT, StoreError};
-use crate::entry::{Billing, StoredAnswer, billed_model, hit_headers, unix_ms};
+use crate::entry::{Billing, Slot, StoredAnswer, billed_model, hit_headers, unix_ms};
 use crate::key::CacheKey;
 use crate::route::Route;
 
@@ -69,7 +69,8 @@ pub(super) fn read_entry(
     key: CacheKey,
 ) -> Result<Option<StoredAnswer>, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT namespace, route, model, status, headers, body, created_at, expires_at
+        "SELECT namespace, route, model, status, headers, body, created_at, expires_at,
+                bucket_of, bucket_slot
          FROM entries WHERE key = ?1 AND expires_at > ?2",
     )?;
     let row = stmt
@@ -83,10 +84,14 @@ pub(super) fn read_entry(
                 r.get::<_, Vec<u8>>(5)?,
                 r.get::<_, i64>(6)?,
                 r.get::<_, i64>(7)?,
+                r.get::<_, Option<String>>(8)?,
+                r.get::<_, i64>(9)?,
             ))
         })
         .optional()?;
-    let Some((namespace, route, model, status, headers, body, created_at, expires_at)) = row else {
+    let Some((namespace, route, model, status, headers, body, created_at, expires_at, of, index)) =
+        row
+    else {
         return Ok(None);
     };
     let damaged = |what: String| StoreError::Damaged {
@@ -95,6 +100,16 @@ pub(super) fn read_entry(
     };
     let route =
         Route::from_name(&route).ok_or_else(|| damaged(format!("unknown route {route:?}")))?;
+    let bucket = match of {
+        None => None,
+        Some(of) => {
+            let slot = CacheKey::from_hex(&of)
+                .zip(u8::try_from(index).ok())
+                .map(|(of, index)| Slot { of, index })
+                .filter(|slot| slot.names(&key));
+            Some(slot.ok_or_else(|| damaged(format!("not answer {index} of bucket {of:?}")))?)
+        }
+    };
     let pairs: Vec<(String, String)> =
         serde_json::from_str(&headers).map_err(|e| damaged(format!("headers: {e}")))?;
     let headers = StoredAnswer::headers_from_pairs(&pairs);
@@ -113,5 +128,6 @@ pub(super) fn read_entry(
         created_at,
         expires_at,
         usage: billing.usage,
+        bucket,
     }))
 }

@@ -22,6 +22,7 @@ fn migrations() -> Migrations<'static> {
         M::up(include_str!("../../migrations/0004_saved_money.sql")),
         M::up(include_str!("../../migrations/0005_purges.sql")),
         M::up(include_str!("../../migrations/0006_provider_cache.sql")),
+        M::up(include_str!("../../migrations/0007_buckets.sql")),
     ])
 }
 
@@ -122,11 +123,13 @@ pub(crate) struct PurgeRule {
 impl PurgeRule {
     /// Whether the purge selects `entry`.
     pub(crate) fn matches(&self, entry: &StoredAnswer) -> bool {
-        self.key.as_ref().is_none_or(|k| *k == entry.key.to_hex())
-            && self
-                .model
-                .as_ref()
-                .is_none_or(|m| Some(m) == entry.model.as_ref())
+        self.key.as_ref().is_none_or(|k| {
+            // A key selects every answer of its bucket.
+            *k == entry.key.to_hex() || entry.bucket.is_some_and(|slot| *k == slot.of.to_hex())
+        }) && self
+            .model
+            .as_ref()
+            .is_none_or(|m| Some(m) == entry.model.as_ref())
             && self
                 .route
                 .as_ref()

@@ -255,15 +255,17 @@ fn write_all(
         };
         let mut put = tx.prepare_cached(
             "INSERT INTO entries (key, namespace, route, model, status, headers, body, created_at,
-                                  expires_at, prompt_tokens, completion_tokens, total_tokens, size)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+                                  expires_at, prompt_tokens, completion_tokens, total_tokens, size,
+                                  bucket_of, bucket_slot)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
              ON CONFLICT (key) DO UPDATE SET
                 namespace = excluded.namespace, route = excluded.route, model = excluded.model,
                 status = excluded.status, headers = excluded.headers, body = excluded.body,
                 created_at = excluded.created_at, expires_at = excluded.expires_at,
                 prompt_tokens = excluded.prompt_tokens,
                 completion_tokens = excluded.completion_tokens,
-                total_tokens = excluded.total_tokens, size = excluded.size",
+                total_tokens = excluded.total_tokens, size = excluded.size,
+                bucket_of = excluded.bucket_of, bucket_slot = excluded.bucket_slot",
         )?;
         for e in puts.iter().filter(|e| !purged(e)) {
             // Serializing string pairs cannot fail.
@@ -282,6 +284,8 @@ fn write_all(
                 tokens_to_sql(e.usage.completion_tokens),
                 tokens_to_sql(e.usage.total_tokens),
                 i64::try_from(e.size()).unwrap_or(i64::MAX),
+                e.bucket.map(|slot| slot.of.to_hex()),
+                e.bucket.map_or(0, |slot| slot.index),
             ])?;
         }
         // After the puts, so a hit on an entry stored in the same batch finds its row.

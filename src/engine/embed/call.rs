@@ -186,6 +186,7 @@ impl Engine {
             route: Route::Embeddings,
             model: call.model.clone(),
             ttl: first.ttl,
+            bucket: None,
         };
         let response = match self.send_governed(out, &meta).await {
             Ok(Upstreamed::Success(response)) => response,
