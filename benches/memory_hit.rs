@@ -1,6 +1,8 @@
 //! A memory-tier hit through the library (`Dedup::send`), against the same request answered
 //! by the upstream over loopback HTTP as a baseline; and the same hit by an engine whose price
-//! table is empty, which measures what valuing a hit (`llm-dedup-saved-usd`) costs.
+//! table is empty, which measures what valuing a hit (`llm-dedup-saved-usd`) costs; and a hit
+//! from a full bucket of three answers (`llm-dedup-bucket: 3`), which looks up all three and
+//! picks one.
 
 mod support;
 
@@ -19,6 +21,15 @@ fn request() -> http::Request<Full<Bytes>> {
         .expect("valid request")
 }
 
+/// The request, asking for a bucket of three answers.
+fn bucket_request() -> http::Request<Full<Bytes>> {
+    let mut request = request();
+    request
+        .headers_mut()
+        .insert("llm-dedup-bucket", http::HeaderValue::from_static("3"));
+    request
+}
+
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let upstream = rt.block_on(support::serve(support::fixed_app()));
@@ -35,6 +46,13 @@ fn bench(c: &mut Criterion) {
     let engine = engine_with(PriceTable::built_in());
     let no_prices = PriceTable::parse(r#"{"taken": "2026-01-01", "models": {}}"#).expect("empty");
     let unpriced = engine_with(no_prices);
+    let bucketed = engine_with(PriceTable::built_in());
+    for _ in 0..2 {
+        let filled = rt
+            .block_on(bucketed.send(bucket_request()))
+            .expect("filled");
+        assert_eq!(filled.cache, CacheStatus::Miss);
+    }
 
     let mut group = c.benchmark_group("memory_hit");
     for (name, engine, priced) in [
@@ -54,6 +72,15 @@ fn bench(c: &mut Criterion) {
     }
     let client = reqwest::Client::new();
     let url = format!("http://{upstream}/v1/chat/completions");
+    group.bench_function("Dedup::send hit from a bucket of 3", |b| {
+        b.iter(|| {
+            let answer = rt
+                .block_on(bucketed.send(black_box(bucket_request())))
+                .expect("answer");
+            assert_eq!(answer.cache, CacheStatus::Hit);
+            answer
+        })
+    });
     group.bench_function("baseline: upstream over loopback", |b| {
         b.iter(|| {
             rt.block_on(async {

@@ -48,6 +48,13 @@ impl Slot {
     }
 }
 
+/// The key of the request an answer stored under `key` at `bucket` answers: the bucket's
+/// key, for every answer of a bucket (what `llm-dedup-key` says, and what `show` and `purge`
+/// take for the whole bucket).
+pub fn asked_key(key: CacheKey, bucket: Option<Slot>) -> CacheKey {
+    bucket.map_or(key, |slot| slot.of)
+}
+
 /// What the request side knows about an entry before the answer arrives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EntryMeta {
@@ -248,7 +255,7 @@ impl StoredAnswer {
             route: meta.route,
             model: meta.model.clone(),
             status: status.as_u16(),
-            hit_headers: hit_headers(&meta.key, &kept),
+            hit_headers: hit_headers(&asked_key(meta.key, meta.bucket), &kept),
             usage: billing.usage,
             billed_model: billed_model(meta.model.as_deref(), billing.model),
             body,

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::fleet::{SECRET, member, stop_clean};
-use common::{Behaviour, FakeUpstream, Proxy, RedisServer, Seen, client, post, run_cli};
+use common::{FakeUpstream, Proxy, RedisServer, Seen, client, post, run_cli};
 use serde_json::{Value, json};
 
 const CHAT: &str = "/v1/chat/completions";
@@ -49,6 +49,42 @@ async fn answered(proxy: &Proxy, cache: &str) -> f64 {
         .filter(|l| l.starts_with("llm_dedup_requests_total{") && l.contains(cache))
         .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
         .sum()
+}
+
+/// Sends `n` identical sampled requests about `content` into a bucket of `size` at once,
+/// their calls held until all of them wait (so all are in flight together); their answers.
+async fn all_at_once(
+    proxy: &Proxy,
+    upstream: &FakeUpstream,
+    n: usize,
+    content: &'static str,
+    size: &'static str,
+) -> Vec<Seen> {
+    upstream.behave(|b| b.hold = true);
+    let (c, url) = (client(), proxy.url(CHAT));
+    let launched: Vec<_> = (0..n)
+        .map(|_| {
+            let (c, url) = (c.clone(), url.clone());
+            tokio::spawn(async move {
+                post(&c, &url, sampled(content), &[("llm-dedup-bucket", size)]).await
+            })
+        })
+        .collect();
+    common::waiting(&proxy.engine, n).await;
+    release(upstream);
+    let mut answers = Vec::new();
+    for task in launched {
+        let seen = task.await.expect("answered");
+        assert_eq!(seen.status, 200);
+        answers.push(seen);
+    }
+    answers
+}
+
+/// Lets the fake answer what it holds, and answer later calls at once.
+fn release(upstream: &FakeUpstream) {
+    upstream.behave(|b| b.hold = false);
+    upstream.state.release.notify_waiters();
 }
 
 fn cli_json(args: &[&str]) -> Value {
@@ -103,48 +139,18 @@ async fn nine_requests_into_a_bucket_of_three_make_three_calls_and_vary() {
 
 #[tokio::test]
 async fn concurrent_requests_fetch_what_is_missing_and_coalesce_beyond() {
-    let upstream = FakeUpstream::with(Behaviour {
-        delay: Duration::from_millis(400),
-        ..Behaviour::default()
-    })
-    .await;
+    let upstream = FakeUpstream::start().await;
     let proxy = Proxy::over(&upstream).await;
-    let c = client();
-    let url = proxy.url(CHAT);
     // Three into an empty bucket of three: three calls, three answers.
-    let launched: Vec<_> = (0..3)
-        .map(|_| {
-            let (c, url) = (c.clone(), url.clone());
-            tokio::spawn(async move {
-                post(&c, &url, sampled("a name"), &[("llm-dedup-bucket", "3")]).await
-            })
-        })
-        .collect();
-    let mut texts = HashSet::new();
-    for task in launched {
-        let seen = task.await.expect("answered");
-        assert_eq!((seen.status, seen.cache.as_str()), (200, "miss"));
-        texts.insert(text(&seen));
-    }
+    let answers = all_at_once(&proxy, &upstream, 3, "a name", "3").await;
+    let texts: HashSet<String> = answers.iter().map(text).collect();
+    assert!(answers.iter().all(|seen| seen.cache == "miss"));
     assert_eq!((upstream.calls(), texts.len()), (3, 3), "{texts:?}");
 
     // Six into an empty bucket of two: two calls, the four others join them.
-    let launched: Vec<_> = (0..6)
-        .map(|_| {
-            let (c, url) = (c.clone(), url.clone());
-            tokio::spawn(async move {
-                post(&c, &url, sampled("a colour"), &[("llm-dedup-bucket", "2")]).await
-            })
-        })
-        .collect();
-    let mut caches = Vec::new();
-    let mut texts = HashSet::new();
-    for task in launched {
-        let seen = task.await.expect("answered");
-        assert_eq!(seen.status, 200);
-        caches.push(seen.cache.clone());
-        texts.insert(text(&seen));
-    }
+    let answers = all_at_once(&proxy, &upstream, 6, "a colour", "2").await;
+    let texts: HashSet<String> = answers.iter().map(text).collect();
+    let mut caches: Vec<&str> = answers.iter().map(|seen| seen.cache.as_str()).collect();
     assert_eq!(upstream.calls(), 5, "{caches:?}");
     assert_eq!(texts.len(), 2, "{texts:?}");
     caches.sort();
@@ -338,7 +344,14 @@ async fn a_bucket_survives_a_restart_lists_shows_exports_and_purges_whole() {
     for _ in 0..3 {
         let seen = post(&c, &proxy.url(CHAT), sampled("a story"), &bucket).await;
         fetched.insert(text(&seen));
-        key = key.or(seen.key.clone());
+        // Every answer of a bucket names the request's key: the one `show` and `purge` take.
+        assert!(
+            key.is_none() || key == seen.key,
+            "{:?} then {:?}",
+            key,
+            seen.key
+        );
+        key = seen.key.clone();
     }
     // An ordinary entry beside it.
     post(&c, &proxy.url(CHAT), sampled("plain"), &[]).await;
@@ -482,9 +495,11 @@ async fn replicas_of_a_fleet_fill_and_share_one_bucket() {
     ];
     let c = client();
     let bucket = [("llm-dedup-bucket", "3")];
-    // Each replica adds what the bucket misses: three answers in all.
-    for replica in fleet.iter().chain(&fleet) {
-        post(&c, &replica.url(CHAT), sampled("shared"), &bucket).await;
+    // Each replica adds what the bucket misses, and reads what the other added: three
+    // answers in all, never more.
+    for replica in fleet.iter().chain(&fleet).chain(&fleet) {
+        let seen = post(&c, &replica.url(CHAT), sampled("shared"), &bucket).await;
+        assert_eq!(seen.status, 200);
     }
     assert_eq!(upstream.calls(), 3);
     for replica in &fleet {
@@ -539,4 +554,80 @@ async fn replicas_of_a_fleet_fill_and_share_one_bucket() {
     })
     .await;
     stop_clean(fleet).await;
+}
+
+#[tokio::test]
+async fn a_bucket_whose_first_answer_is_gone_is_still_listed_shown_and_purged() {
+    let upstream = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("cache.db");
+    let c = client();
+    let proxy = Proxy::with_db(&upstream, &db).await;
+    let first = post(
+        &c,
+        &proxy.url(CHAT),
+        sampled("fleeting"),
+        &[("llm-dedup-bucket", "3"), ("llm-dedup-ttl", "1")],
+    )
+    .await;
+    for _ in 0..2 {
+        post(
+            &c,
+            &proxy.url(CHAT),
+            sampled("fleeting"),
+            &[("llm-dedup-bucket", "3")],
+        )
+        .await;
+    }
+    proxy.stop().await;
+    let key = first.key.expect("key");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let removed = cli_json(&["purge", "--db", arg(&db), "--expired", "--json"]);
+    assert_eq!(removed.as_array().map(Vec::len), Some(1), "{removed}");
+
+    let listed = cli_json(&["list", "--db", arg(&db), "--json"]);
+    assert_eq!(listed[0]["key"], key.as_str(), "{listed}");
+    assert_eq!(listed[0]["answers"], 2, "{listed}");
+    let shown = cli_json(&["show", "--db", arg(&db), &key[..12], "--json"]);
+    assert_eq!(shown["slot"], 1, "{shown}");
+    assert_eq!(shown["other_answers"].as_array().map(Vec::len), Some(1));
+    let removed = cli_json(&["purge", "--db", arg(&db), "--key", &key[..12], "--json"]);
+    assert_eq!(removed.as_array().map(Vec::len), Some(2), "{removed}");
+    let listed = cli_json(&["list", "--db", arg(&db), "--json"]);
+    assert_eq!(listed, json!([]));
+}
+
+#[tokio::test]
+async fn a_refresh_takes_an_empty_place_and_max_age_counts_only_young_answers() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = Proxy::over(&upstream).await;
+    let c = client();
+    let bucket = [("llm-dedup-bucket", "2")];
+    post(&c, &proxy.url(CHAT), sampled("fresh"), &bucket).await;
+    let refreshed = post(
+        &c,
+        &proxy.url(CHAT),
+        sampled("fresh"),
+        &[("llm-dedup-bucket", "2"), ("cache-control", "no-cache")],
+    )
+    .await;
+    assert_eq!(
+        (refreshed.cache.as_str(), place(&refreshed).as_deref()),
+        ("miss", Some("2/2"))
+    );
+    assert_eq!(upstream.calls(), 2);
+    // Full: repeats are hits; one asking for answers younger than they are fetches anew.
+    let seen = post(&c, &proxy.url(CHAT), sampled("fresh"), &bucket).await;
+    assert_eq!(seen.cache, "hit");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let young = post(
+        &c,
+        &proxy.url(CHAT),
+        sampled("fresh"),
+        &[("llm-dedup-bucket", "2"), ("cache-control", "max-age=1")],
+    )
+    .await;
+    assert_eq!(young.cache, "miss");
+    assert_eq!(upstream.calls(), 3);
+    proxy.stop().await;
 }

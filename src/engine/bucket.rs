@@ -8,11 +8,13 @@
 //! ([`Slot`]) so that the inspector can show a bucket whole and a purge of the key removes it
 //! whole.
 //!
-//! While fewer than N answers are stored, a request fetches one that is missing: it leads the
-//! flight of the first missing answer no flight is fetching yet, so concurrent requests into a
-//! bucket each fetch an answer of their own, up to the number missing; beyond that they join
-//! those flights, as identical requests always do. Once N are stored, one is served at random,
-//! never the one served last for that key when there is another.
+//! While fewer than N answers are in memory, a request leads the flight of the first missing
+//! answer no flight is fetching yet, so concurrent requests into a bucket each fetch an answer
+//! of their own, up to the number missing; beyond that they join those flights, as identical
+//! requests always do. A leader looks for its answer in Redis and on disk first (a bucket
+//! filled by another replica, or before a restart, is read back one answer a request, each a
+//! hit), and calls the upstream only when none is stored. Once N are in memory, one is served
+//! at random, never the one served last for that key when there is another.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -79,13 +81,18 @@ impl Engine {
         size: u8,
     ) -> Result<Answer, Error> {
         let bucket = meta.key;
-        let found = self
-            .lookup_many((0..size).map(|index| bucket.slot(index)), controls.max_age)
-            .await;
-        let stored: Vec<(u8, Arc<StoredAnswer>)> = (0..size)
-            .zip(found)
-            .filter_map(|(index, entry)| Some((index, entry?)))
-            .collect();
+        // Memory only: an answer only Redis or the disk holds is found by the leader of its
+        // place (and then served as a hit), so a request reads those tiers for one answer at
+        // most, and one that joins a flight reads them not at all.
+        let mut stored: Vec<(u8, Arc<StoredAnswer>)> = Vec::with_capacity(size.into());
+        for index in 0..size {
+            if let Some(entry) = self
+                .lookup_memory(&bucket.slot(index), controls.max_age)
+                .await
+            {
+                stored.push((index, entry));
+            }
+        }
         let may_read = !controls.no_cache && self.may_share(&out.partition);
         let full = stored.len() == usize::from(size);
         if may_read && (full || (controls.only_if_cached && !stored.is_empty())) {
@@ -111,9 +118,16 @@ impl Engine {
         }
         // Every missing answer is being fetched (join one of those flights), or this request
         // must not read the cache (an answer of its own takes a place no answer holds, or
-        // replaces one), or it only reads it (the first answer, as any request would).
+        // replaces one), or it only reads it (an answer on its way, else the first answer
+        // from Redis or disk, as any request would).
+        let in_flight = || {
+            missing
+                .iter()
+                .copied()
+                .find(|&index| self.flights.in_progress(&bucket.slot(index)).is_some())
+        };
         let index = match (controls.only_if_cached, missing.len()) {
-            (true, _) => 0,
+            (true, _) => in_flight().unwrap_or(0),
             (false, 0) => rand::random_range(0..size),
             (false, n) => missing[rand::random_range(0..n)],
         };

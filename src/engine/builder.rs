@@ -425,25 +425,30 @@ impl DedupBuilder {
 
 /// Drops what this replica holds of entries another replica replaced or purged.
 fn forget(memory: &MemoryTier, disk: Option<&DiskStore>, event: Event) {
+    let buckets = matches!(event, Event::Purged(_));
     let keys = match event {
-        Event::Replaced(key) => Some(vec![key]),
-        // A purge of a key removes every answer of its bucket.
-        Event::Purged(key) => Some(key.bucket_keys().collect()),
+        Event::Replaced(key) => {
+            let memory = memory.clone();
+            tokio::spawn(async move { memory.remove(&key).await });
+            Some(vec![key])
+        }
+        Event::Purged(key) => {
+            // Every answer of its bucket (the disk removes them by the bucket's key).
+            let memory = memory.clone();
+            tokio::spawn(async move {
+                for answer in key.bucket_keys() {
+                    memory.remove(&answer).await;
+                }
+            });
+            Some(vec![key])
+        }
         Event::PurgedAll => {
             memory.clear();
             None
         }
     };
-    if let Some(keys) = &keys {
-        let (memory, keys) = (memory.clone(), keys.clone());
-        tokio::spawn(async move {
-            for key in &keys {
-                memory.remove(key).await;
-            }
-        });
-    }
     if let Some(disk) = disk
-        && let Err(e) = disk.remove(keys)
+        && let Err(e) = disk.remove(keys, buckets)
     {
         tracing::warn!(error = %e, "cannot remove entries another replica replaced or purged");
     }

@@ -9,7 +9,7 @@ use super::Engine;
 use super::count::{Saved, answered, route_name};
 use super::flight::FlightOutcome;
 use crate::answer::{Answer, AnswerBody, CacheStatus};
-use crate::entry::{EntryMeta, StoredAnswer, replayed_headers};
+use crate::entry::{EntryMeta, StoredAnswer, asked_key, replayed_headers};
 use crate::error::Error;
 use crate::headers::{CACHE_HEADER, KEY_HEADER, SAVED_HEADER};
 
@@ -96,13 +96,14 @@ impl Engine {
                     replayed_headers(&live.headers)
                 };
                 headers.insert(CACHE_HEADER, role.header_value());
-                set_header(&mut headers, KEY_HEADER, &meta.key.to_hex());
+                let key = asked_key(meta.key, meta.bucket);
+                set_header(&mut headers, KEY_HEADER, &key.to_hex());
                 Ok(Answer {
                     status: live.status,
                     headers,
                     body: AnswerBody::Stream(live.subscribe()),
                     cache: role,
-                    key: Some(meta.key),
+                    key: Some(key),
                 })
             }
             FlightOutcome::Failed(e) => Err(e),
@@ -141,7 +142,7 @@ fn answer_with(entry: &StoredAnswer, headers: HeaderMap, cache: CacheStatus) -> 
         headers,
         body: AnswerBody::Full(entry.body.clone()),
         cache,
-        key: Some(entry.key),
+        key: Some(asked_key(entry.key, entry.bucket)),
     }
 }
 

@@ -140,9 +140,15 @@ impl Admin {
         Ok(out)
     }
 
-    /// Deletes the stored answers under `keys` and tells every replica (each key, or
-    /// everything when `all`).
-    pub fn purge(&mut self, keys: &[CacheKey], all: bool) -> Result<(), AdminError> {
+    /// Deletes the stored answers under `keys` and tells every replica: that the keys of
+    /// `buckets` were purged (each with every answer of its bucket), or everything when
+    /// `all`.
+    pub fn purge(
+        &mut self,
+        keys: &[CacheKey],
+        buckets: &[CacheKey],
+        all: bool,
+    ) -> Result<(), AdminError> {
         if self.cluster {
             // A master that is down keeps its entries, and they would come back with it.
             let info: String = redis::cmd("CLUSTER")
@@ -166,14 +172,13 @@ impl Admin {
             } else {
                 let _: i64 = redis::cmd("DEL").arg(&names).query(self.conn.as_mut())?;
             }
-            if !all {
-                for key in page {
-                    self.announce(Says::Purged(*key))?;
-                }
-            }
         }
         if all {
             self.announce(Says::PurgedAll)?;
+        } else {
+            for key in buckets {
+                self.announce(Says::Purged(*key))?;
+            }
         }
         Ok(())
     }

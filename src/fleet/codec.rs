@@ -22,7 +22,7 @@ use bytes::Bytes;
 use http::StatusCode;
 
 use crate::answer::Refusal;
-use crate::entry::{Billing, Slot, StoredAnswer, billed_model, hit_headers};
+use crate::entry::{Billing, Slot, StoredAnswer, asked_key, billed_model, hit_headers};
 use crate::key::CacheKey;
 use crate::route::Route;
 
@@ -251,7 +251,7 @@ pub fn decode_entry(key: CacheKey, bytes: &[u8], most: u64) -> Option<StoredAnsw
         billed_model: billed_model(model.as_deref(), billing.model),
         model,
         status,
-        hit_headers: hit_headers(&key, &headers),
+        hit_headers: hit_headers(&asked_key(key, bucket), &headers),
         body,
         created_at,
         expires_at,

@@ -148,35 +148,42 @@ impl FleetInspector {
         if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(InspectError::InvalidKey(prefix));
         }
-        let mut matching: Vec<(StoredAnswer, u64)> = self
-            .entries()?
-            .into_iter()
-            .filter(|(e, _)| e.key.to_hex().starts_with(&prefix))
+        let entries = self.entries()?;
+        // A stored answer's key, or a bucket's (whose first answer may be gone).
+        let named: std::collections::BTreeSet<CacheKey> = entries
+            .iter()
+            .filter_map(|(e, _)| {
+                let bucket = bucket_of(e);
+                if e.key.to_hex().starts_with(&prefix) {
+                    Some(e.key)
+                } else {
+                    bucket.to_hex().starts_with(&prefix).then_some(bucket)
+                }
+            })
             .collect();
-        match matching.len() {
-            0 => Err(InspectError::UnknownKey(prefix)),
-            1 => {
-                let (entry, bytes) = matching.remove(0);
-                let mut shown = exported(&entry, bytes);
-                let bucket = bucket_of(&entry);
-                let mut others: Vec<(StoredAnswer, u64)> = self
-                    .entries()?
-                    .into_iter()
-                    .filter(|(e, _)| bucket_of(e) == bucket && e.key != entry.key)
-                    .collect();
-                others.sort_by_key(|(e, _)| e.bucket.map_or(0, |slot| slot.index));
-                shown.other_answers = others.iter().map(|(e, b)| exported(e, *b)).collect();
-                Ok(shown)
-            }
-            _ => Err(InspectError::AmbiguousKey {
+        if named.len() > 1 {
+            return Err(InspectError::AmbiguousKey {
                 prefix,
-                matches: matching
-                    .iter()
-                    .take(5)
-                    .map(|(e, _)| e.key.to_hex())
-                    .collect(),
-            }),
+                matches: named.iter().take(5).map(CacheKey::to_hex).collect(),
+            });
         }
+        let Some(&key) = named.first() else {
+            return Err(InspectError::UnknownKey(prefix));
+        };
+        let bucket = entries
+            .iter()
+            .find(|(e, _)| e.key == key)
+            .map_or(key, |(e, _)| bucket_of(e));
+        let mut answers: Vec<&(StoredAnswer, u64)> = entries
+            .iter()
+            .filter(|(e, _)| bucket_of(e) == bucket)
+            .collect();
+        answers.sort_by_key(|(e, _)| e.bucket.map_or(0, |slot| slot.index));
+        let at = answers.iter().position(|(e, _)| e.key == key).unwrap_or(0);
+        let (entry, bytes) = answers.remove(at);
+        let mut shown = exported(entry, *bytes);
+        shown.other_answers = answers.iter().map(|(e, b)| exported(e, *b)).collect();
+        Ok(shown)
     }
 
     /// Removes the entries matching `selection` (all of them with `all`) and tells every
@@ -203,7 +210,8 @@ impl FleetInspector {
             });
         }
         let keys: Vec<_> = chosen.iter().map(|(e, _)| e.key).collect();
-        self.admin.purge(&keys, all).map_err(failed)?;
+        let buckets: Vec<_> = buckets.into_iter().collect();
+        self.admin.purge(&keys, &buckets, all).map_err(failed)?;
         Ok(chosen.iter().map(|(e, b)| summary(e, *b)).collect())
     }
 }

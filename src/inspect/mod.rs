@@ -424,21 +424,35 @@ impl Inspector {
     }
 
     /// The entry whose key is, or uniquely starts with, `prefix` (at least 4 hex digits), with
-    /// the other answers of its bucket.
+    /// the other answers of its bucket. The key of a bucket whose first answer is gone shows
+    /// the first of those left.
     pub fn show(&self, prefix: &str) -> Result<ExportedEntry, InspectError> {
-        let mut entry = self.entry(&self.resolve(prefix)?)?;
-        let bucket = entry
-            .summary
-            .bucket_of
-            .clone()
-            .unwrap_or_else(|| entry.summary.key.clone());
+        let key = self.resolve(prefix)?;
+        let bucket: String = self
+            .conn
+            .query_row(
+                "SELECT coalesce(bucket_of, key) FROM entries WHERE key = ?1",
+                [&key],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or_else(|| key.clone());
         let mut stmt = self.conn.prepare(&format!(
             "SELECT {SUMMARY_COLUMNS}, {ENTRY_COLUMNS} FROM entries
-             WHERE (key = ?1 OR bucket_of = ?1) AND key != ?2 ORDER BY bucket_slot"
+             WHERE key = ?1 OR bucket_of = ?1 ORDER BY bucket_slot"
         ))?;
-        entry.other_answers = stmt
-            .query_map([&bucket, &entry.summary.key], whole)?
+        let mut answers: Vec<ExportedEntry> = stmt
+            .query_map([&bucket], whole)?
             .collect::<Result<_, _>>()?;
+        if answers.is_empty() {
+            return Err(InspectError::UnknownKey(key));
+        }
+        let at = answers
+            .iter()
+            .position(|a| a.summary.key == key)
+            .unwrap_or(0);
+        let mut entry = answers.remove(at);
+        entry.other_answers = answers;
         Ok(entry)
     }
 
@@ -487,8 +501,11 @@ impl Inspector {
         if prefix.len() < 4 || prefix.len() > 64 || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(InspectError::InvalidKey(prefix));
         }
+        // A stored answer's key, or a bucket's (whose first answer may be gone).
         let mut stmt = self.conn.prepare(
-            "SELECT key FROM entries WHERE key >= ?1 AND key < ?1 || 'g' ORDER BY key LIMIT 3",
+            "SELECT key FROM entries WHERE key >= ?1 AND key < ?1 || 'g'
+             UNION SELECT bucket_of FROM entries WHERE bucket_of >= ?1 AND bucket_of < ?1 || 'g'
+             ORDER BY 1 LIMIT 3",
         )?;
         let matches = stmt
             .query_map([&prefix], |r| r.get::<_, String>(0))?

@@ -260,10 +260,11 @@ impl DiskStore {
     }
 
     /// Queues the removal of the entries under `keys`, or of every entry (`None`): another
-    /// replica replaced or purged them. Removed with the next commit, with the answers queued
-    /// for them before it.
-    pub fn remove(&self, keys: Option<Vec<CacheKey>>) -> Result<(), StoreError> {
-        self.send(WriteOp::Remove(keys))
+    /// replica replaced or purged them. With `buckets`, every answer of their buckets goes too
+    /// (a purge; a replaced answer is only that one). Removed with the next commit, with the
+    /// answers queued for them before it.
+    pub fn remove(&self, keys: Option<Vec<CacheKey>>, buckets: bool) -> Result<(), StoreError> {
+        self.send(WriteOp::Remove(keys, buckets))
     }
 
     /// Counts a hit on `key` at `now` (hit count and last-hit time) and adds `counts` to the
@@ -495,7 +496,7 @@ mod tests {
         store.put(kept.clone()).expect("queued");
         store.put(removed.clone()).expect("queued");
         store.flush().await.expect("flush");
-        store.remove(Some(vec![removed.key])).expect("sent");
+        store.remove(Some(vec![removed.key]), false).expect("sent");
         store.send(WriteOp::ReadOnly(false)).expect("sent");
         store.flush().await.expect("flush");
         assert!(get(&store, kept.key).await.is_some(), "another key stays");
@@ -507,7 +508,7 @@ mod tests {
 
         store.send(WriteOp::ReadOnly(true)).expect("sent");
         store.put(all.clone()).expect("queued");
-        store.remove(None).expect("sent");
+        store.remove(None, false).expect("sent");
         store.send(WriteOp::ReadOnly(false)).expect("sent");
         store.flush().await.expect("flush");
         assert_eq!(

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use super::{BUSY_TIMEOUT, StoreError};
-use crate::entry::{Billing, Slot, StoredAnswer, billed_model, hit_headers, unix_ms};
+use crate::entry::{Billing, Slot, StoredAnswer, asked_key, billed_model, hit_headers, unix_ms};
 use crate::key::CacheKey;
 use crate::route::Route;
 
@@ -123,7 +123,7 @@ pub(super) fn read_entry(
         billed_model: billed_model(model.as_deref(), billing.model),
         model,
         status,
-        hit_headers: hit_headers(&key, &headers),
+        hit_headers: hit_headers(&asked_key(key, bucket), &headers),
         body: Bytes::from(body),
         created_at,
         expires_at,

@@ -27,8 +27,9 @@ pub(super) enum WriteOp {
     Flush(oneshot::Sender<()>),
     /// Commit everything queued before, answer, and stop.
     Shutdown(oneshot::Sender<()>),
-    /// Remove these entries (all of them with `None`).
-    Remove(Option<Vec<crate::key::CacheKey>>),
+    /// Remove these entries (all of them with `None`); with `true`, every answer of their
+    /// buckets too.
+    Remove(Option<Vec<crate::key::CacheKey>>, bool),
     /// Make the write connection read-only (`true`) or writable again: a file that turns
     /// read-only, as a test needs it.
     #[cfg(test)]
@@ -147,12 +148,15 @@ impl Writer {
                     done.acks.push(ack);
                     done.stop = true;
                 }
-                WriteOp::Remove(keys) => {
+                WriteOp::Remove(keys, buckets) => {
                     // Answers queued before the removal go with it.
                     let before = puts.len();
                     let mut dropped = 0;
                     puts.retain(|e| {
-                        let keep = keys.as_ref().is_some_and(|keys| !keys.contains(&e.key));
+                        let keep = keys.as_ref().is_some_and(|keys| {
+                            let of = e.bucket.map(|slot| slot.of).filter(|_| buckets);
+                            !keys.contains(&e.key) && of.is_none_or(|of| !keys.contains(&of))
+                        });
                         if !keep {
                             dropped += e.size();
                         }
@@ -161,7 +165,7 @@ impl Writer {
                     if puts.len() < before {
                         self.shared.bytes.fetch_sub(dropped, Ordering::Relaxed);
                     }
-                    if let Err(e) = remove(&mut self.conn, keys.as_deref()) {
+                    if let Err(e) = remove(&mut self.conn, keys.as_deref(), buckets) {
                         self.shared.errors.fetch_add(1, Ordering::Relaxed);
                         if let Some(held) = self.gate.open() {
                             tracing::error!(error = %e, failures_since_last_line = held,
@@ -212,10 +216,12 @@ impl Writer {
     }
 }
 
-/// Removes the entries under `keys`, or every entry.
+/// Removes the entries under `keys` (with `buckets`, and the other answers of their buckets),
+/// or every entry.
 fn remove(
     conn: &mut Connection,
     keys: Option<&[crate::key::CacheKey]>,
+    buckets: bool,
 ) -> Result<(), rusqlite::Error> {
     let tx = conn.transaction()?;
     match keys {
@@ -223,7 +229,11 @@ fn remove(
             tx.execute("DELETE FROM entries", [])?;
         }
         Some(keys) => {
-            let mut delete = tx.prepare_cached("DELETE FROM entries WHERE key = ?1")?;
+            let mut delete = tx.prepare_cached(if buckets {
+                "DELETE FROM entries WHERE key = ?1 OR bucket_of = ?1"
+            } else {
+                "DELETE FROM entries WHERE key = ?1"
+            })?;
             for key in keys {
                 delete.execute([key.to_hex()])?;
             }
