@@ -23,10 +23,7 @@ const LATENCY: Duration = Duration::from_millis(100);
 async fn proxy(upstream: SocketAddr, window: Duration, db: Option<&std::path::Path>) -> SocketAddr {
     let mut builder = Dedup::builder()
         .upstream(format!("http://{upstream}"))
-        .embeddings(EmbedSettings {
-            batch_window: window,
-            ..EmbedSettings::default()
-        });
+        .embeddings(EmbedSettings::default().batch_window(window));
     if let Some(db) = db {
         builder = builder.database(db);
     }

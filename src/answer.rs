@@ -30,15 +30,6 @@ pub enum CacheStatus {
 }
 
 impl CacheStatus {
-    /// Every status, in the order of their discriminants.
-    pub const ALL: [CacheStatus; 5] = [
-        CacheStatus::Hit,
-        CacheStatus::Miss,
-        CacheStatus::Coalesced,
-        CacheStatus::Partial,
-        CacheStatus::Bypass,
-    ];
-
     /// The value of the `llm-dedup-cache` header.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -56,7 +47,9 @@ impl CacheStatus {
     }
 }
 
-/// The body of an [`Answer`].
+/// The body of an [`Answer`]: an [`http_body::Body`], so an answer is an
+/// `http::Response<AnswerBody>` (`Answer::into`) for any hyper, axum or tower stack.
+#[non_exhaustive]
 pub enum AnswerBody {
     /// A complete body.
     Full(Bytes),
@@ -73,9 +66,43 @@ impl std::fmt::Debug for AnswerBody {
     }
 }
 
+impl http_body::Body for AnswerBody {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Error>>> {
+        use futures_util::Stream;
+        match self.get_mut() {
+            AnswerBody::Full(bytes) if bytes.is_empty() => std::task::Poll::Ready(None),
+            AnswerBody::Full(bytes) => {
+                std::task::Poll::Ready(Some(Ok(http_body::Frame::data(std::mem::take(bytes)))))
+            }
+            AnswerBody::Stream(stream) => std::pin::Pin::new(stream)
+                .poll_next(cx)
+                .map(|next| next.map(|chunk| chunk.map(http_body::Frame::data))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self, AnswerBody::Full(bytes) if bytes.is_empty())
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            AnswerBody::Full(bytes) => http_body::SizeHint::with_exact(bytes.len() as u64),
+            AnswerBody::Stream(_) => http_body::SizeHint::default(),
+        }
+    }
+}
+
 /// An answer to one request. Its headers already carry `llm-dedup-cache`, `llm-dedup-key`
-/// (when the request had a key) and `age` (on hits).
+/// (when the request had a key) and `age` (on hits). `http::Response::from(answer)` makes it
+/// a response for any HTTP stack.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct Answer {
     /// The HTTP status.
     pub status: StatusCode,
@@ -99,6 +126,16 @@ impl Answer {
                 Ok(chunks.concat().into())
             }
         }
+    }
+}
+
+impl From<Answer> for http::Response<AnswerBody> {
+    /// The answer's status, headers (the cache's own included) and body.
+    fn from(answer: Answer) -> http::Response<AnswerBody> {
+        let mut response = http::Response::new(answer.body);
+        *response.status_mut() = answer.status;
+        *response.headers_mut() = answer.headers;
+        response
     }
 }
 

@@ -37,6 +37,7 @@ pub const MAX_TOKENS: u64 = 300_000;
 
 /// How concurrent embedding requests are merged into upstream calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct EmbedSettings {
     /// How long the first input headed upstream waits for others (same model, options,
     /// `user` and credential) to share its call. Zero turns merging off: each request's
@@ -58,6 +59,30 @@ impl Default for EmbedSettings {
             max_inputs: MAX_INPUTS,
             max_tokens: MAX_TOKENS,
         }
+    }
+}
+
+impl EmbedSettings {
+    /// How long the first input headed upstream waits for others to share its call (zero:
+    /// no merging, each request's inputs go in calls of their own).
+    #[must_use]
+    pub fn batch_window(mut self, window: Duration) -> Self {
+        self.batch_window = window;
+        self
+    }
+
+    /// Most inputs in one upstream call.
+    #[must_use]
+    pub fn max_inputs(mut self, inputs: usize) -> Self {
+        self.max_inputs = inputs;
+        self
+    }
+
+    /// Most tokens in one upstream call.
+    #[must_use]
+    pub fn max_tokens(mut self, tokens: u64) -> Self {
+        self.max_tokens = tokens;
+        self
     }
 }
 

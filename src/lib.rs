@@ -54,6 +54,21 @@ assert!(answer.headers().contains_key("llm-dedup-cache"));
 ```"##
 )]
 //!
+//! # A tower service
+//!
+//! A [`Dedup`] is a `tower::Service<http::Request<B>>` answering `http::Response<AnswerBody>`
+//! (and `http::Response::from(answer)` turns an [`Answer`] into one), so it drops into axum,
+//! hyper or any tower stack; `tower::ServiceExt::oneshot` sends one request.
+//!
+//! # Defaults worth knowing in a program
+//!
+//! The engine paces calls under the upstream's rate limit and waits out `429`s for up to a
+//! minute ([`GovernorSettings`]): with a client that already retries (the official SDKs retry
+//! twice), [`GovernorSettings::off`] hands every answer on as it came. Concurrent embedding
+//! requests of one credential are merged into shared upstream calls within 5 ms
+//! ([`EmbedSettings`]); `EmbedSettings::default().batch_window(Duration::ZERO)` turns that
+//! off. Without [`DedupBuilder::database`] the cache lives in memory only.
+//!
 //! # Sharing and shutting down
 //!
 //! [`Dedup`] is cheap to clone; clones share the memory tier, the in-flight table and the
@@ -102,6 +117,7 @@ pub mod inspect;
 pub mod middleware;
 mod page;
 pub mod server;
+mod service;
 
 pub use answer::{Answer, AnswerBody, CacheStatus, Refusal};
 pub use controls::MAX_TTL;
@@ -135,7 +151,7 @@ mod architecture {
     ];
 
     /// The faces over the engine: it imports none of them.
-    const FACES: &[&str] = &["inspect", "middleware", "page", "server"];
+    const FACES: &[&str] = &["inspect", "middleware", "page", "server", "service"];
 
     /// Every Rust file under `dir`.
     fn files(dir: &Path) -> Vec<std::path::PathBuf> {

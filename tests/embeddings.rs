@@ -27,10 +27,7 @@ async fn proxy_with(upstream: &FakeUpstream, settings: EmbedSettings) -> Proxy {
 /// A proxy whose calls wait 200 ms for other requests' inputs: long enough for requests
 /// sent at once to share calls.
 async fn merging_proxy(upstream: &FakeUpstream) -> Proxy {
-    let window = EmbedSettings {
-        batch_window: Duration::from_millis(200),
-        ..EmbedSettings::default()
-    };
+    let window = EmbedSettings::default().batch_window(Duration::from_millis(200));
     proxy_with(upstream, window).await
 }
 
@@ -280,10 +277,7 @@ async fn with_merging_off_each_request_makes_its_own_call() {
         ..Behaviour::default()
     })
     .await;
-    let settings = EmbedSettings {
-        batch_window: Duration::ZERO,
-        ..EmbedSettings::default()
-    };
+    let settings = EmbedSettings::default().batch_window(Duration::ZERO);
     let proxy = proxy_with(&upstream, settings).await;
     let bodies = (0..20)
         .map(|i| json!({"model": MODEL, "input": [format!("s{i}"), "shared"]}))
@@ -384,10 +378,7 @@ async fn an_error_on_a_merged_call_reaches_exactly_its_callers_and_nothing_is_st
 #[tokio::test]
 async fn calls_respect_the_providers_limits_per_request() {
     let upstream = FakeUpstream::start().await;
-    let settings = EmbedSettings {
-        max_inputs: 1000,
-        ..EmbedSettings::default()
-    };
+    let settings = EmbedSettings::default().max_inputs(1000);
     let proxy = proxy_with(&upstream, settings).await;
     let c = client();
     // More inputs than one call may carry (but no more than the provider takes in one
@@ -405,10 +396,7 @@ async fn calls_respect_the_providers_limits_per_request() {
 
     // A token bound: inputs of 30 bytes, at most 100 tokens a call, so 3 inputs a call.
     let upstream = FakeUpstream::start().await;
-    let settings = EmbedSettings {
-        max_tokens: 100,
-        ..EmbedSettings::default()
-    };
+    let settings = EmbedSettings::default().max_tokens(100);
     let proxy = proxy_with(&upstream, settings).await;
     let inputs: Vec<Value> = (0..10).map(|i| json!(format!("{i:030}"))).collect();
     let seen = embed(&c, &proxy, json!({"model": MODEL, "input": inputs})).await;

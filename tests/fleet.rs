@@ -279,10 +279,7 @@ async fn the_fleets_line_serves_requests_in_arrival_order() {
         return;
     };
     let upstream = FakeUpstream::start().await;
-    let settings = llm_dedup::GovernorSettings {
-        rpm: Some(60),
-        ..Default::default()
-    };
+    let settings = llm_dedup::GovernorSettings::default().rpm(Some(60));
     let mut fleet = Vec::new();
     for _ in 0..3 {
         let engine = upstream.engine().redis(redis.url()).governor(settings);

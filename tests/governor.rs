@@ -121,10 +121,11 @@ async fn the_last_refusal_is_passed_on_when_the_retry_budget_is_spent() {
         ..Behaviour::default()
     })
     .await;
-    let proxy = Proxy::start(upstream.engine().governor(GovernorSettings {
-        retry_budget: Duration::from_millis(700),
-        ..GovernorSettings::default()
-    }))
+    let proxy = Proxy::start(
+        upstream
+            .engine()
+            .governor(GovernorSettings::default().retry_budget(Duration::from_millis(700))),
+    )
     .await;
     let r = post(
         &client(),
@@ -146,11 +147,13 @@ async fn the_last_refusal_is_passed_on_when_the_retry_budget_is_spent() {
 #[tokio::test]
 async fn a_full_queue_answers_429_with_a_retry_after_the_sdks_honour() {
     let upstream = FakeUpstream::start().await;
-    let proxy = Proxy::start(upstream.engine().governor(GovernorSettings {
-        rpm: Some(1),
-        max_queue_wait: Duration::from_millis(200),
-        ..GovernorSettings::default()
-    }))
+    let proxy = Proxy::start(
+        upstream.engine().governor(
+            GovernorSettings::default()
+                .rpm(Some(1))
+                .max_queue_wait(Duration::from_millis(200)),
+        ),
+    )
     .await;
     let c = client();
     let url = proxy.url("/v1/chat/completions");
@@ -209,10 +212,11 @@ async fn max_concurrency_caps_simultaneous_upstream_calls() {
         ..Behaviour::default()
     })
     .await;
-    let proxy = Proxy::start(upstream.engine().governor(GovernorSettings {
-        max_concurrency: Some(2),
-        ..GovernorSettings::default()
-    }))
+    let proxy = Proxy::start(
+        upstream
+            .engine()
+            .governor(GovernorSettings::default().max_concurrency(Some(2))),
+    )
     .await;
     let c = client();
     let url = proxy.url("/v1/chat/completions");

@@ -231,10 +231,7 @@ async fn errors_say_whose_fault_they_are() {
 
     let dead = Dedup::builder()
         .upstream("http://127.0.0.1:9")
-        .governor(llm_dedup::GovernorSettings {
-            retry_budget: Duration::ZERO,
-            ..llm_dedup::GovernorSettings::default()
-        })
+        .governor(llm_dedup::GovernorSettings::default().retry_budget(Duration::ZERO))
         .build()
         .expect("engine");
     let e = dead
@@ -361,4 +358,104 @@ async fn embeddings_are_cached_per_input_through_the_library_too() {
     assert_eq!(upstream.calls(), 2);
     assert_eq!(upstream.state.embed_inputs.load(Ordering::SeqCst), 3);
     engine.close().await.expect("close");
+}
+
+/// With the governor off, nothing is held to learn the budget and a refusal is handed on at
+/// once, not waited out: what a program whose client already paces and retries needs.
+#[tokio::test]
+async fn with_the_governor_off_calls_go_at_once_and_refusals_come_back_as_they_came() {
+    let upstream = FakeUpstream::with(Behaviour {
+        delay: Duration::from_millis(300),
+        refuse_next: 1,
+        ..Behaviour::default()
+    })
+    .await;
+    let engine = upstream
+        .engine()
+        .governor(llm_dedup::GovernorSettings::off())
+        .build()
+        .expect("engine");
+    let refused = engine
+        .send(request("/v1/chat/completions", &chat("refused")))
+        .await
+        .expect("answer");
+    assert_eq!(refused.status.as_u16(), 429, "handed on, not retried");
+    assert_eq!(upstream.calls(), 1);
+    // A budget nobody knows yet: with the governor on, the first call would go alone.
+    let launched: Vec<_> = (0..3)
+        .map(|i| {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let r = request("/v1/chat/completions", &chat(&format!("at once {i}")));
+                engine.send(r).await.expect("answer").status.as_u16()
+            })
+        })
+        .collect();
+    for task in launched {
+        assert_eq!(task.await.expect("answered"), 200);
+    }
+    assert_eq!(upstream.state.peak_in_progress.load(Ordering::SeqCst), 3);
+
+    // The default governor, for contrast: the refusal is waited out.
+    let upstream = FakeUpstream::with(Behaviour {
+        refuse_next: 1,
+        ..Behaviour::default()
+    })
+    .await;
+    let engine = upstream.engine().build().expect("engine");
+    let answer = engine
+        .send(request("/v1/chat/completions", &chat("retried")))
+        .await
+        .expect("answer");
+    assert_eq!((answer.status.as_u16(), upstream.calls()), (200, 2));
+}
+
+/// The engine as a tower service: `oneshot` a request, read an `http::Response`.
+#[tokio::test]
+async fn the_engine_is_a_tower_service() {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    let upstream = FakeUpstream::start().await;
+    let engine = upstream.engine().build().expect("engine");
+    let mut bodies = Vec::new();
+    for expected in ["miss", "hit"] {
+        let response = engine
+            .clone()
+            .oneshot(request("/v1/chat/completions", &chat("tower")))
+            .await
+            .expect("response");
+        assert_eq!(response.status(), http::StatusCode::OK);
+        assert_eq!(response.headers()["llm-dedup-cache"], expected);
+        let body = response.into_body().collect().await.expect("body");
+        bodies.push(body.to_bytes());
+    }
+    assert_eq!(bodies[0], bodies[1]);
+    assert_eq!(upstream.calls(), 1);
+
+    // A stream comes through as frames, whole.
+    let streamed = serde_json::json!({"model": "gpt-4o-mini", "stream": true,
+        "messages": [{"role": "user", "content": "tower stream"}]})
+    .to_string();
+    let response = engine
+        .clone()
+        .oneshot(request("/v1/chat/completions", &streamed))
+        .await
+        .expect("response");
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .expect("ascii")
+            .starts_with("text/event-stream")
+    );
+    let body = response.into_body().collect().await.expect("stream");
+    assert!(body.to_bytes().ends_with(b"data: [DONE]\n\n"));
+
+    // An error of the request is the service's error.
+    let e = engine
+        .clone()
+        .oneshot(request("/v1/chat/completions", "{not json"))
+        .await;
+    let e = e.expect_err("malformed JSON is the caller's error");
+    assert_eq!(e.kind(), ErrorKind::InvalidRequest);
 }

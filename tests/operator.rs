@@ -284,10 +284,7 @@ fn dead_engine() -> Dedup {
     drop(closed);
     Dedup::builder()
         .upstream(dead)
-        .governor(GovernorSettings {
-            retry_budget: Duration::ZERO,
-            ..GovernorSettings::default()
-        })
+        .governor(GovernorSettings::default().retry_budget(Duration::ZERO))
         .build()
         .expect("engine")
 }
@@ -388,11 +385,11 @@ async fn a_full_queue_says_when_to_come_back() {
     let upstream = FakeUpstream::start().await;
     let engine = upstream
         .engine()
-        .governor(GovernorSettings {
-            rpm: Some(1),
-            max_queue_wait: Duration::from_millis(50),
-            ..GovernorSettings::default()
-        })
+        .governor(
+            GovernorSettings::default()
+                .rpm(Some(1))
+                .max_queue_wait(Duration::from_millis(50)),
+        )
         .build()
         .expect("engine");
     let url = "/v1/chat/completions";

@@ -527,10 +527,7 @@ async fn a_body_sent_in_pieces_is_the_same_request() {
 
 /// Waiting out refusals for at most `ms` milliseconds, so failures surface quickly.
 fn short_retries(ms: u64) -> llm_dedup::GovernorSettings {
-    llm_dedup::GovernorSettings {
-        retry_budget: Duration::from_millis(ms),
-        ..llm_dedup::GovernorSettings::default()
-    }
+    llm_dedup::GovernorSettings::default().retry_budget(Duration::from_millis(ms))
 }
 
 #[tokio::test]

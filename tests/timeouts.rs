@@ -20,10 +20,7 @@ fn short(upstream: &FakeUpstream) -> llm_dedup::DedupBuilder {
                 .first_byte(Duration::from_secs(2))
                 .idle(Duration::from_secs(2)),
         )
-        .governor(GovernorSettings {
-            retry_budget: Duration::from_millis(10),
-            ..GovernorSettings::default()
-        })
+        .governor(GovernorSettings::default().retry_budget(Duration::from_millis(10)))
 }
 
 /// An upstream that takes the call and never answers: the caller gets `504` once the upstream
@@ -158,10 +155,7 @@ async fn a_flight_older_than_the_upstream_timeout_is_not_joined() {
                 .first_byte(Duration::from_secs(1))
                 .idle(Duration::from_secs(1)),
         )
-        .governor(GovernorSettings {
-            retry_budget: Duration::from_secs(30),
-            ..GovernorSettings::default()
-        });
+        .governor(GovernorSettings::default().retry_budget(Duration::from_secs(30)));
     let proxy = Proxy::start(builder).await;
     let url = proxy.url("/v1/chat/completions");
     let c = client();

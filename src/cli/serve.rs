@@ -87,18 +87,20 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
                 .first_byte(args.upstream_timeout)
                 .idle(args.upstream_idle_timeout),
         )
-        .governor(llm_dedup::GovernorSettings {
-            rpm: args.rpm,
-            tpm: args.tpm,
-            retry_budget: args.retry_budget,
-            max_queue_wait: args.max_queue_wait,
-            max_concurrency: args.max_concurrency,
-        })
-        .embeddings(llm_dedup::EmbedSettings {
-            batch_window: args.embed_batch_window,
-            max_inputs: args.embed_max_inputs as usize,
-            max_tokens: args.embed_max_tokens,
-        })
+        .governor(
+            llm_dedup::GovernorSettings::default()
+                .rpm(args.rpm)
+                .tpm(args.tpm)
+                .retry_budget(args.retry_budget)
+                .max_queue_wait(args.max_queue_wait)
+                .max_concurrency(args.max_concurrency),
+        )
+        .embeddings(
+            llm_dedup::EmbedSettings::default()
+                .batch_window(args.embed_batch_window)
+                .max_inputs(args.embed_max_inputs as usize)
+                .max_tokens(args.embed_max_tokens),
+        )
         .build()
         .context("cannot start the cache")?;
     let access = match args.admin_token.as_ref().or(args.admin_token_file.as_ref()) {

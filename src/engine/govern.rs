@@ -183,7 +183,11 @@ impl Engine {
         partition: &Partition,
         deadline: Instant,
     ) -> Result<(), Error> {
-        let Some(fleet) = &self.fleet else {
+        let Some(fleet) = self
+            .fleet
+            .as_ref()
+            .filter(|_| self.governor.settings().pace)
+        else {
             return Ok(());
         };
         let full = |wait| Error::from(governor::QueueFull { retry_after: wait });

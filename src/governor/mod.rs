@@ -39,9 +39,17 @@ pub(crate) use signals::{
     BudgetReport, Disposition, MAX_SERVER_WAIT, backoff, classify, estimate_tokens, retry_after,
 };
 
-/// The operator's settings for the governor.
+/// The operator's settings for the governor. Made from [`GovernorSettings::default`] (the
+/// proxy's pacing) or [`GovernorSettings::off`] (calls go as they are made), then adjusted
+/// with the methods named after each field.
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct GovernorSettings {
+    /// Wait in line for the upstream's budget (learned from its rate-limit headers, or set
+    /// with `rpm` and `tpm`), and, while a budget is unknown, send its first call alone to
+    /// learn it. Off, calls go as soon as they are made (`max_concurrency` still bounds
+    /// them); what `retry_budget` says of refusals still holds.
+    pub pace: bool,
     /// Requests per minute never to exceed; learned from the upstream when `None`.
     pub rpm: Option<u32>,
     /// Tokens per minute never to exceed; learned from the upstream when `None`.
@@ -60,12 +68,68 @@ impl Default for GovernorSettings {
     /// concurrency bound.
     fn default() -> Self {
         GovernorSettings {
+            pace: true,
             rpm: None,
             tpm: None,
             retry_budget: Duration::from_secs(60),
             max_queue_wait: Duration::from_secs(60),
             max_concurrency: None,
         }
+    }
+}
+
+impl GovernorSettings {
+    /// No governor: no pacing, no probe, no retries. Each call goes upstream as soon as it is
+    /// made and its answer, a `429` included, is handed on as it came: for a program whose
+    /// client already paces and retries (the official SDKs retry twice).
+    pub fn off() -> GovernorSettings {
+        GovernorSettings {
+            pace: false,
+            retry_budget: Duration::ZERO,
+            ..GovernorSettings::default()
+        }
+    }
+
+    /// Whether calls wait in line for budget (see [`GovernorSettings::pace`]).
+    #[must_use]
+    pub fn pace(mut self, pace: bool) -> Self {
+        self.pace = pace;
+        self
+    }
+
+    /// Requests per minute never to exceed (`None`: learned from the upstream).
+    #[must_use]
+    pub fn rpm(mut self, rpm: Option<u32>) -> Self {
+        self.rpm = rpm;
+        self
+    }
+
+    /// Tokens per minute never to exceed (`None`: learned from the upstream).
+    #[must_use]
+    pub fn tpm(mut self, tpm: Option<u32>) -> Self {
+        self.tpm = tpm;
+        self
+    }
+
+    /// Total time one request may spend waiting out refusals (zero: none is retried).
+    #[must_use]
+    pub fn retry_budget(mut self, budget: Duration) -> Self {
+        self.retry_budget = budget;
+        self
+    }
+
+    /// Longest a request waits in line for budget before it is answered `429`.
+    #[must_use]
+    pub fn max_queue_wait(mut self, wait: Duration) -> Self {
+        self.max_queue_wait = wait;
+        self
+    }
+
+    /// Most upstream calls at the same time (`None`: no bound).
+    #[must_use]
+    pub fn max_concurrency(mut self, calls: Option<usize>) -> Self {
+        self.max_concurrency = calls;
+        self
     }
 }
 
@@ -273,12 +337,18 @@ impl Governor {
         tokens: u32,
         deadline: Instant,
     ) -> Result<Permit, QueueFull> {
-        let budget = self.budget(partition);
         // Come back a second after the deadline this request could not meet.
         let full = || QueueFull {
             retry_after: deadline.saturating_duration_since(Instant::now())
                 + Duration::from_secs(1),
         };
+        if !self.settings.pace {
+            return Ok(Permit {
+                _slot: self.slot(deadline).await.ok_or_else(full)?,
+                probe: None,
+            });
+        }
+        let budget = self.budget(partition);
         let Ok(turn) = tokio::time::timeout_at(deadline, budget.turn.clone().lock_owned()).await
         else {
             return Err(full());
@@ -347,16 +417,20 @@ impl Governor {
             });
             held
         });
-        let slot = match &self.slots {
-            Some(slots) => {
-                match tokio::time::timeout_at(deadline, slots.clone().acquire_owned()).await {
-                    Ok(Ok(permit)) => Some(permit),
-                    _ => return Err(full()),
-                }
-            }
-            None => None,
-        };
+        let slot = self.slot(deadline).await.ok_or_else(full)?;
         Ok(Permit { _slot: slot, probe })
+    }
+
+    /// A slot among the calls at the same time, when they are bounded (`Some(None)` when they
+    /// are not); `None` if none frees up by `deadline`.
+    async fn slot(&self, deadline: Instant) -> Option<Option<tokio::sync::OwnedSemaphorePermit>> {
+        let Some(slots) = &self.slots else {
+            return Some(None);
+        };
+        match tokio::time::timeout_at(deadline, slots.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Some(Some(permit)),
+            _ => None,
+        }
     }
 
     /// Learns the budget from an answer's rate-limit headers; `refused` when the answer was a
