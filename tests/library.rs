@@ -396,6 +396,29 @@ async fn with_the_governor_off_calls_go_at_once_and_refusals_come_back_as_they_c
     }
     assert_eq!(upstream.state.peak_in_progress.load(Ordering::SeqCst), 3);
 
+    // Off, with retries asked for: the refusal is waited out as its `retry-after-ms` (300)
+    // says, by this request alone.
+    let upstream = FakeUpstream::with(Behaviour {
+        refuse_next: 1,
+        ..Behaviour::default()
+    })
+    .await;
+    let engine = upstream
+        .engine()
+        .governor(llm_dedup::GovernorSettings::off().retry_budget(Duration::from_secs(5)))
+        .build()
+        .expect("engine");
+    let asked = std::time::Instant::now();
+    let answer = engine
+        .send(request("/v1/chat/completions", &chat("waited")))
+        .await
+        .expect("answer");
+    assert_eq!((answer.status.as_u16(), upstream.calls()), (200, 2));
+    assert!(
+        asked.elapsed() >= Duration::from_millis(300),
+        "retried at once"
+    );
+
     // The default governor, for contrast: the refusal is waited out.
     let upstream = FakeUpstream::with(Behaviour {
         refuse_next: 1,

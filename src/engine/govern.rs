@@ -88,6 +88,10 @@ impl Engine {
                 "upstream refused the request; pausing the budget and retrying"
             );
             self.refusal_absorbed(route, model, status == Some(429));
+            if !settings.pace {
+                // No line to pause: this request waits on its own.
+                tokio::time::sleep(wait).await;
+            }
             self.governor.pause(&out.partition, wait);
             if let Some(fleet) = &self.fleet {
                 fleet.pause(&out.partition, wait).await;
