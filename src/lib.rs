@@ -115,7 +115,9 @@ mod upstream;
 pub mod inspect;
 #[cfg(feature = "middleware")]
 pub mod middleware;
+#[cfg(feature = "server")]
 mod page;
+#[cfg(feature = "server")]
 pub mod server;
 mod service;
 

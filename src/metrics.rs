@@ -113,6 +113,7 @@ pub(crate) struct EdgeFigures {
 
 impl EdgeFigures {
     /// Counts a client turned away for `reason`.
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
     pub(crate) fn refuse(&self, reason: &'static str) {
         self.refused.get_or_create(&RefusalLabels { reason }).inc();
     }
@@ -142,6 +143,7 @@ pub(crate) struct Metrics {
     /// Handed to the upstream client, which counts the timeouts that fire.
     pub(crate) upstream_timeouts: TimeoutCounters,
     /// Handed to the proxy's edge, if it has one.
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
     pub(crate) edge: EdgeFigures,
     retries: Counter,
     queue_wait: Histogram,

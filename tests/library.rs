@@ -482,3 +482,51 @@ async fn the_engine_is_a_tower_service() {
     let e = e.expect_err("malformed JSON is the caller's error");
     assert_eq!(e.kind(), ErrorKind::InvalidRequest);
 }
+
+/// `build_async` opens the database off the async threads (here a current-thread runtime,
+/// which a blocking open would stall), and fails when the Redis it is given cannot be reached;
+/// `build` starts anyway.
+#[tokio::test(flavor = "current_thread")]
+async fn an_async_build_says_when_redis_cannot_be_reached() {
+    let upstream = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = upstream
+        .engine()
+        .database(dir.path().join("cache.db"))
+        .build_async()
+        .await
+        .expect("engine");
+    let first = engine
+        .send(request("/v1/chat/completions", &chat("async build")))
+        .await
+        .expect("answer");
+    assert_eq!(first.cache, CacheStatus::Miss);
+    engine.close().await.expect("closed");
+
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let unreachable = format!("redis://127.0.0.1:{port}");
+    let e = upstream
+        .engine()
+        .redis(&unreachable)
+        .build_async()
+        .await
+        .expect_err("Redis cannot be reached");
+    assert_eq!(e.kind(), ErrorKind::Cache);
+    assert!(e.to_string().contains("cannot be reached"), "{e}");
+    assert!(upstream.engine().redis(&unreachable).build().is_ok());
+
+    if let Some(redis) = common::RedisServer::start() {
+        let engine = upstream
+            .engine()
+            .redis(redis.url())
+            .build_async()
+            .await
+            .expect("a reachable Redis");
+        engine.close().await.expect("closed");
+    }
+}

@@ -289,7 +289,29 @@ impl DedupBuilder {
         self
     }
 
-    /// Opens the database (if any) and builds the engine.
+    /// As [`DedupBuilder::build`], for async code: opening and migrating the database and the
+    /// first calls to Redis run on a blocking thread, never on the caller's, and with
+    /// [`DedupBuilder::redis`] the build fails when Redis cannot be reached (`build` starts
+    /// anyway, and the engine goes on alone until Redis is back, as the proxy does).
+    pub async fn build_async(self) -> Result<Dedup, Error> {
+        let redis = self.redis.as_deref().map(without_credentials);
+        let dedup = tokio::task::spawn_blocking(move || self.build())
+            .await
+            .map_err(|e| Error::with_source(ErrorKind::Cache, "building the engine failed", e))??;
+        if let (Some(fleet), Some(redis)) = (&dedup.engine.fleet, redis)
+            && fleet.connect().await.is_err()
+        {
+            return Err(Error::new(
+                ErrorKind::Cache,
+                format!("Redis at {redis} cannot be reached (the log says why)"),
+            ));
+        }
+        Ok(dedup)
+    }
+
+    /// Opens the database (if any) and builds the engine. It blocks while it does (in async
+    /// code, [`DedupBuilder::build_async`] does not); with a Redis that cannot be reached it
+    /// logs a warning and builds an engine that goes on alone until Redis is back.
     pub fn build(self) -> Result<Dedup, Error> {
         if !(1..=MAX_BUCKET).contains(&self.bucket) {
             return Err(Error::new(

@@ -70,6 +70,7 @@ use tokio_util::task::TaskTracker;
 
 pub use builder::DedupBuilder;
 pub use figures::LiveFigures;
+#[cfg(feature = "server")]
 pub(crate) use peer::PeerRefused;
 pub use prefixes::DEFAULT_PREFIX_WAIT;
 pub use verified::DEFAULT_VERIFY_WINDOW;
@@ -364,6 +365,7 @@ impl Dedup {
     }
 
     /// The figures the proxy's edge moves, registered with this engine's metrics.
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
     pub(crate) fn edge_figures(&self) -> crate::metrics::EdgeFigures {
         self.engine.metrics.edge.clone()
     }

@@ -33,6 +33,7 @@ pub(crate) const PEER_PATH: &str = "/_llm-dedup/peer/";
 
 /// Why a replica does not answer a peer's request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 pub(crate) enum PeerRefused {
     /// No valid token of this fleet for the key (or no fleet secret here).
     Forbidden,
@@ -44,6 +45,7 @@ impl Dedup {
     /// The stream this replica receives from the upstream under `key` (hex), or the answer it
     /// stored from it, for another replica of the fleet presenting `token` (see the module
     /// documentation). Not counted as a request: the asking replica counts its own.
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
     pub(crate) async fn peer_stream(&self, key: &str, token: &str) -> Result<Answer, PeerRefused> {
         let engine = &self.engine;
         let fleet = engine.fleet.as_ref().ok_or(PeerRefused::Forbidden)?;

@@ -210,6 +210,7 @@ impl Fleet {
 
     /// The partition a peer's token speaks for, if it is a valid token of this fleet for
     /// `key`; one that is not is counted.
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
     pub fn check_peer_token(&self, key: &CacheKey, token: &str) -> Option<crate::key::Partition> {
         let seal = self.inner.seal.as_ref()?;
         let partition = seal.check_peer_token(key, token, std::time::SystemTime::now());

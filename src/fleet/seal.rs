@@ -229,6 +229,7 @@ impl Seal {
 
     /// The partition a peer token speaks for, if it is one of this fleet's for `key` and has
     /// not expired at `now`.
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
     pub fn check_peer_token(
         &self,
         key: &CacheKey,
@@ -263,6 +264,7 @@ fn hex(bytes: &[u8; 32]) -> String {
 }
 
 /// 32 bytes from 64 hex characters.
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 fn unhex32(text: &str) -> Option<[u8; 32]> {
     blake3::Hash::from_hex(text).ok().map(|h| *h.as_bytes())
 }

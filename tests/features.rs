@@ -1,0 +1,69 @@
+//! The library builds without its default features, and then pulls in none of the crates
+//! only the binary and the proxy need: a program embedding the engine does not compile clap,
+//! the inspector's tables and progress bars, a logging subscriber or axum.
+
+use std::process::Command;
+
+/// Crates a library-only build must not depend on (hyper-util stays: reqwest's client uses it).
+const BINARY_ONLY: &[&str] = &[
+    "clap",
+    "comfy-table",
+    "indicatif",
+    "dirs",
+    "tracing-subscriber",
+    "anyhow",
+    "axum",
+];
+
+fn cargo(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        // A target directory of its own: the one `cargo test` uses is locked while it runs.
+        .env(
+            "CARGO_TARGET_DIR",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/target/no-default-features"),
+        )
+        .output()
+        .expect("cargo runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_library_builds_without_default_features_and_without_the_binarys_crates() {
+    let (ok, tree, err) = cargo(&[
+        "tree",
+        "--no-default-features",
+        "-e",
+        "normal",
+        "--prefix",
+        "none",
+        "--format",
+        "{p}",
+        "--locked",
+        "--offline",
+    ]);
+    assert!(ok, "{err}");
+    for line in tree.lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        assert!(
+            !BINARY_ONLY.contains(&name),
+            "a library-only build depends on {name}:\n{tree}"
+        );
+    }
+    let (ok, _, err) = cargo(&[
+        "check",
+        "--lib",
+        "--no-default-features",
+        "--locked",
+        "--offline",
+    ]);
+    assert!(
+        ok,
+        "the library does not build without default features:\n{err}"
+    );
+}
