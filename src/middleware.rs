@@ -30,9 +30,13 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The engine makes the upstream call with its own pooled client, so middlewares placed after
-//! this one in the chain do not see requests it handles. A response built by the engine
-//! reports no URL (`Response::url` is a placeholder): reqwest offers no way to set it.
+//! [`DedupMiddleware::with_client`] gives the engine the client the chain was built on: the
+//! engine then makes the upstream calls of the requests it handles with that client, so its
+//! default headers (an API key set there), proxy, TLS settings and timeouts apply. Without
+//! it ([`DedupMiddleware::new`]) the engine uses its own pooled client. Either way,
+//! middlewares placed after this one in the chain do not see requests it handles, and a
+//! response built by the engine reports no URL (`Response::url` is a placeholder): reqwest
+//! offers no way to set it.
 
 use bytes::Bytes;
 use http::Extensions;
@@ -41,19 +45,40 @@ use reqwest_middleware::{Middleware, Next, Result};
 
 use crate::answer::AnswerBody;
 use crate::engine::Dedup;
+use crate::upstream::CallerClient;
 
 /// Sends requests for the engine's upstream through the engine (cache, coalescing); passes
 /// everything else on.
 #[derive(Clone)]
 pub struct DedupMiddleware {
     engine: Dedup,
+    client: Option<CallerClient>,
 }
 
 impl DedupMiddleware {
     /// A middleware that uses `engine`. Requests to URLs under the engine's upstream base URL
-    /// go through the engine; others continue down the chain.
+    /// go through the engine, which calls the upstream with its own client; others continue
+    /// down the chain.
     pub fn new(engine: Dedup) -> DedupMiddleware {
-        DedupMiddleware { engine }
+        DedupMiddleware {
+            engine,
+            client: None,
+        }
+    }
+
+    /// As [`DedupMiddleware::new`], the engine calling the upstream with `client` (the one the
+    /// chain is built on): its default headers, proxy, TLS settings and timeouts apply. The
+    /// cache keeps the answers of this middleware's requests apart from every other
+    /// caller's (a credential set as a default header never reaches the engine, so the
+    /// engine cannot tell two such clients apart otherwise); its clones share them.
+    pub fn with_client(engine: Dedup, client: reqwest::Client) -> DedupMiddleware {
+        DedupMiddleware {
+            engine,
+            client: Some(CallerClient {
+                client,
+                id: rand::random(),
+            }),
+        }
     }
 }
 
@@ -82,6 +107,9 @@ impl Middleware for DedupMiddleware {
             .parse()
             .map_err(reqwest_middleware::Error::middleware)?;
         *request.headers_mut() = req.headers().clone();
+        if let Some(client) = &self.client {
+            request.extensions_mut().insert(client.clone());
+        }
         let answer = self
             .engine
             .send(request)

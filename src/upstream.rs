@@ -10,7 +10,7 @@ use http::Method;
 use http::header::{self, HeaderMap, HeaderName};
 
 use crate::error::{Error, ErrorKind};
-use crate::headers::{HOP_BY_HOP, NAMESPACE_HEADER, TTL_HEADER};
+use crate::headers::{HOP_BY_HOP, NAMESPACE_HEADER, OWN_PREFIX, TTL_HEADER};
 use crate::metrics::{TimeoutCounters, TimeoutLabels};
 
 /// Timeouts of the upstream calls. A call that runs past one fails like an unreachable
@@ -80,6 +80,35 @@ impl TimeoutKind {
             TimeoutKind::FirstByte => "first_byte",
             TimeoutKind::Idle => "idle",
         }
+    }
+}
+
+/// A caller's own HTTP client, put in a request's extensions (`http::Request::extensions`) by
+/// the middleware: the engine sends that caller's requests with it, so the client's default
+/// headers, proxy, TLS settings and timeouts apply. Its callers' credential partition
+/// includes `id` (their requests may carry their credential only as a default header of the
+/// client, which the engine never sees), so two clients never share answers or budgets.
+#[derive(Clone)]
+pub(crate) struct CallerClient {
+    pub(crate) client: reqwest::Client,
+    pub(crate) id: [u8; 16],
+}
+
+impl CallerClient {
+    /// `proxy_credential` (what else partitions a request besides its forwarded headers)
+    /// extended with this client's identity.
+    pub(crate) fn partitioning(
+        &self,
+        proxy_credential: Option<http::HeaderValue>,
+    ) -> Option<http::HeaderValue> {
+        let mut value = proxy_credential
+            .map(|v| v.as_bytes().to_vec())
+            .unwrap_or_default();
+        value.extend_from_slice(b" llm-dedup-client ");
+        for byte in self.id {
+            value.extend_from_slice(format!("{byte:02x}").as_bytes());
+        }
+        http::HeaderValue::from_bytes(&value).ok()
     }
 }
 
@@ -195,17 +224,19 @@ impl Upstream {
         })
     }
 
-    /// Sends a request and returns as soon as the answer's status and headers arrive.
+    /// Sends a request (with the caller's own client `via`, if it gave one, else the
+    /// engine's) and returns as soon as the answer's status and headers arrive.
     pub async fn send(
         &self,
         method: &Method,
         path_and_query: &str,
         headers: &HeaderMap,
         body: reqwest::Body,
+        via: Option<&CallerClient>,
     ) -> Result<reqwest::Response, Error> {
         let url = format!("{}{}", self.request_base, path_and_query);
-        let sent = self
-            .client
+        let client = via.map_or(&self.client, |caller| &caller.client);
+        let sent = client
             .request(method.clone(), url)
             .headers(request_headers(headers))
             .body(body)
@@ -343,17 +374,20 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
 }
 
 /// Removes from `headers` the hop-by-hop headers, the names `listed` in its `Connection`
-/// header, and `also`.
+/// header, `also`, and with `own` every header of llm-dedup's own (`llm-dedup-*`).
 ///
 /// One pass over the names present, then a removal for each one found: on the hit path this
 /// costs less than looking up every name of the lists (measured with `cargo bench --bench
 /// load`).
-fn strip(headers: &mut HeaderMap, listed: &[HeaderName], also: &[&str]) {
+fn strip(headers: &mut HeaderMap, listed: &[HeaderName], also: &[&str], own: bool) {
     let doomed: Vec<HeaderName> = headers
         .keys()
         .filter(|name| {
             let n = name.as_str();
-            HOP_BY_HOP.contains(&n) || also.contains(&n) || listed.contains(name)
+            HOP_BY_HOP.contains(&n)
+                || also.contains(&n)
+                || listed.contains(name)
+                || (own && n.starts_with(OWN_PREFIX))
         })
         .cloned()
         .collect();
@@ -364,7 +398,9 @@ fn strip(headers: &mut HeaderMap, listed: &[HeaderName], also: &[&str]) {
 
 /// Headers of a client's request that never go upstream besides the hop-by-hop ones: `Host`
 /// and `Content-Length` (set for the new connection), `Accept-Encoding` (the client decodes
-/// compressed answers itself, and stored bodies are kept decoded) and llm-dedup's own controls.
+/// compressed answers itself, and stored bodies are kept decoded) and llm-dedup's own controls
+/// (these by name, and every other `llm-dedup-*` header by its prefix: each speaks to this
+/// proxy, never to the provider).
 const NOT_FORWARDED: &[&str] = &[
     "host",
     "content-length",
@@ -384,7 +420,7 @@ const NOT_FORWARDED: &[&str] = &[
 pub fn forwarded(headers: &mut HeaderMap) -> Option<http::HeaderValue> {
     let listed = connection_listed(headers);
     let proxy_credential = headers.remove(header::PROXY_AUTHORIZATION);
-    strip(headers, &listed, NOT_FORWARDED);
+    strip(headers, &listed, NOT_FORWARDED, true);
     proxy_credential.filter(|_| !listed.contains(&header::PROXY_AUTHORIZATION))
 }
 
@@ -403,6 +439,7 @@ pub fn response_headers(headers: &HeaderMap) -> HeaderMap {
         &mut out,
         &connection_listed(headers),
         &["content-length", "content-encoding"],
+        false,
     );
     out
 }
@@ -422,6 +459,10 @@ mod tests {
             ("host", "127.0.0.1:8080"),
             ("accept-encoding", "gzip"),
             ("llm-dedup-ttl", "60"),
+            // Every header of llm-dedup's own speaks to the proxy, not to the provider.
+            ("llm-dedup-bucket", "3"),
+            ("llm-dedup-prefix", "off"),
+            ("llm-dedup-anything-later", "x"),
             ("content-type", "application/json"),
         ] {
             h.append(k, v.parse().expect("value"));

@@ -52,7 +52,7 @@ async fn async_openai_chat_and_streamed_chat_go_through_the_cache() {
     }
     assert_eq!(texts[0], texts[1]);
     assert_eq!(upstream.calls(), 1, "the repeat came from the cache");
-    // The key the client set reached the upstream (the fake refuses calls without one).
+    // The key the client set reached the upstream.
     let seen = upstream.state.last_headers.lock().expect("lock").clone();
     let auth = seen.expect("a call")["authorization"].clone();
     assert_eq!(auth, "Bearer sk-test-key-1");

@@ -326,6 +326,84 @@ mod middleware {
         assert!(r.headers().get("llm-dedup-cache").is_none());
         assert_eq!(other.calls(), 1);
     }
+
+    /// A client whose API key is a default header: given to the middleware, the engine calls
+    /// the upstream with it, so the key arrives, and another client's key never reads its
+    /// answers.
+    #[tokio::test]
+    async fn the_callers_own_client_makes_the_upstream_call() {
+        let upstream = FakeUpstream::start().await;
+        let engine = upstream.engine().build().expect("engine");
+        let with_key = |key: &str| {
+            let mut headers = reqwest::header::HeaderMap::new();
+            headers.insert(
+                "authorization",
+                format!("Bearer {key}").parse().expect("value"),
+            );
+            let own = reqwest::Client::builder()
+                .default_headers(headers)
+                .build()
+                .expect("client");
+            ClientBuilder::new(own.clone())
+                .with(DedupMiddleware::with_client(engine.clone(), own))
+                .build()
+        };
+        let url = format!("{}/v1/chat/completions", upstream.url());
+        let ask = |client: reqwest_middleware::ClientWithMiddleware| {
+            let url = url.clone();
+            async move {
+                let r = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(chat("a default key"))
+                    .send()
+                    .await
+                    .expect("sent");
+                let cache = r.headers()["llm-dedup-cache"]
+                    .to_str()
+                    .expect("ascii")
+                    .to_owned();
+                (r.status().as_u16(), cache)
+            }
+        };
+        let alice = with_key("sk-alice-default");
+        assert_eq!(ask(alice.clone()).await, (200, "miss".to_owned()));
+        let seen = upstream.state.last_headers.lock().expect("lock").clone();
+        assert_eq!(
+            seen.expect("a call")["authorization"],
+            "Bearer sk-alice-default"
+        );
+        assert_eq!(ask(alice).await, (200, "hit".to_owned()));
+        assert_eq!(upstream.calls(), 1);
+        // Another client, another key: a call of its own, never alice's answer.
+        let bob = with_key("sk-bob-default");
+        assert_eq!(ask(bob).await, (200, "miss".to_owned()));
+        let seen = upstream.state.last_headers.lock().expect("lock").clone();
+        assert_eq!(
+            seen.expect("a call")["authorization"],
+            "Bearer sk-bob-default"
+        );
+        assert_eq!(upstream.calls(), 2);
+
+        // The engine's own client, for contrast, does not know the key: none arrives.
+        let own = reqwest::Client::builder()
+            .default_headers(
+                [(
+                    reqwest::header::AUTHORIZATION,
+                    "Bearer sk-carol-default".parse().expect("value"),
+                )]
+                .into_iter()
+                .collect(),
+            )
+            .build()
+            .expect("client");
+        let carol = ClientBuilder::new(own)
+            .with(DedupMiddleware::new(engine.clone()))
+            .build();
+        assert_eq!(ask(carol).await, (200, "miss".to_owned()));
+        let seen = upstream.state.last_headers.lock().expect("lock").clone();
+        assert!(!seen.expect("a call").contains_key("authorization"));
+    }
 }
 
 #[tokio::test]

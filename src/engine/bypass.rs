@@ -23,6 +23,7 @@ impl Engine {
             route,
             model,
             reason,
+            via,
         } = request;
         tracing::debug!(path = %path_and_query.split('?').next().unwrap_or(""), reason = reason.as_str(), "bypassing the cache");
         // Paced like everything else, but sent once: its body may be a stream that cannot be
@@ -32,7 +33,7 @@ impl Engine {
         self.fleet_budget(&partition, deadline).await?;
         let sent = self
             .upstream
-            .send(&method, &path_and_query, &headers, body)
+            .send(&method, &path_and_query, &headers, body, via.as_ref())
             .await;
         if let Ok(response) = &sent {
             // Only a call on a cacheable route proves a credential: a health probe or a CORS

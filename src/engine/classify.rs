@@ -19,7 +19,7 @@ use crate::embeddings::{self, InputKind};
 use crate::error::{Error, ErrorKind};
 use crate::key::Partition;
 use crate::route::{self, BypassReason, Route};
-use crate::upstream;
+use crate::upstream::{self, CallerClient};
 
 /// What the head of a request says.
 pub(super) enum Class {
@@ -51,6 +51,8 @@ pub(super) struct Outbound {
     pub partition: Partition,
     /// Tokens the provider will charge up front, roughly. Known once the request is keyed.
     pub estimate: u32,
+    /// The caller's own client, when it gave one: the request goes upstream with it.
+    pub via: Option<CallerClient>,
 }
 
 impl Outbound {
@@ -58,7 +60,7 @@ impl Outbound {
     #[inline]
     pub(super) fn new(head: Parts, body: Bytes) -> Outbound {
         let mut headers = head.headers;
-        let proxy_credential = upstream::forwarded(&mut headers);
+        let (proxy_credential, via) = caller(&mut headers, &head.extensions);
         Outbound {
             path_and_query: path_and_query(&head.uri),
             method: head.method,
@@ -67,7 +69,22 @@ impl Outbound {
             body,
             partition: Partition::from_bytes([0; 32]),
             estimate: 0,
+            via,
         }
+    }
+}
+
+/// The request headers as they go upstream ([`upstream::forwarded`]), and what partitions the
+/// request besides them: its `Proxy-Authorization`, and the caller's own client, which the
+/// request is then sent with.
+fn caller(
+    headers: &mut http::HeaderMap,
+    extensions: &http::Extensions,
+) -> (Option<HeaderValue>, Option<CallerClient>) {
+    let proxy_credential = upstream::forwarded(headers);
+    match extensions.get::<CallerClient>() {
+        None => (proxy_credential, None),
+        Some(via) => (via.partitioning(proxy_credential), Some(via.clone())),
     }
 }
 
@@ -88,6 +105,7 @@ impl Outbound {
             route,
             model,
             reason,
+            via: self.via,
         }
     }
 }
@@ -110,6 +128,8 @@ pub(super) struct Bypassed {
     pub route: Option<Route>,
     pub model: Option<String>,
     pub reason: BypassReason,
+    /// The caller's own client, when it gave one.
+    pub via: Option<CallerClient>,
 }
 
 /// What a cacheable request's body turned out to be.
@@ -164,7 +184,7 @@ impl Engine {
     {
         let stream = Limited::new(body, self.max_body).into_data_stream();
         let mut headers = head.headers;
-        let proxy_credential = upstream::forwarded(&mut headers);
+        let (proxy_credential, via) = caller(&mut headers, &head.extensions);
         Bypassed {
             path_and_query: path_and_query(&head.uri),
             partition: self.partition(&headers, proxy_credential.as_ref()),
@@ -174,6 +194,7 @@ impl Engine {
             route: bypass.route,
             model: None,
             reason: bypass.reason,
+            via,
         }
     }
 

@@ -119,6 +119,7 @@ impl Engine {
                 &out.path_and_query,
                 &out.headers,
                 out.body.clone().into(),
+                out.via.as_ref(),
             )
             .await;
         if let Ok(response) = &sent {

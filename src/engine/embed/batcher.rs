@@ -239,6 +239,7 @@ mod tests {
                 body: Bytes::new(),
                 partition: Partition::from_bytes([0; 32]),
                 estimate: 0,
+                via: None,
             },
             fields: Map::new(),
             namespace: String::new(),
