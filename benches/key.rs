@@ -6,9 +6,10 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use llm_dedup::KeyPolicy;
 use llm_dedup::Route;
-use llm_dedup::key::{CanonicalBody, CredentialFingerprint, KeyParts, KeyPolicy, Partition};
-use llm_dedup::prefix::Prefixes;
+use llm_dedup::unstable::Prefixes;
+use llm_dedup::unstable::{CanonicalBody, CredentialFingerprint, KeyParts, Partition};
 use serde_json::{Value, json};
 
 /// A chat request of about `size` bytes: a system prompt, then user/assistant turns.

@@ -84,14 +84,14 @@ assert!(answer.headers().contains_key("llm-dedup-cache"));
 // Leaves: they import nothing of the crate but each other (see ARCHITECTURE.md).
 mod answer;
 mod counts;
-pub mod error;
+mod error;
 #[cfg(test)]
 mod fuzzing;
-pub mod headers;
+mod headers;
 mod inflight;
-pub mod key;
-pub mod prefix;
-pub mod prices;
+mod key;
+mod prefix;
+mod prices;
 mod route;
 mod series;
 mod sse;
@@ -100,7 +100,7 @@ mod usage;
 
 // The engine and what it is made of.
 mod controls;
-pub mod embeddings;
+mod embeddings;
 mod engine;
 mod entry;
 mod fleet;
@@ -121,21 +121,34 @@ mod page;
 pub mod server;
 mod service;
 
-pub use answer::{Answer, AnswerBody, CacheStatus, Refusal};
+pub use answer::{Answer, AnswerBody, CacheStatus};
 pub use controls::MAX_TTL;
 pub use counts::Counts;
 pub use embeddings::EmbedSettings;
 pub use engine::{DEFAULT_PREFIX_WAIT, DEFAULT_VERIFY_WINDOW, Dedup, DedupBuilder, LiveFigures};
 pub use error::{Error, ErrorKind, Origin};
-pub use fleet::{FleetSecret, Layout as FleetLayout, RedisMode, advertised_url, redis_address};
+pub use fleet::{FleetSecret, RedisMode};
 pub use governor::{GovernorSettings, MAX_SETTING_WAIT};
-pub use headers::{CACHE_HEADER, KEY_HEADER, NAMESPACE_HEADER, TTL_HEADER};
-pub use key::{CacheKey, CredentialHeaders, KEY_VERSION, KeyPolicy, Partition};
-pub use prices::{PriceTable, Usd};
+pub use headers::{BUCKET_HEADER, CACHE_HEADER, KEY_HEADER, NAMESPACE_HEADER, TTL_HEADER};
+pub use key::{
+    CacheKey, CredentialHeaders, DEFAULT_IGNORED_FIELDS, KEY_VERSION, KeyHeaders, KeyPolicy,
+    MAX_BUCKET,
+};
+pub use prices::{PriceTable, PricesInfo, Usd};
 pub use route::Route;
 pub use series::SeriesSnapshot;
 pub use upstream::Timeouts;
 pub use usage::Usage;
+
+/// Internals that the crate's own binary, benchmarks and tests reach. No stability promise:
+/// any release may change or remove them; a program embedding llm-dedup should not use them.
+#[doc(hidden)]
+pub mod unstable {
+    pub use crate::error::describe_chain;
+    pub use crate::fleet::{Layout as FleetLayout, advertised_url, redis_address};
+    pub use crate::key::{CanonicalBody, CredentialFingerprint, KeyParts, Partition};
+    pub use crate::prefix::Prefixes;
+}
 
 #[cfg(test)]
 mod architecture {

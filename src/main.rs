@@ -41,7 +41,9 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!(
                 "error: {}",
-                llm_dedup::error::describe_chain(e.as_ref() as &(dyn std::error::Error + 'static))
+                llm_dedup::unstable::describe_chain(
+                    e.as_ref() as &(dyn std::error::Error + 'static)
+                )
             );
             ExitCode::FAILURE
         }

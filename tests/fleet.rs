@@ -19,7 +19,7 @@ const KEY: &str = "Bearer sk-test-key-1";
 /// The name of the lease on the cache key `key` (64 hex digits) in the fleet's Redis.
 fn lease_of(key: &str) -> String {
     let key = llm_dedup::CacheKey::from_hex(key).expect("a cache key");
-    llm_dedup::FleetLayout::default().lease(&key)
+    llm_dedup::unstable::FleetLayout::default().lease(&key)
 }
 
 /// The value of a counter in Prometheus text.

@@ -322,7 +322,7 @@ async fn messages_from_outside_the_fleet_change_nothing() {
     let b = replica(&upstream, &redis, Some(ours())).await;
     let first = stored_everywhere(&a, &b, "kept").await;
     let key = first.key.clone().expect("key");
-    let channel = llm_dedup::FleetLayout::default().channel();
+    let channel = llm_dedup::unstable::FleetLayout::default().channel();
     for forged in [
         "inspector purge all".to_owned(),
         format!("x replaced {key}"),
@@ -430,7 +430,7 @@ async fn a_forged_entry_is_not_served() {
     let one = post(&c, &a.url("/v1/chat/completions"), chat("one"), &[]).await;
     let two = post(&c, &a.url("/v1/chat/completions"), chat("two"), &[]).await;
     let three = post(&c, &a.url("/v1/chat/completions"), chat("three"), &[]).await;
-    let layout = llm_dedup::FleetLayout::default();
+    let layout = llm_dedup::unstable::FleetLayout::default();
     let name = |seen: &common::Seen| {
         let key = llm_dedup::CacheKey::from_hex(seen.key.as_deref().expect("key")).expect("key");
         layout.entry(&key)
@@ -481,7 +481,7 @@ async fn a_malformed_value_under_a_hot_key_leaves_redis_on() {
     let hot = post(&c, &a.url("/v1/chat/completions"), chat("hot"), &[]).await;
     let cold = post(&c, &a.url("/v1/chat/completions"), chat("cold"), &[]).await;
     let key = llm_dedup::CacheKey::from_hex(hot.key.as_deref().expect("key")).expect("key");
-    let layout = llm_dedup::FleetLayout::default();
+    let layout = llm_dedup::unstable::FleetLayout::default();
     let (entry, lease) = (layout.entry(&key), layout.lease(&key));
     for plant in [
         format!("SET {entry} garbage"),
@@ -522,7 +522,7 @@ async fn a_planted_lease_holds_no_request() {
     let c = client();
     let stored = post(&c, &a.url("/v1/chat/completions"), chat("leased"), &[]).await;
     let key = llm_dedup::CacheKey::from_hex(stored.key.as_deref().expect("key")).expect("key");
-    let layout = llm_dedup::FleetLayout::default();
+    let layout = llm_dedup::unstable::FleetLayout::default();
     let planted = redis.command(&format!(
         "EVAL \"redis.call('DEL', KEYS[1]) return redis.call('SET', KEYS[2], 'someone', 'PX', 600000)\" 2 {} {}",
         layout.entry(&key),

@@ -242,7 +242,7 @@ async fn schemas_keep_their_order_in_anthropic_structured_output() {
 #[tokio::test]
 async fn behaviour_headers_split_the_key() {
     let upstream = FakeUpstream::start().await;
-    let key_headers = llm_dedup::key::KeyHeaders::with_extra(["x-gateway-tier"]).expect("valid");
+    let key_headers = llm_dedup::KeyHeaders::with_extra(["x-gateway-tier"]).expect("valid");
     let proxy = Proxy::start(upstream.engine().key_headers(key_headers)).await;
     let body = json!({"model": "mistral-large", "messages": [{"role": "user", "content": "hi"}]});
     for (name, one, other) in [

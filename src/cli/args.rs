@@ -303,7 +303,7 @@ pub(crate) struct ServeArgs {
     /// mid-stream [default: the --listen address; for 0.0.0.0, this host's address towards
     /// the Redis]
     #[arg(long, env = "LLM_DEDUP_ADVERTISE", value_name = "URL", requires = "redis",
-          value_parser = llm_dedup::advertised_url)]
+          value_parser = llm_dedup::unstable::advertised_url)]
     pub(crate) advertise: Option<String>,
 
     #[command(flatten)]
@@ -511,13 +511,13 @@ fn parse_redis_mode(s: &str) -> Result<llm_dedup::RedisMode, String> {
 
 /// A Redis URL the client accepts (checked, not connected).
 fn parse_redis_url(s: &str) -> Result<String, String> {
-    llm_dedup::redis_address(s)?;
+    llm_dedup::unstable::redis_address(s)?;
     Ok(s.to_owned())
 }
 
 /// A key header name, checked as the engine will take it.
 fn parse_key_header(s: &str) -> Result<String, String> {
-    llm_dedup::key::KeyHeaders::with_extra([s])?;
+    llm_dedup::KeyHeaders::with_extra([s])?;
     Ok(s.trim().to_ascii_lowercase())
 }
 

@@ -71,7 +71,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
         .prefix_wait(args.prefix_wait)
         .bucket(args.bucket)
         .key_headers(
-            llm_dedup::key::KeyHeaders::with_extra(&args.key_headers)
+            llm_dedup::KeyHeaders::with_extra(&args.key_headers)
                 .map_err(anyhow::Error::msg)
                 .context("--key-header")?,
         )
@@ -172,7 +172,7 @@ fn files_for(wanted: usize) -> usize {
 fn default_advertise(redis: &str, local: std::net::SocketAddr) -> String {
     let mut addr = local;
     if local.ip().is_unspecified() {
-        let host = llm_dedup::redis_address(redis).ok().flatten();
+        let host = llm_dedup::unstable::redis_address(redis).ok().flatten();
         if let Some(ip) = host.and_then(|(host, port)| route_to(&host, port)) {
             addr.set_ip(ip);
         } else {

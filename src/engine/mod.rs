@@ -194,7 +194,8 @@ impl Dedup {
 
     /// The path and query of an absolute `url` relative to the upstream base URL, if `url`
     /// lies under it; `None` for any other host or path.
-    pub fn relative_to_upstream(&self, url: &reqwest::Url) -> Option<String> {
+    #[cfg_attr(not(feature = "middleware"), allow(dead_code))]
+    pub(crate) fn relative_to_upstream(&self, url: &reqwest::Url) -> Option<String> {
         self.engine.upstream.relative(url)
     }
 

@@ -35,12 +35,13 @@ pub enum InspectError {
     /// There is no file at the path.
     #[error("no cache database at {}", .0.display())]
     Missing(PathBuf),
-    /// The file could not be used as a cache database.
+    /// The file could not be used as a cache database (it is not one, it is newer than this
+    /// build, its directory is missing, ...).
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(BoxError),
     /// A query failed.
     #[error("database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(BoxError),
     /// A key or key prefix is not hexadecimal.
     #[error("{0:?} is not a cache key or key prefix (hex digits expected)")]
     InvalidKey(String),
@@ -69,6 +70,21 @@ pub enum InspectError {
     /// Reading or writing entries failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+/// The cause of a database failure, as the database library gave it.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl From<StoreError> for InspectError {
+    fn from(e: StoreError) -> InspectError {
+        InspectError::Store(Box::new(e))
+    }
+}
+
+impl From<rusqlite::Error> for InspectError {
+    fn from(e: rusqlite::Error) -> InspectError {
+        InspectError::Sqlite(Box::new(e))
+    }
 }
 
 /// Counters for one model or route.

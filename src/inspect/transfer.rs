@@ -72,7 +72,14 @@ impl Inspector {
             // An entry purged meanwhile is simply not exported.
             let entry = match self.entry(&key) {
                 Ok(e) => e,
-                Err(InspectError::Sqlite(rusqlite::Error::QueryReturnedNoRows)) => continue,
+                Err(InspectError::Sqlite(e))
+                    if matches!(
+                        e.downcast_ref::<rusqlite::Error>(),
+                        Some(rusqlite::Error::QueryReturnedNoRows)
+                    ) =>
+                {
+                    continue;
+                }
                 Err(e) => return Err(e),
             };
             serde_json::to_writer(&mut *out, &entry).map_err(std::io::Error::from)?;

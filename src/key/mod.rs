@@ -84,10 +84,6 @@ pub use partition::{CredentialFingerprint, CredentialHeaders, Partition};
 /// then simply stop matching, which is the safe failure.
 pub const KEY_VERSION: u32 = 2;
 
-pub use crate::headers::{
-    BEHAVIOUR_HEADERS, CONTEXT_HEADERS, CREDENTIAL_HEADERS, FALLBACK_CREDENTIAL_HEADERS,
-};
-
 /// Most answers kept under one key for sampled requests (`llm-dedup-bucket`, `--bucket`).
 pub const MAX_BUCKET: u8 = 20;
 
