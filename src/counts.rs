@@ -21,15 +21,15 @@ macro_rules! counters {
         impl Counts {
             /// The `counters` table's column of each counter, in the order of
             /// [`Counts::values`].
-            pub const COLUMNS: [&'static str; COUNTERS] = [$(stringify!($field)),*];
+            pub(crate) const COLUMNS: [&'static str; COUNTERS] = [$(stringify!($field)),*];
 
             /// The counters, in the order of [`Counts::COLUMNS`].
-            pub fn values(&self) -> [i64; COUNTERS] {
+            pub(crate) fn values(&self) -> [i64; COUNTERS] {
                 [$(self.$field),*]
             }
 
             /// The counts whose [`Counts::values`] are `v`.
-            pub fn from_values(v: [i64; COUNTERS]) -> Counts {
+            pub(crate) fn from_values(v: [i64; COUNTERS]) -> Counts {
                 let [$($field),*] = v;
                 Counts { $($field),* }
             }

@@ -251,7 +251,7 @@ impl PriceTable {
     /// name itself, or without its snapshot date (`gpt-4o-mini-2024-07-18` is `gpt-4o-mini`,
     /// `claude-sonnet-4-5-20250929` is `claude-sonnet-4-5`) unless the snapshot is listed
     /// itself. Azure's `gpt-35-turbo` is OpenAI's `gpt-3.5-turbo`.
-    pub fn lookup(&self, model: &str) -> Option<(&str, &Price)> {
+    pub(crate) fn lookup(&self, model: &str) -> Option<(&str, &Price)> {
         // The common case first, without allocating: a name as listed, or its snapshot.
         for candidate in [Some(model), undated(model)].into_iter().flatten() {
             if let Some((listed, price)) = self.models.get_key_value(candidate) {

@@ -85,31 +85,14 @@ impl TimeoutKind {
 
 /// A caller's own HTTP client, put in a request's extensions (`http::Request::extensions`) by
 /// the middleware: the engine sends that caller's requests with it, so the client's default
-/// headers, proxy, TLS settings and timeouts apply. Its callers' credential partition
-/// includes `id` (their requests may carry their credential only as a default header of the
-/// client, which the engine never sees), so two clients never share answers or budgets.
+/// headers, proxy, TLS settings and timeouts apply. Its callers' credential partition is
+/// derived with `id` (`Partition::of_client`: their requests may carry their credential only
+/// as a default header of the client, which the engine never sees), so two clients never
+/// share answers (unless the engine's cache is shared by design) or budgets.
 #[derive(Clone)]
 pub(crate) struct CallerClient {
     pub(crate) client: reqwest::Client,
     pub(crate) id: [u8; 16],
-}
-
-impl CallerClient {
-    /// `proxy_credential` (what else partitions a request besides its forwarded headers)
-    /// extended with this client's identity.
-    pub(crate) fn partitioning(
-        &self,
-        proxy_credential: Option<http::HeaderValue>,
-    ) -> Option<http::HeaderValue> {
-        let mut value = proxy_credential
-            .map(|v| v.as_bytes().to_vec())
-            .unwrap_or_default();
-        value.extend_from_slice(b" llm-dedup-client ");
-        for byte in self.id {
-            value.extend_from_slice(format!("{byte:02x}").as_bytes());
-        }
-        http::HeaderValue::from_bytes(&value).ok()
-    }
 }
 
 /// A pooled HTTP client bound to one upstream base URL.

@@ -45,7 +45,7 @@ impl Usage {
     }
 
     /// Reads the `usage` of a parsed answer (nothing if it has none).
-    pub fn of_answer(answer: &Value) -> Usage {
+    pub(crate) fn of_answer(answer: &Value) -> Usage {
         answer.get("usage").map_or_else(Usage::default, Usage::read)
     }
 
@@ -53,7 +53,7 @@ impl Usage {
     /// (OpenAI) or `input_tokens` / `output_tokens` (Responses, Anthropic), with their prompt
     /// cache details (see the module docs). A count above `MAX_TOKENS` is read as that: no
     /// answer is that long, and sums of counts stay far from overflowing.
-    pub fn read(usage: &Value) -> Usage {
+    pub(crate) fn read(usage: &Value) -> Usage {
         let count = |v: Option<&Value>| v?.as_u64().map(|n| n.min(MAX_TOKENS));
         let field = |names: &[&str]| names.iter().find_map(|n| count(usage.get(*n)));
         let cache_read = field(&["cache_read_input_tokens"]);

@@ -385,6 +385,34 @@ mod middleware {
         );
         assert_eq!(upstream.calls(), 2);
 
+        // Callers of one client told apart by a cookie alone (a gateway's session) stay
+        // apart: the client's identity adds to what their headers say.
+        let gateway = reqwest::Client::new();
+        let sessions = ClientBuilder::new(gateway.clone())
+            .with(DedupMiddleware::with_client(engine.clone(), gateway))
+            .build();
+        let as_session = |session: &'static str| {
+            let (sessions, url) = (sessions.clone(), url.clone());
+            async move {
+                let r = sessions
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .header("cookie", format!("session={session}"))
+                    .body(chat("a session's question"))
+                    .send()
+                    .await
+                    .expect("sent");
+                r.headers()["llm-dedup-cache"]
+                    .to_str()
+                    .expect("ascii")
+                    .to_owned()
+            }
+        };
+        assert_eq!(as_session("alice").await, "miss");
+        assert_eq!(as_session("bob").await, "miss", "bob is not alice");
+        assert_eq!(as_session("alice").await, "hit");
+        assert_eq!(upstream.calls(), 4);
+
         // The engine's own client, for contrast, does not know the key: none arrives.
         let own = reqwest::Client::builder()
             .default_headers(

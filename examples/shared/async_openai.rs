@@ -29,11 +29,20 @@ impl tower::Service<HttpRequestFactory> for ThroughDedup {
         let dedup = self.0.clone();
         Box::pin(async move {
             let request = factory.build().await?;
-            // The engine sends to its own upstream: the request keeps its path and query.
+            // The engine sends to its own upstream: the request keeps its path and query,
+            // relative to the engine's base URL when it lies under it.
             let url = request.url();
+            let base = reqwest013::Url::parse(dedup.upstream())
+                .map(|b| b.path().trim_end_matches('/').to_owned())
+                .unwrap_or_default();
+            let path = url
+                .path()
+                .strip_prefix(&base)
+                .filter(|rest| rest.starts_with('/'))
+                .unwrap_or(url.path());
             let target = match url.query() {
-                Some(query) => format!("{}?{query}", url.path()),
-                None => url.path().to_owned(),
+                Some(query) => format!("{path}?{query}"),
+                None => path.to_owned(),
             };
             let mut forwarded = http::Request::builder()
                 .method(request.method().as_str())
@@ -41,11 +50,21 @@ impl tower::Service<HttpRequestFactory> for ThroughDedup {
             for (name, value) in request.headers() {
                 forwarded = forwarded.header(name.as_str(), value.as_bytes());
             }
-            let body = request
-                .body()
-                .and_then(|b| b.as_bytes())
-                .map(bytes::Bytes::copy_from_slice)
-                .unwrap_or_default();
+            let body = match request.body() {
+                None => bytes::Bytes::new(),
+                Some(body) => body
+                    .as_bytes()
+                    .map(bytes::Bytes::copy_from_slice)
+                    .ok_or_else(
+                        // A streamed body (a file upload) is not sent empty: refused.
+                        || {
+                            OpenAIError::InvalidArgument(
+                                "a streamed request body cannot go through llm-dedup in process"
+                                    .into(),
+                            )
+                        },
+                    )?,
+            };
             let forwarded = forwarded
                 .body(http_body_util::Full::new(body))
                 .map_err(|e| OpenAIError::InvalidArgument(e.to_string()))?;

@@ -289,17 +289,18 @@ impl DedupBuilder {
         self
     }
 
-    /// As [`DedupBuilder::build`], for async code: opening and migrating the database and the
-    /// first calls to Redis run on a blocking thread, never on the caller's, and with
-    /// [`DedupBuilder::redis`] the build fails when Redis cannot be reached (`build` starts
-    /// anyway, and the engine goes on alone until Redis is back, as the proxy does).
+    /// As [`DedupBuilder::build`], for async code (within a Tokio runtime): opening and
+    /// migrating the database and the first calls to Redis run on a blocking thread, never on
+    /// the caller's, and with [`DedupBuilder::redis`] the build fails when Redis cannot be
+    /// reached or its credential salt cannot be read (`build` starts anyway, keying alone
+    /// until Redis is back, as the proxy does).
     pub async fn build_async(self) -> Result<Dedup, Error> {
         let redis = self.redis.as_deref().map(without_credentials);
-        let dedup = tokio::task::spawn_blocking(move || self.build())
+        let (dedup, salted) = tokio::task::spawn_blocking(move || self.assemble())
             .await
             .map_err(|e| Error::with_source(ErrorKind::Cache, "building the engine failed", e))??;
         if let (Some(fleet), Some(redis)) = (&dedup.engine.fleet, redis)
-            && fleet.connect().await.is_err()
+            && (!salted || fleet.connect().await.is_err())
         {
             return Err(Error::new(
                 ErrorKind::Cache,
@@ -313,6 +314,12 @@ impl DedupBuilder {
     /// code, [`DedupBuilder::build_async`] does not); with a Redis that cannot be reached it
     /// logs a warning and builds an engine that goes on alone until Redis is back.
     pub fn build(self) -> Result<Dedup, Error> {
+        self.assemble().map(|(dedup, _)| dedup)
+    }
+
+    /// Builds the engine, saying whether it keys requests as the fleet does (it read the
+    /// fleet's credential salt, or has no fleet).
+    fn assemble(self) -> Result<(Dedup, bool), Error> {
         if !(1..=MAX_BUCKET).contains(&self.bucket) {
             return Err(Error::new(
                 ErrorKind::Cache,
@@ -370,18 +377,21 @@ impl DedupBuilder {
             .map(|url| Fleet::new(url, settings))
             .transpose()
             .map_err(|e| Error::with_source(ErrorKind::Cache, "the Redis URL is not valid", e))?;
-        let salt = match &fleet {
-            None => local_salt,
+        let (salt, salted) = match &fleet {
+            None => (local_salt, true),
             // Every replica must compute the same keys: the fleet's salt, the first
             // replica's own.
-            Some(fleet) => fleet.shared_salt(&local_salt).unwrap_or_else(|| {
-                tracing::warn!(
-                    "Redis cannot be reached at start-up: this replica uses its own credential \
-                     salt, so until it restarts its per-credential entries are its own \
-                     (entries of a --shared-cache are still shared)"
-                );
-                local_salt
-            }),
+            Some(fleet) => match fleet.shared_salt(&local_salt) {
+                Some(salt) => (salt, true),
+                None => {
+                    tracing::warn!(
+                        "Redis cannot be reached at start-up: this replica uses its own \
+                         credential salt, so until it restarts its per-credential entries are \
+                         its own (entries of a --shared-cache are still shared)"
+                    );
+                    (local_salt, false)
+                }
+            },
         };
         if let (Some(fleet), Ok(runtime)) = (&fleet, tokio::runtime::Handle::try_current()) {
             // Connect now, so that whether the Redis is one node or a cluster is known (and
@@ -402,7 +412,7 @@ impl DedupBuilder {
             disk.on_external_purge(move || memory.clear());
         }
         let upstream_identity = upstream.identity(&salt);
-        Ok(Dedup {
+        let dedup = Dedup {
             engine: Arc::new(Engine {
                 upstream_identity,
                 upstream,
@@ -441,7 +451,8 @@ impl DedupBuilder {
                 #[cfg(test)]
                 faults: Default::default(),
             }),
-        })
+        };
+        Ok((dedup, salted))
     }
 }
 

@@ -74,9 +74,9 @@ impl Outbound {
     }
 }
 
-/// The request headers as they go upstream ([`upstream::forwarded`]), and what partitions the
-/// request besides them: its `Proxy-Authorization`, and the caller's own client, which the
-/// request is then sent with.
+/// The request headers as they go upstream ([`upstream::forwarded`]), the
+/// `Proxy-Authorization` that partitions the request besides them, and the caller's own
+/// client, which the request is then sent with (its identity partitions it too).
 fn caller(
     headers: &mut http::HeaderMap,
     extensions: &http::Extensions,
@@ -84,7 +84,7 @@ fn caller(
     let proxy_credential = upstream::forwarded(headers);
     match extensions.get::<CallerClient>() {
         None => (proxy_credential, None),
-        Some(via) => (via.partitioning(proxy_credential), Some(via.clone())),
+        Some(via) => (proxy_credential, Some(via.clone())),
     }
 }
 
@@ -187,7 +187,7 @@ impl Engine {
         let (proxy_credential, via) = caller(&mut headers, &head.extensions);
         Bypassed {
             path_and_query: path_and_query(&head.uri),
-            partition: self.partition(&headers, proxy_credential.as_ref()),
+            partition: self.partition(&headers, proxy_credential.as_ref(), via.as_ref()),
             method: head.method,
             headers,
             body: reqwest::Body::wrap_stream(stream),

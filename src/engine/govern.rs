@@ -88,13 +88,14 @@ impl Engine {
                 "upstream refused the request; pausing the budget and retrying"
             );
             self.refusal_absorbed(route, model, status == Some(429));
+            self.governor.pause(&out.partition, wait);
+            if let Some(fleet) = &self.fleet {
+                // Said before any wait: replicas that pace hold their calls from now.
+                fleet.pause(&out.partition, wait).await;
+            }
             if !settings.pace {
                 // No line to pause: this request waits on its own.
                 tokio::time::sleep(wait).await;
-            }
-            self.governor.pause(&out.partition, wait);
-            if let Some(fleet) = &self.fleet {
-                fleet.pause(&out.partition, wait).await;
             }
             waited += wait;
             attempt += 1;

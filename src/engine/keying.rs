@@ -24,6 +24,7 @@ use crate::key::{
 };
 use crate::memory::ExactRequest;
 use crate::route::{self, Route};
+use crate::upstream::CallerClient;
 
 /// What the engine knows about a cacheable request once it is keyed.
 pub(super) struct Keyed {
@@ -132,6 +133,10 @@ impl Engine {
             part(PROXY_AUTHORIZATION.as_bytes());
             part(value.as_bytes());
         }
+        if let Some(caller) = &out.via {
+            part(b"llm-dedup caller client");
+            part(&caller.id);
+        }
         part(&out.body);
         ExactRequest::new(preimage)
     }
@@ -144,13 +149,19 @@ impl Engine {
         &self,
         headers: &HeaderMap,
         proxy_credential: Option<&HeaderValue>,
+        via: Option<&CallerClient>,
     ) -> Partition {
         let forwarded = headers
             .iter()
             .map(|(name, value)| (name.as_str(), value.as_bytes()));
         let to_proxy = proxy_credential.map(|v| (PROXY_AUTHORIZATION, v.as_bytes()));
-        self.credentials
-            .partition(&self.salt, forwarded.chain(to_proxy))
+        let partition = self
+            .credentials
+            .partition(&self.salt, forwarded.chain(to_proxy));
+        match via {
+            Some(caller) => partition.of_client(&caller.id),
+            None => partition,
+        }
     }
 
     /// Parses and keys a cacheable request seen for the first time (by its exact bytes, whose
@@ -191,7 +202,11 @@ impl Engine {
         controls: &CacheControls,
         digest: [u8; 32],
     ) -> Result<Prepared, Error> {
-        out.partition = self.partition(&out.headers, out.proxy_credential.as_ref());
+        out.partition = self.partition(
+            &out.headers,
+            out.proxy_credential.as_ref(),
+            out.via.as_ref(),
+        );
         Ok(match self.parse(route, &out)? {
             Parsed::Plain(body) => {
                 let keyed = self.remember_key(route, &out, &body, &controls.namespace, digest);

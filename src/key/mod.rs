@@ -146,7 +146,7 @@ impl CacheKey {
 
     /// A key naming this key as seen by one credential partition: for tables that must keep
     /// partitions apart even when the cache is shared (the flights of embedding inputs).
-    pub fn for_partition(&self, partition: &Partition) -> CacheKey {
+    pub(crate) fn for_partition(&self, partition: &Partition) -> CacheKey {
         let mut hasher = blake3::Hasher::new();
         hasher.update(b"llm-dedup key for partition");
         hasher.update(&self.0);
@@ -159,7 +159,7 @@ impl CacheKey {
     /// behaviour headers, the other fields), and the input's canonical form. A request is
     /// canonicalized once however many inputs it carries, and an input has the same key alone
     /// or in a list.
-    pub fn of_input(template: &CacheKey, input: &Value) -> CacheKey {
+    pub(crate) fn of_input(template: &CacheKey, input: &Value) -> CacheKey {
         let canonical = canonical::canonical_value(input);
         let mut preimage = Vec::with_capacity(canonical.len() + 96);
         put(&mut preimage, b"llm-dedup embedding input");

@@ -31,6 +31,17 @@ impl Partition {
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
+
+    /// This partition as seen through one caller's own HTTP client (`client` its identity):
+    /// the credential such a client adds as a default header never reaches the engine, so
+    /// its callers are kept apart from every other client's, each with the partition its own
+    /// headers (a cookie, say) give.
+    pub(crate) fn of_client(&self, client: &[u8; 16]) -> Partition {
+        let mut hasher = blake3::Hasher::new_keyed(&self.0);
+        hasher.update(b"llm-dedup caller client");
+        hasher.update(client);
+        Partition(*hasher.finalize().as_bytes())
+    }
 }
 
 impl fmt::Debug for Partition {
@@ -122,7 +133,7 @@ impl CredentialHeaders {
     /// hash of its credential headers (the fallbacks only when no secret is present) and its
     /// context headers. The order of `headers` does not matter; a request with none has the
     /// partition of "no credential".
-    pub fn partition<'a, I>(&self, salt: &[u8; 32], headers: I) -> Partition
+    pub(crate) fn partition<'a, I>(&self, salt: &[u8; 32], headers: I) -> Partition
     where
         I: IntoIterator<Item = (&'a str, &'a [u8])>,
     {
