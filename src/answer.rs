@@ -9,8 +9,8 @@ use futures_util::TryStreamExt;
 use futures_util::stream::BoxStream;
 use http::{HeaderMap, HeaderValue, StatusCode};
 
-use crate::error::Error;
-use crate::headers::CACHE_HEADER;
+use crate::error::{Error, ErrorKind};
+use crate::headers::{CACHE_HEADER, SHOULD_RETRY};
 use crate::key::CacheKey;
 
 /// How an answer was produced.
@@ -136,6 +136,84 @@ impl From<Answer> for http::Response<AnswerBody> {
         *response.status_mut() = answer.status;
         *response.headers_mut() = answer.headers;
         response
+    }
+}
+
+impl From<Error> for http::Response<AnswerBody> {
+    /// The error as the proxy answers it, shaped like the provider's own errors so that
+    /// SDKs surface it well: its status (`400` malformed, `413` too large, `429` queue full,
+    /// `502` upstream unreachable or invalid, `504` upstream timeout or an `only-if-cached`
+    /// miss, `500` otherwise), `{"error": {"message", "type", "param", "code"}}`,
+    /// `x-should-retry`, and `retry-after` when waiting helps. For a tower stack that needs a
+    /// response for every request.
+    fn from(e: Error) -> http::Response<AnswerBody> {
+        let (status, kind, code) = error_shape(&e);
+        let body = serde_json::json!({
+            "error": {"message": e.to_string(), "type": kind, "param": null, "code": code}
+        });
+        let mut response = http::Response::new(AnswerBody::Full(Bytes::from(body.to_string())));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(
+            SHOULD_RETRY,
+            HeaderValue::from_static(if e.is_retryable() { "true" } else { "false" }),
+        );
+        if let Some(wait) = e.retry_after() {
+            // Whole seconds, at most 60: the official SDKs honour that exactly.
+            let secs = wait.as_secs_f64().ceil().clamp(1.0, 60.0) as u64;
+            headers.insert(http::header::RETRY_AFTER, secs.into());
+        }
+        response
+    }
+}
+
+/// The status, error type and code an engine error is answered with.
+fn error_shape(e: &Error) -> (StatusCode, &'static str, &'static str) {
+    match e.kind() {
+        ErrorKind::InvalidRequest => (
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_request",
+        ),
+        ErrorKind::BodyTooLarge => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "request_too_large",
+        ),
+        ErrorKind::NotCached => (
+            StatusCode::GATEWAY_TIMEOUT,
+            "invalid_request_error",
+            "not_cached",
+        ),
+        ErrorKind::UpstreamTimeout => (
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream_error",
+            "upstream_timeout",
+        ),
+        ErrorKind::QueueFull => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_exceeded",
+            "queue_full",
+        ),
+        ErrorKind::UpstreamUnreachable | ErrorKind::Abandoned => (
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            "upstream_unreachable",
+        ),
+        ErrorKind::UpstreamInvalid => (
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            "upstream_invalid_answer",
+        ),
+        _ => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "internal_error",
+        ),
     }
 }
 

@@ -587,6 +587,18 @@ async fn the_engine_is_a_tower_service() {
         .await;
     let e = e.expect_err("malformed JSON is the caller's error");
     assert_eq!(e.kind(), ErrorKind::InvalidRequest);
+    // A stack that needs a response for every request answers it as the proxy would.
+    let response = http::Response::<llm_dedup::AnswerBody>::from(e);
+    assert_eq!(response.status(), http::StatusCode::BAD_REQUEST);
+    assert_eq!(response.headers()["x-should-retry"], "false");
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    let body: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(body["error"]["code"], "invalid_request", "{body}");
 }
 
 /// `build_async` opens the database off the async threads (here a current-thread runtime,

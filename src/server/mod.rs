@@ -289,51 +289,11 @@ fn into_response(answer: crate::answer::Answer) -> Response {
     response
 }
 
-/// The one place where an engine error becomes an HTTP answer, shaped like the provider's
-/// own errors (`{"error": {"message", "type", "param", "code"}}`) so SDKs surface it well.
+/// An engine error as the proxy answers it (`http::Response::from(error)`, shaped like the
+/// provider's own errors), logged by how much it matters.
 pub fn error_response(e: &Error) -> Response {
-    let (status, kind, code) = match e.kind() {
-        ErrorKind::InvalidRequest => (
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "invalid_request",
-        ),
-        ErrorKind::BodyTooLarge => (
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request_error",
-            "request_too_large",
-        ),
-        ErrorKind::NotCached => (
-            StatusCode::GATEWAY_TIMEOUT,
-            "invalid_request_error",
-            "not_cached",
-        ),
-        ErrorKind::UpstreamTimeout => (
-            StatusCode::GATEWAY_TIMEOUT,
-            "upstream_error",
-            "upstream_timeout",
-        ),
-        ErrorKind::QueueFull => (
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limit_exceeded",
-            "queue_full",
-        ),
-        ErrorKind::UpstreamUnreachable | ErrorKind::Abandoned => (
-            StatusCode::BAD_GATEWAY,
-            "upstream_error",
-            "upstream_unreachable",
-        ),
-        ErrorKind::UpstreamInvalid => (
-            StatusCode::BAD_GATEWAY,
-            "upstream_error",
-            "upstream_invalid_answer",
-        ),
-        _ => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
-            "internal_error",
-        ),
-    };
+    let response = http::Response::<AnswerBody>::from(e.clone());
+    let status = response.status();
     // A miss under `only-if-cached` is a 504 by the standard, but the answer the client asked
     // for, not a failure.
     if status.is_server_error() && e.kind() != ErrorKind::NotCached {
@@ -341,21 +301,7 @@ pub fn error_response(e: &Error) -> Response {
     } else {
         tracing::debug!(error = %e.chain(), status = status.as_u16(), "request refused");
     }
-    let body =
-        json!({"error": {"message": e.to_string(), "type": kind, "param": null, "code": code}});
-    let mut response = (status, axum::Json(body)).into_response();
-    response.headers_mut().insert(
-        crate::headers::SHOULD_RETRY,
-        HeaderValue::from_static(if e.is_retryable() { "true" } else { "false" }),
-    );
-    if let Some(wait) = e.retry_after() {
-        // Whole seconds, at most 60: the official SDKs honour that exactly.
-        let secs = wait.as_secs_f64().ceil().clamp(1.0, 60.0) as u64;
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, secs.into());
-    }
-    response
+    response.map(Body::new)
 }
 
 /// Serves the proxy on `listener` within the edge's `limits` until `shutdown` resolves, then
