@@ -137,6 +137,7 @@ pub use key::{
 pub use prices::{PriceTable, PricesInfo, Usd};
 pub use route::Route;
 pub use series::SeriesSnapshot;
+pub use service::{DedupLayer, DedupService, UpstreamBody};
 pub use upstream::Timeouts;
 pub use usage::Usage;
 

@@ -45,7 +45,7 @@ use reqwest_middleware::{Middleware, Next, Result};
 
 use crate::answer::AnswerBody;
 use crate::engine::Dedup;
-use crate::upstream::CallerClient;
+use crate::upstream::{CallerClient, CallerTransport};
 
 /// Sends requests for the engine's upstream through the engine (cache, coalescing); passes
 /// everything else on.
@@ -75,7 +75,7 @@ impl DedupMiddleware {
         DedupMiddleware {
             engine,
             client: Some(CallerClient {
-                client,
+                client: CallerTransport::Client(client),
                 id: rand::random(),
             }),
         }

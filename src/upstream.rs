@@ -91,9 +91,35 @@ impl TimeoutKind {
 /// share answers (unless the engine's cache is shared by design) or budgets.
 #[derive(Clone)]
 pub(crate) struct CallerClient {
-    pub(crate) client: reqwest::Client,
+    pub(crate) client: CallerTransport,
     pub(crate) id: [u8; 16],
 }
+
+/// What a caller's requests go upstream with.
+#[derive(Clone)]
+pub(crate) enum CallerTransport {
+    /// Its reqwest client (the middleware's `with_client`).
+    #[cfg_attr(not(feature = "middleware"), allow(dead_code))]
+    Client(reqwest::Client),
+    /// Its own tower service (`DedupLayer`'s inner service), behind one boxed call.
+    Service(ServiceCall),
+}
+
+/// A caller's tower service, as one call from an `http::Request` to a reqwest response.
+pub(crate) type ServiceCall = std::sync::Arc<
+    dyn Fn(
+            http::Request<reqwest::Body>,
+        ) -> futures_util::future::BoxFuture<
+            'static,
+            Result<reqwest::Response, Box<dyn std::error::Error + Send + Sync>>,
+        > + Send
+        + Sync,
+>;
+
+/// The failure a caller's service answered with.
+#[derive(Debug, thiserror::Error)]
+#[error("the service failed")]
+struct ServiceFailed(#[source] Box<dyn std::error::Error + Send + Sync>);
 
 /// A pooled HTTP client bound to one upstream base URL.
 #[derive(Clone)]
@@ -218,7 +244,15 @@ impl Upstream {
         via: Option<&CallerClient>,
     ) -> Result<reqwest::Response, Error> {
         let url = format!("{}{}", self.request_base, path_and_query);
-        let client = via.map_or(&self.client, |caller| &caller.client);
+        let client = match via.map(|caller| &caller.client) {
+            None => &self.client,
+            Some(CallerTransport::Client(client)) => client,
+            Some(CallerTransport::Service(call)) => {
+                return self
+                    .through_service(call, method, &url, headers, body)
+                    .await;
+            }
+        };
         let sent = client
             .request(method.clone(), url)
             .headers(request_headers(headers))
@@ -226,6 +260,33 @@ impl Upstream {
             .send();
         match tokio::time::timeout(self.timeouts.first_byte, sent).await {
             Ok(sent) => sent.map_err(|e| self.error(e)),
+            Err(_) => Err(self.timed_out(TimeoutKind::FirstByte)),
+        }
+    }
+
+    /// Sends a request through a caller's own tower service, within the first-byte timeout.
+    async fn through_service(
+        &self,
+        call: &ServiceCall,
+        method: &Method,
+        url: &str,
+        headers: &HeaderMap,
+        body: reqwest::Body,
+    ) -> Result<reqwest::Response, Error> {
+        let mut request = http::Request::new(body);
+        *request.method_mut() = method.clone();
+        *request.uri_mut() = url.parse().map_err(|e| {
+            Error::with_source(ErrorKind::InvalidRequest, "not a URL the upstream takes", e)
+        })?;
+        *request.headers_mut() = request_headers(headers);
+        match tokio::time::timeout(self.timeouts.first_byte, call(request)).await {
+            Ok(sent) => sent.map_err(|e| {
+                Error::with_source(
+                    ErrorKind::UpstreamUnreachable,
+                    format!("the caller's service could not reach {}", self.shown_base),
+                    ServiceFailed(e),
+                )
+            }),
             Err(_) => Err(self.timed_out(TimeoutKind::FirstByte)),
         }
     }

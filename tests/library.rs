@@ -648,3 +648,74 @@ async fn an_async_build_says_when_redis_cannot_be_reached() {
         engine.close().await.expect("closed");
     }
 }
+
+/// A `DedupLayer` over the caller's own tower service: what must go upstream goes through
+/// that service (here it adds the API key, as a caller's stack would), and a repeat never
+/// reaches it.
+#[tokio::test]
+async fn a_layer_sends_upstream_through_the_inner_service() {
+    use http_body_util::BodyExt;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+    use tower::{Layer, ServiceExt};
+
+    type BoxError = Box<dyn std::error::Error + Send + Sync>;
+    let upstream = FakeUpstream::start().await;
+    let engine = upstream.engine().build().expect("engine");
+    let through = Arc::new(AtomicUsize::new(0));
+    let forward = reqwest::Client::new();
+    let counted = through.clone();
+    let inner = tower::service_fn(move |request: http::Request<llm_dedup::UpstreamBody>| {
+        let (counted, forward) = (counted.clone(), forward.clone());
+        async move {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let (mut head, body) = request.into_parts();
+            head.headers.insert(
+                "authorization",
+                "Bearer sk-from-the-inner-service".parse().expect("value"),
+            );
+            let body = body.collect().await?.to_bytes();
+            let answer = forward
+                .request(head.method, head.uri.to_string())
+                .headers(head.headers)
+                .body(body)
+                .send()
+                .await?;
+            let mut response = http::Response::new(Full::new(Bytes::new()));
+            *response.status_mut() = answer.status();
+            *response.headers_mut() = answer.headers().clone();
+            let bytes = answer.bytes().await?;
+            Ok::<_, BoxError>(response.map(|_| Full::new(bytes)))
+        }
+    });
+    let service = llm_dedup::DedupLayer::new(engine.clone()).layer(inner);
+    let mut bodies = Vec::new();
+    for expected in ["miss", "hit"] {
+        let ask = http::Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(chat("through the layer"))))
+            .expect("request");
+        let response = service.clone().oneshot(ask).await.expect("answer");
+        assert_eq!(response.status(), http::StatusCode::OK);
+        assert_eq!(response.headers()["llm-dedup-cache"], expected);
+        bodies.push(
+            response
+                .into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes(),
+        );
+    }
+    assert_eq!(bodies[0], bodies[1]);
+    assert_eq!(
+        through.load(Ordering::SeqCst),
+        1,
+        "the repeat never reached it"
+    );
+    let seen = upstream.state.last_headers.lock().expect("lock").clone();
+    assert_eq!(
+        seen.expect("a call")["authorization"],
+        "Bearer sk-from-the-inner-service"
+    );
+}
