@@ -124,6 +124,23 @@ async fn learn(client: &reqwest::Client, base: &str, key: &str) {
 /// Where chat completions go.
 const CHAT: &str = "/v1/chat/completions";
 
+/// Sixteen chat questions on `topic` at once to `base` as `key`: the share of prompt tokens
+/// read from the provider's cache, and the wall time.
+async fn chat_burst(
+    upstream: &FakeUpstream,
+    client: &reqwest::Client,
+    base: &str,
+    key: &str,
+    stream: bool,
+    topic: &str,
+) -> (f64, Duration) {
+    measured(
+        upstream,
+        burst(client, base, key, CHAT, questions(16, stream, topic)),
+    )
+    .await
+}
+
 #[tokio::main]
 async fn main() {
     let upstream = FakeUpstream::with(Behaviour {
@@ -147,39 +164,12 @@ async fn main() {
         for (base, who) in [(&held, "held"), (&unheld, "unheld")] {
             learn(&client, base, &tag(who)).await;
         }
-        let (d_share, d_time) = measured(
-            &upstream,
-            burst(
-                &client,
-                &direct,
-                &tag("direct"),
-                CHAT,
-                questions(16, stream, "cold"),
-            ),
-        )
-        .await;
-        let (h_share, h_time) = measured(
-            &upstream,
-            burst(
-                &client,
-                &held,
-                &tag("held"),
-                CHAT,
-                questions(16, stream, "cold"),
-            ),
-        )
-        .await;
-        let (u_share, u_time) = measured(
-            &upstream,
-            burst(
-                &client,
-                &unheld,
-                &tag("unheld"),
-                CHAT,
-                questions(16, stream, "cold"),
-            ),
-        )
-        .await;
+        let (d_share, d_time) =
+            chat_burst(&upstream, &client, &direct, &tag("direct"), stream, "cold").await;
+        let (h_share, h_time) =
+            chat_burst(&upstream, &client, &held, &tag("held"), stream, "cold").await;
+        let (u_share, u_time) =
+            chat_burst(&upstream, &client, &unheld, &tag("unheld"), stream, "cold").await;
         println!(
             "  cold, {kind}: read from the provider's cache: direct {d_share:.2}, proxy {h_share:.2}, \
              proxy without holds {u_share:.2}; wall: direct {:.0} ms, proxy {:.0} ms ({:.2} x), \
@@ -191,28 +181,10 @@ async fn main() {
             u_time.as_secs_f64() / d_time.as_secs_f64(),
         );
         // The prefix is warm in each organization now.
-        let (d_share, d_time) = measured(
-            &upstream,
-            burst(
-                &client,
-                &direct,
-                &tag("direct"),
-                CHAT,
-                questions(16, stream, "warm"),
-            ),
-        )
-        .await;
-        let (h_share, h_time) = measured(
-            &upstream,
-            burst(
-                &client,
-                &held,
-                &tag("held"),
-                CHAT,
-                questions(16, stream, "warm"),
-            ),
-        )
-        .await;
+        let (d_share, d_time) =
+            chat_burst(&upstream, &client, &direct, &tag("direct"), stream, "warm").await;
+        let (h_share, h_time) =
+            chat_burst(&upstream, &client, &held, &tag("held"), stream, "warm").await;
         println!(
             "  warm, {kind}: read: direct {d_share:.2}, proxy {h_share:.2}; wall: direct {:.0} ms, \
              proxy {:.0} ms ({:.2} x)",
