@@ -127,6 +127,7 @@ pub use counts::Counts;
 pub use embeddings::EmbedSettings;
 pub use engine::{DEFAULT_PREFIX_WAIT, DEFAULT_VERIFY_WINDOW, Dedup, DedupBuilder, LiveFigures};
 pub use error::{Error, ErrorKind, Origin};
+#[cfg(feature = "redis")]
 pub use fleet::{FleetSecret, RedisMode};
 pub use governor::{GovernorSettings, MAX_SETTING_WAIT};
 pub use headers::{BUCKET_HEADER, CACHE_HEADER, KEY_HEADER, NAMESPACE_HEADER, TTL_HEADER};
@@ -146,6 +147,7 @@ pub use usage::Usage;
 #[doc(hidden)]
 pub mod unstable {
     pub use crate::error::describe_chain;
+    #[cfg(feature = "redis")]
     pub use crate::fleet::{Layout as FleetLayout, advertised_url, redis_address};
     pub use crate::key::{CanonicalBody, CredentialFingerprint, KeyParts, Partition};
     pub use crate::prefix::Prefixes;

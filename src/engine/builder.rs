@@ -6,12 +6,15 @@ use std::time::Duration;
 
 use tokio_util::task::TaskTracker;
 
+use super::joining::{FleetOptions, Joined};
 use super::{
     DEFAULT_PREFIX_WAIT, DEFAULT_VERIFY_WINDOW, Dedup, Engine, KnownKeys, Verified, bucket, embed,
 };
 use crate::embeddings::EmbedSettings;
 use crate::error::{Error, ErrorKind};
-use crate::fleet::{Event, Fleet, FleetSecret, FleetSettings, RedisMode, Seal};
+use crate::fleet::Event;
+#[cfg(feature = "redis")]
+use crate::fleet::{FleetSecret, RedisMode};
 use crate::governor::{Governor, GovernorSettings};
 use crate::inflight::InFlight;
 use crate::key::{CredentialHeaders, KeyHeaders, KeyPolicy, MAX_BUCKET};
@@ -41,10 +44,7 @@ pub struct DedupBuilder {
     store_limits: StoreLimits,
     governor: GovernorSettings,
     embeddings: EmbedSettings,
-    redis: Option<String>,
-    advertise: Option<String>,
-    fleet_secret: Option<FleetSecret>,
-    redis_mode: RedisMode,
+    fleet: FleetOptions,
     prefix_wait: Duration,
     bucket: u8,
     prices: PriceTable,
@@ -52,7 +52,7 @@ pub struct DedupBuilder {
 
 /// `url` without the user and password it may hold (as logs and debug output may show it);
 /// a text that is no URL is not shown at all.
-fn without_credentials(url: &str) -> String {
+pub(super) fn without_credentials(url: &str) -> String {
     match reqwest::Url::parse(url) {
         Ok(mut parsed) => {
             let _ = parsed.set_username("");
@@ -79,10 +79,7 @@ impl std::fmt::Debug for DedupBuilder {
             .field("timeouts", &self.timeouts)
             .field("governor", &self.governor)
             .field("embeddings", &self.embeddings)
-            .field("redis", &self.redis.as_deref().map(without_credentials))
-            .field("advertise", &self.advertise)
-            .field("fleet_secret", &self.fleet_secret.as_ref().map(|_| "(set)"))
-            .field("redis_mode", &self.redis_mode)
+            .field("fleet", &self.fleet)
             .field("prefix_wait", &self.prefix_wait)
             .field("bucket", &self.bucket)
             .finish_non_exhaustive()
@@ -107,10 +104,7 @@ impl Default for DedupBuilder {
             store_limits: StoreLimits::default(),
             governor: GovernorSettings::default(),
             embeddings: EmbedSettings::default(),
-            redis: None,
-            advertise: None,
-            fleet_secret: None,
-            redis_mode: RedisMode::Auto,
+            fleet: FleetOptions::default(),
             prefix_wait: DEFAULT_PREFIX_WAIT,
             bucket: 1,
             prices: PriceTable::built_in(),
@@ -242,8 +236,9 @@ impl DedupBuilder {
 
     /// Share answers, flights and purges with the other replicas using the Redis (or Valkey)
     /// at `url` (`redis://`, `rediss://`): see README, "Several replicas". By default, there is none.
+    #[cfg(feature = "redis")]
     pub fn redis(mut self, url: impl Into<String>) -> Self {
-        self.redis = Some(url.into());
+        self.fleet.redis = Some(url.into());
         self
     }
 
@@ -252,8 +247,9 @@ impl DedupBuilder {
     /// stream this one receives, relayed through Redis, reads the rest of it from there if
     /// Redis goes away mid-stream, with a token made with the fleet secret (never the
     /// client's request). By default, none: such a stream is cut for those followers.
+    #[cfg(feature = "redis")]
     pub fn advertise(mut self, url: impl Into<String>) -> Self {
-        self.advertise = Some(url.into());
+        self.fleet.advertise = Some(url.into());
         self
     }
 
@@ -263,16 +259,18 @@ impl DedupBuilder {
     /// derived from it rather than kept in Redis, and a replica reads a stream's rest from
     /// the replica receiving it (if Redis goes away) with a token made with it. By default
     /// there is none, and Redis is trusted entirely: see README, "What the fleet trusts".
+    #[cfg(feature = "redis")]
     pub fn fleet_secret(mut self, secret: FleetSecret) -> Self {
-        self.fleet_secret = Some(secret);
+        self.fleet.secret = Some(secret);
         self
     }
 
     /// Whether the Redis of [`DedupBuilder::redis`] is a single node or a node of a cluster
     /// (Redis Cluster, Valkey cluster). By default [`RedisMode::Auto`]: the node is asked at
     /// the first connection (`INFO cluster`).
+    #[cfg(feature = "redis")]
     pub fn redis_mode(mut self, mode: RedisMode) -> Self {
-        self.redis_mode = mode;
+        self.fleet.mode = mode;
         self
     }
 
@@ -295,7 +293,7 @@ impl DedupBuilder {
     /// reached or its credential salt cannot be read (`build` starts anyway, keying alone
     /// until Redis is back, as the proxy does).
     pub async fn build_async(self) -> Result<Dedup, Error> {
-        let redis = self.redis.as_deref().map(without_credentials);
+        let redis = self.fleet.shown();
         let (dedup, salted) = tokio::task::spawn_blocking(move || self.assemble())
             .await
             .map_err(|e| Error::with_source(ErrorKind::Cache, "building the engine failed", e))??;
@@ -347,52 +345,11 @@ impl DedupBuilder {
             // Without a database, entries die with the engine, and so may the salt.
             None => rand::random(),
         };
-        let advertised = match (&self.advertise, &self.redis) {
-            (None, _) => None,
-            (Some(url), Some(_)) => Some(
-                crate::fleet::advertised_url(url).map_err(|m| Error::new(ErrorKind::Cache, m))?,
-            ),
-            (Some(_), None) => {
-                return Err(Error::new(
-                    ErrorKind::Cache,
-                    "an advertised address is for the other replicas of a fleet: it needs a Redis",
-                ));
-            }
-        };
-        if self.fleet_secret.is_some() && self.redis.is_none() {
-            return Err(Error::new(
-                ErrorKind::Cache,
-                "a fleet secret is for the replicas of a fleet: it needs a Redis",
-            ));
-        }
-        let settings = FleetSettings {
-            advertised,
-            seal: self.fleet_secret.as_ref().map(Seal::new),
-            max_entry: self.max_stream_bytes as u64,
-            mode: self.redis_mode,
-        };
-        let fleet = self
-            .redis
-            .as_deref()
-            .map(|url| Fleet::new(url, settings))
-            .transpose()
-            .map_err(|e| Error::with_source(ErrorKind::Cache, "the Redis URL is not valid", e))?;
-        let (salt, salted) = match &fleet {
-            None => (local_salt, true),
-            // Every replica must compute the same keys: the fleet's salt, the first
-            // replica's own.
-            Some(fleet) => match fleet.shared_salt(&local_salt) {
-                Some(salt) => (salt, true),
-                None => {
-                    tracing::warn!(
-                        "Redis cannot be reached at start-up: this replica uses its own \
-                         credential salt, so until it restarts its per-credential entries are \
-                         its own (entries of a --shared-cache are still shared)"
-                    );
-                    (local_salt, false)
-                }
-            },
-        };
+        let Joined {
+            fleet,
+            salt,
+            salted,
+        } = self.fleet.join(self.max_stream_bytes as u64, local_salt)?;
         if let (Some(fleet), Ok(runtime)) = (&fleet, tokio::runtime::Handle::try_current()) {
             // Connect now, so that whether the Redis is one node or a cluster is known (and
             // logged) before the first request; a failure is the fault rule's, as any.
@@ -487,7 +444,7 @@ fn forget(memory: &MemoryTier, disk: Option<&DiskStore>, event: Event) {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "redis"))]
 mod debug_tests {
     use super::*;
 

@@ -49,6 +49,7 @@ mod figures;
 mod flight;
 mod follow;
 mod govern;
+mod joining;
 mod keying;
 mod leader;
 mod lookup;

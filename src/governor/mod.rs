@@ -186,6 +186,7 @@ const PROBE_HOLD: Duration = Duration::from_secs(2);
 
 /// What a replica knows of a request budget's pace, as the fleet's budget uses it.
 #[derive(Debug, Clone, Copy)]
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) struct Pace {
     /// Requests a second it refills at.
     pub per_second: f64,

@@ -21,9 +21,11 @@ use crate::store::{self, PurgeRule, StoreError};
 
 pub use crate::engine::LiveFigures;
 
+#[cfg(feature = "redis")]
 mod fleet;
 mod transfer;
 
+#[cfg(feature = "redis")]
 pub use fleet::{FleetGroup, FleetInspector, FleetStats};
 use transfer::hex;
 pub use transfer::{IMPORT_CHUNK, ImportReport};

@@ -338,7 +338,7 @@ mod tests {
             assert_eq!(seal.open(Sealed::Entry, "e:1", short, now), None);
         }
         assert!(
-            crate::fleet::codec::decode_entry(key(1), &sealed, 1 << 20).is_none(),
+            crate::fleet::tier::codec::decode_entry(key(1), &sealed, 1 << 20).is_none(),
             "a replica without the secret cannot read a sealed value as an entry"
         );
     }

@@ -16,22 +16,11 @@ use std::sync::atomic::Ordering;
 
 use tokio::sync::Notify;
 
-use super::Fleet;
 use super::conn::{BACKOFF, CONNECT_TIMEOUT};
 use super::seal::{MESSAGE_FRESH, Rejected, Seal, Sealed};
+use super::{Event, Fleet};
 use crate::entry::unix_ms;
 use crate::key::CacheKey;
-
-/// What another replica (or the inspector) said happened, for the replica's listener.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
-    /// The answer under this key was replaced (a `no-cache` refresh): copies held here are old.
-    Replaced(CacheKey),
-    /// The entry under this key was purged.
-    Purged(CacheKey),
-    /// Every entry was purged.
-    PurgedAll,
-}
 
 /// One message on the fleet's channel.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -15,10 +15,10 @@ use std::time::{Duration, SystemTime};
 
 use super::events::Says;
 use super::seal::{Rejected, Sealed};
-use super::stream::Followed;
 use super::{Fleet, Unavailable, codec};
 use crate::answer::Refusal;
-use crate::entry::{StoredAnswer, unix_ms};
+use crate::entry::unix_ms;
+use crate::fleet::Turn;
 use crate::key::{CacheKey, Partition};
 
 /// How long a lease lasts unless renewed.
@@ -34,21 +34,6 @@ static RENEW: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("lua/renew_lease.lua")));
 static RELEASE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("lua/release_lease.lua")));
-
-/// What a leader's turn came to.
-pub enum Turn {
-    /// This replica leads: call the upstream, then [`Lease::finish`].
-    Lead(Lease),
-    /// Another replica stored the answer.
-    Found(StoredAnswer),
-    /// Another replica's call for the same partition was refused with this answer.
-    Refused(Refusal),
-    /// Another replica is receiving a streamed answer: follow it live.
-    Live(Followed),
-    /// Redis cannot be used now, or another replica's lease showed nothing for too long: go
-    /// on alone.
-    Alone,
-}
 
 impl Fleet {
     /// Waits for this replica's turn to call the upstream for `key` on behalf of `partition`
@@ -277,8 +262,8 @@ impl Drop for Lease {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fleet::redis_server::RedisServer;
-    use crate::fleet::seal::{FleetSecret, Seal};
+    use crate::fleet::tier::redis_server::RedisServer;
+    use crate::fleet::tier::seal::{FleetSecret, Seal};
 
     /// A lease written by a replica of the fleet is held while its time runs; the same value
     /// copied back later (by whoever saw it in Redis) holds nobody.

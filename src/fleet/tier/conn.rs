@@ -11,8 +11,8 @@ use std::sync::LazyLock;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::Fleet;
 use super::topology::{self, Conn};
+use super::{Fleet, Unavailable};
 
 /// Longest wait for one Redis call.
 pub const OP_TIMEOUT: Duration = Duration::from_millis(250);
@@ -48,12 +48,6 @@ fn about_a_value(error: &redis::RedisError) -> bool {
         _ => false,
     }
 }
-
-/// Redis cannot be used now: a call failed or timed out (counted and logged), or Redis is
-/// left alone after a failure. The caller goes on with its replica's own tiers and flights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the fleet's Redis cannot be used now")]
-pub struct Unavailable;
 
 impl Fleet {
     /// Redis calls that failed or timed out.

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use super::seal::{Rejected, Sealed};
 use super::{Fleet, Unavailable};
+use crate::fleet::PrefixTurn;
 
 /// The value of a warm prefix.
 const WARM: &[u8] = b"warm";
@@ -22,14 +23,6 @@ const POLL: Duration = Duration::from_millis(50);
 
 static RELEASE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("lua/release_lease.lua")));
-
-/// This replica's marks on the prefixes it writes for the fleet, and the prefix another
-/// replica writes that this one's request shares, if any (to wait for).
-#[derive(Default)]
-pub struct PrefixTurn {
-    pub marks: Vec<PrefixMark>,
-    pub other: Option<String>,
-}
 
 /// This replica's mark on a prefix it writes.
 pub struct PrefixMark {

@@ -63,6 +63,7 @@ use std::time::{Duration, SystemTime};
 
 use super::{Fleet, Unavailable};
 use crate::entry::unix_ms;
+use crate::fleet::{BudgetTurn, Budgeted, Confirmed};
 use crate::governor::{BudgetReport, Pace, shape};
 use crate::key::Partition;
 
@@ -125,45 +126,6 @@ impl Answer {
             _ => Confirmed::AskAgain,
         }
     }
-}
-
-/// What the fleet's budget said of a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Budgeted {
-    /// Its turn is reserved: go after this wait (zero: now).
-    Go(Duration),
-    /// The budget is paused after a refusal: ask again after this.
-    Paused(Duration),
-    /// Its turn would come only after this, later than the longest wait allowed; nothing
-    /// was reserved.
-    Later(Duration),
-}
-
-/// A request's turn in the fleet's line, and what the fleet knows of the budget.
-#[derive(Debug, Clone, Copy)]
-pub struct BudgetTurn {
-    /// The turn.
-    pub turn: Budgeted,
-    /// The fleet counts the budget as a fixed window.
-    pub stepwise: bool,
-    /// How many times turns already reserved were made void (the fleet changed its mind
-    /// about the budget's shape, or learned its windows are much longer than it thought):
-    /// a turn reserved before a change is asked for again (see [`Fleet::confirm_turn`]).
-    pub changes: i64,
-}
-
-/// What the fleet says of a reserved turn when it comes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Confirmed {
-    /// Go now.
-    Go,
-    /// Not yet: the budget is paused after a refusal, or the window the turn is in begins
-    /// later than foreseen when it was reserved (as answers since say). Wait this, and ask
-    /// again.
-    Wait(Duration),
-    /// The turn was reserved by rules since made void (see [`BudgetTurn::changes`]): ask
-    /// for a turn again.
-    AskAgain,
 }
 
 impl Fleet {
@@ -269,7 +231,7 @@ impl Fleet {
 mod tests {
     use super::*;
 
-    use crate::fleet::redis_server::RedisServer;
+    use crate::fleet::tier::redis_server::RedisServer;
 
     /// The fleet tier on a `redis-server` of the test's own; `None` (the test skips, saying
     /// so) when it is not installed, unless CI requires it (then the test fails).

@@ -17,6 +17,7 @@ use super::conn::{CONNECT_TIMEOUT, OP_TIMEOUT};
 use super::events::Says;
 use super::seal::{Rejected, Sealed};
 use super::{Fleet, Unavailable, codec};
+use crate::fleet::{Ending, Relayed};
 use crate::key::CacheKey;
 
 /// How long a shared stream stays readable after its last record.
@@ -278,48 +279,6 @@ type Record = Vec<(&'static str, Vec<u8>)>;
 
 /// One record of a Redis Stream: its id and its fields.
 type StreamRecord = (String, Vec<(String, Vec<u8>)>);
-
-/// What a follower reads next from a stream shared live.
-pub enum Relayed {
-    /// Events, in order.
-    Events(Vec<bytes::Bytes>),
-    /// The end: whether the stream completed.
-    End(Ending),
-}
-
-/// How a shared stream ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ending {
-    /// With its framing's success marker, as the leader received it.
-    Complete,
-    /// Failed at the leader (the upstream cut it or sent an error).
-    Failed,
-    /// Longer than `--max-stream`: no more is relayed.
-    Cut,
-    /// Redis, or the leader's connection to it, went away: the rest is only on the leader
-    /// replica, at [`Followed::peer`] if it named where it can be reached.
-    Lost,
-}
-
-impl Ending {
-    /// How a relayed stream's end record says it.
-    fn as_bytes(self) -> &'static [u8] {
-        match self {
-            Ending::Complete => b"ok",
-            Ending::Failed => b"err",
-            Ending::Cut | Ending::Lost => b"cut",
-        }
-    }
-
-    /// What an end record says.
-    fn read(said: &[u8]) -> Ending {
-        match said {
-            b"ok" => Ending::Complete,
-            b"err" => Ending::Failed,
-            _ => Ending::Cut,
-        }
-    }
-}
 
 /// A follower's side of a stream another replica relays.
 pub struct Followed {
