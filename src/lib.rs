@@ -108,6 +108,8 @@ mod governor;
 mod live;
 mod memory;
 mod metrics;
+// Without the `sqlite` feature, a disk tier that cannot be opened stands in.
+#[cfg_attr(not(feature = "sqlite"), path = "store/off.rs")]
 mod store;
 mod upstream;
 
@@ -269,13 +271,13 @@ mod architecture {
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
         let needle = ["redis", "::"].concat();
         for file in files(&src) {
-            if file.starts_with(src.join("fleet")) {
+            if file.starts_with(src.join("fleet").join("tier")) {
                 continue;
             }
             let source = std::fs::read_to_string(&file).expect("readable");
             assert!(
                 !source.contains(&needle),
-                "{} names the redis crate: only src/fleet/ talks to Redis",
+                "{} names the redis crate: only src/fleet/tier/ talks to Redis",
                 file.display()
             );
         }

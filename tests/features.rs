@@ -1,7 +1,7 @@
 //! The library builds without its default features, and then pulls in none of the crates
-//! only the binary, the proxy and the fleet need: a program embedding the engine does not
-//! compile clap, the inspector's tables and progress bars, a logging subscriber, axum or a
-//! Redis client.
+//! only the binary, the proxy and the tiers need: a program embedding the engine does not
+//! compile clap, the inspector's tables and progress bars, a logging subscriber, axum, a
+//! Redis client or SQLite. It also builds, without a warning, with each tier alone.
 
 use std::process::Command;
 
@@ -15,7 +15,13 @@ const NOT_IN_A_SLIM_BUILD: &[&str] = &[
     "anyhow",
     "axum",
     "redis",
+    "rusqlite",
+    "libsqlite3-sys",
 ];
+
+/// Feature sets the library must build with, without a warning: none, and each tier without
+/// the other (the defaults, and every feature, are what the rest of the suite builds).
+const FEATURE_SETS: &[&str] = &["", "server,sqlite", "server,redis,middleware"];
 
 fn cargo(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO"))
@@ -36,7 +42,7 @@ fn cargo(args: &[&str]) -> (bool, String, String) {
 }
 
 #[test]
-fn the_library_builds_without_default_features_and_without_the_binarys_crates_nor_redis() {
+fn the_library_builds_without_default_features_and_without_the_binarys_crates_nor_the_tiers() {
     let (ok, tree, err) = cargo(&[
         "tree",
         "--no-default-features",
@@ -57,15 +63,23 @@ fn the_library_builds_without_default_features_and_without_the_binarys_crates_no
             "a library-only build depends on {name}:\n{tree}"
         );
     }
-    let (ok, _, err) = cargo(&[
-        "check",
-        "--lib",
-        "--no-default-features",
-        "--locked",
-        "--offline",
-    ]);
-    assert!(
-        ok,
-        "the library does not build without default features:\n{err}"
-    );
+    for features in FEATURE_SETS {
+        let (ok, _, err) = cargo(&[
+            "check",
+            "--lib",
+            "--no-default-features",
+            "--features",
+            features,
+            "--locked",
+            "--offline",
+        ]);
+        assert!(
+            ok,
+            "the library does not build with features [{features}]:\n{err}"
+        );
+        assert!(
+            !err.contains("(lib) generated"),
+            "the library builds with warnings with features [{features}]:\n{err}"
+        );
+    }
 }

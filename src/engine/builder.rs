@@ -1,5 +1,6 @@
 //! Building an engine: every setting with its default, and what `build` opens.
 
+#[cfg(feature = "sqlite")]
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +22,9 @@ use crate::key::{CredentialHeaders, KeyHeaders, KeyPolicy, MAX_BUCKET};
 use crate::memory::MemoryTier;
 use crate::metrics::Metrics;
 use crate::prices::PriceTable;
-use crate::store::{DiskStore, StoreLimits};
+use crate::store::DiskStore;
+#[cfg(feature = "sqlite")]
+use crate::store::StoreLimits;
 use crate::upstream::{Timeouts, Upstream};
 
 /// Builds a [`Dedup`] engine. Its `Debug` form names the upstream and Redis without any
@@ -30,6 +33,7 @@ use crate::upstream::{Timeouts, Upstream};
 #[must_use]
 pub struct DedupBuilder {
     upstream: String,
+    #[cfg(feature = "sqlite")]
     database: Option<PathBuf>,
     memory_bytes: u64,
     ttl: Duration,
@@ -41,6 +45,7 @@ pub struct DedupBuilder {
     verify_window: Duration,
     key_policy: KeyPolicy,
     timeouts: Timeouts,
+    #[cfg(feature = "sqlite")]
     store_limits: StoreLimits,
     governor: GovernorSettings,
     embeddings: EmbedSettings,
@@ -65,9 +70,11 @@ pub(super) fn without_credentials(url: &str) -> String {
 
 impl std::fmt::Debug for DedupBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DedupBuilder")
-            .field("upstream", &without_credentials(&self.upstream))
-            .field("database", &self.database)
+        let mut shown = f.debug_struct("DedupBuilder");
+        shown.field("upstream", &without_credentials(&self.upstream));
+        #[cfg(feature = "sqlite")]
+        shown.field("database", &self.database);
+        shown
             .field("memory_bytes", &self.memory_bytes)
             .field("ttl", &self.ttl)
             .field("max_body", &self.max_body)
@@ -90,6 +97,7 @@ impl Default for DedupBuilder {
     fn default() -> Self {
         DedupBuilder {
             upstream: "https://api.openai.com".into(),
+            #[cfg(feature = "sqlite")]
             database: None,
             memory_bytes: 256 * 1024 * 1024,
             ttl: Duration::from_secs(30 * 24 * 3600),
@@ -101,6 +109,7 @@ impl Default for DedupBuilder {
             verify_window: DEFAULT_VERIFY_WINDOW,
             key_policy: KeyPolicy::default(),
             timeouts: Timeouts::default(),
+            #[cfg(feature = "sqlite")]
             store_limits: StoreLimits::default(),
             governor: GovernorSettings::default(),
             embeddings: EmbedSettings::default(),
@@ -121,6 +130,7 @@ impl DedupBuilder {
 
     /// Keep answers in the SQLite database at `path` as well as in memory. By default, there
     /// is no database: answers live in memory only and are gone when the engine is.
+    #[cfg(feature = "sqlite")]
     pub fn database(mut self, path: impl Into<PathBuf>) -> Self {
         self.database = Some(path.into());
         self
@@ -208,6 +218,7 @@ impl DedupBuilder {
 
     /// Largest total size of answers kept in the database; past it, the least recently used
     /// entries are removed at the next sweep. By default, there is no bound.
+    #[cfg(feature = "sqlite")]
     pub fn max_disk(mut self, bytes: Option<u64>) -> Self {
         self.store_limits.max_disk = bytes;
         self
@@ -215,6 +226,7 @@ impl DedupBuilder {
 
     /// How often expired entries are removed from the database and the size bound enforced.
     /// By default, every 60 seconds.
+    #[cfg(feature = "sqlite")]
     pub fn sweep_interval(mut self, every: Duration) -> Self {
         self.store_limits.sweep_interval = every;
         self
@@ -315,6 +327,26 @@ impl DedupBuilder {
         self.assemble().map(|(dedup, _)| dedup)
     }
 
+    /// Opens the database, if one was given.
+    #[cfg(feature = "sqlite")]
+    fn open_disk(&self) -> Result<Option<DiskStore>, Error> {
+        // Answers waiting for the disk count on top of the memory bound: an eighth of it.
+        let limits = StoreLimits {
+            max_queued_bytes: (self.memory_bytes / 8).max(4 * 1024 * 1024),
+            ..self.store_limits
+        };
+        let Some(path) = &self.database else {
+            return Ok(None);
+        };
+        Ok(Some(DiskStore::open(path, limits)?))
+    }
+
+    /// Without the `sqlite` feature there is no database: answers live in memory.
+    #[cfg(not(feature = "sqlite"))]
+    fn open_disk(&self) -> Result<Option<DiskStore>, Error> {
+        Ok(None)
+    }
+
     /// Builds the engine, saying whether it keys requests as the fleet does (it read the
     /// fleet's credential salt, or has no fleet).
     fn assemble(self) -> Result<(Dedup, bool), Error> {
@@ -330,16 +362,7 @@ impl DedupBuilder {
         let metrics = Metrics::new();
         let upstream = Upstream::new(&self.upstream, self.timeouts)?
             .counting_timeouts(metrics.upstream_timeouts.clone());
-        // Answers waiting for the disk count on top of the memory bound: an eighth of it.
-        let limits = StoreLimits {
-            max_queued_bytes: (self.memory_bytes / 8).max(4 * 1024 * 1024),
-            ..self.store_limits
-        };
-        let disk = self
-            .database
-            .as_deref()
-            .map(|path| DiskStore::open(path, limits))
-            .transpose()?;
+        let disk = self.open_disk()?;
         let local_salt = match &disk {
             Some(d) => *d.salt(),
             // Without a database, entries die with the engine, and so may the salt.

@@ -21,7 +21,7 @@
 //! Without the `redis` feature, `off` stands in for the tier: a [`Fleet`] no engine can
 //! hold, so the engine's fleet is always none and no Redis client is compiled.
 //!
-//! Only `tier` names `redis::`. Redis is a boundary: with a fleet secret every record
+//! Only `tier` names the redis crate. Redis is a boundary: with a fleet secret every record
 //! and message is sealed, and what fails its seal is ignored and counted; without one, a
 //! replica trusts Redis entirely. A follower of a relayed stream whose Redis goes away
 //! mid-stream ([`Ending::Lost`]) has passed on events it cannot take back, and only the leader

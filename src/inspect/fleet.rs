@@ -257,7 +257,7 @@ fn summary(e: &StoredAnswer, bytes: u64) -> EntrySummary {
 fn exported(e: &StoredAnswer, bytes: u64) -> ExportedEntry {
     let (body, body_hex) = match std::str::from_utf8(&e.body) {
         Ok(text) => (Some(text.to_owned()), None),
-        Err(_) => (None, Some(super::transfer::hex(&e.body))),
+        Err(_) => (None, Some(super::hex(&e.body))),
     };
     ExportedEntry {
         summary: summary(e, bytes),

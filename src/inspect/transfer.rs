@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use std::time::SystemTime;
 
-use super::{ExportedEntry, InspectError, Inspector};
+use super::{ExportedEntry, InspectError, Inspector, hex};
 use crate::controls::MAX_TTL;
 use crate::entry::{Slot, unix_ms};
 use crate::headers::REPLAYED_HEADERS;
@@ -290,10 +290,6 @@ fn parse_exported(line: &str) -> Result<ExportedEntry, String> {
         return Err(format!("status {} is not a stored answer", entry.status));
     }
     Ok(entry)
-}
-
-pub(super) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn unhex(text: &str) -> Option<Vec<u8>> {

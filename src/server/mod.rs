@@ -8,12 +8,11 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
@@ -24,10 +23,11 @@ use tracing::Instrument;
 use crate::answer::AnswerBody;
 use crate::engine::{Dedup, PeerRefused};
 use crate::error::{Error, ErrorKind};
-use crate::inspect::Inspector;
 
 mod edge;
 mod operator;
+#[cfg(feature = "sqlite")]
+mod stats;
 
 pub use edge::EdgeLimits;
 pub use operator::OperatorAccess;
@@ -38,19 +38,9 @@ static NEXT_REQUEST: AtomicU64 = AtomicU64::new(1);
 /// What the operator endpoints share.
 struct Operator {
     access: OperatorAccess,
-    stats: tokio::sync::Mutex<StatsCache>,
+    #[cfg(feature = "sqlite")]
+    stats: tokio::sync::Mutex<stats::StatsCache>,
 }
-
-/// The last `/stats` answer, and the read-only connection it was read with.
-#[derive(Default)]
-struct StatsCache {
-    read: Option<(Instant, Bytes)>,
-    inspector: Option<Inspector>,
-}
-
-/// How old the figures of `/_llm-dedup/stats` may be: counters reach the database within a
-/// second anyway, and a client polling in a loop costs one read a second at most.
-const STATS_MAX_AGE: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
 struct AppState {
@@ -76,6 +66,7 @@ pub fn app_with(engine: Dedup, access: OperatorAccess) -> Router {
         engine,
         operator: Arc::new(Operator {
             access,
+            #[cfg(feature = "sqlite")]
             stats: Default::default(),
         }),
     };
@@ -121,62 +112,14 @@ async fn health() -> impl IntoResponse {
 /// through one read-only connection kept open, never waits for the writer, and answers calls
 /// within a second of each other with the same figures.
 async fn stats(State(state): State<AppState>) -> Response {
-    let Some(path) = state.engine.database().map(ToOwned::to_owned) else {
-        let e = Error::new(ErrorKind::Cache, "this proxy keeps no database");
-        return error_response(&e);
-    };
-    let mut cache = state.operator.stats.lock().await;
-    if let Some((at, json)) = &cache.read
-        && at.elapsed() < STATS_MAX_AGE
-    {
-        return json_bytes(json.clone());
+    match state.engine.database().map(ToOwned::to_owned) {
+        #[cfg(feature = "sqlite")]
+        Some(path) => stats::read(&state, path).await,
+        _ => error_response(&Error::new(
+            ErrorKind::Cache,
+            "this proxy keeps no database",
+        )),
     }
-    let inspector = cache.inspector.take();
-    let prices = state.engine.prices().clone();
-    let live = state.engine.live().await;
-    let read = tokio::task::spawn_blocking(move || {
-        let inspector = match inspector {
-            Some(inspector) => inspector,
-            None => Inspector::open_read_only(&path)?,
-        };
-        let stats = inspector.stats().map(|mut stats| {
-            stats.prices = prices;
-            stats.live = Some(live);
-            stats
-        });
-        Ok::<_, crate::inspect::InspectError>((inspector, stats))
-    })
-    .await;
-    match read {
-        Ok(Ok((inspector, Ok(stats)))) => {
-            cache.inspector = Some(inspector);
-            let json = Bytes::from(serde_json::to_vec(&stats).unwrap_or_default());
-            cache.read = Some((Instant::now(), json.clone()));
-            json_bytes(json)
-        }
-        // A connection whose read failed is opened anew next time.
-        Ok(Ok((_, Err(e)))) | Ok(Err(e)) => stats_failed(e),
-        Err(e) => stats_failed(e),
-    }
-}
-
-fn stats_failed(e: impl std::error::Error + Send + Sync + 'static) -> Response {
-    error_response(&Error::with_source(
-        ErrorKind::Cache,
-        "cannot read the stats",
-        e,
-    ))
-}
-
-fn json_bytes(json: Bytes) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
-        json,
-    )
-        .into_response()
 }
 
 /// Requests per minute by outcome (`?minutes=N`, at most a day, by default a day).
