@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 async fn burst(url: String) -> (usize, usize, f64) {
-    let client = reqwest::Client::builder()
+    let client = support::client_builder()
         .pool_max_idle_per_host(100)
         .build()
         .expect("client");

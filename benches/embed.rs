@@ -31,7 +31,7 @@ async fn proxy(upstream: SocketAddr, window: Duration, db: Option<&std::path::Pa
 }
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder()
+    support::client_builder()
         .pool_max_idle_per_host(256)
         .build()
         .expect("client")

@@ -269,7 +269,7 @@ async fn parts_a_to_c(client: &reqwest::Client, url: &str, label: &str, disk: bo
 
 #[tokio::main]
 async fn main() {
-    let client = reqwest::Client::builder()
+    let client = support::client_builder()
         .pool_max_idle_per_host(400)
         .build()
         .expect("client");

@@ -70,7 +70,7 @@ fn bench(c: &mut Criterion) {
             })
         });
     }
-    let client = reqwest::Client::new();
+    let client = support::client_builder().build().expect("client");
     let url = format!("http://{upstream}/v1/chat/completions");
     group.bench_function("Dedup::send hit from a bucket of 3", |b| {
         b.iter(|| {

@@ -14,6 +14,8 @@
 #[allow(dead_code)]
 #[path = "../tests/common/fake.rs"]
 mod fake;
+#[path = "../tests/common/http.rs"]
+mod http;
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -148,7 +150,7 @@ async fn main() {
         ..Behaviour::default()
     })
     .await;
-    let client = reqwest::Client::builder()
+    let client = http::client_builder()
         .pool_max_idle_per_host(64)
         .build()
         .expect("client");

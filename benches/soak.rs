@@ -150,7 +150,7 @@ fn main() {
         let drivers: Vec<_> = (0..conns)
             .map(|_| tokio::spawn(drive(proxy, next.clone(), total)))
             .collect();
-        let client = reqwest::Client::new();
+        let client = support::client_builder().build().expect("client");
         let start = Instant::now();
         let mut samples = Vec::new();
         println!("  secs   requests    RSS MiB   anon MiB   tier MiB");

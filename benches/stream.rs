@@ -62,7 +62,7 @@ async fn replay_rate(
 
 #[tokio::main]
 async fn main() {
-    let client = reqwest::Client::builder()
+    let client = support::client_builder()
         .pool_max_idle_per_host(200)
         .build()
         .expect("client");

@@ -30,6 +30,10 @@ fn question() -> Result<CreateChatCompletionRequest, Box<dyn std::error::Error>>
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // llm-dedup's reqwest has no crypto provider of its own (its engine configures rustls on
+    // ring for itself): a program that builds reqwest clients installs one, unless its
+    // reqwest has the default `rustls` feature (which brings aws-lc-rs).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let key = std::env::var("OPENAI_API_KEY").map_err(|_| "set OPENAI_API_KEY")?;
     let upstream =
         std::env::var("OPENAI_BASE_URL").unwrap_or_else(|_| "https://api.openai.com".into());

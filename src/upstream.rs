@@ -4,6 +4,7 @@
 //! request path, and the header rules of a forwarding proxy (hop-by-hop headers never cross;
 //! credential headers go through as received and nowhere else). It never logs a header.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::Method;
@@ -136,6 +137,24 @@ pub struct Upstream {
     timed_out: TimeoutCounters,
 }
 
+/// The TLS of the engine's own client: rustls on the ring provider, trusting Mozilla's root
+/// certificates (webpki-roots, compiled in, so a container without a CA bundle still reaches
+/// the provider), offering HTTP/2 then HTTP/1.1. reqwest takes it whole: no process-wide
+/// crypto provider is needed, and none is installed (the program's own choice stays its own).
+fn tls() -> Result<rustls::ClientConfig, Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::with_source(ErrorKind::Cache, "cannot set up TLS", e))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
 impl Upstream {
     /// A client for `base` (an `http` or `https` URL, optionally with a path prefix).
     pub fn new(base: &str, timeouts: Timeouts) -> Result<Upstream, Error> {
@@ -162,6 +181,7 @@ impl Upstream {
         // Never show a password that an operator put in the URL.
         let _ = shown.set_password(None);
         let client = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls()?)
             .connect_timeout(timeouts.connect)
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
@@ -491,6 +511,22 @@ pub fn response_headers(headers: &HeaderMap) -> HeaderMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_client_speaks_tls_without_a_process_wide_crypto_provider() {
+        // Nothing in this test binary installs one (a program embedding the engine need not):
+        // a client that relied on it would panic in `build`.
+        let none_before = rustls::crypto::CryptoProvider::get_default().is_none();
+        Upstream::new("https://api.openai.com", Timeouts::default()).expect("client");
+        if none_before {
+            assert!(
+                rustls::crypto::CryptoProvider::get_default().is_none(),
+                "building the client installed a process-wide provider"
+            );
+        }
+        let tls = tls().expect("TLS");
+        assert_eq!(tls.alpn_protocols, [b"h2".to_vec(), b"http/1.1".to_vec()]);
+    }
 
     #[test]
     fn strips_hop_by_hop_and_connection_listed_headers() {

@@ -32,7 +32,7 @@ fn client(upstream: &FakeUpstream, engine: &llm_dedup::Dedup) -> Client<OpenAICo
     let config = OpenAIConfig::new()
         .with_api_key("sk-test-key-1")
         .with_api_base(format!("{}/v1", upstream.url()));
-    Client::with_config(config).with_http_service(through::ThroughDedup(engine.clone()))
+    Client::build(common::client(), config).with_http_service(through::ThroughDedup(engine.clone()))
 }
 
 #[tokio::test]

@@ -388,7 +388,7 @@ mod slow_clients {
             assert!(closed, "still open after sending {first:?}");
         }
         // HTTP/1.1 only: an HTTP/2 connection preface is refused, not served without bounds.
-        let h2 = reqwest::Client::builder()
+        let h2 = common::client_builder()
             .http2_prior_knowledge()
             .build()
             .expect("client");

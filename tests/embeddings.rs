@@ -532,7 +532,7 @@ async fn a_caller_that_hangs_up_cancels_nothing_others_wait_on() {
     })
     .await;
     let proxy = Proxy::over(&upstream).await;
-    let impatient = reqwest::Client::builder()
+    let impatient = common::client_builder()
         .timeout(Duration::from_millis(100))
         .build()
         .expect("client");

@@ -286,7 +286,7 @@ mod middleware {
         })
         .await;
         let engine = upstream.engine().build().expect("engine");
-        let client = ClientBuilder::new(reqwest::Client::new())
+        let client = ClientBuilder::new(common::client_builder().build().expect("client"))
             .with(DedupMiddleware::new(engine.clone()))
             .build();
         let url = format!("{}/v1/embeddings", upstream.url());
@@ -340,7 +340,7 @@ mod middleware {
                 "authorization",
                 format!("Bearer {key}").parse().expect("value"),
             );
-            let own = reqwest::Client::builder()
+            let own = common::client_builder()
                 .default_headers(headers)
                 .build()
                 .expect("client");
@@ -387,7 +387,7 @@ mod middleware {
 
         // Callers of one client told apart by a cookie alone (a gateway's session) stay
         // apart: the client's identity adds to what their headers say.
-        let gateway = reqwest::Client::new();
+        let gateway = common::client_builder().build().expect("client");
         let sessions = ClientBuilder::new(gateway.clone())
             .with(DedupMiddleware::with_client(engine.clone(), gateway))
             .build();
@@ -414,7 +414,7 @@ mod middleware {
         assert_eq!(upstream.calls(), 4);
 
         // The engine's own client, for contrast, does not know the key: none arrives.
-        let own = reqwest::Client::builder()
+        let own = common::client_builder()
             .default_headers(
                 [(
                     reqwest::header::AUTHORIZATION,
@@ -663,7 +663,7 @@ async fn a_layer_sends_upstream_through_the_inner_service() {
     let upstream = FakeUpstream::start().await;
     let engine = upstream.engine().build().expect("engine");
     let through = Arc::new(AtomicUsize::new(0));
-    let forward = reqwest::Client::new();
+    let forward = common::client_builder().build().expect("client");
     let counted = through.clone();
     let inner = tower::service_fn(move |request: http::Request<llm_dedup::UpstreamBody>| {
         let (counted, forward) = (counted.clone(), forward.clone());

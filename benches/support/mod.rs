@@ -10,10 +10,14 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+#[path = "../../tests/common/http.rs"]
+mod http;
 #[path = "../../tests/common/redis_cluster.rs"]
 mod redis_cluster;
 #[path = "../../tests/common/redis_server.rs"]
 mod redis_server;
+#[allow(unused_imports)] // Not every bench builds clients of its own.
+pub use http::client_builder;
 #[allow(unused_imports)] // Only the fleet's bench starts one.
 pub use redis_cluster::RedisCluster;
 #[allow(unused_imports)] // Only the benches of the fleet start one.

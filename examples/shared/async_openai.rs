@@ -17,9 +17,9 @@ use llm_dedup::Dedup;
 pub struct ThroughDedup(pub Dedup);
 
 impl tower::Service<HttpRequestFactory> for ThroughDedup {
-    type Response = reqwest013::Response;
+    type Response = reqwest::Response;
     type Error = OpenAIError;
-    type Future = Pin<Box<dyn Future<Output = Result<reqwest013::Response, OpenAIError>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<reqwest::Response, OpenAIError>> + Send>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), OpenAIError>> {
         Poll::Ready(Ok(()))
@@ -32,7 +32,7 @@ impl tower::Service<HttpRequestFactory> for ThroughDedup {
             // The engine sends to its own upstream: the request keeps its path and query,
             // relative to the engine's base URL when it lies under it.
             let url = request.url();
-            let base = reqwest013::Url::parse(dedup.upstream())
+            let base = reqwest::Url::parse(dedup.upstream())
                 .map(|b| b.path().trim_end_matches('/').to_owned())
                 .unwrap_or_default();
             let path = url
@@ -74,8 +74,8 @@ impl tower::Service<HttpRequestFactory> for ThroughDedup {
                 .map_err(|e| OpenAIError::Boxed(Box::new(e)))?;
             let answer: http::Response<llm_dedup::AnswerBody> = answer.into();
             let (head, body) = answer.into_parts();
-            let body = reqwest013::Body::wrap_stream(body.into_data_stream());
-            Ok(reqwest013::Response::from(http::Response::from_parts(
+            let body = reqwest::Body::wrap_stream(body.into_data_stream());
+            Ok(reqwest::Response::from(http::Response::from_parts(
                 head, body,
             )))
         })

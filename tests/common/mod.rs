@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 
 mod fake;
 pub mod fleet;
+mod http;
 mod redis_cluster;
 mod redis_server;
 #[allow(unused_imports)] // Each test uses some.
@@ -177,8 +178,10 @@ pub struct Seen {
     pub raw: Bytes,
 }
 
+pub use http::client_builder;
+
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder()
+    client_builder()
         .pool_max_idle_per_host(0)
         .build()
         .expect("client")
