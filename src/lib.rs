@@ -1,9 +1,9 @@
 //! llm-dedup ends duplicate LLM API traffic.
 //!
-//! It answers repeated requests from a two-tier cache (memory, then SQLite), merges identical
-//! requests in flight at the same moment into one upstream call, and passes everything else
-//! through unchanged. The same engine runs inside a Rust program ([`Dedup`]) and behind the
-//! `llm-dedup serve` proxy ([`server`]).
+//! It answers repeated requests from its cache (memory, then SQLite, then a fleet's Redis),
+//! merges identical requests in flight at the same moment into one upstream call, and passes
+//! everything else through unchanged. The same engine runs inside a Rust program ([`Dedup`])
+//! and behind the `llm-dedup serve` proxy ([`server`]).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), llm_dedup::Error> {
@@ -11,7 +11,6 @@
 //!
 //! let engine = Dedup::builder()
 //!     .upstream("https://api.openai.com")
-//!     .database("cache.sqlite3")
 //!     .build()?;
 //! let request = http::Request::post("/v1/embeddings")
 //!     .header("authorization", "Bearer sk-...")
@@ -67,17 +66,31 @@ assert!(answer.headers().contains_key("llm-dedup-cache"));
 //! twice), [`GovernorSettings::off`] hands every answer on as it came. Concurrent embedding
 //! requests of one credential are merged into shared upstream calls within 5 ms
 //! ([`EmbedSettings`]); `EmbedSettings::default().batch_window(Duration::ZERO)` turns that
-//! off. Without [`DedupBuilder::database`] the cache lives in memory only.
+//! off. Without `DedupBuilder::database` the cache lives in memory only.
 //!
 //! # Sharing and shutting down
 //!
 //! [`Dedup`] is cheap to clone; clones share the memory tier, the in-flight table and the
 //! database writer, so one engine serves every task of a program. Two engines never share
-//! anything, unless they are replicas on one Redis ([`DedupBuilder::redis`]). The
+//! anything, unless they are replicas on one Redis (`DedupBuilder::redis`). The
 //! only state outside an engine is a small per-thread table of shortcuts to
 //! answers in memory, each tagged with the engine it belongs to. Dropping the last handle lets
 //! the writer commit what is queued in the background; [`Dedup::close`] waits for in-flight
 //! upstream calls and for that commit.
+//!
+//! # Cargo features
+//!
+//! Each is a face or a tier; all but `middleware` are on by default, and a program embedding
+//! the engine usually turns off what it does not use (`default-features = false`):
+//!
+//! - `sqlite`: the disk tier (`DedupBuilder::database`, `max_disk`, `sweep_interval`) and
+//!   `inspect::Inspector`, on bundled SQLite. Without it, answers live in memory (and a
+//!   fleet's Redis), and no `libsqlite3-sys` enters the program.
+//! - `redis`: the fleet tier (`DedupBuilder::redis`, `fleet_secret`, `advertise`,
+//!   `redis_mode`) and `inspect::FleetInspector`.
+//! - `server`: the proxy's HTTP face ([`server`]), on axum and hyper.
+//! - `middleware`: the reqwest-middleware adapter ([`middleware`]).
+//! - `cli`: the `llm-dedup` binary; it needs the others but `middleware`.
 //!
 //! See `ARCHITECTURE.md` for the map of the modules and the invariants they keep.
 

@@ -4,7 +4,7 @@
 //! request path, and the header rules of a forwarding proxy (hop-by-hop headers never cross;
 //! credential headers go through as received and nowhere else). It never logs a header.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use http::Method;
@@ -137,22 +137,37 @@ pub struct Upstream {
     timed_out: TimeoutCounters,
 }
 
-/// The TLS of the engine's own client: rustls on the ring provider, trusting Mozilla's root
-/// certificates (webpki-roots, compiled in, so a container without a CA bundle still reaches
-/// the provider), offering HTTP/2 then HTTP/1.1. reqwest takes it whole: no process-wide
-/// crypto provider is needed, and none is installed (the program's own choice stays its own).
+/// The TLS of the engine's own client: rustls on the ring provider, offering HTTP/2 then
+/// HTTP/1.1, and trusting Mozilla's root certificates (webpki-roots, compiled in, so a
+/// container without a CA bundle still reaches the provider) and the system's (with
+/// `SSL_CERT_FILE` or `SSL_CERT_DIR` naming others: a private CA, or an egress proxy that
+/// inspects TLS). reqwest takes it whole: no process-wide crypto provider is needed, and none
+/// is installed (the program's own choice stays its own). Built once; a certificate of the
+/// system's that cannot be read is skipped.
 fn tls() -> Result<rustls::ClientConfig, Error> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Error::with_source(ErrorKind::Cache, "cannot set up TLS", e))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(config)
+    static TLS: OnceLock<Result<rustls::ClientConfig, rustls::Error>> = OnceLock::new();
+    let made = TLS.get_or_init(|| {
+        let mut roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        let system = rustls_native_certs::load_native_certs();
+        let (added, skipped) = roots.add_parsable_certificates(system.certs);
+        tracing::debug!(
+            added,
+            skipped,
+            errors = system.errors.len(),
+            "read the system's root certificates for the upstream"
+        );
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(config)
+    });
+    made.clone()
+        .map_err(|e| Error::with_source(ErrorKind::Cache, "cannot set up TLS", e))
 }
 
 impl Upstream {

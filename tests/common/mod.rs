@@ -20,6 +20,7 @@ pub mod fleet;
 mod http;
 mod redis_cluster;
 mod redis_server;
+pub mod tls;
 #[allow(unused_imports)] // Each test uses some.
 pub use fake::{
     Behaviour, EMBED_MAX_INPUT_TOKENS, EMBED_MAX_INPUTS, EMBED_MAX_TOKENS, FakeState, FakeUpstream,
@@ -273,7 +274,17 @@ pub fn start_proxy(db: &std::path::Path, upstream: &str) -> Running {
 /// Starts `llm-dedup serve` with `db`, in front of `upstream`, with `args` (which name the
 /// address to listen on), debug logging on.
 pub fn start_proxy_with(db: &std::path::Path, upstream: &str, args: &[&str]) -> Running {
-    let mut child = llm_dedup()
+    start_proxy_command(llm_dedup(), db, upstream, args)
+}
+
+/// As [`start_proxy_with`], from `command` (the binary, with an environment of its own).
+pub fn start_proxy_command(
+    mut command: std::process::Command,
+    db: &std::path::Path,
+    upstream: &str,
+    args: &[&str],
+) -> Running {
+    let mut child = command
         .args(["serve", "--upstream", upstream])
         .args(args)
         .arg("--db")

@@ -1,0 +1,99 @@
+//! The engine's client speaks TLS to the provider and checks its certificate. It trusts a CA
+//! the system's store names (here a test CA given with `SSL_CERT_FILE`, as a private CA or an
+//! egress proxy that inspects TLS would be), and refuses a server that no CA it trusts
+//! signed, saying why in the log. The provider is `openssl s_server`; the test skips without
+//! `openssl` (CI installs it and requires it).
+
+mod common;
+
+use std::time::Duration;
+
+use common::RedisServer;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_speaks_tls_and_trusts_only_certificates_it_can_check() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    if !common::tls::make_certificates(dir.path()) {
+        RedisServer::missing_component("openssl");
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let Ok(mut server) = std::process::Command::new("openssl")
+        .args(["s_server", "-accept", &format!("127.0.0.1:{port}")])
+        .args(["-cert", &path("server.pem"), "-key", &path("server.key")])
+        // A status page for any request, over HTTP/1.0.
+        .args(["-www", "-quiet"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+    else {
+        RedisServer::missing_component("openssl");
+        return;
+    };
+    let listening = common::poll_blocking(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .is_ok()
+            .then_some(())
+    });
+    assert!(listening.is_some(), "openssl s_server listens");
+    let upstream = format!("https://localhost:{port}");
+    let client = common::client();
+
+    // Its CA named by SSL_CERT_FILE: the provider is reached, and its answer passed on.
+    let mut trusting = common::llm_dedup();
+    trusting
+        .env("SSL_CERT_FILE", path("ca.pem"))
+        .env_remove("SSL_CERT_DIR");
+    let proxy = common::start_proxy_command(
+        trusting,
+        &dir.path().join("a.db"),
+        &upstream,
+        &["--listen", "127.0.0.1:0"],
+    );
+    let answer = client
+        .get(format!("http://{}/v1/models", proxy.addr))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(answer.status(), 200);
+    let page = answer.text().await.expect("body");
+    assert!(
+        page.contains("s_server"),
+        "the provider's own answer: {page}"
+    );
+    proxy.terminate();
+
+    // The system's store alone, which does not hold the test CA: refused, and the log says
+    // why (no client gets an answer from a server it cannot check).
+    let mut doubting = common::llm_dedup();
+    doubting
+        .env_remove("SSL_CERT_FILE")
+        .env_remove("SSL_CERT_DIR");
+    let proxy = common::start_proxy_command(
+        doubting,
+        &dir.path().join("b.db"),
+        &upstream,
+        &["--listen", "127.0.0.1:0"],
+    );
+    let answer = client
+        .get(format!("http://{}/v1/models", proxy.addr))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(answer.status(), 502);
+    let body = answer.text().await.expect("body");
+    assert!(body.contains("upstream_unreachable"), "{body}");
+    let (_, log) = proxy.terminate();
+    assert!(
+        log.contains("invalid peer certificate: UnknownIssuer"),
+        "the log says the certificate was not trusted:\n{log}"
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+}
