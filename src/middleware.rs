@@ -11,10 +11,7 @@
 //! use llm_dedup::{Dedup, middleware::DedupMiddleware};
 //! use reqwest_middleware::ClientBuilder;
 //!
-//! let engine = Dedup::builder()
-//!     .upstream("https://api.openai.com")
-//!     .database("cache.sqlite3")
-//!     .build()?;
+//! let engine = Dedup::builder().upstream("https://api.openai.com").build()?;
 //! let client = ClientBuilder::new(reqwest::Client::new())
 //!     .with(DedupMiddleware::new(engine.clone()))
 //!     .build();
@@ -37,6 +34,11 @@
 //! middlewares placed after this one in the chain do not see requests it handles, and a
 //! response built by the engine reports no URL (`Response::url` is a placeholder): reqwest
 //! offers no way to set it.
+//!
+//! llm-dedup builds reqwest without a crypto provider of its own (`rustls-no-provider`; its
+//! engine configures rustls on ring for itself). A client the program builds needs one:
+//! reqwest's default `rustls` feature brings it, or the program installs one at start-up
+//! (`rustls::crypto::ring::default_provider().install_default()`).
 
 use bytes::Bytes;
 use http::Extensions;

@@ -139,35 +139,50 @@ pub struct Upstream {
 
 /// The TLS of the engine's own client: rustls on the ring provider, offering HTTP/2 then
 /// HTTP/1.1, and trusting Mozilla's root certificates (webpki-roots, compiled in, so a
-/// container without a CA bundle still reaches the provider) and the system's (with
-/// `SSL_CERT_FILE` or `SSL_CERT_DIR` naming others: a private CA, or an egress proxy that
+/// container without a CA bundle still reaches the provider) and the system's (or those
+/// `SSL_CERT_FILE` or `SSL_CERT_DIR` name instead: a private CA, or an egress proxy that
 /// inspects TLS). reqwest takes it whole: no process-wide crypto provider is needed, and none
-/// is installed (the program's own choice stays its own). Built once; a certificate of the
-/// system's that cannot be read is skipped.
-fn tls() -> Result<rustls::ClientConfig, Error> {
-    static TLS: OnceLock<Result<rustls::ClientConfig, rustls::Error>> = OnceLock::new();
-    let made = TLS.get_or_init(|| {
+/// is installed (the program's own choice stays its own). Each client has a configuration of
+/// its own (its own TLS sessions); the certificates are read once per process.
+fn tls() -> rustls::ClientConfig {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        // ring supports every default version: this cannot fail.
+        .with_safe_default_protocol_versions()
+        .unwrap_or_else(|_| unreachable!("ring supports TLS 1.2 and 1.3"))
+        .with_root_certificates(Arc::clone(roots()))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config
+}
+
+/// Mozilla's root certificates and the system's, read at the first call. Certificates the
+/// system's store holds but rustls cannot parse are skipped; a store named by `SSL_CERT_FILE`
+/// or `SSL_CERT_DIR` that cannot be read is logged as a warning (a mistyped path would
+/// otherwise show only later, as an upstream whose certificate is not trusted).
+fn roots() -> &'static Arc<rustls::RootCertStore> {
+    static ROOTS: OnceLock<Arc<rustls::RootCertStore>> = OnceLock::new();
+    ROOTS.get_or_init(|| {
         let mut roots = rustls::RootCertStore {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
         };
         let system = rustls_native_certs::load_native_certs();
         let (added, skipped) = roots.add_parsable_certificates(system.certs);
-        tracing::debug!(
-            added,
-            skipped,
-            errors = system.errors.len(),
-            "read the system's root certificates for the upstream"
-        );
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Ok(config)
-    });
-    made.clone()
-        .map_err(|e| Error::with_source(ErrorKind::Cache, "cannot set up TLS", e))
+        let named = ["SSL_CERT_FILE", "SSL_CERT_DIR"]
+            .into_iter()
+            .any(|name| std::env::var_os(name).is_some());
+        if named && let Some(error) = system.errors.first() {
+            tracing::warn!(
+                error = %error,
+                added,
+                "cannot read all the certificates SSL_CERT_FILE or SSL_CERT_DIR name: only \
+                 those read and Mozilla's roots are trusted for the upstream"
+            );
+        } else {
+            tracing::debug!(added, skipped, "read the system's root certificates");
+        }
+        Arc::new(roots)
+    })
 }
 
 impl Upstream {
@@ -196,7 +211,7 @@ impl Upstream {
         // Never show a password that an operator put in the URL.
         let _ = shown.set_password(None);
         let client = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls()?)
+            .tls_backend_preconfigured(tls())
             .connect_timeout(timeouts.connect)
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
@@ -530,17 +545,15 @@ mod tests {
     #[test]
     fn the_client_speaks_tls_without_a_process_wide_crypto_provider() {
         // Nothing in this test binary installs one (a program embedding the engine need not):
-        // a client that relied on it would panic in `build`.
-        let none_before = rustls::crypto::CryptoProvider::get_default().is_none();
+        // a client that relied on it would panic in `build`, and building one installs none.
+        assert!(rustls::crypto::CryptoProvider::get_default().is_none());
         Upstream::new("https://api.openai.com", Timeouts::default()).expect("client");
-        if none_before {
-            assert!(
-                rustls::crypto::CryptoProvider::get_default().is_none(),
-                "building the client installed a process-wide provider"
-            );
-        }
-        let tls = tls().expect("TLS");
-        assert_eq!(tls.alpn_protocols, [b"h2".to_vec(), b"http/1.1".to_vec()]);
+        assert!(
+            rustls::crypto::CryptoProvider::get_default().is_none(),
+            "building the client installed a process-wide provider"
+        );
+        // Mozilla's roots at least, whatever the system holds.
+        assert!(roots().len() >= webpki_roots::TLS_SERVER_ROOTS.len());
     }
 
     #[test]

@@ -21,7 +21,7 @@ const NOT_IN_A_SLIM_BUILD: &[&str] = &[
 
 /// Feature sets the library must build with, without a warning: none, and each tier without
 /// the other (the defaults, and every feature, are what the rest of the suite builds).
-const FEATURE_SETS: &[&str] = &["", "server,sqlite", "server,redis,middleware"];
+const FEATURE_SETS: &[&str] = &["", "server", "server,sqlite", "server,redis,middleware"];
 
 fn cargo(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO"))

@@ -23,7 +23,7 @@ async fn the_upstream_speaks_tls_and_trusts_only_certificates_it_can_check() {
         .local_addr()
         .expect("addr")
         .port();
-    let Ok(mut server) = std::process::Command::new("openssl")
+    let Ok(server) = std::process::Command::new("openssl")
         .args(["s_server", "-accept", &format!("127.0.0.1:{port}")])
         .args(["-cert", &path("server.pem"), "-key", &path("server.key")])
         // A status page for any request, over HTTP/1.0.
@@ -36,6 +36,8 @@ async fn the_upstream_speaks_tls_and_trusts_only_certificates_it_can_check() {
         RedisServer::missing_component("openssl");
         return;
     };
+    // Stopped however the test ends.
+    let _server = Stopped(server);
     let listening = common::poll_blocking(Duration::from_secs(10), || {
         std::net::TcpStream::connect(("127.0.0.1", port))
             .is_ok()
@@ -94,6 +96,14 @@ async fn the_upstream_speaks_tls_and_trusts_only_certificates_it_can_check() {
         log.contains("invalid peer certificate: UnknownIssuer"),
         "the log says the certificate was not trusted:\n{log}"
     );
-    let _ = server.kill();
-    let _ = server.wait();
+}
+
+/// A child process killed when dropped.
+struct Stopped(std::process::Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -181,7 +181,7 @@ impl Engine {
     /// `--redis`), after the replica's own governor let it go, and waits for it: replicas
     /// together keep the pace this replica learned (or was given with `--rpm`), spend what the
     /// upstream said is left and no more, share the pause after a refusal, and go in the
-    /// order they asked (see `fleet/budget.rs`). A turn past `deadline` is a full queue, as
+    /// order they asked (see `fleet/tier/budget.rs`). A turn past `deadline` is a full queue, as
     /// the replica's own would be; Redis unreachable, no wait (a turn already reserved is
     /// still waited for).
     pub(super) async fn fleet_budget(

@@ -4,7 +4,7 @@
 //! failed request. `replies` holds what the tier answers the engine (plain data); `tier`,
 //! built with the `redis` feature only, is the tier itself, in rooms of one subject each:
 //!
-//! - `conn`: the connection and its fault rule (`Unavailable`);
+//! - `conn`: the connection and its fault rule (when the tier answers `Unavailable`);
 //! - `topology`: one node or a cluster (`RedisMode`), and the connection each takes;
 //! - `layout`: every key name and the events channel;
 //! - `entries`: stored answers and the fleet's credential salt;

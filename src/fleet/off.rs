@@ -1,8 +1,10 @@
 //! The fleet tier of a build without the `redis` feature: handles of the same shape as the
 //! real ones (`tier`), which cannot be made. The engine's fleet is then always `None`, its
-//! fleet paths are never taken, and this build needs no Redis client; the compiler checks
-//! those paths against these signatures, so they cannot drift from the real tier unseen
-//! (`tests/features.rs` builds without the feature).
+//! fleet paths are never taken, and this build needs no Redis client. Each method takes what
+//! the real one takes, and the compiler checks the engine's fleet paths against them, so they
+//! cannot drift from the real tier unseen (`tests/features.rs` builds without the feature).
+//! One returns another type: `rejections`, a list where the tier's is an array sized by its
+//! kinds of rejection (which this build does not have), read the same way by the engine.
 
 use std::time::{Duration, SystemTime};
 

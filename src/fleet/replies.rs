@@ -3,7 +3,7 @@
 //! the same whether or not this build speaks Redis (the `redis` feature): the engine handles
 //! them alike, and without the feature no fleet exists to give any.
 
-// Without the `redis` feature only the engine's side of these is used.
+// Without the `redis` feature no tier gives these: the engine only matches them.
 #![cfg_attr(not(feature = "redis"), allow(dead_code))]
 
 use std::time::Duration;
@@ -14,6 +14,8 @@ use crate::entry::StoredAnswer;
 use crate::key::CacheKey;
 
 /// What a leader's turn came to.
+// Without the `redis` feature the handles it holds are empty stand-ins.
+#[cfg_attr(not(feature = "redis"), allow(clippy::large_enum_variant))]
 pub enum Turn {
     /// This replica leads: call the upstream, then [`Lease::finish`].
     Lead(Lease),

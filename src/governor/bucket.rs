@@ -255,7 +255,7 @@ pub(super) fn learn(
 
 /// Whether a budget of `limit` told these answers, `(remaining, reset, when)` from now on,
 /// counts as a window: the replica's side of the shape rule's table of cases, which the
-/// fleet's script answers too (`fleet/budget.rs`).
+/// fleet's script answers too (`fleet/tier/budget.rs`).
 #[cfg(test)]
 pub(crate) fn stepwise_after(limit: f64, answers: &[(f64, Duration, Duration)]) -> bool {
     let start = Instant::now();

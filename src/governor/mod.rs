@@ -475,7 +475,7 @@ impl Governor {
     }
 
     /// Whether the fleet counts the request budget of `partition` as a fixed window, from
-    /// every replica's answers (see `fleet/budget.rs`). While it does, this replica's own
+    /// every replica's answers (see `fleet/tier/budget.rs`). While it does, this replica's own
     /// estimate of it, made from its share of the answers only, stops holding requests back
     /// (its pause, token budget and fair queue still apply); said with every turn the fleet
     /// gives, and forgotten [`FLEET_COUNTS`] after it was last said, or when Redis cannot be

@@ -1,6 +1,6 @@
 //! The one rule that tells a fixed window from a refilling budget by what answers say. The
 //! replica's own governor (`bucket.rs`) applies it, and the fleet's budget script
-//! (`fleet/lua/budget.lua`) is given its thresholds with every answer it learns from.
+//! (`fleet/tier/lua/budget.lua`) is given its thresholds with every answer it learns from.
 //!
 //! A refilling budget is whole again `1/rate` later for each request spent; a window ends
 //! when it ends, whatever is spent. So answers of one budget period show a window when what

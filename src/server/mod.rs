@@ -111,15 +111,16 @@ async fn health() -> impl IntoResponse {
 /// The same JSON as `llm-dedup stats --json`, at most a second old. Cheap to call: it reads
 /// through one read-only connection kept open, never waits for the writer, and answers calls
 /// within a second of each other with the same figures.
+#[cfg_attr(not(feature = "sqlite"), allow(unused_variables))]
 async fn stats(State(state): State<AppState>) -> Response {
-    match state.engine.database().map(ToOwned::to_owned) {
-        #[cfg(feature = "sqlite")]
-        Some(path) => stats::read(&state, path).await,
-        _ => error_response(&Error::new(
-            ErrorKind::Cache,
-            "this proxy keeps no database",
-        )),
+    #[cfg(feature = "sqlite")]
+    if let Some(path) = state.engine.database().map(ToOwned::to_owned) {
+        return stats::read(&state, path).await;
     }
+    error_response(&Error::new(
+        ErrorKind::Cache,
+        "this proxy keeps no database",
+    ))
 }
 
 /// Requests per minute by outcome (`?minutes=N`, at most a day, by default a day).

@@ -52,6 +52,7 @@ impl Admin {
         secret: Option<&FleetSecret>,
         mode: RedisMode,
     ) -> Result<Admin, AdminError> {
+        super::conn::provide_tls(url);
         let client = redis::Client::open(url)?;
         let timeout = Duration::from_secs(5);
         let cluster = topology::is_cluster_blocking(&client, mode)?;

@@ -34,6 +34,21 @@ pub fn redis_address(url: &str) -> Result<Option<(String, u16)>, String> {
     })
 }
 
+/// Makes sure `rediss://` can speak TLS. redis-rs builds its rustls configuration on the
+/// process-wide crypto provider: it installs ring itself when ring is the only provider built
+/// in, and panics when the program also has aws-lc-rs (reqwest's default `rustls` feature
+/// brings it) and has installed none. So, for a `rediss://` URL and no provider installed,
+/// ring is installed first, as redis-rs would; a program's own choice is left alone.
+pub(super) fn provide_tls(url: &str) {
+    let tls = url
+        .get(..9)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("rediss://"));
+    if tls && rustls::crypto::CryptoProvider::get_default().is_none() {
+        // An error says another thread installed one meanwhile, which is as good.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}
+
 /// Whether `error` is Redis's answer about a value it holds (of another type than the fleet
 /// writes there, or one a script could not read), rather than a fault of Redis or of the
 /// way to it: a value someone else wrote, which must not turn Redis off for the replica.

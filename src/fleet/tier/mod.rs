@@ -132,6 +132,7 @@ impl Fleet {
     /// A fleet tier on the Redis at `url` (`redis://`, `rediss://` for TLS, `unix://`). Only
     /// the URL is checked here; connections are made when first needed.
     pub fn new(url: &str, settings: FleetSettings) -> Result<Fleet, redis::RedisError> {
+        conn::provide_tls(url);
         let client = redis::Client::open(url)?;
         let FleetSettings {
             advertised,
