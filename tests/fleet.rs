@@ -586,18 +586,11 @@ async fn an_old_failed_stream_is_not_followed_by_the_next_flight() {
 /// built with TLS.
 #[test]
 fn rediss_speaks_tls_and_checks_the_servers_certificate() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
-    let made = common::tls::make_certificates(dir.path());
-    if !made {
-        RedisServer::missing_component("openssl");
+    let Some(dir) = common::tls::certificates() else {
         return;
-    }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+    };
+    let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let port = common::free_port();
     let Ok(mut server) = std::process::Command::new("redis-server")
         .args([
             "--port",

@@ -12,17 +12,11 @@ use common::RedisServer;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_upstream_speaks_tls_and_trusts_only_certificates_it_can_check() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
-    if !common::tls::make_certificates(dir.path()) {
-        RedisServer::missing_component("openssl");
+    let Some(dir) = common::tls::certificates() else {
         return;
-    }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+    };
+    let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let port = common::free_port();
     let Ok(server) = std::process::Command::new("openssl")
         .args(["s_server", "-accept", &format!("127.0.0.1:{port}")])
         .args(["-cert", &path("server.pem"), "-key", &path("server.key")])
@@ -45,57 +39,47 @@ async fn the_upstream_speaks_tls_and_trusts_only_certificates_it_can_check() {
     });
     assert!(listening.is_some(), "openssl s_server listens");
     let upstream = format!("https://localhost:{port}");
-    let client = common::client();
 
     // Its CA named by SSL_CERT_FILE: the provider is reached, and its answer passed on.
-    let mut trusting = common::llm_dedup();
-    trusting
-        .env("SSL_CERT_FILE", path("ca.pem"))
-        .env_remove("SSL_CERT_DIR");
-    let proxy = common::start_proxy_command(
-        trusting,
-        &dir.path().join("a.db"),
-        &upstream,
-        &["--listen", "127.0.0.1:0"],
-    );
-    let answer = client
-        .get(format!("http://{}/v1/models", proxy.addr))
-        .send()
-        .await
-        .expect("answer");
-    assert_eq!(answer.status(), 200);
-    let page = answer.text().await.expect("body");
+    let (status, page, _) = ask(&upstream, &dir.path().join("a.db"), Some(&path("ca.pem"))).await;
+    assert_eq!(status, 200);
     assert!(
         page.contains("s_server"),
         "the provider's own answer: {page}"
     );
-    proxy.terminate();
 
     // The system's store alone, which does not hold the test CA: refused, and the log says
     // why (no client gets an answer from a server it cannot check).
-    let mut doubting = common::llm_dedup();
-    doubting
-        .env_remove("SSL_CERT_FILE")
-        .env_remove("SSL_CERT_DIR");
-    let proxy = common::start_proxy_command(
-        doubting,
-        &dir.path().join("b.db"),
-        &upstream,
-        &["--listen", "127.0.0.1:0"],
-    );
-    let answer = client
-        .get(format!("http://{}/v1/models", proxy.addr))
-        .send()
-        .await
-        .expect("answer");
-    assert_eq!(answer.status(), 502);
-    let body = answer.text().await.expect("body");
+    let (status, body, log) = ask(&upstream, &dir.path().join("b.db"), None).await;
+    assert_eq!(status, 502);
     assert!(body.contains("upstream_unreachable"), "{body}");
-    let (_, log) = proxy.terminate();
     assert!(
         log.contains("invalid peer certificate: UnknownIssuer"),
         "the log says the certificate was not trusted:\n{log}"
     );
+}
+
+/// Starts a proxy in front of `upstream`, trusting the certificates in `ca` (as
+/// `SSL_CERT_FILE`) or else the system's, asks it for `/v1/models` and stops it: (status,
+/// body, what it logged).
+async fn ask(upstream: &str, db: &std::path::Path, ca: Option<&str>) -> (u16, String, String) {
+    let mut command = common::llm_dedup();
+    command
+        .env_remove("SSL_CERT_FILE")
+        .env_remove("SSL_CERT_DIR");
+    if let Some(ca) = ca {
+        command.env("SSL_CERT_FILE", ca);
+    }
+    let proxy = common::start_proxy_command(command, db, upstream, &["--listen", "127.0.0.1:0"]);
+    let answer = common::client()
+        .get(format!("http://{}/v1/models", proxy.addr))
+        .send()
+        .await
+        .expect("answer");
+    let status = answer.status().as_u16();
+    let body = answer.text().await.expect("body");
+    let (_, log) = proxy.terminate();
+    (status, body, log)
 }
 
 /// A child process killed when dropped.

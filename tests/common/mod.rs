@@ -181,6 +181,15 @@ pub struct Seen {
 
 pub use http::client_builder;
 
+/// A loopback port free a moment ago, for a server the test starts.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
 pub fn client() -> reqwest::Client {
     client_builder()
         .pool_max_idle_per_host(0)

@@ -2,6 +2,17 @@
 
 use std::path::Path;
 
+/// A directory holding what [`make_certificates`] makes, or `None` (after saying why, or
+/// failing where outside programs are required) when `openssl` cannot make them.
+pub fn certificates() -> Option<tempfile::TempDir> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    if make_certificates(dir.path()) {
+        return Some(dir);
+    }
+    super::RedisServer::missing_component("openssl");
+    None
+}
+
 /// Makes, in `dir`, a test CA (`ca.pem`, `ca.key`) and a certificate it signed for
 /// `localhost` (`server.pem`, `server.key`); false when `openssl` is missing or fails.
 pub fn make_certificates(dir: &Path) -> bool {
