@@ -223,6 +223,30 @@ pub fn replayed_headers(headers: &HeaderMap) -> HeaderMap {
     kept
 }
 
+/// What a tier (SQLite or Redis) keeps of an entry, as read back from it.
+pub struct KeptEntry {
+    /// The key the entry is stored under.
+    pub key: CacheKey,
+    /// Its place in a bucket, if it is not the key's first answer.
+    pub bucket: Option<Slot>,
+    /// See [`StoredAnswer::namespace`].
+    pub namespace: String,
+    /// See [`StoredAnswer::route`].
+    pub route: Route,
+    /// See [`StoredAnswer::model`].
+    pub model: Option<String>,
+    /// See [`StoredAnswer::status`].
+    pub status: u16,
+    /// The replayed headers, as text pairs.
+    pub header_pairs: Vec<(String, String)>,
+    /// See [`StoredAnswer::body`].
+    pub body: Bytes,
+    /// See [`StoredAnswer::created_at`].
+    pub created_at: i64,
+    /// See [`StoredAnswer::expires_at`].
+    pub expires_at: i64,
+}
+
 impl StoredAnswer {
     /// Keeps the parts of an upstream answer worth replaying, reading its usage and model
     /// from `body` (see [`StoredAnswer::new`] for what `body` must be).
@@ -264,6 +288,30 @@ impl StoredAnswer {
             created_at,
             expires_at: created_at.saturating_add(ttl_ms),
             bucket: meta.bucket,
+        }
+    }
+
+    /// An entry a tier kept, read back: its hit headers made again from its replayed header
+    /// pairs, and its usage and billed model read from its body, the record of what the
+    /// provider said (the token figures a tier keeps beside it are copies for readers that
+    /// do not parse bodies, and cannot disagree with it here).
+    #[cfg_attr(not(any(feature = "sqlite", feature = "redis")), allow(dead_code))] // The tiers' own.
+    pub fn read_back(kept: KeptEntry) -> StoredAnswer {
+        let headers = StoredAnswer::headers_from_pairs(&kept.header_pairs);
+        let billing = Billing::of_body(kept.route, &kept.body);
+        StoredAnswer {
+            key: kept.key,
+            namespace: kept.namespace,
+            route: kept.route,
+            billed_model: billed_model(kept.model.as_deref(), billing.model),
+            model: kept.model,
+            status: kept.status,
+            hit_headers: hit_headers(&asked_key(kept.key, kept.bucket), &headers),
+            body: kept.body,
+            created_at: kept.created_at,
+            expires_at: kept.expires_at,
+            usage: billing.usage,
+            bucket: kept.bucket,
         }
     }
 

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use super::{BUSY_TIMEOUT, StoreError};
-use crate::entry::{Billing, Slot, StoredAnswer, asked_key, billed_model, hit_headers, unix_ms};
+use crate::entry::{KeptEntry, Slot, StoredAnswer, unix_ms};
 use crate::key::CacheKey;
 use crate::route::Route;
 
@@ -110,24 +110,20 @@ pub(super) fn read_entry(
             Some(slot.ok_or_else(|| damaged(format!("not answer {index} of bucket {of:?}")))?)
         }
     };
-    let pairs: Vec<(String, String)> =
+    let header_pairs =
         serde_json::from_str(&headers).map_err(|e| damaged(format!("headers: {e}")))?;
-    let headers = StoredAnswer::headers_from_pairs(&pairs);
-    // Usage and the billed model are read from the body, the record of what the provider
-    // said (the token columns are a copy of it for the inspector).
-    let billing = Billing::of_body(route, &body);
-    Ok(Some(StoredAnswer {
+    // Usage and the billed model are read from the body (the token columns are a copy of it
+    // for the inspector).
+    Ok(Some(StoredAnswer::read_back(KeptEntry {
         key,
+        bucket,
         namespace,
         route,
-        billed_model: billed_model(model.as_deref(), billing.model),
         model,
         status,
-        hit_headers: hit_headers(&asked_key(key, bucket), &headers),
+        header_pairs,
         body: Bytes::from(body),
         created_at,
         expires_at,
-        usage: billing.usage,
-        bucket,
-    }))
+    })))
 }

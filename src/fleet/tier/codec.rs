@@ -22,7 +22,7 @@ use bytes::Bytes;
 use http::StatusCode;
 
 use crate::answer::Refusal;
-use crate::entry::{Billing, Slot, StoredAnswer, asked_key, billed_model, hit_headers};
+use crate::entry::{KeptEntry, Slot, StoredAnswer};
 use crate::key::CacheKey;
 use crate::route::Route;
 
@@ -242,22 +242,18 @@ pub fn decode_entry(key: CacheKey, bytes: &[u8], most: u64) -> Option<StoredAnsw
         BODY_DEFLATED => Bytes::from(inflated(r.0, most)?),
         _ => return None,
     };
-    let headers = StoredAnswer::headers_from_pairs(&pairs);
-    let billing = Billing::of_body(route, &body);
-    Some(StoredAnswer {
+    Some(StoredAnswer::read_back(KeptEntry {
         key,
+        bucket,
         namespace,
         route,
-        billed_model: billed_model(model.as_deref(), billing.model),
         model,
         status,
-        hit_headers: hit_headers(&asked_key(key, bucket), &headers),
+        header_pairs: pairs,
         body,
         created_at,
         expires_at,
-        usage: billing.usage,
-        bucket,
-    })
+    }))
 }
 
 /// The Redis form of an error answer shared with followers of its partition.
